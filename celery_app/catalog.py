@@ -1,0 +1,212 @@
+"""The challenge catalog: the default one (SPEC §1) or a YAML file (SPEC §8)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from celery_app.errors import CatalogError, UnknownChallenge
+from celery_app.naming import CHALLENGE_ID_RE
+from celery_app.settings import Settings
+
+# Capabilities a challenge may add back after all are dropped; nothing that opens the host.
+ALLOWED_CAPS = frozenset(
+    {
+        "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+        "NET_BIND_SERVICE", "NET_RAW", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+    }
+)
+_MEMORY_RE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class Challenge(BaseModel):
+    """One challenge of the catalog; ``None`` fields take the settings' defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = ""
+    name: str = ""
+    image: str = Field(min_length=1)
+    port: int | None = Field(None, ge=1, le=65535)
+    protocol: Literal["http", "tcp"] = "http"
+    health_path: str = "/"
+    ttl: int | None = Field(None, gt=0)
+    max_lifetime: int | None = Field(None, gt=0)
+    memory: str = "512m"
+    cpus: float = Field(1.0, gt=0, le=64)
+    pids: int = Field(256, ge=16, le=65536)
+    env: dict[str, str] = Field(default_factory=dict)
+    flag_env: str | None = None
+    start_timeout: float = Field(180, gt=0, le=3600)
+    cap_add: list[str] = Field(default_factory=list)
+    command: list[str] | None = None
+
+    @field_validator("memory")
+    @classmethod
+    def _check_memory(cls, value: str) -> str:
+        match = _MEMORY_RE.match(str(value).strip())
+        if not match or int(match.group(1)) * _UNITS[match.group(2).lower()] < 6 * 1024**2:
+            raise ValueError("must be a size of at least 6m, like 256m or 1g")
+        return str(value).strip().lower()
+
+    @field_validator("health_path")
+    @classmethod
+    def _check_health_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value
+
+    @field_validator("cap_add")
+    @classmethod
+    def _check_caps(cls, value: list[str]) -> list[str]:
+        caps = [cap.upper().removeprefix("CAP_") for cap in value]
+        bad = sorted(set(caps) - ALLOWED_CAPS)
+        if bad:
+            raise ValueError(f"{bad} may not be added; allowed: {sorted(ALLOWED_CAPS)}")
+        return caps
+
+    @property
+    def memory_bytes(self) -> int:
+        """The memory limit in bytes."""
+        match = _MEMORY_RE.match(self.memory)
+        assert match is not None
+        return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+    def public_view(self) -> dict[str, Any]:
+        """Return what players may see of the challenge: id, name, protocol, ttl."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "protocol": self.protocol,
+            "ttl": self.ttl,
+            "max_lifetime": self.max_lifetime,
+        }
+
+
+DEFAULT_CATALOG: dict[str, dict[str, Any]] = {
+    "todo-app": {
+        "name": "Java To-Do App",
+        "image": "pasapples/apjctf-todo-java-app:latest",
+        "port": 8080,
+        "protocol": "http",
+        "health_path": "/",
+        "memory": "512m",
+        "env": {"JAVA_OPTS": "-Xmx256m"},
+    },
+    "juice-shop": {
+        "name": "OWASP Juice Shop",
+        "image": "bkimminich/juice-shop:latest",
+        "port": 3000,
+        "protocol": "http",
+        "health_path": "/rest/admin/application-version",
+        "memory": "512m",
+        "env": {"NODE_ENV": "ctf"},
+        "flag_env": "CTF_KEY",
+    },
+}
+
+
+class Catalog:
+    """The challenges an instance can be started of, keyed by id."""
+
+    def __init__(self, challenges: dict[str, Challenge]) -> None:
+        self._challenges = dict(challenges)
+
+    def __iter__(self) -> Iterator[Challenge]:
+        return iter(self._challenges.values())
+
+    def __len__(self) -> int:
+        return len(self._challenges)
+
+    def ids(self) -> list[str]:
+        """Return the challenge ids, in catalog order."""
+        return list(self._challenges)
+
+    def get(self, challenge: object) -> Challenge:
+        """Return the challenge named ``challenge``.
+
+        Raises:
+            UnknownChallenge: when the catalog has no such challenge.
+        """
+        if isinstance(challenge, str) and challenge in self._challenges:
+            return self._challenges[challenge]
+        known = ", ".join(self._challenges) or "(none)"
+        raise UnknownChallenge(
+            f"challenge {str(challenge)[:80]!r} is not in the catalog; known challenges: {known}"
+        )
+
+
+def _format_error(source: str, cid: str, exc: ValidationError) -> str:
+    problems = [
+        f"field {'.'.join(str(p) for p in err['loc']) or '(whole entry)'!r}: {err['msg']}"
+        for err in exc.errors()
+    ]
+    return f"{source}: challenge {cid!r}, " + "; ".join(problems)
+
+
+def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> Catalog:
+    """Validate a raw ``{"challenges": {...}}`` mapping and fill in the defaults.
+
+    Args:
+        raw: the parsed YAML document.
+        settings: supplies the default ttl and max lifetime.
+        source: names the file in error messages.
+
+    Returns:
+        The catalog.
+
+    Raises:
+        CatalogError: naming the challenge and field that is wrong.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("challenges"), dict):
+        raise CatalogError(f"{source}: expected a mapping with a 'challenges:' mapping inside")
+    entries: dict[str, Any] = raw["challenges"]
+    if not entries:
+        raise CatalogError(f"{source}: 'challenges:' is empty; add at least one challenge")
+    challenges: dict[str, Challenge] = {}
+    for cid, entry in entries.items():
+        if not isinstance(cid, str) or not CHALLENGE_ID_RE.fullmatch(cid):
+            raise CatalogError(
+                f"{source}: challenge id {cid!r} is invalid: use letters, digits, '_' or '-'"
+            )
+        if not isinstance(entry, dict):
+            raise CatalogError(f"{source}: challenge {cid!r} must be a mapping of fields")
+        try:
+            challenge = Challenge.model_validate({**entry, "id": cid})
+        except ValidationError as exc:
+            raise CatalogError(_format_error(source, cid, exc)) from None
+        ttl = challenge.ttl or settings.default_ttl
+        max_lifetime = challenge.max_lifetime or max(settings.default_max_lifetime, ttl)
+        if max_lifetime < ttl:
+            raise CatalogError(
+                f"{source}: challenge {cid!r}, field 'max_lifetime': {max_lifetime} is shorter "
+                f"than ttl {ttl}; make it at least the ttl"
+            )
+        challenges[cid] = challenge.model_copy(
+            update={"name": challenge.name or cid, "ttl": ttl, "max_lifetime": max_lifetime}
+        )
+    return Catalog(challenges)
+
+
+def load_catalog(settings: Settings) -> Catalog:
+    """Load ``CTF_CHALLENGES_FILE`` when set, else the default catalog.
+
+    Raises:
+        CatalogError: when the file cannot be read or has a mistake.
+    """
+    path = settings.challenges_file
+    if path is None:
+        return build_catalog({"challenges": DEFAULT_CATALOG}, settings, "default catalog")
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"CTF_CHALLENGES_FILE {str(path)!r} cannot be read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"CTF_CHALLENGES_FILE {str(path)!r} is not valid YAML: {exc}") from exc
+    return build_catalog(raw, settings, str(path))

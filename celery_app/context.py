@@ -1,0 +1,59 @@
+"""The worker's long-lived objects, built once per process from the settings."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from celery_app.catalog import Catalog, load_catalog
+from celery_app.docker_driver import DockerDriver
+from celery_app.janitor import Janitor
+from celery_app.service import InstanceService
+from celery_app.settings import Settings, load_settings
+from celery_app.state import StateStore
+
+
+@dataclass
+class Context:
+    """Everything a task needs: settings, catalog, Docker driver, Redis store, service."""
+
+    settings: Settings
+    catalog: Catalog
+    driver: DockerDriver
+    store: StateStore
+    service: InstanceService
+    janitor: Janitor
+
+
+def build_context(settings: Settings) -> Context:
+    """Build the objects a worker uses for ``settings``.
+
+    Raises:
+        CatalogError: the catalog file has a mistake.
+    """
+    catalog = load_catalog(settings)
+    driver = DockerDriver(settings.docker_host)
+    store = StateStore.from_url(settings.state_redis_url)
+    service = InstanceService(settings, catalog, driver, store, host=settings.host)
+    return Context(settings, catalog, driver, store, service, Janitor(service))
+
+
+_context: Context | None = None
+_context_lock = threading.Lock()
+
+
+def get_context() -> Context:
+    """Return this process's context, building it from the environment on first use."""
+    global _context  # noqa: PLW0603  # one per worker process, built lazily, never at import
+    if _context is None:
+        with _context_lock:
+            if _context is None:
+                _context = build_context(load_settings())
+    return _context
+
+
+def set_context(context: Context | None) -> None:
+    """Replace this process's context (tests, embedded use); ``None`` rebuilds on next use."""
+    global _context  # noqa: PLW0603
+    with _context_lock:
+        _context = context

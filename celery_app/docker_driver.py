@@ -1,0 +1,480 @@
+"""The Docker edge: the only module that imports ``docker``.
+
+Every Docker SDK error is translated here into the tree of :mod:`celery_app.errors` by
+:func:`map_docker_errors`, so nothing above this module knows the SDK exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+import docker.errors
+import docker.types
+import requests.exceptions
+
+from celery_app.errors import (
+    CapacityExhausted,
+    CTFError,
+    DockerUnavailable,
+    ImageNotFound,
+    InvalidRequest,
+)
+from celery_app.naming import LABEL_MANAGED, LABEL_TEAM, network_name
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+# Messages with which the engine says a resource is used up (it answers 500 for these).
+_PORTS_EXHAUSTED = ("all ports are allocated", "port is already allocated", "address already in use")
+_POOL_OVERLAP = ("pool overlaps", "overlaps with")
+
+
+@contextlib.contextmanager
+def map_docker_errors(what: str) -> Iterator[None]:
+    """Translate Docker SDK and transport errors raised inside the block.
+
+    Args:
+        what: names the operation in the error message ("create container ctf-x-y").
+
+    Raises:
+        CapacityExhausted: the engine has no port left in the range.
+        DockerUnavailable: the engine cannot be reached or answered 5xx (retry).
+        InvalidRequest: the engine refused the request (4xx).
+    """
+    try:
+        yield
+    except CTFError:
+        raise
+    except docker.errors.APIError as exc:
+        message = str(exc.explanation or exc)
+        status = exc.status_code or 500
+        if any(marker in message.lower() for marker in _PORTS_EXHAUSTED):
+            raise CapacityExhausted(
+                f"{what}: no free host port left ({message}); widen CTF_PORT_RANGE or stop "
+                "some instances"
+            ) from exc
+        if status >= 500:
+            raise DockerUnavailable(f"{what}: Docker engine error {status}: {message}") from exc
+        raise InvalidRequest(f"{what}: Docker refused the request ({status}): {message}") from exc
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise DockerUnavailable(
+            f"{what}: cannot reach the Docker engine ({exc.__class__.__name__}); is dockerd "
+            "running and DOCKER_HOST right?"
+        ) from exc
+    except docker.errors.DockerException as exc:
+        raise DockerUnavailable(f"{what}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to create one hardened instance container."""
+
+    name: str
+    image: str
+    port: int
+    team_id: str
+    labels: dict[str, str]
+    env: dict[str, str]
+    memory_bytes: int
+    nano_cpus: int
+    pids: int
+    cap_add: list[str]
+    publish_ip: str
+    port_range: str | None = None
+    command: list[str] | None = None
+    hostname: str | None = None
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What the instancer reads of a container."""
+
+    id: str
+    name: str
+    state: str  # created, running, restarting, paused, exited, dead, removing
+    labels: dict[str, str]
+    ports: dict[str, int]
+    ip: str | None = None
+    exit_code: int | None = None
+    created: str = ""
+    attrs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def team_id(self) -> str:
+        """The team label."""
+        return self.labels.get("ctf.team", "")
+
+    @property
+    def challenge(self) -> str:
+        """The challenge label."""
+        return self.labels.get("ctf.challenge", "")
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """What the instancer reads of a network."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+    subnets: list[str]
+    containers: int
+
+
+def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
+    """Build a ContainerInfo from inspect output (or the list endpoint's summary)."""
+    state = attrs.get("State")
+    if isinstance(state, dict):  # inspect
+        status = state.get("Status", "")
+        exit_code = state.get("ExitCode")
+        labels = attrs.get("Config", {}).get("Labels") or {}
+        name = attrs.get("Name", "").lstrip("/")
+        raw_ports = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+        ports = {
+            key: int(bindings[0]["HostPort"])
+            for key, bindings in raw_ports.items()
+            if bindings and bindings[0].get("HostPort")
+        }
+        nets = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    else:  # list summary
+        status = str(state or "")
+        exit_code = None
+        labels = attrs.get("Labels") or {}
+        name = (attrs.get("Names") or ["/"])[0].lstrip("/")
+        ports = {
+            f"{p['PrivatePort']}/{p['Type']}": int(p["PublicPort"])
+            for p in attrs.get("Ports") or []
+            if p.get("PublicPort")
+        }
+        nets = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    ip = next((n.get("IPAddress") for n in nets.values() if n.get("IPAddress")), None)
+    return ContainerInfo(
+        id=attrs.get("Id", ""),
+        name=name,
+        state=status,
+        labels=labels,
+        ports=ports,
+        ip=ip,
+        exit_code=exit_code,
+        created=str(attrs.get("Created", "")),
+        attrs=attrs,
+    )
+
+
+def _network_info(attrs: dict[str, Any]) -> NetworkInfo:
+    configs = (attrs.get("IPAM") or {}).get("Config") or []
+    return NetworkInfo(
+        id=attrs.get("Id", ""),
+        name=attrs.get("Name", ""),
+        labels=attrs.get("Labels") or {},
+        subnets=[c["Subnet"] for c in configs if c.get("Subnet")],
+        containers=len(attrs.get("Containers") or {}),
+    )
+
+
+class DockerDriver:
+    """Drives one Docker engine for the instancer.
+
+    Args:
+        base_url: the engine's URL (``unix:///var/run/docker.sock``, ``tcp://…``); ``None``
+            reads ``DOCKER_HOST`` and friends as the Docker SDK does.
+        timeout: seconds for one API call.
+    """
+
+    def __init__(self, base_url: str | None = None, timeout: float = 60.0) -> None:
+        self._base_url = base_url
+        self._timeout = timeout
+        self._client: docker.DockerClient | None = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the engine runs on this machine (so container IPs are routable from here)."""
+        url = self._base_url or ""
+        return url in ("",) or url.startswith(("unix://", "npipe://"))
+
+    @property
+    def client(self) -> docker.DockerClient:
+        """The SDK client, made on first use (so an engine that is down is a retryable error)."""
+        if self._client is None:
+            with self._client_lock, map_docker_errors("connect to Docker"):
+                if self._client is None:
+                    if self._base_url:
+                        self._client = docker.DockerClient(
+                            base_url=self._base_url, timeout=int(self._timeout), version="auto"
+                        )
+                    else:
+                        self._client = docker.from_env(timeout=int(self._timeout))
+        return self._client
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # -- engine -----------------------------------------------------------------------------
+
+    def ping(self) -> bool:
+        """Return whether the engine answers."""
+        try:
+            with map_docker_errors("ping Docker"):
+                return bool(self.client.ping())
+        except CTFError:
+            return False
+
+    # -- images -----------------------------------------------------------------------------
+
+    def image_present(self, image: str) -> bool:
+        """Return whether ``image`` is present locally."""
+        with map_docker_errors(f"inspect image {image}"):
+            try:
+                self.client.api.inspect_image(image)
+            except docker.errors.ImageNotFound:
+                return False
+            return True
+
+    def image_exposed_port(self, image: str) -> int | None:
+        """Return the lowest TCP port the image EXPOSEs, or ``None``."""
+        with map_docker_errors(f"inspect image {image}"):
+            try:
+                attrs = self.client.api.inspect_image(image)
+            except docker.errors.ImageNotFound:
+                raise ImageNotFound(f"image {image!r} is not present locally") from None
+        exposed = (attrs.get("Config") or {}).get("ExposedPorts") or {}
+        ports = sorted(int(k.split("/")[0]) for k in exposed if k.endswith("/tcp"))
+        return ports[0] if ports else None
+
+    def pull(self, image: str, progress: ProgressFn | None = None) -> None:
+        """Pull ``image``, reporting ``{"layers_done", "layers_total", "bytes_done", …}``.
+
+        Raises:
+            ImageNotFound: the registry does not have the image.
+            DockerUnavailable: the engine or the registry cannot be reached (retry).
+        """
+        repository, _, tag = image.rpartition(":")
+        if not repository or "/" in tag:
+            repository, tag = image, "latest"
+        layers: dict[str, dict[str, int]] = {}
+        done: set[str] = set()
+        with map_docker_errors(f"pull image {image}"):
+            try:
+                stream = self.client.api.pull(repository, tag=tag, stream=True, decode=True)
+                for event in stream:
+                    if "error" in event:
+                        raise ImageNotFound(
+                            f"cannot pull {image!r}: {event['error']}; check the image name "
+                            "and that the registry is reachable"
+                        )
+                    layer = event.get("id")
+                    status = str(event.get("status", ""))
+                    if layer and layer != tag:
+                        detail = event.get("progressDetail") or {}
+                        entry = layers.setdefault(layer, {"current": 0, "total": 0})
+                        if detail.get("total"):
+                            entry["total"] = int(detail["total"])
+                        if status.startswith("Downloading") and detail.get("current"):
+                            entry["current"] = int(detail["current"])
+                        if status in ("Download complete", "Pull complete", "Already exists"):
+                            entry["current"] = entry["total"]
+                            done.add(layer)
+                    if progress is not None:
+                        progress(
+                            {
+                                "phase": "pulling",
+                                "image": image,
+                                "layers_done": len(done),
+                                "layers_total": len(layers),
+                                "bytes_done": sum(e["current"] for e in layers.values()),
+                                "bytes_total": sum(e["total"] for e in layers.values()),
+                            }
+                        )
+            except docker.errors.NotFound as exc:
+                raise ImageNotFound(
+                    f"cannot pull {image!r}: the registry has no such image ({exc.explanation})"
+                ) from exc
+
+    # -- containers -------------------------------------------------------------------------
+
+    def get_container(self, name_or_id: str) -> ContainerInfo | None:
+        """Return the container, or ``None`` when there is none."""
+        with map_docker_errors(f"inspect container {name_or_id}"):
+            try:
+                return _container_info(self.client.api.inspect_container(name_or_id))
+            except docker.errors.NotFound:
+                return None
+
+    def list_containers(self, labels: dict[str, str] | None = None) -> list[ContainerInfo]:
+        """Return every container (running or not) carrying all of ``labels``."""
+        filters = [f"{k}={v}" for k, v in (labels or {LABEL_MANAGED: "true"}).items()]
+        with map_docker_errors("list containers"):
+            summaries = self.client.api.containers(all=True, filters={"label": filters})
+        return [_container_info(s) for s in summaries]
+
+    def run_container(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start a hardened container; on failure nothing is left behind.
+
+        Returns:
+            The container as inspected once started (with its host port).
+
+        Raises:
+            CapacityExhausted: no host port left.
+            InvalidRequest: the name is taken by a container we did not expect.
+            DockerUnavailable: engine trouble (retry).
+        """
+        api = self.client.api
+        port_key = f"{spec.port}/tcp"
+        host_config = api.create_host_config(
+            port_bindings={port_key: (spec.publish_ip, spec.port_range or "")},
+            network_mode=network_name(spec.team_id),
+            cap_drop=["ALL"],
+            cap_add=spec.cap_add or None,
+            security_opt=["no-new-privileges:true"],
+            mem_limit=spec.memory_bytes,
+            memswap_limit=spec.memory_bytes,
+            nano_cpus=spec.nano_cpus,
+            pids_limit=spec.pids,
+            log_config=docker.types.LogConfig(
+                type="json-file", config={"max-size": "10m", "max-file": "2"}
+            ),
+            restart_policy={"Name": "no"},
+        )
+        with map_docker_errors(f"create container {spec.name}"):
+            created = api.create_container(
+                image=spec.image,
+                name=spec.name,
+                command=spec.command,
+                environment=spec.env,
+                labels=spec.labels,
+                ports=[(spec.port, "tcp")],
+                host_config=host_config,
+                hostname=spec.hostname,
+                detach=True,
+            )
+        container_id = created["Id"]
+        try:
+            with map_docker_errors(f"start container {spec.name}"):
+                api.start(container_id)
+            info = self.get_container(container_id)
+            if info is None:
+                raise DockerUnavailable(f"container {spec.name} vanished right after start")
+        except BaseException:
+            # Nothing half-made: a container that could not start is removed at once.
+            self.remove_container(container_id)
+            raise
+        return info
+
+    def remove_container(self, name_or_id: str) -> bool:
+        """Force-remove a container; return ``False`` when it was already gone (success)."""
+        with map_docker_errors(f"remove container {name_or_id}"):
+            try:
+                self.client.api.remove_container(name_or_id, force=True, v=True)
+            except docker.errors.NotFound:
+                return False
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409 and "already in progress" in str(exc.explanation):
+                    return True  # someone else is removing it: as good as done
+                raise
+        return True
+
+    def container_logs(self, name_or_id: str, tail: int = 20) -> str:
+        """Return the last lines of a container's output (for error messages)."""
+        with map_docker_errors(f"read logs of {name_or_id}"):
+            try:
+                raw = self.client.api.logs(name_or_id, tail=tail)
+            except docker.errors.NotFound:
+                return ""
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+    # -- networks ---------------------------------------------------------------------------
+
+    def list_networks(self, labels: dict[str, str] | None = None) -> list[NetworkInfo]:
+        """Return the networks carrying all of ``labels`` (every network with ``{}``)."""
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]} if labels else None
+        with map_docker_errors("list networks"):
+            return [_network_info(n) for n in self.client.api.networks(filters=filters)]
+
+    def get_network(self, name: str) -> NetworkInfo | None:
+        """Return the network named ``name``, or ``None``."""
+        with map_docker_errors(f"inspect network {name}"):
+            try:
+                return _network_info(self.client.api.inspect_network(name))
+            except docker.errors.NotFound:
+                return None
+
+    def ensure_network(
+        self, team_id: str, labels: dict[str, str], pool: str, prefix: int
+    ) -> NetworkInfo:
+        """Return the team's bridge network, creating it with a subnet from ``pool``.
+
+        Subnets in use by any network on the engine are skipped; when two workers race for
+        the same subnet, the engine refuses the second and it moves on to the next.
+
+        Raises:
+            CapacityExhausted: every subnet of the pool is taken.
+        """
+        name = network_name(team_id)
+        existing = self.get_network(name)
+        if existing is not None:
+            return existing
+        used = [
+            ipaddress.ip_network(s, strict=False)
+            for net in self.list_networks()
+            for s in net.subnets
+            if ":" not in s
+        ]
+        for subnet in ipaddress.IPv4Network(pool).subnets(new_prefix=prefix):
+            if any(subnet.overlaps(u) for u in used):
+                continue
+            ipam = docker.types.IPAMConfig(
+                pool_configs=[docker.types.IPAMPool(subnet=str(subnet))]
+            )
+            try:
+                with map_docker_errors(f"create network {name}"):
+                    self.client.api.create_network(
+                        name, driver="bridge", ipam=ipam, labels=labels, check_duplicate=True
+                    )
+            except (InvalidRequest, DockerUnavailable) as exc:
+                text = str(exc).lower()
+                if "already exists" in text:
+                    found = self.get_network(name)
+                    if found is not None:
+                        return found
+                if any(marker in text for marker in _POOL_OVERLAP):
+                    used.append(subnet)
+                    continue
+                raise
+            found = self.get_network(name)
+            if found is None:
+                raise DockerUnavailable(f"network {name} vanished right after it was made")
+            log.info("created network %s subnet=%s", name, subnet)
+            return found
+        raise CapacityExhausted(
+            f"no free /{prefix} subnet left in CTF_TEAM_SUBNET_POOL {pool}; use a larger pool "
+            "or a longer CTF_TEAM_SUBNET_PREFIX"
+        )
+
+    def remove_network(self, name_or_id: str) -> bool:
+        """Remove a network; ``False`` when it was already gone or still has containers."""
+        with map_docker_errors(f"remove network {name_or_id}"):
+            try:
+                self.client.api.remove_network(name_or_id)
+            except docker.errors.NotFound:
+                return False
+            except docker.errors.APIError as exc:
+                if exc.status_code in (403, 409) or "active endpoints" in str(exc.explanation):
+                    return False  # still in use: the next stop or the janitor removes it
+                raise
+        return True
+
+    def team_containers(self, team_id: str) -> list[ContainerInfo]:
+        """Return every managed container of a team."""
+        return self.list_containers({LABEL_MANAGED: "true", LABEL_TEAM: team_id})

@@ -1,0 +1,162 @@
+"""Every error the instancer raises, in one tree.
+
+```
+CTFError                        base: has an API ``code``, an HTTP ``status`` and ``transient``
+├── PermanentError              a retry cannot fix it; fail at once, say what to do
+│   ├── InvalidRequest          invalid_request       422
+│   │   └── InvalidTeamId       invalid_team_id       422
+│   ├── UnknownChallenge        unknown_challenge     404
+│   ├── InstanceNotFound        instance_not_found    404
+│   ├── TaskNotFound            task_not_found        404
+│   ├── TeamQuotaExceeded       team_quota_exceeded   409
+│   ├── MaxLifetimeReached      max_lifetime_reached  409
+│   ├── RateLimited             rate_limited          429
+│   ├── CapacityExhausted       capacity_exhausted    503
+│   ├── CatalogError            invalid_request       422  (bad catalog file, at start-up)
+│   ├── ImageNotFound           invalid_request       422
+│   └── StartFailed             start_failed          503  (exited or never answered)
+└── TransientError              retry with backoff; may work a moment later
+    ├── InstanceBusy            instance_busy         409  (another operation holds its lock)
+    └── BackendUnavailable      backend_unavailable   503
+        ├── DockerUnavailable   the engine cannot be reached or answered 5xx
+        └── RedisUnavailable    Redis cannot be reached
+```
+
+The classes take a single message argument so Celery's JSON result backend can carry them
+to any client and rebuild them there.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CTFError(Exception):
+    """Base of every error the instancer raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 503
+    transient: ClassVar[bool] = False
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def to_dict(self) -> dict[str, str]:
+        """Return the SPEC's JSON error body ``{"error", "detail"}``."""
+        return {"error": self.code, "detail": self.detail}
+
+
+class PermanentError(CTFError):
+    """Raised when retrying cannot help: the request itself must change."""
+
+
+class InvalidRequest(PermanentError):
+    """Raised when a request is malformed (bad field, bad value)."""
+
+    code = "invalid_request"
+    status = 422
+
+
+class InvalidTeamId(InvalidRequest):
+    """Raised when a team id does not match ``^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$``."""
+
+    code = "invalid_team_id"
+
+
+class UnknownChallenge(PermanentError):
+    """Raised when a challenge id is not a key of the catalog."""
+
+    code = "unknown_challenge"
+    status = 404
+
+
+class InstanceNotFound(PermanentError):
+    """Raised when a (challenge, team) pair has no instance."""
+
+    code = "instance_not_found"
+    status = 404
+
+
+class TaskNotFound(PermanentError):
+    """Raised when a task id is unknown to the result backend."""
+
+    code = "task_not_found"
+    status = 404
+
+
+class TeamQuotaExceeded(PermanentError):
+    """Raised when a team already runs ``CTF_MAX_INSTANCES_PER_TEAM`` instances."""
+
+    code = "team_quota_exceeded"
+    status = 409
+
+
+class MaxLifetimeReached(PermanentError):
+    """Raised when an extension would pass ``started_at + max_lifetime``."""
+
+    code = "max_lifetime_reached"
+    status = 409
+
+
+class RateLimited(PermanentError):
+    """Raised when a team starts or stops faster than the per-team rate limit allows."""
+
+    code = "rate_limited"
+    status = 429
+
+
+class CapacityExhausted(PermanentError):
+    """Raised when the global limit, the port range or the subnet pool is used up."""
+
+    code = "capacity_exhausted"
+    status = 503
+
+
+class CatalogError(PermanentError):
+    """Raised when the challenge catalog file has a mistake (names challenge and field)."""
+
+    code = "invalid_request"
+    status = 422
+
+
+class ImageNotFound(PermanentError):
+    """Raised when a challenge image is missing and cannot (or may not) be pulled."""
+
+    code = "invalid_request"
+    status = 422
+
+
+class StartFailed(PermanentError):
+    """Raised when a container exits or does not answer within the challenge's start_timeout."""
+
+    code = "start_failed"
+    status = 503
+
+
+class TransientError(CTFError):
+    """Raised when a dependency failed in a way that may pass: retry with backoff."""
+
+    transient = True
+
+
+class InstanceBusy(TransientError):
+    """Raised when another start/stop of the same instance holds its lock too long."""
+
+    code = "instance_busy"
+    status = 409
+
+
+class BackendUnavailable(TransientError):
+    """Raised when Docker or Redis cannot be reached or answers with a server error."""
+
+    code = "backend_unavailable"
+    status = 503
+
+
+class DockerUnavailable(BackendUnavailable):
+    """Raised when the Docker engine cannot be reached or answers 5xx."""
+
+
+class RedisUnavailable(BackendUnavailable):
+    """Raised when Redis cannot be reached."""

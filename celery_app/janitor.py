@@ -1,0 +1,154 @@
+"""The janitor: removes expired instances, then orphans (SPEC §7).
+
+:meth:`Janitor.run_once` is one pure pass over "now"; :meth:`Janitor.loop` repeats it for
+cron-less set-ups, and the Celery beat runs the ``reap_expired`` task, which calls it.
+A container or network that is already gone counts as removed, so two janitors, or a janitor
+racing a user's stop, are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
+from celery_app.models import utcnow
+from celery_app.naming import container_name, split_instance_key
+from celery_app.service import InstanceService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    """What one janitor pass did."""
+
+    expired: list[str] = field(default_factory=list)
+    orphan_containers: list[str] = field(default_factory=list)
+    orphan_networks: list[str] = field(default_factory=list)
+    reconciled: bool = False
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def removed(self) -> int:
+        """How many things this pass removed."""
+        return len(self.expired) + len(self.orphan_containers) + len(self.orphan_networks)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-able summary."""
+        return {
+            "expired": self.expired,
+            "orphan_containers": self.orphan_containers,
+            "orphan_networks": self.orphan_networks,
+            "reconciled": self.reconciled,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _created_at(raw: str) -> float:
+    """Return a container's creation time (epoch s) from list or inspect output."""
+    if raw.isdigit():
+        return float(raw)
+    try:
+        return datetime.fromisoformat(raw[:26].rstrip("Z") + "+00:00").timestamp()
+    except ValueError:
+        return 0.0
+
+
+class Janitor:
+    """Removes what has expired or is no longer accounted for, on one Docker host."""
+
+    def __init__(self, service: InstanceService) -> None:
+        self.service = service
+
+    def run_once(self, now: datetime | None = None) -> Summary:
+        """Run one pass.
+
+        1. When Redis lost the index (flushed, restarted empty): reconcile from Docker first,
+           so nothing running is mistaken for an orphan.
+        2. Remove every instance of this host whose ``expires_at`` has passed.
+        3. Remove containers with our labels that no instance accounts for (older than
+           ``CTF_ORPHAN_GRACE``, so a start in flight is never touched).
+        4. Remove team networks with no container and no instance.
+
+        Args:
+            now: the moment to judge expiry against (tests pass their own).
+
+        Returns:
+            What was removed.
+        """
+        now = now or utcnow()
+        began = time.monotonic()
+        svc = self.service
+        summary = Summary()
+        # 1. Redis lost the index: rebuild it before judging anything an orphan.
+        if not svc.index_is_complete():
+            svc.reconcile(now)
+            summary.reconciled = True
+        # 2. expired instances
+        for key in svc.store.expired(now.timestamp()):
+            challenge, team = split_instance_key(key)
+            record = svc.store.get(challenge, team)
+            if record is not None and record.host != svc.host:
+                continue
+            try:
+                svc.stop(challenge, team, rate_limit=False)
+                summary.expired.append(key)
+            except InstanceNotFound:
+                svc.store.delete(challenge, team, svc.host)  # already gone: done
+                summary.expired.append(key)
+            except InstanceBusy:
+                continue  # a user is acting on it; the next pass sees it again
+            except CTFError as exc:
+                summary.errors.append(f"{key}: {exc}")
+        # 3. orphan containers
+        records = {i.container_name: i for i in svc.store.list(host=svc.host)}
+        grace = svc.settings.orphan_grace
+        live_teams: set[str] = {i.team_id for i in records.values()}
+        for c in svc.driver.list_containers(svc.scope_labels):
+            rec = records.get(c.name)
+            accounted = (
+                rec is not None
+                and c.name == container_name(rec.challenge, rec.team_id)
+                and rec.container_id in ("", c.id)
+            )
+            if accounted:
+                continue
+            if now.timestamp() - _created_at(c.created) < grace:
+                live_teams.add(c.team_id)
+                continue
+            try:
+                svc.driver.remove_container(c.id)
+                summary.orphan_containers.append(c.name)
+            except CTFError as exc:
+                summary.errors.append(f"{c.name}: {exc}")
+        # 4. orphan networks
+        for net in svc.driver.list_networks(svc.scope_labels):
+            team = net.labels.get("ctf.team", "")
+            if net.containers == 0 and team not in live_teams:
+                try:
+                    if svc.remove_network_if_unused(team):
+                        summary.orphan_networks.append(net.name)
+                except CTFError as exc:
+                    summary.errors.append(f"{net.name}: {exc}")
+        summary.seconds = time.monotonic() - began
+        if summary.removed or summary.errors or summary.reconciled:
+            log.info("janitor host=%s %s", svc.host, summary.as_dict())
+        return summary
+
+    def loop(self, interval: float, passes: int | None = None) -> None:
+        """Run :meth:`run_once` every ``interval`` seconds (``passes`` times, or forever)."""
+        done = 0
+        while passes is None or done < passes:
+            try:
+                self.run_once(datetime.now(UTC))
+            except CTFError as exc:
+                log.warning("janitor pass failed: %s", exc)
+            done += 1
+            if passes is None or done < passes:
+                time.sleep(interval)

@@ -1,0 +1,546 @@
+"""The instance service: the rules of starting, stopping, extending and listing instances.
+
+Tasks, the API and the CLI call this; it calls the Docker driver and the Redis state store.
+Docker (read through labels) is the source of truth; Redis is the index and lock service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from redis.exceptions import LockError
+
+from celery_app.catalog import Catalog, Challenge
+from celery_app.docker_driver import ContainerInfo, ContainerSpec, DockerDriver, ProgressFn
+from celery_app.errors import (
+    CatalogError,
+    ImageNotFound,
+    InstanceBusy,
+    InstanceNotFound,
+    MaxLifetimeReached,
+    StartFailed,
+)
+from celery_app.flags import team_flag
+from celery_app.models import Instance, iso, parse_iso, utcnow
+from celery_app.naming import (
+    LABEL_CHALLENGE,
+    LABEL_EXPIRES_AT,
+    LABEL_HOST,
+    LABEL_MANAGED,
+    LABEL_STARTED_AT,
+    LABEL_TEAM,
+    check_team_id,
+    container_name,
+)
+from celery_app.readiness import probe_once, wait_ready
+from celery_app.settings import Settings
+from celery_app.state import StateStore, map_redis_errors
+
+log = logging.getLogger(__name__)
+
+# A failed start stays visible (status "failed" with its error) this long, then is reaped.
+FAILED_RECORD_TTL = 120
+# After Redis lost an instance, an adopted one past its recorded expiry gets this much grace.
+ADOPT_GRACE = 60
+
+
+@dataclass
+class ReconcileSummary:
+    """What a reconcile pass found and changed."""
+
+    containers: int = 0
+    adopted: list[str] = field(default_factory=list)
+    marked_failed: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-able summary."""
+        return {
+            "containers": self.containers,
+            "adopted": self.adopted,
+            "marked_failed": self.marked_failed,
+            "forgotten": self.forgotten,
+        }
+
+
+class InstanceService:
+    """Starts, stops, extends and lists the instances of one Docker host.
+
+    Args:
+        settings: the service settings.
+        catalog: the challenges.
+        driver: the Docker host's driver.
+        store: the Redis state store.
+        host: the name of the Docker host this service drives.
+        public_host: the host name written in instance URLs.
+        host_max: that host's ``max_instances`` (0: no per-host limit).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        driver: DockerDriver,
+        store: StateStore,
+        host: str = "local",
+        public_host: str | None = None,
+        host_max: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.driver = driver
+        self.store = store
+        self.host = host
+        self.public_host = public_host or settings.public_host
+        self.host_max = host_max
+        # Only what carries all these labels is ours (tests add a run label here).
+        self.scope_labels = {LABEL_MANAGED: "true", **settings.extra_labels}
+        self._exposed_port_cache: dict[str, int] = {}
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _validate(self, challenge: object, team_id: object) -> tuple[Challenge, str]:
+        """Refuse bad input before Docker or Redis is touched."""
+        team = check_team_id(team_id)
+        return self.catalog.get(challenge), team
+
+    @contextlib.contextmanager
+    def _locked(self, challenge: str, team_id: str, hold: float) -> Iterator[None]:
+        """Hold the (challenge, team) lock; released in ``finally``, expires if we die."""
+        lock = self.store.instance_lock(challenge, team_id, timeout=hold)
+        with map_redis_errors("lock instance"):
+            acquired = lock.acquire(blocking=True, blocking_timeout=self.settings.lock_wait)
+        if not acquired:
+            raise InstanceBusy(
+                f"another operation on {challenge} for team {team_id} is still running; "
+                "try again shortly"
+            )
+        try:
+            yield
+        finally:
+            with contextlib.suppress(LockError), map_redis_errors("unlock instance"):
+                lock.release()  # LockError: it expired and may be someone else's now
+
+    def _container_port(self, ch: Challenge) -> int:
+        if ch.port is not None:
+            return ch.port
+        if ch.image not in self._exposed_port_cache:
+            port = self.driver.image_exposed_port(ch.image)
+            if port is None:
+                raise CatalogError(
+                    f"challenge {ch.id!r}, field 'port': not set and image {ch.image!r} EXPOSEs "
+                    "no TCP port; set port in the catalog"
+                )
+            self._exposed_port_cache[ch.image] = port
+        return self._exposed_port_cache[ch.image]
+
+    def _url(self, ch: Challenge, host_port: int | None) -> str | None:
+        if host_port is None:
+            return None
+        scheme = "http" if ch.protocol == "http" else "tcp"
+        return f"{scheme}://{self.public_host}:{host_port}"
+
+    def flag_for(self, challenge: str, team_id: str) -> str:
+        """Return the team's flag for a challenge (see :mod:`celery_app.flags`)."""
+        ch, team = self._validate(challenge, team_id)
+        return team_flag(self.settings.flag_secret_value(), ch.id, team, self.settings.flag_format)
+
+    def ensure_image(self, ch: Challenge, progress: ProgressFn | None = None) -> None:
+        """Make the challenge image present, following ``CTF_PULL_POLICY``.
+
+        Raises:
+            ImageNotFound: missing with policy ``never``, or the registry has no such image.
+        """
+        policy = self.settings.pull_policy
+        if policy == "always" or (policy == "if-not-present" and not self.driver.image_present(
+            ch.image
+        )):
+            log.info("pulling image=%s challenge=%s", ch.image, ch.id)
+            self.driver.pull(ch.image, progress)
+        elif policy == "never" and not self.driver.image_present(ch.image):
+            raise ImageNotFound(
+                f"image {ch.image!r} of challenge {ch.id!r} is not present and CTF_PULL_POLICY "
+                "is 'never'; load it (docker load/pull) or change the policy"
+            )
+
+    # -- start ------------------------------------------------------------------------------
+
+    def start(
+        self, challenge: str, team_id: str, progress: ProgressFn | None = None
+    ) -> Instance:
+        """Start the team's instance of a challenge and wait until it answers.
+
+        Idempotent: an instance that already runs is returned unchanged (same container).
+
+        Args:
+            challenge: a catalog id.
+            team_id: the team.
+            progress: called with ``{"phase": …}`` dicts while pulling and starting.
+
+        Returns:
+            The instance, ``running``.
+
+        Raises:
+            InvalidTeamId, UnknownChallenge: bad input (nothing was touched).
+            TeamQuotaExceeded, CapacityExhausted, RateLimited: a limit was hit.
+            StartFailed: the container exited or never answered.
+            BackendUnavailable: Docker or Redis trouble (retryable).
+        """
+        ch, team = self._validate(challenge, team_id)
+        name = container_name(ch.id, team)
+        report = progress or (lambda _event: None)
+
+        # 0. the image first: pulls can be long and need no lock.
+        report({"phase": "image", "image": ch.image})
+        self.ensure_image(ch, progress)
+        port = self._container_port(ch)
+
+        # 1. lock (challenge, team): concurrent starts create one container.
+        with self._locked(ch.id, team, hold=ch.start_timeout + 60):
+            # 2. an existing container is reused (idempotency, redelivered tasks).
+            existing = self.driver.get_container(name)
+            record = self.store.get(ch.id, team)
+            if existing is not None and existing.state == "running":
+                if record is not None and record.status == "running" \
+                        and record.container_id == existing.id:
+                    return record
+                inst = record or self._instance_from_container(ch, existing, "starting")
+                return self._await_ready(ch, existing, inst, port, report)
+            if existing is not None:
+                # Exited, dead or created-but-never-started: start over from scratch.
+                self.driver.remove_container(existing.id)
+
+            # 3. rate limit: only real Docker work counts against the team.
+            self.store.hit_rate(team, self.settings.rate_limit_count,
+                                self.settings.rate_limit_window)
+
+            # 4. reserve a slot: quotas are checked and the record written in one step.
+            now = utcnow()
+            assert ch.ttl is not None
+            inst = Instance(
+                team_id=team, challenge=ch.id, status="starting", container_name=name,
+                host=self.host, started_at=iso(now),
+                expires_at=iso(now + timedelta(seconds=ch.ttl)),
+            )
+            self.store.reserve(inst, self.settings.max_instances_per_team,
+                               self.settings.max_instances, self.host_max)
+            try:
+                # 5. network and container, under the team's network lock (a stop of the
+                #    team's last instance must not remove the network we are joining).
+                report({"phase": "creating"})
+                with self._network_locked(team):
+                    self.driver.ensure_network(
+                        team, self._labels(team), self.settings.team_subnet_pool,
+                        self.settings.team_subnet_prefix,
+                    )
+                    info = self.driver.run_container(self._spec(ch, team, port, inst))
+            except BaseException:
+                # Nothing half-made: the reservation goes with the failed creation.
+                self.store.delete(ch.id, team, self.host)
+                raise
+            # 6. record the container and its port.
+            inst = inst.model_copy(update={
+                "container_id": info.id,
+                "ports": info.ports,
+                "url": self._url(ch, info.ports.get(f"{port}/tcp")),
+            })
+            self.store.put(inst)
+            # 7. running only once the port answers.
+            report({"phase": "starting", "container": name})
+            return self._await_ready(ch, info, inst, port, report)
+
+    @contextlib.contextmanager
+    def _network_locked(self, team_id: str) -> Iterator[None]:
+        lock = self.store.network_lock(team_id)
+        with map_redis_errors("lock network"):
+            if not lock.acquire(blocking=True, blocking_timeout=60):
+                raise InstanceBusy(f"the network of team {team_id} is busy; try again shortly")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(LockError), map_redis_errors("unlock network"):
+                lock.release()
+
+    def _labels(self, team_id: str, challenge: str | None = None) -> dict[str, str]:
+        labels = {**self.scope_labels, LABEL_TEAM: team_id, LABEL_HOST: self.host}
+        if challenge is not None:
+            labels[LABEL_CHALLENGE] = challenge
+        return labels
+
+    def _spec(self, ch: Challenge, team: str, port: int, inst: Instance) -> ContainerSpec:
+        env = dict(ch.env)
+        if ch.flag_env:
+            env[ch.flag_env] = team_flag(
+                self.settings.flag_secret_value(), ch.id, team, self.settings.flag_format
+            )
+        labels = self._labels(team, ch.id)
+        labels[LABEL_STARTED_AT] = inst.started_at
+        labels[LABEL_EXPIRES_AT] = inst.expires_at
+        return ContainerSpec(
+            name=inst.container_name, image=ch.image, port=port, team_id=team, labels=labels,
+            env=env, memory_bytes=ch.memory_bytes, nano_cpus=int(ch.cpus * 1e9), pids=ch.pids,
+            cap_add=ch.cap_add, publish_ip=self.settings.publish_ip,
+            port_range=self.settings.port_range, command=ch.command, hostname=ch.id,
+        )
+
+    def _probe_target(self, info: ContainerInfo, port: int) -> tuple[str, int] | None:
+        # On the engine's own machine the container's address is routable and probing it
+        # avoids docker-proxy, which accepts TCP connections even when nothing listens.
+        if self.driver.is_local and info.ip:
+            return info.ip, port
+        host_port = info.ports.get(f"{port}/tcp")
+        if host_port is None:
+            return None
+        return (self.settings.probe_host if self.driver.is_local else self.public_host), host_port
+
+    def _await_ready(
+        self, ch: Challenge, info: ContainerInfo, inst: Instance, port: int,
+        report: Callable[[dict[str, Any]], None],
+    ) -> Instance:
+        target = self._probe_target(info, port)
+
+        def alive() -> bool:
+            current = self.driver.get_container(info.id)
+            return current is not None and current.state in ("running", "created", "restarting")
+
+        started = parse_iso(inst.started_at)
+        remaining = max(1.0, ch.start_timeout - (utcnow() - started).total_seconds())
+        ready = target is not None and wait_ready(
+            target[0], target[1], ch.protocol, ch.health_path, remaining, still_alive=alive
+        )
+        if ready:
+            inst = inst.model_copy(update={"status": "running", "error": None})
+            self.store.put(inst)
+            report({"phase": "running", "url": inst.url})
+            return inst
+        # It died or never answered: say why, remove it, leave a short-lived failed record.
+        current = self.driver.get_container(info.id)
+        logs = self.driver.container_logs(info.id, tail=10).strip()
+        why = (
+            f"exited with code {current.exit_code}" if current and current.state == "exited"
+            else f"did not answer on port {port} within {ch.start_timeout:.0f} s"
+        )
+        detail = (
+            f"instance {inst.container_name} {why}; check the image and the catalog's port "
+            f"and health_path" + (f". Last output: {logs[-500:]}" if logs else "")
+        )
+        self.driver.remove_container(info.id)
+        failed = inst.model_copy(update={
+            "status": "failed", "error": detail, "container_id": info.id,
+            "expires_at": iso(utcnow() + timedelta(seconds=FAILED_RECORD_TTL)),
+        })
+        self.store.put(failed)
+        raise StartFailed(detail)
+
+    def _instance_from_container(
+        self, ch: Challenge, info: ContainerInfo, status: str
+    ) -> Instance:
+        """Rebuild an instance record from a container's labels (Redis lost it)."""
+        now = utcnow()
+        try:
+            started = parse_iso(info.labels[LABEL_STARTED_AT])
+            expires = parse_iso(info.labels[LABEL_EXPIRES_AT])
+        except (KeyError, ValueError):
+            started, expires = now, now + timedelta(seconds=ch.ttl or 0)
+        assert ch.max_lifetime is not None
+        if expires <= now:
+            expires = min(now + timedelta(seconds=ADOPT_GRACE),
+                          started + timedelta(seconds=ch.max_lifetime))
+        port = self._container_port(ch)
+        return Instance(
+            team_id=info.team_id, challenge=ch.id, status=status,  # type: ignore[arg-type]
+            container_name=info.name, container_id=info.id, host=self.host, ports=info.ports,
+            url=self._url(ch, info.ports.get(f"{port}/tcp")), started_at=iso(started),
+            expires_at=iso(expires),
+        )
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def stop(self, challenge: str, team_id: str, *, rate_limit: bool = True) -> dict[str, str]:
+        """Stop and remove the team's instance, and the team network if it was the last.
+
+        Returns:
+            ``{"team_id", "challenge", "status": "stopped"}``.
+
+        Raises:
+            InstanceNotFound: there is no such instance.
+            RateLimited: the team stops and starts too fast.
+        """
+        ch, team = self._validate(challenge, team_id)
+        name = container_name(ch.id, team)
+        # 1. lock (challenge, team)
+        with self._locked(ch.id, team, hold=120):
+            # 2. is there anything to stop?
+            record = self.store.get(ch.id, team)
+            existing = self.driver.get_container(name)
+            if record is None and existing is None:
+                raise InstanceNotFound(
+                    f"team {team} has no instance of {ch.id}; start one first"
+                )
+            # 3. rate limit (the janitor is not limited)
+            if rate_limit:
+                self.store.hit_rate(team, self.settings.rate_limit_count,
+                                    self.settings.rate_limit_window)
+            if record is not None:
+                self.store.put(record.model_copy(update={"status": "stopping"}))
+            # 4. container, then record: a crash in between leaves a record the janitor drops.
+            self.driver.remove_container(name)
+            self.store.delete(ch.id, team, self.host)
+        # 5. the team's network goes with its last instance.
+        self.remove_network_if_unused(team)
+        return {"team_id": team, "challenge": ch.id, "status": "stopped"}
+
+    def remove_network_if_unused(self, team_id: str) -> bool:
+        """Remove the team's network when no container of the team is left on it."""
+        with self._network_locked(team_id):
+            net = self.driver.get_network(f"ctf-team-{team_id}")
+            if net is None or net.containers > 0:
+                return False
+            if any(net.labels.get(k) != v for k, v in self.scope_labels.items()):
+                return False  # not ours to remove
+            return self.driver.remove_network(net.id)
+
+    # -- extend -----------------------------------------------------------------------------
+
+    def extend(self, challenge: str, team_id: str) -> Instance:
+        """Push the expiry out by the challenge's ttl, never past its maximum lifetime.
+
+        Raises:
+            InstanceNotFound: there is no such instance.
+            MaxLifetimeReached: the instance is already at ``started_at + max_lifetime``.
+        """
+        ch, team = self._validate(challenge, team_id)
+        assert ch.ttl is not None and ch.max_lifetime is not None
+        with self._locked(ch.id, team, hold=30):
+            inst = self.store.get(ch.id, team)
+            if inst is None or inst.status not in ("running", "starting"):
+                raise InstanceNotFound(f"team {team} has no running instance of {ch.id}")
+            ceiling = inst.started + timedelta(seconds=ch.max_lifetime)
+            current = inst.expires
+            if current >= ceiling:
+                raise MaxLifetimeReached(
+                    f"instance {inst.container_name} already lives until {iso(ceiling)}, its "
+                    f"maximum lifetime ({ch.max_lifetime} s); stop it and start a new one"
+                )
+            new = min(max(current, utcnow()) + timedelta(seconds=ch.ttl), ceiling)
+            inst = inst.model_copy(update={"expires_at": iso(new)})
+            self.store.put(inst)
+            return inst
+
+    # -- read -------------------------------------------------------------------------------
+
+    def get(self, challenge: str, team_id: str) -> Instance:
+        """Return one instance from the index.
+
+        Raises:
+            InstanceNotFound: there is none.
+        """
+        ch, team = self._validate(challenge, team_id)
+        inst = self.store.get(ch.id, team)
+        if inst is None:
+            raise InstanceNotFound(f"team {team} has no instance of {ch.id}")
+        return inst
+
+    def status(
+        self, team_id: str | None = None, challenge: str | None = None, *, verify: bool = False
+    ) -> list[Instance]:
+        """List instances, filtered by what is given.
+
+        Args:
+            team_id: only this team's.
+            challenge: only this challenge's.
+            verify: cross-check with Docker (one list call) so a dead container is never
+                reported as running.
+        """
+        if team_id is not None:
+            check_team_id(team_id)
+        if challenge is not None:
+            self.catalog.get(challenge)
+        found = self.store.list(team_id=team_id, challenge=challenge)
+        if not verify:
+            return found
+        live = {c.name: c for c in self.driver.list_containers(self.scope_labels)}
+        result = []
+        for inst in found:
+            if inst.host == self.host and inst.status == "running":
+                c = live.get(inst.container_name)
+                if c is None or c.state != "running":
+                    inst = inst.model_copy(update={
+                        "status": "failed",
+                        "error": "the container is no longer running",
+                    })
+            result.append(inst)
+        return result
+
+    # -- reconcile --------------------------------------------------------------------------
+
+    def reconcile(self, now: datetime | None = None) -> ReconcileSummary:
+        """Rebuild this host's Redis index from Docker labels.
+
+        Containers with our labels are recorded (adopted when Redis lost them); records
+        whose container is gone are forgotten (except starts still in their grace period);
+        records of containers that stopped are marked failed.
+        """
+        now = now or utcnow()
+        summary = ReconcileSummary()
+        containers = self.driver.list_containers(self.scope_labels)
+        summary.containers = len(containers)
+        records = {i.key: i for i in self.store.list(host=self.host)}
+        seen: set[str] = set()
+        for c in containers:
+            try:
+                ch = self.catalog.get(c.challenge)
+                check_team_id(c.team_id)
+            except Exception:  # noqa: BLE001  # not an instance: the janitor's orphan pass
+                continue
+            if c.name != container_name(ch.id, c.team_id):
+                continue
+            key = f"{ch.id}/{c.team_id}"
+            seen.add(key)
+            rec = records.get(key)
+            if rec is None:
+                status = "running" if c.state == "running" else "failed"
+                inst = self._instance_from_container(ch, self.driver.get_container(c.id) or c,
+                                                     status)
+                if status == "running" and not self._answers(ch, inst, c):
+                    inst = inst.model_copy(update={"status": "starting"})
+                self.store.put(inst)
+                summary.adopted.append(key)
+            elif rec.status == "running" and c.state != "running":
+                self.store.put(rec.model_copy(update={
+                    "status": "failed", "error": f"the container is {c.state}",
+                }))
+                summary.marked_failed.append(key)
+        for key, rec in records.items():
+            if key in seen or rec.status == "failed":
+                continue
+            age = (now - rec.started).total_seconds()
+            if rec.status == "starting" and age < self.settings.orphan_grace:
+                continue  # a start in flight: its container may not exist yet
+            self.store.delete(rec.challenge, rec.team_id, self.host)
+            summary.forgotten.append(key)
+        self.mark_reconciled()
+        log.info("reconcile host=%s %s", self.host, summary.as_dict())
+        return summary
+
+    def _answers(self, ch: Challenge, inst: Instance, c: ContainerInfo) -> bool:
+        info = self.driver.get_container(c.id) or c
+        target = self._probe_target(info, self._container_port(ch))
+        return target is not None and probe_once(target[0], target[1], ch.protocol,
+                                                 ch.health_path, timeout=1.0)
+
+    def mark_reconciled(self) -> None:
+        """Note in Redis that this host's index is complete (see :meth:`index_is_complete`)."""
+        with map_redis_errors("mark reconciled"):
+            self.store.redis.set(f"ctf:epoch:{self.host}", str(time.time()))
+
+    def index_is_complete(self) -> bool:
+        """Whether Redis still holds the index since the last reconcile (not flushed)."""
+        with map_redis_errors("read epoch"):
+            return bool(self.store.redis.exists(f"ctf:epoch:{self.host}"))

@@ -1,0 +1,173 @@
+"""Settings: one pydantic-settings class, read from the environment (SPEC §9).
+
+Build it with :func:`load_settings` and pass it in; nothing here is created at import, so
+tests can build any configuration they like.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PullPolicy = Literal["if-not-present", "always", "never"]
+
+
+class Settings(BaseSettings):
+    """Every setting of the instancer; environment names are in each field's alias."""
+
+    model_config = SettingsConfigDict(env_prefix="CTF_", populate_by_name=True, extra="ignore")
+
+    broker_url: str = Field(
+        "redis://localhost:6379/0", validation_alias=AliasChoices("CELERY_BROKER_URL", "broker_url")
+    )
+    result_backend: str = Field(
+        "redis://localhost:6379/1",
+        validation_alias=AliasChoices("CELERY_RESULT_BACKEND", "result_backend"),
+    )
+    # Where the instance index, locks and rate counters live; the broker's Redis by default.
+    redis_url: str | None = None
+    docker_host: str | None = Field(
+        None, validation_alias=AliasChoices("DOCKER_HOST", "docker_host")
+    )
+    challenges_file: Path | None = None
+    hosts_file: Path | None = None
+    # Which host of CTF_HOSTS_FILE this worker serves ("local" without a hosts file).
+    host: str = "local"
+    admin_token: SecretStr | None = None
+    flag_secret: SecretStr | None = None
+    flag_format: str = "CTF{{{digest}}}"
+    api_bind: str = "127.0.0.1:8000"
+    public_host: str = "localhost"
+    # Safe by default: instances answer on loopback until the organiser opens them up.
+    publish_ip: str = "127.0.0.1"
+    port_range: str | None = None
+    team_subnet_pool: str = "10.213.0.0/16"
+    team_subnet_prefix: int = Field(28, ge=16, le=29)
+    default_ttl: int = Field(7200, gt=0)
+    default_max_lifetime: int = Field(14400, gt=0)
+    max_instances_per_team: int = Field(3, gt=0)
+    max_instances: int = Field(500, gt=0)
+    rate_limit_count: int = Field(10, gt=0)
+    rate_limit_window: int = Field(60, gt=0)
+    pull_policy: PullPolicy = "if-not-present"
+    janitor_interval: float = Field(5.0, gt=0, le=10)
+    # Grace before a container with our labels but no record is an orphan (a start in flight).
+    orphan_grace: float = Field(30.0, ge=0)
+    data_dir: Path = Path(".data")
+    # Extra labels put on everything we create (tests use it to tag what they must remove).
+    extra_labels: dict[str, str] = Field(default_factory=dict)
+    worker_concurrency: int = Field(16, gt=0)
+    lock_wait: float = Field(240.0, gt=0)
+
+    @field_validator("port_range")
+    @classmethod
+    def _check_port_range(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        assert value is not None
+        try:
+            lo, hi = (int(part) for part in value.split("-", 1))
+        except ValueError:
+            raise ValueError(f"CTF_PORT_RANGE must look like 30000-31000, got {value!r}") from None
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"CTF_PORT_RANGE {value!r} must satisfy 1 <= lo <= hi <= 65535")
+        return f"{lo}-{hi}"
+
+    @field_validator("team_subnet_pool")
+    @classmethod
+    def _check_pool(cls, value: str) -> str:
+        try:
+            return str(ipaddress.IPv4Network(value, strict=True))
+        except ValueError as exc:
+            raise ValueError(f"CTF_TEAM_SUBNET_POOL must be an IPv4 CIDR like 10.213.0.0/16: {exc}")\
+                from None
+
+    @field_validator("publish_ip")
+    @classmethod
+    def _check_publish_ip(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(f"CTF_PUBLISH_IP must be an IP address, got {value!r}") from None
+
+    @model_validator(mode="after")
+    def _check_pool_prefix(self) -> Settings:
+        pool = ipaddress.IPv4Network(self.team_subnet_pool)
+        if self.team_subnet_prefix < pool.prefixlen:
+            raise ValueError(
+                f"CTF_TEAM_SUBNET_PREFIX /{self.team_subnet_prefix} is larger than the pool "
+                f"{pool}; use a prefix of at least /{pool.prefixlen}"
+            )
+        return self
+
+    @property
+    def state_redis_url(self) -> str:
+        """The Redis URL for instance state: ``CTF_REDIS_URL`` or the broker's."""
+        return self.redis_url or self.broker_url
+
+    @property
+    def probe_host(self) -> str:
+        """The address the worker uses to reach published ports when checking readiness."""
+        if self.publish_ip in ("0.0.0.0", "::"):
+            return "127.0.0.1"
+        return self.publish_ip
+
+    def admin_token_value(self) -> str:
+        """Return the admin token (filled in by :func:`load_settings`)."""
+        assert self.admin_token is not None, "build settings with load_settings()"
+        return self.admin_token.get_secret_value()
+
+    def flag_secret_value(self) -> str:
+        """Return the flag secret (filled in by :func:`load_settings`)."""
+        assert self.flag_secret is not None, "build settings with load_settings()"
+        return self.flag_secret.get_secret_value()
+
+
+def _read_or_create_secret(path: Path) -> str:
+    """Return the secret kept in ``path``, creating it (mode 0600) on first use."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    value = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+    return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment, then fill in missing secrets.
+
+    Secrets that are not set are generated on first run and kept in ``CTF_DATA_DIR``
+    (``admin_token``, ``flag_secret``), so a restart keeps them.
+
+    Args:
+        **overrides: field values that win over the environment (tests use these).
+
+    Returns:
+        The complete settings.
+
+    Raises:
+        pydantic.ValidationError: when a setting has an invalid value.
+    """
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    updates: dict[str, SecretStr] = {}
+    if settings.admin_token is None:
+        updates["admin_token"] = SecretStr(
+            _read_or_create_secret(settings.data_dir / "admin_token")
+        )
+    if settings.flag_secret is None:
+        updates["flag_secret"] = SecretStr(
+            _read_or_create_secret(settings.data_dir / "flag_secret")
+        )
+    return settings.model_copy(update=updates) if updates else settings

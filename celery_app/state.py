@@ -1,0 +1,258 @@
+"""Redis state: the instance index, locks and rate counters.
+
+Docker labels are the source of truth; what is here is an index for fast reads, plus the
+lock and counter service. :meth:`StateStore.replace_host` rebuilds it from Docker.
+
+Keys (prefix ``ctf:``)::
+
+    ctf:inst:<challenge>/<team>   JSON of the instance
+    ctf:expiry                    zset  <challenge>/<team> -> expires_at (epoch s): every instance
+    ctf:team:<team>               set   <challenge>/<team>
+    ctf:host:<host>               set   <challenge>/<team>
+    ctf:lock:<challenge>/<team>   redis-py Lock around start/stop/extend of one instance
+    ctf:netlock:<team>            redis-py Lock around a team's network and container creation
+    ctf:rate:<team>:<window>      counter of start/stop actions in the current window
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
+
+import redis
+import redis.exceptions
+from redis.lock import Lock
+
+from celery_app.errors import CapacityExhausted, RateLimited, RedisUnavailable, TeamQuotaExceeded
+from celery_app.models import Instance
+from celery_app.naming import instance_key
+
+P: Final = "ctf:"
+
+# Reserve a slot for a new instance atomically: the quota checks and the write are one step,
+# so two starts of different challenges of one team cannot both pass a full quota.
+_RESERVE = """
+local key, team, host = ARGV[1], ARGV[2], ARGV[3]
+local per_team, global_max = tonumber(ARGV[4]), tonumber(ARGV[5])
+local host_max, expiry, doc = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[1], doc)
+  return 'ok'
+end
+if redis.call('SCARD', KEYS[2]) >= per_team then return 'team' end
+if redis.call('ZCARD', KEYS[3]) >= global_max then return 'global' end
+if host_max > 0 and redis.call('SCARD', KEYS[4]) >= host_max then return 'host' end
+redis.call('SET', KEYS[1], doc)
+redis.call('SADD', KEYS[2], key)
+redis.call('SADD', KEYS[4], key)
+redis.call('ZADD', KEYS[3], expiry, key)
+return 'ok'
+"""
+
+
+@contextlib.contextmanager
+def map_redis_errors(what: str) -> Iterator[None]:
+    """Translate redis-py connection failures into :class:`RedisUnavailable` (retryable)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise RedisUnavailable(f"{what}: cannot reach Redis ({exc}); is redis-server running?") \
+            from exc
+    except redis.exceptions.BusyLoadingError as exc:
+        raise RedisUnavailable(f"{what}: Redis is loading its data; retry shortly") from exc
+
+
+def _key(inst_key: str) -> str:
+    return f"{P}inst:{inst_key}"
+
+
+class StateStore:
+    """The instance index and lock service in Redis.
+
+    Args:
+        client: a redis-py client (``decode_responses=True``).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._reserve = client.register_script(_RESERVE)
+
+    @classmethod
+    def from_url(cls, url: str) -> StateStore:
+        """Connect to Redis at ``url``."""
+        return cls(
+            redis.Redis.from_url(
+                url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
+                health_check_interval=30,
+            )
+        )
+
+    def ping(self) -> bool:
+        """Return whether Redis answers."""
+        try:
+            return bool(self.redis.ping())
+        except redis.exceptions.RedisError:
+            return False
+
+    # -- locks ------------------------------------------------------------------------------
+
+    def instance_lock(self, challenge: str, team_id: str, timeout: float) -> Lock:
+        """A lock on one (challenge, team); it expires after ``timeout`` if its holder dies."""
+        return self.redis.lock(f"{P}lock:{instance_key(challenge, team_id)}", timeout=timeout)
+
+    def network_lock(self, team_id: str) -> Lock:
+        """A short lock on a team's network (creation and removal)."""
+        return self.redis.lock(f"{P}netlock:{team_id}", timeout=60)
+
+    # -- instances --------------------------------------------------------------------------
+
+    def get(self, challenge: str, team_id: str) -> Instance | None:
+        """Return the recorded instance, or ``None``."""
+        with map_redis_errors("read instance"):
+            raw = self.redis.get(_key(instance_key(challenge, team_id)))
+        return Instance.model_validate_json(raw) if raw else None
+
+    def reserve(
+        self, inst: Instance, per_team: int, global_max: int, host_max: int = 0
+    ) -> None:
+        """Record a new instance if the quotas allow it (or update one already recorded).
+
+        Raises:
+            TeamQuotaExceeded: the team is at ``per_team`` instances.
+            CapacityExhausted: the service (or the host) is at its maximum.
+        """
+        with map_redis_errors("reserve instance"):
+            result = self._reserve(
+                keys=[_key(inst.key), f"{P}team:{inst.team_id}", f"{P}expiry",
+                      f"{P}host:{inst.host}"],
+                args=[inst.key, inst.team_id, inst.host, per_team, global_max, host_max,
+                      inst.expires.timestamp(), inst.model_dump_json()],
+            )
+        if result == "team":
+            raise TeamQuotaExceeded(
+                f"team {inst.team_id} already runs {per_team} instance(s), the per-team maximum "
+                "(CTF_MAX_INSTANCES_PER_TEAM); stop one before starting another"
+            )
+        if result == "global":
+            raise CapacityExhausted(
+                f"the service runs {global_max} instances, its maximum (CTF_MAX_INSTANCES); "
+                "try again when some have expired, or raise the limit"
+            )
+        if result == "host":
+            raise CapacityExhausted(
+                f"host {inst.host} runs {host_max} instances, its max_instances; use another host"
+            )
+
+    def put(self, inst: Instance) -> None:
+        """Write (or overwrite) an instance and its index entries."""
+        with map_redis_errors("write instance"):
+            pipe = self.redis.pipeline()
+            pipe.set(_key(inst.key), inst.model_dump_json())
+            pipe.sadd(f"{P}team:{inst.team_id}", inst.key)
+            pipe.sadd(f"{P}host:{inst.host}", inst.key)
+            pipe.zadd(f"{P}expiry", {inst.key: inst.expires.timestamp()})
+            pipe.execute()
+
+    def delete(self, challenge: str, team_id: str, host: str | None = None) -> None:
+        """Forget an instance (no error when it was not recorded)."""
+        key = instance_key(challenge, team_id)
+        with map_redis_errors("delete instance"):
+            if host is None:
+                raw = self.redis.get(_key(key))
+                host = Instance.model_validate_json(raw).host if raw else "local"
+            pipe = self.redis.pipeline()
+            pipe.delete(_key(key))
+            pipe.srem(f"{P}team:{team_id}", key)
+            pipe.srem(f"{P}host:{host}", key)
+            pipe.zrem(f"{P}expiry", key)
+            pipe.execute()
+
+    def _load(self, keys: Iterable[str]) -> list[Instance]:
+        keys = sorted(keys)
+        if not keys:
+            return []
+        with map_redis_errors("read instances"):
+            docs = self.redis.mget([_key(k) for k in keys])
+        return [Instance.model_validate_json(d) for d in docs if d]
+
+    def list(
+        self, team_id: str | None = None, challenge: str | None = None, host: str | None = None
+    ) -> list[Instance]:
+        """Return the recorded instances, filtered by what is given."""
+        with map_redis_errors("list instances"):
+            if team_id is not None:
+                keys: Iterable[str] = self.redis.smembers(f"{P}team:{team_id}")
+            elif host is not None:
+                keys = self.redis.smembers(f"{P}host:{host}")
+            else:
+                keys = self.redis.zrange(f"{P}expiry", 0, -1)
+        found = self._load(keys)
+        return [
+            i for i in found
+            if (challenge is None or i.challenge == challenge) and (host is None or i.host == host)
+        ]
+
+    def count(self, host: str | None = None) -> int:
+        """Return how many instances are recorded (on ``host`` when given)."""
+        with map_redis_errors("count instances"):
+            if host is None:
+                return int(self.redis.zcard(f"{P}expiry"))
+            return int(self.redis.scard(f"{P}host:{host}"))
+
+    def expired(self, now: float) -> list[str]:
+        """Return the keys of instances whose expiry is at or before ``now`` (epoch s)."""
+        with map_redis_errors("read expiry index"):
+            return list(self.redis.zrangebyscore(f"{P}expiry", "-inf", now))
+
+    def replace_host(self, host: str, instances: list[Instance]) -> tuple[int, int]:
+        """Make the index of ``host`` hold exactly ``instances`` (reconcile).
+
+        Returns:
+            ``(added, removed)`` counts of index entries.
+        """
+        wanted = {i.key: i for i in instances}
+        with map_redis_errors("reconcile index"):
+            have = set(self.redis.smembers(f"{P}host:{host}"))
+        removed = 0
+        for key in have - set(wanted):
+            challenge, _, team_id = key.partition("/")
+            self.delete(challenge, team_id, host)
+            removed += 1
+        added = 0
+        for inst in wanted.values():
+            if inst.key not in have:
+                added += 1
+            self.put(inst)
+        return added, removed
+
+    # -- rate limit -------------------------------------------------------------------------
+
+    def hit_rate(self, team_id: str, limit: int, window: int) -> None:
+        """Count one start/stop of ``team_id`` in a fixed window.
+
+        Raises:
+            RateLimited: the team went past ``limit`` actions in ``window`` seconds.
+        """
+        now = time.time()
+        bucket = int(now // window)
+        key = f"{P}rate:{team_id}:{bucket}"
+        with map_redis_errors("rate limit"):
+            pipe = self.redis.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, window + 1)
+            count = int(pipe.execute()[0])
+        if count > limit:
+            wait = int((bucket + 1) * window - now) + 1
+            raise RateLimited(
+                f"team {team_id} made more than {limit} start/stop requests in {window} s; "
+                f"wait {wait} s and try again"
+            )
+
+    # -- misc -------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Return a small summary for health checks."""
+        with map_redis_errors("info"):
+            return {"instances": self.count()}
