@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs the instancer: Celery worker + periodic janitor (beat) + HTTP API and dashboard.
+#   ./run-celery-worker.sh              worker, janitor and API on $CTF_API_BIND (127.0.0.1:8000)
+#   ./run-celery-worker.sh --no-api     worker and janitor only
+#   ./run-celery-worker.sh --host NAME  serve host NAME of $CTF_HOSTS_FILE (its queue)
+# Sets itself up on first run; Ctrl-C (SIGINT/SIGTERM) stops everything it started.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+source "$HERE/scripts/lib.sh"
+
+api=1
+host="${CTF_HOST:-local}"
+extra=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --no-api) api="" ;;
+        --host) host="${2:?--host needs a name}"; shift ;;
+        --host=*) host="${1#--host=}" ;;
+        -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+        *) extra+=("$1") ;;
+    esac
+    shift
+done
+
+"$HERE/setup-celery.sh"
+export CTF_DATA_DIR="$DATA_DIR" CTF_HOST="$host"
+export CELERY_BROKER_URL="${CELERY_BROKER_URL:-redis://localhost:6379/0}"
+export CELERY_RESULT_BACKEND="${CELERY_RESULT_BACKEND:-redis://localhost:6379/1}"
+
+started=()
+cleanup() {
+    trap - INT TERM EXIT
+    say "stopping"
+    local name
+    for name in api worker "${started[@]}"; do stop_started "$name"; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+ensure_redis "$CELERY_BROKER_URL"
+[ -f "$CTF_RUN_DIR/redis.pid" ] && started+=(redis)
+if [ -z "${CTF_HOSTS_FILE:-}" ]; then
+    ensure_docker
+    [ -f "$CTF_RUN_DIR/dockerd.pid" ] && started+=(dockerd)
+fi
+
+# Fail fast on a bad catalog or settings, before anything else starts.
+"$VENV/bin/python" -m celery_app.cli check >&2 || exit 1
+
+queues="$("$VENV/bin/python" -m celery_app.cli queues --host "$host")"
+say "worker for host '$host' (queues: $queues); logs below"
+"$VENV/bin/celery" -A celery_app.celery_app:app worker -B \
+    --pool threads --concurrency "${CTF_WORKER_CONCURRENCY:-16}" \
+    --loglevel "${CTF_LOG_LEVEL:-INFO}" -n "ctf-$host@%h" -Q "$queues" \
+    -s "$CTF_RUN_DIR/celerybeat-schedule-$host" "${extra[@]}" &
+echo $! >"$CTF_RUN_DIR/worker.pid"
+
+if [ -n "$api" ]; then
+    "$VENV/bin/python" -m celery_app.cli api &
+    echo $! >"$CTF_RUN_DIR/api.pid"
+fi
+
+# Stop everything when any part stops.
+wait -n

@@ -1,0 +1,121 @@
+# Shared shell functions of setup-celery.sh, run-celery-worker.sh and run-tests.sh.
+# Source it; it never kills what it did not start (it keeps pid files in $CTF_RUN_DIR).
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+DATA_DIR="${CTF_DATA_DIR:-$ROOT/.data}"
+CTF_RUN_DIR="${CTF_RUN_DIR:-$DATA_DIR/run}"
+
+say()  { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+warn() { printf '\033[33mwarning:\033[0m %s\n' "$*" >&2; }
+die()  { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+
+is_root() { [ "$(id -u)" = 0 ]; }
+
+# ensure_packages PKG... : install missing Debian packages (root on Debian/Ubuntu only).
+ensure_packages() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    command -v apt-get >/dev/null 2>&1 \
+        || die "missing ${missing[*]} and no apt-get here: install them with your package manager"
+    is_root || die "missing ${missing[*]}: run as root, or install them first (sudo apt-get install ${missing[*]})"
+    say "installing ${missing[*]} (apt-get)"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >"$DATA_DIR/apt.log" 2>&1; then
+        apt-get update -q >>"$DATA_DIR/apt.log" 2>&1 || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >>"$DATA_DIR/apt.log" 2>&1 \
+            || die "apt-get install ${missing[*]} failed; see $DATA_DIR/apt.log"
+    fi
+}
+
+# ensure_venv [extra]: create .venv and install the package (with [extra]) when pyproject changed.
+ensure_venv() {
+    local extra="${1:-}" spec="$ROOT" stamp
+    [ -n "$extra" ] && spec="$ROOT[$extra]"
+    command -v python3 >/dev/null 2>&1 || die "python3 (3.11 or newer) is required"
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "python3 is $(python3 --version 2>&1); 3.11 or newer is required"
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV"
+        python3 -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv?)"
+    fi
+    stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-${extra:-base}"
+    if [ ! -f "$stamp" ]; then
+        say "installing Python dependencies into .venv${extra:+ (with $extra)}"
+        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+        "$VENV/bin/python" -m pip install -q -e "$spec" 2>&1 | grep -v -i -E "^(WARNING|  )" >&2 || true
+        "$VENV/bin/python" -c "import celery_app.service" 2>/dev/null \
+            || die "pip install of $spec failed; run: $VENV/bin/pip install -e '$spec'"
+        rm -f "$VENV"/.installed-*
+        touch "$stamp"
+    fi
+}
+
+docker_up() { timeout 10 docker info >/dev/null 2>&1; }
+
+# ensure_docker: start dockerd when it is installed but not running; remember we started it.
+ensure_docker() {
+    docker_up && return 0
+    [ -n "${DOCKER_HOST:-}" ] && case "$DOCKER_HOST" in unix://*) ;; *)
+        die "DOCKER_HOST=$DOCKER_HOST does not answer; start that engine first" ;; esac
+    command -v dockerd >/dev/null 2>&1 || die "no Docker engine: run ./setup-celery.sh as root"
+    is_root || die "the Docker engine is not running and only root can start it (sudo dockerd)"
+    mkdir -p "$CTF_RUN_DIR"
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        say "starting Docker (systemctl start docker)"
+        systemctl start docker || true
+    fi
+    if ! docker_up; then
+        say "starting dockerd (log: $CTF_RUN_DIR/dockerd.log)"
+        nohup dockerd --pidfile /var/run/docker.pid >"$CTF_RUN_DIR/dockerd.log" 2>&1 &
+        echo $! >"$CTF_RUN_DIR/dockerd.pid"
+    fi
+    local i
+    for i in $(seq 1 120); do docker_up && return 0; sleep 0.5; done
+    die "dockerd did not come up within 60 s; see $CTF_RUN_DIR/dockerd.log"
+}
+
+# stop_started NAME: stop a process we started (pid file in $CTF_RUN_DIR), and wait for it.
+stop_started() {
+    local pidfile="$CTF_RUN_DIR/$1.pid" pid i
+    [ -f "$pidfile" ] || return 0
+    pid="$(cat "$pidfile")"
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+}
+
+# url_host_port URL: print "host port" of a redis:// URL.
+url_host_port() {
+    python3 - "$1" <<'PY'
+import sys
+from urllib.parse import urlsplit
+u = urlsplit(sys.argv[1])
+print(u.hostname or "localhost", u.port or 6379)
+PY
+}
+
+redis_up() { timeout 3 redis-cli -h "$1" -p "$2" ping 2>/dev/null | grep -q PONG; }
+
+# ensure_redis URL: start a local redis-server when none answers at URL.
+ensure_redis() {
+    local host port
+    read -r host port < <(url_host_port "$1")
+    redis_up "$host" "$port" && return 0
+    case "$host" in localhost|127.0.0.1|::1) ;; *) die "Redis at $1 does not answer; start it first" ;; esac
+    command -v redis-server >/dev/null 2>&1 || die "no redis-server: run ./setup-celery.sh as root"
+    mkdir -p "$CTF_RUN_DIR" "$DATA_DIR/redis"
+    say "starting redis-server on $host:$port (data in $DATA_DIR/redis)"
+    redis-server --bind 127.0.0.1 --port "$port" --dir "$DATA_DIR/redis" --appendonly yes \
+        --daemonize no --logfile "$CTF_RUN_DIR/redis.log" &
+    echo $! >"$CTF_RUN_DIR/redis.pid"
+    local i
+    for i in $(seq 1 50); do redis_up "$host" "$port" && return 0; sleep 0.1; done
+    die "redis-server did not come up; see $CTF_RUN_DIR/redis.log"
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything the instancer needs and prepares the data folder. Idempotent.
+#   ./setup-celery.sh          the service (Python env, Redis, Docker engine)
+#   ./setup-celery.sh --dev    also what the tests need (test tools, busybox, a local registry)
+set -euo pipefail
+source "$(dirname "$0")/scripts/lib.sh"
+
+dev=""
+[ "${1:-}" = "--dev" ] && dev=1
+mkdir -p "$DATA_DIR" "$CTF_RUN_DIR"
+chmod 700 "$DATA_DIR"
+
+pkgs=()
+command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
+command -v dockerd >/dev/null 2>&1 || docker_up || pkgs+=(docker.io)
+python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
+[ ${#pkgs[@]} -gt 0 ] && ensure_packages "${pkgs[@]}"
+# The tests build stand-in images from a static busybox and pull from a local registry.
+[ -n "$dev" ] && ensure_packages busybox-static docker-registry
+
+ensure_venv "${dev:+dev}"
+say "ready: data folder $DATA_DIR, Python env $VENV"

@@ -1,0 +1,397 @@
+"""Shared fixtures: a private Redis, the real Docker engine, stand-in images, a real worker.
+
+Everything a test creates in Docker carries the label ``ctf.test=<run id>`` and is removed at
+the end of the run, pass or fail (and after each test that uses ``ctx``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import redis
+
+from celery_app.context import Context, build_context, set_context
+from celery_app.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+TEST_LABEL = {"ctf.test": RUN_ID}
+# Our own pool, away from a real deployment's default 10.213.0.0/16 on the same engine.
+TEST_POOL = "10.214.0.0/16"
+BUSYBOX = Path("/bin/busybox")
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+    message: str = "condition",
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A private redis-server on a free port, started and stopped by the test run."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is missing: run ./setup-celery.sh --dev"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: self._ping(client), 10, message="redis-server to answer")
+
+    @staticmethod
+    def _ping(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port: all data is lost (no persistence)."""
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+# -- Docker -----------------------------------------------------------------------------------
+
+
+def _cleanup_docker(client: docker.DockerClient, labels: dict[str, str]) -> None:
+    filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+    for c in client.containers.list(all=True, filters=filters):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            c.remove(force=True)
+    for n in client.networks.list(filters=filters):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            n.remove()
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        pytest.exit(f"no Docker engine answers ({exc}); run ./run-tests.sh", returncode=3)
+    yield client
+    _cleanup_docker(client, TEST_LABEL)
+    for image in client.images.list(filters={"label": f"ctf.test={RUN_ID}"}):
+        with contextlib.suppress(docker.errors.APIError):
+            client.images.remove(image.id, force=True)
+    client.close()
+
+
+def build_image(
+    client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, bytes | Path]
+) -> str:
+    """Build a labelled stand-in image from in-memory files; return its tag."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        entries = {"Dockerfile": dockerfile.encode(), **files}
+        for name, content in entries.items():
+            data = content.read_bytes() if isinstance(content, Path) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o755
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=tag, labels=TEST_LABEL, rm=True)
+    return tag
+
+
+HTTP_DOCKERFILE = """FROM scratch
+COPY busybox /bin/busybox
+COPY index.html /www/index.html
+EXPOSE 8080
+ENTRYPOINT ["/bin/busybox"]
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+"""
+
+SLOW_DOCKERFILE = """FROM scratch
+COPY busybox /bin/busybox
+COPY index.html /www/index.html
+EXPOSE 8080
+ENTRYPOINT ["/bin/busybox", "sh", "-c"]
+CMD ["/bin/busybox sleep 2 && exec /bin/busybox httpd -f -p 8080 -h /www"]
+"""
+
+CRASH_DOCKERFILE = """FROM scratch
+COPY busybox /bin/busybox
+EXPOSE 8080
+ENTRYPOINT ["/bin/busybox", "sh", "-c", "echo boom; exit 3"]
+"""
+
+
+@pytest.fixture(scope="session")
+def images(docker_client: docker.DockerClient) -> dict[str, str]:
+    """Stand-in challenge images: http (instant), slow (answers after 2 s), crash (exits)."""
+    assert BUSYBOX.exists(), "/bin/busybox is missing: apt-get install busybox-static"
+    files: dict[str, bytes | Path] = {"busybox": BUSYBOX, "index.html": b"hello from ctf\n"}
+    return {
+        "http": build_image(docker_client, f"ctf-test/http:{RUN_ID}", HTTP_DOCKERFILE, files),
+        "slow": build_image(docker_client, f"ctf-test/slow:{RUN_ID}", SLOW_DOCKERFILE, files),
+        "crash": build_image(docker_client, f"ctf-test/crash:{RUN_ID}", CRASH_DOCKERFILE,
+                             {"busybox": BUSYBOX}),
+    }
+
+
+# -- settings, catalog, context ---------------------------------------------------------------
+
+
+def catalog_yaml(images: dict[str, str]) -> str:
+    """The test catalog: stand-ins for the real challenges plus edge cases."""
+    return f"""
+challenges:
+  web:
+    name: Stand-in web challenge
+    image: {images['http']}
+    port: 8080
+    ttl: 600
+    max_lifetime: 1800
+    memory: 64m
+    cpus: 0.5
+    pids: 64
+    flag_env: FLAG
+    start_timeout: 20
+  exposed:
+    image: {images['http']}
+    protocol: tcp
+    ttl: 600
+  slow:
+    image: {images['slow']}
+    port: 8080
+    ttl: 600
+    start_timeout: 20
+  crash:
+    image: {images['crash']}
+    port: 8080
+    start_timeout: 10
+  short:
+    image: {images['http']}
+    port: 8080
+    ttl: 3
+    max_lifetime: 8
+"""
+
+
+@pytest.fixture(scope="session")
+def catalog_file(images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("catalog") / "challenges.yaml"
+    path.write_text(catalog_yaml(images))
+    return path
+
+
+def base_env(redis_server: RedisServer, catalog_file: Path, data_dir: Path) -> dict[str, str]:
+    """The environment of a worker or API process for this test run."""
+    return {
+        "CELERY_BROKER_URL": f"{redis_server.url}/0",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/1",
+        "CTF_REDIS_URL": f"{redis_server.url}/2",
+        "CTF_CHALLENGES_FILE": str(catalog_file),
+        "CTF_DATA_DIR": str(data_dir),
+        "CTF_EXTRA_LABELS": json.dumps(TEST_LABEL),
+        "CTF_TEAM_SUBNET_POOL": TEST_POOL,
+        "CTF_RATE_LIMIT_COUNT": "1000",
+        "CTF_MAX_INSTANCES_PER_TEAM": "5",
+        "CTF_JANITOR_INTERVAL": "1",
+        "CTF_ORPHAN_GRACE": "2",
+        "CTF_ADMIN_TOKEN": "test-admin-token",
+    }
+
+
+@pytest.fixture
+def make_settings(
+    redis_server: RedisServer, catalog_file: Path, tmp_path: Path
+) -> Callable[..., Settings]:
+    """Build settings for this run; keyword arguments override fields."""
+
+    def make(**overrides: Any) -> Settings:
+        fields: dict[str, Any] = {
+            "broker_url": f"{redis_server.url}/0",
+            "result_backend": f"{redis_server.url}/1",
+            "redis_url": f"{redis_server.url}/2",
+            "challenges_file": catalog_file,
+            "data_dir": tmp_path / "data",
+            "extra_labels": TEST_LABEL,
+            "team_subnet_pool": TEST_POOL,
+            "rate_limit_count": 1000,
+            "max_instances_per_team": 5,
+            "orphan_grace": 2.0,
+            "lock_wait": 30.0,
+        }
+        fields.update(overrides)
+        return load_settings(**fields)
+
+    return make
+
+
+@pytest.fixture
+def make_ctx(
+    make_settings: Callable[..., Settings], docker_client: docker.DockerClient,
+    redis_server: RedisServer,
+) -> Iterator[Callable[..., Context]]:
+    """Build contexts on a clean Redis; remove what their tests made afterwards."""
+    made: list[Context] = []
+    redis.Redis.from_url(f"{redis_server.url}/2").flushdb()
+
+    def make(**overrides: Any) -> Context:
+        ctx = build_context(make_settings(**overrides))
+        made.append(ctx)
+        return ctx
+
+    yield make
+    _cleanup_docker(docker_client, TEST_LABEL)
+    for ctx in made:
+        ctx.driver.close()
+    set_context(None)
+
+
+@pytest.fixture
+def ctx(make_ctx: Callable[..., Context]) -> Context:
+    """A context with the test settings."""
+    return make_ctx()
+
+
+# -- a real Celery worker ---------------------------------------------------------------------
+
+
+class Worker:
+    """A real ``celery worker -B`` subprocess, as run-celery-worker.sh runs it."""
+
+    def __init__(self, env: dict[str, str], logfile: Path) -> None:
+        self.env = env
+        self.logfile = logfile
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env}
+        schedule = Path(self.env["CTF_DATA_DIR"]) / "beat-schedule"
+        Path(self.env["CTF_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+        log = self.logfile.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker", "-B",
+             "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO",
+             "-n", f"test-{RUN_ID}-{uuid.uuid4().hex[:4]}@%h", "-Q", "celery,ctf.host.local",
+             "-s", str(schedule)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        wait_for(lambda: b"ready." in self.logfile.read_bytes() or self.proc.poll() is not None,
+                 60, 0.1, "the worker to be ready")
+        assert self.proc.poll() is None, self.logfile.read_text()[-3000:]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def worker_env(
+    redis_server: RedisServer, catalog_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    return base_env(redis_server, catalog_file, tmp_path_factory.mktemp("worker-data"))
+
+
+@pytest.fixture(scope="session")
+def worker(
+    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+    docker_client: docker.DockerClient, images: dict[str, str],
+) -> Iterator[Worker]:
+    w = Worker(worker_env, tmp_path_factory.mktemp("worker-log") / "worker.log")
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_client(worker_env: dict[str, str]) -> Iterator[Any]:
+    """A Celery client of the test worker (a plain app, as a web platform would have)."""
+    from celery import Celery  # noqa: PLC0415
+
+    client = Celery(broker=worker_env["CELERY_BROKER_URL"],
+                    backend=worker_env["CELERY_RESULT_BACKEND"])
+    client.conf.update(task_serializer="json", result_serializer="json",
+                       accept_content=["json"])
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def clean_worker_state(
+    worker: Worker, redis_server: RedisServer, docker_client: docker.DockerClient
+) -> Iterator[None]:
+    """Before and after a worker test: no instance of this run left in Docker or Redis."""
+    _cleanup_docker(docker_client, TEST_LABEL)
+    redis.Redis.from_url(f"{redis_server.url}/2").flushdb()
+    yield
+    _cleanup_docker(docker_client, TEST_LABEL)
