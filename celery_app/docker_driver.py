@@ -70,7 +70,11 @@ def map_docker_errors(what: str) -> Iterator[None]:
             "running and DOCKER_HOST right?"
         ) from exc
     except docker.errors.DockerException as exc:
-        raise DockerUnavailable(f"{what}: {exc}") from exc
+        # The SDK raises this plain class when it cannot even ask the engine its version.
+        raise DockerUnavailable(
+            f"{what}: cannot reach the Docker engine ({exc}); is dockerd running and "
+            "DOCKER_HOST right?"
+        ) from exc
 
 
 @dataclass(frozen=True)

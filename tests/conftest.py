@@ -325,14 +325,14 @@ class Worker:
         env = {**os.environ, **self.env}
         schedule = Path(self.env["CTF_DATA_DIR"]) / "beat-schedule"
         Path(self.env["CTF_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-        log = self.logfile.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker", "-B",
-             "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO",
-             "-n", f"test-{RUN_ID}-{uuid.uuid4().hex[:4]}@%h", "-Q", "celery,ctf.host.local",
-             "-s", str(schedule)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
+        with self.logfile.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker",
+                 "-B", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO",
+                 "-n", f"test-{RUN_ID}-{uuid.uuid4().hex[:4]}@%h", "-Q", "celery,ctf.host.local",
+                 "-s", str(schedule)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )
         wait_for(lambda: b"ready." in self.logfile.read_bytes() or self.proc.poll() is not None,
                  60, 0.1, "the worker to be ready")
         assert self.proc.poll() is None, self.logfile.read_text()[-3000:]

@@ -1,0 +1,114 @@
+"""The Celery tasks through a real worker, as a web platform calls them (send_task by name)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from conftest import TEST_LABEL, Worker, wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.usefixtures("clean_worker_state")]
+
+START = "celery_app.tasks.start_container"
+STOP = "celery_app.tasks.stop_container"
+STATUS = "celery_app.tasks.get_container_status"
+
+
+def _containers(docker_client: Any, **labels: str) -> list[Any]:
+    filters = [f"{k}={v}" for k, v in {**TEST_LABEL, **labels}.items()]
+    return docker_client.containers.list(all=True, filters={"label": filters})
+
+
+def test_start_status_stop_through_the_worker(celery_client: Celery, docker_client: Any) -> None:
+    """start_container returns the running instance; status lists it; stop removes it."""
+    inst = celery_client.send_task(START, args=["web", "wteam"]).get(timeout=60)
+    assert inst["status"] == "running"
+    assert inst["container_name"] == "ctf-web-wteam"
+    assert inst["url"].startswith("http://localhost:")
+    status = celery_client.send_task(STATUS, kwargs={"team_id": "wteam"}).get(timeout=30)
+    assert [i["container_id"] for i in status["instances"]] == [inst["container_id"]]
+    stopped = celery_client.send_task(STOP, args=["web", "wteam"]).get(timeout=60)
+    assert stopped == {"team_id": "wteam", "challenge": "web", "status": "stopped"}
+    assert _containers(docker_client, **{"ctf.team": "wteam"}) == []
+
+
+def test_twenty_concurrent_task_starts_make_one_container(
+    celery_client: Celery, docker_client: Any
+) -> None:
+    """Twenty start tasks for one (challenge, team) sent at once end with one container."""
+    results = [celery_client.send_task(START, args=["web", "crowd"]) for _ in range(20)]
+    ids = {r.get(timeout=120)["container_id"] for r in results}
+    assert len(ids) == 1
+    assert len(_containers(docker_client, **{"ctf.team": "crowd"})) == 1
+
+
+@pytest.mark.parametrize("team", ["../x", "a b", "", "x" * 64, "--help", "tëam"])
+def test_invalid_team_id_fails_at_once_without_retry(
+    celery_client: Celery, docker_client: Any, worker: Worker, team: str
+) -> None:
+    """A bad team id fails the task at once with InvalidTeamId; nothing is created."""
+    result = celery_client.send_task(START, args=["web", team])
+    with pytest.raises(Exception, match="team id") as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "InvalidTeamId"
+    assert result.state == "FAILURE"
+    assert _containers(docker_client) == []
+    assert f"Retry in" not in worker.log().split(result.id, 1)[-1][:2000]
+
+
+def test_unknown_challenge_fails_at_once(celery_client: Celery, docker_client: Any) -> None:
+    """An unknown challenge fails the task with UnknownChallenge naming the known ones."""
+    result = celery_client.send_task(START, args=["no-such", "team1"])
+    with pytest.raises(Exception, match="not in the catalog") as info:
+        result.get(timeout=30)
+    assert type(info.value).__name__ == "UnknownChallenge"
+    assert _containers(docker_client) == []
+
+
+def test_worker_logs_team_challenge_container_outcome_duration(
+    celery_client: Celery, worker: Worker
+) -> None:
+    """Every task logs team, challenge, container, outcome and duration."""
+    celery_client.send_task(START, args=["web", "logteam"]).get(timeout=60)
+    line = wait_for(
+        lambda: next((ln for ln in worker.log().splitlines()
+                      if "task=start_container team=logteam" in ln), None),
+        10, message="the start log line",
+    )
+    assert "challenge=web container=ctf-web-logteam outcome=running duration_ms=" in line
+
+
+def test_transient_docker_failure_is_retried_then_succeeds(
+    worker_env: dict[str, str], tmp_path: Path, docker_client: Any, redis_server: Any
+) -> None:
+    """With Docker unreachable the start is retried with backoff, and succeeds once it is back."""
+    sock = tmp_path / "docker.sock"  # does not exist yet: the engine is "down"
+    env = {
+        **worker_env,
+        "CELERY_BROKER_URL": f"{redis_server.url}/3",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/4",
+        "CTF_REDIS_URL": f"{redis_server.url}/5",
+        "DOCKER_HOST": f"unix://{sock}",
+        "CTF_DATA_DIR": str(tmp_path / "data"),
+    }
+    w = Worker(env, tmp_path / "worker.log")
+    w.start()
+    client = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"])
+    try:
+        team = f"retry{uuid.uuid4().hex[:6]}"
+        result = client.send_task(START, args=["web", team])
+        wait_for(lambda: "Retry in" in w.log(), 30, message="a first retry")
+        assert "cannot reach the Docker engine" in w.log()
+        # The engine "comes back": the socket path now leads to the real engine.
+        os.symlink("/var/run/docker.sock", sock)
+        inst = result.get(timeout=90)
+        assert inst["status"] == "running"
+        assert _containers(docker_client, **{"ctf.team": team})
+    finally:
+        w.stop()
+        client.close()
