@@ -1,0 +1,361 @@
+"""Shared pieces of the benchmarks: a private Redis, the stand-in image, a real worker, cleanup.
+
+Everything a benchmark creates in Docker carries ``ctf.test=bench-<pid>`` and is removed in a
+``finally`` (the instancer puts the same label on its own containers and networks through
+``extra_labels`` / ``CTF_EXTRA_LABELS``). Team networks come from 10.215.0.0/16, away from the
+tests (10.214/16) and a real deployment (10.213/16) on the same engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import redis
+
+from celery_app.context import Context, build_context
+from celery_app.routing import queues_for
+from celery_app.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run the worker from another checkout (with PYTHONPATH pointing there too) to measure a change
+# to celery_app/ without touching this tree.
+SRC = Path(os.environ.get("CTF_BENCH_SRC", ROOT))
+RUN_ID = f"bench-{os.getpid()}"
+LABEL = {"ctf.test": RUN_ID}
+POOL = "10.215.0.0/16"
+BUSYBOX = Path("/bin/busybox")
+IMAGE_TAG = f"ctf-bench/http:{RUN_ID}"
+
+# Same stand-in as the tests: a FROM-scratch static busybox serving HTTP on 8080.
+HTTP_DOCKERFILE = """FROM scratch
+COPY busybox /bin/busybox
+COPY index.html /www/index.html
+EXPOSE 8080
+ENTRYPOINT ["/bin/busybox"]
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+"""
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``condition`` until truthy; raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    """Return the ``q`` quantile (0..1) of ``values``, nearest-rank."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def summary_ms(values: list[float]) -> dict[str, float]:
+    """Median, p90, min and max of durations in seconds, as milliseconds."""
+    return {
+        "n": len(values),
+        "median_ms": round(statistics.median(values) * 1000, 1),
+        "p90_ms": round(pct(values, 0.9) * 1000, 1),
+        "min_ms": round(min(values) * 1000, 1),
+        "max_ms": round(max(values) * 1000, 1),
+    }
+
+
+# -- Redis -------------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A private, non-persistent redis-server on a free port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if not exe:
+            sys.exit("redis-server is missing: run ./setup-celery.sh --dev")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+
+        def ping() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.exceptions.ConnectionError:
+                return False
+
+        wait_for(ping, 10, "redis-server to answer")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+# -- Docker ------------------------------------------------------------------------------------
+
+
+def build_image(client: docker.DockerClient) -> str:
+    """Build the labelled stand-in HTTP image; return its tag."""
+    if not BUSYBOX.exists():
+        sys.exit("/bin/busybox is missing: apt-get install busybox-static")
+    files = {"Dockerfile": HTTP_DOCKERFILE.encode(), "busybox": BUSYBOX.read_bytes(),
+             "index.html": b"hello from ctf bench\n"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o755
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=IMAGE_TAG, labels=LABEL, rm=True)
+    return IMAGE_TAG
+
+
+def cleanup_docker(client: docker.DockerClient, *, images: bool = True) -> dict[str, int]:
+    """Remove every container, network (and image) labelled with this run's label."""
+    flt = {"label": [f"{k}={v}" for k, v in LABEL.items()]}
+    counts = {"containers": 0, "networks": 0, "images": 0}
+
+    def remove(cid: str) -> int:
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            client.api.remove_container(cid, force=True, v=True)
+            return 1
+        return 0
+
+    found = [c["Id"] for c in client.api.containers(all=True, filters=flt)]
+    with ThreadPoolExecutor(8) as pool:  # hundreds of containers after the janitor bench
+        counts["containers"] = sum(pool.map(remove, found))
+    for n in client.api.networks(filters=flt):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            client.api.remove_network(n["Id"])
+            counts["networks"] += 1
+    if images:
+        for image in client.images.list(filters={"label": f"ctf.test={RUN_ID}"}):
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(image.id, force=True)
+                counts["images"] += 1
+    return counts
+
+
+# -- catalog, settings, environment ------------------------------------------------------------
+
+
+CATALOG = """challenges:
+  web:
+    name: Bench web challenge
+    image: {image}
+    port: 8080
+    protocol: http
+    health_path: /
+    ttl: {ttl}
+    max_lifetime: {max_lifetime}
+    memory: 64m
+    cpus: 0.5
+    pids: 64
+    start_timeout: 30
+  keep:
+    name: Bench keeper (holds the team network)
+    image: {image}
+    port: 8080
+    ttl: {ttl}
+    max_lifetime: {max_lifetime}
+    memory: 64m
+    cpus: 0.5
+    pids: 64
+    start_timeout: 30
+{extra}"""
+
+
+@dataclass
+class Bench:
+    """One benchmark run's private Redis, image, catalog and data folder."""
+
+    workdir: Path
+    redis: RedisServer
+    docker: docker.DockerClient
+    image: str
+    catalog_file: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Settings for an in-process service of this run (overrides win)."""
+        fields: dict[str, Any] = {
+            "broker_url": f"{self.redis.url}/0",
+            "result_backend": f"{self.redis.url}/1",
+            "redis_url": f"{self.redis.url}/2",
+            "challenges_file": self.catalog_file,
+            "data_dir": self.data_dir,
+            "extra_labels": LABEL,
+            "team_subnet_pool": POOL,
+            "rate_limit_count": 1_000_000,
+            "orphan_grace": 30.0,
+        }
+        fields.update(overrides)
+        return load_settings(**fields)
+
+    def context(self, **overrides: Any) -> Context:
+        """A worker-like context (service, janitor, driver, store) in this process."""
+        return build_context(self.settings(**overrides))
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a worker of this run."""
+        return {
+            "CELERY_BROKER_URL": f"{self.redis.url}/0",
+            "CELERY_RESULT_BACKEND": f"{self.redis.url}/1",
+            "CTF_REDIS_URL": f"{self.redis.url}/2",
+            "CTF_CHALLENGES_FILE": str(self.catalog_file),
+            "CTF_DATA_DIR": str(self.data_dir),
+            "CTF_EXTRA_LABELS": json.dumps(LABEL),
+            "CTF_TEAM_SUBNET_POOL": POOL,
+            "CTF_RATE_LIMIT_COUNT": "1000000",
+            "CTF_ADMIN_TOKEN": "bench-admin-token",
+            **extra,
+        }
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def bench_run(
+    ttl: int = 600, max_lifetime: int = 1800, extra_catalog: str = ""
+) -> Iterator[Bench]:
+    """Start a private Redis, build the image and write the catalog; remove it all after.
+
+    ``extra_catalog`` is appended to the catalog's challenges; ``{image}`` in it becomes the
+    stand-in image.
+
+    SIGTERM is turned into ``KeyboardInterrupt`` so the cleanup runs on it too.
+    """
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    client = docker.from_env(timeout=120)
+    client.ping()
+    workdir = Path(tempfile.mkdtemp(prefix=f"ctf-{RUN_ID}-"))
+    server = RedisServer(workdir)
+    try:
+        server.start()
+        image = build_image(client)
+        catalog = workdir / "challenges.yaml"
+        catalog.write_text(CATALOG.format(image=image, ttl=ttl, max_lifetime=max_lifetime,
+                                          extra=extra_catalog.replace("{image}", image)))
+        (workdir / "data").mkdir()
+        yield Bench(workdir, server, client, image, catalog)
+    finally:
+        removed = cleanup_docker(client)
+        print(f"# cleanup {RUN_ID}: removed {removed}", file=sys.stderr)
+        server.stop()
+        client.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- a real worker -----------------------------------------------------------------------------
+
+
+class Worker:
+    """A real ``celery worker -B --pool threads`` subprocess, as run-celery-worker.sh runs it."""
+
+    def __init__(self, bench: Bench, concurrency: int = 8, **env: str) -> None:
+        self.env = {**os.environ, **bench.env(**env)}
+        self.logfile = bench.workdir / "worker.log"
+        self.schedule = bench.data_dir / "beat-schedule"
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.logfile.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker", "-B",
+             "--pool", "threads", "--concurrency", str(self.concurrency), "--loglevel", "INFO",
+             "-n", f"{RUN_ID}@%h", "-Q", ",".join(queues_for("local")), "-s",
+             str(self.schedule)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=SRC,
+        )
+        log.close()
+        proc = self.proc
+        wait_for(lambda: b"ready." in self.logfile.read_bytes() or proc.poll() is not None,
+                 60, "the worker to be ready")
+        if proc.poll() is not None:
+            raise RuntimeError("worker exited:\n" + self.log()[-3000:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+
+def celery_client(bench: Bench) -> Any:
+    """A plain Celery client of the bench worker, as a web platform would have."""
+    from celery import Celery  # noqa: PLC0415  # only the worker benchmark needs it
+
+    client = Celery(broker=f"{bench.redis.url}/0", backend=f"{bench.redis.url}/1")
+    client.conf.update(task_serializer="json", result_serializer="json",
+                       accept_content=["json"])
+    return client
+
+
+def machine() -> str:
+    """One line about this machine for the results."""
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}"

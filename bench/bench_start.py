@@ -1,0 +1,185 @@
+"""Issue 2: ``start_container`` through Celery vs a raw Docker SDK start, same image, interleaved.
+
+A  ``send_task("celery_app.tasks.start_container", ["web", team]).get()``: task submitted →
+   instance running, through a real ``celery worker -B --pool threads`` subprocess.
+B  ``docker.containers.run(...)`` with the same network, port publishing and limits, then
+   ``reload()`` for the address and port, then the same readiness probe the service uses
+   (:func:`celery_app.readiness.wait_ready` against the container's IP, as
+   ``InstanceService._probe_target`` does on a local engine).
+C  (``--breakdown``) ``InstanceService.start`` in this process: the instancer without Celery,
+   to split A - B into "Celery" and "service" parts.
+
+The team's network already exists: challenge ``keep`` of the team stays up for the whole run,
+so the measured start of ``web`` never creates or removes it. Every instance is stopped
+(``stop_container`` task) and every raw container removed between iterations, untimed.
+The order alternates (A B, B A, …) so neither side always runs on a warmer engine.
+
+Usage: .venv/bin/python bench/bench_start.py [-n 20] [--warmup 2] [--breakdown] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from _common import LABEL, Bench, Worker, bench_run, celery_client, machine, summary_ms
+
+from celery_app.naming import network_name
+from celery_app.readiness import wait_ready
+
+TEAM = "benchteam"
+CHALLENGE = "web"
+TASK_TIMEOUT = 60
+
+
+def start_via_celery(client: Any) -> float:
+    """A: submit start_container and wait for the running instance; return seconds."""
+    began = time.perf_counter()
+    inst = client.send_task("celery_app.tasks.start_container",
+                            args=[CHALLENGE, TEAM]).get(timeout=TASK_TIMEOUT)
+    elapsed = time.perf_counter() - began
+    if inst.get("status") != "running":
+        raise RuntimeError(f"start_container returned {inst}")
+    return elapsed
+
+
+def stop_via_celery(client: Any) -> None:
+    client.send_task("celery_app.tasks.stop_container",
+                     args=[CHALLENGE, TEAM]).get(timeout=TASK_TIMEOUT)
+
+
+def start_raw(bench: Bench, index: int) -> tuple[float, str]:
+    """B: containers.run + reload + the service's readiness probe; return (seconds, id)."""
+    client = bench.docker
+    began = time.perf_counter()
+    container = client.containers.run(
+        bench.image, detach=True, name=f"ctf-bench-raw-{index}-{LABEL['ctf.test']}",
+        network=network_name(TEAM), ports={"8080/tcp": ("127.0.0.1", None)},
+        labels=LABEL, hostname=CHALLENGE,
+        # the limits the service puts on every instance (catalog: 64m, 0.5 cpu, 64 pids)
+        cap_drop=["ALL"], security_opt=["no-new-privileges:true"],
+        mem_limit=64 * 1024**2, memswap_limit=64 * 1024**2, nano_cpus=500_000_000,
+        pids_limit=64,
+    )
+    container.reload()
+    nets = container.attrs["NetworkSettings"]["Networks"]
+    ip = next(n["IPAddress"] for n in nets.values() if n.get("IPAddress"))
+    port = container.ports["8080/tcp"][0]["HostPort"]  # what the service records
+
+    def alive() -> bool:
+        container.reload()
+        return container.status in ("running", "created", "restarting")
+
+    ok = wait_ready(ip, 8080, "http", "/", 30, still_alive=alive)
+    elapsed = time.perf_counter() - began
+    if not ok or not port:
+        raise RuntimeError(f"raw container {container.name} never answered")
+    return elapsed, container.id
+
+
+def start_in_process(svc: Any) -> float:
+    """C: the service without Celery."""
+    began = time.perf_counter()
+    inst = svc.start(CHALLENGE, TEAM)
+    elapsed = time.perf_counter() - began
+    if inst.status != "running":
+        raise RuntimeError(f"in-process start returned {inst}")
+    return elapsed
+
+
+def worker_durations(log: str) -> list[float]:
+    """The ``duration_ms`` the worker logged for each successful start of the measured team."""
+    pattern = re.compile(
+        rf"task=start_container team={TEAM} challenge={CHALLENGE} .*outcome=running "
+        r"duration_ms=(\d+)"
+    )
+    return [int(m.group(1)) / 1000 for m in pattern.finditer(log)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=20, help="measured starts of each kind")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time InstanceService.start in-process (C)")
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    args = parser.parse_args()
+
+    with bench_run() as bench:
+        worker = Worker(bench)
+        worker.start()
+        client = celery_client(bench)
+        ctx = bench.context() if args.breakdown else None
+        samples: dict[str, list[float]] = {"celery": [], "raw": [], "inprocess": []}
+        raw_ids: list[str] = []
+        try:
+            # The team network exists for the whole run: another challenge of the team stays up.
+            client.send_task("celery_app.tasks.start_container",
+                             args=["keep", TEAM]).get(timeout=TASK_TIMEOUT)
+            kinds = ["celery", "raw"] + (["inprocess"] if ctx else [])
+            for rnd in range(args.warmup + args.n):
+                order = kinds if rnd % 2 == 0 else list(reversed(kinds))
+                for kind in order:
+                    if kind == "celery":
+                        took = start_via_celery(client)
+                        stop_via_celery(client)
+                    elif kind == "raw":
+                        took, cid = start_raw(bench, rnd)
+                        raw_ids.append(cid)
+                        bench.docker.api.remove_container(cid, force=True, v=True)
+                        raw_ids.remove(cid)
+                    else:
+                        assert ctx is not None
+                        took = start_in_process(ctx.service)
+                        ctx.service.stop(CHALLENGE, TEAM)
+                    if rnd >= args.warmup:
+                        samples[kind].append(took)
+                print(f"round {rnd + 1}/{args.warmup + args.n}: "
+                      + " ".join(f"{k}={samples[k][-1] * 1000:.0f}ms"
+                                 for k in kinds if rnd >= args.warmup),
+                      file=sys.stderr)
+            client.send_task("celery_app.tasks.stop_container",
+                             args=["keep", TEAM]).get(timeout=TASK_TIMEOUT)
+        finally:
+            for cid in raw_ids:
+                bench.docker.api.remove_container(cid, force=True, v=True)
+            if ctx is not None:
+                ctx.driver.close()
+            client.close()
+            worker.stop()
+            log = worker.log()
+
+    in_worker = worker_durations(log)[args.warmup:]
+    result: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "n": args.n,
+        "celery": summary_ms(samples["celery"]),
+        "raw": summary_ms(samples["raw"]),
+        "median_ratio": round(statistics.median(samples["celery"])
+                              / statistics.median(samples["raw"]), 3),
+        "target_ratio": 1.10,
+    }
+    if in_worker:
+        result["celery_task_body"] = summary_ms(in_worker)
+    if samples["inprocess"]:
+        result["inprocess"] = summary_ms(samples["inprocess"])
+        result["inprocess_ratio"] = round(statistics.median(samples["inprocess"])
+                                          / statistics.median(samples["raw"]), 3)
+    result["samples_ms"] = {k: [round(v * 1000, 1) for v in vals]
+                            for k, vals in samples.items() if vals}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
