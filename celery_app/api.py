@@ -1,0 +1,505 @@
+"""The HTTP API of SPEC §6 (FastAPI), built by :func:`create_app`.
+
+The API needs no Docker: it validates requests, reads instance state from Redis and sends
+start/stop/extend to the workers through Celery, so it may run on another machine. Every
+error, including the framework's own (validation, unknown route, wrong method, oversized
+body), answers ``{"error": code, "detail": text}``; the only 5xx is 503.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from contextlib import asynccontextmanager
+from pathlib import Path as FsPath
+from typing import Annotated, Any
+
+import kombu.exceptions
+import redis.exceptions
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from celery_app.auth import Principal, principal_for, team_token
+from celery_app.client import Dispatcher, TaskView
+from celery_app.docker_driver import DockerDriver
+from celery_app.errors import (
+    BackendUnavailable,
+    CTFError,
+    InvalidRequest,
+    InvalidTeamId,
+    TaskNotFound,
+)
+from celery_app.metrics import ApiMetrics
+from celery_app.models import Status
+from celery_app.naming import TEAM_ID_RE
+from celery_app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = FsPath(__file__).resolve().parent / "static"
+MAX_BODY = 64 * 1024
+EXTEND_WAIT = 10.0
+HEALTH_TTL = 2.0
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ErrorBody(BaseModel):
+    """Every error: a code from SPEC §6 and what happened / what to do."""
+
+    error: str
+    detail: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422, 429, 503)
+}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def _error(
+    status: int, code: str, detail: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def _error_bytes(status: int, code: str, detail: str) -> tuple[int, bytes]:
+    return status, json.dumps({"error": code, "detail": detail}).encode()
+
+
+# -- middleware -------------------------------------------------------------------------------
+
+
+class GuardMiddleware:
+    """Bounds request bodies, turns any escaped exception into a 503, and counts requests.
+
+    Our routes take no body. A body is still tolerated when it is JSON (some clients always
+    send ``{}``), but one that is larger than ``max_body`` or is not JSON is refused before
+    any route runs, so a garbled request can never start anything.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics, max_body: int = MAX_BODY) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI call."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        status_seen = [0]
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_seen[0] = int(message["status"])
+            await send(message)
+
+        try:
+            refusal, replay = await self._read_body(scope, receive)
+            if refusal is not None:
+                await self._answer(send_counted, *refusal)
+                return
+            await self.app(scope, replay, send_counted)
+        except Exception:
+            # Whatever escaped the exception handlers: log it, and never answer 500.
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if status_seen[0] == 0:
+                await self._answer(send_counted, *_error_bytes(
+                    503, "backend_unavailable",
+                    "the service hit an unexpected error; try again, and tell the organisers "
+                    "if it persists"))
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(scope.get("method", ""), template,
+                                         str(status_seen[0])).inc()
+            self.metrics.latency.labels(template).observe(time.perf_counter() - began)
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[tuple[int, bytes] | None, Receive]:
+        """Read the whole body (bounded) and return a refusal or a receive that replays it."""
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return _error_bytes(422, "invalid_request", "Content-Length is not a number"), \
+                    receive
+            if declared > self.max_body:
+                return _error_bytes(413, "payload_too_large",
+                                    f"request bodies are limited to {self.max_body} bytes; "
+                                    "these routes take no body"), receive
+        if length is None and b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return None, receive
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return _error_bytes(413, "payload_too_large",
+                                    f"request bodies are limited to {self.max_body} bytes"), \
+                    receive
+            chunks.append(chunk)
+            more = bool(message.get("more_body", False))
+        body = b"".join(chunks)
+        if body.strip():
+            try:
+                json.loads(body)
+            except ValueError:
+                return _error_bytes(422, "invalid_request",
+                                    "the request body is not JSON; these routes take no body "
+                                    "(send none)"), receive
+        replayed = [False]
+
+        async def replay() -> Message:
+            if not replayed[0]:
+                replayed[0] = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return None, replay
+
+    @staticmethod
+    async def _answer(send: Send, status: int, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# -- health -----------------------------------------------------------------------------------
+
+
+class Health:
+    """Redis, Docker and live workers, cached for a couple of seconds.
+
+    Asking the workers costs a broadcast and half a second of waiting for replies, so a busy
+    load balancer hitting ``/healthz`` must not trigger one per request.
+    """
+
+    def __init__(self, settings: Settings, dispatcher: Dispatcher, ttl: float = HEALTH_TTL) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._cached: tuple[dict[str, Any], bool] = ({}, False)
+        self._driver: DockerDriver | None = None
+        if settings.hosts_file is None and (
+            settings.docker_host or FsPath("/var/run/docker.sock").exists()
+        ):
+            self._driver = DockerDriver(settings.docker_host, timeout=2)
+
+    def _workers(self) -> int:
+        try:
+            replies = self.dispatcher.celery.control.ping(timeout=0.5)
+        except Exception as exc:  # noqa: BLE001  # any broker failure means: no worker seen
+            log.warning("healthz: cannot ping workers: %s", exc)
+            return 0
+        return len(replies or [])
+
+    def snapshot(self) -> tuple[dict[str, Any], bool]:
+        """Return ``({"redis", "docker", "workers"}, usable)``."""
+        with self._lock:
+            if time.monotonic() - self._at < self.ttl:
+                return self._cached
+            redis_ok = self.dispatcher.store.ping()
+            workers = self._workers() if redis_ok else 0
+            docker: bool | str = self._driver.ping() if self._driver is not None else "n/a"
+            body = {"redis": redis_ok, "docker": docker, "workers": workers}
+            self._cached = (body, redis_ok and workers > 0 and docker is not False)
+            self._at = time.monotonic()
+            return self._cached
+
+    def close(self) -> None:
+        """Close the Docker client."""
+        if self._driver is not None:
+            self._driver.close()
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+
+TeamId = Annotated[str, Path(
+    pattern=TEAM_ID_RE.pattern, description="1-63 letters, digits, '_' or '-'",
+)]
+ChallengeId = Annotated[str, Path(max_length=200, description="a catalog id")]
+Wait = Annotated[float | None, Query(
+    gt=0, le=300, description="wait up to this many seconds for the task to finish",
+)]
+
+
+_bearer = HTTPBearer(auto_error=False, description="the admin token or a team token")
+
+
+def _who(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> Principal:
+    """Return who the request's bearer token belongs to (401 when nobody)."""
+    return principal_for(request.app.state.admin_token, creds.credentials if creds else None)
+
+
+Who = Annotated[Principal, Depends(_who)]
+
+
+def _validation_error(exc: RequestValidationError) -> CTFError:
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc[:1] == ["path"] and loc[-1:] == ["team_id"]:
+            return InvalidTeamId(
+                "the team id is invalid: use 1 to 63 characters, letters, digits, '_' or '-', "
+                "starting with a letter or digit"
+            )
+        problems.append(f"{' '.join(loc)}: {err.get('msg', 'invalid')}")
+    return InvalidRequest("; ".join(problems)[:500] or "the request is invalid")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def ctf_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, CTFError)
+        return _error(exc.status, exc.code, exc.detail)
+
+    async def validation_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        err = _validation_error(exc)
+        return _error(err.status, err.code, err.detail)
+
+    async def http_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "invalid_request")
+        status = exc.status_code if exc.status_code < 500 else 503
+        detail = {
+            404: "no such route; see /openapi.json for the API",
+            405: "this route does not take that method; see /openapi.json",
+        }.get(exc.status_code, str(exc.detail))
+        return _error(status, code, detail, headers=exc.headers)
+
+    async def backend_error(_request: Request, exc: Exception) -> Response:
+        log.warning("backend unavailable: %s: %s", type(exc).__name__, exc)
+        err = BackendUnavailable(
+            "Redis (the state store, broker or result backend) cannot be reached; "
+            "try again shortly"
+        )
+        return _error(err.status, err.code, err.detail)
+
+    app.add_exception_handler(CTFError, ctf_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    for cls in (redis.exceptions.RedisError, kombu.exceptions.OperationalError,
+                ConnectionError, TimeoutError):
+        app.add_exception_handler(cls, backend_error)
+
+
+def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> FastAPI:
+    """Build the API for ``settings``.
+
+    Args:
+        settings: the service settings (``load_settings()``: the admin token must be set).
+        dispatcher: how to reach Redis and the workers (built from the settings when
+            ``None``); it is closed when the app shuts down.
+
+    Returns:
+        The FastAPI application; the dashboard is served at ``/`` when
+        ``celery_app/static/`` exists.
+
+    Raises:
+        CatalogError: the catalog file has a mistake.
+
+    """
+    disp = dispatcher or Dispatcher(settings)
+    metrics = ApiMetrics(disp.store, disp.catalog)
+    health = Health(settings, disp)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        health.close()
+        disp.close()
+
+    app = FastAPI(
+        title="CTF instancer",
+        version="1",
+        description="Per-team CTF challenge instances on demand (SPEC §6).",
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    app.state.admin_token = settings.admin_token_value()
+    app.state.dispatcher = disp
+    app.state.metrics = metrics
+    _install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, metrics=metrics)
+    _instance_routes(app, disp, metrics)
+    _admin_routes(app, disp)
+    _operations_routes(app, health, metrics)
+    if STATIC_DIR.is_dir():
+        # Mounted last: every route above wins over a static file of the same path.
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="dashboard")
+    return app
+
+
+def _failed(metrics: ApiMetrics, task: str, view: TaskView) -> CTFError:
+    """Count a task's failure and return its error, to be raised."""
+    assert view.error is not None
+    metrics.task_failures.labels(task, view.error.code).inc()
+    return view.error
+
+
+def _instance_routes(app: FastAPI, disp: Dispatcher, metrics: ApiMetrics) -> None:
+    """Register the routes of one team's instances (admin or that team)."""
+
+    @app.put("/api/v1/teams/{team_id}/instances/{challenge}", status_code=202,
+             responses={**_ERRORS, 200: {"description": "the running instance (with ?wait)"}},
+             tags=["instances"])
+    def start_instance(
+        team_id: TeamId, challenge: ChallengeId, who: Who, wait: Wait = None
+    ) -> JSONResponse:
+        """Start the team's instance (idempotent): 202 with the task id and the instance so far.
+
+        With ``?wait=N``: 200 with the running instance once it runs, the task's error when
+        it failed, or 202 when it is not done within N seconds.
+        """
+        who.require_team(team_id)
+        began = time.monotonic()
+        task_id, so_far = disp.start(challenge, team_id, who.team_id)
+        metrics.tasks_sent.labels("start_container", challenge).inc()
+        if wait is None:
+            return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
+        view = disp.wait(task_id, wait)
+        if view.error is not None:
+            raise _failed(metrics, "start_container", view)
+        if not view.ready:
+            record = disp.store.get(challenge, team_id)
+            current = record.public() if record else so_far
+            return JSONResponse({"task_id": task_id, **current}, status_code=202)
+        metrics.start_duration.labels(challenge).observe(time.monotonic() - began)
+        return JSONResponse(view.result, status_code=200)
+
+    @app.get("/api/v1/teams/{team_id}/instances", responses=_ERRORS, tags=["instances"])
+    def list_team_instances(team_id: TeamId, who: Who) -> dict[str, Any]:
+        """Return the team's instances, from the Redis index: ``{"instances": [...]}``."""
+        who.require_team(team_id)
+        return {"instances": [i.public() for i in disp.store.list(team_id=team_id)]}
+
+    @app.get("/api/v1/teams/{team_id}/instances/{challenge}", responses=_ERRORS,
+             tags=["instances"])
+    def get_instance(team_id: TeamId, challenge: ChallengeId, who: Who) -> dict[str, Any]:
+        """Return the team's instance of a challenge, or 404 ``instance_not_found``."""
+        who.require_team(team_id)
+        return disp.instance(challenge, team_id).public()
+
+    @app.delete("/api/v1/teams/{team_id}/instances/{challenge}", status_code=202,
+                responses={**_ERRORS, 200: {"description": "stopped (with ?wait)"}},
+                tags=["instances"])
+    def stop_instance(
+        team_id: TeamId, challenge: ChallengeId, who: Who, wait: Wait = None
+    ) -> JSONResponse:
+        """Stop and remove the instance: 202, or 200 with ``?wait=N``; 404 when there is none."""
+        who.require_team(team_id)
+        task_id, so_far = disp.stop(challenge, team_id, who.team_id)
+        metrics.tasks_sent.labels("stop_container", challenge).inc()
+        if wait is None:
+            return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
+        view = disp.wait(task_id, wait)
+        if view.error is not None:
+            raise _failed(metrics, "stop_container", view)
+        if not view.ready:
+            return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
+        return JSONResponse(view.result, status_code=200)
+
+    @app.post("/api/v1/teams/{team_id}/instances/{challenge}/extend", responses=_ERRORS,
+              tags=["instances"])
+    def extend_instance(team_id: TeamId, challenge: ChallengeId, who: Who) -> JSONResponse:
+        """Push ``expires_at`` out by the challenge's ttl, up to its maximum lifetime."""
+        who.require_team(team_id)
+        task_id = disp.extend(challenge, team_id, who.team_id)
+        metrics.tasks_sent.labels("extend_container", challenge).inc()
+        view = disp.wait(task_id, EXTEND_WAIT)
+        if view.error is not None:
+            raise _failed(metrics, "extend_container", view)
+        if not view.ready:
+            return JSONResponse({"task_id": task_id, "state": view.state}, status_code=202)
+        return JSONResponse(view.result, status_code=200)
+
+
+def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
+    """Register the catalog, token, all-instances and task routes."""
+
+    @app.get("/api/v1/challenges", responses=_ERRORS, tags=["challenges"])
+    def list_challenges(_who: Who) -> dict[str, Any]:
+        """Return the catalog: id, name, protocol, ttl and maximum lifetime of each challenge."""
+        return {"challenges": [ch.public_view() for ch in disp.catalog]}
+
+    @app.get("/api/v1/teams/{team_id}/token", responses=_ERRORS, tags=["admin"])
+    def issue_team_token(team_id: TeamId, who: Who, request: Request) -> dict[str, str]:
+        """Issue the team's token (admin only); it acts on that team's routes only."""
+        who.require_admin()
+        return {"team_id": team_id, "token": team_token(request.app.state.admin_token, team_id)}
+
+    @app.get("/api/v1/instances", responses=_ERRORS, tags=["admin"])
+    def list_instances(
+        who: Who,
+        challenge: Annotated[str | None, Query(max_length=200)] = None,
+        status: Annotated[Status | None, Query()] = None,
+    ) -> dict[str, Any]:
+        """Return every instance (admin only), filtered by ``?challenge=`` and ``?status=``."""
+        who.require_admin()
+        if challenge is not None:
+            disp.catalog.get(challenge)
+        found = disp.store.list(challenge=challenge)
+        return {"instances": [i.public() for i in found if status in (None, i.status)]}
+
+    @app.get("/api/v1/tasks/{task_id}", responses=_ERRORS, tags=["tasks"])
+    def get_task(
+        task_id: Annotated[str, Path(max_length=200)], who: Who
+    ) -> dict[str, Any]:
+        """Return the task's state, ``progress`` while it runs, then ``result`` or ``error``."""
+        owner = disp.owner_of(task_id)
+        if owner is None and not (who.is_admin and disp.exists(task_id)):
+            raise TaskNotFound(f"no task {task_id[:80]!r} is known; tasks are kept one day")
+        if owner is not None and not who.is_admin and owner != who.team_id:
+            who.require_admin()
+        return disp.view(task_id).public()
+
+
+def _operations_routes(app: FastAPI, health: Health, metrics: ApiMetrics) -> None:
+    """Register ``/healthz`` and ``/metrics`` (no token: load balancers and Prometheus)."""
+
+    @app.get("/healthz", tags=["operations"],
+             responses={503: {"description": "Redis down or no worker answers"}})
+    def healthz() -> JSONResponse:
+        """Report Redis, Docker (``"n/a"`` when the API has no engine) and live workers."""
+        body, usable = health.snapshot()
+        return JSONResponse(body, status_code=200 if usable else 503)
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Expose instances, requests, tasks and start durations in Prometheus text format."""
+        data, content_type = metrics.render()
+        return Response(content=data, media_type=content_type)
+
+
+__all__ = ["create_app"]

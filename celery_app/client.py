@@ -1,0 +1,332 @@
+"""How the API and the CLI talk to the workers: Celery ``send_task`` and Redis reads.
+
+Neither the API nor the CLI needs Docker: they may run on another machine than the workers.
+They validate input, read instance state from Redis (:class:`~celery_app.state.StateStore`),
+send tasks by name, and read task state and results from the result backend. A task that
+failed comes back as the :mod:`celery_app.errors` class it raised, rebuilt by class name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery import Celery
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from celery_app import errors
+from celery_app.catalog import Catalog, Challenge, load_catalog
+from celery_app.errors import CTFError, InstanceNotFound
+from celery_app.models import Instance
+from celery_app.naming import check_team_id
+from celery_app.routing import DEFAULT_QUEUE, host_queue
+from celery_app.settings import Settings
+from celery_app.state import StateStore, map_redis_errors
+
+TASK_PREFIX = "celery_app.tasks."
+# Who sent a task: kept as long as Celery keeps results (celery_config.result_expires).
+TASK_OWNER_TTL = 86400
+ADMIN_OWNER = "*admin*"
+# Celery states in which a task has finished.
+READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+class TaskFailed(CTFError):  # noqa: N818  # named like its peers in errors.py
+    """Raised when a task failed with an error that is not one of ours (a bug or a crash)."""
+
+    code = "task_failed"
+    status = 503
+
+
+@dataclass
+class TaskView:
+    """What is known about one task: its Celery state, progress, result or error."""
+
+    task_id: str
+    state: str
+    result: Any = None
+    error: CTFError | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the task has finished (succeeded or failed)."""
+        return self.state in READY_STATES
+
+    def public(self) -> dict[str, Any]:
+        """Return ``{"task_id", "state", "result" or "error", "progress"?}`` for the API."""
+        data: dict[str, Any] = {"task_id": self.task_id, "state": self.state}
+        if self.progress:
+            data["progress"] = self.progress
+        if self.error is not None:
+            data["error"] = self.error.to_dict()
+        elif self.state == "SUCCESS":
+            data["result"] = self.result
+        return data
+
+
+def rebuild_error(exc: object) -> CTFError:
+    """Turn what a failed task left in the result backend into one of our errors.
+
+    Celery's JSON backend carries an exception as its class name and arguments; the client
+    usually rebuilds the class itself, but when it cannot (another version, a module it may
+    not import) it hands back a stand-in class of the same name, or the raw dict.
+
+    Args:
+        exc: the task's ``result`` in state ``FAILURE``.
+
+    Returns:
+        The matching :class:`CTFError`, or :class:`TaskFailed` for anything else.
+
+    """
+    if isinstance(exc, CTFError):
+        return exc
+    if isinstance(exc, dict):
+        name = str(exc.get("exc_type", "Exception"))
+        raw = exc.get("exc_message")
+        args = list(raw) if isinstance(raw, list | tuple) else [raw]
+    else:
+        name = type(exc).__name__
+        args = list(getattr(exc, "args", ()) or [str(exc)])
+    message = str(args[0]) if args else name
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, CTFError):
+        return cls(message)
+    return TaskFailed(f"the task failed unexpectedly ({name}: {message[:300]}); see the worker log")
+
+
+def make_celery(settings: Settings) -> Celery:
+    """Build a Celery client (not a worker) for ``settings``' broker and result backend.
+
+    Failures to reach the broker or the backend surface within a few seconds instead of the
+    default minute of retries, so the API can answer 503 while the client is still there.
+    """
+    app = Celery(
+        "ctf_instancer_client", broker=settings.broker_url, backend=settings.result_backend,
+        set_as_current=False,
+    )
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_extended=True,
+        broker_connection_retry_on_startup=False,
+        broker_connection_timeout=3,
+        broker_connection_max_retries=1,
+        task_publish_retry_policy={
+            "max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5,
+        },
+        redis_socket_connect_timeout=2,
+        redis_socket_timeout=5,
+        result_backend_transport_options={
+            "retry_policy": {
+                "max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                "interval_max": 0.5, "timeout": 2.0,
+            },
+        },
+    )
+    return app
+
+
+def make_store(settings: Settings) -> StateStore:
+    """Connect to the state Redis with short timeouts and few retries (for request paths)."""
+    client = redis.Redis.from_url(
+        settings.state_redis_url, decode_responses=True, socket_timeout=5,
+        socket_connect_timeout=2, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+    )
+    return StateStore(client)
+
+
+class Dispatcher:
+    """Validates requests, sends tasks to the workers and reads their outcome.
+
+    Args:
+        settings: the service settings.
+        catalog: the challenges (loaded from the settings when ``None``).
+        store: the Redis state store (connected from the settings when ``None``).
+        celery: a Celery client (built from the settings when ``None``).
+
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog | None = None,
+        store: StateStore | None = None,
+        celery: Celery | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog or load_catalog(settings)
+        self.store = store or make_store(settings)
+        self.celery = celery or make_celery(settings)
+
+    def close(self) -> None:
+        """Release the broker, backend and Redis connections."""
+        self.celery.close()
+        self.store.redis.close()
+
+    # -- validation and reads ---------------------------------------------------------------
+
+    def validate(self, challenge: str, team_id: str) -> Challenge:
+        """Refuse a bad team id or an unknown challenge before anything is sent.
+
+        Raises:
+            InvalidTeamId: the team id does not match the SPEC's rule.
+            UnknownChallenge: the catalog has no such challenge.
+
+        """
+        check_team_id(team_id)
+        return self.catalog.get(challenge)
+
+    def instance(self, challenge: str, team_id: str) -> Instance:
+        """Return the recorded instance.
+
+        Raises:
+            InstanceNotFound: there is none.
+
+        """
+        self.validate(challenge, team_id)
+        inst = self.store.get(challenge, team_id)
+        if inst is None:
+            raise InstanceNotFound(
+                f"team {team_id} has no instance of {challenge}; start one with PUT first"
+            )
+        return inst
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def send(self, task: str, args: list[Any], owner: str | None, queue: str) -> str:
+        """Send ``celery_app.tasks.<task>`` and remember who sent it.
+
+        Args:
+            task: the task's short name, e.g. ``start_container``.
+            args: its positional arguments.
+            owner: the team that asked, or ``None`` for the admin.
+            queue: the queue to send it to.
+
+        Returns:
+            The task id.
+
+        """
+        task_id = str(uuid.uuid4())
+        # Recorded first, so a client polling the id right after cannot see a 404.
+        with map_redis_errors("record task owner"):
+            self.store.redis.set(f"ctf:task:{task_id}", json.dumps(
+                {"owner": owner or ADMIN_OWNER, "task": task}), ex=TASK_OWNER_TTL)
+        self.celery.send_task(TASK_PREFIX + task, args=args, task_id=task_id, queue=queue)
+        return task_id
+
+    def queue_for(self, record: Instance | None) -> str:
+        """Return the queue of the worker that owns ``record``'s Docker host.
+
+        An existing instance's tasks go to its host's worker (SPEC §10); a new one goes to the
+        default queue, which every worker consumes.
+        """
+        return host_queue(record.host) if record is not None else DEFAULT_QUEUE
+
+    def start(self, challenge: str, team_id: str, owner: str | None) -> tuple[str, dict[str, Any]]:
+        """Send a start; return the task id and the instance so far."""
+        self.validate(challenge, team_id)
+        record = self.store.get(challenge, team_id)
+        task_id = self.send("start_container", [challenge, team_id], owner,
+                            self.queue_for(record))
+        if record is not None and record.status != "failed":
+            so_far = record.public()
+        else:
+            so_far = {"team_id": team_id, "challenge": challenge, "status": "starting"}
+        return task_id, so_far
+
+    def stop(self, challenge: str, team_id: str, owner: str | None) -> tuple[str, dict[str, Any]]:
+        """Send a stop of an existing instance; return the task id and the instance so far.
+
+        Raises:
+            InstanceNotFound: Redis has no record of it (nothing is sent).
+
+        """
+        record = self.instance(challenge, team_id)
+        task_id = self.send("stop_container", [challenge, team_id], owner,
+                            self.queue_for(record))
+        return task_id, {**record.public(), "status": "stopping"}
+
+    def extend(self, challenge: str, team_id: str, owner: str | None) -> str:
+        """Send an extend of an existing instance; return the task id.
+
+        Raises:
+            InstanceNotFound: Redis has no record of it (nothing is sent).
+
+        """
+        record = self.instance(challenge, team_id)
+        return self.send("extend_container", [challenge, team_id], owner, self.queue_for(record))
+
+    def owner_of(self, task_id: str) -> str | None:
+        """Return who sent a task through us (a team id or ``ADMIN_OWNER``), or ``None``."""
+        with map_redis_errors("read task owner"):
+            raw = self.store.redis.get(f"ctf:task:{task_id}")
+        if not raw:
+            return None
+        return str(json.loads(raw).get("owner", ADMIN_OWNER))
+
+    def view(self, task_id: str) -> TaskView:
+        """Return the task's state, progress, result or error (one backend read)."""
+        meta = self.celery.backend.get_task_meta(task_id)
+        state = str(meta.get("status", "PENDING"))
+        result = meta.get("result")
+        view = TaskView(task_id, state)
+        if state == "SUCCESS":
+            view.result = result
+        elif state == "FAILURE":
+            view.error = rebuild_error(result)
+        elif state == "REVOKED":
+            view.error = TaskFailed("the task was revoked before it finished; send it again")
+        elif state == "PROGRESS" and isinstance(result, dict):
+            view.progress = result
+        return view
+
+    def exists(self, task_id: str) -> bool:
+        """Whether the result backend has anything on ``task_id`` (unknown ids have nothing)."""
+        backend = self.celery.backend
+        key = backend.get_key_for_task(task_id)
+        with map_redis_errors("read task"):
+            return bool(backend.client.exists(key))
+
+    def wait(
+        self,
+        task_id: str,
+        timeout: float,
+        on_progress: Callable[[TaskView], None] | None = None,
+    ) -> TaskView:
+        """Poll the task until it finishes or ``timeout`` seconds pass.
+
+        Polling (a Redis GET every 10-100 ms) rather than ``AsyncResult.get``: the latter's
+        pub/sub consumer is shared by the threads of one process and is not safe there.
+
+        Args:
+            task_id: the task.
+            timeout: seconds to wait at most.
+            on_progress: called with each new view while the task runs.
+
+        Returns:
+            The last view: ``ready`` when it finished in time.
+
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            view = self.view(task_id)
+            if view.ready:
+                return view
+            if on_progress is not None:
+                on_progress(view)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return view
+            time.sleep(min(delay, left))
+            delay = min(delay * 1.3, 0.1)

@@ -1,0 +1,109 @@
+"""Prometheus metrics of the API (``GET /metrics``), with prometheus-client.
+
+Each app gets its own registry, so several apps in one process (tests) do not collide.
+Instance counts are computed from Redis on each scrape by a custom collector: they are
+always current and need no bookkeeping in the request paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from celery_app.catalog import Catalog
+from celery_app.errors import CTFError
+from celery_app.models import STATUSES
+from celery_app.state import StateStore, map_redis_errors
+
+log = logging.getLogger(__name__)
+
+# Where a janitor may count what it removed (HINCRBY ctf:metrics:janitor <kind> n).
+JANITOR_KEY = "ctf:metrics:janitor"
+
+
+class StateCollector(Collector):
+    """Reads instance counts (by challenge and status) from Redis at scrape time."""
+
+    def __init__(self, store: StateStore, catalog: Catalog) -> None:
+        self.store = store
+        self.catalog = catalog
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield ``ctf_instances``, ``ctf_state_up`` and ``ctf_janitor_removed_total``."""
+        up = GaugeMetricFamily("ctf_state_up", "Whether the state Redis answered this scrape")
+        try:
+            instances = self.store.list()
+            with map_redis_errors("read janitor counters"):
+                removed = dict(self.store.redis.hgetall(JANITOR_KEY) or {})
+        except CTFError as exc:
+            log.warning("metrics: cannot read instance state: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        counts: dict[tuple[str, str], int] = {
+            (ch.id, status): 0 for ch in self.catalog for status in STATUSES
+        }
+        for inst in instances:
+            key = (inst.challenge, inst.status)
+            counts[key] = counts.get(key, 0) + 1
+        gauge = GaugeMetricFamily(
+            "ctf_instances", "Instances recorded, by challenge and status",
+            labels=["challenge", "status"],
+        )
+        for (challenge, status), count in sorted(counts.items()):
+            gauge.add_metric([challenge, status], count)
+        yield gauge
+        janitor = CounterMetricFamily(
+            "ctf_janitor_removed", "What janitor passes removed, by kind", labels=["kind"]
+        )
+        for kind, total in sorted(removed.items()):
+            janitor.add_metric([str(kind)], float(total))
+        yield janitor
+
+
+class ApiMetrics:
+    """The API's metrics and their registry.
+
+    Args:
+        store: the state store the instance gauge reads.
+        catalog: the challenges (every challenge shows, even with no instance).
+
+    """
+
+    def __init__(self, store: StateStore, catalog: Catalog) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ctf_api_requests", "HTTP requests answered, by method, route and status",
+            ["method", "route", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ctf_api_request_seconds", "Time to answer HTTP requests, by route", ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 300),
+            registry=self.registry,
+        )
+        self.tasks_sent = Counter(
+            "ctf_tasks_sent", "Tasks sent to the workers, by task (starts, stops, extends)",
+            ["task", "challenge"], registry=self.registry,
+        )
+        self.task_failures = Counter(
+            "ctf_task_failures", "Tasks seen failing by the API, by task and error code",
+            ["task", "code"], registry=self.registry,
+        )
+        self.start_duration = Histogram(
+            "ctf_start_duration_seconds",
+            "From PUT to running, for starts the API waited for (?wait=N)", ["challenge"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.registry.register(StateCollector(store, catalog))
+
+    def render(self) -> tuple[bytes, str]:
+        """Return the Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
