@@ -1,0 +1,90 @@
+"""Schema-driven fuzzing of the API from its own /openapi.json (schemathesis + hypothesis).
+
+Whatever schemathesis generates (valid and invalid parameters, positive and negative modes),
+the API answers no 5xx other than 503, every error has the SPEC's shape, and no container is
+left behind.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import schemathesis
+from api_helpers import ADMIN, our_containers, team_headers
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+
+from celery_app.api import create_app
+from celery_app.settings import Settings
+
+pytest_plugins = ["api_fixtures"]
+pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
+
+FUZZ = settings(
+    max_examples=30, deadline=None, database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                           HealthCheck.filter_too_much],
+)
+
+
+@pytest.fixture
+def fuzz_app(worker: Any, clean_worker_state: None, api_settings: Settings,
+             docker_client: Any) -> Iterator[FastAPI]:
+    """Yield the app to fuzz; after the run, check that no container of this run exists."""
+    app = create_app(api_settings)
+    with TestClient(app):  # runs the lifespan (and closes its connections afterwards)
+        yield app
+    assert our_containers(docker_client) == []
+
+
+def check_response(response: Any) -> None:
+    """No 5xx but 503; JSON errors in the SPEC's shape."""
+    assert response.status_code < 500 or response.status_code == 503, response.text
+    if response.status_code >= 400:
+        try:
+            body = json.loads(response.content)
+        except ValueError:
+            return  # /metrics and the like are not JSON
+        if isinstance(body, dict) and "error" in body:
+            assert set(body) == {"error", "detail"}, body
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+@pytest.mark.parametrize("who", ["admin", "team"])
+def test_fuzz_every_operation(fuzz_app: FastAPI, who: str, mode: GenerationMode) -> None:
+    """Generated requests to every operation never get a 5xx other than 503."""
+    headers = ADMIN if who == "admin" else team_headers("fuzzteam")
+    schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 9
+    for operation in operations:
+        if mode is GenerationMode.NEGATIVE and not operation.path_parameters \
+                and not operation.query:
+            continue  # nothing to make invalid
+
+        @FUZZ
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def run(case: Any) -> None:
+            check_response(case.call(headers=headers))
+
+        run()
+
+
+@FUZZ
+@given(header=st.text(max_size=200), path=st.sampled_from([
+    "/api/v1/challenges", "/api/v1/instances", "/api/v1/teams/t1/instances",
+    "/api/v1/teams/t1/token", "/api/v1/tasks/abc",
+]))
+def test_fuzz_authorization_header(fuzz_app: FastAPI, header: str, path: str) -> None:
+    """Any Authorization header that is not a valid token answers 401, never a 5xx."""
+    encoded = header.encode("utf-8")  # raw bytes, as a hostile client may send them
+    with TestClient(fuzz_app) as client:
+        response = client.get(path, headers={"Authorization": encoded})
+    check_response(response)
+    assert response.status_code == 401
