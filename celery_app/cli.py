@@ -1,0 +1,432 @@
+"""``ctfctl``: the organisers' command line (typer + rich).
+
+Like the API, it talks to the workers through Celery (``send_task``) and reads instance
+state from Redis, so it works from any machine that reaches Redis. ``--json`` prints
+machine-readable output for scripts.
+
+Exit codes: 0 ok, 1 error, 2 bad input (usage, invalid team id, bad settings), 3 not found
+(instance, challenge, task), 4 a limit (quota, lifetime, rate), 5 Redis/Docker unavailable,
+6 still running when the wait ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from celery_app.catalog import load_catalog
+from celery_app.client import Dispatcher, TaskView
+from celery_app.errors import CatalogError, CTFError
+from celery_app.models import Instance, parse_iso
+from celery_app.naming import check_team_id
+from celery_app.routing import DEFAULT_QUEUE, host_queue, queues_for
+from celery_app.settings import Settings, load_settings
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_LIMIT, EXIT_BACKEND, EXIT_PENDING = range(7)
+
+app = typer.Typer(
+    name="ctfctl",
+    help="Run and watch the CTF instancer: per-team challenge containers on demand.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the worker.")]
+TimeoutOpt = Annotated[float, typer.Option(min=1, max=3600, help="Seconds to wait at most.")]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def exit_code_for(exc: CTFError) -> int:
+    """Return the exit code of an error (see the module docstring)."""
+    if exc.status == 404:
+        return EXIT_NOT_FOUND
+    if exc.status in (409, 429):
+        return EXIT_LIMIT
+    if exc.status == 422:
+        return EXIT_USAGE
+    if exc.code == "backend_unavailable":
+        return EXIT_BACKEND
+    return EXIT_ERROR
+
+
+def _fail(exc: CTFError) -> NoReturn:
+    err.print(f"[bold red]error[/] ({exc.code}): {exc.detail}", highlight=False)
+    raise typer.Exit(exit_code_for(exc))
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Turn our errors and bad settings into a message and a meaningful exit code."""
+    try:
+        yield
+    except CTFError as exc:
+        _fail(exc)
+    except ValidationError as exc:
+        err.print(f"[bold red]invalid settings[/]: {exc}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _settings() -> Settings:
+    with _errors():
+        return load_settings()
+
+
+def _dispatcher() -> Dispatcher:
+    with _errors():
+        return Dispatcher(_settings())
+
+
+def _print_json(data: Any) -> None:
+    # Plain print: rich would wrap long lines and break the JSON for scripts.
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _in(moment: str) -> str:
+    """Format how long until ``moment`` (``1h 05m``; ``expired`` when past)."""
+    seconds = int((parse_iso(moment) - datetime.now(UTC)).total_seconds())
+    if seconds <= 0:
+        return "expired"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
+_STATUS_STYLE = {"running": "green", "starting": "yellow", "stopping": "yellow", "failed": "red"}
+
+
+def _instance_table(instances: list[dict[str, Any]], title: str | None = None) -> Table:
+    table = Table(title=title)
+    for column in ("team", "challenge", "status", "expires in", "host"):
+        table.add_column(column)
+    # The URL is what organisers copy: fold it rather than cut it with an ellipsis.
+    table.add_column("url", overflow="fold")
+    for inst in instances:
+        status = str(inst.get("status", ""))
+        table.add_row(
+            str(inst.get("team_id", "")), str(inst.get("challenge", "")),
+            f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]",
+            _in(inst["expires_at"]) if inst.get("expires_at") else "-",
+            str(inst.get("host", "")), str(inst.get("url") or inst.get("error") or "-"),
+        )
+    return table
+
+
+def _show(data: dict[str, Any], as_json: bool, title: str | None = None) -> None:
+    if as_json:
+        _print_json(data)
+    elif "container_name" in data:
+        out.print(_instance_table([data], title))
+    else:
+        out.print(data)
+
+
+def _wait_with_progress(disp: Dispatcher, task_id: str, timeout: float, label: str,
+                        quiet: bool) -> TaskView:
+    """Wait for a task, showing its PROGRESS meta as a spinner or a download bar."""
+    if quiet:
+        return disp.wait(task_id, timeout)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               DownloadColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        bar: TaskID = progress.add_task(label, total=None)
+
+        def update(view: TaskView) -> None:
+            meta = view.progress
+            phase = str(meta.get("phase") or view.state.lower())
+            detail = meta.get("image") or meta.get("container") or ""
+            total = meta.get("bytes_total") or None
+            progress.update(bar, description=f"{label}: {phase} {detail}".rstrip(),
+                            total=total, completed=meta.get("bytes_done") or 0)
+
+        return disp.wait(task_id, timeout, on_progress=update)
+
+
+def _finish(view: TaskView, task_id: str, as_json: bool) -> Any:
+    """Return the task's result, or exit with its error or 'still running'."""
+    if view.error is not None:
+        _fail(view.error)
+    if not view.ready:
+        if as_json:
+            _print_json({"task_id": task_id, "state": view.state})
+        else:
+            err.print(f"still running (task {task_id}); check later with [bold]ctfctl status[/]")
+        raise typer.Exit(EXIT_PENDING)
+    return view.result
+
+
+# -- instances --------------------------------------------------------------------------------
+
+
+@app.command()
+def challenges(as_json: JsonOpt = False) -> None:
+    """List the challenges of the catalog."""
+    with _errors():
+        catalog = load_catalog(_settings())
+    rows = [ch.public_view() | {"image": ch.image, "port": ch.port} for ch in catalog]
+    if as_json:
+        _print_json({"challenges": rows})
+        return
+    table = Table(title="challenges")
+    for column in ("id", "name", "protocol", "port", "ttl", "max lifetime", "image"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["id"], row["name"], row["protocol"], str(row["port"] or "-"),
+                      f"{row['ttl']} s", f"{row['max_lifetime']} s", row["image"])
+    out.print(table)
+
+
+@app.command()
+def start(
+    challenge: str, team: str, wait: WaitOpt = True, timeout: TimeoutOpt = 300,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start TEAM's instance of CHALLENGE (idempotent) and show it once it runs."""
+    disp = _dispatcher()
+    with _errors():
+        task_id, so_far = disp.start(challenge, team, None)
+        if not wait:
+            _show({"task_id": task_id, **so_far}, as_json)
+            return
+        view = _wait_with_progress(disp, task_id, timeout, f"starting {challenge} for {team}",
+                                   as_json)
+    _show(_finish(view, task_id, as_json), as_json, "started")
+
+
+@app.command()
+def stop(
+    challenge: str, team: str, wait: WaitOpt = True, timeout: TimeoutOpt = 120,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop and remove TEAM's instance of CHALLENGE."""
+    disp = _dispatcher()
+    with _errors():
+        task_id, so_far = disp.stop(challenge, team, None)
+        if not wait:
+            _show({"task_id": task_id, **so_far}, as_json)
+            return
+        view = _wait_with_progress(disp, task_id, timeout, f"stopping {challenge} for {team}",
+                                   as_json)
+    result = _finish(view, task_id, as_json)
+    if as_json:
+        _print_json(result)
+    else:
+        out.print(f"[green]stopped[/] {challenge} for team {team}")
+
+
+@app.command()
+def extend(challenge: str, team: str, as_json: JsonOpt = False) -> None:
+    """Push the expiry of TEAM's instance out by the challenge's ttl (up to its maximum)."""
+    disp = _dispatcher()
+    with _errors():
+        task_id = disp.extend(challenge, team, None)
+        view = disp.wait(task_id, 30)
+    _show(_finish(view, task_id, as_json), as_json, "extended")
+
+
+@app.command()
+def status(
+    team: Annotated[str | None, typer.Option(help="Only this team's instances.")] = None,
+    challenge: Annotated[str | None, typer.Option(help="Only this challenge's.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show instances (from the Redis index), filtered by team and challenge."""
+    disp = _dispatcher()
+    with _errors():
+        if team is not None:
+            check_team_id(team)
+        if challenge is not None:
+            disp.catalog.get(challenge)
+        found: list[Instance] = disp.store.list(team_id=team, challenge=challenge)
+    instances = [i.public() for i in found]
+    if as_json:
+        _print_json({"instances": instances})
+    elif not instances:
+        out.print("no instances")
+    else:
+        out.print(_instance_table(instances, f"{len(instances)} instance(s)"))
+
+
+@app.command()
+def token(team: str, as_json: JsonOpt = False) -> None:
+    """Print TEAM's API token (it acts on that team's routes only)."""
+    from celery_app.auth import team_token  # noqa: PLC0415  # keeps `ctfctl --help` light
+
+    settings = _settings()
+    with _errors():
+        check_team_id(team)
+    value = team_token(settings.admin_token_value(), team)
+    if as_json:
+        _print_json({"team_id": team, "token": value})
+    else:
+        print(value)  # bare, for $(ctfctl token t1)
+
+
+@app.command()
+def pull(
+    host: Annotated[str | None, typer.Option(help="Pull on this host's worker.")] = None,
+    timeout: TimeoutOpt = 3600,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pull every catalog image on a worker ahead of the event, with a progress bar."""
+    disp = _dispatcher()
+    with _errors():
+        queue = host_queue(host) if host else DEFAULT_QUEUE
+        task_id = disp.send("prefetch_images", [], None, queue)
+        view = _wait_with_progress(disp, task_id, timeout, "pulling images", as_json)
+    result = _finish(view, task_id, as_json)
+    if as_json:
+        _print_json(result)
+    else:
+        for image in result.get("images", []):
+            out.print(f"[green]present[/] {image}")
+
+
+# -- running the service ----------------------------------------------------------------------
+
+
+@app.command()
+def worker(
+    host: Annotated[str | None, typer.Option(help="Docker host to serve (CTF_HOST).")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1)] = None,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run the Celery worker with the janitor (beat), as run-celery-worker.sh does."""
+    settings = _settings()
+    name = host or settings.host
+    os.environ["CTF_HOST"] = name
+    schedule = settings.data_dir / f"celerybeat-schedule-{name}"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker", "-B",
+        "--pool", "threads", "--concurrency", str(concurrency or settings.worker_concurrency),
+        "--loglevel", loglevel, "-n", f"ctf-{name}@%h", "-Q", ",".join(queues_for(name)),
+        "-s", str(schedule),
+    ]
+    os.execv(sys.executable, argv)  # noqa: S606  # replace ourselves: signals reach celery
+
+
+def _split_bind(bind: str) -> tuple[str, int]:
+    host, _, port = bind.rpartition(":")
+    try:
+        return host.strip("[]") or "127.0.0.1", int(port)
+    except ValueError:
+        err.print(f"[bold red]error[/]: CTF_API_BIND {bind!r} must look like 127.0.0.1:8000")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+@app.command()
+def api(
+    bind: Annotated[str | None, typer.Option(help="host:port (default CTF_API_BIND).")] = None,
+) -> None:
+    """Run the HTTP API and dashboard (it needs Redis, not Docker)."""
+    import uvicorn  # noqa: PLC0415  # only this command needs the server
+
+    from celery_app.api import create_app  # noqa: PLC0415
+
+    settings = _settings()
+    host, port = _split_bind(bind or settings.api_bind)
+    with _errors():
+        application = create_app(settings)
+    shown = f"[{host}]" if ":" in host else host
+    token_from = ("the CTF_ADMIN_TOKEN environment variable" if os.environ.get("CTF_ADMIN_TOKEN")
+                  else str((settings.data_dir / "admin_token").resolve()))
+    err.print(f"[bold]CTF instancer API[/] on http://{shown}:{port}  "
+              f"(dashboard /, docs /api/docs, health /healthz, metrics /metrics)")
+    err.print(f"admin token: in {token_from}")
+    uvicorn.run(application, host=host, port=port, log_level="info", proxy_headers=False)
+
+
+@app.command()
+def janitor(
+    once: Annotated[bool, typer.Option("--once", help="Run one pass and exit.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove expired instances and orphans on this machine's Docker host."""
+    from celery_app.context import build_context  # noqa: PLC0415  # needs Docker
+
+    settings = _settings()
+    with _errors():
+        ctx = build_context(settings)
+    try:
+        while True:
+            with _errors():
+                summary = ctx.janitor.run_once()
+            data = summary.as_dict()
+            if as_json:
+                _print_json(data)
+            elif once or summary.removed or summary.errors:
+                out.print(
+                    f"janitor: {len(summary.expired)} expired, "
+                    f"{len(summary.orphan_containers)} orphan container(s), "
+                    f"{len(summary.orphan_networks)} orphan network(s) removed in "
+                    f"{summary.seconds:.2f} s" + (" (reconciled first)" if summary.reconciled
+                                                  else "")
+                )
+                for line in summary.errors:
+                    err.print(f"[yellow]warning[/]: {line}")
+            if once:
+                raise typer.Exit(EXIT_ERROR if summary.errors else EXIT_OK)
+            time.sleep(settings.janitor_interval)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_OK) from None
+    finally:
+        ctx.driver.close()
+
+
+@app.command()
+def check() -> None:
+    """Check the settings and the catalog; exit 1 with a clear message on a mistake."""
+    try:
+        settings = load_settings()
+        catalog = load_catalog(settings)
+    except CatalogError as exc:
+        err.print(f"[bold red]catalog error[/]: {exc.detail}", highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    except ValidationError as exc:
+        err.print(f"[bold red]settings error[/]: {exc}", highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    source = settings.challenges_file or "the default catalog"
+    err.print(f"ok: {len(catalog)} challenge(s) from {source}: {', '.join(catalog.ids())}",
+              highlight=False)
+
+
+@app.command()
+def queues(
+    host: Annotated[str, typer.Option(help="The Docker host's name.")] = "local",
+) -> None:
+    """Print the comma-separated Celery queues the worker of HOST consumes."""
+    print(",".join(queues_for(host)))  # read by run-celery-worker.sh
+
+
+def main() -> None:
+    """Run ``ctfctl``."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
