@@ -132,7 +132,7 @@ class Janitor:
             team = net.labels.get("ctf.team", "")
             if net.containers == 0 and team not in live_teams:
                 try:
-                    if svc.remove_network_if_unused(team):
+                    if svc.remove_network_if_unused(team, net.id):
                         summary.orphan_networks.append(net.name)
                 except CTFError as exc:
                     summary.errors.append(f"{net.name}: {exc}")

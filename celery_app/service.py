@@ -20,6 +20,7 @@ from celery_app.catalog import Catalog, Challenge
 from celery_app.docker_driver import ContainerInfo, ContainerSpec, DockerDriver, ProgressFn
 from celery_app.errors import (
     CatalogError,
+    CTFError,
     ImageNotFound,
     InstanceBusy,
     InstanceNotFound,
@@ -37,6 +38,7 @@ from celery_app.naming import (
     LABEL_TEAM,
     check_team_id,
     container_name,
+    network_name,
 )
 from celery_app.readiness import probe_once, wait_ready
 from celery_app.settings import Settings
@@ -241,8 +243,11 @@ class InstanceService:
                     )
                     info = self.driver.run_container(self._spec(ch, team, port, inst))
             except BaseException:
-                # Nothing half-made: the reservation goes with the failed creation.
+                # Nothing half-made: the reservation, and a network made only for this
+                # instance, go with the failed creation.
                 self.store.delete(ch.id, team, self.host)
+                with contextlib.suppress(CTFError):
+                    self.remove_network_if_unused(team)
                 raise
             # 6. record the container and its port.
             inst = inst.model_copy(update={
@@ -396,10 +401,15 @@ class InstanceService:
         self.remove_network_if_unused(team)
         return {"team_id": team, "challenge": ch.id, "status": "stopped"}
 
-    def remove_network_if_unused(self, team_id: str) -> bool:
-        """Remove the team's network when no container of the team is left on it."""
+    def remove_network_if_unused(self, team_id: str, network: str | None = None) -> bool:
+        """Remove the team's network when no container is left on it.
+
+        Args:
+            team_id: the team (its network lock is held meanwhile).
+            network: the network's name or id; the team's usual network by default.
+        """
         with self._network_locked(team_id):
-            net = self.driver.get_network(f"ctf-team-{team_id}")
+            net = self.driver.get_network(network or network_name(team_id))
             if net is None or net.containers > 0:
                 return False
             if any(net.labels.get(k) != v for k, v in self.scope_labels.items()):

@@ -1,0 +1,338 @@
+"""Lifecycle, limits, hardening, flags and pulls on the real engine and Redis (issue 3)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import redis
+from celery import Celery
+
+from celery_app.context import Context
+from celery_app.errors import (
+    CapacityExhausted,
+    ImageNotFound,
+    MaxLifetimeReached,
+    RateLimited,
+    TeamQuotaExceeded,
+)
+from celery_app.flags import check_flag, team_flag
+from celery_app.models import parse_iso, utcnow
+from conftest import (
+    BUSYBOX,
+    HTTP_DOCKERFILE,
+    RUN_ID,
+    TEST_LABEL,
+    build_image,
+    free_port,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.docker, pytest.mark.redis]
+
+
+def _containers(docker_client: Any, **labels: str) -> list[Any]:
+    filters = [f"{k}={v}" for k, v in {**TEST_LABEL, **labels}.items()]
+    return docker_client.containers.list(all=True, filters={"label": filters})
+
+
+def _networks(docker_client: Any) -> list[Any]:
+    return docker_client.networks.list(filters={"label": [f"ctf.test={RUN_ID}"]})
+
+
+# -- expiry and the janitor -------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("clean_worker_state")
+def test_beat_reaps_an_instance_when_its_ttl_passes(
+    celery_client: Celery, docker_client: Any
+) -> None:
+    """An instance with a 3 s ttl is removed by the running beat's janitor, network too."""
+    inst = celery_client.send_task("celery_app.tasks.start_container",
+                                   args=["short", "ephemeral"]).get(timeout=60)
+    assert inst["status"] == "running"
+    wait_for(lambda: not _containers(docker_client, **{"ctf.team": "ephemeral"}), 30, 0.2,
+             "the janitor to remove the expired container")
+    wait_for(lambda: not docker_client.networks.list(names=["ctf-team-ephemeral"]), 15, 0.2,
+             "the janitor to remove the team network")
+
+
+def test_extend_pushes_expiry_up_to_max_lifetime(ctx: Context) -> None:
+    """Extend adds the ttl to the expiry and stops at started_at + max_lifetime."""
+    inst = ctx.service.start("short", "ext")  # ttl 3, max_lifetime 8
+    assert inst.expires - inst.started == timedelta(seconds=3)
+    first = ctx.service.extend("short", "ext")
+    assert first.expires > inst.expires
+    second = ctx.service.extend("short", "ext")
+    assert second.expires == inst.started + timedelta(seconds=8)
+    with pytest.raises(MaxLifetimeReached, match="maximum lifetime"):
+        ctx.service.extend("short", "ext")
+    assert ctx.service.get("short", "ext").expires_at == second.expires_at
+
+
+def test_janitor_removes_expired_instances(ctx: Context, docker_client: Any) -> None:
+    """A janitor pass after the expiry removes the container and the record."""
+    ctx.service.start("web", "old")
+    ctx.service.start("web", "young")
+    summary = ctx.janitor.run_once(utcnow() + timedelta(seconds=601))
+    assert sorted(summary.expired) == ["web/old", "web/young"]
+    assert _containers(docker_client) == []
+    assert ctx.service.status() == []
+    # A second janitor (or a racing stop) finds nothing and reports nothing: harmless.
+    assert ctx.janitor.run_once(utcnow() + timedelta(seconds=601)).removed == 0
+
+
+def test_janitor_removes_orphan_container_and_network(ctx: Context, docker_client: Any,
+                                                      images: dict[str, str]) -> None:
+    """Labelled containers and networks that no instance accounts for are removed."""
+    labels = {**TEST_LABEL, "ctf.managed": "true", "ctf.team": "ghost", "ctf.challenge": "web"}
+    orphan = docker_client.containers.run(images["http"], detach=True, labels=labels,
+                                          name=f"stray-{RUN_ID}")
+    net = docker_client.networks.create(
+        f"ctf-team-lonely-{RUN_ID}", labels={**TEST_LABEL, "ctf.managed": "true",
+                                              "ctf.team": "lonely"})
+    kept = ctx.service.start("web", "alive")
+    summary = ctx.janitor.run_once(utcnow() + timedelta(seconds=60))
+    # The session's worker runs a janitor too: whichever gets there first removes them.
+    assert set(summary.orphan_containers) <= {f"stray-{RUN_ID}"}
+    assert set(summary.orphan_networks) <= {net.name}
+    assert summary.errors == []
+    assert [c.id for c in _containers(docker_client)] == [kept.container_id]
+    assert {n.name for n in _networks(docker_client)} == {"ctf-team-alive"}
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(orphan.id)
+
+
+def test_flushall_then_reconcile_restores_everything(ctx: Context, redis_server: Any) -> None:
+    """After Redis loses everything, reconcile rebuilds status and expiry from Docker labels."""
+    a = ctx.service.start("web", "keep1")
+    b = ctx.service.start("exposed", "keep2")
+    redis.Redis.from_url(f"{redis_server.url}/2").flushall()
+    assert ctx.service.status() == []
+    summary = ctx.service.reconcile()
+    assert sorted(summary.adopted) == ["exposed/keep2", "web/keep1"]
+    restored = {i.key: i for i in ctx.service.status()}
+    assert restored["web/keep1"].container_id == a.container_id
+    assert restored["web/keep1"].status == "running"
+    assert restored["web/keep1"].expires_at == a.expires_at
+    assert restored["exposed/keep2"].url == b.url
+
+
+def test_janitor_after_flushall_adopts_instead_of_deleting(ctx: Context, redis_server: Any,
+                                                          docker_client: Any) -> None:
+    """A janitor pass on an emptied Redis reconciles first: nothing running is removed."""
+    inst = ctx.service.start("web", "survivor")
+    redis.Redis.from_url(f"{redis_server.url}/2").flushall()
+    summary = ctx.janitor.run_once(utcnow() + timedelta(seconds=30))
+    assert summary.reconciled
+    assert summary.orphan_containers == []
+    assert [c.id for c in _containers(docker_client)] == [inst.container_id]
+
+
+# -- limits -----------------------------------------------------------------------------------
+
+
+def test_team_quota(make_ctx: Callable[..., Context], docker_client: Any) -> None:
+    """A team at CTF_MAX_INSTANCES_PER_TEAM gets team_quota_exceeded and nothing more runs."""
+    ctx = make_ctx(max_instances_per_team=1)
+    ctx.service.start("web", "greedy")
+    with pytest.raises(TeamQuotaExceeded, match="stop one"):
+        ctx.service.start("exposed", "greedy")
+    assert len(_containers(docker_client, **{"ctf.team": "greedy"})) == 1
+    assert [i.challenge for i in ctx.service.status(team_id="greedy")] == ["web"]
+
+
+def test_global_limit(make_ctx: Callable[..., Context], docker_client: Any) -> None:
+    """At CTF_MAX_INSTANCES the next start gets capacity_exhausted; nothing is left half-made."""
+    ctx = make_ctx(max_instances=2)
+    ctx.service.start("web", "g1")
+    ctx.service.start("web", "g2")
+    with pytest.raises(CapacityExhausted, match="CTF_MAX_INSTANCES"):
+        ctx.service.start("web", "g3")
+    assert len(_containers(docker_client)) == 2
+    assert not docker_client.networks.list(names=["ctf-team-g3"])
+
+
+def test_rate_limit_on_start_stop_loop(make_ctx: Callable[..., Context]) -> None:
+    """A start/stop loop is cut off by the per-team rate limit with a clear wait time."""
+    ctx = make_ctx(rate_limit_count=3, rate_limit_window=60)
+    ctx.service.start("web", "loop")
+    ctx.service.stop("web", "loop")
+    ctx.service.start("web", "loop")
+    with pytest.raises(RateLimited, match=r"wait \d+ s"):
+        ctx.service.stop("web", "loop")
+    # Another team is not affected.
+    assert ctx.service.start("web", "calm").status == "running"
+
+
+def _two_free_ports() -> str:
+    for _ in range(50):
+        lo = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", lo + 1))
+            except OSError:
+                continue
+        return f"{lo}-{lo + 1}"
+    raise AssertionError("no two adjacent free ports")
+
+
+def test_port_range_exhausted(make_ctx: Callable[..., Context], docker_client: Any) -> None:
+    """With a range of 2 ports the third start fails clearly and leaks nothing."""
+    port_range = _two_free_ports()
+    ctx = make_ctx(port_range=port_range)
+    lo, hi = (int(p) for p in port_range.split("-"))
+    a = ctx.service.start("web", "p1")
+    b = ctx.service.start("web", "p2")
+    assert {a.ports["8080/tcp"], b.ports["8080/tcp"]} == {lo, hi}
+    with pytest.raises(CapacityExhausted, match="CTF_PORT_RANGE"):
+        ctx.service.start("web", "p3")
+    assert not _containers(docker_client, **{"ctf.team": "p3"})
+    assert not docker_client.networks.list(names=["ctf-team-p3"])
+    assert ctx.service.store.get("web", "p3") is None
+
+
+def test_subnet_pool_exhausted(make_ctx: Callable[..., Context], docker_client: Any) -> None:
+    """A pool with room for one team network refuses the second team clearly."""
+    ctx = make_ctx(team_subnet_pool="10.214.250.0/28", team_subnet_prefix=28)
+    ctx.service.start("web", "first")
+    with pytest.raises(CapacityExhausted, match="CTF_TEAM_SUBNET_POOL"):
+        ctx.service.start("web", "second")
+    assert not _containers(docker_client, **{"ctf.team": "second"})
+    assert ctx.service.store.get("web", "second") is None
+
+
+# -- hardening and flags ----------------------------------------------------------------------
+
+
+def test_containers_are_hardened(ctx: Context, docker_client: Any) -> None:
+    """docker inspect shows caps dropped, no-new-privileges, memory/CPU/pids limits, loopback."""
+    inst = ctx.service.start("web", "hard")  # memory 64m, cpus 0.5, pids 64
+    hc = docker_client.api.inspect_container(inst.container_id)["HostConfig"]
+    assert hc["CapDrop"] == ["ALL"]
+    assert not hc["CapAdd"]
+    assert "no-new-privileges:true" in hc["SecurityOpt"]
+    assert hc["Memory"] == 64 * 1024**2
+    assert hc["MemorySwap"] == 64 * 1024**2
+    assert hc["NanoCpus"] == 500_000_000
+    assert hc["PidsLimit"] == 64
+    assert hc["Privileged"] is False
+    assert hc["PortBindings"]["8080/tcp"][0]["HostIp"] == "127.0.0.1"
+
+
+def test_flags_differ_per_team_and_survive_restart(ctx: Context, docker_client: Any) -> None:
+    """flag_env gets a per-team flag: teams differ, a restart gives the same flag, it checks."""
+
+    def flag_in(inst: Any) -> str:
+        env = docker_client.api.inspect_container(inst.container_id)["Config"]["Env"]
+        return next(e.split("=", 1)[1] for e in env if e.startswith("FLAG="))
+
+    a = ctx.service.start("web", "fa")
+    b = ctx.service.start("web", "fb")
+    flag_a, flag_b = flag_in(a), flag_in(b)
+    assert flag_a != flag_b
+    assert flag_a.startswith("CTF{")
+    ctx.service.stop("web", "fa")
+    assert flag_in(ctx.service.start("web", "fa")) == flag_a
+    secret = ctx.settings.flag_secret_value()
+    assert flag_a == team_flag(secret, "web", "fa")
+    assert check_flag(secret, "web", "fa", flag_a)
+    assert not check_flag(secret, "web", "fb", flag_a)
+
+
+# -- pulls ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    """A real registry (Debian's docker-registry) on a free loopback port."""
+    exe = shutil.which("docker-registry")
+    assert exe, "docker-registry is missing: apt-get install docker-registry"
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
+        f"{tmp_path / 'store'}\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    )
+    proc = subprocess.Popen([exe, "serve", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 15, message="the registry to listen")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+def test_pull_from_registry_reports_progress(
+    make_ctx: Callable[..., Context], docker_client: Any, images: dict[str, str], registry: str,
+    catalog_file: Path, tmp_path: Path,
+) -> None:
+    """A missing image is pulled from the registry, with layer and byte progress reported."""
+    remote = f"{registry}/ctf-test/pulled:{RUN_ID}"
+    # A layer of fresh random bytes, so the engine really has something to download.
+    build_image(docker_client, remote, HTTP_DOCKERFILE + "COPY noise.bin /noise.bin\n",
+                {"busybox": BUSYBOX, "index.html": b"hello from ctf\n",
+                 "noise.bin": os.urandom(2 * 1024 * 1024)})
+    for _ in docker_client.images.push(remote, stream=True, decode=True):
+        pass
+    docker_client.images.remove(remote, force=True)
+    catalog = tmp_path / "pull.yaml"
+    catalog.write_text(f"challenges:\n  pulled:\n    image: {remote}\n    port: 8080\n")
+    ctx = make_ctx(challenges_file=catalog)
+    events: list[dict[str, Any]] = []
+    try:
+        inst = ctx.service.start("pulled", "puller", progress=events.append)
+        assert inst.status == "running"
+        pulls = [e for e in events if e.get("phase") == "pulling"]
+        assert pulls, events
+        assert pulls[-1]["layers_total"] >= 1
+        assert pulls[-1]["layers_done"] == pulls[-1]["layers_total"]
+        assert pulls[-1]["bytes_done"] > 0
+        assert [e["phase"] for e in events][-1] == "running"
+    finally:
+        ctx.service.stop("pulled", "puller", rate_limit=False)
+        docker_client.images.remove(remote, force=True)
+
+
+def test_pull_policy_never_refuses_missing_image(make_ctx: Callable[..., Context],
+                                                  tmp_path: Path) -> None:
+    """With CTF_PULL_POLICY=never a missing image is a clear error, not a pull."""
+    catalog = tmp_path / "missing.yaml"
+    catalog.write_text("challenges:\n  gone:\n    image: ctf-test/absent:nope\n    port: 80\n")
+    ctx = make_ctx(challenges_file=catalog, pull_policy="never")
+    with pytest.raises(ImageNotFound, match="CTF_PULL_POLICY"):
+        ctx.service.start("gone", "team1")
+
+
+def test_unknown_image_in_registry_is_permanent(make_ctx: Callable[..., Context],
+                                                registry: str, tmp_path: Path) -> None:
+    """An image the registry does not have fails with ImageNotFound (no retry loop)."""
+    catalog = tmp_path / "nope.yaml"
+    catalog.write_text(f"challenges:\n  nope:\n    image: {registry}/no/such:img\n    port: 80\n")
+    ctx = make_ctx(challenges_file=catalog)
+    with pytest.raises(ImageNotFound):
+        ctx.service.start("nope", "team1")
+
+
+def test_started_at_and_expiry_are_consistent(ctx: Context) -> None:
+    """expires_at is started_at plus the challenge ttl."""
+    inst = ctx.service.start("web", "times")
+    assert parse_iso(inst.expires_at) - parse_iso(inst.started_at) == timedelta(seconds=600)
