@@ -20,14 +20,14 @@ from celery_app.naming import TEAM_ID_RE
 _KEY_CONTEXT = b"ctf-instancer team-token key v1"
 
 
-class Unauthorized(CTFError):  # noqa: N818  # named like its peers in errors.py
+class Unauthorized(CTFError):  # named like its peers in errors.py
     """Raised when a request carries no token, or one that is not valid."""
 
     code: ClassVar[str] = "unauthorized"
     status: ClassVar[int] = 401
 
 
-class Forbidden(CTFError):  # noqa: N818  # named like its peers in errors.py
+class Forbidden(CTFError):  # named like its peers in errors.py
     """Raised when a valid token asks for something its holder may not do."""
 
     code: ClassVar[str] = "forbidden"

@@ -37,7 +37,7 @@ ADMIN_OWNER = "*admin*"
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 
-class TaskFailed(CTFError):  # noqa: N818  # named like its peers in errors.py
+class TaskFailed(CTFError):  # named like its peers in errors.py
     """Raised when a task failed with an error that is not one of ours (a bug or a crash)."""
 
     code = "task_failed"

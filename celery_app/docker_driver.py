@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[dict[str, Any]], None]
 
 # Messages with which the engine says a resource is used up (it answers 500 for these).
-_PORTS_EXHAUSTED = ("all ports are allocated", "port is already allocated", "address already in use")
+_PORTS_EXHAUSTED = (
+    "all ports are allocated", "port is already allocated", "address already in use",
+)
 _POOL_OVERLAP = ("pool overlaps", "overlaps with")
 
 
@@ -48,6 +50,7 @@ def map_docker_errors(what: str) -> Iterator[None]:
         CapacityExhausted: the engine has no port left in the range.
         DockerUnavailable: the engine cannot be reached or answered 5xx (retry).
         InvalidRequest: the engine refused the request (4xx).
+
     """
     try:
         yield
@@ -191,6 +194,7 @@ class DockerDriver:
         base_url: the engine's URL (``unix:///var/run/docker.sock``, ``tcp://…``); ``None``
             reads ``DOCKER_HOST`` and friends as the Docker SDK does.
         timeout: seconds for one API call.
+
     """
 
     def __init__(self, base_url: str | None = None, timeout: float = 60.0) -> None:
@@ -263,6 +267,7 @@ class DockerDriver:
         Raises:
             ImageNotFound: the registry does not have the image.
             DockerUnavailable: the engine or the registry cannot be reached (retry).
+
         """
         repository, _, tag = image.rpartition(":")
         if not repository or "/" in tag:
@@ -333,6 +338,7 @@ class DockerDriver:
             CapacityExhausted: no host port left.
             InvalidRequest: the name is taken by a container we did not expect.
             DockerUnavailable: engine trouble (retry).
+
         """
         api = self.client.api
         port_key = f"{spec.port}/tcp"
@@ -368,12 +374,12 @@ class DockerDriver:
             with map_docker_errors(f"start container {spec.name}"):
                 api.start(container_id)
             info = self.get_container(container_id)
-            if info is None:
-                raise DockerUnavailable(f"container {spec.name} vanished right after start")
         except BaseException:
             # Nothing half-made: a container that could not start is removed at once.
             self.remove_container(container_id)
             raise
+        if info is None:
+            raise DockerUnavailable(f"container {spec.name} vanished right after start")
         return info
 
     def remove_container(self, name_or_id: str) -> bool:
@@ -424,6 +430,7 @@ class DockerDriver:
 
         Raises:
             CapacityExhausted: every subnet of the pool is taken.
+
         """
         name = network_name(team_id)
         existing = self.get_network(name)

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
 from celery_app.models import utcnow
-from celery_app.naming import container_name, split_instance_key
+from celery_app.naming import split_instance_key
 from celery_app.service import InstanceService
 
 log = logging.getLogger(__name__)
@@ -81,21 +81,33 @@ class Janitor:
 
         Returns:
             What was removed.
+
         """
         now = now or utcnow()
         began = time.monotonic()
-        svc = self.service
         summary = Summary()
         # 1. Redis lost the index: rebuild it before judging anything an orphan.
-        if not svc.index_is_complete():
-            svc.reconcile(now)
+        if not self.service.index_is_complete():
+            self.service.reconcile(now)
             summary.reconciled = True
         # 2. expired instances
+        self._reap_expired(now, summary)
+        # 3. orphan containers
+        live_teams = self._remove_orphan_containers(now, summary)
+        # 4. orphan networks
+        self._remove_orphan_networks(live_teams, summary)
+        summary.seconds = time.monotonic() - began
+        if summary.removed or summary.errors or summary.reconciled:
+            log.info("janitor host=%s %s", self.service.host, summary.as_dict())
+        return summary
+
+    def _reap_expired(self, now: datetime, summary: Summary) -> None:
+        svc = self.service
         for key in svc.store.expired(now.timestamp()):
             challenge, team = split_instance_key(key)
             record = svc.store.get(challenge, team)
             if record is not None and record.host != svc.host:
-                continue
+                continue  # another host's janitor reaps it
             try:
                 svc.stop(challenge, team, rate_limit=False)
                 summary.expired.append(key)
@@ -106,20 +118,17 @@ class Janitor:
                 continue  # a user is acting on it; the next pass sees it again
             except CTFError as exc:
                 summary.errors.append(f"{key}: {exc}")
-        # 3. orphan containers
+
+    def _remove_orphan_containers(self, now: datetime, summary: Summary) -> set[str]:
+        """Remove unaccounted containers; return the teams that still have something."""
+        svc = self.service
         records = {i.container_name: i for i in svc.store.list(host=svc.host)}
-        grace = svc.settings.orphan_grace
-        live_teams: set[str] = {i.team_id for i in records.values()}
+        live_teams = {i.team_id for i in records.values()}
         for c in svc.driver.list_containers(svc.scope_labels):
             rec = records.get(c.name)
-            accounted = (
-                rec is not None
-                and c.name == container_name(rec.challenge, rec.team_id)
-                and rec.container_id in ("", c.id)
-            )
-            if accounted:
-                continue
-            if now.timestamp() - _created_at(c.created) < grace:
+            if rec is not None and rec.container_id in ("", c.id):
+                continue  # an instance (or a start in flight)
+            if now.timestamp() - _created_at(c.created) < svc.settings.orphan_grace:
                 live_teams.add(c.team_id)
                 continue
             try:
@@ -127,19 +136,19 @@ class Janitor:
                 summary.orphan_containers.append(c.name)
             except CTFError as exc:
                 summary.errors.append(f"{c.name}: {exc}")
-        # 4. orphan networks
+        return live_teams
+
+    def _remove_orphan_networks(self, live_teams: set[str], summary: Summary) -> None:
+        svc = self.service
         for net in svc.driver.list_networks(svc.scope_labels):
             team = net.labels.get("ctf.team", "")
-            if net.containers == 0 and team not in live_teams:
-                try:
-                    if svc.remove_network_if_unused(team, net.id):
-                        summary.orphan_networks.append(net.name)
-                except CTFError as exc:
-                    summary.errors.append(f"{net.name}: {exc}")
-        summary.seconds = time.monotonic() - began
-        if summary.removed or summary.errors or summary.reconciled:
-            log.info("janitor host=%s %s", svc.host, summary.as_dict())
-        return summary
+            if net.containers or team in live_teams:
+                continue
+            try:
+                if svc.remove_network_if_unused(team, net.id):
+                    summary.orphan_networks.append(net.name)
+            except CTFError as exc:
+                summary.errors.append(f"{net.name}: {exc}")
 
     def loop(self, interval: float, passes: int | None = None) -> None:
         """Run :meth:`run_once` every ``interval`` seconds (``passes`` times, or forever)."""

@@ -82,6 +82,7 @@ class InstanceService:
         host: the name of the Docker host this service drives.
         public_host: the host name written in instance URLs.
         host_max: that host's ``max_instances`` (0: no per-host limit).
+
     """
 
     def __init__(
@@ -158,6 +159,7 @@ class InstanceService:
 
         Raises:
             ImageNotFound: missing with policy ``never``, or the registry has no such image.
+
         """
         policy = self.settings.pull_policy
         if policy == "always" or (policy == "if-not-present" and not self.driver.image_present(
@@ -193,6 +195,7 @@ class InstanceService:
             TeamQuotaExceeded, CapacityExhausted, RateLimited: a limit was hit.
             StartFailed: the container exited or never answered.
             BackendUnavailable: Docker or Redis trouble (retryable).
+
         """
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
@@ -359,7 +362,7 @@ class InstanceService:
                           started + timedelta(seconds=ch.max_lifetime))
         port = self._container_port(ch)
         return Instance(
-            team_id=info.team_id, challenge=ch.id, status=status,  # type: ignore[arg-type]
+            team_id=info.team_id, challenge=ch.id, status=status,
             container_name=info.name, container_id=info.id, host=self.host, ports=info.ports,
             url=self._url(ch, info.ports.get(f"{port}/tcp")), started_at=iso(started),
             expires_at=iso(expires),
@@ -376,6 +379,7 @@ class InstanceService:
         Raises:
             InstanceNotFound: there is no such instance.
             RateLimited: the team stops and starts too fast.
+
         """
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
@@ -407,6 +411,7 @@ class InstanceService:
         Args:
             team_id: the team (its network lock is held meanwhile).
             network: the network's name or id; the team's usual network by default.
+
         """
         with self._network_locked(team_id):
             net = self.driver.get_network(network or network_name(team_id))
@@ -424,6 +429,7 @@ class InstanceService:
         Raises:
             InstanceNotFound: there is no such instance.
             MaxLifetimeReached: the instance is already at ``started_at + max_lifetime``.
+
         """
         ch, team = self._validate(challenge, team_id)
         assert ch.ttl is not None and ch.max_lifetime is not None
@@ -450,6 +456,7 @@ class InstanceService:
 
         Raises:
             InstanceNotFound: there is none.
+
         """
         ch, team = self._validate(challenge, team_id)
         inst = self.store.get(ch.id, team)
@@ -467,6 +474,7 @@ class InstanceService:
             challenge: only this challenge's.
             verify: cross-check with Docker (one list call) so a dead container is never
                 reported as running.
+
         """
         if team_id is not None:
             check_team_id(team_id)
@@ -478,14 +486,14 @@ class InstanceService:
         live = {c.name: c for c in self.driver.list_containers(self.scope_labels)}
         result = []
         for inst in found:
-            if inst.host == self.host and inst.status == "running":
-                c = live.get(inst.container_name)
-                if c is None or c.state != "running":
-                    inst = inst.model_copy(update={
-                        "status": "failed",
-                        "error": "the container is no longer running",
-                    })
-            result.append(inst)
+            c = live.get(inst.container_name)
+            dead = inst.host == self.host and inst.status == "running" \
+                and (c is None or c.state != "running")
+            result.append(
+                inst.model_copy(update={"status": "failed",
+                                        "error": "the container is no longer running"})
+                if dead else inst
+            )
         return result
 
     # -- reconcile --------------------------------------------------------------------------
@@ -507,7 +515,8 @@ class InstanceService:
             try:
                 ch = self.catalog.get(c.challenge)
                 check_team_id(c.team_id)
-            except Exception:  # noqa: BLE001  # not an instance: the janitor's orphan pass
+            except CTFError:
+                log.info("reconcile: %s is not an instance; left to the janitor", c.name)
                 continue
             if c.name != container_name(ch.id, c.team_id):
                 continue

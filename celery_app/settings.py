@@ -85,8 +85,9 @@ class Settings(BaseSettings):
         try:
             return str(ipaddress.IPv4Network(value, strict=True))
         except ValueError as exc:
-            raise ValueError(f"CTF_TEAM_SUBNET_POOL must be an IPv4 CIDR like 10.213.0.0/16: {exc}")\
-                from None
+            raise ValueError(
+                f"CTF_TEAM_SUBNET_POOL must be an IPv4 CIDR like 10.213.0.0/16: {exc}"
+            ) from None
 
     @field_validator("publish_ip")
     @classmethod
@@ -159,6 +160,7 @@ def load_settings(**overrides: object) -> Settings:
 
     Raises:
         pydantic.ValidationError: when a setting has an invalid value.
+
     """
     settings = Settings(**overrides)  # type: ignore[arg-type]
     updates: dict[str, SecretStr] = {}

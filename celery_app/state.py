@@ -16,10 +16,11 @@ Keys (prefix ``ctf:``)::
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis
 import redis.exceptions
@@ -73,6 +74,7 @@ class StateStore:
 
     Args:
         client: a redis-py client (``decode_responses=True``).
+
     """
 
     def __init__(self, client: redis.Redis) -> None:
@@ -100,11 +102,12 @@ class StateStore:
 
     def instance_lock(self, challenge: str, team_id: str, timeout: float) -> Lock:
         """A lock on one (challenge, team); it expires after ``timeout`` if its holder dies."""
-        return self.redis.lock(f"{P}lock:{instance_key(challenge, team_id)}", timeout=timeout)
+        return cast(Lock, self.redis.lock(f"{P}lock:{instance_key(challenge, team_id)}",
+                                          timeout=timeout))
 
     def network_lock(self, team_id: str) -> Lock:
         """A short lock on a team's network (creation and removal)."""
-        return self.redis.lock(f"{P}netlock:{team_id}", timeout=60)
+        return cast(Lock, self.redis.lock(f"{P}netlock:{team_id}", timeout=60))
 
     # -- instances --------------------------------------------------------------------------
 
@@ -122,6 +125,7 @@ class StateStore:
         Raises:
             TeamQuotaExceeded: the team is at ``per_team`` instances.
             CapacityExhausted: the service (or the host) is at its maximum.
+
         """
         with map_redis_errors("reserve instance"):
             result = self._reserve(
@@ -169,7 +173,7 @@ class StateStore:
             pipe.zrem(f"{P}expiry", key)
             pipe.execute()
 
-    def _load(self, keys: Iterable[str]) -> list[Instance]:
+    def _load(self, keys: Iterable[str]) -> builtins.list[Instance]:
         keys = sorted(keys)
         if not keys:
             return []
@@ -179,15 +183,15 @@ class StateStore:
 
     def list(
         self, team_id: str | None = None, challenge: str | None = None, host: str | None = None
-    ) -> list[Instance]:
+    ) -> builtins.list[Instance]:
         """Return the recorded instances, filtered by what is given."""
         with map_redis_errors("list instances"):
             if team_id is not None:
-                keys: Iterable[str] = self.redis.smembers(f"{P}team:{team_id}")
+                keys = cast(set[str], self.redis.smembers(f"{P}team:{team_id}"))
             elif host is not None:
-                keys = self.redis.smembers(f"{P}host:{host}")
+                keys = cast(set[str], self.redis.smembers(f"{P}host:{host}"))
             else:
-                keys = self.redis.zrange(f"{P}expiry", 0, -1)
+                keys = set(cast(builtins.list[str], self.redis.zrange(f"{P}expiry", 0, -1)))
         found = self._load(keys)
         return [
             i for i in found
@@ -201,20 +205,21 @@ class StateStore:
                 return int(self.redis.zcard(f"{P}expiry"))
             return int(self.redis.scard(f"{P}host:{host}"))
 
-    def expired(self, now: float) -> list[str]:
+    def expired(self, now: float) -> builtins.list[str]:
         """Return the keys of instances whose expiry is at or before ``now`` (epoch s)."""
         with map_redis_errors("read expiry index"):
-            return list(self.redis.zrangebyscore(f"{P}expiry", "-inf", now))
+            return cast(builtins.list[str], self.redis.zrangebyscore(f"{P}expiry", "-inf", now))
 
-    def replace_host(self, host: str, instances: list[Instance]) -> tuple[int, int]:
+    def replace_host(self, host: str, instances: builtins.list[Instance]) -> tuple[int, int]:
         """Make the index of ``host`` hold exactly ``instances`` (reconcile).
 
         Returns:
             ``(added, removed)`` counts of index entries.
+
         """
         wanted = {i.key: i for i in instances}
         with map_redis_errors("reconcile index"):
-            have = set(self.redis.smembers(f"{P}host:{host}"))
+            have = cast(set[str], self.redis.smembers(f"{P}host:{host}"))
         removed = 0
         for key in have - set(wanted):
             challenge, _, team_id = key.partition("/")
@@ -234,6 +239,7 @@ class StateStore:
 
         Raises:
             RateLimited: the team went past ``limit`` actions in ``window`` seconds.
+
         """
         now = time.time()
         bucket = int(now // window)

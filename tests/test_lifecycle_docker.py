@@ -15,6 +15,15 @@ import docker
 import pytest
 import redis
 from celery import Celery
+from conftest import (
+    BUSYBOX,
+    HTTP_DOCKERFILE,
+    RUN_ID,
+    TEST_LABEL,
+    build_image,
+    free_port,
+    wait_for,
+)
 
 from celery_app.context import Context
 from celery_app.errors import (
@@ -26,15 +35,6 @@ from celery_app.errors import (
 )
 from celery_app.flags import check_flag, team_flag
 from celery_app.models import parse_iso, utcnow
-from conftest import (
-    BUSYBOX,
-    HTTP_DOCKERFILE,
-    RUN_ID,
-    TEST_LABEL,
-    build_image,
-    free_port,
-    wait_for,
-)
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -214,7 +214,7 @@ def test_subnet_pool_exhausted(make_ctx: Callable[..., Context], docker_client: 
 
 
 def test_containers_are_hardened(ctx: Context, docker_client: Any) -> None:
-    """docker inspect shows caps dropped, no-new-privileges, memory/CPU/pids limits, loopback."""
+    """Docker inspect shows caps dropped, no-new-privileges, memory/CPU/pids limits, loopback."""
     inst = ctx.service.start("web", "hard")  # memory 64m, cpus 0.5, pids 64
     hc = docker_client.api.inspect_container(inst.container_id)["HostConfig"]
     assert hc["CapDrop"] == ["ALL"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import docker
 import pytest
+from conftest import TEST_LABEL, TEST_POOL
 
 from celery_app.context import Context
 from celery_app.errors import (
@@ -17,7 +18,6 @@ from celery_app.errors import (
     StartFailed,
     UnknownChallenge,
 )
-from conftest import TEST_LABEL, TEST_POOL
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 

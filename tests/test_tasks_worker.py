@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from celery import Celery
-
 from conftest import TEST_LABEL, Worker, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.usefixtures("clean_worker_state")]
@@ -58,7 +57,7 @@ def test_invalid_team_id_fails_at_once_without_retry(
     assert type(info.value).__name__ == "InvalidTeamId"
     assert result.state == "FAILURE"
     assert _containers(docker_client) == []
-    assert f"Retry in" not in worker.log().split(result.id, 1)[-1][:2000]
+    assert "Retry in" not in worker.log().split(result.id, 1)[-1][:2000]
 
 
 def test_unknown_challenge_fails_at_once(celery_client: Celery, docker_client: Any) -> None:
