@@ -472,6 +472,20 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
         found = disp.store.list(challenge=challenge)
         return {"instances": [i.public() for i in found if status in (None, i.status)]}
 
+    @app.get("/api/v1/capacity", responses=_ERRORS, tags=["admin"])
+    def capacity(who: Who) -> dict[str, Any]:
+        """Return instances in use against ``CTF_MAX_INSTANCES``, total and per host (admin)."""
+        who.require_admin()
+        per_host: dict[str, int] = {}
+        for inst in disp.store.list():
+            per_host[inst.host] = per_host.get(inst.host, 0) + 1
+        return {
+            "used": sum(per_host.values()),
+            "limit": disp.settings.max_instances,
+            "per_team_limit": disp.settings.max_instances_per_team,
+            "hosts": [{"host": h, "used": n} for h, n in sorted(per_host.items())],
+        }
+
     @app.get("/api/v1/tasks/{task_id}", responses=_ERRORS, tags=["tasks"])
     def get_task(
         task_id: Annotated[str, Path(max_length=200)], who: Who
