@@ -215,12 +215,16 @@ class DockerDriver:
         if self._client is None:
             with self._client_lock, map_docker_errors("connect to Docker"):
                 if self._client is None:
+                    # Enough pooled connections for the worker's threads and the janitor's.
                     if self._base_url:
                         self._client = docker.DockerClient(
-                            base_url=self._base_url, timeout=int(self._timeout), version="auto"
+                            base_url=self._base_url, timeout=int(self._timeout),
+                            version="auto", max_pool_size=32,
                         )
                     else:
-                        self._client = docker.from_env(timeout=int(self._timeout))
+                        self._client = docker.from_env(
+                            timeout=int(self._timeout), max_pool_size=32
+                        )
         return self._client
 
     def close(self) -> None:

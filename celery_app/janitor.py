@@ -8,16 +8,21 @@ racing a user's stop, are harmless.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from redis.exceptions import LockError
 
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
 from celery_app.models import utcnow
 from celery_app.naming import split_instance_key
 from celery_app.service import InstanceService
+from celery_app.state import map_redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,7 @@ class Summary:
     orphan_containers: list[str] = field(default_factory=list)
     orphan_networks: list[str] = field(default_factory=list)
     reconciled: bool = False
+    skipped: bool = False
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -45,6 +51,7 @@ class Summary:
             "orphan_containers": self.orphan_containers,
             "orphan_networks": self.orphan_networks,
             "reconciled": self.reconciled,
+            "skipped": self.skipped,
             "errors": self.errors,
             "seconds": round(self.seconds, 3),
         }
@@ -86,6 +93,24 @@ class Janitor:
         now = now or utcnow()
         began = time.monotonic()
         summary = Summary()
+        # 0. one pass at a time per host: passes queued behind a long one would only wait
+        #    on the same instance locks and hold worker threads.
+        lock = self.service.store.redis.lock(f"ctf:janitor:{self.service.host}", timeout=300)
+        with map_redis_errors("janitor lock"):
+            if not lock.acquire(blocking=False):
+                summary.skipped = True
+                return summary
+        try:
+            self._pass(now, summary)
+        finally:
+            with contextlib.suppress(LockError), map_redis_errors("janitor unlock"):
+                lock.release()
+        summary.seconds = time.monotonic() - began
+        if summary.removed or summary.errors or summary.reconciled:
+            log.info("janitor host=%s %s", self.service.host, summary.as_dict())
+        return summary
+
+    def _pass(self, now: datetime, summary: Summary) -> None:
         # 1. Redis lost the index: rebuild it before judging anything an orphan.
         if not self.service.index_is_complete():
             self.service.reconcile(now)
@@ -96,28 +121,39 @@ class Janitor:
         live_teams = self._remove_orphan_containers(now, summary)
         # 4. orphan networks
         self._remove_orphan_networks(live_teams, summary)
-        summary.seconds = time.monotonic() - began
-        if summary.removed or summary.errors or summary.reconciled:
-            log.info("janitor host=%s %s", self.service.host, summary.as_dict())
-        return summary
 
     def _reap_expired(self, now: datetime, summary: Summary) -> None:
         svc = self.service
+        mine = []
         for key in svc.store.expired(now.timestamp()):
             challenge, team = split_instance_key(key)
             record = svc.store.get(challenge, team)
-            if record is not None and record.host != svc.host:
-                continue  # another host's janitor reaps it
-            try:
-                svc.stop(challenge, team, rate_limit=False)
+            if record is None or record.host == svc.host:  # other hosts reap their own
+                mine.append((key, challenge, team))
+        if not mine:
+            return
+        # Each stop takes its own locks; removals run side by side because Docker's forced
+        # removal, not our code, is what takes the time.
+        workers = min(svc.settings.janitor_concurrency, len(mine))
+        with ThreadPoolExecutor(workers, thread_name_prefix="janitor") as pool:
+            outcomes = list(pool.map(lambda item: self._reap_one(*item), mine))
+        for key, outcome in outcomes:
+            if outcome == "removed":
                 summary.expired.append(key)
-            except InstanceNotFound:
-                svc.store.delete(challenge, team, svc.host)  # already gone: done
-                summary.expired.append(key)
-            except InstanceBusy:
-                continue  # a user is acting on it; the next pass sees it again
-            except CTFError as exc:
-                summary.errors.append(f"{key}: {exc}")
+            elif outcome:
+                summary.errors.append(f"{key}: {outcome}")
+
+    def _reap_one(self, key: str, challenge: str, team: str) -> tuple[str, str]:
+        svc = self.service
+        try:
+            svc.stop(challenge, team, rate_limit=False, lock_wait=2.0)
+        except InstanceNotFound:
+            svc.store.delete(challenge, team, svc.host)  # already gone: done
+        except InstanceBusy:
+            return key, ""  # a user is acting on it; the next pass sees it again
+        except CTFError as exc:
+            return key, str(exc)
+        return key, "removed"
 
     def _remove_orphan_containers(self, now: datetime, summary: Summary) -> set[str]:
         """Remove unaccounted containers; return the teams that still have something."""

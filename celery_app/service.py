@@ -114,11 +114,16 @@ class InstanceService:
         return self.catalog.get(challenge), team
 
     @contextlib.contextmanager
-    def _locked(self, challenge: str, team_id: str, hold: float) -> Iterator[None]:
+    def _locked(
+        self, challenge: str, team_id: str, hold: float, wait: float | None = None
+    ) -> Iterator[None]:
         """Hold the (challenge, team) lock; released in ``finally``, expires if we die."""
         lock = self.store.instance_lock(challenge, team_id, timeout=hold)
         with map_redis_errors("lock instance"):
-            acquired = lock.acquire(blocking=True, blocking_timeout=self.settings.lock_wait)
+            acquired = lock.acquire(
+                blocking=True,
+                blocking_timeout=self.settings.lock_wait if wait is None else wait,
+            )
         if not acquired:
             raise InstanceBusy(
                 f"another operation on {challenge} for team {team_id} is still running; "
@@ -370,8 +375,17 @@ class InstanceService:
 
     # -- stop -------------------------------------------------------------------------------
 
-    def stop(self, challenge: str, team_id: str, *, rate_limit: bool = True) -> dict[str, str]:
+    def stop(
+        self, challenge: str, team_id: str, *, rate_limit: bool = True,
+        lock_wait: float | None = None,
+    ) -> dict[str, str]:
         """Stop and remove the team's instance, and the team network if it was the last.
+
+        Args:
+            challenge: a catalog id.
+            team_id: the team.
+            rate_limit: count this stop against the team's rate limit (not for the janitor).
+            lock_wait: seconds to wait for a running start/stop of the same instance.
 
         Returns:
             ``{"team_id", "challenge", "status": "stopped"}``.
@@ -384,7 +398,7 @@ class InstanceService:
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
         # 1. lock (challenge, team)
-        with self._locked(ch.id, team, hold=120):
+        with self._locked(ch.id, team, hold=120, wait=lock_wait):
             # 2. is there anything to stop?
             record = self.store.get(ch.id, team)
             existing = self.driver.get_container(name)

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     hosts_file: Path | None = None
     # Which host of CTF_HOSTS_FILE this worker serves ("local" without a hosts file).
     host: str = "local"
+    # A worker refreshes its host's heartbeat every third of this; gone after this long.
+    heartbeat_ttl: float = Field(15.0, ge=1, le=300)
     admin_token: SecretStr | None = None
     flag_secret: SecretStr | None = None
     flag_format: str = "CTF{{{digest}}}"
@@ -57,6 +59,8 @@ class Settings(BaseSettings):
     rate_limit_window: int = Field(60, gt=0)
     pull_policy: PullPolicy = "if-not-present"
     janitor_interval: float = Field(5.0, gt=0, le=10)
+    # Expired instances removed at once per pass; Docker's forced removal dominates the time.
+    janitor_concurrency: int = Field(8, ge=1, le=64)
     # Grace before a container with our labels but no record is an orphan (a start in flight).
     orphan_grace: float = Field(30.0, ge=0)
     data_dir: Path = Path(".data")

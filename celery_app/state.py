@@ -11,13 +11,14 @@ Keys (prefix ``ctf:``)::
     ctf:host:<host>               set   <challenge>/<team>
     ctf:lock:<challenge>/<team>   redis-py Lock around start/stop/extend of one instance
     ctf:netlock:<team>            redis-py Lock around a team's network and container creation
-    ctf:rate:<team>:<window>      counter of start/stop actions in the current window
+    ctf:rate:<team>               zset of start/stop actions in the sliding window
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Final, cast
@@ -65,6 +66,21 @@ def map_redis_errors(what: str) -> Iterator[None]:
         raise RedisUnavailable(f"{what}: Redis is loading its data; retry shortly") from exc
 
 
+# Sliding-window rate limit: drop entries older than the window, count, admit or say how
+# long until the oldest entry leaves the window.
+_RATE = """
+local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= limit then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return tostring(tonumber(oldest[2]) + window - now)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('EXPIRE', KEYS[1], math.ceil(window) + 1)
+return '0'
+"""
+
+
 def _key(inst_key: str) -> str:
     return f"{P}inst:{inst_key}"
 
@@ -80,6 +96,7 @@ class StateStore:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._reserve = client.register_script(_RESERVE)
+        self._rate = client.register_script(_RATE)
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -235,25 +252,23 @@ class StateStore:
     # -- rate limit -------------------------------------------------------------------------
 
     def hit_rate(self, team_id: str, limit: int, window: int) -> None:
-        """Count one start/stop of ``team_id`` in a fixed window.
+        """Count one start/stop of ``team_id`` in a sliding window of ``window`` seconds.
+
+        A sliding window (not a fixed one) so a loop cannot get twice the limit by
+        straddling a window's edge; refused attempts are not counted.
 
         Raises:
-            RateLimited: the team went past ``limit`` actions in ``window`` seconds.
+            RateLimited: the team already made ``limit`` actions in the last ``window`` s.
 
         """
         now = time.time()
-        bucket = int(now // window)
-        key = f"{P}rate:{team_id}:{bucket}"
         with map_redis_errors("rate limit"):
-            pipe = self.redis.pipeline()
-            pipe.incr(key)
-            pipe.expire(key, window + 1)
-            count = int(pipe.execute()[0])
-        if count > limit:
-            wait = int((bucket + 1) * window - now) + 1
+            wait = float(self._rate(keys=[f"{P}rate:{team_id}"],
+                                    args=[now, window, limit, f"{now}:{os.urandom(4).hex()}"]))
+        if wait > 0:
             raise RateLimited(
-                f"team {team_id} made more than {limit} start/stop requests in {window} s; "
-                f"wait {wait} s and try again"
+                f"team {team_id} made {limit} start/stop requests in the last {window} s; "
+                f"wait {int(wait) + 1} s and try again"
             )
 
     # -- misc -------------------------------------------------------------------------------

@@ -52,6 +52,16 @@ def wait_for(
         time.sleep(interval)
 
 
+def janitor_pass(ctx: Context, now: Any = None) -> Any:
+    """Run one janitor pass, waiting out a pass the session's worker may be running."""
+
+    def attempt() -> Any:
+        summary = ctx.janitor.run_once(now)
+        return None if summary.skipped else summary
+
+    return wait_for(attempt, 30, 0.05, "a janitor pass that is not skipped")
+
+
 def free_port() -> int:
     """Return a TCP port that is free on 127.0.0.1 right now."""
     with socket.socket() as s:

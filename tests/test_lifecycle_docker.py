@@ -22,6 +22,7 @@ from conftest import (
     TEST_LABEL,
     build_image,
     free_port,
+    janitor_pass,
     wait_for,
 )
 
@@ -82,12 +83,23 @@ def test_janitor_removes_expired_instances(ctx: Context, docker_client: Any) -> 
     """A janitor pass after the expiry removes the container and the record."""
     ctx.service.start("web", "old")
     ctx.service.start("web", "young")
-    summary = ctx.janitor.run_once(utcnow() + timedelta(seconds=601))
+    summary = janitor_pass(ctx, utcnow() + timedelta(seconds=601))
     assert sorted(summary.expired) == ["web/old", "web/young"]
     assert _containers(docker_client) == []
     assert ctx.service.status() == []
     # A second janitor (or a racing stop) finds nothing and reports nothing: harmless.
-    assert ctx.janitor.run_once(utcnow() + timedelta(seconds=601)).removed == 0
+    assert janitor_pass(ctx, utcnow() + timedelta(seconds=601)).removed == 0
+
+
+def test_janitor_passes_do_not_pile_up(ctx: Context) -> None:
+    """A pass that finds another pass of the same host running skips instead of queueing."""
+    lock = ctx.store.redis.lock("ctf:janitor:local", timeout=30)
+    assert lock.acquire(blocking=False)
+    try:
+        assert ctx.janitor.run_once().skipped
+    finally:
+        lock.release()
+    assert not ctx.janitor.run_once().skipped
 
 
 def test_janitor_removes_orphan_container_and_network(ctx: Context, docker_client: Any,
@@ -100,7 +112,7 @@ def test_janitor_removes_orphan_container_and_network(ctx: Context, docker_clien
         f"ctf-team-lonely-{RUN_ID}", labels={**TEST_LABEL, "ctf.managed": "true",
                                               "ctf.team": "lonely"})
     kept = ctx.service.start("web", "alive")
-    summary = ctx.janitor.run_once(utcnow() + timedelta(seconds=60))
+    summary = janitor_pass(ctx, utcnow() + timedelta(seconds=60))
     # The session's worker runs a janitor too: whichever gets there first removes them.
     assert set(summary.orphan_containers) <= {f"stray-{RUN_ID}"}
     assert set(summary.orphan_networks) <= {net.name}
@@ -131,7 +143,7 @@ def test_janitor_after_flushall_adopts_instead_of_deleting(ctx: Context, redis_s
     """A janitor pass on an emptied Redis reconciles first: nothing running is removed."""
     inst = ctx.service.start("web", "survivor")
     redis.Redis.from_url(f"{redis_server.url}/2").flushall()
-    summary = ctx.janitor.run_once(utcnow() + timedelta(seconds=30))
+    summary = janitor_pass(ctx, utcnow() + timedelta(seconds=30))
     assert summary.reconciled
     assert summary.orphan_containers == []
     assert [c.id for c in _containers(docker_client)] == [inst.container_id]
