@@ -8,6 +8,7 @@ body), answers ``{"error": code, "detail": text}``; the only 5xx is 503.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -227,7 +228,11 @@ class Health:
             redis_ok = self.dispatcher.store.ping()
             workers = self._workers() if redis_ok else 0
             docker: bool | str = self._driver.ping() if self._driver is not None else "n/a"
-            body = {"redis": redis_ok, "docker": docker, "workers": workers}
+            body: dict[str, Any] = {"redis": redis_ok, "docker": docker, "workers": workers}
+            if redis_ok:
+                with contextlib.suppress(CTFError):
+                    loads = self.dispatcher.host_loads()
+                    body["hosts"] = {"alive": sum(h.alive for h in loads), "total": len(loads)}
             self._cached = (body, redis_ok and workers > 0 and docker is not False)
             self._at = time.monotonic()
             return self._cached
@@ -402,14 +407,17 @@ def _instance_routes(app: FastAPI, disp: Dispatcher, metrics: ApiMetrics) -> Non
     def list_team_instances(team_id: TeamId, who: Who) -> dict[str, Any]:
         """Return the team's instances, from the Redis index: ``{"instances": [...]}``."""
         who.require_team(team_id)
-        return {"instances": [i.public() for i in disp.store.list(team_id=team_id)]}
+        return {"instances": disp.present(disp.store.list(team_id=team_id))}
 
     @app.get("/api/v1/teams/{team_id}/instances/{challenge}", responses=_ERRORS,
              tags=["instances"])
     def get_instance(team_id: TeamId, challenge: ChallengeId, who: Who) -> dict[str, Any]:
-        """Return the team's instance of a challenge, or 404 ``instance_not_found``."""
+        """Return the team's instance of a challenge, or 404 ``instance_not_found``.
+
+        On a host whose worker is gone it is not shown as running: ``host_up`` is false.
+        """
         who.require_team(team_id)
-        return disp.instance(challenge, team_id).public()
+        return disp.present([disp.instance(challenge, team_id)])[0]
 
     @app.delete("/api/v1/teams/{team_id}/instances/{challenge}", status_code=202,
                 responses={**_ERRORS, 200: {"description": "stopped (with ?wait)"}},
@@ -469,21 +477,31 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
         who.require_admin()
         if challenge is not None:
             disp.catalog.get(challenge)
-        found = disp.store.list(challenge=challenge)
-        return {"instances": [i.public() for i in found if status in (None, i.status)]}
+        found = disp.present(disp.store.list(challenge=challenge))
+        return {"instances": [i for i in found if status in (None, i["status"])]}
 
     @app.get("/api/v1/capacity", responses=_ERRORS, tags=["admin"])
     def capacity(who: Who) -> dict[str, Any]:
-        """Return instances in use against ``CTF_MAX_INSTANCES``, total and per host (admin)."""
+        """Return instances in use against ``CTF_MAX_INSTANCES``, total and per host (admin).
+
+        Each host of ``CTF_HOSTS_FILE`` (SPEC §10) shows ``used``, its ``max`` and ``room``,
+        and ``alive``: whether its worker sends heartbeats (new instances go only there).
+        """
         who.require_admin()
         per_host: dict[str, int] = {}
         for inst in disp.store.list():
             per_host[inst.host] = per_host.get(inst.host, 0) + 1
+        hosts = []
+        for load in disp.host_loads():
+            per_host.pop(load.name, None)
+            hosts.append({"host": load.name, **load.as_dict()})
+        # Instances on a host no longer in the hosts file: shown, with no worker of ours.
+        hosts += [{"host": h, "used": n, "alive": False} for h, n in sorted(per_host.items())]
         return {
-            "used": sum(per_host.values()),
+            "used": sum(h["used"] for h in hosts),
             "limit": disp.settings.max_instances,
             "per_team_limit": disp.settings.max_instances_per_team,
-            "hosts": [{"host": h, "used": n} for h, n in sorted(per_host.items())],
+            "hosts": hosts,
         }
 
     @app.get("/api/v1/tasks/{task_id}", responses=_ERRORS, tags=["tasks"])

@@ -6,12 +6,37 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
 app = Celery("ctf_instancer", include=["celery_app.tasks"])
 app.config_from_object("celery_app.celery_config")
 
 log = logging.getLogger(__name__)
+
+_heartbeat: Any = None
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
+    """Say in Redis that this worker's Docker host is served (see celery_app.hosts)."""
+    global _heartbeat  # noqa: PLW0603  # one per worker process
+    from celery_app.context import get_context  # noqa: PLC0415  # only inside the worker
+    from celery_app.hosts import Heartbeat  # noqa: PLC0415
+
+    try:
+        ctx = get_context()
+        _heartbeat = Heartbeat(ctx.store, ctx.service.host, ctx.settings.heartbeat_ttl,
+                               worker=getattr(sender, "hostname", "") or "")
+        _heartbeat.start()
+    except Exception:
+        log.exception("cannot start the host heartbeat; this host will look down")
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_kwargs: Any) -> None:
+    """Withdraw the heartbeat at once, so starts go elsewhere while this worker is away."""
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 @worker_ready.connect

@@ -2,9 +2,13 @@
 
 ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` override the two Redis URLs;
 ``CTF_JANITOR_INTERVAL`` sets how often the beat runs the janitor (at most every 10 s).
+Each worker runs its own beat (``-B``), whose janitor task goes to the queue of the worker's
+own Docker host (``CTF_HOST``), so every host is reaped by its own worker (SPEC §10).
 """
 
 import os
+
+from celery_app.routing import host_queue
 
 broker_url = os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0")
 result_backend = os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/1")
@@ -39,6 +43,6 @@ beat_schedule = {
     "reap-expired": {
         "task": "celery_app.tasks.reap_expired",
         "schedule": min(float(os.environ.get("CTF_JANITOR_INTERVAL", "5")), 10.0),
-        "options": {"expires": 30},
+        "options": {"expires": 30, "queue": host_queue(os.environ.get("CTF_HOST", "local"))},
     },
 }

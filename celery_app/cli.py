@@ -36,7 +36,8 @@ from rich.table import Table
 
 from celery_app.catalog import load_catalog
 from celery_app.client import Dispatcher, TaskView
-from celery_app.errors import CatalogError, CTFError
+from celery_app.errors import CatalogError, CTFError, HostsFileError
+from celery_app.hosts import load_hosts
 from celery_app.models import Instance, parse_iso
 from celery_app.naming import check_team_id
 from celery_app.routing import DEFAULT_QUEUE, host_queue, queues_for
@@ -131,7 +132,8 @@ def _instance_table(instances: list[dict[str, Any]], title: str | None = None) -
             str(inst.get("team_id", "")), str(inst.get("challenge", "")),
             f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]",
             _in(inst["expires_at"]) if inst.get("expires_at") else "-",
-            str(inst.get("host", "")), str(inst.get("url") or inst.get("error") or "-"),
+            str(inst.get("host", "")) + ("" if inst.get("host_up", True) else " [red](down)[/]"),
+            str(inst.get("url") or inst.get("error") or "-"),
         )
     return table
 
@@ -262,13 +264,34 @@ def status(
         if challenge is not None:
             disp.catalog.get(challenge)
         found: list[Instance] = disp.store.list(team_id=team, challenge=challenge)
-    instances = [i.public() for i in found]
+        instances = disp.present(found)
     if as_json:
         _print_json({"instances": instances})
     elif not instances:
         out.print("no instances")
     else:
         out.print(_instance_table(instances, f"{len(instances)} instance(s)"))
+
+
+@app.command()
+def hosts(as_json: JsonOpt = False) -> None:
+    """Show the Docker hosts: instances used/max, room, and whether their worker is alive."""
+    disp = _dispatcher()
+    with _errors():
+        loads = [h.as_dict() for h in disp.host_loads()]
+    if as_json:
+        _print_json({"hosts": loads})
+        return
+    table = Table(title=f"{len(loads)} host(s) from {disp.hosts.source}")
+    for column in ("host", "worker", "used", "max", "room", "public host", "queue"):
+        table.add_column(column)
+    for h in loads:
+        table.add_row(h["name"], "[green]alive[/]" if h["alive"] else "[red]gone[/]",
+                      str(h["used"]), str(h["max"]), str(h["room"]), h["public_host"],
+                      h["queue"])
+    out.print(table)
+    if loads and not any(h["alive"] for h in loads):
+        err.print("[yellow]no worker heartbeat at all[/]: are the workers running?")
 
 
 @app.command()
@@ -404,8 +427,14 @@ def check() -> None:
     try:
         settings = load_settings()
         catalog = load_catalog(settings)
+        known = load_hosts(settings)
+        if settings.hosts_file is not None:
+            known.get_host(settings.host)
     except CatalogError as exc:
         err.print(f"[bold red]catalog error[/]: {exc.detail}", highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    except HostsFileError as exc:
+        err.print(f"[bold red]hosts file error[/]: {exc.detail}", highlight=False)
         raise typer.Exit(EXIT_ERROR) from None
     except ValidationError as exc:
         err.print(f"[bold red]settings error[/]: {exc}", highlight=False)

@@ -23,9 +23,10 @@ from redis.retry import Retry
 from celery_app import errors
 from celery_app.catalog import Catalog, Challenge, load_catalog
 from celery_app.errors import CTFError, InstanceNotFound
+from celery_app.hosts import HostLoad, Hosts, host_loads, load_hosts, pick_host, present
 from celery_app.models import Instance
 from celery_app.naming import check_team_id
-from celery_app.routing import DEFAULT_QUEUE, host_queue
+from celery_app.routing import host_queue
 from celery_app.settings import Settings
 from celery_app.state import StateStore, map_redis_errors
 
@@ -153,6 +154,7 @@ class Dispatcher:
         catalog: the challenges (loaded from the settings when ``None``).
         store: the Redis state store (connected from the settings when ``None``).
         celery: a Celery client (built from the settings when ``None``).
+        hosts: the Docker hosts (loaded from ``CTF_HOSTS_FILE`` when ``None``).
 
     """
 
@@ -162,9 +164,11 @@ class Dispatcher:
         catalog: Catalog | None = None,
         store: StateStore | None = None,
         celery: Celery | None = None,
+        hosts: Hosts | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog or load_catalog(settings)
+        self.hosts = hosts or load_hosts(settings)
         self.store = store or make_store(settings)
         self.celery = celery or make_celery(settings)
 
@@ -227,10 +231,28 @@ class Dispatcher:
     def queue_for(self, record: Instance | None) -> str:
         """Return the queue of the worker that owns ``record``'s Docker host.
 
-        An existing instance's tasks go to its host's worker (SPEC §10); a new one goes to the
-        default queue, which every worker consumes.
+        An existing instance's tasks go to its host's worker (SPEC §10); a new one goes to
+        the live host with the most room (:func:`celery_app.hosts.pick_host`).
+
+        Raises:
+            CapacityExhausted: a new instance, and no live host has room.
+
         """
-        return host_queue(record.host) if record is not None else DEFAULT_QUEUE
+        if record is not None:
+            return host_queue(record.host)
+        return host_queue(pick_host(self.hosts, self.store))
+
+    def host_loads(self) -> list[HostLoad]:
+        """Return every Docker host's used/max instances and whether its worker is alive."""
+        return host_loads(self.hosts, self.store)
+
+    def present(self, instances: list[Instance]) -> list[dict[str, Any]]:
+        """Return instances as listings show them, with ``host_up``.
+
+        None is shown as running on a host whose worker is gone (see
+        :func:`celery_app.hosts.present`).
+        """
+        return present(instances, self.store, self.hosts)
 
     def start(self, challenge: str, team_id: str, owner: str | None) -> tuple[str, dict[str, Any]]:
         """Send a start; return the task id and the instance so far."""

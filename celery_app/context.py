@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from celery_app.catalog import Catalog, load_catalog
 from celery_app.docker_driver import DockerDriver
+from celery_app.hosts import load_hosts
 from celery_app.janitor import Janitor
 from celery_app.service import InstanceService
 from celery_app.settings import Settings, load_settings
@@ -30,11 +31,19 @@ def build_context(settings: Settings) -> Context:
 
     Raises:
         CatalogError: the catalog file has a mistake.
+        HostsFileError: the hosts file has a mistake or no host ``settings.host``.
     """
     catalog = load_catalog(settings)
-    driver = DockerDriver(settings.docker_host)
+    # The Docker host this worker serves (CTF_HOST of CTF_HOSTS_FILE; one "local" without).
+    host = load_hosts(settings).get_host(settings.host)
+    assert host.publish_ip is not None and host.max_instances is not None
+    settings = settings.model_copy(
+        update={"public_host": host.public_host, "publish_ip": host.publish_ip}
+    )
+    driver = DockerDriver(host.docker_url)
     store = StateStore.from_url(settings.state_redis_url)
-    service = InstanceService(settings, catalog, driver, store, host=settings.host)
+    service = InstanceService(settings, catalog, driver, store, host=host.name,
+                              public_host=host.public_host, host_max=host.max_instances)
     return Context(settings, catalog, driver, store, service, Janitor(service))
 
 

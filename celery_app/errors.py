@@ -13,6 +13,7 @@ CTFError                        base: has an API ``code``, an HTTP ``status`` an
 │   ├── RateLimited             rate_limited          429
 │   ├── CapacityExhausted       capacity_exhausted    503
 │   ├── CatalogError            invalid_request       422  (bad catalog file, at start-up)
+│   ├── HostsFileError          invalid_request       422  (bad CTF_HOSTS_FILE or CTF_HOST)
 │   ├── ImageNotFound           invalid_request       422
 │   └── StartFailed             start_failed          503  (exited or never answered)
 └── TransientError              retry with backoff; may work a moment later
@@ -115,6 +116,13 @@ class CapacityExhausted(PermanentError):
 
 class CatalogError(PermanentError):
     """Raised when the challenge catalog file has a mistake (names challenge and field)."""
+
+    code = "invalid_request"
+    status = 422
+
+
+class HostsFileError(PermanentError):
+    """Raised when ``CTF_HOSTS_FILE`` has a mistake (names host and field) or lacks CTF_HOST."""
 
     code = "invalid_request"
     status = 422

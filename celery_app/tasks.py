@@ -18,6 +18,7 @@ from celery import Task
 from celery_app.celery_app import app
 from celery_app.context import get_context
 from celery_app.errors import CTFError, TransientError
+from celery_app.hosts import load_hosts, present
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")
@@ -97,11 +98,17 @@ def stop_container(self: InstancerTask, challenge: str, team_id: str) -> dict[st
 def get_container_status(
     self: InstancerTask, team_id: str | None = None, challenge: str | None = None
 ) -> dict[str, Any]:
-    """Return ``{"instances": [...]}``, checked against Docker, filtered by what is given."""
-    svc = get_context().service
+    """Return ``{"instances": [...]}``, checked against Docker, filtered by what is given.
+
+    Instances of other hosts come from the index; those whose host has no live worker are
+    not shown as running (``host_up`` false).
+    """
+    ctx = get_context()
+    hosts = load_hosts(ctx.settings)
     return _logged(
         "get_container_status", challenge, team_id,
-        lambda: {"instances": [i.public() for i in svc.status(team_id, challenge, verify=True)]},
+        lambda: {"instances": present(ctx.service.status(team_id, challenge, verify=True),
+                                      ctx.store, hosts)},
     )
 
 

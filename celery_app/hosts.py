@@ -1,0 +1,359 @@
+"""Several Docker hosts (SPEC §10): the hosts file, worker heartbeats and placement.
+
+Each Docker host has its own Celery worker, which consumes the host's queue
+(:func:`celery_app.routing.host_queue`). Celery and Redis do the distribution: the
+:class:`~celery_app.client.Dispatcher` picks a host for a new instance here and sends the
+start to that host's queue; every later task of the instance goes to the queue of the host
+recorded in it.
+
+Liveness: every worker runs a :class:`Heartbeat` thread that keeps ``ctf:hostbeat:<host>``
+alive in the state Redis (TTL ``CTF_HEARTBEAT_TTL``, refreshed every third of it). A host
+whose key has expired has no worker: new instances go elsewhere and its instances are shown
+as unreachable (:func:`present`) until the worker is back. When *no* host has a heartbeat
+(every worker down, or Redis was just flushed) liveness is unknown: placement falls back to
+room alone (the start waits in the queue) and instances are shown as recorded; ``/healthz``
+then reports no worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from celery_app.errors import CapacityExhausted, HostsFileError
+from celery_app.models import Instance
+from celery_app.naming import TEAM_ID_RE
+from celery_app.routing import host_queue
+from celery_app.settings import Settings
+from celery_app.state import StateStore, map_redis_errors
+
+log = logging.getLogger(__name__)
+
+BEAT_PREFIX = "ctf:hostbeat:"
+
+
+class HostConfig(BaseModel):
+    """One Docker host of the hosts file; ``None`` fields take the settings' values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""
+    # None: the worker's environment (DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH).
+    docker_url: str | None = None
+    public_host: str = Field(min_length=1)
+    publish_ip: str | None = None
+    max_instances: int | None = Field(None, gt=0)
+
+    @field_validator("docker_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("unix://", "tcp://", "ssh://",
+                                                       "npipe://", "http://", "https://")):
+            raise ValueError("must be a Docker URL like unix:///var/run/docker.sock, "
+                             "tcp://10.0.0.6:2376 or ssh://user@host")
+        return value
+
+    @field_validator("publish_ip")
+    @classmethod
+    def _check_ip(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError("must be an IP address of that host, like 10.0.0.6") from None
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue its worker consumes."""
+        return host_queue(self.name)
+
+
+class Hosts(Mapping[str, HostConfig]):
+    """The Docker hosts, in the order of the file, by name."""
+
+    def __init__(self, hosts: dict[str, HostConfig], source: str) -> None:
+        self._hosts = hosts
+        self.source = source
+
+    def __getitem__(self, name: str) -> HostConfig:
+        return self._hosts[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._hosts)
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+    def get_host(self, name: str) -> HostConfig:
+        """Return host ``name``.
+
+        Raises:
+            HostsFileError: there is no such host (names the known ones).
+
+        """
+        if name not in self._hosts:
+            raise HostsFileError(
+                f"{self.source}: there is no host {name!r} (known: {', '.join(self._hosts)}); "
+                "set CTF_HOST / --host to one of them or add it to CTF_HOSTS_FILE"
+            )
+        return self._hosts[name]
+
+
+def _format_error(source: str, name: str, exc: ValidationError) -> str:
+    problems = [
+        f"field {'.'.join(str(p) for p in e['loc']) or '?'!r}: {e['msg']}" for e in exc.errors()
+    ]
+    return f"{source}: host {name!r}, " + "; ".join(problems)
+
+
+def build_hosts(raw: object, settings: Settings, source: str = "hosts file") -> Hosts:
+    """Validate a raw ``{"hosts": {...}}`` mapping and fill in the defaults.
+
+    Raises:
+        HostsFileError: naming the host and field that is wrong.
+
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("hosts"), dict):
+        raise HostsFileError(f"{source}: expected a mapping with a 'hosts:' mapping inside")
+    if set(raw) - {"hosts"}:
+        raise HostsFileError(f"{source}: unknown top-level key(s) {sorted(set(raw) - {'hosts'})}; "
+                             "only 'hosts:' is allowed")
+    entries: dict[Any, Any] = raw["hosts"]
+    if not entries:
+        raise HostsFileError(f"{source}: 'hosts:' is empty; add at least one host")
+    hosts: dict[str, HostConfig] = {}
+    for name, entry in entries.items():
+        if not isinstance(name, str) or not TEAM_ID_RE.fullmatch(name):
+            raise HostsFileError(
+                f"{source}: host name {name!r} is invalid: use letters, digits, '_' or '-'"
+            )
+        if not isinstance(entry, dict):
+            raise HostsFileError(f"{source}: host {name!r} must be a mapping of fields")
+        try:
+            host = HostConfig.model_validate({**entry, "name": name})
+        except ValidationError as exc:
+            raise HostsFileError(_format_error(source, name, exc)) from None
+        hosts[name] = host.model_copy(update={
+            "publish_ip": host.publish_ip or settings.publish_ip,
+            "max_instances": host.max_instances or settings.max_instances,
+        })
+    return Hosts(hosts, source)
+
+
+def load_hosts(settings: Settings) -> Hosts:
+    """Load ``CTF_HOSTS_FILE``; without it, one host (``CTF_HOST``, ``local`` by default).
+
+    Raises:
+        HostsFileError: the file cannot be read or has a mistake.
+
+    """
+    path = settings.hosts_file
+    if path is None:
+        only = HostConfig(
+            name=settings.host, docker_url=settings.docker_host,
+            public_host=settings.public_host, publish_ip=settings.publish_ip,
+            max_instances=settings.max_instances,
+        )
+        return Hosts({settings.host: only}, "the default host")
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise HostsFileError(f"CTF_HOSTS_FILE {str(path)!r} cannot be read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise HostsFileError(f"CTF_HOSTS_FILE {str(path)!r} is not valid YAML: {exc}") from exc
+    return build_hosts(raw, settings, str(path))
+
+
+# -- liveness ---------------------------------------------------------------------------------
+
+
+def beat_key(host: str) -> str:
+    """The Redis key that says host ``host`` has a live worker."""
+    return f"{BEAT_PREFIX}{host}"
+
+
+def heartbeats(store: StateStore, names: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+    """Return each host's last heartbeat (``{"worker", "at"}``), ``None`` when it has none."""
+    names = list(names)
+    if not names:
+        return {}
+    with map_redis_errors("read host heartbeats"):
+        raw = store.redis.mget([beat_key(n) for n in names])
+    beats: dict[str, dict[str, Any] | None] = {}
+    for name, value in zip(names, raw, strict=True):
+        try:
+            beats[name] = json.loads(value) if value else None
+        except ValueError:
+            beats[name] = {"worker": "?", "at": None}
+    return beats
+
+
+def liveness(beats: Mapping[str, dict[str, Any] | None]) -> dict[str, bool]:
+    """Return ``{host: alive}`` from :func:`heartbeats`; all alive when none has a heartbeat.
+
+    No heartbeat at all means Redis was just flushed or every worker is down: we cannot tell
+    which, so nothing is judged dead (``/healthz`` reports the missing workers).
+    """
+    if not any(beats.values()):
+        return dict.fromkeys(beats, True)
+    return {name: beat is not None for name, beat in beats.items()}
+
+
+class Heartbeat:
+    """Keeps ``ctf:hostbeat:<host>`` alive while this worker runs (a daemon thread).
+
+    A thread rather than a periodic task: a queue full of slow starts must not make a busy
+    host look dead.
+    """
+
+    def __init__(self, store: StateStore, host: str, ttl: float, worker: str = "") -> None:
+        self.store = store
+        self.host = host
+        self.ttl = ttl
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        """Publish one heartbeat."""
+        value = json.dumps({"worker": self.worker, "at": time.time()})
+        with map_redis_errors("publish heartbeat"):
+            self.store.redis.set(beat_key(self.host), value, px=int(self.ttl * 1000))
+
+    def _run(self) -> None:
+        interval = self.ttl / 3
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001  # keep beating once Redis is back
+                log.warning("heartbeat of host %s failed: %s", self.host, exc)
+            self._stop.wait(interval)
+
+    def start(self) -> None:
+        """Beat now, then every third of the TTL in the background."""
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self.host}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and withdraw the heartbeat (when it is still ours)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with contextlib.suppress(Exception):
+            raw = self.store.redis.get(beat_key(self.host))
+            if raw and json.loads(raw).get("worker") == self.worker:
+                self.store.redis.delete(beat_key(self.host))
+
+
+# -- capacity and placement -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    """One host's capacity as the API and the CLI show it."""
+
+    name: str
+    public_host: str
+    used: int
+    max: int
+    alive: bool
+    last_seen: float | None
+
+    @property
+    def room(self) -> int:
+        """How many more instances fit on it."""
+        return max(0, self.max - self.used)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-able view."""
+        return {"name": self.name, "public_host": self.public_host, "used": self.used,
+                "max": self.max, "room": self.room, "alive": self.alive,
+                "last_seen": self.last_seen, "queue": host_queue(self.name)}
+
+
+def host_loads(hosts: Hosts, store: StateStore) -> list[HostLoad]:
+    """Return every host's used/max instances and liveness (file order)."""
+    beats = heartbeats(store, hosts)
+    alive = liveness(beats)
+    loads = []
+    for name, cfg in hosts.items():
+        beat = beats.get(name)
+        assert cfg.max_instances is not None
+        loads.append(HostLoad(
+            name=name, public_host=cfg.public_host, used=store.count(host=name),
+            max=cfg.max_instances, alive=alive[name],
+            last_seen=beat.get("at") if beat else None,
+        ))
+    return loads
+
+
+def pick_host(hosts: Hosts, store: StateStore) -> str:
+    """Return the live host with the most room for a new instance (ties: at random).
+
+    Raises:
+        CapacityExhausted: no live host has room.
+
+    """
+    loads = host_loads(hosts, store)
+    candidates = [h for h in loads if h.alive and h.room > 0]
+    if not candidates:
+        seen = ", ".join(f"{h.name} {h.used}/{h.max}{'' if h.alive else ' (no worker)'}"
+                         for h in loads)
+        raise CapacityExhausted(
+            f"no Docker host with a live worker has room ({seen}); try again when instances "
+            "have expired, start the missing workers, or raise max_instances in CTF_HOSTS_FILE"
+        )
+    most = max(h.room for h in candidates)
+    return random.choice([h.name for h in candidates if h.room == most])  # noqa: S311
+
+
+# -- how instances are shown ------------------------------------------------------------------
+
+
+def present(
+    instances: Iterable[Instance], store: StateStore, hosts: Iterable[str]
+) -> list[dict[str, Any]]:
+    """Return the instances as listings show them; ``host_up: false`` on a host that is down.
+
+    ``hosts`` are the configured host names: liveness is judged over all of them (and the
+    hosts the instances name), so "no heartbeat anywhere" is told apart from "this one is down".
+
+    An instance whose host has no live worker is not shown as running: its ``status`` is
+    ``failed`` (when it was starting or running) with an ``error`` that says why, and
+    ``host_up`` is false (the field is there only then, like ``error``, so the instance of a
+    live host is exactly SPEC §4's). Nothing is written: when the worker is back, so is the
+    instance, as it was.
+    """
+    found = list(instances)
+    alive = liveness(heartbeats(store, sorted({*hosts, *(i.host for i in found)})))
+    shown = []
+    for inst in found:
+        data = inst.public()
+        if alive.get(inst.host, True):
+            shown.append(data)
+            continue
+        data["host_up"] = False
+        if inst.status in ("running", "starting"):
+            data["status"] = "failed"
+            data["error"] = (
+                f"host {inst.host} is unreachable: its worker sends no heartbeat. The container "
+                "may still run there; the instance is shown again when that worker is back"
+            )
+        shown.append(data)
+    return shown
