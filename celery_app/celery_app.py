@@ -13,6 +13,21 @@ app.config_from_object("celery_app.celery_config")
 
 log = logging.getLogger(__name__)
 
+
+class _QuietJanitorPasses(logging.Filter):
+    """Drop Celery's received/succeeded lines of the janitor's beat-driven passes.
+
+    They come every few seconds and say nothing; a pass that removed something logs its own
+    summary, and a failing pass is logged by Celery at ERROR, which this lets through.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "reap_expired" not in record.getMessage()
+
+
+for _name in ("celery.worker.strategy", "celery.app.trace", "celery.beat"):
+    logging.getLogger(_name).addFilter(_QuietJanitorPasses())
+
 _heartbeat: Any = None
 
 
