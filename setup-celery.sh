@@ -15,8 +15,9 @@ command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
 command -v dockerd >/dev/null 2>&1 || docker_up || pkgs+=(docker.io)
 python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
 [ ${#pkgs[@]} -gt 0 ] && ensure_packages "${pkgs[@]}"
-# The tests build stand-in images from a static busybox and pull from a local registry.
-[ -n "$dev" ] && ensure_packages busybox-static docker-registry
+# The tests build stand-in images from a static busybox, pull from a local registry and drive
+# the dashboard in Debian's headless Chromium (Playwright never downloads a browser here).
+[ -n "$dev" ] && ensure_packages busybox-static docker-registry chromium
 
 ensure_venv "${dev:+dev}"
 say "ready: data folder $DATA_DIR, Python env $VENV"
