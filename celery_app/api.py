@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from celery_app.auth import Principal, principal_for, team_token
@@ -38,6 +38,7 @@ from celery_app.errors import (
     InvalidTeamId,
     TaskNotFound,
 )
+from celery_app.flags import check_flag
 from celery_app.metrics import ApiMetrics
 from celery_app.models import Status
 from celery_app.naming import TEAM_ID_RE
@@ -55,6 +56,12 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class FlagSubmission(BaseModel):
+    """A flag a team submitted, to check against its per-team flag."""
+
+    flag: str = Field(min_length=1, max_length=256)
 
 
 class ErrorBody(BaseModel):
@@ -466,6 +473,18 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
         """Issue the team's token (admin only); it acts on that team's routes only."""
         who.require_admin()
         return {"team_id": team_id, "token": team_token(request.app.state.admin_token, team_id)}
+
+    @app.post("/api/v1/teams/{team_id}/flags/{challenge}", responses=_ERRORS, tags=["admin"])
+    def check_team_flag(
+        team_id: TeamId, challenge: ChallengeId, body: FlagSubmission, who: Who
+    ) -> dict[str, Any]:
+        """Check a flag a team submitted for a challenge (admin only, constant time)."""
+        who.require_admin()
+        ch = disp.catalog.get(challenge)
+        settings = disp.settings
+        correct = check_flag(settings.flag_secret_value(), ch.id, team_id, body.flag,
+                             settings.flag_format)
+        return {"team_id": team_id, "challenge": ch.id, "correct": correct}
 
     @app.get("/api/v1/instances", responses=_ERRORS, tags=["admin"])
     def list_instances(
