@@ -1,0 +1,418 @@
+"""Several Docker hosts (SPEC §10) on a real second engine, through real workers.
+
+Host ``alpha`` is the machine's engine. Host ``beta`` is a second ``dockerd`` in its own
+network namespace, reached over a veth pair at 10.250.<n>.2 (its Docker API on
+tcp://10.250.<n>.2:2375, only on that private link, like a remote engine; its published
+ports on that address). One worker per host, each consuming ``celery,ctf.host.<name>``.
+Everything is labelled ``ctf.test=<run id>`` and removed at the end, pass or fail, and the
+second engine, its namespace and its data are removed too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import redis
+from conftest import ROOT, RUN_ID, TEST_LABEL, RedisServer, _cleanup_docker, base_env, wait_for
+
+from celery_app.client import Dispatcher
+from celery_app.errors import CapacityExhausted
+from celery_app.settings import load_settings
+
+pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
+
+# Redis databases of this module: away from the session worker's (0-2) and the retry test's.
+BROKER_DB, BACKEND_DB, STATE_DB = 9, 10, 11
+HEARTBEAT_TTL = 3
+
+
+def _run(*cmd: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+@dataclass
+class SecondEngine:
+    """A dockerd in its own network namespace, at ``address``."""
+
+    netns: str
+    veth: str
+    address: str
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    client: docker.DockerClient | None = None
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.workdir}/docker.sock"
+
+    @property
+    def tcp_url(self) -> str:
+        return f"tcp://{self.address}:2375"
+
+    def start(self, subnet: int) -> None:
+        host_ip = f"10.250.{subnet}.1"
+        peer = f"{self.veth}p"
+        _run("ip", "netns", "add", self.netns)
+        _run("ip", "link", "add", self.veth, "type", "veth", "peer", "name", peer)
+        _run("ip", "link", "set", peer, "netns", self.netns)
+        _run("ip", "addr", "add", f"{host_ip}/30", "dev", self.veth)
+        _run("ip", "link", "set", self.veth, "up")
+        inside = ("nsenter", f"--net=/var/run/netns/{self.netns}")
+        _run(*inside, "ip", "addr", "add", f"{self.address}/30", "dev", peer)
+        _run(*inside, "ip", "link", "set", peer, "up")
+        _run(*inside, "ip", "link", "set", "lo", "up")
+        for sub in ("data", "exec"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        # A default bridge is fine here: this namespace has its own. --tls=false: the API
+        # listens only on the private veth link (and without it dockerd waits 15 s).
+        with (self.workdir / "dockerd.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*inside, "dockerd", "--data-root", str(self.workdir / "data"),
+                 "--exec-root", str(self.workdir / "exec"),
+                 "--pidfile", str(self.workdir / "docker.pid"),
+                 "-H", self.unix_url, "-H", self.tcp_url, "--tls=false",
+                 "--bip", f"172.31.{subnet}.1/24", "--iptables=true"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError("the second dockerd exited: " + self.log()[-2000:])
+            try:
+                # The client asks the engine's API version when made: only once it is up.
+                self.client = self.client or docker.DockerClient(base_url=self.tcp_url,
+                                                                 timeout=60)
+                return bool(self.client.ping())
+            except Exception:  # noqa: BLE001  # refused or not ready yet
+                return False
+
+        wait_for(up, 60, 0.2, "the second Docker engine to answer")
+
+    def load(self, image: str) -> None:
+        """Copy an image from the machine's engine: ``docker save | docker load``."""
+        save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+        load = subprocess.run(["docker", "-H", self.unix_url, "load"], stdin=save.stdout,
+                              capture_output=True, check=False, timeout=120)
+        assert save.stdout is not None
+        save.stdout.close()
+        assert save.wait(60) == 0 and load.returncode == 0, load.stderr
+
+    def log(self) -> str:
+        path = self.workdir / "dockerd.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                _cleanup_docker(self.client, TEST_LABEL)
+            self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # its pid, the one we started
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(str(self.workdir))]
+        for mount in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def beta_engine(images: dict[str, str]) -> Iterator[SecondEngine]:
+    """The second Docker host, with the stand-in images loaded."""
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("nsenter"):
+        pytest.skip("a second engine needs root, dockerd and nsenter")
+    subnet = 20 + os.getpid() % 200
+    tag = str(os.getpid())[-7:]
+    engine = SecondEngine(netns=f"ctft{tag}", veth=f"ctfv{tag}", address=f"10.250.{subnet}.2",
+                          workdir=Path(tempfile.mkdtemp(prefix=f"ctf-beta-{RUN_ID}-")))
+    try:
+        try:
+            engine.start(subnet)
+        except Exception as exc:  # noqa: BLE001  # say exactly what failed on this machine
+            pytest.fail(f"setting up the second Docker host failed: {exc}\n{engine.log()[-3000:]}")
+        for image in images.values():
+            engine.load(image)
+        yield engine
+    finally:
+        engine.stop()
+
+
+class HostWorker:
+    """A real ``celery worker -B`` serving one Docker host, as run-celery-worker.sh --host."""
+
+    def __init__(self, host: str, env: dict[str, str], workdir: Path) -> None:
+        self.host = host
+        self.env = {**env, "CTF_HOST": host, "CTF_DATA_DIR": str(workdir / f"data-{host}")}
+        self.logfile = workdir / f"worker-{host}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        Path(self.env["CTF_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+        mark = self.logfile.stat().st_size if self.logfile.exists() else 0
+        with self.logfile.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker",
+                 "-B", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO",
+                 "-n", f"test-{self.host}-{uuid.uuid4().hex[:4]}@%h",
+                 "-Q", f"celery,ctf.host.{self.host}",
+                 "-s", str(Path(self.env["CTF_DATA_DIR"]) / "beat-schedule")],
+                env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            )
+        wait_for(lambda: b"ready." in self.logfile.read_bytes()[mark:]
+                 or self.proc.poll() is not None, 60, 0.1, f"the {self.host} worker")
+        assert self.proc.poll() is None, self.log()[-3000:]
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+
+@dataclass
+class Cluster:
+    """The dispatcher (as the API uses it), each host's worker, engine and public address."""
+
+    disp: Dispatcher
+    workers: dict[str, HostWorker]
+    engines: dict[str, docker.DockerClient]
+    public: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    beta_engine: SecondEngine, docker_client: docker.DockerClient, redis_server: RedisServer,
+    catalog_file: Path, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("multihost")
+    hosts_file = workdir / "hosts.yaml"
+    hosts_file.write_text(
+        "hosts:\n"
+        "  alpha: {docker_url: 'unix:///var/run/docker.sock', public_host: 127.0.0.1,"
+        " publish_ip: 127.0.0.1, max_instances: 4}\n"
+        f"  beta: {{docker_url: '{beta_engine.tcp_url}', public_host: {beta_engine.address},"
+        f" publish_ip: {beta_engine.address}, max_instances: 4}}\n"
+    )
+    for db in (BROKER_DB, BACKEND_DB, STATE_DB):
+        redis.Redis.from_url(f"{redis_server.url}/{db}").flushdb()
+    env = {
+        **base_env(redis_server, catalog_file, workdir / "data"),
+        "CELERY_BROKER_URL": f"{redis_server.url}/{BROKER_DB}",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/{BACKEND_DB}",
+        "CTF_REDIS_URL": f"{redis_server.url}/{STATE_DB}",
+        "CTF_HOSTS_FILE": str(hosts_file),
+        "CTF_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
+        "CTF_MAX_INSTANCES_PER_TEAM": "5",
+    }
+    workers = {h: HostWorker(h, env, workdir) for h in ("alpha", "beta")}
+    settings = load_settings(
+        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
+        redis_url=env["CTF_REDIS_URL"], challenges_file=catalog_file, hosts_file=hosts_file,
+        data_dir=workdir / "api", admin_token="test-admin-token",
+    )
+    disp = Dispatcher(settings)
+    try:
+        for w in workers.values():
+            w.start()
+        wait_for(lambda: all(h.alive for h in disp.host_loads()), 30,
+                 message="both hosts' heartbeats")
+        yield Cluster(disp, workers, {"alpha": docker_client, "beta": beta_engine.client},
+                      {"alpha": "127.0.0.1", "beta": beta_engine.address})
+    finally:
+        for w in workers.values():
+            w.stop()
+        disp.close()
+        _cleanup_docker(docker_client, TEST_LABEL)
+        if beta_engine.client is not None:
+            _cleanup_docker(beta_engine.client, TEST_LABEL)
+
+
+def _start(c: Cluster, challenge: str, team: str) -> dict[str, Any]:
+    task_id, _ = c.disp.start(challenge, team, None)
+    view = c.disp.wait(task_id, 90)
+    assert view.ready and view.error is None, (view.state, view.error)
+    return dict(view.result)
+
+
+def _run_task(c: Cluster, task: str, challenge: str, team: str) -> Any:
+    record = c.disp.instance(challenge, team)
+    task_id = c.disp.send(task, [challenge, team], None, c.disp.queue_for(record))
+    view = c.disp.wait(task_id, 60)
+    assert view.ready and view.error is None, (view.state, view.error)
+    return view.result
+
+
+def _names(engine: docker.DockerClient) -> set[str]:
+    filters = {"label": [f"{k}={v}" for k, v in TEST_LABEL.items()]}
+    return {ct.name for ct in engine.containers.list(all=True, filters=filters)}
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as answer:  # our own addresses only
+        return str(answer.read().decode())
+
+
+def _listing(c: Cluster) -> dict[str, dict[str, Any]]:
+    return {f"{i['challenge']}/{i['team_id']}": i for i in c.disp.present(c.disp.store.list())}
+
+
+def test_instances_spread_over_both_hosts_and_answer_on_their_address(cluster: Cluster) -> None:
+    """Four starts land two per host; each answers on its host's public address."""
+    c = cluster
+    made = [_start(c, "web", f"spread{n}") for n in range(4)]
+    assert sorted(i["host"] for i in made) == ["alpha", "alpha", "beta", "beta"]
+    for inst in made:
+        host = inst["host"]
+        port = inst["ports"]["8080/tcp"]
+        assert inst["url"] == f"http://{c.public[host]}:{port}"
+        assert _get(inst["url"]) == "hello from ctf\n"
+        other = "beta" if host == "alpha" else "alpha"
+        assert inst["container_name"] in _names(c.engines[host])
+        assert inst["container_name"] not in _names(c.engines[other])
+    loads = {h.name: h for h in c.disp.host_loads()}
+    assert (loads["alpha"].used, loads["beta"].used) == (2, 2)
+
+
+def test_extend_and_stop_reach_the_right_engine(cluster: Cluster) -> None:
+    """Extend and stop of a beta instance run on beta's worker and remove it from beta."""
+    c = cluster
+    on_beta = next(i for i in c.disp.store.list() if i.host == "beta")
+    on_alpha = next(i for i in c.disp.store.list() if i.host == "alpha")
+    extended = _run_task(c, "extend_container", on_beta.challenge, on_beta.team_id)
+    assert extended["host"] == "beta"
+    assert extended["expires_at"] > on_beta.expires_at
+    assert f"task=extend_container team={on_beta.team_id}" in c.workers["beta"].log()
+    assert f"task=extend_container team={on_beta.team_id}" not in c.workers["alpha"].log()
+    stopped = _run_task(c, "stop_container", on_beta.challenge, on_beta.team_id)
+    assert stopped["status"] == "stopped"
+    assert on_beta.container_name not in _names(c.engines["beta"])
+    assert on_alpha.container_name in _names(c.engines["alpha"])
+    assert c.disp.store.get(on_beta.challenge, on_beta.team_id) is None
+    _run_task(c, "stop_container", on_alpha.challenge, on_alpha.team_id)
+    assert on_alpha.container_name not in _names(c.engines["alpha"])
+
+
+def test_each_hosts_janitor_reaps_its_own_engine(cluster: Cluster) -> None:
+    """Short-lived instances on both hosts are removed from their own engine when they expire."""
+    c = cluster
+    short = [_start(c, "short", f"reap{n}") for n in range(2)]
+    assert {i["host"] for i in short} == {"alpha", "beta"}
+    for inst in short:
+        wait_for(lambda i=inst: i["container_name"] not in _names(c.engines[i["host"]]),
+                 30, 0.2, f"{inst['container_name']} reaped on {inst['host']}")
+        assert c.disp.store.get("short", inst["team_id"]) is None
+    for host in ("alpha", "beta"):  # each reaped by its own worker's janitor
+        wait_for(lambda h=host: f"janitor host={h} {{'expired': ['short/" in c.workers[h].log(),
+                 10, 0.1, f"{host}'s janitor log line")
+
+
+def test_a_host_without_worker_is_skipped_and_comes_back(cluster: Cluster) -> None:
+    """Kill beta's worker: its instances are not shown running and starts go to alpha.
+
+    When the worker returns, the same instances are back as they were.
+    """
+    c = cluster
+    beta_before = {k: v for k, v in _listing(c).items() if v["host"] == "beta"}
+    assert beta_before and all(v["status"] == "running" for v in beta_before.values())
+    c.workers["beta"].kill()
+    wait_for(lambda: not {h.name: h for h in c.disp.host_loads()}["beta"].alive,
+             HEARTBEAT_TTL + 10, 0.1, "beta's heartbeat to expire")
+    shown = _listing(c)
+    for key in beta_before:
+        assert shown[key]["status"] == "failed"
+        assert shown[key]["host_up"] is False
+        assert "unreachable" in shown[key]["error"]
+    assert all("host_up" not in v for v in shown.values() if v["host"] == "alpha")
+    # New starts all land on alpha, even though beta has more room.
+    moved = [_start(c, "web", f"failover{n}") for n in range(2)]
+    assert {i["host"] for i in moved} == {"alpha"}
+    for inst in moved:
+        assert _get(inst["url"]) == "hello from ctf\n"
+    # Alpha is now full (4/4): with beta gone there is no room anywhere.
+    _start(c, "web", "failover2")
+    with pytest.raises(CapacityExhausted, match="no Docker host with a live worker has room"):
+        c.disp.start("web", "failover3", None)
+    # The worker comes back: the same containers, running again, still reachable.
+    c.workers["beta"].start()
+    wait_for(lambda: {h.name: h for h in c.disp.host_loads()}["beta"].alive, 30, 0.1,
+             "beta's heartbeat")
+    back = _listing(c)
+    for key, before in beta_before.items():
+        assert back[key]["status"] == "running"
+        assert "host_up" not in back[key]
+        assert back[key]["container_id"] == before["container_id"]
+        assert _get(back[key]["url"]) == "hello from ctf\n"
+    # ...and new starts may go there again.
+    assert _start(c, "web", "failover3")["host"] == "beta"
+
+
+def test_capacity_route_and_cli_show_every_host(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/api/v1/capacity and ``ctfctl hosts`` show each host's used/max and liveness."""
+    from fastapi.testclient import TestClient  # noqa: PLC0415
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from celery_app.api import create_app  # noqa: PLC0415
+    from celery_app.cli import app as cli  # noqa: PLC0415
+
+    c = cluster
+    with TestClient(create_app(c.disp.settings)) as api:
+        body = api.get("/api/v1/capacity",
+                       headers={"Authorization": "Bearer test-admin-token"}).json()
+    hosts = {h["host"]: h for h in body["hosts"]}
+    assert set(hosts) == {"alpha", "beta"}
+    assert all(h["alive"] and h["max"] == 4 for h in hosts.values())
+    assert sum(h["used"] for h in hosts.values()) == body["used"] == c.disp.store.count()
+    settings = c.disp.settings
+    for key, value in {
+        "CELERY_BROKER_URL": settings.broker_url, "CELERY_RESULT_BACKEND":
+        settings.result_backend, "CTF_REDIS_URL": str(settings.redis_url),
+        "CTF_HOSTS_FILE": str(settings.hosts_file), "CTF_CHALLENGES_FILE":
+        str(settings.challenges_file), "CTF_DATA_DIR": str(settings.data_dir),
+        "CTF_ADMIN_TOKEN": "test-admin-token",
+    }.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(cli, ["hosts", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {h["name"]: h for h in json.loads(result.stdout)["hosts"]}
+    assert {n: (h["used"], h["alive"]) for n, h in listed.items()} == {
+        n: (h["used"], h["alive"]) for n, h in hosts.items()}
+    status = CliRunner().invoke(cli, ["status", "--json"])
+    assert status.exit_code == 0, status.output
+    assert {i["host"] for i in json.loads(status.stdout)["instances"]} == {"alpha", "beta"}
