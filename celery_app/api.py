@@ -27,6 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from celery_app.auth import Principal, principal_for, team_token
 from celery_app.client import Dispatcher, TaskView
@@ -194,6 +195,20 @@ class GuardMiddleware:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         ]})
         await send({"type": "http.response.body", "body": body})
+
+
+class DashboardMount(Mount):
+    """The dashboard's static files at ``/``, never answering for ``/api/…``.
+
+    A mount at ``/`` matches every path, so without this a wrong method on an API route
+    (``GET …/extend``) would fall through to the static files and answer 404 instead of 405.
+    """
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        """Match like a mount, except under ``/api/``."""
+        if str(scope.get("path", "")).startswith("/api/"):
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 # -- health -----------------------------------------------------------------------------------
@@ -369,7 +384,8 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     _operations_routes(app, health, metrics)
     if STATIC_DIR.is_dir():
         # Mounted last: every route above wins over a static file of the same path.
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="dashboard")
+        app.router.routes.append(DashboardMount(
+            "/", app=StaticFiles(directory=STATIC_DIR, html=True), name="dashboard"))
     return app
 
 
