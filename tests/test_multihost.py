@@ -4,7 +4,7 @@ Host ``alpha`` is the machine's engine. Host ``beta`` is a second ``dockerd`` in
 network namespace, reached over a veth pair at 10.250.<n>.2 (its Docker API on
 tcp://10.250.<n>.2:2375, only on that private link, like a remote engine; its published
 ports on that address). One worker per host, each consuming ``celery,ctf.host.<name>``.
-Everything is labelled ``ctf.test=<run id>`` and removed at the end, pass or fail, and the
+Everything is labelled ``ctf.test=<run id>-multihost`` and removed at the end, pass or fail, and the
 second engine, its namespace and its data are removed too.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import docker
 import pytest
 import redis
-from conftest import ROOT, RUN_ID, TEST_LABEL, RedisServer, _cleanup_docker, base_env, wait_for
+from conftest import ROOT, RUN_ID, RedisServer, _cleanup_docker, base_env, wait_for
 
 from celery_app.client import Dispatcher
 from celery_app.errors import CapacityExhausted
@@ -38,6 +38,11 @@ pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
 # Redis databases of this module: away from the session worker's (0-2) and the retry test's.
 BROKER_DB, BACKEND_DB, STATE_DB = 9, 10, 11
+# Host alpha shares the machine's engine with the session's test worker, whose janitor would
+# take our containers for its orphans if they carried its exact scope: a label value and a
+# subnet pool of our own keep the two apart (as two hosts never share an engine for real).
+LABEL = {"ctf.test": f"{RUN_ID}-multihost"}
+POOL = "10.217.0.0/16"
 HEARTBEAT_TTL = 3
 
 
@@ -122,7 +127,7 @@ class SecondEngine:
     def stop(self) -> None:
         if self.client is not None:
             with contextlib.suppress(Exception):
-                _cleanup_docker(self.client, TEST_LABEL)
+                _cleanup_docker(self.client, LABEL)
             self.client.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # its pid, the one we started
@@ -238,6 +243,8 @@ def cluster(
         "CTF_HOSTS_FILE": str(hosts_file),
         "CTF_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
         "CTF_MAX_INSTANCES_PER_TEAM": "5",
+        "CTF_EXTRA_LABELS": json.dumps(LABEL),
+        "CTF_TEAM_SUBNET_POOL": POOL,
     }
     workers = {h: HostWorker(h, env, workdir) for h in ("alpha", "beta")}
     settings = load_settings(
@@ -257,9 +264,9 @@ def cluster(
         for w in workers.values():
             w.stop()
         disp.close()
-        _cleanup_docker(docker_client, TEST_LABEL)
+        _cleanup_docker(docker_client, LABEL)
         if beta_engine.client is not None:
-            _cleanup_docker(beta_engine.client, TEST_LABEL)
+            _cleanup_docker(beta_engine.client, LABEL)
 
 
 def _start(c: Cluster, challenge: str, team: str) -> dict[str, Any]:
@@ -278,7 +285,7 @@ def _run_task(c: Cluster, task: str, challenge: str, team: str) -> Any:
 
 
 def _names(engine: docker.DockerClient) -> set[str]:
-    filters = {"label": [f"{k}={v}" for k, v in TEST_LABEL.items()]}
+    filters = {"label": [f"{k}={v}" for k, v in LABEL.items()]}
     return {ct.name for ct in engine.containers.list(all=True, filters=filters)}
 
 
