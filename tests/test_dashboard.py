@@ -36,6 +36,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 START_TIMEOUT = 30_000  # ms: a stand-in container starts in about a second
 DOCS = ROOT / "docs"
+# Extend and stop go through the worker; on a loaded machine that can take longer than
+# Playwright's default 5 s, so every expect() waits up to 20 s (it returns as soon as it holds).
+expect.set_options(timeout=20_000)
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -73,6 +76,7 @@ def page(browser: Browser, live_api: str) -> Iterator[Page]:
     """A fresh browser context (own sessionStorage) on the live API."""
     context = browser.new_context(base_url=live_api, viewport={"width": 1280, "height": 860})
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_api)
+    context.set_default_timeout(30_000)
     pg = context.new_page()
     yield pg
     context.close()

@@ -563,7 +563,10 @@
       const name = document.createElement("span");
       name.textContent = h.host;
       const n = document.createElement("span");
-      n.textContent = h.limit ? `${h.used} / ${h.limit}` : String(h.used);
+      const max = h.max || h.limit;
+      n.textContent = (max ? `${h.used} / ${max}` : String(h.used))
+        + (h.alive === false ? " · worker down" : "");
+      li.dataset.alive = String(h.alive !== false);
       li.append(name, n);
       return li;
     }) : []));
