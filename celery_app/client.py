@@ -207,7 +207,10 @@ class Dispatcher:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    def send(self, task: str, args: list[Any], owner: str | None, queue: str) -> str:
+    def send(
+        self, task: str, args: list[Any], owner: str | None, queue: str,
+        kwargs: dict[str, Any] | None = None,
+    ) -> str:
         """Send ``celery_app.tasks.<task>`` and remember who sent it.
 
         Args:
@@ -215,6 +218,7 @@ class Dispatcher:
             args: its positional arguments.
             owner: the team that asked, or ``None`` for the admin.
             queue: the queue to send it to.
+            kwargs: its keyword arguments.
 
         Returns:
             The task id.
@@ -225,7 +229,8 @@ class Dispatcher:
         with map_redis_errors("record task owner"):
             self.store.redis.set(f"ctf:task:{task_id}", json.dumps(
                 {"owner": owner or ADMIN_OWNER, "task": task}), ex=TASK_OWNER_TTL)
-        self.celery.send_task(TASK_PREFIX + task, args=args, task_id=task_id, queue=queue)
+        self.celery.send_task(TASK_PREFIX + task, args=args, kwargs=kwargs, task_id=task_id,
+                              queue=queue)
         return task_id
 
     def queue_for(self, record: Instance | None) -> str:
@@ -258,8 +263,11 @@ class Dispatcher:
         """Send a start; return the task id and the instance so far."""
         self.validate(challenge, team_id)
         record = self.store.get(challenge, team_id)
+        # The request's place in line is taken now, on arrival: when starts and stops of one
+        # instance race, the one that arrived last wins (see InstanceService.start).
+        intent = self.store.register_intent(challenge, team_id, "start")
         task_id = self.send("start_container", [challenge, team_id], owner,
-                            self.queue_for(record))
+                            self.queue_for(record), {"intent": intent})
         if record is not None and record.status != "failed":
             so_far = record.public()
         else:
@@ -274,8 +282,9 @@ class Dispatcher:
 
         """
         record = self.instance(challenge, team_id)
+        intent = self.store.register_intent(challenge, team_id, "stop")
         task_id = self.send("stop_container", [challenge, team_id], owner,
-                            self.queue_for(record))
+                            self.queue_for(record), {"intent": intent})
         return task_id, {**record.public(), "status": "stopping"}
 
     def extend(self, challenge: str, team_id: str, owner: str | None) -> str:

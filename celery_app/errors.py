@@ -15,6 +15,7 @@ CTFError                        base: has an API ``code``, an HTTP ``status`` an
 │   ├── CatalogError            invalid_request       422  (bad catalog file, at start-up)
 │   ├── HostsFileError          invalid_request       422  (bad CTF_HOSTS_FILE or CTF_HOST)
 │   ├── ImageNotFound           invalid_request       422
+│   ├── Superseded              superseded            409  (a later stop/start replaced it)
 │   └── StartFailed             start_failed          503  (exited or never answered)
 └── TransientError              retry with backoff; may work a moment later
     ├── InstanceBusy            instance_busy         409  (another operation holds its lock)
@@ -133,6 +134,13 @@ class ImageNotFound(PermanentError):
 
     code = "invalid_request"
     status = 422
+
+
+class Superseded(PermanentError):
+    """Raised when a later request of the opposite kind (stop after start) replaced this one."""
+
+    code = "superseded"
+    status = 409
 
 
 class StartFailed(PermanentError):

@@ -21,7 +21,7 @@ from redis.exceptions import LockError
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
 from celery_app.models import utcnow
 from celery_app.naming import split_instance_key
-from celery_app.service import InstanceService
+from celery_app.service import NO_INTENT, InstanceService
 from celery_app.state import map_redis_errors
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class Janitor:
     def _reap_one(self, key: str, challenge: str, team: str) -> tuple[str, str]:
         svc = self.service
         try:
-            svc.stop(challenge, team, rate_limit=False, lock_wait=2.0)
+            svc.stop(challenge, team, rate_limit=False, lock_wait=2.0, intent=NO_INTENT)
         except InstanceNotFound:
             svc.store.delete(challenge, team, svc.host)  # already gone: done
         except InstanceBusy:

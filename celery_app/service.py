@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from celery_app.catalog import Catalog, Challenge
 from celery_app.docker_driver import ContainerInfo, ContainerSpec, DockerDriver, ProgressFn
@@ -26,6 +27,7 @@ from celery_app.errors import (
     InstanceNotFound,
     MaxLifetimeReached,
     StartFailed,
+    Superseded,
 )
 from celery_app.flags import team_flag
 from celery_app.models import Instance, iso, parse_iso, utcnow
@@ -46,6 +48,10 @@ from celery_app.state import StateStore, map_redis_errors
 
 log = logging.getLogger(__name__)
 
+# Seconds a (challenge, team) lock lives without renewal: how long a killed worker blocks it.
+LOCK_HOLD = 30.0
+# Passed as ``intent`` by the janitor: act regardless of what users last asked.
+NO_INTENT = -1
 # A failed start stays visible (status "failed" with its error) this long, then is reaped.
 FAILED_RECORD_TTL = 120
 # After Redis lost an instance, an adopted one past its recorded expiry gets this much grace.
@@ -82,7 +88,6 @@ class InstanceService:
         host: the name of the Docker host this service drives.
         public_host: the host name written in instance URLs.
         host_max: that host's ``max_instances`` (0: no per-host limit).
-
     """
 
     def __init__(
@@ -116,8 +121,12 @@ class InstanceService:
     @contextlib.contextmanager
     def _locked(
         self, challenge: str, team_id: str, hold: float, wait: float | None = None
-    ) -> Iterator[None]:
-        """Hold the (challenge, team) lock; released in ``finally``, expires if we die."""
+    ) -> Iterator[Lock]:
+        """Hold the (challenge, team) lock; released in ``finally``, expires if we die.
+
+        It expires ``hold`` seconds after it was last renewed, so a worker killed mid-start
+        blocks the instance for at most that long; a live holder renews it while it waits.
+        """
         lock = self.store.instance_lock(challenge, team_id, timeout=hold)
         with map_redis_errors("lock instance"):
             acquired = lock.acquire(
@@ -130,7 +139,7 @@ class InstanceService:
                 "try again shortly"
             )
         try:
-            yield
+            yield lock
         finally:
             with contextlib.suppress(LockError), map_redis_errors("unlock instance"):
                 lock.release()  # LockError: it expired and may be someone else's now
@@ -164,7 +173,6 @@ class InstanceService:
 
         Raises:
             ImageNotFound: missing with policy ``never``, or the registry has no such image.
-
         """
         policy = self.settings.pull_policy
         if policy == "always" or (policy == "if-not-present" and not self.driver.image_present(
@@ -181,7 +189,8 @@ class InstanceService:
     # -- start ------------------------------------------------------------------------------
 
     def start(
-        self, challenge: str, team_id: str, progress: ProgressFn | None = None
+        self, challenge: str, team_id: str, progress: ProgressFn | None = None,
+        intent: int | None = None,
     ) -> Instance:
         """Start the team's instance of a challenge and wait until it answers.
 
@@ -191,6 +200,8 @@ class InstanceService:
             challenge: a catalog id.
             team_id: the team.
             progress: called with ``{"phase": …}`` dicts while pulling and starting.
+            intent: the request's sequence number from ``StateStore.register_intent`` (taken
+                now when ``None``); a later stop of the same instance supersedes it.
 
         Returns:
             The instance, ``running``.
@@ -199,12 +210,14 @@ class InstanceService:
             InvalidTeamId, UnknownChallenge: bad input (nothing was touched).
             TeamQuotaExceeded, CapacityExhausted, RateLimited: a limit was hit.
             StartFailed: the container exited or never answered.
+            Superseded: a later stop of this instance was requested meanwhile.
             BackendUnavailable: Docker or Redis trouble (retryable).
-
         """
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
         report = progress or (lambda _event: None)
+        if intent is None:
+            intent = self.store.register_intent(ch.id, team, "start")
 
         # 0. the image first: pulls can be long and need no lock.
         report({"phase": "image", "image": ch.image})
@@ -212,25 +225,34 @@ class InstanceService:
         port = self._container_port(ch)
 
         # 1. lock (challenge, team): concurrent starts create one container.
-        with self._locked(ch.id, team, hold=ch.start_timeout + 60):
-            # 2. an existing container is reused (idempotency, redelivered tasks).
+        with self._locked(ch.id, team, hold=LOCK_HOLD) as lock:
+            # 2. the latest request wins: a stop sent after this start cancels it.
+            if self.store.superseded(ch.id, team, intent, "start"):
+                raise Superseded(
+                    f"a stop of {ch.id} for team {team} was requested after this start; "
+                    "start it again if it is still wanted"
+                )
+            # 3. an existing container is reused (idempotency, redelivered tasks).
             existing = self.driver.get_container(name)
             record = self.store.get(ch.id, team)
             if existing is not None and existing.state == "running":
                 if record is not None and record.status == "running" \
                         and record.container_id == existing.id:
                     return record
+                # A redelivered start (its worker died) or a lost record: adopt the container,
+                # taking its id and port from Docker, not from a reservation made before it.
                 inst = record or self._instance_from_container(ch, existing, "starting")
-                return self._await_ready(ch, existing, inst, port, report)
+                inst = self._with_container(ch, inst, existing, port)
+                return self._await_ready(ch, existing, inst, port, report, lock)
             if existing is not None:
                 # Exited, dead or created-but-never-started: start over from scratch.
                 self.driver.remove_container(existing.id)
 
-            # 3. rate limit: only real Docker work counts against the team.
+            # 4. rate limit: only real Docker work counts against the team.
             self.store.hit_rate(team, self.settings.rate_limit_count,
                                 self.settings.rate_limit_window)
 
-            # 4. reserve a slot: quotas are checked and the record written in one step.
+            # 5. reserve a slot: quotas are checked and the record written in one step.
             now = utcnow()
             assert ch.ttl is not None
             inst = Instance(
@@ -241,7 +263,7 @@ class InstanceService:
             self.store.reserve(inst, self.settings.max_instances_per_team,
                                self.settings.max_instances, self.host_max)
             try:
-                # 5. network and container, under the team's network lock (a stop of the
+                # 6. network and container, under the team's network lock (a stop of the
                 #    team's last instance must not remove the network we are joining).
                 report({"phase": "creating"})
                 with self._network_locked(team):
@@ -257,16 +279,12 @@ class InstanceService:
                 with contextlib.suppress(CTFError):
                     self.remove_network_if_unused(team)
                 raise
-            # 6. record the container and its port.
-            inst = inst.model_copy(update={
-                "container_id": info.id,
-                "ports": info.ports,
-                "url": self._url(ch, info.ports.get(f"{port}/tcp")),
-            })
+            # 7. record the container and its port.
+            inst = self._with_container(ch, inst, info, port)
             self.store.put(inst)
-            # 7. running only once the port answers.
+            # 8. running only once the port answers.
             report({"phase": "starting", "container": name})
-            return self._await_ready(ch, info, inst, port, report)
+            return self._await_ready(ch, info, inst, port, report, lock)
 
     @contextlib.contextmanager
     def _network_locked(self, team_id: str) -> Iterator[None]:
@@ -302,6 +320,16 @@ class InstanceService:
             port_range=self.settings.port_range, command=ch.command, hostname=ch.id,
         )
 
+    def _with_container(
+        self, ch: Challenge, inst: Instance, info: ContainerInfo, port: int
+    ) -> Instance:
+        """Return ``inst`` with the container's id, published ports and URL."""
+        return inst.model_copy(update={
+            "container_id": info.id,
+            "ports": info.ports,
+            "url": self._url(ch, info.ports.get(f"{port}/tcp")),
+        })
+
     def _probe_target(self, info: ContainerInfo, port: int) -> tuple[str, int] | None:
         # On the engine's own machine the container's address is routable and probing it
         # avoids docker-proxy, which accepts TCP connections even when nothing listens.
@@ -314,11 +342,14 @@ class InstanceService:
 
     def _await_ready(
         self, ch: Challenge, info: ContainerInfo, inst: Instance, port: int,
-        report: Callable[[dict[str, Any]], None],
+        report: Callable[[dict[str, Any]], None], lock: Lock,
     ) -> Instance:
         target = self._probe_target(info, port)
 
         def alive() -> bool:
+            # Called every few polls: renew our lock while we are demonstrably working.
+            with contextlib.suppress(LockError), map_redis_errors("renew lock"):
+                lock.reacquire()
             current = self.driver.get_container(info.id)
             return current is not None and current.state in ("running", "created", "restarting")
 
@@ -377,7 +408,7 @@ class InstanceService:
 
     def stop(
         self, challenge: str, team_id: str, *, rate_limit: bool = True,
-        lock_wait: float | None = None,
+        lock_wait: float | None = None, intent: int | None = None,
     ) -> dict[str, str]:
         """Stop and remove the team's instance, and the team network if it was the last.
 
@@ -386,6 +417,8 @@ class InstanceService:
             team_id: the team.
             rate_limit: count this stop against the team's rate limit (not for the janitor).
             lock_wait: seconds to wait for a running start/stop of the same instance.
+            intent: the request's sequence number (taken now when ``None``; ``NO_INTENT`` for
+                the janitor, which acts whatever users asked).
 
         Returns:
             ``{"team_id", "challenge", "status": "stopped"}``.
@@ -393,29 +426,37 @@ class InstanceService:
         Raises:
             InstanceNotFound: there is no such instance.
             RateLimited: the team stops and starts too fast.
-
+            Superseded: a later start of this instance was requested meanwhile.
         """
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
+        if intent is None:
+            intent = self.store.register_intent(ch.id, team, "stop")
         # 1. lock (challenge, team)
-        with self._locked(ch.id, team, hold=120, wait=lock_wait):
-            # 2. is there anything to stop?
+        with self._locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
+            # 2. the latest request wins: a start sent after this stop cancels it.
+            if intent != NO_INTENT and self.store.superseded(ch.id, team, intent, "stop"):
+                raise Superseded(
+                    f"a start of {ch.id} for team {team} was requested after this stop; "
+                    "stop it again if it is no longer wanted"
+                )
+            # 3. is there anything to stop?
             record = self.store.get(ch.id, team)
             existing = self.driver.get_container(name)
             if record is None and existing is None:
                 raise InstanceNotFound(
                     f"team {team} has no instance of {ch.id}; start one first"
                 )
-            # 3. rate limit (the janitor is not limited)
+            # 4. rate limit (the janitor is not limited)
             if rate_limit:
                 self.store.hit_rate(team, self.settings.rate_limit_count,
                                     self.settings.rate_limit_window)
             if record is not None:
                 self.store.put(record.model_copy(update={"status": "stopping"}))
-            # 4. container, then record: a crash in between leaves a record the janitor drops.
+            # 5. container, then record: a crash in between leaves a record the janitor drops.
             self.driver.remove_container(name)
             self.store.delete(ch.id, team, self.host)
-        # 5. the team's network goes with its last instance.
+        # 6. the team's network goes with its last instance.
         self.remove_network_if_unused(team)
         return {"team_id": team, "challenge": ch.id, "status": "stopped"}
 
@@ -425,7 +466,6 @@ class InstanceService:
         Args:
             team_id: the team (its network lock is held meanwhile).
             network: the network's name or id; the team's usual network by default.
-
         """
         with self._network_locked(team_id):
             net = self.driver.get_network(network or network_name(team_id))
@@ -443,11 +483,10 @@ class InstanceService:
         Raises:
             InstanceNotFound: there is no such instance.
             MaxLifetimeReached: the instance is already at ``started_at + max_lifetime``.
-
         """
         ch, team = self._validate(challenge, team_id)
         assert ch.ttl is not None and ch.max_lifetime is not None
-        with self._locked(ch.id, team, hold=30):
+        with self._locked(ch.id, team, hold=LOCK_HOLD):
             inst = self.store.get(ch.id, team)
             if inst is None or inst.status not in ("running", "starting"):
                 raise InstanceNotFound(f"team {team} has no running instance of {ch.id}")
@@ -470,7 +509,6 @@ class InstanceService:
 
         Raises:
             InstanceNotFound: there is none.
-
         """
         ch, team = self._validate(challenge, team_id)
         inst = self.store.get(ch.id, team)
@@ -488,7 +526,6 @@ class InstanceService:
             challenge: only this challenge's.
             verify: cross-check with Docker (one list call) so a dead container is never
                 reported as running.
-
         """
         if team_id is not None:
             check_team_id(team_id)

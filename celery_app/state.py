@@ -12,6 +12,7 @@ Keys (prefix ``ctf:``)::
     ctf:lock:<challenge>/<team>   redis-py Lock around start/stop/extend of one instance
     ctf:netlock:<team>            redis-py Lock around a team's network and container creation
     ctf:rate:<team>               zset of start/stop actions in the sliding window
+    ctf:intent:<challenge>/<team> "<seq>:<start|stop>" of the latest start/stop request
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ return '0'
 """
 
 
+# One global counter orders every request; the instance keeps only its latest.
+_INTENT = """
+local seq = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], seq .. ':' .. ARGV[1], 'EX', 86400)
+return seq
+"""
+
+
 def _key(inst_key: str) -> str:
     return f"{P}inst:{inst_key}"
 
@@ -97,6 +106,7 @@ class StateStore:
         self.redis = client
         self._reserve = client.register_script(_RESERVE)
         self._rate = client.register_script(_RATE)
+        self._intent = client.register_script(_INTENT)
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -248,6 +258,23 @@ class StateStore:
                 added += 1
             self.put(inst)
         return added, removed
+
+    # -- intents: the latest start/stop request of an instance wins --------------------------
+
+    def register_intent(self, challenge: str, team_id: str, op: str) -> int:
+        """Record a start/stop request of an instance; return its sequence number."""
+        key = f"{P}intent:{instance_key(challenge, team_id)}"
+        with map_redis_errors("register intent"):
+            return int(self._intent(keys=[key, f"{P}intentseq"], args=[op]))
+
+    def superseded(self, challenge: str, team_id: str, seq: int, op: str) -> bool:
+        """Whether a request newer than ``seq`` asked for the opposite of ``op``."""
+        with map_redis_errors("read intent"):
+            raw = self.redis.get(f"{P}intent:{instance_key(challenge, team_id)}")
+        if not raw:
+            return False
+        latest, _, latest_op = str(raw).partition(":")
+        return int(latest) > seq and latest_op != op
 
     # -- rate limit -------------------------------------------------------------------------
 

@@ -78,20 +78,29 @@ def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[
 
 
 @app.task(name="celery_app.tasks.start_container", bind=True, base=InstancerTask)
-def start_container(self: InstancerTask, challenge: str, team_id: str) -> dict[str, Any]:
-    """Start the team's instance and return it once ``running`` (idempotent)."""
+def start_container(
+    self: InstancerTask, challenge: str, team_id: str, intent: int | None = None
+) -> dict[str, Any]:
+    """Start the team's instance and return it once ``running`` (idempotent).
+
+    ``intent`` is the request's place in line (the API and ctfctl pass it); a stop of the
+    same instance requested later supersedes this start.
+    """
     svc = get_context().service
     return _logged(
         "start_container", challenge, team_id,
-        lambda: svc.start(challenge, team_id, progress=self.report).public(),
+        lambda: svc.start(challenge, team_id, progress=self.report, intent=intent).public(),
     )
 
 
 @app.task(name="celery_app.tasks.stop_container", bind=True, base=InstancerTask)
-def stop_container(self: InstancerTask, challenge: str, team_id: str) -> dict[str, str]:
+def stop_container(
+    self: InstancerTask, challenge: str, team_id: str, intent: int | None = None
+) -> dict[str, str]:
     """Stop and remove the team's instance; return ``{"team_id", "challenge", "status"}``."""
     svc = get_context().service
-    return _logged("stop_container", challenge, team_id, lambda: svc.stop(challenge, team_id))
+    return _logged("stop_container", challenge, team_id,
+                   lambda: svc.stop(challenge, team_id, intent=intent))
 
 
 @app.task(name="celery_app.tasks.get_container_status", bind=True, base=InstancerTask)
