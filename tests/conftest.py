@@ -124,7 +124,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 # -- Docker -----------------------------------------------------------------------------------
 
 
-def _cleanup_docker(client: docker.DockerClient, labels: dict[str, str]) -> None:
+def cleanup_docker(client: docker.DockerClient, labels: dict[str, str]) -> None:
     filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
     for c in client.containers.list(all=True, filters=filters):
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
@@ -142,7 +142,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
     except docker.errors.DockerException as exc:
         pytest.exit(f"no Docker engine answers ({exc}); run ./run-tests.sh", returncode=3)
     yield client
-    _cleanup_docker(client, TEST_LABEL)
+    cleanup_docker(client, TEST_LABEL)
     for image in client.images.list(filters={"label": f"ctf.test={RUN_ID}"}):
         with contextlib.suppress(docker.errors.APIError):
             client.images.remove(image.id, force=True)
@@ -308,7 +308,7 @@ def make_ctx(
         return ctx
 
     yield make
-    _cleanup_docker(docker_client, TEST_LABEL)
+    cleanup_docker(docker_client, TEST_LABEL)
     for ctx in made:
         ctx.driver.close()
     set_context(None)
@@ -342,14 +342,17 @@ class Worker:
                  "-n", f"test-{RUN_ID}-{uuid.uuid4().hex[:4]}@%h", "-Q", "celery,ctf.host.local",
                  "-s", str(schedule)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                start_new_session=True,  # its own process group: kill() takes the beat too
             )
         wait_for(lambda: b"ready." in self.logfile.read_bytes() or self.proc.poll() is not None,
                  60, 0.1, "the worker to be ready")
         assert self.proc.poll() is None, self.logfile.read_text()[-3000:]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the worker's whole process group (as a crash or OOM kill would)."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
             self.proc.wait(30)
 
     def stop(self) -> None:
@@ -358,8 +361,10 @@ class Worker:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+                self.kill()
+        if self.proc:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # nothing of ours outlives it
 
     def log(self) -> str:
         return self.logfile.read_text(errors="replace")
@@ -401,7 +406,7 @@ def clean_worker_state(
     worker: Worker, redis_server: RedisServer, docker_client: docker.DockerClient
 ) -> Iterator[None]:
     """Before and after a worker test: no instance of this run left in Docker or Redis."""
-    _cleanup_docker(docker_client, TEST_LABEL)
+    cleanup_docker(docker_client, TEST_LABEL)
     redis.Redis.from_url(f"{redis_server.url}/2").flushdb()
     yield
-    _cleanup_docker(docker_client, TEST_LABEL)
+    cleanup_docker(docker_client, TEST_LABEL)

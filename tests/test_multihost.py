@@ -28,7 +28,7 @@ from typing import Any
 import docker
 import pytest
 import redis
-from conftest import ROOT, RUN_ID, RedisServer, _cleanup_docker, base_env, wait_for
+from conftest import ROOT, RUN_ID, RedisServer, base_env, cleanup_docker, wait_for
 
 from celery_app.client import Dispatcher
 from celery_app.errors import CapacityExhausted
@@ -127,7 +127,7 @@ class SecondEngine:
     def stop(self) -> None:
         if self.client is not None:
             with contextlib.suppress(Exception):
-                _cleanup_docker(self.client, LABEL)
+                cleanup_docker(self.client, LABEL)
             self.client.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # its pid, the one we started
@@ -264,9 +264,9 @@ def cluster(
         for w in workers.values():
             w.stop()
         disp.close()
-        _cleanup_docker(docker_client, LABEL)
+        cleanup_docker(docker_client, LABEL)
         if beta_engine.client is not None:
-            _cleanup_docker(beta_engine.client, LABEL)
+            cleanup_docker(beta_engine.client, LABEL)
 
 
 def _start(c: Cluster, challenge: str, team: str) -> dict[str, Any]:

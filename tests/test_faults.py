@@ -1,0 +1,231 @@
+"""Fault injection (issue 7): a killed worker, a Redis that loses everything, racing requests.
+
+Each test runs its own worker (and, where it breaks Redis, its own Redis), bounded in time and
+count, and the fixtures remove everything it made, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from conftest import TEST_LABEL, RedisServer, Worker, base_env, cleanup_docker, wait_for
+from fastapi.testclient import TestClient
+
+from celery_app.api import create_app
+from celery_app.client import Dispatcher
+from celery_app.context import Context
+from celery_app.errors import InstanceNotFound, Superseded
+from celery_app.settings import load_settings
+
+pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+def _containers(docker_client: Any, **labels: str) -> list[Any]:
+    filters = [f"{k}={v}" for k, v in {**TEST_LABEL, **labels}.items()]
+    return docker_client.containers.list(all=True, filters={"label": filters})
+
+
+def _answers(url: str) -> bool:
+    port = url.rsplit(":", 1)[1]
+    try:
+        return b"hello from ctf" in urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/", timeout=3).read()
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def own_worker(
+    redis_server: RedisServer, catalog_file: Path, tmp_path: Path, docker_client: Any
+) -> Iterator[Callable[..., tuple[Worker, Celery, dict[str, str]]]]:
+    """Build a worker on Redis databases of its own (so it can be killed without harm)."""
+    made: list[tuple[Worker, Celery]] = []
+    db = random.choice(range(6, 14, 3))  # spread over a few free db triples
+
+    def make(**env_overrides: str) -> tuple[Worker, Celery, dict[str, str]]:
+        env = {
+            **base_env(redis_server, catalog_file, tmp_path / "data"),
+            "CELERY_BROKER_URL": f"{redis_server.url}/{db}",
+            "CELERY_RESULT_BACKEND": f"{redis_server.url}/{db + 1}",
+            "CTF_REDIS_URL": f"{redis_server.url}/{db + 2}",
+            **env_overrides,
+        }
+        for n in (db, db + 1, db + 2):
+            redis.Redis.from_url(f"{redis_server.url}/{n}").flushdb()
+        w = Worker(env, tmp_path / f"worker-{len(made)}.log")
+        client = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"])
+        made.append((w, client))
+        return w, client, env
+
+    yield make
+    for w, client in made:
+        w.stop()
+        client.close()
+    cleanup_docker(docker_client, TEST_LABEL)  # the next test starts from nothing
+
+
+def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
+    own_worker: Callable[..., tuple[Worker, Celery, dict[str, str]]], docker_client: Any
+) -> None:
+    """Kill -9 during 30 starts, restart: each instance runs exactly once, nothing is left over."""
+    worker, client, env = own_worker(CTF_VISIBILITY_TIMEOUT="8", CTF_MAX_INSTANCES="100")
+    worker.start()
+    teams = [f"k{uuid.uuid4().hex[:5]}{i}" for i in range(30)]
+    results = [client.send_task("celery_app.tasks.start_container", args=["web", t])
+               for t in teams]
+    # Kill it while the burst is under way: some started, some half-made, some not begun.
+    wait_for(lambda: len(_containers(docker_client)) >= 5, 60, 0.02, "the burst to begin")
+    worker.kill()
+    assert len(_containers(docker_client)) < 30, "the burst finished before the kill"
+    worker.start()
+    done = [r.get(timeout=180) for r in results]
+    assert all(d["status"] == "running" for d in done)
+
+    containers = _containers(docker_client)
+    assert sorted(c.labels["ctf.team"] for c in containers) == sorted(teams)
+    assert all(c.status == "running" for c in containers)
+    by_team = {d["team_id"]: d for d in done}
+    assert all(_answers(by_team[t]["url"]) for t in teams)
+    ports = [d["ports"]["8080/tcp"] for d in done]
+    assert len(set(ports)) == 30
+    state = redis.Redis.from_url(env["CTF_REDIS_URL"], decode_responses=True)
+    records = [json.loads(state.get(f"ctf:inst:web/{t}") or "{}") for t in teams]
+    assert [r.get("container_id") for r in records] == [by_team[t]["container_id"] for t in teams]
+    wait_for(lambda: not list(state.scan_iter("ctf:lock:*")), 40, 0.2, "every lock to be gone")
+    nets = docker_client.networks.list(filters={"label": [f"ctf.test={TEST_LABEL['ctf.test']}"]})
+    assert sorted(n.name for n in nets) == sorted(f"ctf-team-{t}" for t in teams)
+
+
+def test_redis_losing_everything_mid_run(
+    images: dict[str, str], tmp_path: Path, docker_client: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Redis restarts empty: 503 meanwhile, then state comes back and the janitor still reaps."""
+    cleanup_docker(docker_client, TEST_LABEL)
+    server = RedisServer(tmp_path_factory.mktemp("redis-fault"))
+    server.start()
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(
+        f"challenges:\n  web:\n    image: {images['http']}\n    port: 8080\n    ttl: 600\n"
+        f"  brief:\n    image: {images['http']}\n    port: 8080\n    ttl: 25\n"
+    )
+    env = {**base_env(server, catalog, tmp_path / "data"), "CTF_VISIBILITY_TIMEOUT": "10"}
+    worker = Worker(env, tmp_path / "worker.log")
+    settings = load_settings(
+        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
+        redis_url=env["CTF_REDIS_URL"], challenges_file=catalog, data_dir=tmp_path / "data",
+        extra_labels=TEST_LABEL, admin_token="test-admin-token",
+    )
+    try:
+        worker.start()
+        with TestClient(create_app(settings)) as api:
+            base = "/api/v1/teams/rteam/instances"
+            for ch in ("web", "brief"):
+                r = api.put(f"{base}/{ch}?wait=60", headers=ADMIN)
+                assert r.status_code == 200, r.text
+            before = {i["challenge"]: i for i in api.get(base, headers=ADMIN).json()["instances"]}
+
+            server.stop()
+            assert api.get("/healthz").status_code == 503
+            down = api.get(base, headers=ADMIN)
+            assert down.status_code == 503
+            assert down.json()["error"] == "backend_unavailable"
+
+            server.start()  # same port, no data at all
+
+            def restored() -> dict[str, Any] | None:
+                r = api.get(base, headers=ADMIN)
+                if r.status_code != 200:
+                    return None
+                found = {i["challenge"]: i for i in r.json()["instances"]}
+                return found if set(found) == {"web", "brief"} else None
+
+            after = wait_for(restored, 60, 0.2, "reconcile to restore the instances")
+            for ch in ("web", "brief"):
+                assert after[ch]["container_id"] == before[ch]["container_id"]
+                assert after[ch]["expires_at"] == before[ch]["expires_at"]
+                assert after[ch]["status"] == "running"
+            assert wait_for(lambda: api.get("/healthz").status_code == 200, 30, 0.2,
+                            "health to come back")
+            # The janitor still works: the 25 s instance is reaped, the other stays.
+            wait_for(lambda: not _containers(docker_client, **{"ctf.challenge": "brief",
+                                                              "ctf.team": "rteam"}),
+                     60, 0.5, "the janitor to reap the short instance")
+            assert _containers(docker_client, **{"ctf.challenge": "web", "ctf.team": "rteam"})
+    finally:
+        worker.stop()
+        server.stop()
+        cleanup_docker(docker_client, TEST_LABEL)
+
+
+def test_interleaved_starts_and_stops_end_as_the_last_request(
+    worker: Worker, worker_env: dict[str, str], clean_worker_state: None, docker_client: Any,
+) -> None:
+    """50 concurrent starts and stops of one instance: the end state is the last request's."""
+    settings = load_settings(
+        broker_url=worker_env["CELERY_BROKER_URL"],
+        result_backend=worker_env["CELERY_RESULT_BACKEND"],
+        redis_url=worker_env["CTF_REDIS_URL"], challenges_file=worker_env["CTF_CHALLENGES_FILE"],
+        data_dir=Path(worker_env["CTF_DATA_DIR"]), extra_labels=TEST_LABEL,
+        admin_token="test-admin-token",
+    )
+    disp = Dispatcher(settings)
+    team = f"flip{uuid.uuid4().hex[:5]}"
+    try:
+        disp.wait(disp.start("web", team, None)[0], 60)
+
+        def request(i: int) -> str | None:
+            try:
+                task_id, _ = (disp.start if i % 2 else disp.stop)("web", team, None)
+            except InstanceNotFound:
+                return None  # a stop when nothing runs is refused at once: no request made
+            return task_id
+
+        with ThreadPoolExecutor(10) as pool:
+            task_ids = [t for t in pool.map(request, range(50)) if t]
+        views = [disp.wait(t, 120) for t in task_ids]
+        assert all(v.ready for v in views)
+        for v in views:  # each did its part, was superseded, or found nothing left to stop
+            assert v.state == "SUCCESS" or (
+                v.error is not None and v.error.code in ("superseded", "instance_not_found")
+            ), v.public()
+        latest = disp.store.redis.get(f"ctf:intent:web/{team}")
+        assert latest is not None
+        last_op = str(latest).split(":")[1]
+        running = list(_containers(docker_client, **{"ctf.team": team}))
+        record = disp.store.get("web", team)
+        if last_op == "start":
+            assert len(running) == 1 and running[0].status == "running"
+            assert record is not None and record.status == "running"
+            assert record.container_id == running[0].id
+        else:
+            assert running == []
+            assert record is None
+    finally:
+        disp.close()
+
+
+def test_a_later_stop_supersedes_an_earlier_start(ctx: Context) -> None:
+    """A start whose instance was asked to stop afterwards does nothing and says why."""
+    first = ctx.store.register_intent("web", "sup", "start")
+    ctx.store.register_intent("web", "sup", "stop")
+    with pytest.raises(Superseded, match="requested after this start"):
+        ctx.service.start("web", "sup", intent=first)
+    assert ctx.service.status(team_id="sup") == []
+    # Repeated starts are not superseded by each other: they are the same request.
+    again = ctx.store.register_intent("web", "sup", "start")
+    ctx.store.register_intent("web", "sup", "start")
+    assert ctx.service.start("web", "sup", intent=again).status == "running"
+
