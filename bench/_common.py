@@ -9,6 +9,7 @@ tests (10.214/16) and a real deployment (10.213/16) on the same engine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -298,14 +299,39 @@ def bench_run(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def side_labels(side: str) -> str:
+    """``CTF_EXTRA_LABELS`` of one of two workers run side by side (see :func:`side_bench`)."""
+    return json.dumps({**LABEL, "ctf.bench.side": side})
+
+
+@contextlib.contextmanager
+def side_bench(bench: Bench, name: str = "alt") -> Iterator[Bench]:
+    """The same image and catalog with a Redis and data folder of their own.
+
+    For a second worker that runs another checkout (``Worker(..., src=...)``) side by side
+    with the first in one run. Run both workers with ``side_labels(name)`` as their
+    ``CTF_EXTRA_LABELS``, so neither janitor takes the other's containers and networks for
+    orphans (cleanup still finds everything by ``ctf.test``).
+    """
+    workdir = bench.workdir / name
+    (workdir / "data").mkdir(parents=True)
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield dataclasses.replace(bench, workdir=workdir, redis=server)
+    finally:
+        server.stop()
+
+
 # -- a real worker -----------------------------------------------------------------------------
 
 
 class Worker:
     """A real ``celery worker -B --pool threads`` subprocess, as run-celery-worker.sh runs it."""
 
-    def __init__(self, bench: Bench, concurrency: int = 8, **env: str) -> None:
+    def __init__(self, bench: Bench, concurrency: int = 8, src: Path = SRC, **env: str) -> None:
         self.env = {**os.environ, **bench.env(**env)}
+        self.src = src  # the checkout whose celery_app/ the worker runs
         self.logfile = bench.workdir / "worker.log"
         self.schedule = bench.data_dir / "beat-schedule"
         self.concurrency = concurrency
@@ -318,7 +344,7 @@ class Worker:
              "--pool", "threads", "--concurrency", str(self.concurrency), "--loglevel", "INFO",
              "-n", f"{RUN_ID}@%h", "-Q", ",".join(queues_for("local")), "-s",
              str(self.schedule)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=SRC,
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.src,
         )
         log.close()
         proc = self.proc
