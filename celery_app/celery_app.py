@@ -41,7 +41,8 @@ def _start_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
     try:
         ctx = get_context()
         _heartbeat = Heartbeat(ctx.store, ctx.service.host, ctx.settings.heartbeat_ttl,
-                               worker=getattr(sender, "hostname", "") or "")
+                               worker=getattr(sender, "hostname", "") or "",
+                               engine_up=ctx.driver.ping)
         _heartbeat.start()
     except Exception:
         log.exception("cannot start the host heartbeat; this host will look down")

@@ -26,7 +26,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,10 +221,17 @@ class Heartbeat:
     host look dead.
     """
 
-    def __init__(self, store: StateStore, host: str, ttl: float, worker: str = "") -> None:
+    def __init__(
+        self, store: StateStore, host: str, ttl: float, worker: str = "",
+        engine_up: Callable[[], bool] | None = None,
+    ) -> None:
         self.store = store
         self.host = host
         self.ttl = ttl
+        # A worker whose Docker engine does not answer cannot serve its host: while it
+        # cannot, it does not beat, so starts go elsewhere and its instances are not
+        # reported running.
+        self.engine_up = engine_up
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -239,7 +246,12 @@ class Heartbeat:
         interval = self.ttl / 3
         while not self._stop.is_set():
             try:
-                self.beat()
+                if self.engine_up is not None and not self.engine_up():
+                    log.warning("host %s: the Docker engine does not answer; not beating",
+                                self.host)
+                    self._withdraw()
+                else:
+                    self.beat()
             except Exception as exc:  # noqa: BLE001  # keep beating once Redis is back
                 log.warning("heartbeat of host %s failed: %s", self.host, exc)
             self._stop.wait(interval)
@@ -255,6 +267,10 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        self._withdraw()
+
+    def _withdraw(self) -> None:
+        """Remove the heartbeat at once (when it is still ours)."""
         with contextlib.suppress(Exception):
             raw = self.store.redis.get(beat_key(self.host))
             if raw and json.loads(raw).get("worker") == self.worker:

@@ -18,8 +18,9 @@ from typing import Any
 
 from redis.exceptions import LockError
 
+from celery_app.docker_driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
-from celery_app.models import utcnow
+from celery_app.models import Instance, utcnow
 from celery_app.naming import split_instance_key
 from celery_app.service import NO_INTENT, InstanceService
 from celery_app.state import map_redis_errors
@@ -34,6 +35,7 @@ class Summary:
     expired: list[str] = field(default_factory=list)
     orphan_containers: list[str] = field(default_factory=list)
     orphan_networks: list[str] = field(default_factory=list)
+    marked_failed: list[str] = field(default_factory=list)
     reconciled: bool = False
     skipped: bool = False
     errors: list[str] = field(default_factory=list)
@@ -50,6 +52,7 @@ class Summary:
             "expired": self.expired,
             "orphan_containers": self.orphan_containers,
             "orphan_networks": self.orphan_networks,
+            "marked_failed": self.marked_failed,
             "reconciled": self.reconciled,
             "skipped": self.skipped,
             "errors": self.errors,
@@ -106,7 +109,7 @@ class Janitor:
             with contextlib.suppress(LockError), map_redis_errors("janitor unlock"):
                 lock.release()
         summary.seconds = time.monotonic() - began
-        if summary.removed or summary.errors or summary.reconciled:
+        if summary.removed or summary.errors or summary.reconciled or summary.marked_failed:
             log.info("janitor host=%s %s", self.service.host, summary.as_dict())
         return summary
 
@@ -160,7 +163,9 @@ class Janitor:
         svc = self.service
         records = {i.container_name: i for i in svc.store.list(host=svc.host)}
         live_teams = {i.team_id for i in records.values()}
-        for c in svc.driver.list_containers(svc.scope_labels):
+        containers = svc.driver.list_containers(svc.scope_labels)
+        self._mark_dead(records, {c.name: c for c in containers}, summary)
+        for c in containers:
             rec = records.get(c.name)
             if rec is not None and rec.container_id in ("", c.id):
                 continue  # an instance (or a start in flight)
@@ -173,6 +178,36 @@ class Janitor:
             except CTFError as exc:
                 summary.errors.append(f"{c.name}: {exc}")
         return live_teams
+
+    def _mark_dead(
+        self, records: dict[str, Instance], containers: dict[str, ContainerInfo],
+        summary: Summary,
+    ) -> None:
+        """Mark ``failed`` the running instances whose container died or vanished.
+
+        So no interface keeps calling a dead container running (after an engine restart,
+        an OOM kill, a ``docker rm`` by hand). The record stays, with the reason, until it
+        expires or the team starts it again.
+        """
+        svc = self.service
+        for name, rec in records.items():
+            c = containers.get(name)
+            if rec.status != "running" or (c is not None and c.state == "running"):
+                continue
+            lock = svc.store.instance_lock(rec.challenge, rec.team_id, timeout=10)
+            # Someone is starting or stopping it right now: they know better; next pass.
+            if not lock.acquire(blocking=True, blocking_timeout=0.5):
+                continue
+            try:
+                current = svc.store.get(rec.challenge, rec.team_id)
+                if current is None or current.container_id != rec.container_id:
+                    continue
+                why = f"the container is {c.state}" if c is not None else "the container is gone"
+                svc.store.put(current.model_copy(update={"status": "failed", "error": why}))
+                summary.marked_failed.append(rec.key)
+            finally:
+                with contextlib.suppress(LockError):
+                    lock.release()
 
     def _remove_orphan_networks(self, live_teams: set[str], summary: Summary) -> None:
         svc = self.service

@@ -19,6 +19,7 @@ import pytest
 import redis
 from celery import Celery
 from conftest import TEST_LABEL, RedisServer, Worker, base_env, cleanup_docker, wait_for
+from engines import second_engine
 from fastapi.testclient import TestClient
 
 from celery_app.api import create_app
@@ -229,3 +230,65 @@ def test_a_later_stop_supersedes_an_earlier_start(ctx: Context) -> None:
     ctx.store.register_intent("web", "sup", "start")
     assert ctx.service.start("web", "sup", intent=again).status == "running"
 
+
+
+def test_docker_engine_restart_mid_run(
+    own_worker: Callable[..., tuple[Worker, Celery, dict[str, str]]], images: dict[str, str],
+) -> None:
+    """The engine restarts: starts retry and then succeed; a dead container is never 'running'."""
+    label = {"ctf.test": f"{TEST_LABEL['ctf.test']}-engine"}
+    with second_engine(images, label, index=1) as engine:
+        worker, client, env = own_worker(
+            DOCKER_HOST=engine.tcp_url, CTF_PUBLIC_HOST=engine.address,
+            CTF_PUBLISH_IP=engine.address, CTF_EXTRA_LABELS=json.dumps(label),
+            CTF_HEARTBEAT_TTL="3", CTF_TEAM_SUBNET_POOL="10.218.0.0/16",
+        )
+        worker.start()
+        settings = load_settings(
+            broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
+            redis_url=env["CTF_REDIS_URL"], challenges_file=env["CTF_CHALLENGES_FILE"],
+            data_dir=Path(env["CTF_DATA_DIR"]), admin_token="test-admin-token",
+        )
+        start = "celery_app.tasks.start_container"
+        with TestClient(create_app(settings)) as api:
+
+            def shown(team: str) -> dict[str, Any]:
+                [inst] = api.get(f"/api/v1/teams/{team}/instances", headers=ADMIN
+                                 ).json()["instances"]
+                return dict(inst)
+
+            first = client.send_task(start, args=["web", "e1"]).get(timeout=90)
+            assert _answers_at(engine.address, first["ports"]["8080/tcp"])
+
+            engine.stop_daemon()  # every container of the engine dies with it
+            pending = client.send_task(start, args=["web", "e2"])
+            wait_for(lambda: "cannot reach the Docker engine" in worker.log()
+                     and "Retry in" in worker.log(), 60, 0.2, "the start to be retried")
+            # While the engine is away its instances are not reported running.
+            wait_for(lambda: shown("e1")["status"] != "running", 20, 0.2,
+                     "e1 to stop being reported running")
+
+            engine.start_daemon()
+            second = pending.get(timeout=120)
+            assert second["status"] == "running"
+            assert _answers_at(engine.address, second["ports"]["8080/tcp"])
+            # The old container did not survive the restart: it is failed, never running.
+            def marked_failed() -> dict[str, Any] | None:
+                inst = shown("e1")
+                up_and_failed = inst["status"] == "failed" and inst.get("host_up") is None
+                return inst if up_and_failed else None
+
+            failed = wait_for(marked_failed, 30, 0.2, "the janitor to mark e1 failed")
+            assert "container" in failed["error"]
+            # Starting it again makes a fresh, answering instance.
+            again = client.send_task(start, args=["web", "e1"]).get(timeout=90)
+            assert again["container_id"] != first["container_id"]
+            assert _answers_at(engine.address, again["ports"]["8080/tcp"])
+
+
+def _answers_at(address: str, port: int) -> bool:
+    try:
+        return b"hello from ctf" in urllib.request.urlopen(
+            f"http://{address}:{port}/", timeout=3).read()
+    except OSError:
+        return False

@@ -1,0 +1,162 @@
+"""A second Docker engine for tests: a dockerd in its own network namespace.
+
+Reached over a veth pair at 10.250.<n>.2 (its API on tcp://10.250.<n>.2:2375, only on that
+private link). ``ip netns exec`` hides the cgroup mounts from dockerd, so it runs under
+``nsenter --net``; it is never started with ``--bridge none`` in the main namespace, which
+would delete the machine engine's docker0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import pytest
+from conftest import RUN_ID, cleanup_docker, wait_for
+
+
+def _run(*cmd: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+@dataclass
+class SecondEngine:
+    """A dockerd in its own network namespace, at ``address``."""
+
+    netns: str
+    veth: str
+    address: str
+    workdir: Path
+    label: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    subnet: int = 0
+    client: docker.DockerClient | None = None
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.workdir}/docker.sock"
+
+    @property
+    def tcp_url(self) -> str:
+        return f"tcp://{self.address}:2375"
+
+    def start(self, subnet: int) -> None:
+        """Make the namespace and its link, then start the engine in it."""
+        self.subnet = subnet
+        host_ip = f"10.250.{subnet}.1"
+        peer = f"{self.veth}p"
+        _run("ip", "netns", "add", self.netns)
+        _run("ip", "link", "add", self.veth, "type", "veth", "peer", "name", peer)
+        _run("ip", "link", "set", peer, "netns", self.netns)
+        _run("ip", "addr", "add", f"{host_ip}/30", "dev", self.veth)
+        _run("ip", "link", "set", self.veth, "up")
+        inside = ("nsenter", f"--net=/var/run/netns/{self.netns}")
+        _run(*inside, "ip", "addr", "add", f"{self.address}/30", "dev", peer)
+        _run(*inside, "ip", "link", "set", peer, "up")
+        _run(*inside, "ip", "link", "set", "lo", "up")
+        self.start_daemon()
+
+    def start_daemon(self) -> None:
+        """Start (or start again) the engine in the namespace; wait until it answers."""
+        subnet = self.subnet
+        inside = ("nsenter", f"--net=/var/run/netns/{self.netns}")
+        for sub in ("data", "exec"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        # A default bridge is fine here: this namespace has its own. --tls=false: the API
+        # listens only on the private veth link (and without it dockerd waits 15 s).
+        with (self.workdir / "dockerd.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [*inside, "dockerd", "--data-root", str(self.workdir / "data"),
+                 "--exec-root", str(self.workdir / "exec"),
+                 "--pidfile", str(self.workdir / "docker.pid"),
+                 "-H", self.unix_url, "-H", self.tcp_url, "--tls=false",
+                 "--bip", f"172.31.{subnet}.1/24", "--iptables=true"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError("the second dockerd exited: " + self.log()[-2000:])
+            try:
+                # The client asks the engine's API version when made: only once it is up.
+                self.client = self.client or docker.DockerClient(base_url=self.tcp_url,
+                                                                 timeout=60)
+                return bool(self.client.ping())
+            except Exception:  # noqa: BLE001  # refused or not ready yet
+                return False
+
+        wait_for(up, 60, 0.2, "the second Docker engine to answer")
+
+    def load(self, image: str) -> None:
+        """Copy an image from the machine's engine: ``docker save | docker load``."""
+        save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+        load = subprocess.run(["docker", "-H", self.unix_url, "load"], stdin=save.stdout,
+                              capture_output=True, check=False, timeout=120)
+        assert save.stdout is not None
+        save.stdout.close()
+        assert save.wait(60) == 0 and load.returncode == 0, load.stderr
+
+    def log(self) -> str:
+        path = self.workdir / "dockerd.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_daemon(self) -> None:
+        """Stop the engine (SIGTERM to the dockerd we started), keeping its namespace."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                cleanup_docker(self.client, self.label)
+            self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # its pid, the one we started
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def second_engine(images: dict[str, str], label: dict[str, str], index: int = 0
+                  ) -> Iterator[SecondEngine]:
+    """Start a second engine with the stand-in images loaded; remove it all afterwards."""
+    if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("nsenter"):
+        pytest.skip("a second engine needs root, dockerd and nsenter")
+    subnet = 20 + (os.getpid() + 37 * index) % 200
+    tag = f"{str(os.getpid())[-6:]}{index}"
+    engine = SecondEngine(netns=f"ctft{tag}", veth=f"ctfv{tag}", address=f"10.250.{subnet}.2",
+                          workdir=Path(tempfile.mkdtemp(prefix=f"ctf-engine-{RUN_ID}-")),
+                          label=label)
+    try:
+        try:
+            engine.start(subnet)
+        except Exception as exc:  # noqa: BLE001  # say exactly what failed on this machine
+            pytest.fail(f"setting up the second Docker host failed: {exc}\n{engine.log()[-3000:]}")
+        for image in images.values():
+            engine.load(image)
+        yield engine
+    finally:
+        engine.stop()
