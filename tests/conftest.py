@@ -27,6 +27,7 @@ import pytest
 import redis
 
 from celery_app.context import Context, build_context, set_context
+from celery_app.routing import queues_for
 from celery_app.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -328,24 +329,28 @@ class Worker:
 
     def __init__(self, env: dict[str, str], logfile: Path) -> None:
         self.env = env
+        self.host = env.get("CTF_HOST", "local")
         self.logfile = logfile
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start (or start again) and wait until this start's "ready." is in the log."""
         env = {**os.environ, **self.env}
         schedule = Path(self.env["CTF_DATA_DIR"]) / "beat-schedule"
         Path(self.env["CTF_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+        mark = self.logfile.stat().st_size if self.logfile.exists() else 0
         with self.logfile.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker",
                  "-B", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO",
-                 "-n", f"test-{RUN_ID}-{uuid.uuid4().hex[:4]}@%h", "-Q", "celery,ctf.host.local",
+                 "-n", f"test-{self.host}-{RUN_ID}-{uuid.uuid4().hex[:4]}@%h",
+                 "-Q", ",".join(queues_for(self.host)),
                  "-s", str(schedule)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                 start_new_session=True,  # its own process group: kill() takes the beat too
             )
-        wait_for(lambda: b"ready." in self.logfile.read_bytes() or self.proc.poll() is not None,
-                 60, 0.1, "the worker to be ready")
+        wait_for(lambda: b"ready." in self.logfile.read_bytes()[mark:]
+                 or self.proc.poll() is not None, 60, 0.1, f"the {self.host} worker to be ready")
         assert self.proc.poll() is None, self.logfile.read_text()[-3000:]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -11,12 +11,7 @@ second engine, its namespace and its data are removed too.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +20,7 @@ from typing import Any
 import docker
 import pytest
 import redis
-from conftest import ROOT, RUN_ID, RedisServer, base_env, cleanup_docker, wait_for
+from conftest import RUN_ID, RedisServer, Worker, base_env, cleanup_docker, wait_for
 from engines import SecondEngine, second_engine
 
 from celery_app.client import Dispatcher
@@ -51,47 +46,12 @@ def beta_engine(images: dict[str, str]) -> Iterator[SecondEngine]:
         yield engine
 
 
-class HostWorker:
+class HostWorker(Worker):
     """A real ``celery worker -B`` serving one Docker host, as run-celery-worker.sh --host."""
 
     def __init__(self, host: str, env: dict[str, str], workdir: Path) -> None:
-        self.host = host
-        self.env = {**env, "CTF_HOST": host, "CTF_DATA_DIR": str(workdir / f"data-{host}")}
-        self.logfile = workdir / f"worker-{host}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        Path(self.env["CTF_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-        mark = self.logfile.stat().st_size if self.logfile.exists() else 0
-        with self.logfile.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker",
-                 "-B", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO",
-                 "-n", f"test-{self.host}-{uuid.uuid4().hex[:4]}@%h",
-                 "-Q", f"celery,ctf.host.{self.host}",
-                 "-s", str(Path(self.env["CTF_DATA_DIR"]) / "beat-schedule")],
-                env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            )
-        wait_for(lambda: b"ready." in self.logfile.read_bytes()[mark:]
-                 or self.proc.poll() is not None, 60, 0.1, f"the {self.host} worker")
-        assert self.proc.poll() is None, self.log()[-3000:]
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.logfile.read_text(errors="replace")
+        super().__init__({**env, "CTF_HOST": host, "CTF_DATA_DIR": str(workdir / f"data-{host}")},
+                         workdir / f"worker-{host}.log")
 
 
 @dataclass
