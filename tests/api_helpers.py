@@ -21,4 +21,4 @@ def team_headers(team_id: str) -> dict[str, str]:
 def our_containers(client: docker.DockerClient, **labels: str) -> list[Any]:
     """Return the containers of this test run (label ``ctf.test``), filtered by ``labels``."""
     filters = [f"{k}={v}" for k, v in {**TEST_LABEL, **labels}.items()]
-    return client.containers.list(all=True, filters={"label": filters})
+    return client.containers.list(all=True, filters={"label": filters}, ignore_removed=True)

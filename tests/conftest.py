@@ -33,6 +33,7 @@ from celery_app.settings import Settings, load_settings
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
 TEST_LABEL = {"ctf.test": RUN_ID}
+_LABELS_USED = [TEST_LABEL]
 # Our own pool, away from a real deployment's default 10.213.0.0/16 on the same engine.
 TEST_POOL = "10.214.0.0/16"
 BUSYBOX = Path("/bin/busybox")
@@ -51,6 +52,26 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+def containers_of(client: Any, label: dict[str, str] = TEST_LABEL, **labels: str) -> list[Any]:
+    """The containers carrying ``label`` and ``labels`` (any removed meanwhile are skipped)."""
+    filters = [f"{k}={v}" for k, v in {**label, **labels}.items()]
+    return list(client.containers.list(all=True, filters={"label": filters},
+                                       ignore_removed=True))
+
+
+def private_label(purpose: str) -> dict[str, str]:
+    """A test label of its own, for objects no other test's janitor may judge.
+
+    The session worker's janitor sweeps everything labelled ``TEST_LABEL`` that its Redis
+    does not account for; a test with its own Redis (or record-less objects) labels its
+    objects with this instead. Removed at the end of the run like ``TEST_LABEL``.
+    """
+    label = {"ctf.test": f"{RUN_ID}-{purpose}"}
+    if label not in _LABELS_USED:
+        _LABELS_USED.append(label)
+    return label
 
 
 def janitor_pass(ctx: Context, now: Any = None) -> Any:
@@ -143,7 +164,8 @@ def docker_client() -> Iterator[docker.DockerClient]:
     except docker.errors.DockerException as exc:
         pytest.exit(f"no Docker engine answers ({exc}); run ./run-tests.sh", returncode=3)
     yield client
-    cleanup_docker(client, TEST_LABEL)
+    for label in _LABELS_USED:
+        cleanup_docker(client, label)
     for image in client.images.list(filters={"label": f"ctf.test={RUN_ID}"}):
         with contextlib.suppress(docker.errors.APIError):
             client.images.remove(image.id, force=True)

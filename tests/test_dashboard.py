@@ -126,7 +126,7 @@ def test_team_starts_opens_extends_and_stops_web(
     page.goto(f"/#token={token}")
 
     # The fragment is dropped at once; the token lives in sessionStorage only.
-    expect(page.get_by_text("Team alpha")).to_be_visible()
+    expect(page.locator("#who-label")).to_have_text("Team alpha")
     assert page.url == f"{live_api}/"
     assert page.evaluate("sessionStorage.getItem('ctf.token')") == token
     expect(page.locator("article[data-challenge]")).to_have_count(5)

@@ -18,7 +18,16 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from conftest import TEST_LABEL, RedisServer, Worker, base_env, cleanup_docker, wait_for
+from conftest import (
+    TEST_LABEL,
+    RedisServer,
+    Worker,
+    base_env,
+    cleanup_docker,
+    containers_of,
+    private_label,
+    wait_for,
+)
 from engines import second_engine
 from fastapi.testclient import TestClient
 
@@ -31,11 +40,13 @@ from celery_app.settings import load_settings
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
+# Workers on a Redis of their own label what they make with this, so the session worker's
+# janitor (which sweeps TEST_LABEL objects its Redis does not know) leaves them alone.
+FAULT_LABEL = private_label("faults")
 
 
 def _containers(docker_client: Any, **labels: str) -> list[Any]:
-    filters = [f"{k}={v}" for k, v in {**TEST_LABEL, **labels}.items()]
-    return docker_client.containers.list(all=True, filters={"label": filters})
+    return containers_of(docker_client, FAULT_LABEL, **labels)
 
 
 def _answers(url: str) -> bool:
@@ -61,6 +72,7 @@ def own_worker(
             "CELERY_BROKER_URL": f"{redis_server.url}/{db}",
             "CELERY_RESULT_BACKEND": f"{redis_server.url}/{db + 1}",
             "CTF_REDIS_URL": f"{redis_server.url}/{db + 2}",
+            "CTF_EXTRA_LABELS": json.dumps(FAULT_LABEL),
             **env_overrides,
         }
         for n in (db, db + 1, db + 2):
@@ -74,7 +86,7 @@ def own_worker(
     for w, client in made:
         w.stop()
         client.close()
-    cleanup_docker(docker_client, TEST_LABEL)  # the next test starts from nothing
+    cleanup_docker(docker_client, FAULT_LABEL)  # the next test starts from nothing
 
 
 def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
@@ -105,7 +117,7 @@ def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
     records = [json.loads(state.get(f"ctf:inst:web/{t}") or "{}") for t in teams]
     assert [r.get("container_id") for r in records] == [by_team[t]["container_id"] for t in teams]
     wait_for(lambda: not list(state.scan_iter("ctf:lock:*")), 40, 0.2, "every lock to be gone")
-    nets = docker_client.networks.list(filters={"label": [f"ctf.test={TEST_LABEL['ctf.test']}"]})
+    nets = docker_client.networks.list(filters={"label": [f"ctf.test={FAULT_LABEL['ctf.test']}"]})
     assert sorted(n.name for n in nets) == sorted(f"ctf-team-{t}" for t in teams)
 
 
@@ -114,7 +126,7 @@ def test_redis_losing_everything_mid_run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Redis restarts empty: 503 meanwhile, then state comes back and the janitor still reaps."""
-    cleanup_docker(docker_client, TEST_LABEL)
+    cleanup_docker(docker_client, FAULT_LABEL)
     server = RedisServer(tmp_path_factory.mktemp("redis-fault"))
     server.start()
     catalog = tmp_path / "catalog.yaml"
@@ -122,12 +134,13 @@ def test_redis_losing_everything_mid_run(
         f"challenges:\n  web:\n    image: {images['http']}\n    port: 8080\n    ttl: 600\n"
         f"  brief:\n    image: {images['http']}\n    port: 8080\n    ttl: 25\n"
     )
-    env = {**base_env(server, catalog, tmp_path / "data"), "CTF_VISIBILITY_TIMEOUT": "10"}
+    env = {**base_env(server, catalog, tmp_path / "data"), "CTF_VISIBILITY_TIMEOUT": "10",
+           "CTF_EXTRA_LABELS": json.dumps(FAULT_LABEL)}
     worker = Worker(env, tmp_path / "worker.log")
     settings = load_settings(
         broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
         redis_url=env["CTF_REDIS_URL"], challenges_file=catalog, data_dir=tmp_path / "data",
-        extra_labels=TEST_LABEL, admin_token="test-admin-token",
+        extra_labels=FAULT_LABEL, admin_token="test-admin-token",
     )
     try:
         worker.start()
@@ -168,7 +181,7 @@ def test_redis_losing_everything_mid_run(
     finally:
         worker.stop()
         server.stop()
-        cleanup_docker(docker_client, TEST_LABEL)
+        cleanup_docker(docker_client, FAULT_LABEL)
 
 
 def test_interleaved_starts_and_stops_end_as_the_last_request(
@@ -205,7 +218,7 @@ def test_interleaved_starts_and_stops_end_as_the_last_request(
         latest = disp.store.redis.get(f"ctf:intent:web/{team}")
         assert latest is not None
         last_op = str(latest).split(":")[1]
-        running = list(_containers(docker_client, **{"ctf.team": team}))
+        running = containers_of(docker_client, **{"ctf.team": team})
         record = disp.store.get("web", team)
         if last_op == "start":
             assert len(running) == 1 and running[0].status == "running"
@@ -236,7 +249,7 @@ def test_docker_engine_restart_mid_run(
     own_worker: Callable[..., tuple[Worker, Celery, dict[str, str]]], images: dict[str, str],
 ) -> None:
     """The engine restarts: starts retry and then succeed; a dead container is never 'running'."""
-    label = {"ctf.test": f"{TEST_LABEL['ctf.test']}-engine"}
+    label = private_label("engine")
     with second_engine(images, label, index=1) as engine:
         worker, client, env = own_worker(
             DOCKER_HOST=engine.tcp_url, CTF_PUBLIC_HOST=engine.address,

@@ -21,6 +21,7 @@ from conftest import (
     RUN_ID,
     TEST_LABEL,
     build_image,
+    containers_of,
     free_port,
     janitor_pass,
     wait_for,
@@ -40,10 +41,7 @@ from celery_app.models import parse_iso, utcnow
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
 
-def _containers(docker_client: Any, **labels: str) -> list[Any]:
-    filters = [f"{k}={v}" for k, v in {**TEST_LABEL, **labels}.items()]
-    return docker_client.containers.list(all=True, filters={"label": filters})
-
+_containers = containers_of
 
 def _networks(docker_client: Any) -> list[Any]:
     return docker_client.networks.list(filters={"label": [f"ctf.test={RUN_ID}"]})

@@ -8,9 +8,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import docker
 import pytest
-from conftest import TEST_LABEL, TEST_POOL
+from conftest import TEST_LABEL, TEST_POOL, cleanup_docker, containers_of, private_label
 
 from celery_app.context import Context
 from celery_app.errors import (
@@ -24,10 +23,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.redis]
 BAD_TEAM_IDS = ["../x", "a b", "", "x" * 64, "--help", "tëam", "team\n", "-lead", "a/b", "a;rm"]
 
 
-def _ours(client: docker.DockerClient, **labels: str) -> list[Any]:
-    filters = [f"{k}={v}" for k, v in {**TEST_LABEL, **labels}.items()]
-    return client.containers.list(all=True, filters={"label": filters})
-
+_ours = containers_of
 
 def _reaches(container: Any, ip: str) -> bool:
     """Whether ``container`` gets our stand-in page from ``ip`` (busybox nc, 2 s timeout)."""
@@ -157,12 +153,18 @@ def test_port_comes_from_image_expose_when_catalog_omits_it(ctx: Context) -> Non
 @pytest.mark.slow
 def test_many_team_networks_get_subnets_from_our_pool(ctx: Context, docker_client: Any) -> None:
     """More teams than Docker's default pools allow (~30) each get a distinct pool subnet."""
-    labels = {**TEST_LABEL, "ctf.managed": "true"}
+    # No instance records these networks: a label of their own keeps the session worker's
+    # janitor from (rightly) sweeping them as orphans mid-test.
+    label = private_label("networks")
+    labels = {**label, "ctf.managed": "true"}
     subnets = set()
-    for i in range(60):
-        net = ctx.driver.ensure_network(f"many{i}", {**labels, "ctf.team": f"many{i}"},
-                                        TEST_POOL, 28)
-        subnets.add(net.subnets[0])
+    try:
+        for i in range(60):
+            net = ctx.driver.ensure_network(f"many{i}", {**labels, "ctf.team": f"many{i}"},
+                                            TEST_POOL, 28)
+            subnets.add(net.subnets[0])
+    finally:
+        cleanup_docker(docker_client, label)
     assert len(subnets) == 60
     pool = ipaddress.ip_network(TEST_POOL)
     assert all(ipaddress.ip_network(s).subnet_of(pool) for s in subnets)

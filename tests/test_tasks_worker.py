@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from conftest import TEST_LABEL, Worker, wait_for
+from conftest import Worker, cleanup_docker, containers_of, private_label, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.usefixtures("clean_worker_state")]
 
@@ -18,10 +19,7 @@ STOP = "celery_app.tasks.stop_container"
 STATUS = "celery_app.tasks.get_container_status"
 
 
-def _containers(docker_client: Any, **labels: str) -> list[Any]:
-    filters = [f"{k}={v}" for k, v in {**TEST_LABEL, **labels}.items()]
-    return docker_client.containers.list(all=True, filters={"label": filters})
-
+_containers = containers_of
 
 def test_start_status_stop_through_the_worker(celery_client: Celery, docker_client: Any) -> None:
     """start_container returns the running instance; status lists it; stop removes it."""
@@ -87,6 +85,7 @@ def test_transient_docker_failure_is_retried_then_succeeds(
 ) -> None:
     """With Docker unreachable the start is retried with backoff, and succeeds once it is back."""
     sock = tmp_path / "docker.sock"  # does not exist yet: the engine is "down"
+    label = private_label("retry")
     env = {
         **worker_env,
         "CELERY_BROKER_URL": f"{redis_server.url}/3",
@@ -94,6 +93,8 @@ def test_transient_docker_failure_is_retried_then_succeeds(
         "CTF_REDIS_URL": f"{redis_server.url}/5",
         "DOCKER_HOST": f"unix://{sock}",
         "CTF_DATA_DIR": str(tmp_path / "data"),
+        # Its own Redis, so its own label: the session worker's janitor must not sweep it.
+        "CTF_EXTRA_LABELS": json.dumps(label),
     }
     w = Worker(env, tmp_path / "worker.log")
     w.start()
@@ -107,7 +108,8 @@ def test_transient_docker_failure_is_retried_then_succeeds(
         os.symlink("/var/run/docker.sock", sock)
         inst = result.get(timeout=90)
         assert inst["status"] == "running"
-        assert _containers(docker_client, **{"ctf.team": team})
+        assert _containers(docker_client, label, **{"ctf.team": team})
     finally:
         w.stop()
         client.close()
+        cleanup_docker(docker_client, label)
