@@ -8,6 +8,7 @@ failed comes back as the :mod:`celery_app.errors` class it raised, rebuilt by cl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -334,10 +335,10 @@ class Dispatcher:
         timeout: float,
         on_progress: Callable[[TaskView], None] | None = None,
     ) -> TaskView:
-        """Poll the task until it finishes or ``timeout`` seconds pass.
+        """Wait for the task to finish, or for ``timeout`` seconds.
 
-        Polling (a Redis GET every 10-100 ms) rather than ``AsyncResult.get``: the latter's
-        pub/sub consumer is shared by the threads of one process and is not safe there.
+        A pub/sub subscription of its own per call (not ``AsyncResult.get``, whose consumer
+        is shared by the threads of one process and is not safe there).
 
         Args:
             task_id: the task.
@@ -348,18 +349,26 @@ class Dispatcher:
             The last view: ``ready`` when it finished in time.
 
         """
-        began = time.monotonic()
-        deadline = began + timeout
-        while True:
-            view = self.view(task_id)
-            if view.ready:
-                return view
-            if on_progress is not None:
-                on_progress(view)
-            now = time.monotonic()
-            if now >= deadline:
-                return view
-            # Most starts finish within seconds: poll every 10 ms then (a GET costs ~0.2 ms,
-            # and a coarse poll would add its whole interval to the answer), slower later.
-            delay = 0.01 if now - began < 5 else 0.1
-            time.sleep(min(delay, deadline - now))
+        deadline = time.monotonic() + timeout
+        backend = self.celery.backend
+        # The Redis result backend PUBLISHes every state it stores on the task's key: wait
+        # for those instead of polling (one GET per change, not one every 10 ms).
+        pubsub = backend.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            with map_redis_errors("wait for task"):
+                pubsub.subscribe(backend.get_key_for_task(task_id))
+            while True:
+                view = self.view(task_id)  # read after subscribing: no change is missed
+                if view.ready:
+                    return view
+                if on_progress is not None:
+                    on_progress(view)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return view
+                with map_redis_errors("wait for task"):
+                    # woken by the next stored state; re-read at least once a second anyway
+                    pubsub.get_message(timeout=min(remaining, 1.0))
+        finally:
+            with contextlib.suppress(Exception):
+                pubsub.close()

@@ -43,6 +43,10 @@ class InstancerTask(Task):  # type: ignore[misc]
         """Publish progress as the task's ``PROGRESS`` state (at most ~4 times a second)."""
         if not self.request.id or self.request.called_directly:
             return
+        # Each PROGRESS is a backend SET + PUBLISH on the start's critical path: skip "image"
+        # (over at once unless a pull follows) and "running" (the result follows at once).
+        if event.get("phase") in ("image", "running"):
+            return
         now = time.monotonic()
         if event.get("phase") == "pulling" and now - self._last_report < 0.25:
             return
