@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from celery_app.errors import CapacityExhausted, HostsFileError
+from celery_app.errors import BackendUnavailable, CapacityExhausted, HostsFileError
 from celery_app.models import Instance
 from celery_app.naming import TEAM_ID_RE
 from celery_app.routing import host_queue
@@ -188,7 +188,7 @@ def beat_key(host: str) -> str:
 
 
 def heartbeats(store: StateStore, names: Iterable[str]) -> dict[str, dict[str, Any] | None]:
-    """Return each host's last heartbeat (``{"worker", "at"}``), ``None`` when it has none."""
+    """Return each host's last heartbeat (``{"worker", "at", "engine"}``), ``None`` if none."""
     names = list(names)
     if not names:
         return {}
@@ -207,11 +207,14 @@ def liveness(beats: Mapping[str, dict[str, Any] | None]) -> dict[str, bool]:
     """Return ``{host: alive}`` from :func:`heartbeats`; all alive when none has a heartbeat.
 
     No heartbeat at all means Redis was just flushed or every worker is down: we cannot tell
-    which, so nothing is judged dead (``/healthz`` reports the missing workers).
+    which, so nothing is judged dead (``/healthz`` reports the missing workers). A worker
+    whose Docker engine does not answer keeps beating with ``"engine": false``: its host is
+    down, and that is known for certain.
     """
     if not any(beats.values()):
         return dict.fromkeys(beats, True)
-    return {name: beat is not None for name, beat in beats.items()}
+    return {name: beat is not None and beat.get("engine", True) is not False
+            for name, beat in beats.items()}
 
 
 class Heartbeat:
@@ -229,16 +232,16 @@ class Heartbeat:
         self.host = host
         self.ttl = ttl
         # A worker whose Docker engine does not answer cannot serve its host: while it
-        # cannot, it does not beat, so starts go elsewhere and its instances are not
+        # cannot, its beat says so, so starts go elsewhere and its instances are not
         # reported running.
         self.engine_up = engine_up
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def beat(self) -> None:
-        """Publish one heartbeat."""
-        value = json.dumps({"worker": self.worker, "at": time.time()})
+    def beat(self, engine: bool = True) -> None:
+        """Publish one heartbeat, saying whether this host's Docker engine answers."""
+        value = json.dumps({"worker": self.worker, "at": time.time(), "engine": engine})
         with map_redis_errors("publish heartbeat"):
             self.store.redis.set(beat_key(self.host), value, px=int(self.ttl * 1000))
 
@@ -246,12 +249,10 @@ class Heartbeat:
         interval = self.ttl / 3
         while not self._stop.is_set():
             try:
-                if self.engine_up is not None and not self.engine_up():
-                    log.warning("host %s: the Docker engine does not answer; not beating",
-                                self.host)
-                    self._withdraw()
-                else:
-                    self.beat()
+                engine = self.engine_up is None or self.engine_up()
+                if not engine:
+                    log.warning("host %s: the Docker engine does not answer", self.host)
+                self.beat(engine)
             except Exception as exc:  # noqa: BLE001  # keep beating once Redis is back
                 log.warning("heartbeat of host %s failed: %s", self.host, exc)
             self._stop.wait(interval)
@@ -323,10 +324,18 @@ def pick_host(hosts: Hosts, store: StateStore) -> str:
     """Return the live host with the most room for a new instance (ties: at random).
 
     Raises:
-        CapacityExhausted: no live host has room.
+        BackendUnavailable: no host is usable at all (workers gone or engines down).
+        CapacityExhausted: the live hosts are full.
 
     """
     loads = host_loads(hosts, store)
+    if not any(h.alive for h in loads):
+        raise BackendUnavailable(
+            "no Docker host is usable right now: "
+            + ", ".join(f"{h.name} (no worker heartbeat or its engine does not answer)"
+                        for h in loads)
+            + "; try again shortly, or start the workers (./run-celery-worker.sh --host NAME)"
+        )
     candidates = [h for h in loads if h.alive and h.room > 0]
     if not candidates:
         seen = ", ".join(f"{h.name} {h.used}/{h.max}{'' if h.alive else ' (no worker)'}"
@@ -368,8 +377,9 @@ def present(
         if inst.status in ("running", "starting"):
             data["status"] = "failed"
             data["error"] = (
-                f"host {inst.host} is unreachable: its worker sends no heartbeat. The container "
-                "may still run there; the instance is shown again when that worker is back"
+                f"host {inst.host} is unreachable: its worker sends no heartbeat or its Docker "
+                "engine does not answer. The container may still run there; the instance is "
+                "shown again when the host is back"
             )
         shown.append(data)
     return shown

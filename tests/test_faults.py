@@ -277,9 +277,17 @@ def test_docker_engine_restart_mid_run(
             pending = client.send_task(start, args=["web", "e2"])
             wait_for(lambda: "cannot reach the Docker engine" in worker.log()
                      and "Retry in" in worker.log(), 60, 0.2, "the start to be retried")
-            # While the engine is away its instances are not reported running.
-            wait_for(lambda: shown("e1")["status"] != "running", 20, 0.2,
-                     "e1 to stop being reported running")
+            # While the engine is away its instances are not reported running, and a start
+            # through the API is refused as a backend problem (503), not queued blind.
+            def host_down() -> dict[str, Any] | None:
+                inst = shown("e1")
+                return inst if inst.get("host_up") is False else None
+
+            down = wait_for(host_down, 20, 0.2, "e1's host to be reported down")
+            assert down["status"] == "failed"
+            refused = api.put("/api/v1/teams/e3/instances/web", headers=ADMIN)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"] == "backend_unavailable"
 
             engine.start_daemon()
             second = pending.get(timeout=120)
