@@ -20,6 +20,7 @@ from redis.exceptions import LockError
 
 from celery_app.docker_driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
+from celery_app.metrics import JANITOR_KEY
 from celery_app.models import Instance, utcnow
 from celery_app.naming import split_instance_key
 from celery_app.service import NO_INTENT, InstanceService
@@ -111,7 +112,23 @@ class Janitor:
         summary.seconds = time.monotonic() - began
         if summary.removed or summary.errors or summary.reconciled or summary.marked_failed:
             log.info("janitor host=%s %s", self.service.host, summary.as_dict())
+            self._count(summary)
         return summary
+
+    def _count(self, summary: Summary) -> None:
+        """Add what this pass removed to the counters ``/metrics`` exposes."""
+        counts = {
+            "expired": len(summary.expired),
+            "orphan_containers": len(summary.orphan_containers),
+            "orphan_networks": len(summary.orphan_networks),
+            "marked_failed": len(summary.marked_failed),
+        }
+        with contextlib.suppress(CTFError), map_redis_errors("count janitor removals"):
+            pipe = self.service.store.redis.pipeline()
+            for kind, n in counts.items():
+                if n:
+                    pipe.hincrby(JANITOR_KEY, kind, n)
+            pipe.execute()
 
     def _pass(self, now: datetime, summary: Summary) -> None:
         # 1. Redis lost the index: rebuild it before judging anything an orphan.

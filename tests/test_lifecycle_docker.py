@@ -26,7 +26,9 @@ from conftest import (
     janitor_pass,
     wait_for,
 )
+from fastapi.testclient import TestClient
 
+from celery_app.api import create_app
 from celery_app.context import Context
 from celery_app.errors import (
     CapacityExhausted,
@@ -87,6 +89,12 @@ def test_janitor_removes_expired_instances(ctx: Context, docker_client: Any) -> 
     assert ctx.service.status() == []
     # A second janitor (or a racing stop) finds nothing and reports nothing: harmless.
     assert janitor_pass(ctx, utcnow() + timedelta(seconds=601)).removed == 0
+    # What it removed is counted for Prometheus.
+    with TestClient(create_app(ctx.settings)) as api:
+        text = api.get("/metrics").text
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith('ctf_janitor_removed_total{kind="expired"}'))
+    assert float(line.split()[-1]) >= 2
 
 
 def test_janitor_passes_do_not_pile_up(ctx: Context) -> None:
