@@ -323,6 +323,14 @@ def side_bench(bench: Bench, name: str = "alt") -> Iterator[Bench]:
         server.stop()
 
 
+def emit(result: dict[str, Any], path: Path | None) -> None:
+    """Print a benchmark's result as JSON, and write it to ``path`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path is not None:
+        path.write_text(text + "\n")
+
+
 # -- a real worker -----------------------------------------------------------------------------
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
-import json
 import os
 import statistics
 import sys
@@ -50,6 +49,7 @@ from _common import (
     bench_run,
     celery_client,
     cleanup_docker,
+    emit,
     machine,
     side_bench,
     side_labels,
@@ -293,9 +293,7 @@ def main() -> int:
         ratios = [r[f"ratio_{kind}"] for r in result["rounds"]]
         result[f"median_ratio_{kind}"] = round(statistics.median(ratios), 3)
     result["load_avg_after"] = os.getloadavg()
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
     return 0
 
 

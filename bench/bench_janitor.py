@@ -21,7 +21,6 @@ Usage: .venv/bin/python bench/bench_janitor.py [--live 500] [--expire 200] [--pa
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -33,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from _common import bench_run, machine
+from _common import bench_run, emit, machine
 
 from celery_app.models import iso, utcnow
 from celery_app.naming import container_name
@@ -178,9 +177,7 @@ def main() -> int:
             print(f"reap: {result['reap']}", file=sys.stderr)
         finally:
             ctx.driver.close()
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
     return 0
 
 

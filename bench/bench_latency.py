@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ from _common import (
     Worker,
     bench_run,
     celery_client,
+    emit,
     free_port,
     machine,
     side_bench,
@@ -292,9 +292,7 @@ def main() -> int:
         result["api_minus_dispatcher_ms"] = round(statistics.median(diffs) * 1000, 1)
     result["rss_after_kib"] = rss
     result["samples_ms"] = {k: [round(v * 1000, 1) for v in vals] for k, vals in samples.items()}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -47,6 +47,7 @@ from _common import (
     Worker,
     bench_run,
     celery_client,
+    emit,
     machine,
     pct,
     summary_ms,
@@ -334,9 +335,7 @@ def main() -> int:
                 store.redis.close()
             worker.stop()
     result["load_avg_after"] = os.getloadavg()
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
     return 0
 
 

@@ -20,7 +20,6 @@ Usage: .venv/bin/python bench/bench_start.py [-n 20] [--warmup 2] [--breakdown] 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -29,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import LABEL, Bench, Worker, bench_run, celery_client, machine, summary_ms
+from _common import LABEL, Bench, Worker, bench_run, celery_client, emit, machine, summary_ms
 
 from celery_app.naming import network_name
 from celery_app.readiness import wait_ready
@@ -175,9 +174,7 @@ def main() -> int:
                                           / statistics.median(samples["raw"]), 3)
     result["samples_ms"] = {k: [round(v * 1000, 1) for v in vals]
                             for k, vals in samples.items() if vals}
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, args.json)
     return 0
 
 
