@@ -234,7 +234,7 @@ class Dispatcher:
                               queue=queue)
         return task_id
 
-    def queue_for(self, record: Instance | None) -> str:
+    def queue_for(self, record: Instance | None, instance: str | None = None) -> str:
         """Return the queue of the worker that owns ``record``'s Docker host.
 
         An existing instance's tasks go to its host's worker (SPEC §10); a new one goes to
@@ -246,7 +246,7 @@ class Dispatcher:
         """
         if record is not None:
             return host_queue(record.host)
-        return host_queue(pick_host(self.hosts, self.store))
+        return host_queue(pick_host(self.hosts, self.store, instance))
 
     def host_loads(self) -> list[HostLoad]:
         """Return every Docker host's used/max instances and whether its worker is alive."""
@@ -268,7 +268,8 @@ class Dispatcher:
         # instance race, the one that arrived last wins (see InstanceService.start).
         intent = self.store.register_intent(challenge, team_id, "start")
         task_id = self.send("start_container", [challenge, team_id], owner,
-                            self.queue_for(record), {"intent": intent})
+                            self.queue_for(record, f"{challenge}/{team_id}"),
+                            {"intent": intent})
         if record is not None and record.status != "failed":
             so_far = record.public()
         else:

@@ -26,6 +26,7 @@ import random
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,8 +321,44 @@ def host_loads(hosts: Hosts, store: StateStore) -> list[HostLoad]:
     return loads
 
 
-def pick_host(hosts: Hosts, store: StateStore) -> str:
+# A placement counts against its host until its instance is recorded there (then it is
+# counted as used) or, if its task never ran, for this long.
+PLACING_WINDOW = 30.0
+
+_PLACE = """
+local now, window, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local best, best_room, best_key = '', 0, nil
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  for _, placed in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if redis.call('EXISTS', 'ctf:inst:' .. placed) == 1 then redis.call('ZREM', key, placed) end
+  end
+  local room = tonumber(ARGV[3 + 2 * i]) - redis.call('ZCARD', key)
+  if room > best_room then best, best_room, best_key = ARGV[2 + 2 * i], room, key end
+end
+if best_key then
+  redis.call('ZADD', best_key, now, member)
+  redis.call('EXPIRE', best_key, math.ceil(window) + 1)
+end
+return best
+"""
+
+
+def placing_key(host: str) -> str:
+    """The Redis zset of recent placements on ``host`` (starts on their way)."""
+    return f"ctf:placing:{host}"
+
+
+def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> str:
     """Return the live host with the most room for a new instance (ties: at random).
+
+    The choice is recorded as a placement on its way, so a burst of starts spreads out
+    instead of all seeing the same counts.
+
+    Args:
+        hosts: the configured hosts.
+        store: the Redis state store.
+        instance: ``<challenge>/<team>`` of the new instance (one placement per instance).
 
     Raises:
         BackendUnavailable: no host is usable at all (workers gone or engines down).
@@ -344,8 +381,21 @@ def pick_host(hosts: Hosts, store: StateStore) -> str:
             f"no Docker host with a live worker has room ({seen}); try again when instances "
             "have expired, start the missing workers, or raise max_instances in CTF_HOSTS_FILE"
         )
-    most = max(h.room for h in candidates)
-    return random.choice([h.name for h in candidates if h.room == most])  # noqa: S311
+    # Choose and record the choice in one Redis step: a burst of starts sees each other's
+    # placements (not yet counted as instances) and spreads over the hosts.
+    random.shuffle(candidates)  # ties go to a random host
+    keys = [placing_key(h.name) for h in candidates]
+    args: list[Any] = [time.time(), PLACING_WINDOW, instance or uuid.uuid4().hex]
+    for h in candidates:
+        args += [h.name, h.room]
+    with map_redis_errors("place instance"):
+        chosen = str(store.redis.eval(_PLACE, len(keys), *keys, *args) or "")
+    if not chosen:
+        raise CapacityExhausted(
+            "every Docker host with a live worker is full once the starts already on their way "
+            "are counted; try again in a few seconds"
+        )
+    return chosen
 
 
 # -- how instances are shown ------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Placement of new instances over several hosts, on a real Redis (no Docker needed)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from celery_app.errors import BackendUnavailable, CapacityExhausted
+from celery_app.hosts import Heartbeat, load_hosts, pick_host
+from celery_app.models import Instance, iso, utcnow
+from celery_app.settings import Settings
+from celery_app.state import StateStore
+
+pytestmark = [pytest.mark.redis]
+
+
+@pytest.fixture
+def two_hosts(make_settings: Callable[..., Settings], tmp_path: Path,
+              redis_server: object) -> tuple[Settings, StateStore]:
+    path = tmp_path / "hosts.yaml"
+    path.write_text(
+        "hosts:\n"
+        "  alpha: {public_host: 10.0.0.5, max_instances: 4}\n"
+        "  beta: {public_host: 10.0.0.6, max_instances: 4}\n"
+    )
+    settings = make_settings(hosts_file=path)
+    store = StateStore.from_url(settings.state_redis_url)
+    store.redis.flushdb()
+    return settings, store
+
+
+def _beat(store: StateStore, host: str, engine: bool = True) -> None:
+    Heartbeat(store, host, ttl=30, worker=f"w-{host}").beat(engine)
+
+
+def test_a_burst_spreads_over_hosts_up_to_their_room(two_hosts: tuple[Settings, StateStore]
+                                                     ) -> None:
+    """Eight starts at once land four per host (room 4 each); the ninth is refused clearly."""
+    settings, store = two_hosts
+    hosts = load_hosts(settings)
+    _beat(store, "alpha")
+    _beat(store, "beta")
+    with ThreadPoolExecutor(8) as pool:
+        chosen = list(pool.map(lambda i: pick_host(hosts, store, f"web/t{i}"), range(8)))
+    assert Counter(chosen) == {"alpha": 4, "beta": 4}
+    with pytest.raises(CapacityExhausted, match="full"):
+        pick_host(hosts, store, "web/t9")
+
+
+def test_a_host_whose_engine_is_down_gets_nothing(two_hosts: tuple[Settings, StateStore]
+                                                  ) -> None:
+    """A host whose worker reports its engine down is skipped; all down is a backend error."""
+    settings, store = two_hosts
+    hosts = load_hosts(settings)
+    _beat(store, "alpha")
+    _beat(store, "beta", engine=False)
+    assert {pick_host(hosts, store) for _ in range(3)} == {"alpha"}
+    _beat(store, "alpha", engine=False)
+    with pytest.raises(BackendUnavailable, match="no Docker host is usable"):
+        pick_host(hosts, store)
+
+
+
+
+def test_a_placement_stops_counting_once_its_instance_is_recorded(
+    two_hosts: tuple[Settings, StateStore],
+) -> None:
+    """A recorded instance is counted once (as used), not again as a placement on its way."""
+    settings, store = two_hosts
+    hosts = load_hosts(settings)
+    _beat(store, "alpha")
+    _beat(store, "beta", engine=False)
+    assert pick_host(hosts, store, "web/first") == "alpha"
+    now = utcnow()
+    store.put(Instance(team_id="first", challenge="web", status="running",
+                       container_name="ctf-web-first", host="alpha", started_at=iso(now),
+                       expires_at=iso(now + timedelta(seconds=60))))
+    assert [pick_host(hosts, store, f"web/n{i}") for i in range(3)] == ["alpha"] * 3
+    with pytest.raises(CapacityExhausted):
+        pick_host(hosts, store, "web/n4")
