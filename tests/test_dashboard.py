@@ -294,8 +294,16 @@ def test_admin_filters_issues_a_link_and_stops_another_teams_instance(
     before = victim.locator("time.countdown").get_attribute("datetime")
     victim.get_by_role("button", name=re.compile(r"^Extend")).click()
     expect(victim.locator("time.countdown")).not_to_have_attribute("datetime", before or "")
+    # Stopping another team's instance asks first: dismissing keeps it, accepting stops it.
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    victim.get_by_role("button", name=re.compile(r"^Stop")).click()
+    expect(victim).to_have_count(1)
+    expect(victim.get_by_role("button", name=re.compile(r"^Stop"))).to_be_enabled()
+    messages: list[str] = []
+    page.once("dialog", lambda dialog: (messages.append(dialog.message), dialog.accept()))
     victim.get_by_role("button", name=re.compile(r"^Stop")).click()
     expect(victim).to_have_count(0, timeout=START_TIMEOUT)
+    assert messages and "team victim" in messages[0]
     expect(page.locator("#cap-used")).to_have_text("1")
     wait_for(lambda: our_containers(docker_client, **{"ctf.team": "victim"}) == [], 10,
              message="victim's container to be gone")

@@ -667,6 +667,10 @@
     const key = tr.dataset.key;
     const path = `/api/v1/teams/${encodeURIComponent(team)}/instances/${encodeURIComponent(id)}`;
     const label = `${id} of team ${team}`;
+    // Stopping someone else's instance throws away their work: ask first.
+    if (op === "stop" && !window.confirm(`Stop ${label}? The team loses this instance.`)) {
+      return;
+    }
     state.rowBusy.set(key, op === "stop" ? "Stopping…" : "Extending…");
     renderRows();
     try {
