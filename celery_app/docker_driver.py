@@ -439,6 +439,11 @@ class DockerDriver:
         name = network_name(team_id)
         existing = self.get_network(name)
         if existing is not None:
+            if any(existing.labels.get(k) != v for k, v in labels.items()):
+                raise InvalidRequest(
+                    f"a network named {name} exists on this Docker host but is not managed by "
+                    "this instancer (its labels differ); remove or rename it, then try again"
+                )
             return existing
         used = [
             ipaddress.ip_network(s, strict=False)

@@ -25,6 +25,7 @@ from celery_app.errors import (
     ImageNotFound,
     InstanceBusy,
     InstanceNotFound,
+    InvalidRequest,
     MaxLifetimeReached,
     StartFailed,
     Superseded,
@@ -233,7 +234,7 @@ class InstanceService:
                     "start it again if it is still wanted"
                 )
             # 3. an existing container is reused (idempotency, redelivered tasks).
-            existing = self.driver.get_container(name)
+            existing = self._own_container(name, ch.id, team)
             record = self.store.get(ch.id, team)
             if existing is not None and existing.state == "running":
                 if record is not None and record.status == "running" \
@@ -319,6 +320,26 @@ class InstanceService:
             cap_add=ch.cap_add, publish_ip=self.settings.publish_ip,
             port_range=self.settings.port_range, command=ch.command, hostname=ch.id,
         )
+
+    def _own_container(self, name: str, challenge: str, team_id: str) -> ContainerInfo | None:
+        """Return the container named ``name`` when it is ours; ``None`` when there is none.
+
+        The name alone is not proof: another deployment on the same engine (or a person)
+        may use it. Ours carries every scope label and the instance's team and challenge.
+
+        Raises:
+            InvalidRequest: the name is taken by a container this instancer does not manage.
+        """
+        info = self.driver.get_container(name)
+        if info is None:
+            return None
+        wanted = {**self.scope_labels, LABEL_TEAM: team_id, LABEL_CHALLENGE: challenge}
+        if any(info.labels.get(k) != v for k, v in wanted.items()):
+            raise InvalidRequest(
+                f"a container named {name} exists on this Docker host but is not managed by "
+                "this instancer (its labels differ); remove or rename it, then try again"
+            )
+        return info
 
     def _with_container(
         self, ch: Challenge, inst: Instance, info: ContainerInfo, port: int
@@ -442,7 +463,7 @@ class InstanceService:
                 )
             # 3. is there anything to stop?
             record = self.store.get(ch.id, team)
-            existing = self.driver.get_container(name)
+            existing = self._own_container(name, ch.id, team)
             if record is None and existing is None:
                 raise InstanceNotFound(
                     f"team {team} has no instance of {ch.id}; start one first"
@@ -454,7 +475,8 @@ class InstanceService:
             if record is not None:
                 self.store.put(record.model_copy(update={"status": "stopping"}))
             # 5. container, then record: a crash in between leaves a record the janitor drops.
-            self.driver.remove_container(name)
+            if existing is not None:
+                self.driver.remove_container(existing.id)
             self.store.delete(ch.id, team, self.host)
         # 6. the team's network goes with its last instance.
         self.remove_network_if_unused(team)

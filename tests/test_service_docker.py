@@ -13,6 +13,7 @@ from conftest import TEST_LABEL, TEST_POOL, cleanup_docker, containers_of, priva
 
 from celery_app.context import Context
 from celery_app.errors import (
+    InvalidRequest,
     InvalidTeamId,
     StartFailed,
     UnknownChallenge,
@@ -111,6 +112,25 @@ def test_invalid_team_ids_create_nothing(ctx: Context, docker_client: Any, team:
     assert _ours(docker_client) == []
     assert docker_client.networks.list(filters={"label": [f"ctf.test={TEST_LABEL['ctf.test']}"]}) \
         == []
+
+
+def test_a_foreign_container_with_our_name_is_never_adopted_or_removed(
+    ctx: Context, docker_client: Any, images: dict[str, str]
+) -> None:
+    """A container named like an instance but not labelled ours is refused, and left alone."""
+    label = private_label("foreign")
+    foreign = docker_client.containers.run(images["http"], detach=True, labels=label,
+                                           name="ctf-web-squatter")
+    try:
+        with pytest.raises(InvalidRequest, match="not managed by this instancer"):
+            ctx.service.start("web", "squatter")
+        with pytest.raises(InvalidRequest, match="not managed by this instancer"):
+            ctx.service.stop("web", "squatter")
+        foreign.reload()
+        assert foreign.status == "running"
+        assert ctx.service.status(team_id="squatter") == []
+    finally:
+        cleanup_docker(docker_client, label)
 
 
 def test_unknown_challenge_creates_nothing(ctx: Context, docker_client: Any) -> None:
