@@ -40,7 +40,7 @@ from celery_app.models import Instance
 from celery_app.naming import TEAM_ID_RE
 from celery_app.routing import host_queue
 from celery_app.settings import Settings
-from celery_app.state import StateStore, map_redis_errors
+from celery_app.state import StateStore, map_redis_errors, placing_key
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +321,8 @@ def host_loads(hosts: Hosts, store: StateStore) -> list[HostLoad]:
     return loads
 
 
-# A placement counts against its host until its instance is recorded there (then it is
-# counted as used) or, if its task never ran, for this long.
+# A placement counts against its host until its start reserves the instance there (the
+# reservation removes it; then it is counted as used) or, if that never happens, this long.
 PLACING_WINDOW = 30.0
 
 _PLACE = """
@@ -342,11 +342,6 @@ if best_key then
 end
 return best
 """
-
-
-def placing_key(host: str) -> str:
-    """The Redis zset of recent placements on ``host`` (starts on their way)."""
-    return f"ctf:placing:{host}"
 
 
 def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> str:

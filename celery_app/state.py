@@ -13,6 +13,7 @@ Keys (prefix ``ctf:``)::
     ctf:netlock:<team>            redis-py Lock around a team's network and container creation
     ctf:rate:<team>               zset of start/stop actions in the sliding window
     ctf:intent:<challenge>/<team> "<seq>:<start|stop>" of the latest start/stop request
+    ctf:placing:<host>            zset of starts placed on <host> not yet reserved there
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ _RESERVE = """
 local key, team, host = ARGV[1], ARGV[2], ARGV[3]
 local per_team, global_max = tonumber(ARGV[4]), tonumber(ARGV[5])
 local host_max, expiry, doc = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+-- the placement of this start (if the dispatcher made one) has arrived: it stops counting
+redis.call('ZREM', KEYS[5], key)
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('SET', KEYS[1], doc)
   return 'ok'
@@ -88,6 +91,11 @@ local seq = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], seq .. ':' .. ARGV[1], 'EX', 86400)
 return seq
 """
+
+
+def placing_key(host: str) -> str:
+    """The zset of placements on ``host`` whose start has not reached its worker yet."""
+    return f"{P}placing:{host}"
 
 
 def _key(inst_key: str) -> str:
@@ -157,7 +165,7 @@ class StateStore:
         with map_redis_errors("reserve instance"):
             result = self._reserve(
                 keys=[_key(inst.key), f"{P}team:{inst.team_id}", f"{P}expiry",
-                      f"{P}host:{inst.host}"],
+                      f"{P}host:{inst.host}", placing_key(inst.host)],
                 args=[inst.key, inst.team_id, inst.host, per_team, global_max, host_max,
                       inst.expires.timestamp(), inst.model_dump_json()],
             )

@@ -83,3 +83,20 @@ def test_a_placement_stops_counting_once_its_instance_is_recorded(
     assert [pick_host(hosts, store, f"web/n{i}") for i in range(3)] == ["alpha"] * 3
     with pytest.raises(CapacityExhausted):
         pick_host(hosts, store, "web/n4")
+
+
+def test_a_placement_reserved_then_stopped_no_longer_counts(
+    two_hosts: tuple[Settings, StateStore],
+) -> None:
+    """A start placed, reserved and stopped before the next pick leaves no phantom behind."""
+    settings, store = two_hosts
+    hosts = load_hosts(settings)
+    _beat(store, "alpha")
+    _beat(store, "beta", engine=False)
+    assert pick_host(hosts, store, "web/brief") == "alpha"
+    now = utcnow()
+    store.reserve(Instance(team_id="brief", challenge="web", status="starting",
+                           container_name="ctf-web-brief", host="alpha", started_at=iso(now),
+                           expires_at=iso(now + timedelta(seconds=60))), 5, 100, 4)
+    store.delete("web", "brief", "alpha")  # stopped at once
+    assert [pick_host(hosts, store, f"web/m{i}") for i in range(4)] == ["alpha"] * 4
