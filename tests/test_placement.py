@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from celery_app.errors import BackendUnavailable, CapacityExhausted
-from celery_app.hosts import Heartbeat, load_hosts, pick_host
-from celery_app.models import Instance, iso, utcnow
+from celery_app.hosts import Heartbeat, Hosts, load_hosts, pick_host
+from celery_app.models import Instance, Status, iso, utcnow
 from celery_app.settings import Settings
 from celery_app.state import StateStore
 
@@ -36,6 +36,18 @@ def two_hosts(make_settings: Callable[..., Settings], tmp_path: Path,
 
 def _beat(store: StateStore, host: str, engine: bool = True) -> None:
     Heartbeat(store, host, ttl=30, worker=f"w-{host}").beat(engine)
+
+
+def _only_alpha_up(settings: Settings, store: StateStore) -> Hosts:
+    _beat(store, "alpha")
+    _beat(store, "beta", engine=False)
+    return load_hosts(settings)
+
+
+def _instance(team: str, status: Status) -> Instance:
+    now = utcnow()
+    return Instance(team_id=team, challenge="web", status=status, container_name=f"ctf-web-{team}",
+                    host="alpha", started_at=iso(now), expires_at=iso(now + timedelta(seconds=60)))
 
 
 def test_a_burst_spreads_over_hosts_up_to_their_room(two_hosts: tuple[Settings, StateStore]
@@ -65,21 +77,14 @@ def test_a_host_whose_engine_is_down_gets_nothing(two_hosts: tuple[Settings, Sta
         pick_host(hosts, store)
 
 
-
-
 def test_a_placement_stops_counting_once_its_instance_is_recorded(
     two_hosts: tuple[Settings, StateStore],
 ) -> None:
     """A recorded instance is counted once (as used), not again as a placement on its way."""
-    settings, store = two_hosts
-    hosts = load_hosts(settings)
-    _beat(store, "alpha")
-    _beat(store, "beta", engine=False)
+    hosts = _only_alpha_up(*two_hosts)
+    store = two_hosts[1]
     assert pick_host(hosts, store, "web/first") == "alpha"
-    now = utcnow()
-    store.put(Instance(team_id="first", challenge="web", status="running",
-                       container_name="ctf-web-first", host="alpha", started_at=iso(now),
-                       expires_at=iso(now + timedelta(seconds=60))))
+    store.put(_instance("first", "running"))
     assert [pick_host(hosts, store, f"web/n{i}") for i in range(3)] == ["alpha"] * 3
     with pytest.raises(CapacityExhausted):
         pick_host(hosts, store, "web/n4")
@@ -89,14 +94,9 @@ def test_a_placement_reserved_then_stopped_no_longer_counts(
     two_hosts: tuple[Settings, StateStore],
 ) -> None:
     """A start placed, reserved and stopped before the next pick leaves no phantom behind."""
-    settings, store = two_hosts
-    hosts = load_hosts(settings)
-    _beat(store, "alpha")
-    _beat(store, "beta", engine=False)
+    hosts = _only_alpha_up(*two_hosts)
+    store = two_hosts[1]
     assert pick_host(hosts, store, "web/brief") == "alpha"
-    now = utcnow()
-    store.reserve(Instance(team_id="brief", challenge="web", status="starting",
-                           container_name="ctf-web-brief", host="alpha", started_at=iso(now),
-                           expires_at=iso(now + timedelta(seconds=60))), 5, 100, 4)
+    store.reserve(_instance("brief", "starting"), 5, 100, 4)
     store.delete("web", "brief", "alpha")  # stopped at once
     assert [pick_host(hosts, store, f"web/m{i}") for i in range(4)] == ["alpha"] * 4
