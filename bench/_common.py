@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,13 +27,17 @@ from typing import Any
 
 import docker
 import docker.errors
-import redis
 
 from celery_app.context import Context, build_context
 from celery_app.routing import queues_for
 from celery_app.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests' plain helpers (private Redis, polling, image building) serve the benchmarks too.
+sys.path.insert(0, str(ROOT / "tests"))
+import support  # noqa: E402
+from support import HTTP_DOCKERFILE, RedisServer, free_port  # noqa: E402,F401  # re-exported
+
 # Run the worker from another checkout (with PYTHONPATH pointing there too) to measure a change
 # to celery_app/ without touching this tree.
 SRC = Path(os.environ.get("CTF_BENCH_SRC", ROOT))
@@ -47,33 +47,11 @@ POOL = "10.215.0.0/16"
 BUSYBOX = Path("/bin/busybox")
 IMAGE_TAG = f"ctf-bench/http:{RUN_ID}"
 
-# Same stand-in as the tests: a FROM-scratch static busybox serving HTTP on 8080.
-HTTP_DOCKERFILE = """FROM scratch
-COPY busybox /bin/busybox
-COPY index.html /www/index.html
-EXPOSE 8080
-ENTRYPOINT ["/bin/busybox"]
-CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
-"""
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``condition`` until truthy; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    """Return a TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Poll ``condition`` until truthy (the tests' poller); raise after ``timeout`` seconds."""
+    return support.wait_for(condition, timeout, message=what)
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -99,63 +77,16 @@ def summary_ms(values: list[float]) -> dict[str, float]:
 # -- Redis -------------------------------------------------------------------------------------
 
 
-class RedisServer:
-    """A private, non-persistent redis-server on a free port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if not exe:
-            sys.exit("redis-server is missing: run ./setup-celery.sh --dev")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-
-        def ping() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.exceptions.ConnectionError:
-                return False
-
-        wait_for(ping, 10, "redis-server to answer")
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
 # -- Docker ------------------------------------------------------------------------------------
 
 
 def build_image(client: docker.DockerClient) -> str:
-    """Build the labelled stand-in HTTP image; return its tag."""
+    """Build the bench's stand-in image (the tests' builder, the bench's label); return its tag."""
     if not BUSYBOX.exists():
         sys.exit("/bin/busybox is missing: apt-get install busybox-static")
-    files = {"Dockerfile": HTTP_DOCKERFILE.encode(), "busybox": BUSYBOX.read_bytes(),
-             "index.html": b"hello from ctf bench\n"}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o755
-            tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    client.images.build(fileobj=buf, custom_context=True, tag=IMAGE_TAG, labels=LABEL, rm=True)
-    return IMAGE_TAG
+    return support.build_image(client, IMAGE_TAG, HTTP_DOCKERFILE,
+                               {"busybox": BUSYBOX, "index.html": b"hello from ctf bench\n"},
+                               LABEL)
 
 
 def cleanup_docker(client: docker.DockerClient, *, images: bool = True) -> dict[str, int]:

@@ -7,16 +7,11 @@ the end of the run, pass or fail (and after each test that uses ``ctx``).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tarfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +20,13 @@ from typing import Any
 import docker
 import pytest
 import redis
+import support
+from support import (  # noqa: F401  # tests import these from here
+    HTTP_DOCKERFILE,
+    RedisServer,
+    free_port,
+    wait_for,
+)
 
 from celery_app.context import Context, build_context, set_context
 from celery_app.routing import queues_for
@@ -37,21 +39,6 @@ _LABELS_USED = [TEST_LABEL]
 # Our own pool, away from a real deployment's default 10.213.0.0/16 on the same engine.
 TEST_POOL = "10.214.0.0/16"
 BUSYBOX = Path("/bin/busybox")
-
-
-def wait_for(
-    condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
-    message: str = "condition",
-) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
 
 
 def containers_of(client: Any, label: dict[str, str] = TEST_LABEL, **labels: str) -> list[Any]:
@@ -84,55 +71,7 @@ def janitor_pass(ctx: Context, now: Any = None) -> Any:
     return wait_for(attempt, 30, 0.05, "a janitor pass that is not skipped")
 
 
-def free_port() -> int:
-    """Return a TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # -- Redis ------------------------------------------------------------------------------------
-
-
-class RedisServer:
-    """A private redis-server on a free port, started and stopped by the test run."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server is missing: run ./setup-celery.sh --dev"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        wait_for(lambda: self._ping(client), 10, message="redis-server to answer")
-
-    @staticmethod
-    def _ping(client: redis.Redis) -> bool:
-        try:
-            return bool(client.ping())
-        except redis.exceptions.ConnectionError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def restart(self) -> None:
-        """Stop and start again on the same port: all data is lost (no persistence)."""
-        self.stop()
-        self.start()
 
 
 @pytest.fixture(scope="session")
@@ -175,28 +114,10 @@ def docker_client() -> Iterator[docker.DockerClient]:
 def build_image(
     client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, bytes | Path]
 ) -> str:
-    """Build a labelled stand-in image from in-memory files; return its tag."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        entries = {"Dockerfile": dockerfile.encode(), **files}
-        for name, content in entries.items():
-            data = content.read_bytes() if isinstance(content, Path) else content
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o755
-            tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    client.images.build(fileobj=buf, custom_context=True, tag=tag, labels=TEST_LABEL, rm=True)
-    return tag
+    """Build a stand-in image labelled with this run's label; return its tag."""
+    return support.build_image(client, tag, dockerfile, files, TEST_LABEL)
 
 
-HTTP_DOCKERFILE = """FROM scratch
-COPY busybox /bin/busybox
-COPY index.html /www/index.html
-EXPOSE 8080
-ENTRYPOINT ["/bin/busybox"]
-CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
-"""
 
 SLOW_DOCKERFILE = """FROM scratch
 COPY busybox /bin/busybox

@@ -1,0 +1,116 @@
+"""Helpers shared by the tests and the benchmarks (plain functions; no pytest here).
+
+A private redis-server, a free port, polling with a deadline, and building a stand-in image
+from in-memory files. The benchmarks import this module too, so both measure and test
+against the same machinery.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+import redis
+
+# The stand-in challenge: a FROM-scratch static busybox serving HTTP on 8080.
+HTTP_DOCKERFILE = """FROM scratch
+COPY busybox /bin/busybox
+COPY index.html /www/index.html
+EXPOSE 8080
+ENTRYPOINT ["/bin/busybox"]
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+"""
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+    message: str = "condition",
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private, non-persistent redis-server on a free port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server is missing: run ./setup-celery.sh --dev")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        try:
+            wait_for(lambda: self._ping(client), 10, message="redis-server to answer")
+        finally:
+            client.close()
+
+    @staticmethod
+    def _ping(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.exceptions.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port: all data is lost (no persistence)."""
+        self.stop()
+        self.start()
+
+
+def build_image(
+    client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, bytes | Path],
+    labels: dict[str, str],
+) -> str:
+    """Build a labelled image from in-memory files (a ``Path`` value is read); return its tag."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        entries = {"Dockerfile": dockerfile.encode(), **files}
+        for name, content in entries.items():
+            data = content.read_bytes() if isinstance(content, Path) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o755
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=tag, labels=labels, rm=True)
+    return tag
