@@ -598,9 +598,10 @@ class InstanceService:
             rec = records.get(key)
             if rec is None:
                 status = "running" if c.state == "running" else "failed"
-                inst = self._instance_from_container(ch, self.driver.get_container(c.id) or c,
-                                                     status)
-                if status == "running" and not self._answers(ch, inst, c):
+                # One inspect: the list summary lacks the labels' dates and the address.
+                info = self.driver.get_container(c.id) or c
+                inst = self._instance_from_container(ch, info, status)
+                if status == "running" and not self._answers(ch, info):
                     inst = inst.model_copy(update={"status": "starting"})
                 self.store.put(inst)
                 summary.adopted.append(key)
@@ -621,8 +622,7 @@ class InstanceService:
         log.info("reconcile host=%s %s", self.host, summary.as_dict())
         return summary
 
-    def _answers(self, ch: Challenge, inst: Instance, c: ContainerInfo) -> bool:
-        info = self.driver.get_container(c.id) or c
+    def _answers(self, ch: Challenge, info: ContainerInfo) -> bool:
         target = self._probe_target(info, self._container_port(ch))
         return target is not None and probe_once(target[0], target[1], ch.protocol,
                                                  ch.health_path, timeout=1.0)
