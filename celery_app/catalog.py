@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from celery_app.config_files import describe, read_yaml
 from celery_app.errors import CatalogError, UnknownChallenge
 from celery_app.naming import CHALLENGE_ID_RE
 from celery_app.settings import Settings
@@ -142,14 +141,6 @@ class Catalog:
         )
 
 
-def _format_error(source: str, cid: str, exc: ValidationError) -> str:
-    problems = [
-        f"field {'.'.join(str(p) for p in err['loc']) or '(whole entry)'!r}: {err['msg']}"
-        for err in exc.errors()
-    ]
-    return f"{source}: challenge {cid!r}, " + "; ".join(problems)
-
-
 def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> Catalog:
     """Validate a raw ``{"challenges": {...}}`` mapping and fill in the defaults.
 
@@ -180,7 +171,7 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> C
         try:
             challenge = Challenge.model_validate({**entry, "id": cid})
         except ValidationError as exc:
-            raise CatalogError(_format_error(source, cid, exc)) from None
+            raise CatalogError(describe(source, "challenge", cid, exc)) from None
         ttl = challenge.ttl or settings.default_ttl
         max_lifetime = challenge.max_lifetime or max(settings.default_max_lifetime, ttl)
         if max_lifetime < ttl:
@@ -203,10 +194,5 @@ def load_catalog(settings: Settings) -> Catalog:
     path = settings.challenges_file
     if path is None:
         return build_catalog({"challenges": DEFAULT_CATALOG}, settings, "default catalog")
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CatalogError(f"CTF_CHALLENGES_FILE {str(path)!r} cannot be read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise CatalogError(f"CTF_CHALLENGES_FILE {str(path)!r} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "CTF_CHALLENGES_FILE", CatalogError)
     return build_catalog(raw, settings, str(path))

@@ -29,12 +29,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from celery_app.config_files import describe, read_yaml
 from celery_app.errors import BackendUnavailable, CapacityExhausted, HostsFileError
 from celery_app.models import Instance
 from celery_app.naming import TEAM_ID_RE
@@ -115,13 +114,6 @@ class Hosts(Mapping[str, HostConfig]):
         return self._hosts[name]
 
 
-def _format_error(source: str, name: str, exc: ValidationError) -> str:
-    problems = [
-        f"field {'.'.join(str(p) for p in e['loc']) or '?'!r}: {e['msg']}" for e in exc.errors()
-    ]
-    return f"{source}: host {name!r}, " + "; ".join(problems)
-
-
 def build_hosts(raw: object, settings: Settings, source: str = "hosts file") -> Hosts:
     """Validate a raw ``{"hosts": {...}}`` mapping and fill in the defaults.
 
@@ -148,7 +140,7 @@ def build_hosts(raw: object, settings: Settings, source: str = "hosts file") -> 
         try:
             host = HostConfig.model_validate({**entry, "name": name})
         except ValidationError as exc:
-            raise HostsFileError(_format_error(source, name, exc)) from None
+            raise HostsFileError(describe(source, "host", name, exc)) from None
         hosts[name] = host.model_copy(update={
             "publish_ip": host.publish_ip or settings.publish_ip,
             "max_instances": host.max_instances or settings.max_instances,
@@ -171,12 +163,7 @@ def load_hosts(settings: Settings) -> Hosts:
             max_instances=settings.max_instances,
         )
         return Hosts({settings.host: only}, "the default host")
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise HostsFileError(f"CTF_HOSTS_FILE {str(path)!r} cannot be read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise HostsFileError(f"CTF_HOSTS_FILE {str(path)!r} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "CTF_HOSTS_FILE", HostsFileError)
     return build_hosts(raw, settings, str(path))
 
 

@@ -1,0 +1,65 @@
+"""The organiser's YAML files: mistakes are refused naming the entry and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from celery_app.catalog import load_catalog
+from celery_app.errors import CatalogError, HostsFileError
+from celery_app.hosts import load_hosts
+from celery_app.settings import Settings
+
+
+def _settings(tmp_path: Path, **fields: object) -> Settings:
+    return Settings(data_dir=tmp_path, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("challenges:\n  web:\n    image: x\n    memory: lots\n",
+     r"challenge 'web', field 'memory': .*at least 6m"),
+    ("challenges:\n  web:\n    image: x\n    colour: red\n", r"challenge 'web', field 'colour'"),
+    ("challenges:\n  web:\n    port: 80\n", r"challenge 'web', field 'image'"),
+    ("challenges:\n  web:\n    image: x\n    ttl: 100\n    max_lifetime: 50\n",
+     r"challenge 'web', field 'max_lifetime'"),
+    ("challenges: [web\n", r"is not valid YAML"),
+    ("challenges: {}\n", r"add at least one challenge"),
+])
+def test_catalog_mistakes_name_challenge_and_field(tmp_path: Path, body: str,
+                                                   expected: str) -> None:
+    """A catalog with a mistake is refused with a message naming the challenge and field."""
+    path = tmp_path / "challenges.yaml"
+    path.write_text(body)
+    with pytest.raises(CatalogError, match=expected):
+        load_catalog(_settings(tmp_path, challenges_file=path))
+
+
+def test_missing_catalog_file_says_which_setting(tmp_path: Path) -> None:
+    """A catalog file that cannot be read names CTF_CHALLENGES_FILE and the path."""
+    with pytest.raises(CatalogError, match=r"CTF_CHALLENGES_FILE .*cannot be read"):
+        load_catalog(_settings(tmp_path, challenges_file=tmp_path / "nope.yaml"))
+
+
+def test_default_catalog_has_the_two_spec_challenges(tmp_path: Path) -> None:
+    """Without a file the catalog is SPEC §1's: todo-app on 8080, juice-shop per-team CTF_KEY."""
+    catalog = load_catalog(_settings(tmp_path))
+    assert catalog.ids() == ["todo-app", "juice-shop"]
+    assert catalog.get("todo-app").port == 8080
+    shop = catalog.get("juice-shop")
+    assert (shop.port, shop.flag_env, shop.env["NODE_ENV"]) == (3000, "CTF_KEY", "ctf")
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("hosts:\n  beta: {public_host: h, max_instances: -1}\n",
+     r"host 'beta', field 'max_instances'"),
+    ("hosts:\n  beta: {public_host: h, colour: red}\n", r"host 'beta', field 'colour'"),
+    ("hosts: [\n", r"CTF_HOSTS_FILE .*is not valid YAML"),
+])
+def test_hosts_file_mistakes_name_host_and_field(tmp_path: Path, body: str,
+                                                 expected: str) -> None:
+    """A hosts file with a mistake is refused with a message naming the host and field."""
+    path = tmp_path / "hosts.yaml"
+    path.write_text(body)
+    with pytest.raises(HostsFileError, match=expected):
+        load_hosts(_settings(tmp_path, hosts_file=path))
