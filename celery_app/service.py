@@ -577,13 +577,18 @@ class InstanceService:
         Containers with our labels are recorded (adopted when Redis lost them); records
         whose container is gone are forgotten (except starts still in their grace period);
         records of containers that stopped are marked failed.
+
+        The two listings are only a shortlist: a start or stop may be half-way through
+        while they are read. Each change is decided again under the instance's lock, on a
+        fresh look at its record and container, and an instance busy in another operation
+        is left to that operation (the next pass sees the outcome).
         """
         now = now or utcnow()
         summary = ReconcileSummary()
         containers = self.driver.list_containers(self.scope_labels)
         summary.containers = len(containers)
         records = {i.key: i for i in self.store.list(host=self.host)}
-        seen: set[str] = set()
+        suspects: dict[str, Challenge] = {}
         for c in containers:
             try:
                 ch = self.catalog.get(c.challenge)
@@ -594,33 +599,72 @@ class InstanceService:
             if c.name != container_name(ch.id, c.team_id):
                 continue
             key = f"{ch.id}/{c.team_id}"
-            seen.add(key)
-            rec = records.get(key)
+            rec = records.pop(key, None)
+            if rec is None or (rec.status == "running" and c.state != "running"):
+                suspects[key] = ch
+        for key, rec in records.items():  # records without a container
+            if rec.status == "failed" or self._starting_recently(rec, now):
+                continue
+            with contextlib.suppress(CTFError):
+                suspects[key] = self.catalog.get(rec.challenge)
+            if key not in suspects:  # its challenge left the catalog: nothing to adopt
+                self.store.delete(rec.challenge, rec.team_id, self.host)
+                summary.forgotten.append(key)
+        for key, ch in suspects.items():
+            self._reconcile_one(ch, key.split("/", 1)[1], now, summary)
+        self.mark_reconciled()
+        log.info("reconcile host=%s %s", self.host, summary.as_dict())
+        return summary
+
+    def _starting_recently(self, rec: Instance, now: datetime) -> bool:
+        # A start in flight: its container may not exist yet.
+        age = (now - rec.started).total_seconds()
+        return rec.status == "starting" and age < self.settings.orphan_grace
+
+    def _reconcile_one(
+        self, ch: Challenge, team: str, now: datetime, summary: ReconcileSummary
+    ) -> None:
+        """Bring one instance's record in line with its container, under its lock."""
+        key = f"{ch.id}/{team}"
+        # 1. lock (challenge, team); a start or stop holding it knows better than we do.
+        lock = self.store.instance_lock(ch.id, team, timeout=LOCK_HOLD)
+        with map_redis_errors("lock instance"):
+            if not lock.acquire(blocking=True, blocking_timeout=0.5):
+                log.info("reconcile: %s is busy; left to the operation in progress", key)
+                return
+        try:
+            # 2. look again: the listings may be out of date by now.
+            rec = self.store.get(ch.id, team)
+            if rec is not None and rec.host != self.host:
+                return  # recorded on another host: that host's reconcile owns it
+            try:
+                info = self._own_container(container_name(ch.id, team), ch.id, team)
+            except InvalidRequest:
+                info = None  # not ours after all
+            # 3. the container is gone: forget the record, unless a start is young.
+            if info is None:
+                if rec is not None and rec.status != "failed" \
+                        and not self._starting_recently(rec, now):
+                    self.store.delete(ch.id, team, self.host)
+                    summary.forgotten.append(key)
+                return
+            # 4. a container without a record: adopt it from its labels.
             if rec is None:
-                status = "running" if c.state == "running" else "failed"
-                # One inspect: the list summary lacks the labels' dates and the address.
-                info = self.driver.get_container(c.id) or c
+                status = "running" if info.state == "running" else "failed"
                 inst = self._instance_from_container(ch, info, status)
                 if status == "running" and not self._answers(ch, info):
                     inst = inst.model_copy(update={"status": "starting"})
                 self.store.put(inst)
                 summary.adopted.append(key)
-            elif rec.status == "running" and c.state != "running":
+            # 5. a record that says running for a container that is not.
+            elif rec.status == "running" and info.state != "running":
                 self.store.put(rec.model_copy(update={
-                    "status": "failed", "error": f"the container is {c.state}",
+                    "status": "failed", "error": f"the container is {info.state}",
                 }))
                 summary.marked_failed.append(key)
-        for key, rec in records.items():
-            if key in seen or rec.status == "failed":
-                continue
-            age = (now - rec.started).total_seconds()
-            if rec.status == "starting" and age < self.settings.orphan_grace:
-                continue  # a start in flight: its container may not exist yet
-            self.store.delete(rec.challenge, rec.team_id, self.host)
-            summary.forgotten.append(key)
-        self.mark_reconciled()
-        log.info("reconcile host=%s %s", self.host, summary.as_dict())
-        return summary
+        finally:
+            with contextlib.suppress(LockError), map_redis_errors("unlock instance"):
+                lock.release()
 
     def _answers(self, ch: Challenge, info: ContainerInfo) -> bool:
         target = self._probe_target(info, self._container_port(ch))

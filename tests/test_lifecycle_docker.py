@@ -155,6 +155,59 @@ def test_janitor_after_flushall_adopts_instead_of_deleting(ctx: Context, redis_s
     assert [c.id for c in _containers(docker_client)] == [inst.container_id]
 
 
+def test_reconcile_leaves_an_instance_busy_in_another_operation(ctx: Context,
+                                                                 redis_server: Any) -> None:
+    """Reconcile does not adopt a container whose (challenge, team) lock someone holds."""
+    inst = ctx.service.start("web", "inflight")
+    redis.Redis.from_url(f"{redis_server.url}/2").flushall()
+    lock = ctx.service.store.instance_lock("web", "inflight", timeout=30)
+    assert lock.acquire(blocking=False)
+    try:
+        assert ctx.service.reconcile().adopted == []
+        assert ctx.service.store.get("web", "inflight") is None
+    finally:
+        lock.release()
+    assert ctx.service.reconcile().adopted == ["web/inflight"]
+    adopted = ctx.service.store.get("web", "inflight")
+    assert adopted is not None and adopted.container_id == inst.container_id
+
+
+def test_reconcile_does_not_record_a_container_removed_after_the_listing(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container removed between reconcile's listing and its decision gets no record."""
+    ctx.service.start("web", "vanish")
+    listing = ctx.driver.list_containers
+
+    def list_then_remove(labels: Any = None) -> Any:
+        found = listing(labels)
+        ctx.service.stop("web", "vanish")  # its container and record go meanwhile
+        return found
+
+    monkeypatch.setattr(ctx.driver, "list_containers", list_then_remove)
+    summary = ctx.service.reconcile()
+    assert summary.adopted == []
+    assert ctx.service.store.get("web", "vanish") is None
+
+
+def test_reconcile_keeps_a_record_whose_container_appeared_after_the_listing(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance started between reconcile's listing and its decision stays recorded."""
+    listing = ctx.driver.list_containers
+
+    def list_then_start(labels: Any = None) -> Any:
+        found = listing(labels)
+        ctx.service.start("web", "late")
+        return found
+
+    monkeypatch.setattr(ctx.driver, "list_containers", list_then_start)
+    summary = ctx.service.reconcile()
+    assert summary.forgotten == []
+    late = ctx.service.store.get("web", "late")
+    assert late is not None and late.status == "running"
+
+
 # -- limits -----------------------------------------------------------------------------------
 
 
