@@ -429,7 +429,7 @@ class InstanceService:
 
     def stop(
         self, challenge: str, team_id: str, *, rate_limit: bool = True,
-        lock_wait: float | None = None, intent: int | None = None,
+        lock_wait: float | None = None, intent: int | None = None, keep_network: bool = False,
     ) -> dict[str, str]:
         """Stop and remove the team's instance, and the team network if it was the last.
 
@@ -440,6 +440,9 @@ class InstanceService:
             lock_wait: seconds to wait for a running start/stop of the same instance.
             intent: the request's sequence number (taken now when ``None``; ``NO_INTENT`` for
                 the janitor, which acts whatever users asked).
+            keep_network: leave an emptied team network for the janitor's network pass.
+                The engine removes networks one at a time (about 0.2 s each here), so the
+                janitor removes every expired container first and the networks after.
 
         Returns:
             ``{"team_id", "challenge", "status": "stopped"}``.
@@ -479,7 +482,8 @@ class InstanceService:
                 self.driver.remove_container(existing.id)
             self.store.delete(ch.id, team, self.host)
         # 6. the team's network goes with its last instance.
-        self.remove_network_if_unused(team)
+        if not keep_network:
+            self.remove_network_if_unused(team)
         return {"team_id": team, "challenge": ch.id, "status": "stopped"}
 
     def remove_network_if_unused(self, team_id: str, network: str | None = None) -> bool:

@@ -21,13 +21,16 @@ from conftest import (
     RUN_ID,
     TEST_LABEL,
     build_image,
+    cleanup_docker,
     containers_of,
     free_port,
     janitor_pass,
+    private_label,
     wait_for,
 )
 from fastapi.testclient import TestClient
 
+from celery_app import janitor as janitor_module
 from celery_app.api import create_app
 from celery_app.context import Context
 from celery_app.errors import (
@@ -95,6 +98,43 @@ def test_janitor_removes_expired_instances(ctx: Context, docker_client: Any) -> 
     line = next(ln for ln in text.splitlines()
                 if ln.startswith('ctf_janitor_removed_total{kind="expired"}'))
     assert float(line.split()[-1]) >= 2
+
+
+def test_janitor_removes_expired_containers_before_their_networks(
+    make_ctx: Callable[..., Context], docker_client: Any, redis_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Expired containers go before any network; networks a pass had no time for go next pass."""
+    # Its own label and Redis db: the session worker's janitor must not take the networks.
+    label = private_label("netbudget")
+    redis.Redis.from_url(f"{redis_server.url}/3").flushdb()
+    ctx = make_ctx(extra_labels=label, redis_url=f"{redis_server.url}/3")
+    teams = ["nb1", "nb2", "nb3"]
+    nets = [f"ctf-team-{t}" for t in teams]
+    try:
+        for team in teams:
+            ctx.service.start("web", team)
+        removed: list[str] = []
+        remove_container, remove_network = ctx.driver.remove_container, ctx.driver.remove_network
+        monkeypatch.setattr(ctx.driver, "remove_container",
+                            lambda ref: removed.append("container") or remove_container(ref))
+        monkeypatch.setattr(ctx.driver, "remove_network",
+                            lambda ref: removed.append("network") or remove_network(ref))
+        later = utcnow() + timedelta(seconds=601)
+
+        monkeypatch.setattr(janitor_module, "NETWORK_BUDGET", 0.0)
+        first = janitor_pass(ctx, later)
+        assert sorted(first.expired) == [f"web/{t}" for t in teams]
+        assert removed == ["container"] * 3
+        assert sorted(n.name for n in docker_client.networks.list(names=nets)) == nets
+
+        monkeypatch.setattr(janitor_module, "NETWORK_BUDGET", 10.0)
+        second = janitor_pass(ctx, later)
+        assert sorted(second.orphan_networks) == nets
+        assert removed == ["container"] * 3 + ["network"] * 3
+        assert docker_client.networks.list(names=nets) == []
+    finally:
+        cleanup_docker(docker_client, label)
 
 
 def test_janitor_passes_do_not_pile_up(ctx: Context) -> None:
