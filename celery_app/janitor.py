@@ -28,9 +28,10 @@ from celery_app.state import map_redis_errors
 
 log = logging.getLogger(__name__)
 
-# Seconds one pass may spend removing empty networks (about 0.2 s each on a 2-core host), so
-# a backlog of them never holds back the next pass's expired instances for long.
-NETWORK_BUDGET = 10.0
+# Seconds one pass may spend removing empty networks (about 0.2 s each on a 2-core host). It
+# also stops as soon as an instance expires, so a backlog of networks never holds back the
+# next expired instances; the cap keeps one pass well inside its 300 s janitor lock.
+NETWORK_BUDGET = 60.0
 
 
 @dataclass
@@ -90,9 +91,10 @@ class Janitor:
         3. Remove containers with our labels that no instance accounts for (older than
            ``CTF_ORPHAN_GRACE``, so a start in flight is never touched).
         4. Remove team networks with no container and no instance, for at most
-           ``NETWORK_BUDGET`` seconds (the rest next pass). Instances reaped in step 2 leave
-           their networks to this step: the engine removes networks one at a time, about
-           as slowly as containers, so expired containers are all gone first.
+           ``NETWORK_BUDGET`` seconds and only until another instance expires (the rest
+           next pass). Instances reaped in step 2 leave their networks to this step: the
+           engine removes networks one at a time, about as slowly as containers, so expired
+           containers are all gone first.
 
         Args:
             now: the moment to judge expiry against (tests pass their own).
@@ -143,22 +145,33 @@ class Janitor:
             self.service.reconcile(now)
             summary.reconciled = True
         # 2. expired instances
-        self._reap_expired(now, summary)
+        judged = self._reap_expired(now, summary)
         # 3. orphan containers
         live_teams = self._remove_orphan_containers(now, summary)
         # 4. orphan networks
-        self._remove_orphan_networks(live_teams, summary)
+        self._remove_orphan_networks(live_teams, summary, now, judged)
 
-    def _reap_expired(self, now: datetime, summary: Summary) -> None:
+    def _expired_here(
+        self, at: float, skip: frozenset[str] | set[str] = frozenset()
+    ) -> list[tuple[str, str, str]]:
+        """Return ``(key, challenge, team)`` of this host's instances expired by ``at``."""
         svc = self.service
         mine = []
-        for key in svc.store.expired(now.timestamp()):
+        for key in svc.store.expired(at):
+            if key in skip:
+                continue
             challenge, team = split_instance_key(key)
             record = svc.store.get(challenge, team)
             if record is None or record.host == svc.host:  # other hosts reap their own
                 mine.append((key, challenge, team))
+        return mine
+
+    def _reap_expired(self, now: datetime, summary: Summary) -> set[str]:
+        """Reap this host's expired instances; return the keys it judged."""
+        svc = self.service
+        mine = self._expired_here(now.timestamp())
         if not mine:
-            return
+            return set()
         # Each stop takes its own locks; removals run side by side because Docker's forced
         # removal, not our code, is what takes the time.
         workers = min(svc.settings.janitor_concurrency, len(mine))
@@ -169,6 +182,7 @@ class Janitor:
                 summary.expired.append(key)
             elif outcome:
                 summary.errors.append(f"{key}: {outcome}")
+        return {key for key, _, _ in mine}
 
     def _reap_one(self, key: str, challenge: str, team: str) -> tuple[str, str]:
         svc = self.service
@@ -234,15 +248,26 @@ class Janitor:
                 with contextlib.suppress(LockError):
                     lock.release()
 
-    def _remove_orphan_networks(self, live_teams: set[str], summary: Summary) -> None:
+    def _remove_orphan_networks(
+        self, live_teams: set[str], summary: Summary, now: datetime, judged: set[str]
+    ) -> None:
         svc = self.service
-        deadline = time.monotonic() + NETWORK_BUDGET
+        began = time.monotonic()
+
+        def newly_expired() -> bool:
+            # On the pass's clock; instances this pass already judged (reaped, busy or
+            # failing) do not count, or one stuck instance would stall every network.
+            at = now.timestamp() + time.monotonic() - began
+            return bool(self._expired_here(at, skip=judged))
+
         for net in svc.driver.list_networks(svc.scope_labels):
             team = net.labels.get("ctf.team", "")
             if net.containers or team in live_teams:
                 continue
-            if time.monotonic() > deadline:
-                break  # the next pass takes the rest
+            # Out of time, or an instance expired meanwhile: the next pass takes the rest
+            # (expired instances first).
+            if time.monotonic() - began > NETWORK_BUDGET or newly_expired():
+                break
             try:
                 if svc.remove_network_if_unused(team, net.id):
                     summary.orphan_networks.append(net.name)

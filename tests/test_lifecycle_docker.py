@@ -41,7 +41,7 @@ from celery_app.errors import (
     TeamQuotaExceeded,
 )
 from celery_app.flags import check_flag, team_flag
-from celery_app.models import parse_iso, utcnow
+from celery_app.models import iso, parse_iso, utcnow
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -100,41 +100,108 @@ def test_janitor_removes_expired_instances(ctx: Context, docker_client: Any) -> 
     assert float(line.split()[-1]) >= 2
 
 
-def test_janitor_removes_expired_containers_before_their_networks(
-    make_ctx: Callable[..., Context], docker_client: Any, redis_server: Any,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Expired containers go before any network; networks a pass had no time for go next pass."""
-    # Its own label and Redis db: the session worker's janitor must not take the networks.
+@pytest.fixture
+def own_janitor_ctx(
+    make_ctx: Callable[..., Context], docker_client: Any, redis_server: Any
+) -> Iterator[Context]:
+    """A context with its own label and Redis db, out of the session worker's janitor's reach."""
     label = private_label("netbudget")
     redis.Redis.from_url(f"{redis_server.url}/3").flushdb()
-    ctx = make_ctx(extra_labels=label, redis_url=f"{redis_server.url}/3")
-    teams = ["nb1", "nb2", "nb3"]
-    nets = [f"ctf-team-{t}" for t in teams]
     try:
-        for team in teams:
-            ctx.service.start("web", team)
-        removed: list[str] = []
-        remove_container, remove_network = ctx.driver.remove_container, ctx.driver.remove_network
-        monkeypatch.setattr(ctx.driver, "remove_container",
-                            lambda ref: removed.append("container") or remove_container(ref))
-        monkeypatch.setattr(ctx.driver, "remove_network",
-                            lambda ref: removed.append("network") or remove_network(ref))
-        later = utcnow() + timedelta(seconds=601)
-
-        monkeypatch.setattr(janitor_module, "NETWORK_BUDGET", 0.0)
-        first = janitor_pass(ctx, later)
-        assert sorted(first.expired) == [f"web/{t}" for t in teams]
-        assert removed == ["container"] * 3
-        assert sorted(n.name for n in docker_client.networks.list(names=nets)) == nets
-
-        monkeypatch.setattr(janitor_module, "NETWORK_BUDGET", 10.0)
-        second = janitor_pass(ctx, later)
-        assert sorted(second.orphan_networks) == nets
-        assert removed == ["container"] * 3 + ["network"] * 3
-        assert docker_client.networks.list(names=nets) == []
+        yield make_ctx(extra_labels=label, redis_url=f"{redis_server.url}/3")
     finally:
         cleanup_docker(docker_client, label)
+
+
+def _record_removals(ctx: Context, monkeypatch: pytest.MonkeyPatch,
+                     on_network: Callable[[], None] = lambda: None) -> list[str]:
+    removed: list[str] = []
+    remove_container, remove_network = ctx.driver.remove_container, ctx.driver.remove_network
+
+    def network(ref: str) -> bool:
+        removed.append("network")
+        on_network()
+        return remove_network(ref)
+
+    monkeypatch.setattr(ctx.driver, "remove_container",
+                        lambda ref: removed.append("container") or remove_container(ref))
+    monkeypatch.setattr(ctx.driver, "remove_network", network)
+    return removed
+
+
+def _team_networks(docker_client: Any, teams: list[str]) -> list[str]:
+    names = {f"ctf-team-{t}" for t in teams}
+    return sorted(n.name for n in docker_client.networks.list() if n.name in names)
+
+
+def test_janitor_removes_expired_containers_before_their_networks(
+    own_janitor_ctx: Context, docker_client: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Expired containers go before any network; networks a pass had no time for go next pass."""
+    ctx = own_janitor_ctx
+    teams = ["nb1", "nb2", "nb3"]
+    for team in teams:
+        ctx.service.start("web", team)
+    removed = _record_removals(ctx, monkeypatch)
+    later = utcnow() + timedelta(seconds=601)
+
+    monkeypatch.setattr(janitor_module, "NETWORK_BUDGET", 0.0)
+    first = janitor_pass(ctx, later)
+    assert sorted(first.expired) == [f"web/{t}" for t in teams]
+    assert removed == ["container"] * 3
+    assert _team_networks(docker_client, teams) == [f"ctf-team-{t}" for t in teams]
+
+    monkeypatch.setattr(janitor_module, "NETWORK_BUDGET", 60.0)
+    second = janitor_pass(ctx, later)
+    assert sorted(second.orphan_networks) == [f"ctf-team-{t}" for t in teams]
+    assert removed == ["container"] * 3 + ["network"] * 3
+    assert _team_networks(docker_client, teams) == []
+
+
+def test_janitor_network_removal_yields_to_a_newly_expired_instance(
+    own_janitor_ctx: Context, docker_client: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An instance expiring while networks are removed stops the pass; the next reaps it first."""
+    ctx = own_janitor_ctx
+    for team in ("ny1", "ny2", "ny3"):
+        ctx.service.start("web", team)
+    late = ctx.service.start("exposed", "ny4")
+    later = utcnow() + timedelta(seconds=601)
+    # Expiring before this pass's clock passes its own "now": a few ms after the first network.
+    ny4_expiry = later + timedelta(milliseconds=1)
+    ctx.store.put(late.model_copy(update={"expires_at": iso(later + timedelta(days=1))}))
+
+    def expire_ny4_once() -> None:
+        if removed.count("network") == 1:
+            ctx.store.put(late.model_copy(update={"expires_at": iso(ny4_expiry)}))
+
+    removed = _record_removals(ctx, monkeypatch, on_network=expire_ny4_once)
+    first = janitor_pass(ctx, later)
+    assert sorted(first.expired) == ["web/ny1", "web/ny2", "web/ny3"]
+    assert len(first.orphan_networks) == 1  # then it gave way
+    second = janitor_pass(ctx, later + timedelta(seconds=1))
+    assert second.expired == ["exposed/ny4"]
+    assert len(second.orphan_networks) == 3
+    assert removed == ["container"] * 3 + ["network"] + ["container"] + ["network"] * 3
+    assert _team_networks(docker_client, ["ny1", "ny2", "ny3", "ny4"]) == []
+
+
+def test_an_instance_the_janitor_cannot_remove_does_not_stall_network_removal(
+    own_janitor_ctx: Context, docker_client: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An expired instance whose lock someone holds is skipped, and emptied networks still go."""
+    ctx = own_janitor_ctx
+    for team in ("ns1", "ns2"):
+        ctx.service.start("web", team)
+    lock = ctx.store.instance_lock("web", "ns2", timeout=60)
+    assert lock.acquire(blocking=False)
+    try:
+        summary = janitor_pass(ctx, utcnow() + timedelta(seconds=601))
+    finally:
+        lock.release()
+    assert summary.expired == ["web/ns1"]
+    assert summary.orphan_networks == ["ctf-team-ns1"]
+    assert _team_networks(docker_client, ["ns1", "ns2"]) == ["ctf-team-ns2"]
 
 
 def test_janitor_passes_do_not_pile_up(ctx: Context) -> None:
