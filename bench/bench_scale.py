@@ -20,8 +20,10 @@
    containers with the Docker SDK, CTF_JANITOR_CONCURRENCY threads, then its teams' networks
    (the janitor's order): the engine's own pace for the same containers and networks.
 
+6. With ``--cycles K``: K start-all/reap-all cycles in all, the RSS after each reap.
+
 Usage: .venv/bin/python bench/bench_scale.py [--instances 500] [--per-team 2]
-       [--status-rounds 30] [--compare-reaping] [--json FILE]
+       [--status-rounds 30] [--compare-reaping | --cycles K] [--json FILE]
 """
 
 from __future__ import annotations
@@ -282,6 +284,9 @@ def main() -> int:
     parser.add_argument("--compare-reaping", action="store_true",
                         help="instead of expiring all at once: quarters reaped by the janitor "
                         "and by raw SDK removal (CTF_JANITOR_CONCURRENCY threads), ABBA")
+    parser.add_argument("--cycles", type=int, default=1,
+                        help="after the first, start and reap all instances this many times "
+                        "in all, with the worker's RSS after each reap (does it keep growing?)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -351,6 +356,20 @@ def main() -> int:
                     result["janitor"] = reap_all(bench, store, worker.proc.pid)
                 time.sleep(6)
                 result["rss_after_reap"] = memory(pids)
+
+                # 6. more start/reap cycles: is what the worker keeps after reaping bounded?
+                if args.cycles > 1 and not args.compare_reaping:
+                    result["cycles"] = [{"cycle": 1, "rss": result["rss_after_reap"]}]
+                    for cycle in range(2, args.cycles + 1):
+                        out = burst_celery(bench, plan)
+                        reaped = reap_all(bench, store, worker.proc.pid)
+                        time.sleep(6)
+                        result["cycles"].append({
+                            "cycle": cycle, "start_s": round(out["seconds"], 1),
+                            "failures_n": len(out["failures"]),
+                            "reap_s": reaped["seconds"], "rss": memory(pids),
+                        })
+                        print(f"cycle: {result['cycles'][-1]}", file=sys.stderr)
         finally:
             with contextlib.suppress(Exception):
                 store.redis.close()
