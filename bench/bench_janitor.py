@@ -11,7 +11,8 @@
 3. Reaping: ``--expire`` instances (default 200, whole teams first, so their networks go too)
    get an ``expires_at`` in the past (``StateStore.put``); ``run_once()`` is called, as the
    beat would, until none of them is left in Redis or Docker. The others stay up meanwhile,
-   as in a real event. Target: 200 within 60 s.
+   as in a real event. Target: 200 within 60 s. Reported: when the expired instances were
+   gone (a pass removes them first) and when the pass had removed their networks too.
 
 Everything is labelled ``ctf.test=bench-<pid>`` and removed at the end.
 
@@ -151,12 +152,18 @@ def main() -> int:
             began = time.perf_counter()
             c0 = time.process_time()
             pass_log = []
+            instances_gone = None
             while True:
+                pass_began = time.perf_counter() - began
                 summary = janitor.run_once()
                 pass_log.append({"expired": len(summary.expired),
                                  "networks": len(summary.orphan_networks),
                                  "errors": len(summary.errors),
-                                 "seconds": round(summary.seconds, 2)})
+                                 "seconds": round(summary.seconds, 2),
+                                 "reap_seconds": round(summary.reap_seconds, 2)})
+                if summary.expired:
+                    # A pass removes expired containers first, then the emptied networks.
+                    instances_gone = pass_began + summary.reap_seconds
                 left_redis = sum(1 for ch, team in victims if store.get(ch, team) is not None)
                 left_docker = sum(
                     1 for c in ctx.driver.list_containers(svc.scope_labels) if c.name in names
@@ -168,9 +175,11 @@ def main() -> int:
                                        f"{left_docker} containers left")
             total = time.perf_counter() - began
             still = sum(1 for i in store.list() if i.status == "running")
+            gone = total if instances_gone is None else instances_gone
             result["reap"] = {
-                "expired": args.expire, "seconds": round(total, 1),
-                "containers_per_second": round(args.expire / total, 1),
+                "expired": args.expire, "instances_gone_s": round(gone, 1),
+                "containers_per_second": round(args.expire / gone, 1),
+                "networks_gone_s": round(total, 1),
                 "cpu_seconds": round(time.process_time() - c0, 1),
                 "passes": pass_log, "target_seconds": 60, "others_still_running": still,
             }

@@ -46,6 +46,7 @@ class Summary:
     skipped: bool = False
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    reap_seconds: float = 0.0  # of ``seconds``: until the expired instances were removed
 
     @property
     def removed(self) -> int:
@@ -63,6 +64,7 @@ class Summary:
             "skipped": self.skipped,
             "errors": self.errors,
             "seconds": round(self.seconds, 3),
+            "reap_seconds": round(self.reap_seconds, 3),
         }
 
 
@@ -145,7 +147,9 @@ class Janitor:
             self.service.reconcile(now)
             summary.reconciled = True
         # 2. expired instances
+        began = time.monotonic()
         judged = self._reap_expired(now, summary)
+        summary.reap_seconds = time.monotonic() - began
         # 3. orphan containers
         live_teams = self._remove_orphan_containers(now, summary)
         # 4. orphan networks
