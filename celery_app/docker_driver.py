@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -206,8 +207,9 @@ class DockerDriver:
     @property
     def is_local(self) -> bool:
         """Whether the engine runs on this machine (so container IPs are routable from here)."""
-        url = self._base_url or ""
-        return url in ("",) or url.startswith(("unix://", "npipe://"))
+        # Without a URL the SDK follows DOCKER_HOST (how a TLS engine is reached), so must we.
+        url = self._base_url or os.environ.get("DOCKER_HOST", "")
+        return url == "" or url.startswith(("unix://", "npipe://"))
 
     @property
     def client(self) -> docker.DockerClient:
@@ -215,17 +217,37 @@ class DockerDriver:
         if self._client is None:
             with self._client_lock, map_docker_errors("connect to Docker"):
                 if self._client is None:
-                    # Enough pooled connections for the worker's threads and the janitor's.
-                    if self._base_url:
-                        self._client = docker.DockerClient(
-                            base_url=self._base_url, timeout=int(self._timeout),
-                            version="auto", max_pool_size=32,
-                        )
-                    else:
-                        self._client = docker.from_env(
-                            timeout=int(self._timeout), max_pool_size=32
-                        )
+                    self._client = self._connect()
         return self._client
+
+    def _connect(self) -> docker.DockerClient:
+        """Make the SDK client: ``base_url``, or the environment (DOCKER_HOST, TLS) without.
+
+        requests lets REQUESTS_CA_BUNDLE (set system-wide on many hosts) replace the
+        engine's own CA from DOCKER_CERT_PATH, failing every TLS handshake; the engine
+        connection wants no proxy or netrc from the environment either. So the client
+        ignores the environment of requests, from its first request on: the API version is
+        asked with a client made at the oldest version (which sends nothing when made),
+        then the real client is made at the engine's version.
+        """
+
+        def make(version: str) -> docker.DockerClient:
+            # Enough pooled connections for the worker's threads and the janitor's.
+            if self._base_url:
+                client = docker.DockerClient(base_url=self._base_url, version=version,
+                                             timeout=int(self._timeout), max_pool_size=32)
+            else:
+                client = docker.from_env(version=version, timeout=int(self._timeout),
+                                         max_pool_size=32)
+            client.api.trust_env = False
+            return client
+
+        probe = make(docker.constants.MINIMUM_DOCKER_API_VERSION)
+        try:
+            version = str(probe.api.version(api_version=False)["ApiVersion"])
+        finally:
+            probe.close()
+        return make(version)
 
     def close(self) -> None:
         """Close the client's connections."""
