@@ -24,7 +24,9 @@ from conftest import (
     Worker,
     base_env,
     cleanup_docker,
+    close_platform_client,
     containers_of,
+    platform_client,
     private_label,
     wait_for,
 )
@@ -78,14 +80,14 @@ def own_worker(
         for n in (db, db + 1, db + 2):
             redis.Redis.from_url(f"{redis_server.url}/{n}").flushdb()
         w = Worker(env, tmp_path / f"worker-{len(made)}.log")
-        client = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"])
+        client = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
         made.append((w, client))
         return w, client, env
 
     yield make
     for w, client in made:
         w.stop()
-        client.close()
+        close_platform_client(client)
     cleanup_docker(docker_client, FAULT_LABEL)  # the next test starts from nothing
 
 

@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from conftest import Worker, cleanup_docker, containers_of, private_label, wait_for
+from conftest import (
+    Worker,
+    cleanup_docker,
+    close_platform_client,
+    containers_of,
+    platform_client,
+    private_label,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.usefixtures("clean_worker_state")]
 
@@ -98,7 +106,7 @@ def test_transient_docker_failure_is_retried_then_succeeds(
     }
     w = Worker(env, tmp_path / "worker.log")
     w.start()
-    client = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"])
+    client = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
     try:
         team = f"retry{uuid.uuid4().hex[:6]}"
         result = client.send_task(START, args=["web", team])
@@ -111,5 +119,5 @@ def test_transient_docker_failure_is_retried_then_succeeds(
         assert _containers(docker_client, label, **{"ctf.team": team})
     finally:
         w.stop()
-        client.close()
+        close_platform_client(client)
         cleanup_docker(docker_client, label)
