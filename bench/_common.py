@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -225,6 +226,9 @@ def bench_run(
     finally:
         removed = cleanup_docker(client)
         print(f"# cleanup {RUN_ID}: removed {removed}", file=sys.stderr)
+        # Celery results unsubscribe when collected: now, while their Redis still runs, not
+        # at exit against a stopped one (which left a finished run hanging for hours).
+        gc.collect()
         server.stop()
         client.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -307,12 +311,7 @@ class Worker:
 
 def celery_client(bench: Bench) -> Any:
     """A plain Celery client of the bench worker, as a web platform would have."""
-    from celery import Celery  # noqa: PLC0415  # only the worker benchmark needs it
-
-    client = Celery(broker=f"{bench.redis.url}/0", backend=f"{bench.redis.url}/1")
-    client.conf.update(task_serializer="json", result_serializer="json",
-                       accept_content=["json"])
-    return client
+    return support.platform_client(f"{bench.redis.url}/0", f"{bench.redis.url}/1")
 
 
 def machine() -> str:

@@ -7,7 +7,6 @@ the end of the run, pass or fail (and after each test that uses ``ctx``).
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import signal
@@ -25,7 +24,9 @@ import support
 from support import (  # noqa: F401  # tests import these from here
     HTTP_DOCKERFILE,
     RedisServer,
+    close_platform_client,
     free_port,
+    platform_client,
     wait_for,
 )
 
@@ -335,35 +336,6 @@ def worker(
     w.start()
     yield w
     w.stop()
-
-
-def platform_client(broker_url: str, backend_url: str) -> Any:
-    """A plain Celery app, as a web platform would have, that gives up fast on a lost Redis.
-
-    Celery's default result-backend retry (20 tries a second apart) would make every
-    ``AsyncResult`` collected after its Redis stopped (often only at interpreter exit) hang
-    for 20 s; the product's own client fails fast the same way.
-    """
-    from celery import Celery  # noqa: PLC0415
-
-    client = Celery(broker=broker_url, backend=backend_url)
-    client.conf.update(
-        task_serializer="json", result_serializer="json", accept_content=["json"],
-        result_backend_transport_options={"retry_policy": {
-            "max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5,
-        }},
-    )
-    return client
-
-
-def close_platform_client(client: Any) -> None:
-    """Close a :func:`platform_client` while its Redis still runs.
-
-    Results still waiting to be collected unsubscribe from the backend now (their
-    ``__del__`` does), rather than at interpreter exit against a stopped Redis.
-    """
-    gc.collect()
-    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,13 @@
 """Helpers shared by the tests and the benchmarks (plain functions; no pytest here).
 
-A private redis-server, a free port, polling with a deadline, and building a stand-in image
-from in-memory files. The benchmarks import this module too, so both measure and test
-against the same machinery.
+A private redis-server, a free port, polling with a deadline, building a stand-in image from
+in-memory files, and a platform-style Celery client. The benchmarks import this module too,
+so both measure and test against the same machinery.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import shutil
 import socket
@@ -114,3 +115,32 @@ def build_image(
     buf.seek(0)
     client.images.build(fileobj=buf, custom_context=True, tag=tag, labels=labels, rm=True)
     return tag
+
+
+def platform_client(broker_url: str, backend_url: str) -> Any:
+    """A plain Celery app, as a web platform would have, that gives up fast on a lost Redis.
+
+    Celery's default result-backend retry (20 tries a second apart) would make every
+    ``AsyncResult`` collected after its Redis stopped (often only at interpreter exit) hang
+    for 20 s; the product's own client fails fast the same way.
+    """
+    from celery import Celery  # noqa: PLC0415  # only the worker tests and benches need it
+
+    client = Celery(broker=broker_url, backend=backend_url)
+    client.conf.update(
+        task_serializer="json", result_serializer="json", accept_content=["json"],
+        result_backend_transport_options={"retry_policy": {
+            "max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5,
+        }},
+    )
+    return client
+
+
+def close_platform_client(client: Any) -> None:
+    """Close a :func:`platform_client` while its Redis still runs.
+
+    Results still waiting to be collected unsubscribe from the backend now (their
+    ``__del__`` does), rather than at interpreter exit against a stopped Redis.
+    """
+    gc.collect()
+    client.close()
