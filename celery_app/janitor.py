@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # also stops as soon as an instance expires, so a backlog of networks never holds back the
 # next expired instances; the cap keeps one pass well inside its 300 s janitor lock.
 NETWORK_BUDGET = 60.0
+# Networks one pass removes before it gives way to a new expiry, so that a steady stream of
+# expiries (one every few seconds in a busy event) cannot starve network removal for good.
+NETWORK_MINIMUM = 5
 
 
 @dataclass
@@ -93,10 +96,10 @@ class Janitor:
         3. Remove containers with our labels that no instance accounts for (older than
            ``CTF_ORPHAN_GRACE``, so a start in flight is never touched).
         4. Remove team networks with no container and no instance, for at most
-           ``NETWORK_BUDGET`` seconds and only until another instance expires (the rest
-           next pass). Instances reaped in step 2 leave their networks to this step: the
-           engine removes networks one at a time, about as slowly as containers, so expired
-           containers are all gone first.
+           ``NETWORK_BUDGET`` seconds and, past ``NETWORK_MINIMUM`` of them, only until
+           another instance expires (the rest next pass). Instances reaped in step 2 leave
+           their networks to this step: the engine removes networks one at a time, about as
+           slowly as containers, so expired containers are all gone first.
 
         Args:
             now: the moment to judge expiry against (tests pass their own).
@@ -264,14 +267,18 @@ class Janitor:
             at = now.timestamp() + time.monotonic() - began
             return bool(self._expired_here(at, skip=judged))
 
+        tried = 0
         for net in svc.driver.list_networks(svc.scope_labels):
             team = net.labels.get("ctf.team", "")
             if net.containers or team in live_teams:
                 continue
-            # Out of time, or an instance expired meanwhile: the next pass takes the rest
-            # (expired instances first).
-            if time.monotonic() - began > NETWORK_BUDGET or newly_expired():
+            # Out of time, or (past the minimum) an instance expired meanwhile: the next pass
+            # takes the rest, expired instances first.
+            if time.monotonic() - began > NETWORK_BUDGET:
                 break
+            if tried >= NETWORK_MINIMUM and newly_expired():
+                break
+            tried += 1
             try:
                 if svc.remove_network_if_unused(team, net.id):
                     summary.orphan_networks.append(net.name)

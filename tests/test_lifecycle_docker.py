@@ -176,6 +176,7 @@ def test_janitor_network_removal_yields_to_a_newly_expired_instance(
             ctx.store.put(late.model_copy(update={"expires_at": iso(ny4_expiry)}))
 
     removed = _record_removals(ctx, monkeypatch, on_network=expire_ny4_once)
+    monkeypatch.setattr(janitor_module, "NETWORK_MINIMUM", 1)
     first = janitor_pass(ctx, later)
     assert sorted(first.expired) == ["web/ny1", "web/ny2", "web/ny3"]
     assert len(first.orphan_networks) == 1  # then it gave way
@@ -184,6 +185,32 @@ def test_janitor_network_removal_yields_to_a_newly_expired_instance(
     assert len(second.orphan_networks) == 3
     assert removed == ["container"] * 3 + ["network"] + ["container"] + ["network"] * 3
     assert _team_networks(docker_client, ["ny1", "ny2", "ny3", "ny4"]) == []
+
+
+def test_a_stream_of_expiries_does_not_starve_network_removal(
+    own_janitor_ctx: Context, docker_client: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Even with a new expiry waiting from the start, a pass removes its minimum of networks."""
+    ctx = own_janitor_ctx
+    teams = ["nm1", "nm2", "nm3"]
+    for team in teams:
+        ctx.service.start("web", team)
+    late = ctx.service.start("exposed", "nm4")
+    later = utcnow() + timedelta(seconds=601)
+    ctx.store.put(late.model_copy(update={"expires_at": iso(later + timedelta(days=1))}))
+
+    def expire_nm4_during_the_reap() -> None:
+        ctx.store.put(late.model_copy(update={"expires_at": iso(later)}))
+
+    removed = _record_removals(ctx, monkeypatch)
+    remove_container = ctx.driver.remove_container
+    monkeypatch.setattr(ctx.driver, "remove_container",
+                        lambda ref: expire_nm4_during_the_reap() or remove_container(ref))
+    monkeypatch.setattr(janitor_module, "NETWORK_MINIMUM", 2)
+    first = janitor_pass(ctx, later)
+    assert sorted(first.expired) == [f"web/{t}" for t in teams]  # nm4 was not yet expired
+    assert len(first.orphan_networks) == 2  # then it gave way to nm4
+    assert removed == ["container"] * 3 + ["network"] * 2
 
 
 def test_an_instance_the_janitor_cannot_remove_does_not_stall_network_removal(
