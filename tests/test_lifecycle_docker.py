@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from celery_app.errors import (
     TeamQuotaExceeded,
 )
 from celery_app.flags import check_flag, team_flag
-from celery_app.models import iso, parse_iso, utcnow
+from celery_app.models import Instance, iso, parse_iso, utcnow
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -158,18 +158,28 @@ def test_janitor_removes_expired_containers_before_their_networks(
     assert _team_networks(docker_client, teams) == []
 
 
+def _three_expiring_and_one_later(ctx: Context, prefix: str) -> tuple[Instance, datetime]:
+    """Start web for teams <prefix>1-3 and exposed for <prefix>4; return <prefix>4 and a moment.
+
+    The moment is ten minutes on, when the three have expired; <prefix>4 expires a day later.
+    """
+    for i in (1, 2, 3):
+        ctx.service.start("web", f"{prefix}{i}")
+    late = ctx.service.start("exposed", f"{prefix}4")
+    later = utcnow() + timedelta(seconds=601)
+    late = late.model_copy(update={"expires_at": iso(later + timedelta(days=1))})
+    ctx.store.put(late)
+    return late, later
+
+
 def test_janitor_network_removal_yields_to_a_newly_expired_instance(
     own_janitor_ctx: Context, docker_client: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An instance expiring while networks are removed stops the pass; the next reaps it first."""
     ctx = own_janitor_ctx
-    for team in ("ny1", "ny2", "ny3"):
-        ctx.service.start("web", team)
-    late = ctx.service.start("exposed", "ny4")
-    later = utcnow() + timedelta(seconds=601)
+    late, later = _three_expiring_and_one_later(ctx, "ny")
     # Expiring before this pass's clock passes its own "now": a few ms after the first network.
     ny4_expiry = later + timedelta(milliseconds=1)
-    ctx.store.put(late.model_copy(update={"expires_at": iso(later + timedelta(days=1))}))
 
     def expire_ny4_once() -> None:
         if removed.count("network") == 1:
@@ -192,12 +202,7 @@ def test_a_stream_of_expiries_does_not_starve_network_removal(
 ) -> None:
     """Even with a new expiry waiting from the start, a pass removes its minimum of networks."""
     ctx = own_janitor_ctx
-    teams = ["nm1", "nm2", "nm3"]
-    for team in teams:
-        ctx.service.start("web", team)
-    late = ctx.service.start("exposed", "nm4")
-    later = utcnow() + timedelta(seconds=601)
-    ctx.store.put(late.model_copy(update={"expires_at": iso(later + timedelta(days=1))}))
+    late, later = _three_expiring_and_one_later(ctx, "nm")
 
     def expire_nm4_during_the_reap() -> None:
         ctx.store.put(late.model_copy(update={"expires_at": iso(later)}))
@@ -208,7 +213,7 @@ def test_a_stream_of_expiries_does_not_starve_network_removal(
                         lambda ref: expire_nm4_during_the_reap() or remove_container(ref))
     monkeypatch.setattr(janitor_module, "NETWORK_MINIMUM", 2)
     first = janitor_pass(ctx, later)
-    assert sorted(first.expired) == [f"web/{t}" for t in teams]  # nm4 was not yet expired
+    assert sorted(first.expired) == ["web/nm1", "web/nm2", "web/nm3"]  # nm4 not yet expired
     assert len(first.orphan_networks) == 2  # then it gave way to nm4
     assert removed == ["container"] * 3 + ["network"] * 2
 
