@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from celery_app.catalog import Catalog, load_catalog
 from celery_app.docker_driver import DockerDriver
-from celery_app.hosts import load_hosts
+from celery_app.hosts import Hosts, load_hosts
 from celery_app.janitor import Janitor
 from celery_app.service import InstanceService
 from celery_app.settings import Settings, load_settings
@@ -16,7 +16,7 @@ from celery_app.state import StateStore
 
 @dataclass
 class Context:
-    """Everything a task needs: settings, catalog, Docker driver, Redis store, service."""
+    """Everything a task needs: settings, catalog, hosts, Docker driver, Redis store, service."""
 
     settings: Settings
     catalog: Catalog
@@ -24,6 +24,7 @@ class Context:
     store: StateStore
     service: InstanceService
     janitor: Janitor
+    hosts: Hosts
 
 
 def build_context(settings: Settings) -> Context:
@@ -35,7 +36,8 @@ def build_context(settings: Settings) -> Context:
     """
     catalog = load_catalog(settings)
     # The Docker host this worker serves (CTF_HOST of CTF_HOSTS_FILE; one "local" without).
-    host = load_hosts(settings).get_host(settings.host)
+    hosts = load_hosts(settings)
+    host = hosts.get_host(settings.host)
     assert host.publish_ip is not None and host.max_instances is not None
     settings = settings.model_copy(
         update={"public_host": host.public_host, "publish_ip": host.publish_ip}
@@ -44,7 +46,7 @@ def build_context(settings: Settings) -> Context:
     store = StateStore.from_url(settings.state_redis_url)
     service = InstanceService(settings, catalog, driver, store, host=host.name,
                               public_host=host.public_host, host_max=host.max_instances)
-    return Context(settings, catalog, driver, store, service, Janitor(service))
+    return Context(settings, catalog, driver, store, service, Janitor(service), hosts)
 
 
 _context: Context | None = None

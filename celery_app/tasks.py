@@ -18,7 +18,7 @@ from celery import Task
 from celery_app.celery_app import app
 from celery_app.context import get_context
 from celery_app.errors import CTFError, TransientError
-from celery_app.hosts import load_hosts, present
+from celery_app.hosts import present
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")
@@ -117,11 +117,10 @@ def get_container_status(
     not shown as running (``host_up`` false).
     """
     ctx = get_context()
-    hosts = load_hosts(ctx.settings)
     return _logged(
         "get_container_status", challenge, team_id,
         lambda: {"instances": present(ctx.service.status(team_id, challenge, verify=True),
-                                      ctx.store, hosts)},
+                                      ctx.store, ctx.hosts)},
     )
 
 
