@@ -1,7 +1,7 @@
 """Redis state: the instance index, locks and rate counters.
 
 Docker labels are the source of truth; what is here is an index for fast reads, plus the
-lock and counter service. :meth:`StateStore.replace_host` rebuilds it from Docker.
+lock and counter service. ``InstanceService.reconcile`` rebuilds it from Docker labels.
 
 Keys (prefix ``ctf:``)::
 
@@ -244,28 +244,6 @@ class StateStore:
         """Return the keys of instances whose expiry is at or before ``now`` (epoch s)."""
         with map_redis_errors("read expiry index"):
             return cast(builtins.list[str], self.redis.zrangebyscore(f"{P}expiry", "-inf", now))
-
-    def replace_host(self, host: str, instances: builtins.list[Instance]) -> tuple[int, int]:
-        """Make the index of ``host`` hold exactly ``instances`` (reconcile).
-
-        Returns:
-            ``(added, removed)`` counts of index entries.
-
-        """
-        wanted = {i.key: i for i in instances}
-        with map_redis_errors("reconcile index"):
-            have = cast(set[str], self.redis.smembers(f"{P}host:{host}"))
-        removed = 0
-        for key in have - set(wanted):
-            challenge, _, team_id = key.partition("/")
-            self.delete(challenge, team_id, host)
-            removed += 1
-        added = 0
-        for inst in wanted.values():
-            if inst.key not in have:
-                added += 1
-            self.put(inst)
-        return added, removed
 
     # -- intents: the latest start/stop request of an instance wins --------------------------
 
