@@ -23,7 +23,7 @@ from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
 from celery_app.metrics import JANITOR_KEY
 from celery_app.models import Instance, utcnow
 from celery_app.naming import split_instance_key
-from celery_app.service import NO_INTENT, InstanceService
+from celery_app.service import BUSY_WAIT, LOCK_HOLD, NO_INTENT, InstanceService
 from celery_app.state import map_redis_errors
 
 log = logging.getLogger(__name__)
@@ -240,20 +240,16 @@ class Janitor:
             c = containers.get(name)
             if rec.status != "running" or (c is not None and c.state == "running"):
                 continue
-            lock = svc.store.instance_lock(rec.challenge, rec.team_id, timeout=10)
             # Someone is starting or stopping it right now: they know better; next pass.
-            if not lock.acquire(blocking=True, blocking_timeout=0.5):
-                continue
-            try:
+            with contextlib.suppress(InstanceBusy), svc.locked(
+                rec.challenge, rec.team_id, hold=LOCK_HOLD, wait=BUSY_WAIT
+            ):
                 current = svc.store.get(rec.challenge, rec.team_id)
                 if current is None or current.container_id != rec.container_id:
                     continue
                 why = f"the container is {c.state}" if c is not None else "the container is gone"
                 svc.store.put(current.model_copy(update={"status": "failed", "error": why}))
                 summary.marked_failed.append(rec.key)
-            finally:
-                with contextlib.suppress(LockError):
-                    lock.release()
 
     def _remove_orphan_networks(
         self, live_teams: set[str], summary: Summary, now: datetime, judged: set[str]

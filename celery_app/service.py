@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 # Seconds a (challenge, team) lock lives without renewal: how long a killed worker blocks it.
 LOCK_HOLD = 30.0
+# Seconds background passes (reconcile, the janitor) wait for an instance someone else holds;
+# then they leave it to that operation and look again next pass.
+BUSY_WAIT = 0.5
 # Passed as ``intent`` by the janitor: act regardless of what users last asked.
 NO_INTENT = -1
 # A failed start stays visible (status "failed" with its error) this long, then is reaped.
@@ -120,7 +123,7 @@ class InstanceService:
         return self.catalog.get(challenge), team
 
     @contextlib.contextmanager
-    def _locked(
+    def locked(
         self, challenge: str, team_id: str, hold: float, wait: float | None = None
     ) -> Iterator[Lock]:
         """Hold the (challenge, team) lock; released in ``finally``, expires if we die.
@@ -226,7 +229,7 @@ class InstanceService:
         port = self._container_port(ch)
 
         # 1. lock (challenge, team): concurrent starts create one container.
-        with self._locked(ch.id, team, hold=LOCK_HOLD) as lock:
+        with self.locked(ch.id, team, hold=LOCK_HOLD) as lock:
             # 2. the latest request wins: a stop sent after this start cancels it.
             if self.store.superseded(ch.id, team, intent, "start"):
                 raise Superseded(
@@ -457,7 +460,7 @@ class InstanceService:
         if intent is None:
             intent = self.store.register_intent(ch.id, team, "stop")
         # 1. lock (challenge, team)
-        with self._locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
+        with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
             # 2. the latest request wins: a start sent after this stop cancels it.
             if intent != NO_INTENT and self.store.superseded(ch.id, team, intent, "stop"):
                 raise Superseded(
@@ -512,7 +515,7 @@ class InstanceService:
         """
         ch, team = self._validate(challenge, team_id)
         assert ch.ttl is not None and ch.max_lifetime is not None
-        with self._locked(ch.id, team, hold=LOCK_HOLD):
+        with self.locked(ch.id, team, hold=LOCK_HOLD):
             inst = self.store.get(ch.id, team)
             if inst is None or inst.status not in ("running", "starting"):
                 raise InstanceNotFound(f"team {team} has no running instance of {ch.id}")
@@ -629,46 +632,46 @@ class InstanceService:
         self, ch: Challenge, team: str, now: datetime, summary: ReconcileSummary
     ) -> None:
         """Bring one instance's record in line with its container, under its lock."""
-        key = f"{ch.id}/{team}"
         # 1. lock (challenge, team); a start or stop holding it knows better than we do.
-        lock = self.store.instance_lock(ch.id, team, timeout=LOCK_HOLD)
-        with map_redis_errors("lock instance"):
-            if not lock.acquire(blocking=True, blocking_timeout=0.5):
-                log.info("reconcile: %s is busy; left to the operation in progress", key)
-                return
         try:
-            # 2. look again: the listings may be out of date by now.
-            rec = self.store.get(ch.id, team)
-            if rec is not None and rec.host != self.host:
-                return  # recorded on another host: that host's reconcile owns it
-            try:
-                info = self._own_container(container_name(ch.id, team), ch.id, team)
-            except InvalidRequest:
-                info = None  # not ours after all
-            # 3. the container is gone: forget the record, unless a start is young.
-            if info is None:
-                if rec is not None and rec.status != "failed" \
-                        and not self._starting_recently(rec, now):
-                    self.store.delete(ch.id, team, self.host)
-                    summary.forgotten.append(key)
-                return
-            # 4. a container without a record: adopt it from its labels.
-            if rec is None:
-                status = "running" if info.state == "running" else "failed"
-                inst = self._instance_from_container(ch, info, status)
-                if status == "running" and not self._answers(ch, info):
-                    inst = inst.model_copy(update={"status": "starting"})
-                self.store.put(inst)
-                summary.adopted.append(key)
-            # 5. a record that says running for a container that is not.
-            elif rec.status == "running" and info.state != "running":
-                self.store.put(rec.model_copy(update={
-                    "status": "failed", "error": f"the container is {info.state}",
-                }))
-                summary.marked_failed.append(key)
-        finally:
-            with contextlib.suppress(LockError), map_redis_errors("unlock instance"):
-                lock.release()
+            with self.locked(ch.id, team, hold=LOCK_HOLD, wait=BUSY_WAIT):
+                self._bring_in_line(ch, team, now, summary)
+        except InstanceBusy:
+            log.info("reconcile: %s/%s is busy; left to the operation in progress", ch.id, team)
+
+    def _bring_in_line(
+        self, ch: Challenge, team: str, now: datetime, summary: ReconcileSummary
+    ) -> None:
+        key = f"{ch.id}/{team}"
+        # 2. look again: the listings may be out of date by now.
+        rec = self.store.get(ch.id, team)
+        if rec is not None and rec.host != self.host:
+            return  # recorded on another host: that host's reconcile owns it
+        try:
+            info = self._own_container(container_name(ch.id, team), ch.id, team)
+        except InvalidRequest:
+            info = None  # not ours after all
+        # 3. the container is gone: forget the record, unless a start is young.
+        if info is None:
+            if rec is not None and rec.status != "failed" \
+                    and not self._starting_recently(rec, now):
+                self.store.delete(ch.id, team, self.host)
+                summary.forgotten.append(key)
+            return
+        # 4. a container without a record: adopt it from its labels.
+        if rec is None:
+            status = "running" if info.state == "running" else "failed"
+            inst = self._instance_from_container(ch, info, status)
+            if status == "running" and not self._answers(ch, info):
+                inst = inst.model_copy(update={"status": "starting"})
+            self.store.put(inst)
+            summary.adopted.append(key)
+        # 5. a record that says running for a container that is not.
+        elif rec.status == "running" and info.state != "running":
+            self.store.put(rec.model_copy(update={
+                "status": "failed", "error": f"the container is {info.state}",
+            }))
+            summary.marked_failed.append(key)
 
     def _answers(self, ch: Challenge, info: ContainerInfo) -> bool:
         target = self._probe_target(info, self._container_port(ch))
