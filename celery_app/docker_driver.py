@@ -40,6 +40,27 @@ _PORTS_EXHAUSTED = (
 _POOL_OVERLAP = ("pool overlaps", "overlaps with")
 
 
+def carries(labels: dict[str, str], wanted: dict[str, str]) -> bool:
+    """Whether ``labels`` hold every one of ``wanted`` with the same value."""
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def check_ours(kind: str, name: str, labels: dict[str, str], wanted: dict[str, str]) -> None:
+    """Refuse a container or network that has our name but not our labels.
+
+    The name alone is not proof: another deployment on the same engine (or a person) may
+    use it, and we must never adopt or remove what is theirs.
+
+    Raises:
+        InvalidRequest: ``labels`` lack some of ``wanted``.
+    """
+    if not carries(labels, wanted):
+        raise InvalidRequest(
+            f"a {kind} named {name} exists on this Docker host but is not managed by this "
+            "instancer (its labels differ); remove or rename it, then try again"
+        )
+
+
 @contextlib.contextmanager
 def map_docker_errors(what: str) -> Iterator[None]:
     """Translate Docker SDK and transport errors raised inside the block.
@@ -461,11 +482,7 @@ class DockerDriver:
         name = network_name(team_id)
         existing = self.get_network(name)
         if existing is not None:
-            if any(existing.labels.get(k) != v for k, v in labels.items()):
-                raise InvalidRequest(
-                    f"a network named {name} exists on this Docker host but is not managed by "
-                    "this instancer (its labels differ); remove or rename it, then try again"
-                )
+            check_ours("network", name, existing.labels, labels)
             return existing
         used = [
             ipaddress.ip_network(s, strict=False)

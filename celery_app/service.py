@@ -18,7 +18,14 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from celery_app.catalog import Catalog, Challenge
-from celery_app.docker_driver import ContainerInfo, ContainerSpec, DockerDriver, ProgressFn
+from celery_app.docker_driver import (
+    ContainerInfo,
+    ContainerSpec,
+    DockerDriver,
+    ProgressFn,
+    carries,
+    check_ours,
+)
 from celery_app.errors import (
     CatalogError,
     CTFError,
@@ -334,14 +341,9 @@ class InstanceService:
             InvalidRequest: the name is taken by a container this instancer does not manage.
         """
         info = self.driver.get_container(name)
-        if info is None:
-            return None
-        wanted = {**self.scope_labels, LABEL_TEAM: team_id, LABEL_CHALLENGE: challenge}
-        if any(info.labels.get(k) != v for k, v in wanted.items()):
-            raise InvalidRequest(
-                f"a container named {name} exists on this Docker host but is not managed by "
-                "this instancer (its labels differ); remove or rename it, then try again"
-            )
+        if info is not None:
+            check_ours("container", name, info.labels,
+                       {**self.scope_labels, LABEL_TEAM: team_id, LABEL_CHALLENGE: challenge})
         return info
 
     def _with_container(
@@ -500,7 +502,7 @@ class InstanceService:
             net = self.driver.get_network(network or network_name(team_id))
             if net is None or net.containers > 0:
                 return False
-            if any(net.labels.get(k) != v for k, v in self.scope_labels.items()):
+            if not carries(net.labels, self.scope_labels):
                 return False  # not ours to remove
             return self.driver.remove_network(net.id)
 
