@@ -149,17 +149,11 @@ class SecondEngine:
                 self.proc.wait(10)
 
     def stop(self) -> None:
+        """Remove what the tests left on it, stop it and remove its namespace and files."""
         if self.client is not None:
             with contextlib.suppress(Exception):
                 cleanup_docker(self.client, self.label)
-            self.client.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # its pid, the one we started
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        self.stop_daemon()
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
         # Its data root, certificates and log: the machine is shared with later sessions.

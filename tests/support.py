@@ -92,11 +92,6 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
 
-    def restart(self) -> None:
-        """Stop and start again on the same port: all data is lost (no persistence)."""
-        self.stop()
-        self.start()
-
 
 def build_image(
     client: docker.DockerClient, tag: str, dockerfile: str, files: dict[str, bytes | Path],

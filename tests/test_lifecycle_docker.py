@@ -113,18 +113,25 @@ def own_janitor_ctx(
         cleanup_docker(docker_client, label)
 
 
-def _record_removals(ctx: Context, monkeypatch: pytest.MonkeyPatch,
-                     on_network: Callable[[], None] = lambda: None) -> list[str]:
+def _record_removals(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch,
+    on_container: Callable[[], None] = lambda: None,
+    on_network: Callable[[], None] = lambda: None,
+) -> list[str]:
     removed: list[str] = []
     remove_container, remove_network = ctx.driver.remove_container, ctx.driver.remove_network
+
+    def container(ref: str) -> bool:
+        removed.append("container")
+        on_container()
+        return remove_container(ref)
 
     def network(ref: str) -> bool:
         removed.append("network")
         on_network()
         return remove_network(ref)
 
-    monkeypatch.setattr(ctx.driver, "remove_container",
-                        lambda ref: removed.append("container") or remove_container(ref))
+    monkeypatch.setattr(ctx.driver, "remove_container", container)
     monkeypatch.setattr(ctx.driver, "remove_network", network)
     return removed
 
@@ -198,7 +205,7 @@ def test_janitor_network_removal_yields_to_a_newly_expired_instance(
 
 
 def test_a_stream_of_expiries_does_not_starve_network_removal(
-    own_janitor_ctx: Context, docker_client: Any, monkeypatch: pytest.MonkeyPatch,
+    own_janitor_ctx: Context, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Even with a new expiry waiting from the start, a pass removes its minimum of networks."""
     ctx = own_janitor_ctx
@@ -207,10 +214,7 @@ def test_a_stream_of_expiries_does_not_starve_network_removal(
     def expire_nm4_during_the_reap() -> None:
         ctx.store.put(late.model_copy(update={"expires_at": iso(later)}))
 
-    removed = _record_removals(ctx, monkeypatch)
-    remove_container = ctx.driver.remove_container
-    monkeypatch.setattr(ctx.driver, "remove_container",
-                        lambda ref: expire_nm4_during_the_reap() or remove_container(ref))
+    removed = _record_removals(ctx, monkeypatch, on_container=expire_nm4_during_the_reap)
     monkeypatch.setattr(janitor_module, "NETWORK_MINIMUM", 2)
     first = janitor_pass(ctx, later)
     assert sorted(first.expired) == ["web/nm1", "web/nm2", "web/nm3"]  # nm4 not yet expired
@@ -492,8 +496,7 @@ def registry(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.slow
 def test_pull_from_registry_reports_progress(
-    make_ctx: Callable[..., Context], docker_client: Any, images: dict[str, str], registry: str,
-    catalog_file: Path, tmp_path: Path,
+    make_ctx: Callable[..., Context], docker_client: Any, registry: str, tmp_path: Path,
 ) -> None:
     """A missing image is pulled from the registry, with layer and byte progress reported."""
     remote = f"{registry}/ctf-test/pulled:{RUN_ID}"

@@ -109,9 +109,7 @@ def cluster(
         for w in workers.values():
             w.stop()
         disp.close()
-        cleanup_docker(docker_client, LABEL)
-        if beta_engine.client is not None:
-            cleanup_docker(beta_engine.client, LABEL)
+        cleanup_docker(docker_client, LABEL)  # beta's engine cleans itself when it stops
 
 
 def _start(c: Cluster, challenge: str, team: str) -> dict[str, Any]:
