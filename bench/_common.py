@@ -310,8 +310,14 @@ class Worker:
 
 
 def celery_client(bench: Bench) -> Any:
-    """A plain Celery client of the bench worker, as a web platform would have."""
+    """A plain Celery client of the bench worker, as a web platform would have.
+
+    Close it with :func:`close_celery_client` while the bench's Redis still runs.
+    """
     return support.platform_client(f"{bench.redis.url}/0", f"{bench.redis.url}/1")
+
+
+close_celery_client = support.close_platform_client
 
 
 def machine() -> str:

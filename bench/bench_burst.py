@@ -49,6 +49,7 @@ from _common import (
     bench_run,
     celery_client,
     cleanup_docker,
+    close_celery_client,
     emit,
     machine,
     side_bench,
@@ -105,7 +106,7 @@ def burst_celery(bench: Bench, plan: list[tuple[str, str]]) -> dict[str, Any]:
                 failures.append(f"{type(exc).__name__}: {exc}")
         total = time.perf_counter() - began
     finally:
-        client.close()
+        close_celery_client(client)
     return {"seconds": total, "send_seconds": sent, "failures": failures}
 
 
@@ -118,7 +119,7 @@ def stop_celery(bench: Bench, plan: list[tuple[str, str]]) -> None:
             with contextlib.suppress(Exception):
                 res.get(timeout=TIMEOUT)
     finally:
-        client.close()
+        close_celery_client(client)
 
 
 class RawBurst:
@@ -237,11 +238,12 @@ def main() -> int:
            "CTF_RATE_LIMIT_COUNT": "1000000", "CTF_LOCK_WAIT": "240"}
     kinds = ["raw", "celery"] + (["celery_alt"] if args.compare_src else [])
     with bench_run(ttl=1800, extra_catalog=extra_catalog(args.per_team)) as bench, \
-            side_bench(bench) as alt:
+            contextlib.ExitStack() as stack:
         main_env = {**env, "CTF_EXTRA_LABELS": side_labels("main")} if args.compare_src else env
         worker = Worker(bench, concurrency=args.parallel, **main_env)
         workers = {"celery": (bench, worker)}
         if args.compare_src:
+            alt = stack.enter_context(side_bench(bench))
             workers["celery_alt"] = (alt, Worker(alt, concurrency=args.parallel,
                                                  src=args.compare_src,
                                                  **{**env, "CTF_EXTRA_LABELS": side_labels("alt")}))

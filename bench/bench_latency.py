@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ from _common import (
     Worker,
     bench_run,
     celery_client,
+    close_celery_client,
     emit,
     free_port,
     machine,
@@ -176,8 +176,7 @@ def main() -> int:
     env = {"CTF_MAX_INSTANCES_PER_TEAM": "5"}
     if args.compare_src:  # two workers: neither janitor may take the other's for orphans
         env["CTF_EXTRA_LABELS"] = side_labels("main")
-    with bench_run(extra_catalog=EXTRA) as bench, side_bench(bench) as alt, \
-            contextlib.ExitStack() as stack:
+    with bench_run(extra_catalog=EXTRA) as bench, contextlib.ExitStack() as stack:
         worker = Worker(bench, concurrency=args.concurrency, **env)
         worker.start()
         client = celery_client(bench)
@@ -192,13 +191,13 @@ def main() -> int:
                 pids = {"api": api.pid, "worker": worker.proc.pid, "dockerd": dockerd_pid()}
                 start_task(client, "keep")  # the team network stays for the whole run
                 if args.compare_src:
+                    alt = stack.enter_context(side_bench(bench))
                     alt_env = {**env, "CTF_EXTRA_LABELS": side_labels("alt")}
                     alt_worker = Worker(alt, concurrency=args.concurrency, src=args.compare_src,
                                         **alt_env)
                     alt_worker.start()
                     alt_client = celery_client(alt)
-                    stack.callback(alt_client.close)
-                    stack.callback(gc.collect)  # finished results unsubscribe while it is up
+                    stack.callback(close_celery_client, alt_client)
                     alt_base, alt_api = stack.enter_context(
                         api_process(alt, src=args.compare_src, **alt_env))
                     alt_http = stack.enter_context(httpx.Client(
@@ -264,7 +263,7 @@ def main() -> int:
                 with contextlib.suppress(Exception):
                     bench.docker.api.remove_container(cid, force=True, v=True)
             disp.close()
-            client.close()
+            close_celery_client(client)
             worker.stop()
             if alt_worker is not None:
                 alt_worker.stop()

@@ -50,6 +50,7 @@ from _common import (
     Worker,
     bench_run,
     celery_client,
+    close_celery_client,
     emit,
     machine,
     pct,
@@ -117,7 +118,7 @@ def measure_status(bench: Bench, http: httpx.Client, team: str, rounds: int,
             times["task_team"].append(timed(task_team))
             times["docker_ps"].append(timed(docker_ps))
     finally:
-        client.close()
+        close_celery_client(client)
     result: dict[str, Any] = {k: summary_ms(v) for k, v in times.items()}
     for k, n in sizes.items():
         result[k]["instances_returned"] = n

@@ -28,7 +28,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import LABEL, Bench, Worker, bench_run, celery_client, emit, machine, summary_ms
+from _common import (
+    LABEL,
+    Bench,
+    Worker,
+    bench_run,
+    celery_client,
+    close_celery_client,
+    emit,
+    machine,
+    summary_ms,
+)
 
 from celery_app.naming import network_name
 from celery_app.readiness import wait_ready
@@ -151,7 +161,7 @@ def main() -> int:
                 bench.docker.api.remove_container(cid, force=True, v=True)
             if ctx is not None:
                 ctx.driver.close()
-            client.close()
+            close_celery_client(client)
             worker.stop()
             log = worker.log()
 
