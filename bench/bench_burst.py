@@ -186,9 +186,7 @@ def ceiling(bench: Bench, n: int, parallel: int) -> dict[str, Any]:
 
     def one(i: int) -> None:
         host_config = api.create_host_config(
-            port_bindings={"8080/tcp": ("127.0.0.1", "")}, cap_drop=["ALL"],
-            security_opt=["no-new-privileges:true"], mem_limit=64 * 1024**2,
-            memswap_limit=64 * 1024**2, nano_cpus=500_000_000, pids_limit=64,
+            port_bindings={"8080/tcp": ("127.0.0.1", "")}, **LIMITS,
         )
         cid = api.create_container(bench.image, name=f"ceil-{i}-{RUN_ID}", labels=LABEL,
                                    ports=[(8080, "tcp")], host_config=host_config,

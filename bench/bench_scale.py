@@ -56,7 +56,7 @@ from _common import (
     pct,
     summary_ms,
 )
-from bench_burst import burst_celery, extra_catalog
+from bench_burst import burst_celery, extra_catalog, plan_of
 from bench_janitor import dockerd_pid, proc_cpu
 from bench_latency import ADMIN, api_process, rss_kib
 
@@ -292,8 +292,7 @@ def main() -> int:
     args = parser.parse_args()
 
     teams = math.ceil(args.instances / args.per_team)
-    plan = [(f"c{i % args.per_team}", f"bt{i // args.per_team:03d}")
-            for i in range(args.instances)]
+    plan = plan_of(teams, args.per_team)[:args.instances]
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
         "load_avg_before": os.getloadavg(), "instances": args.instances, "teams": teams,

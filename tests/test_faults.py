@@ -51,11 +51,10 @@ def _containers(docker_client: Any, **labels: str) -> list[Any]:
     return containers_of(docker_client, FAULT_LABEL, **labels)
 
 
-def _answers(url: str) -> bool:
-    port = url.rsplit(":", 1)[1]
+def _answers_at(address: str, port: int) -> bool:
     try:
         return b"hello from ctf" in urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/", timeout=3).read()
+            f"http://{address}:{port}/", timeout=3).read()
     except OSError:
         return False
 
@@ -112,7 +111,8 @@ def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
     assert sorted(c.labels["ctf.team"] for c in containers) == sorted(teams)
     assert all(c.status == "running" for c in containers)
     by_team = {d["team_id"]: d for d in done}
-    assert all(_answers(by_team[t]["url"]) for t in teams)
+    assert all(_answers_at("127.0.0.1", int(by_team[t]["url"].rsplit(":", 1)[1]))
+               for t in teams)
     ports = [d["ports"]["8080/tcp"] for d in done]
     assert len(set(ports)) == 30
     state = redis.Redis.from_url(env["CTF_REDIS_URL"], decode_responses=True)
@@ -307,11 +307,3 @@ def test_docker_engine_restart_mid_run(
             again = client.send_task(start, args=["web", "e1"]).get(timeout=90)
             assert again["container_id"] != first["container_id"]
             assert _answers_at(engine.address, again["ports"]["8080/tcp"])
-
-
-def _answers_at(address: str, port: int) -> bool:
-    try:
-        return b"hello from ctf" in urllib.request.urlopen(
-            f"http://{address}:{port}/", timeout=3).read()
-    except OSError:
-        return False

@@ -20,7 +20,7 @@ from typing import Any
 import docker
 import pytest
 import redis
-from conftest import RUN_ID, RedisServer, Worker, base_env, cleanup_docker, wait_for
+from conftest import RedisServer, Worker, base_env, cleanup_docker, private_label, wait_for
 from engines import SecondEngine, second_engine
 
 from celery_app.client import Dispatcher
@@ -34,7 +34,7 @@ BROKER_DB, BACKEND_DB, STATE_DB = 9, 10, 11
 # Host alpha shares the machine's engine with the session's test worker, whose janitor would
 # take our containers for its orphans if they carried its exact scope: a label value and a
 # subnet pool of our own keep the two apart (as two hosts never share an engine for real).
-LABEL = {"ctf.test": f"{RUN_ID}-multihost"}
+LABEL = private_label("multihost")
 POOL = "10.217.0.0/16"
 HEARTBEAT_TTL = 3
 
