@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+from api_helpers import ADMIN, ADMIN_TOKEN
 from celery import Celery
 from conftest import (
     TEST_LABEL,
@@ -41,7 +42,6 @@ from celery_app.settings import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
-ADMIN = {"Authorization": "Bearer test-admin-token"}
 # Workers on a Redis of their own label what they make with this, so the session worker's
 # janitor (which sweeps TEST_LABEL objects its Redis does not know) leaves them alone.
 FAULT_LABEL = private_label("faults")
@@ -142,7 +142,7 @@ def test_redis_losing_everything_mid_run(
     settings = load_settings(
         broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
         redis_url=env["CTF_REDIS_URL"], challenges_file=catalog, data_dir=tmp_path / "data",
-        extra_labels=FAULT_LABEL, admin_token="test-admin-token",
+        extra_labels=FAULT_LABEL, admin_token=ADMIN_TOKEN,
     )
     try:
         worker.start()
@@ -195,7 +195,7 @@ def test_interleaved_starts_and_stops_end_as_the_last_request(
         result_backend=worker_env["CELERY_RESULT_BACKEND"],
         redis_url=worker_env["CTF_REDIS_URL"], challenges_file=worker_env["CTF_CHALLENGES_FILE"],
         data_dir=Path(worker_env["CTF_DATA_DIR"]), extra_labels=TEST_LABEL,
-        admin_token="test-admin-token",
+        admin_token=ADMIN_TOKEN,
     )
     disp = Dispatcher(settings)
     team = f"flip{uuid.uuid4().hex[:5]}"
@@ -262,7 +262,7 @@ def test_docker_engine_restart_mid_run(
         settings = load_settings(
             broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
             redis_url=env["CTF_REDIS_URL"], challenges_file=env["CTF_CHALLENGES_FILE"],
-            data_dir=Path(env["CTF_DATA_DIR"]), admin_token="test-admin-token",
+            data_dir=Path(env["CTF_DATA_DIR"]), admin_token=ADMIN_TOKEN,
         )
         start = "celery_app.tasks.start_container"
         with TestClient(create_app(settings)) as api:

@@ -20,6 +20,7 @@ from typing import Any
 import docker
 import pytest
 import redis
+from api_helpers import ADMIN_TOKEN
 from conftest import RedisServer, Worker, base_env, cleanup_docker, private_label, wait_for
 from engines import SecondEngine, second_engine
 
@@ -95,7 +96,7 @@ def cluster(
     settings = load_settings(
         broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
         redis_url=env["CTF_REDIS_URL"], challenges_file=catalog_file, hosts_file=hosts_file,
-        data_dir=workdir / "api", admin_token="test-admin-token",
+        data_dir=workdir / "api", admin_token=ADMIN_TOKEN,
     )
     disp = Dispatcher(settings)
     try:
@@ -244,7 +245,7 @@ def test_capacity_route_and_cli_show_every_host(
     c = cluster
     with TestClient(create_app(c.disp.settings)) as api:
         body = api.get("/api/v1/capacity",
-                       headers={"Authorization": "Bearer test-admin-token"}).json()
+                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
     hosts = {h["host"]: h for h in body["hosts"]}
     assert set(hosts) == {"alpha", "beta"}
     assert all(h["alive"] and h["max"] == 4 for h in hosts.values())
@@ -255,7 +256,7 @@ def test_capacity_route_and_cli_show_every_host(
         settings.result_backend, "CTF_REDIS_URL": str(settings.redis_url),
         "CTF_HOSTS_FILE": str(settings.hosts_file), "CTF_CHALLENGES_FILE":
         str(settings.challenges_file), "CTF_DATA_DIR": str(settings.data_dir),
-        "CTF_ADMIN_TOKEN": "test-admin-token",
+        "CTF_ADMIN_TOKEN": ADMIN_TOKEN,
     }.items():
         monkeypatch.setenv(key, value)
     result = CliRunner().invoke(cli, ["hosts", "--json"])
