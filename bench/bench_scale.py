@@ -60,7 +60,7 @@ from bench_burst import burst_celery, extra_catalog, plan_of
 from bench_janitor import dockerd_pid, proc_cpu
 from bench_latency import ADMIN, api_process, rss_kib
 
-from celery_app.models import iso, utcnow
+from celery_app.models import Instance, iso, utcnow
 from celery_app.state import StateStore
 
 
@@ -130,18 +130,22 @@ def measure_status(bench: Bench, http: httpx.Client, team: str, rounds: int,
 
 def expire_all(store: StateStore) -> int:
     """Give every instance an expiry 5 s in the past, in one MULTI/EXEC."""
-    keys = [(i.challenge, i.team_id) for i in store.list()]
-    expire(store, keys)
-    return len(keys)
+    instances = store.list()
+    _expire_now(store, instances)
+    return len(instances)
 
 
 def expire(store: StateStore, keys: list[tuple[str, str]]) -> None:
     """Give these instances an expiry 5 s in the past, in one MULTI/EXEC."""
+    found = [store.get(ch, team) for ch, team in keys]
+    assert all(found)
+    _expire_now(store, [i for i in found if i is not None])
+
+
+def _expire_now(store: StateStore, instances: list[Instance]) -> None:
     past = utcnow() - timedelta(seconds=5)
     pipe = store.redis.pipeline(transaction=True)
-    for ch, team in keys:
-        inst = store.get(ch, team)
-        assert inst is not None
+    for inst in instances:
         pipe.set(f"ctf:inst:{inst.key}",
                  inst.model_copy(update={"expires_at": iso(past)}).model_dump_json())
         pipe.zadd("ctf:expiry", {inst.key: past.timestamp()})

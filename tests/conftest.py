@@ -306,15 +306,17 @@ class Worker:
             self.proc.wait(30)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self.proc:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # nothing of ours outlives it
+        # One SIGKILL to the group: a worker that ignored SIGTERM, and nothing of ours
+        # (pool threads' children) outlives it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
 
     def log(self) -> str:
         return self.logfile.read_text(errors="replace")
