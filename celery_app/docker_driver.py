@@ -25,6 +25,7 @@ from celery_app.errors import (
     CTFError,
     DockerUnavailable,
     ImageNotFound,
+    ImagePullFailed,
     InvalidRequest,
 )
 from celery_app.naming import LABEL_MANAGED, LABEL_TEAM, network_name
@@ -59,6 +60,20 @@ def check_ours(kind: str, name: str, labels: dict[str, str], wanted: dict[str, s
             f"a {kind} named {name} exists on this Docker host but is not managed by this "
             "instancer (its labels differ); remove or rename it, then try again"
         )
+
+
+# A registry that throttles or is briefly overloaded: the same pull may work a moment later.
+_REGISTRY_BUSY = ("toomanyrequests", "too many requests", "503 service unavailable")
+
+
+def _pull_failed(image: str, answer: str) -> ImagePullFailed:
+    """The permanent error of a pull the registry could not serve, saying how to go on."""
+    return ImagePullFailed(
+        f"cannot pull image {image!r}: the registry answered: {answer.strip()[:400]}. Check the "
+        "image name and that this Docker host can reach its registry, or make the image present "
+        "on the host another way (docker load -i image.tar, or ctfctl pull once the registry is "
+        "reachable); CTF_PULL_POLICY=never uses only local images"
+    )
 
 
 @contextlib.contextmanager
@@ -326,10 +341,7 @@ class DockerDriver:
                 stream = self.client.api.pull(repository, tag=tag, stream=True, decode=True)
                 for event in stream:
                     if "error" in event:
-                        raise ImageNotFound(
-                            f"cannot pull {image!r}: {event['error']}; check the image name "
-                            "and that the registry is reachable"
-                        )
+                        raise _pull_failed(image, str(event["error"]))
                     layer = event.get("id")
                     status = str(event.get("status", ""))
                     if layer and layer != tag:
@@ -353,10 +365,15 @@ class DockerDriver:
                                 "bytes_total": sum(e["total"] for e in layers.values()),
                             }
                         )
-            except docker.errors.NotFound as exc:
-                raise ImageNotFound(
-                    f"cannot pull {image!r}: the registry has no such image ({exc.explanation})"
-                ) from exc
+            except docker.errors.APIError as exc:
+                # The engine answered: what failed is the registry (unreachable, no such image,
+                # access refused). Only a registry that asks us to slow down is worth a retry.
+                message = str(exc.explanation or exc)
+                if any(marker in message.lower() for marker in _REGISTRY_BUSY):
+                    raise DockerUnavailable(
+                        f"pull image {image}: the registry asks to retry later: {message}"
+                    ) from exc
+                raise _pull_failed(image, message) from exc
 
     # -- containers -------------------------------------------------------------------------
 

@@ -121,3 +121,23 @@ def test_transient_docker_failure_is_retried_then_succeeds(
         w.stop()
         close_platform_client(client)
         cleanup_docker(docker_client, label)
+
+
+def test_unreachable_registry_fails_at_once_and_says_how_to_go_on(
+    celery_client: Celery, worker: Worker
+) -> None:
+    """A pull the registry cannot serve is a permanent error naming the image, not a retry loop."""
+    team = f"pull{uuid.uuid4().hex[:6]}"
+    result = celery_client.send_task(START, args=["unpullable", team])
+    with pytest.raises(Exception, match="docker load") as failure:
+        result.get(timeout=60)
+    assert type(failure.value).__name__ == "ImagePullFailed"
+    assert "127.0.0.1:9/ctf-test/absent:1" in str(failure.value)
+    assert "registry answered" in str(failure.value)
+    assert result.state == "FAILURE"
+    line = wait_for(lambda: next((ln for ln in worker.log().splitlines()
+                                  if f"task=start_container team={team}" in ln), None),
+                    10, message="the start's log line")
+    assert "outcome=image_pull_failed" in line
+    retried = [ln for ln in worker.log().splitlines() if result.id in ln and "Retry in" in ln]
+    assert retried == []
