@@ -6,7 +6,9 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_received, worker_ready, worker_shutdown
+
+from celery_app.inflight import InflightKeeper
 
 app = Celery("ctf_instancer", include=["celery_app.tasks"])
 app.config_from_object("celery_app.celery_config")
@@ -29,6 +31,28 @@ for _name in ("celery.worker.strategy", "celery.app.trace", "celery.beat"):
     logging.getLogger(_name).addFilter(_QuietJanitorPasses())
 
 _heartbeat: Any = None
+_keeper: InflightKeeper | None = None
+
+
+def _inflight() -> InflightKeeper:
+    global _keeper  # noqa: PLW0603  # one per worker process
+    if _keeper is None:
+        timeout = float(app.conf.broker_transport_options.get("visibility_timeout", 3600))
+        _keeper = InflightKeeper(app, timeout)
+    return _keeper
+
+
+@task_received.connect
+def _hold_message(request: Any = None, **_kwargs: Any) -> None:
+    """Keep every message this worker takes fresh until it is acknowledged."""
+    message = getattr(request, "message", None)
+    _inflight().hold(getattr(message, "delivery_tag", None))
+
+
+@worker_ready.connect
+def _start_keeper(**_kwargs: Any) -> None:
+    """Refresh our messages and redeliver dead workers' ones (see celery_app.inflight)."""
+    _inflight().start()
 
 
 @worker_ready.connect
@@ -53,6 +77,8 @@ def _stop_heartbeat(**_kwargs: Any) -> None:
     """Withdraw the heartbeat at once, so starts go elsewhere while this worker is away."""
     if _heartbeat is not None:
         _heartbeat.stop()
+    if _keeper is not None:
+        _keeper.stop()
 
 
 @worker_ready.connect

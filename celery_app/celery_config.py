@@ -1,17 +1,22 @@
 """Celery settings, as plain module variables (SPEC §2).
 
-``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` override the two Redis URLs;
-``CTF_JANITOR_INTERVAL`` sets how often the beat runs the janitor (at most every 10 s).
-Each worker runs its own beat (``-B``), whose janitor task goes to the queue of the worker's
-own Docker host (``CTF_HOST``), so every host is reaped by its own worker (SPEC §10).
+They come from the one :class:`~celery_app.settings.Settings` class, read from the
+environment: ``CELERY_BROKER_URL`` and ``CELERY_RESULT_BACKEND`` override the two Redis URLs,
+``CTF_JANITOR_INTERVAL`` sets how often the beat runs the janitor (at most every 10 s; a larger
+value is refused, not clamped) and ``CTF_VISIBILITY_TIMEOUT`` how long a dead worker's task
+messages take to come back. Each worker runs its own beat (``-B``), whose janitor task goes to
+the queue of the worker's own Docker host (``CTF_HOST``), so every host is reaped by its own
+worker (SPEC §10).
 """
 
-import os
-
 from celery_app.routing import host_queue
+from celery_app.settings import Settings
 
-broker_url = os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0")
-result_backend = os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/1")
+# Built from the environment when Celery loads this module; no secret is read or created here.
+_settings = Settings()
+
+broker_url = _settings.broker_url
+result_backend = _settings.result_backend
 
 task_serializer = "json"
 result_serializer = "json"
@@ -30,10 +35,13 @@ worker_prefetch_multiplier = 1
 task_track_started = True
 result_extended = True
 broker_connection_retry_on_startup = True
-# Unacknowledged tasks of a killed worker come back after this long.
-broker_transport_options = {
-    "visibility_timeout": int(os.environ.get("CTF_VISIBILITY_TIMEOUT", "600")),
-}
+# A redelivered message whose task already succeeded (its worker died after storing the result
+# and before acknowledging) is not run again: the stored result stands.
+worker_deduplicate_successful_tasks = True
+# Unacknowledged messages of a dead worker come back after this long. Kombu's Redis transport
+# looks for them only every ~100 s on its own; celery_app.inflight looks every few seconds and
+# keeps the messages of live workers fresh, so a short timeout never redelivers running work.
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 
 worker_send_task_events = True
@@ -42,7 +50,7 @@ task_send_sent_event = True
 beat_schedule = {
     "reap-expired": {
         "task": "celery_app.tasks.reap_expired",
-        "schedule": min(float(os.environ.get("CTF_JANITOR_INTERVAL", "5")), 10.0),
-        "options": {"expires": 30, "queue": host_queue(os.environ.get("CTF_HOST", "local"))},
+        "schedule": _settings.janitor_interval,
+        "options": {"expires": 30, "queue": host_queue(_settings.host)},
     },
 }

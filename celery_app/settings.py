@@ -67,7 +67,13 @@ class Settings(BaseSettings):
     # Extra labels put on everything we create (tests use it to tag what they must remove).
     extra_labels: dict[str, str] = Field(default_factory=dict)
     worker_concurrency: int = Field(16, gt=0)
+    # How long a request waits, in all, for an instance another operation holds (its task
+    # retries meanwhile instead of parking a worker thread).
     lock_wait: float = Field(240.0, gt=0)
+    # A task message taken by a worker that died comes back after this long. Live workers keep
+    # the messages they hold fresh (celery_app.inflight), so no long task is ever redelivered
+    # while it runs, and a killed worker's requests are redone within about this long.
+    visibility_timeout: float = Field(30.0, ge=10, le=3600)
 
     @field_validator("port_range")
     @classmethod

@@ -29,11 +29,18 @@ import redis
 import redis.exceptions
 from redis.lock import Lock
 
-from celery_app.errors import CapacityExhausted, RateLimited, RedisUnavailable, TeamQuotaExceeded
+from celery_app.errors import (
+    CapacityExhausted,
+    OnOtherHost,
+    RateLimited,
+    RedisUnavailable,
+    TeamQuotaExceeded,
+)
 from celery_app.models import Instance
 from celery_app.naming import instance_key
 
 P: Final = "ctf:"
+NETWORK_LOCK_HOLD: Final = 20.0
 
 # Reserve a slot for a new instance atomically: the quota checks and the write are one step,
 # so two starts of different challenges of one team cannot both pass a full quota.
@@ -43,7 +50,11 @@ local per_team, global_max = tonumber(ARGV[4]), tonumber(ARGV[5])
 local host_max, expiry, doc = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 -- the placement of this start (if the dispatcher made one) has arrived: it stops counting
 redis.call('ZREM', KEYS[5], key)
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local old = redis.call('GET', KEYS[1])
+if old then
+  -- one instance, one host: a record of another host is never taken over here
+  local owner = cjson.decode(old)['host']
+  if owner ~= host then return 'elsewhere:' .. tostring(owner) end
   redis.call('SET', KEYS[1], doc)
   return 'ok'
 end
@@ -141,8 +152,13 @@ class StateStore:
                                           timeout=timeout))
 
     def network_lock(self, team_id: str) -> Lock:
-        """A short lock on a team's network (creation and removal)."""
-        return cast(Lock, self.redis.lock(f"{P}netlock:{team_id}", timeout=60))
+        """A short lock on a team's network (creation and removal).
+
+        It is held for one network and container creation (a second or two), and expires
+        after ``NETWORK_LOCK_HOLD`` seconds if its holder dies, so a killed worker's lock
+        delays the team's next start by at most that long.
+        """
+        return cast(Lock, self.redis.lock(f"{P}netlock:{team_id}", timeout=NETWORK_LOCK_HOLD))
 
     # -- instances --------------------------------------------------------------------------
 
@@ -168,6 +184,12 @@ class StateStore:
                       f"{P}host:{inst.host}", placing_key(inst.host)],
                 args=[inst.key, inst.team_id, inst.host, per_team, global_max, host_max,
                       inst.expires.timestamp(), inst.model_dump_json()],
+            )
+        if str(result).startswith("elsewhere:"):
+            owner = str(result).partition(":")[2]
+            raise OnOtherHost(
+                f"instance {inst.container_name} is recorded on host {owner}, not {inst.host}; "
+                "that host's worker acts on it", host=owner,
             )
         if result == "team":
             raise TeamQuotaExceeded(
