@@ -24,7 +24,7 @@ from redis.retry import Retry
 from celery_app import errors
 from celery_app.catalog import Catalog, Challenge, load_catalog
 from celery_app.errors import CTFError, InstanceNotFound
-from celery_app.hosts import HostLoad, Hosts, host_loads, load_hosts, pick_host, present
+from celery_app.hosts import HostLoad, Hosts, host_loads, host_of, load_hosts, present
 from celery_app.models import Instance
 from celery_app.naming import check_team_id
 from celery_app.routing import host_queue
@@ -244,9 +244,7 @@ class Dispatcher:
             CapacityExhausted: a new instance, and no live host has room.
 
         """
-        if record is not None:
-            return host_queue(record.host)
-        return host_queue(pick_host(self.hosts, self.store, instance))
+        return host_queue(host_of(self.hosts, self.store, record, instance or uuid.uuid4().hex))
 
     def host_loads(self) -> list[HostLoad]:
         """Return every Docker host's used/max instances and whether its worker is alive."""

@@ -15,8 +15,10 @@ CTFError                        base: has an API ``code``, an HTTP ``status`` an
 │   ├── CatalogError            invalid_request       422  (bad catalog file, at start-up)
 │   ├── HostsFileError          invalid_request       422  (bad CTF_HOSTS_FILE or CTF_HOST)
 │   ├── ImageNotFound           invalid_request       422
+│   │   └── ImagePullFailed     image_pull_failed     422  (registry unreachable or refused)
 │   ├── Superseded              superseded            409  (a later stop/start replaced it)
-│   └── StartFailed             start_failed          503  (exited or never answered)
+│   ├── StartFailed             start_failed          503  (exited or never answered)
+│   └── OnOtherHost             on_other_host         409  (handed to its host's worker)
 └── TransientError              retry with backoff; may work a moment later
     ├── InstanceBusy            instance_busy         409  (another operation holds its lock)
     └── BackendUnavailable      backend_unavailable   503
@@ -136,6 +138,15 @@ class ImageNotFound(PermanentError):
     status = 422
 
 
+class ImagePullFailed(ImageNotFound):
+    """Raised when the engine answered but could not pull: registry unreachable or refusing.
+
+    Retrying as if the engine were down cannot help; the image must be made present.
+    """
+
+    code = "image_pull_failed"
+
+
 class Superseded(PermanentError):
     """Raised when a later request of the opposite kind (stop after start) replaced this one."""
 
@@ -148,6 +159,20 @@ class StartFailed(PermanentError):
 
     code = "start_failed"
     status = 503
+
+
+class OnOtherHost(PermanentError):
+    """Raised when an instance lives on another Docker host than the worker asked to act.
+
+    Tasks catch it and hand the request to that host's queue (SPEC §10); ``host`` names it.
+    """
+
+    code = "on_other_host"
+    status = 409
+
+    def __init__(self, detail: str, host: str = "") -> None:
+        super().__init__(detail)
+        self.host = host
 
 
 class TransientError(CTFError):

@@ -380,6 +380,30 @@ def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> s
     return chosen
 
 
+def host_of(hosts: Hosts, store: StateStore, record: Instance | None, instance: str) -> str:
+    """Return the Docker host that must act on an instance (SPEC §10).
+
+    An instance that has a record lives on its recorded host; a new one is placed on the live
+    host with the most room (:func:`pick_host`). The dispatcher and every worker decide the
+    same way, so a task sent by name to the default queue ends on the same host as one sent
+    through the API.
+
+    Args:
+        hosts: the configured hosts.
+        store: the Redis state store.
+        record: the instance's record, or ``None`` when it has none.
+        instance: ``<challenge>/<team>``.
+
+    Raises:
+        BackendUnavailable: a new instance, and no host is usable at all.
+        CapacityExhausted: a new instance, and the live hosts are full.
+
+    """
+    if record is not None:
+        return record.host
+    return pick_host(hosts, store, instance)
+
+
 # -- how instances are shown ------------------------------------------------------------------
 
 

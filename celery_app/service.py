@@ -34,6 +34,7 @@ from celery_app.errors import (
     InstanceNotFound,
     InvalidRequest,
     MaxLifetimeReached,
+    OnOtherHost,
     StartFailed,
     Superseded,
 )
@@ -129,6 +130,12 @@ class InstanceService:
         team = check_team_id(team_id)
         return self.catalog.get(challenge), team
 
+    def _elsewhere(self, record: Instance) -> OnOtherHost:
+        return OnOtherHost(
+            f"instance {record.container_name} lives on host {record.host}, not {self.host}; "
+            f"its worker (queue ctf.host.{record.host}) acts on it", host=record.host,
+        )
+
     @contextlib.contextmanager
     def locked(
         self, challenge: str, team_id: str, hold: float, wait: float | None = None
@@ -201,7 +208,7 @@ class InstanceService:
 
     def start(
         self, challenge: str, team_id: str, progress: ProgressFn | None = None,
-        intent: int | None = None,
+        intent: int | None = None, *, rate_limit: bool = True, lock_wait: float | None = None,
     ) -> Instance:
         """Start the team's instance of a challenge and wait until it answers.
 
@@ -213,6 +220,10 @@ class InstanceService:
             progress: called with ``{"phase": …}`` dicts while pulling and starting.
             intent: the request's sequence number from ``StateStore.register_intent`` (taken
                 now when ``None``); a later stop of the same instance supersedes it.
+            rate_limit: count this start against the team's rate limit (the dispatcher counts
+                the requests it sends itself, before they are queued).
+            lock_wait: seconds to wait for another operation on the instance (the settings'
+                ``lock_wait`` by default); tasks wait briefly and retry later instead.
 
         Returns:
             The instance, ``running``.
@@ -222,6 +233,8 @@ class InstanceService:
             TeamQuotaExceeded, CapacityExhausted, RateLimited: a limit was hit.
             StartFailed: the container exited or never answered.
             Superseded: a later stop of this instance was requested meanwhile.
+            OnOtherHost: the instance lives on another Docker host (hand the request there).
+            InstanceBusy: another operation held the instance for ``lock_wait`` seconds.
             BackendUnavailable: Docker or Redis trouble (retryable).
         """
         ch, team = self._validate(challenge, team_id)
@@ -229,23 +242,35 @@ class InstanceService:
         report = progress or (lambda _event: None)
         if intent is None:
             intent = self.store.register_intent(ch.id, team, "start")
+        # 0. rate limit before any work: only a start that makes a new instance counts (one
+        #    that already runs, or is being started, is returned and costs nothing).
+        seen = self.store.get(ch.id, team)
+        if rate_limit and (seen is None or seen.status == "failed"):
+            self.store.hit_rate(team, self.settings.rate_limit_count,
+                                self.settings.rate_limit_window)
+        if seen is not None and seen.host != self.host:
+            raise self._elsewhere(seen)
 
-        # 0. the image first: pulls can be long and need no lock.
+        # 1. the image: pulls can be long and need no lock.
         report({"phase": "image", "image": ch.image})
         self.ensure_image(ch, progress)
         port = self._container_port(ch)
 
-        # 1. lock (challenge, team): concurrent starts create one container.
-        with self.locked(ch.id, team, hold=LOCK_HOLD) as lock:
-            # 2. the latest request wins: a stop sent after this start cancels it.
+        # 2. lock (challenge, team): concurrent starts create one container, on every host.
+        with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait) as lock:
+            # 3. the latest request wins: a stop sent after this start cancels it.
             if self.store.superseded(ch.id, team, intent, "start"):
                 raise Superseded(
                     f"a stop of {ch.id} for team {team} was requested after this start; "
                     "start it again if it is still wanted"
                 )
-            # 3. an existing container is reused (idempotency, redelivered tasks).
-            existing = self._own_container(name, ch.id, team)
+            # 4. an instance recorded on another host is that host's to start (one container
+            #    per instance across all hosts); its worker takes the request over.
             record = self.store.get(ch.id, team)
+            if record is not None and record.host != self.host:
+                raise self._elsewhere(record)
+            # 5. an existing container is reused (idempotency, redelivered tasks).
+            existing = self._own_container(name, ch.id, team)
             if existing is not None and existing.state == "running":
                 if record is not None and record.status == "running" \
                         and record.container_id == existing.id:
@@ -259,11 +284,7 @@ class InstanceService:
                 # Exited, dead or created-but-never-started: start over from scratch.
                 self.driver.remove_container(existing.id)
 
-            # 4. rate limit: only real Docker work counts against the team.
-            self.store.hit_rate(team, self.settings.rate_limit_count,
-                                self.settings.rate_limit_window)
-
-            # 5. reserve a slot: quotas are checked and the record written in one step.
+            # 6. reserve a slot: quotas are checked and the record written in one step.
             now = utcnow()
             assert ch.ttl is not None
             inst = Instance(
@@ -274,7 +295,7 @@ class InstanceService:
             self.store.reserve(inst, self.settings.max_instances_per_team,
                                self.settings.max_instances, self.host_max)
             try:
-                # 6. network and container, under the team's network lock (a stop of the
+                # 7. network and container, under the team's network lock (a stop of the
                 #    team's last instance must not remove the network we are joining).
                 report({"phase": "creating"})
                 with self._network_locked(team):
@@ -290,10 +311,10 @@ class InstanceService:
                 with contextlib.suppress(CTFError):
                     self.remove_network_if_unused(team)
                 raise
-            # 7. record the container and its port.
+            # 8. record the container and its port.
             inst = self._with_container(ch, inst, info, port)
             self.store.put(inst)
-            # 8. running only once the port answers.
+            # 9. running only once the port answers.
             report({"phase": "starting", "container": name})
             return self._await_ready(ch, info, inst, port, report, lock)
 
@@ -456,11 +477,17 @@ class InstanceService:
             InstanceNotFound: there is no such instance.
             RateLimited: the team stops and starts too fast.
             Superseded: a later start of this instance was requested meanwhile.
+            OnOtherHost: the instance lives on another Docker host (hand the request there).
         """
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
         if intent is None:
             intent = self.store.register_intent(ch.id, team, "stop")
+        # 0. rate limit before any work (the janitor is not limited; a stop of nothing is free)
+        seen = self.store.get(ch.id, team)
+        if rate_limit and seen is not None:
+            self.store.hit_rate(team, self.settings.rate_limit_count,
+                                self.settings.rate_limit_window)
         # 1. lock (challenge, team)
         with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
             # 2. the latest request wins: a start sent after this stop cancels it.
@@ -469,24 +496,23 @@ class InstanceService:
                     f"a start of {ch.id} for team {team} was requested after this stop; "
                     "stop it again if it is no longer wanted"
                 )
-            # 3. is there anything to stop?
+            # 3. is there anything to stop, here? Another host's instance is its worker's:
+            #    "stopped" is said only once the container is gone from its own engine.
             record = self.store.get(ch.id, team)
+            if record is not None and record.host != self.host:
+                raise self._elsewhere(record)
             existing = self._own_container(name, ch.id, team)
             if record is None and existing is None:
                 raise InstanceNotFound(
                     f"team {team} has no instance of {ch.id}; start one first"
                 )
-            # 4. rate limit (the janitor is not limited)
-            if rate_limit:
-                self.store.hit_rate(team, self.settings.rate_limit_count,
-                                    self.settings.rate_limit_window)
             if record is not None:
                 self.store.put(record.model_copy(update={"status": "stopping"}))
-            # 5. container, then record: a crash in between leaves a record the janitor drops.
+            # 4. container, then record: a crash in between leaves a record the janitor drops.
             if existing is not None:
                 self.driver.remove_container(existing.id)
             self.store.delete(ch.id, team, self.host)
-        # 6. the team's network goes with its last instance.
+        # 5. the team's network goes with its last instance.
         if not keep_network:
             self.remove_network_if_unused(team)
         return {"team_id": team, "challenge": ch.id, "status": "stopped"}
@@ -508,17 +534,23 @@ class InstanceService:
 
     # -- extend -----------------------------------------------------------------------------
 
-    def extend(self, challenge: str, team_id: str) -> Instance:
+    def extend(
+        self, challenge: str, team_id: str, *, lock_wait: float | None = None
+    ) -> Instance:
         """Push the expiry out by the challenge's ttl, never past its maximum lifetime.
 
         Raises:
             InstanceNotFound: there is no such instance.
             MaxLifetimeReached: the instance is already at ``started_at + max_lifetime``.
+            OnOtherHost: the instance lives on another Docker host.
+            InstanceBusy: another operation held the instance for ``lock_wait`` seconds.
         """
         ch, team = self._validate(challenge, team_id)
         assert ch.ttl is not None and ch.max_lifetime is not None
-        with self.locked(ch.id, team, hold=LOCK_HOLD):
+        with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
             inst = self.store.get(ch.id, team)
+            if inst is not None and inst.host != self.host:
+                raise self._elsewhere(inst)
             if inst is None or inst.status not in ("running", "starting"):
                 raise InstanceNotFound(f"team {team} has no running instance of {ch.id}")
             ceiling = inst.started + timedelta(seconds=ch.max_lifetime)

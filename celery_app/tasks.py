@@ -1,29 +1,45 @@
 """The Celery tasks of SPEC §5. Thin: each one calls the instance service.
 
 Permanent errors (bad input, limits) fail at once; transient ones (Docker or Redis
-unreachable, Docker 5xx, a busy lock) are retried with exponential backoff and jitter, a
-bounded number of times. Every task is idempotent, so a redelivery after a worker died does
-no harm.
+unreachable, Docker 5xx) are retried with exponential backoff and jitter, a bounded number of
+times. An instance busy with another operation does not park a worker thread: the task
+retries a little later, for up to ``CTF_LOCK_WAIT`` seconds in all. Every task is idempotent,
+so a redelivery after a worker died does no harm.
+
+Any worker may take a task sent by name to the default queue (SPEC §10). A task about an
+instance that lives on another Docker host, or a new start placed on another host, is handed
+to that host's queue under the same task id (:func:`_hand_over`): the caller's ``AsyncResult``
+receives the result of the worker that did the work.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from celery import Task
+from celery.exceptions import Ignore
 
 from celery_app.celery_app import app
-from celery_app.context import get_context
-from celery_app.errors import CTFError, TransientError
-from celery_app.hosts import present
+from celery_app.context import Context, get_context
+from celery_app.errors import CTFError, InstanceBusy, OnOtherHost, TransientError
+from celery_app.hosts import host_of, present
+from celery_app.naming import check_team_id, instance_key
+from celery_app.routing import host_queue
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")
 
 MAX_RETRIES = 5
+# Seconds a task waits for an instance another operation holds before it gives its thread
+# back and retries later (at most BUSY_DELAY_MAX s later).
+BUSY_LOCK_WAIT = 1.0
+BUSY_DELAY_MAX = 5.0
+# A request handed from host to host this often (the instance kept moving) gives up.
+MAX_HOPS = 3
 
 
 class InstancerTask(Task):  # type: ignore[misc]
@@ -31,6 +47,7 @@ class InstancerTask(Task):  # type: ignore[misc]
 
     abstract = True
     autoretry_for = (TransientError,)
+    dont_autoretry_for = (InstanceBusy,)
     max_retries = MAX_RETRIES
     retry_backoff = 1
     retry_backoff_max = 30
@@ -53,6 +70,37 @@ class InstancerTask(Task):  # type: ignore[misc]
         self._last_report = now
         self.update_state(state="PROGRESS", meta=event)
 
+    def retry_when_free(self, ctx: Context, exc: InstanceBusy) -> NoReturn:
+        """Retry later, without holding a thread, while the instance is busy.
+
+        The delays grow to ``BUSY_DELAY_MAX`` seconds; the request gives up (with
+        ``InstanceBusy``) once it has waited about ``CTF_LOCK_WAIT`` seconds in all.
+        """
+        tries = int(self.request.retries or 0)
+        budget = int(ctx.settings.lock_wait / BUSY_DELAY_MAX) + MAX_RETRIES
+        delay = min(BUSY_DELAY_MAX, 0.25 * 2 ** tries) * random.uniform(0.8, 1.2)  # noqa: S311
+        raise self.retry(exc=exc, countdown=delay, max_retries=budget)
+
+    def hand_over(self, host: str, args: list[Any], kwargs: dict[str, Any]) -> NoReturn:
+        """Send this very request to ``host``'s queue under the same task id; drop this copy.
+
+        Raises:
+            InstanceBusy: the request was already handed over ``MAX_HOPS`` times.
+            Ignore: always otherwise (the message is acknowledged, no state is stored).
+
+        """
+        hops = int(kwargs.get("hops") or 0)
+        if hops >= MAX_HOPS:
+            raise InstanceBusy(
+                f"the instance moved between hosts {hops} times while this request was on its "
+                "way; send it again"
+            )
+        app.send_task(self.name, args=args, kwargs={**kwargs, "hops": hops + 1},
+                      task_id=self.request.id, queue=host_queue(host))
+        log.info("task=%s id=%s handed to host=%s", self.name.rsplit(".", 1)[-1],
+                 self.request.id, host)
+        raise Ignore()
+
 
 def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[[], T]) -> T:
     """Run ``fn`` and log team, challenge, container, outcome and duration."""
@@ -60,6 +108,8 @@ def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[
     container = f"ctf-{challenge}-{team_id}" if challenge and team_id else "-"
     try:
         result = fn()
+    except (OnOtherHost, InstanceBusy):
+        raise  # not an outcome: the request goes on elsewhere or later
     except CTFError as exc:
         log.warning(
             "task=%s team=%s challenge=%s container=%s outcome=%s duration_ms=%d detail=%s",
@@ -81,42 +131,102 @@ def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[
     return result
 
 
+def _on_instance(
+    task: InstancerTask, name: str, challenge: str, team_id: str, kwargs: dict[str, Any],
+    act: Callable[[Context], T], *, placing: bool = False,
+) -> T:
+    """Run ``act`` on this worker's host, or hand the request to the instance's host.
+
+    Args:
+        task: the running task.
+        name: the task's short name, for the log.
+        challenge: the challenge id.
+        team_id: the team.
+        kwargs: the task's keyword arguments (passed on when handing over).
+        act: what to do on the right host.
+        placing: a start: an instance without a record is placed like the dispatcher does.
+
+    """
+    ctx = get_context()
+    args = [challenge, team_id]
+    here = ctx.service.host
+    if len(ctx.hosts) > 1:
+        ctx.catalog.get(challenge)  # bad input fails here, before any placement
+        check_team_id(team_id)
+        record = ctx.store.get(challenge, team_id)
+        # A start that reached this host's own queue was placed here already (by the
+        # dispatcher, or by the worker that handed it over): placing it again would count it
+        # twice and could send it back and forth.
+        queue = (task.request.delivery_info or {}).get("routing_key")
+        if record is not None or (placing and queue != host_queue(here)):
+            host = host_of(ctx.hosts, ctx.store, record, instance_key(challenge, team_id))
+            if host != here:
+                task.hand_over(host, args, kwargs)
+    try:
+        return _logged(name, challenge, team_id, lambda: act(ctx))
+    except OnOtherHost as moved:  # it moved (or was placed elsewhere) meanwhile
+        task.hand_over(moved.host, args, kwargs)
+    except InstanceBusy as busy:
+        task.retry_when_free(ctx, busy)
+
+
 @app.task(name="celery_app.tasks.start_container", bind=True, base=InstancerTask)
 def start_container(
-    self: InstancerTask, challenge: str, team_id: str, intent: int | None = None
+    self: InstancerTask, challenge: str, team_id: str, intent: int | None = None,
+    hops: int = 0,
 ) -> dict[str, Any]:
     """Start the team's instance and return it once ``running`` (idempotent).
 
-    ``intent`` is the request's place in line (the API and ctfctl pass it); a stop of the
-    same instance requested later supersedes this start.
+    ``intent`` is the request's place in line (the API and ctfctl pass it, and count the
+    request against the team's rate limit themselves); a stop of the same instance requested
+    later supersedes this start. ``hops`` counts hand-overs between hosts.
     """
-    svc = get_context().service
-    return _logged(
-        "start_container", challenge, team_id,
-        lambda: svc.start(challenge, team_id, progress=self.report, intent=intent).public(),
+    counted_already = intent is not None or self.request.retries
+    return _on_instance(
+        self, "start_container", challenge, team_id, {"intent": intent, "hops": hops},
+        lambda ctx: ctx.service.start(
+            challenge, team_id, progress=self.report, intent=intent,
+            rate_limit=not counted_already, lock_wait=BUSY_LOCK_WAIT,
+        ).public(),
+        placing=True,
     )
 
 
 @app.task(name="celery_app.tasks.stop_container", bind=True, base=InstancerTask)
 def stop_container(
-    self: InstancerTask, challenge: str, team_id: str, intent: int | None = None
+    self: InstancerTask, challenge: str, team_id: str, intent: int | None = None,
+    hops: int = 0,
 ) -> dict[str, str]:
-    """Stop and remove the team's instance; return ``{"team_id", "challenge", "status"}``."""
-    svc = get_context().service
-    return _logged("stop_container", challenge, team_id,
-                   lambda: svc.stop(challenge, team_id, intent=intent))
+    """Stop and remove the team's instance; return ``{"team_id", "challenge", "status"}``.
+
+    Answers only once the container is gone from the engine of the instance's host.
+    """
+    counted_already = intent is not None or self.request.retries
+    return _on_instance(
+        self, "stop_container", challenge, team_id, {"intent": intent, "hops": hops},
+        lambda ctx: ctx.service.stop(challenge, team_id, intent=intent,
+                                     rate_limit=not counted_already, lock_wait=BUSY_LOCK_WAIT),
+    )
 
 
 @app.task(name="celery_app.tasks.get_container_status", bind=True, base=InstancerTask)
 def get_container_status(
-    self: InstancerTask, team_id: str | None = None, challenge: str | None = None
+    self: InstancerTask, team_id: str | None = None, challenge: str | None = None,
+    hops: int = 0,
 ) -> dict[str, Any]:
     """Return ``{"instances": [...]}``, checked against Docker, filtered by what is given.
 
-    Instances of other hosts come from the index; those whose host has no live worker are
-    not shown as running (``host_up`` false).
+    One instance (team and challenge given) is checked by its own host's worker. In a
+    listing, this host's instances are checked against its engine and the others come from
+    the index; those whose host has no live worker are not shown as running (``host_up``).
     """
     ctx = get_context()
+    if team_id is not None and challenge is not None and len(ctx.hosts) > 1:
+        ctx.catalog.get(challenge)
+        record = ctx.store.get(challenge, check_team_id(team_id))
+        if record is not None and record.host != ctx.service.host:
+            self.hand_over(record.host, [], {"team_id": team_id, "challenge": challenge,
+                                             "hops": hops})
     return _logged(
         "get_container_status", challenge, team_id,
         lambda: {"instances": present(ctx.service.status(team_id, challenge, verify=True),
@@ -125,11 +235,13 @@ def get_container_status(
 
 
 @app.task(name="celery_app.tasks.extend_container", bind=True, base=InstancerTask)
-def extend_container(self: InstancerTask, challenge: str, team_id: str) -> dict[str, Any]:
+def extend_container(
+    self: InstancerTask, challenge: str, team_id: str, hops: int = 0
+) -> dict[str, Any]:
     """Push the instance's expiry out by its ttl, up to its maximum lifetime."""
-    svc = get_context().service
-    return _logged(
-        "extend_container", challenge, team_id, lambda: svc.extend(challenge, team_id).public()
+    return _on_instance(
+        self, "extend_container", challenge, team_id, {"hops": hops},
+        lambda ctx: ctx.service.extend(challenge, team_id, lock_wait=BUSY_LOCK_WAIT).public(),
     )
 
 

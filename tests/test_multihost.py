@@ -10,6 +10,7 @@ second engine, its namespace and its data are removed too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +22,16 @@ import docker
 import pytest
 import redis
 from api_helpers import ADMIN_TOKEN
-from conftest import RedisServer, Worker, base_env, cleanup_docker, private_label, wait_for
+from conftest import (
+    RedisServer,
+    Worker,
+    base_env,
+    cleanup_docker,
+    close_platform_client,
+    platform_client,
+    private_label,
+    wait_for,
+)
 from engines import SecondEngine, second_engine
 
 from celery_app.client import Dispatcher
@@ -38,6 +48,10 @@ BROKER_DB, BACKEND_DB, STATE_DB = 9, 10, 11
 LABEL = private_label("multihost")
 POOL = "10.217.0.0/16"
 HEARTBEAT_TTL = 3
+START = "celery_app.tasks.start_container"
+STOP = "celery_app.tasks.stop_container"
+EXTEND = "celery_app.tasks.extend_container"
+STATUS = "celery_app.tasks.get_container_status"
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +154,75 @@ def _get(url: str) -> str:
 
 def _listing(c: Cluster) -> dict[str, dict[str, Any]]:
     return {f"{i['challenge']}/{i['team_id']}": i for i in c.disp.present(c.disp.store.list())}
+
+
+def _everywhere(c: Cluster) -> dict[str, list[str]]:
+    """Every container of ours on both engines: name -> the hosts it exists on."""
+    found: dict[str, list[str]] = {}
+    for host, engine in c.engines.items():
+        for name in _names(engine):
+            found.setdefault(name, []).append(host)
+    return found
+
+
+def _counts_match_engines(c: Cluster) -> bool:
+    """Each host's capacity count equals the containers that exist on its engine."""
+    return all(c.disp.store.count(host=h) == len(_names(e)) for h, e in c.engines.items())
+
+
+def test_tasks_by_name_act_on_the_instance_host_whichever_worker_takes_them(
+    cluster: Cluster,
+) -> None:
+    """Starts, stops, extends and status sent by name to the default queue stay per-host.
+
+    A plain Celery client (as the seed's web app) sends every task to the default queue,
+    which both hosts' workers consume: repeated starts return the same container, one per
+    instance across both engines; extend and status answer from the instance's host; a
+    stop says "stopped" only once the container is gone from its own engine.
+    """
+    c = cluster
+    app = platform_client(c.disp.settings.broker_url, c.disp.settings.result_backend)
+    teams = [f"byname{n}" for n in range(8)]
+    try:
+        first = [app.send_task(START, args=["web", t]) for t in teams]
+        made = {r["team_id"]: r for r in (res.get(timeout=120) for res in first)}
+        assert sorted(i["host"] for i in made.values()) == ["alpha"] * 4 + ["beta"] * 4
+        again = [app.send_task(START, args=["web", t]) for t in teams for _ in range(2)]
+        for res in again:
+            inst = res.get(timeout=120)
+            assert inst["container_id"] == made[inst["team_id"]]["container_id"]
+            assert inst["host"] == made[inst["team_id"]]["host"]
+        everywhere = _everywhere(c)
+        for t in teams:  # exactly one container per instance, on the host it was placed on
+            assert everywhere[f"ctf-web-{t}"] == [made[t]["host"]]
+        assert _counts_match_engines(c)
+        # Whichever worker took them, some requests had to change hands to be right.
+        handed = c.workers["alpha"].log().count("handed to host=beta") \
+            + c.workers["beta"].log().count("handed to host=alpha")
+        assert handed > 0
+        for t in teams:
+            inst = made[t]
+            extended = app.send_task(EXTEND, args=["web", t]).get(timeout=60)
+            assert extended["host"] == inst["host"]
+            assert extended["expires_at"] > inst["expires_at"]
+            assert c.disp.store.get("web", t).expires_at == extended["expires_at"]
+            status = app.send_task(STATUS, kwargs={"team_id": t, "challenge": "web"}
+                                   ).get(timeout=60)
+            assert [(i["container_id"], i["status"]) for i in status["instances"]] == [
+                (inst["container_id"], "running")]
+        for t in teams:
+            stopped = app.send_task(STOP, args=["web", t]).get(timeout=60)
+            assert stopped == {"team_id": t, "challenge": "web", "status": "stopped"}
+            # "stopped" means gone from the engine it ran on, not just from the index.
+            assert f"ctf-web-{t}" not in _everywhere(c)
+            assert c.disp.store.get("web", t) is None
+        assert _counts_match_engines(c)
+    finally:
+        for t in teams:  # nothing of this test is left for the next one, even on failure
+            with contextlib.suppress(Exception):
+                app.send_task(STOP, args=["web", t]).get(timeout=60)
+        first = again = []  # collected (and unsubscribed) before the client closes
+        close_platform_client(app)
 
 
 def test_instances_spread_over_both_hosts_and_answer_on_their_address(cluster: Cluster) -> None:
