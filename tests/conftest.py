@@ -41,8 +41,6 @@ _LABELS_USED = [TEST_LABEL]
 # Our own pool, away from a real deployment's default 10.213.0.0/16 on the same engine.
 TEST_POOL = "10.214.0.0/16"
 BUSYBOX = Path("/bin/busybox")
-# Nothing listens here: a registry that cannot be reached (port 9 is "discard", never served).
-UNREACHABLE_REGISTRY_PORT = 9
 
 
 def containers_of(client: Any, label: dict[str, str] = TEST_LABEL, **labels: str) -> list[Any]:
@@ -187,9 +185,6 @@ challenges:
     port: 8080
     ttl: 3
     max_lifetime: 8
-  unpullable:
-    image: 127.0.0.1:{UNREACHABLE_REGISTRY_PORT}/ctf-test/absent:1
-    port: 8080
 """
 
 

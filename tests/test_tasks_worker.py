@@ -124,20 +124,38 @@ def test_transient_docker_failure_is_retried_then_succeeds(
 
 
 def test_unreachable_registry_fails_at_once_and_says_how_to_go_on(
-    celery_client: Celery, worker: Worker
+    worker_env: dict[str, str], tmp_path: Path, redis_server: Any
 ) -> None:
     """A pull the registry cannot serve is a permanent error naming the image, not a retry loop."""
-    team = f"pull{uuid.uuid4().hex[:6]}"
-    result = celery_client.send_task(START, args=["unpullable", team])
-    with pytest.raises(Exception, match="docker load") as failure:
-        result.get(timeout=60)
-    assert type(failure.value).__name__ == "ImagePullFailed"
-    assert "127.0.0.1:9/ctf-test/absent:1" in str(failure.value)
-    assert "registry answered" in str(failure.value)
-    assert result.state == "FAILURE"
-    line = wait_for(lambda: next((ln for ln in worker.log().splitlines()
-                                  if f"task=start_container team={team}" in ln), None),
-                    10, message="the start's log line")
-    assert "outcome=image_pull_failed" in line
-    retried = [ln for ln in worker.log().splitlines() if result.id in ln and "Retry in" in ln]
-    assert retried == []
+    image = "127.0.0.1:9/ctf-test/absent:1"  # port 9 ("discard"): no registry answers there
+    catalog = tmp_path / "unpullable.yaml"
+    catalog.write_text(f"challenges:\n  unpullable:\n    image: {image}\n    port: 8080\n")
+    env = {
+        **worker_env,
+        "CELERY_BROKER_URL": f"{redis_server.url}/3",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/4",
+        "CTF_REDIS_URL": f"{redis_server.url}/5",
+        "CTF_CHALLENGES_FILE": str(catalog),
+        "CTF_DATA_DIR": str(tmp_path / "data"),
+        "CTF_EXTRA_LABELS": json.dumps(private_label("pull")),
+    }
+    w = Worker(env, tmp_path / "worker.log")
+    w.start()
+    client = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
+    try:
+        team = f"pull{uuid.uuid4().hex[:6]}"
+        result = client.send_task(START, args=["unpullable", team])
+        with pytest.raises(Exception, match="docker load") as failure:
+            result.get(timeout=60)
+        assert type(failure.value).__name__ == "ImagePullFailed"
+        assert image in str(failure.value)
+        assert "registry answered" in str(failure.value)
+        line = wait_for(lambda: next((ln for ln in w.log().splitlines()
+                                      if f"task=start_container team={team}" in ln), None),
+                        10, message="the start's log line")
+        assert "outcome=image_pull_failed" in line
+        assert "Retry in" not in w.log()
+    finally:
+        w.stop()
+        result = None  # collected (and unsubscribed) before the client closes
+        close_platform_client(client)
