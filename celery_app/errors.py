@@ -16,7 +16,8 @@ CTFError                        base: has an API ``code``, an HTTP ``status`` an
 │   ├── HostsFileError          invalid_request       422  (bad CTF_HOSTS_FILE or CTF_HOST)
 │   ├── ImageNotFound           invalid_request       422
 │   ├── Superseded              superseded            409  (a later stop/start replaced it)
-│   └── StartFailed             start_failed          503  (exited or never answered)
+│   ├── StartFailed             start_failed          503  (exited or never answered)
+│   └── EgressUnprotected       egress_unprotected    503  (the egress firewall is not in place)
 └── TransientError              retry with backoff; may work a moment later
     ├── InstanceBusy            instance_busy         409  (another operation holds its lock)
     └── BackendUnavailable      backend_unavailable   503
@@ -147,6 +148,13 @@ class StartFailed(PermanentError):
     """Raised when a container exits or does not answer within the challenge's start_timeout."""
 
     code = "start_failed"
+    status = 503
+
+
+class EgressUnprotected(PermanentError):
+    """Raised when the egress firewall cannot be installed, so instances would reach our hosts."""
+
+    code = "egress_unprotected"
     status = 503
 
 
