@@ -381,6 +381,9 @@ def api(
     err.print(f"[bold]CTF instancer API[/] on http://{shown}:{port}  "
               f"(dashboard /, docs /api/docs, health /healthz, metrics /metrics)")
     err.print(f"admin token: in {token_from}")
+    for where in settings.unprotected_redis_urls():
+        err.print(f"[yellow]warning[/]: Redis at {where} is off loopback and the URL has no "
+                  "password: anyone who reaches it can send tasks", highlight=False)
     uvicorn.run(application, host=host, port=port, log_level="info", proxy_headers=False)
 
 
