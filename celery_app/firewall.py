@@ -406,6 +406,13 @@ class EgressGuard:
         fw = self.firewall
         if fw is None:
             return "off"
+        try:
+            return self._keep(fw)
+        except NftError as exc:
+            # Callers (and Celery's result backend) know the public class only.
+            raise EgressUnprotected(f"nft refused the egress rules: {exc.detail}") from exc
+
+    def _keep(self, fw: EgressFirewall) -> str:
         with self._lock:
             state = fw.state()
             bridges, internet = self._truth()
@@ -467,7 +474,9 @@ class EgressGuard:
                 self._verified_at = -1e9
                 self.keep()  # our view was stale (or the table vanished): repair from Docker
                 if (info.ip in self._internet) != internet:
-                    raise
+                    raise EgressUnprotected(
+                        f"cannot set the egress of {info.name} ({info.ip}) in the firewall"
+                    ) from None
             self._bridges |= add_bridges
             self._internet = (self._internet | add) - drop
 

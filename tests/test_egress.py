@@ -445,3 +445,67 @@ def test_rules_survive_an_engine_restart_and_are_kept(
                                      capture_output=True, timeout=60, check=False)
             assert removed.returncode == 0, removed.stderr
             assert tables() == 0
+
+
+class _Engine:
+    """Stands in for the driver's two listings (what Docker holds), nothing else."""
+
+    def __init__(self) -> None:
+        self.networks: list[Any] = []
+        self.containers: list[Any] = []
+
+    @property
+    def is_local(self) -> bool:
+        return True
+
+    def list_networks(self, labels: Any = None) -> list[Any]:
+        return list(self.networks)
+
+    def list_containers(self, labels: Any = None) -> list[Any]:
+        return [c for c in self.containers
+                if all(c.labels.get(k) == v for k, v in (labels or {}).items())]
+
+
+@needs_root
+def test_a_recycled_address_never_inherits_the_internet(
+    make_settings: Callable[..., Any],
+) -> None:
+    """An address an internet instance left behind (it died) loses the internet on reuse."""
+    from celery_app.docker_driver import ContainerInfo, NetworkInfo  # noqa: PLC0415
+    from celery_app.firewall import EgressGuard  # noqa: PLC0415
+
+    pool = "10.246.0.0/16"
+    engine = _Engine()
+    net = NetworkInfo(id="n1", name="ctf-team-x", labels={}, subnets=["10.246.0.0/28"],
+                      containers=1, bridge=f"ctfeg{TAG}b")
+    engine.networks = [net]
+    guard = EgressGuard.for_settings(make_settings(team_subnet_pool=pool,
+                                                   egress_firewall="auto"), engine)  # type: ignore[arg-type]
+    assert guard.firewall is not None
+
+    def container(name: str, egress: str) -> ContainerInfo:
+        return ContainerInfo(id=name, name=name, state="running", ports={}, ip="10.246.0.2",
+                             labels={"ctf.managed": "true", "ctf.egress": egress})
+
+    try:
+        assert guard.keep() == "installed"
+        first = container("open", "internet")
+        engine.containers = [first]
+        guard.admit(first, net)
+        assert guard.firewall.state().internet == {"10.246.0.2"}
+        assert guard.firewall.state().bridges == {net.bridge}
+        # It dies without a stop (no release); a none instance gets the same address.
+        second = container("closed", "none")
+        engine.containers = [second]
+        guard.admit(second, net)
+        assert guard.firewall.state().internet == set()
+        # And the keeper's pass brings the sets in line with Docker on its own.
+        engine.containers = [first]
+        assert guard.keep() == "synced"
+        assert guard.firewall.state().internet == {"10.246.0.2"}
+        engine.containers, engine.networks = [], []
+        assert guard.keep() == "synced"
+        state = guard.firewall.state()
+        assert state.current and state.internet == set() and state.bridges == set()
+    finally:
+        assert guard.firewall.remove()
