@@ -392,7 +392,9 @@ class EgressGuard:
         """
         if self.firewall is None or time.monotonic() - self._verified_at < VERIFIED_FOR:
             return
-        self.keep()
+        with self._lock:  # a burst of starts checks once, not once per thread
+            if time.monotonic() - self._verified_at >= VERIFIED_FOR:
+                self.keep()
 
     def keep(self) -> str:
         """Check the table, reinstall it when missing or changed, sync its sets with Docker.
