@@ -521,6 +521,10 @@ class EgressKeeper:
             return
         self._pass()
         self._thread.start()
+        fw = self.guard.firewall
+        assert fw is not None
+        log.info("egress firewall: keeping table inet %s for pool %s (checked every %g s)",
+                 fw.table, fw.policy.pool, self.interval)
 
     def stop(self) -> None:
         """Stop keeping (the rules stay: they must outlive the worker)."""

@@ -509,3 +509,36 @@ def test_a_recycled_address_never_inherits_the_internet(
         assert state.current and state.internet == set() and state.bridges == set()
     finally:
         assert guard.firewall.remove()
+
+
+@needs_root
+def test_the_worker_installs_the_rules_at_start_and_keeps_them(
+    redis_server: Any, catalog_file: Path, tmp_path: Path,
+) -> None:
+    """A real worker installs the table when it starts, repairs it, and leaves it for the next."""
+    from conftest import Worker, base_env  # noqa: PLC0415
+
+    pool = "10.248.0.0/16"
+    table = table_name(ipaddress.IPv4Network(pool))
+    env = {**base_env(redis_server, catalog_file, tmp_path / "data"),
+           "CTF_TEAM_SUBNET_POOL": pool, "CTF_EXTRA_LABELS": json.dumps(private_label("egw"))}
+    del env["CTF_EGRESS_FIREWALL"]  # the default: auto
+    worker = Worker(env, tmp_path / "worker.log")
+
+    def rules() -> str:
+        return nft("list", "table", "inet", table).stdout
+
+    try:
+        worker.start()
+        wait_for(lambda: rules().count("drop") == 4, 30, 0.2, "the worker to install the rules")
+        assert nft("delete", "table", "inet", table).returncode == 0
+        wait_for(lambda: rules().count("drop") == 4, 30, 0.2, "the worker to put them back")
+        worker.stop()
+        assert rules().count("drop") == 4, "the rules must outlive the worker"
+        worker.start()
+        wait_for(lambda: worker.log().count(f"keeping table inet {table}") == 2, 30, 0.2,
+                 "the restarted worker's keeper")
+        assert nft("list", "tables").stdout.count(table) == 1 and rules().count("drop") == 4
+    finally:
+        worker.stop()
+        nft("delete", "table", "inet", table)
