@@ -274,7 +274,8 @@ def test_an_instance_reaches_its_team_and_only_allowed_internet(
 
         # Without our table (as the issue found it) an instance reaches all of that.
         assert nft("delete", "table", "inet", table).returncode == 0
-        assert reaches(cc, gateway, host_port, marker), "control: no rules, gateway open"
+        for address in ours:
+            assert reaches(cc, address, host_port, marker), f"control: no rules, {address}"
         assert reaches(cc, other_host.peer_ip, other_port, marker)
         assert ctx.egress is not None
         assert ctx.egress.keep() == "installed"  # what the keeper does after a flush
