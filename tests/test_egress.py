@@ -543,3 +543,35 @@ def test_the_worker_installs_the_rules_at_start_and_keeps_them(
     finally:
         worker.stop()
         nft("delete", "table", "inet", table)
+
+
+def test_starts_fail_closed_when_the_rules_cannot_be_installed(
+    make_ctx: Callable[..., Context], images: dict[str, str], tmp_path: Path,
+    docker_client: Any,
+) -> None:
+    """Without nft (or root) a start is refused with a message saying what to do; nothing made."""
+    from celery_app.errors import EgressUnprotected  # noqa: PLC0415
+
+    label = private_label("egress-closed")
+    ctx = make_ctx(challenges_file=egress_catalog(images, tmp_path / "egress.yaml"),
+                   team_subnet_pool="10.246.0.0/16", egress_firewall="auto", extra_labels=label)
+    assert ctx.egress is not None and ctx.egress.firewall is not None
+    ctx.egress.firewall.nft.binary = None  # as on a host without nftables
+    with pytest.raises(EgressUnprotected, match=r"nftables.*CTF_EGRESS_FIREWALL=off"):
+        ctx.service.start("closed", "eg3")
+    assert docker_client.containers.list(all=True, filters={
+        "label": [f"ctf.test={label['ctf.test']}"]}) == []
+    assert ctx.store.get("closed", "eg3") is None
+
+
+@needs_root
+def test_check_fails_when_the_firewall_cannot_be_installed(tmp_path: Path) -> None:
+    """`ctfctl check` (so run-celery-worker.sh) stops with what to do when nft is not permitted."""
+    if not shutil.which("capsh"):
+        pytest.skip("capsh is needed to drop CAP_NET_ADMIN")
+    env = {**os.environ, "CTF_DATA_DIR": str(tmp_path), "CTF_TEAM_SUBNET_POOL": POOL}
+    done = subprocess.run(["capsh", "--drop=cap_net_admin", "--", "-c",
+                           f"{sys.executable} -m celery_app.cli check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "needs root (CAP_NET_ADMIN)" in " ".join(done.stderr.split())
