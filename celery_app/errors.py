@@ -18,6 +18,7 @@ CTFError                        base: has an API ``code``, an HTTP ``status`` an
 │   ├── Superseded              superseded            409  (a later stop/start replaced it)
 │   ├── StartFailed             start_failed          503  (exited or never answered)
 │   └── EgressUnprotected       egress_unprotected    503  (the egress firewall is not in place)
+│       └── FirewallRefused     egress_unprotected    503  (nft refused a command)
 └── TransientError              retry with backoff; may work a moment later
     ├── InstanceBusy            instance_busy         409  (another operation holds its lock)
     └── BackendUnavailable      backend_unavailable   503
@@ -156,6 +157,10 @@ class EgressUnprotected(PermanentError):
 
     code = "egress_unprotected"
     status = 503
+
+
+class FirewallRefused(EgressUnprotected):
+    """Raised when nft refuses a command: no such table or element, or a rule it rejects."""
 
 
 class TransientError(CTFError):

@@ -47,7 +47,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery_app.docker_driver import ContainerInfo, DockerDriver, NetworkInfo
-from celery_app.errors import CTFError, EgressUnprotected
+from celery_app.errors import CTFError, EgressUnprotected, FirewallRefused
 from celery_app.naming import LABEL_EGRESS, LABEL_MANAGED
 from celery_app.settings import Settings
 
@@ -249,12 +249,8 @@ class Nft:
                     "rules: run the worker as root, or set CTF_EGRESS_FIREWALL=off and run "
                     "`sudo ctfctl firewall keep` next to it"
                 )
-            raise NftError(message)
+            raise FirewallRefused(message)
         return done.stdout
-
-
-class NftError(EgressUnprotected):
-    """Raised when nft refuses a command (no such table or element, a bad script)."""
 
 
 class EgressFirewall:
@@ -283,7 +279,7 @@ class EgressFirewall:
         """Delete the table; ``False`` when there was none."""
         try:
             self.nft.run("delete", "table", "inet", self.table)
-        except NftError as exc:
+        except FirewallRefused as exc:
             if "No such file or directory" in str(exc):
                 return False
             raise
@@ -293,7 +289,7 @@ class EgressFirewall:
         """Read the table: present, current (our exact rules), and its two sets."""
         try:
             raw = self.nft.run("-j", "list", "table", "inet", self.table)
-        except NftError as exc:
+        except FirewallRefused as exc:
             if "No such file or directory" in str(exc):
                 return FirewallState(present=False, detail=f"table inet {self.table} is missing")
             raise
@@ -410,7 +406,7 @@ class EgressGuard:
             return "off"
         try:
             return self._keep(fw)
-        except NftError as exc:
+        except FirewallRefused as exc:
             # Callers (and Celery's result backend) know the public class only.
             raise EgressUnprotected(f"nft refused the egress rules: {exc.detail}") from exc
 
@@ -472,7 +468,7 @@ class EgressGuard:
             drop = {info.ip} & self._internet if not internet else set()
             try:
                 fw.update(add_bridges=add_bridges, add_internet=add, drop_internet=drop)
-            except NftError:
+            except FirewallRefused:
                 self._verified_at = -1e9
                 self.keep()  # our view was stale (or the table vanished): repair from Docker
                 if (info.ip in self._internet) != internet:
