@@ -26,6 +26,9 @@ done
 export CTF_DATA_DIR="$DATA_DIR" CTF_HOST="$host"
 export CELERY_BROKER_URL="${CELERY_BROKER_URL:-redis://localhost:6379/0}"
 export CELERY_RESULT_BACKEND="${CELERY_RESULT_BACKEND:-redis://localhost:6379/1}"
+# A Redis we start beyond loopback (CTF_REDIS_BIND, for workers on other hosts) requires a
+# password, generated into the data folder; it is added to the URLs of this machine's Redis.
+add_redis_password
 
 started=()
 cleanup() {

@@ -226,6 +226,9 @@ def bench_run(
     finally:
         removed = cleanup_docker(client)
         print(f"# cleanup {RUN_ID}: removed {removed}", file=sys.stderr)
+        # The egress firewall (on by default) installed a table for POOL: leave none behind.
+        subprocess.run(["nft", "delete", "table", "inet", "ctf_egress_" + POOL.replace(".", "_")
+                        .replace("/", "_")], capture_output=True, check=False)
         # Celery results unsubscribe when collected: now, while their Redis still runs, not
         # at exit against a stopped one (which left a finished run hanging for hours).
         gc.collect()

@@ -45,6 +45,8 @@ class Challenge(BaseModel):
     start_timeout: float = Field(180, gt=0, le=3600)
     cap_add: list[str] = Field(default_factory=list)
     command: list[str] | None = None
+    # What the instance may reach beyond its team network (SPEC §7): nothing, or the internet.
+    egress: Literal["none", "internet"] = "none"
 
     @field_validator("memory")
     @classmethod

@@ -91,3 +91,33 @@ def _reconcile_on_start(sender: Any = None, **_kwargs: Any) -> None:
         log.info("worker ready; reconciled %s", summary.as_dict())
     except Exception:
         log.exception("reconcile at worker start failed; the janitor will retry")
+
+
+_egress_keeper: Any = None
+
+
+@worker_ready.connect
+def _keep_egress_firewall(**_kwargs: Any) -> None:
+    """Install the egress firewall for our pool now, and keep it while the worker runs."""
+    global _egress_keeper  # noqa: PLW0603  # one per worker process
+    from celery_app.context import get_context  # noqa: PLC0415  # only inside the worker
+    from celery_app.firewall import EgressKeeper  # noqa: PLC0415
+
+    try:
+        ctx = get_context()
+        for where in ctx.settings.unprotected_redis_urls():
+            log.warning("Redis at %s has no password but is off loopback: anyone who reaches "
+                        "it can send tasks; set requirepass and put it in the URL "
+                        "(redis://:PASSWORD@host:6379/0)", where)
+        if ctx.egress is not None:
+            _egress_keeper = EgressKeeper(ctx.egress)
+            _egress_keeper.start()
+    except Exception:
+        log.exception("cannot start the egress firewall keeper; starts check it themselves")
+
+
+@worker_shutdown.connect
+def _stop_egress_keeper(**_kwargs: Any) -> None:
+    """Stop keeping the rules; they stay in place for the next worker (and after a crash)."""
+    if _egress_keeper is not None:
+        _egress_keeper.stop()

@@ -381,6 +381,9 @@ def api(
     err.print(f"[bold]CTF instancer API[/] on http://{shown}:{port}  "
               f"(dashboard /, docs /api/docs, health /healthz, metrics /metrics)")
     err.print(f"admin token: in {token_from}")
+    for where in settings.unprotected_redis_urls():
+        err.print(f"[yellow]warning[/]: Redis at {where} is off loopback and the URL has no "
+                  "password: anyone who reaches it can send tasks", highlight=False)
     uvicorn.run(application, host=host, port=port, log_level="info", proxy_headers=False)
 
 
@@ -442,6 +445,39 @@ def check() -> None:
     source = settings.challenges_file or "the default catalog"
     err.print(f"ok: {len(catalog)} challenge(s) from {source}: {', '.join(catalog.ids())}",
               highlight=False)
+    for where in settings.unprotected_redis_urls():
+        err.print(f"[yellow]warning[/]: Redis at {where} is off loopback and the URL has no "
+                  "password: anyone who reaches it can send tasks. Set requirepass and use "
+                  "redis://:PASSWORD@host:port/db", highlight=False)
+    _check_firewall(settings, known)
+
+
+def _check_firewall(settings: Settings, known: Any) -> None:
+    """Say whether the egress firewall is in place; exit 1 when it cannot be installed."""
+    from celery_app.docker_driver import DockerDriver  # noqa: PLC0415  # no client is made
+    from celery_app.firewall import EgressGuard, host_addresses  # noqa: PLC0415
+
+    guard = EgressGuard.for_settings(settings, DockerDriver(known.get_host(settings.host)
+                                                            .docker_url),
+                                     host_addresses(known.values()))
+    if guard.firewall is None:
+        err.print(f"[yellow]note[/]: egress firewall not enforced here: {guard.why_not}",
+                  highlight=False)
+        return
+    try:
+        state = guard.firewall.state()
+    except CTFError as exc:
+        err.print(f"[bold red]egress firewall error[/]: {exc.detail}", highlight=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    table = f"table inet {guard.firewall.table}"
+    if state.current:
+        err.print(f"ok: egress firewall in place ({table}: {len(state.bridges)} team "
+                  f"network(s), {len(state.internet)} instance(s) with internet)",
+                  highlight=False)
+    else:
+        err.print(f"[yellow]note[/]: egress firewall not in place ({state.detail}); the "
+                  "worker installs it when it starts, `ctfctl firewall install` does it now",
+                  highlight=False)
 
 
 @app.command()
@@ -450,6 +486,91 @@ def queues(
 ) -> None:
     """Print the comma-separated Celery queues the worker of HOST consumes."""
     print(",".join(queues_for(host)))  # read by run-celery-worker.sh
+
+
+# -- the egress firewall -----------------------------------------------------------------------
+
+firewall_app = typer.Typer(
+    help="The egress firewall of this machine's Docker host (nftables; docs/SECURITY.md).",
+    no_args_is_help=True,
+)
+app.add_typer(firewall_app, name="firewall")
+
+
+def _guard() -> Any:
+    from celery_app.docker_driver import DockerDriver  # noqa: PLC0415  # needs Docker
+    from celery_app.firewall import (  # noqa: PLC0415
+        EgressFirewall,
+        EgressGuard,
+        Policy,
+        host_addresses,
+    )
+
+    settings = _settings()
+    with _errors():
+        known = load_hosts(settings)
+        driver = DockerDriver(known.get_host(settings.host).docker_url)
+        policy = Policy.from_settings(settings, host_addresses(known.values()))
+    # Asked for by name: act even when the worker would not (a remote engine's own host).
+    return EgressGuard(EgressFirewall(policy), driver)
+
+
+@firewall_app.command("install")
+def firewall_install() -> None:
+    """Install (or repair) the rules for CTF_TEAM_SUBNET_POOL now; idempotent."""
+    guard = _guard()
+    with _errors():
+        outcome = guard.keep()
+    err.print(f"egress firewall {outcome}: table inet {guard.firewall.table}", highlight=False)
+
+
+@firewall_app.command("keep")
+def firewall_keep(
+    interval: Annotated[float, typer.Option(min=1, max=300, help="Seconds between checks.")]
+    = 5.0,
+) -> None:
+    """Install the rules and keep them in step with Docker (for a host without our worker)."""
+    guard = _guard()
+    err.print(f"keeping table inet {guard.firewall.table} every {interval:g} s (Ctrl-C stops; "
+              "the rules stay)", highlight=False)
+    try:
+        while True:
+            try:
+                guard.keep()
+            except CTFError as exc:
+                err.print(f"[yellow]warning[/]: {exc.detail}", highlight=False)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_OK) from None
+
+
+@firewall_app.command("remove")
+def firewall_remove() -> None:
+    """Remove the rules: instances reach everything Docker lets them reach."""
+    guard = _guard()
+    with _errors():
+        removed = guard.firewall.remove()
+    err.print(f"egress firewall {'removed' if removed else 'was not installed'}: table inet "
+              f"{guard.firewall.table}", highlight=False)
+
+
+@firewall_app.command("status")
+def firewall_status(as_json: JsonOpt = False) -> None:
+    """Say whether the rules are in place; exit 1 when they are not."""
+    guard = _guard()
+    with _errors():
+        state = guard.firewall.state()
+    data = {"table": f"inet {guard.firewall.table}", "pool": str(guard.firewall.policy.pool),
+            "present": state.present, "in_place": state.current, "detail": state.detail,
+            "bridges": sorted(state.bridges), "internet": sorted(state.internet)}
+    if as_json:
+        _print_json(data)
+    else:
+        shown = "in place" if state.current else f"NOT in place ({state.detail})"
+        out.print(f"egress firewall {shown}: table inet {guard.firewall.table}, pool "
+                  f"{data['pool']}, {len(state.bridges)} team network(s), "
+                  f"{len(state.internet)} instance(s) with internet", highlight=False)
+    raise typer.Exit(EXIT_OK if state.current else EXIT_ERROR)
 
 
 def main() -> None:

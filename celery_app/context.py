@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from celery_app.catalog import Catalog, load_catalog
 from celery_app.docker_driver import DockerDriver
+from celery_app.firewall import EgressGuard, host_addresses
 from celery_app.hosts import Hosts, load_hosts
 from celery_app.janitor import Janitor
 from celery_app.service import InstanceService
@@ -25,6 +26,7 @@ class Context:
     service: InstanceService
     janitor: Janitor
     hosts: Hosts
+    egress: EgressGuard | None = None
 
 
 def build_context(settings: Settings) -> Context:
@@ -44,9 +46,12 @@ def build_context(settings: Settings) -> Context:
     )
     driver = DockerDriver(host.docker_url)
     store = StateStore.from_url(settings.state_redis_url)
+    # Every host of the hosts file is one of ours: no instance may reach any of them.
+    egress = EgressGuard.for_settings(settings, driver, host_addresses(hosts.values()))
     service = InstanceService(settings, catalog, driver, store, host=host.name,
-                              public_host=host.public_host, host_max=host.max_instances)
-    return Context(settings, catalog, driver, store, service, Janitor(service), hosts)
+                              public_host=host.public_host, host_max=host.max_instances,
+                              egress=egress)
+    return Context(settings, catalog, driver, store, service, Janitor(service), hosts, egress)
 
 
 _context: Context | None = None

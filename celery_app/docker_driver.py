@@ -171,6 +171,7 @@ class NetworkInfo:
     labels: dict[str, str]
     subnets: list[str]
     containers: int
+    bridge: str = ""  # the host interface of a bridge network (the egress firewall's key)
 
 
 def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
@@ -221,7 +222,16 @@ def _network_info(attrs: dict[str, Any]) -> NetworkInfo:
         labels=attrs.get("Labels") or {},
         subnets=[c["Subnet"] for c in configs if c.get("Subnet")],
         containers=len(attrs.get("Containers") or {}),
+        bridge=_bridge_name(attrs),
     )
+
+
+def _bridge_name(attrs: dict[str, Any]) -> str:
+    """A bridge network's interface on the host: its option, else Docker's ``br-<id12>``."""
+    if attrs.get("Driver") != "bridge":
+        return ""
+    options = attrs.get("Options") or {}
+    return str(options.get("com.docker.network.bridge.name") or f"br-{attrs.get('Id', '')[:12]}")
 
 
 class DockerDriver:

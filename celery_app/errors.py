@@ -18,7 +18,9 @@ CTFError                        base: has an API ``code``, an HTTP ``status`` an
 │   │   └── ImagePullFailed     image_pull_failed     422  (registry unreachable or refused)
 │   ├── Superseded              superseded            409  (a later stop/start replaced it)
 │   ├── StartFailed             start_failed          503  (exited or never answered)
-│   └── OnOtherHost             on_other_host         409  (handed to its host's worker)
+│   ├── OnOtherHost             on_other_host         409  (handed to its host's worker)
+│   └── EgressUnprotected       egress_unprotected    503  (the egress firewall is not in place)
+│       └── FirewallRefused     egress_unprotected    503  (nft refused a command)
 └── TransientError              retry with backoff; may work a moment later
     ├── InstanceBusy            instance_busy         409  (another operation holds its lock)
     └── BackendUnavailable      backend_unavailable   503
@@ -173,6 +175,15 @@ class OnOtherHost(PermanentError):
     def __init__(self, detail: str, host: str = "") -> None:
         super().__init__(detail)
         self.host = host
+class EgressUnprotected(PermanentError):
+    """Raised when the egress firewall cannot be installed, so instances would reach our hosts."""
+
+    code = "egress_unprotected"
+    status = 503
+
+
+class FirewallRefused(EgressUnprotected):
+    """Raised when nft refuses a command: no such table or element, or a rule it rejects."""
 
 
 class TransientError(CTFError):

@@ -17,6 +17,8 @@ LABEL_HOST: Final = "ctf.host"
 LABEL_STARTED_AT: Final = "ctf.started_at"
 LABEL_EXPIRES_AT: Final = "ctf.expires_at"
 LABEL_SUBNET: Final = "ctf.subnet"
+# "internet" or "none": read by the egress firewall (celery_app.firewall) from Docker.
+LABEL_EGRESS: Final = "ctf.egress"
 
 
 def check_team_id(team_id: object) -> str:

@@ -38,10 +38,12 @@ from celery_app.errors import (
     StartFailed,
     Superseded,
 )
+from celery_app.firewall import EgressGuard
 from celery_app.flags import team_flag
 from celery_app.models import Instance, iso, parse_iso, utcnow
 from celery_app.naming import (
     LABEL_CHALLENGE,
+    LABEL_EGRESS,
     LABEL_EXPIRES_AT,
     LABEL_HOST,
     LABEL_MANAGED,
@@ -100,6 +102,7 @@ class InstanceService:
         host: the name of the Docker host this service drives.
         public_host: the host name written in instance URLs.
         host_max: that host's ``max_instances`` (0: no per-host limit).
+        egress: keeps the host's egress firewall (none: not enforced by this service).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class InstanceService:
         host: str = "local",
         public_host: str | None = None,
         host_max: int = 0,
+        egress: EgressGuard | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -122,6 +126,7 @@ class InstanceService:
         # Only what carries all these labels is ours (tests add a run label here).
         self.scope_labels = {LABEL_MANAGED: "true", **settings.extra_labels}
         self._exposed_port_cache: dict[str, int] = {}
+        self.egress = egress or EgressGuard(None, driver, "not configured")
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -255,6 +260,8 @@ class InstanceService:
         report({"phase": "image", "image": ch.image})
         self.ensure_image(ch, progress)
         port = self._container_port(ch)
+        # Fail closed: no instance starts while the egress firewall is not in place.
+        self.egress.require()
 
         # 2. lock (challenge, team): concurrent starts create one container, on every host.
         with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait) as lock:
@@ -299,11 +306,16 @@ class InstanceService:
                 #    team's last instance must not remove the network we are joining).
                 report({"phase": "creating"})
                 with self._network_locked(team):
-                    self.driver.ensure_network(
+                    net = self.driver.ensure_network(
                         team, self._labels(team), self.settings.team_subnet_pool,
                         self.settings.team_subnet_prefix,
                     )
                     info = self.driver.run_container(self._spec(ch, team, port, inst))
+                    try:
+                        self.egress.admit(info, net)  # its bridge known, internet or not
+                    except CTFError:
+                        self.driver.remove_container(info.id)
+                        raise
             except BaseException:
                 # Nothing half-made: the reservation, and a network made only for this
                 # instance, go with the failed creation.
@@ -345,6 +357,7 @@ class InstanceService:
         labels = self._labels(team, ch.id)
         labels[LABEL_STARTED_AT] = inst.started_at
         labels[LABEL_EXPIRES_AT] = inst.expires_at
+        labels[LABEL_EGRESS] = ch.egress
         return ContainerSpec(
             name=inst.container_name, image=ch.image, port=port, team_id=team, labels=labels,
             env=env, memory_bytes=ch.memory_bytes, nano_cpus=int(ch.cpus * 1e9), pids=ch.pids,
@@ -510,6 +523,7 @@ class InstanceService:
                 self.store.put(record.model_copy(update={"status": "stopping"}))
             # 4. container, then record: a crash in between leaves a record the janitor drops.
             if existing is not None:
+                self.egress.release(existing)  # before its address is free for another
                 self.driver.remove_container(existing.id)
             self.store.delete(ch.id, team, self.host)
         # 5. the team's network goes with its last instance.

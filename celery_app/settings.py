@@ -11,6 +11,7 @@ import os
 import secrets
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -74,6 +75,12 @@ class Settings(BaseSettings):
     # the messages they hold fresh (celery_app.inflight), so no long task is ever redelivered
     # while it runs, and a killed worker's requests are redone within about this long.
     visibility_timeout: float = Field(30.0, ge=10, le=3600)
+    # The egress firewall (celery_app.firewall): "auto" installs and keeps it when the engine
+    # runs on this machine (and refuses starts when it cannot); "off" leaves egress to you.
+    egress_firewall: Literal["auto", "off"] = "auto"
+    # More IPv4 addresses or CIDRs (comma-separated) no instance may reach, even with
+    # ``egress: internet``: other Docker hosts, Redis, the API when they have public addresses.
+    egress_deny: str = ""
 
     @field_validator("port_range")
     @classmethod
@@ -107,6 +114,20 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError(f"CTF_PUBLISH_IP must be an IP address, got {value!r}") from None
 
+    @field_validator("egress_deny")
+    @classmethod
+    def _check_egress_deny(cls, value: str) -> str:
+        for part in (p.strip() for p in value.split(",")):
+            if part:
+                try:
+                    ipaddress.IPv4Network(part, strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"CTF_EGRESS_DENY must list IPv4 addresses or CIDRs separated by commas, "
+                        f"got {part!r}"
+                    ) from None
+        return value
+
     @model_validator(mode="after")
     def _check_pool_prefix(self) -> Settings:
         pool = ipaddress.IPv4Network(self.team_subnet_pool)
@@ -129,6 +150,26 @@ class Settings(BaseSettings):
             return "127.0.0.1"
         return self.publish_ip
 
+    @property
+    def egress_deny_networks(self) -> list[ipaddress.IPv4Network]:
+        """The networks of ``CTF_EGRESS_DENY``."""
+        parts = (p.strip() for p in self.egress_deny.split(","))
+        return [ipaddress.IPv4Network(p, strict=False) for p in parts if p]
+
+    def unprotected_redis_urls(self) -> list[str]:
+        """Return the Redis URLs (host:port only) that point off loopback without a password.
+
+        Whoever reaches such a Redis can send tasks and read every record, so start-up warns.
+        """
+        found = []
+        for url in dict.fromkeys((self.broker_url, self.result_backend, self.state_redis_url)):
+            parts = urlsplit(url)
+            host = parts.hostname or "localhost"
+            if parts.password or host == "localhost" or _is_loopback(host):
+                continue
+            found.append(f"{host}:{parts.port or 6379}")
+        return found
+
     def admin_token_value(self) -> str:
         """Return the admin token (filled in by :func:`load_settings`)."""
         assert self.admin_token is not None, "build settings with load_settings()"
@@ -138,6 +179,13 @@ class Settings(BaseSettings):
         """Return the flag secret (filled in by :func:`load_settings`)."""
         assert self.flag_secret is not None, "build settings with load_settings()"
         return self.flag_secret.get_secret_value()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
 
 
 def _read_or_create_secret(path: Path) -> str:

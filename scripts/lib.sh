@@ -101,18 +101,91 @@ print(u.hostname or "localhost", u.port or 6379)
 PY
 }
 
+# url_password URL: print the URL's password (percent-decoded; empty when it has none).
+url_password() {
+    python3 - "$1" <<'PY'
+import sys
+from urllib.parse import unquote, urlsplit
+print(unquote(urlsplit(sys.argv[1]).password or ""))
+PY
+}
+
+# redis_bind_is_loopback: whether the Redis we start listens on loopback only. CTF_REDIS_BIND
+# (default 127.0.0.1) is redis-server's bind list, e.g. "127.0.0.1 10.0.0.5" for other hosts.
+redis_bind_is_loopback() {
+    local addr
+    for addr in ${CTF_REDIS_BIND:-127.0.0.1}; do
+        case "${addr#-}" in 127.*|::1|localhost) ;; *) return 1 ;; esac
+    done
+}
+
+# redis_password: the password of the Redis we start beyond loopback; generated on first use
+# into the data folder (mode 0600), like the admin token and the flag secret.
+redis_password() {
+    local file="$DATA_DIR/redis_password"
+    if [ ! -s "$file" ]; then
+        mkdir -p "$DATA_DIR"
+        (umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' >"$file")
+    fi
+    cat "$file"
+}
+
+# with_redis_password URL PASSWORD: URL with PASSWORD added, when it points at this machine
+# (the Redis we start) and has none yet; any other URL is printed unchanged.
+with_redis_password() {
+    python3 - "$1" "$2" <<'PY'
+import sys
+from urllib.parse import quote, urlsplit, urlunsplit
+url, password = sys.argv[1], sys.argv[2]
+u = urlsplit(url)
+local = (u.hostname or "localhost") in ("localhost", "::1") or (u.hostname or "").startswith("127.")
+if u.password or not local:
+    print(url)
+else:
+    host = u.netloc.rpartition("@")[2]
+    print(urlunsplit((u.scheme, f"{quote(u.username or '')}:{quote(password, safe='')}@{host}",
+                      u.path, u.query, u.fragment)))
+PY
+}
+
+# add_redis_password: when the Redis we start listens beyond loopback, put its password into
+# CELERY_BROKER_URL, CELERY_RESULT_BACKEND and CTF_REDIS_URL (those that point at this machine).
+add_redis_password() {
+    redis_bind_is_loopback && return 0
+    local pw
+    pw="$(redis_password)"
+    CELERY_BROKER_URL="$(with_redis_password "${CELERY_BROKER_URL:-redis://localhost:6379/0}" "$pw")"
+    CELERY_RESULT_BACKEND="$(with_redis_password "${CELERY_RESULT_BACKEND:-redis://localhost:6379/1}" "$pw")"
+    export CELERY_BROKER_URL CELERY_RESULT_BACKEND
+    if [ -n "${CTF_REDIS_URL:-}" ]; then
+        CTF_REDIS_URL="$(with_redis_password "$CTF_REDIS_URL" "$pw")"
+        export CTF_REDIS_URL
+    fi
+    say "Redis listens on ${CTF_REDIS_BIND} and requires the password in $DATA_DIR/redis_password"
+}
+
 redis_up() { timeout 3 redis-cli -h "$1" -p "$2" ping 2>/dev/null | grep -q PONG; }
 
 # ensure_redis URL: start a local redis-server when none answers at URL.
 ensure_redis() {
-    local host port
+    local host port auth=() REDISCLI_AUTH
     read -r host port < <(url_host_port "$1")
+    # The URL's password is what our Redis requires; redis-cli reads it from the environment.
+    REDISCLI_AUTH="$(url_password "$1")"
+    export REDISCLI_AUTH
     redis_up "$host" "$port" && return 0
     case "$host" in localhost|127.0.0.1|::1) ;; *) die "Redis at $1 does not answer; start it first" ;; esac
     command -v redis-server >/dev/null 2>&1 || die "no redis-server: run ./setup-celery.sh as root"
     mkdir -p "$CTF_RUN_DIR" "$DATA_DIR/redis"
-    say "starting redis-server on $host:$port (data in $DATA_DIR/redis)"
-    redis-server --bind 127.0.0.1 --port "$port" --dir "$DATA_DIR/redis" --appendonly yes \
+    if [ -n "$REDISCLI_AUTH" ]; then
+        # requirepass from a file of mode 0600: on the command line, ps would show it.
+        (umask 077 && printf 'requirepass "%s"\n' "$REDISCLI_AUTH" >"$DATA_DIR/redis/auth.conf")
+        auth=("$DATA_DIR/redis/auth.conf")
+    elif ! redis_bind_is_loopback; then
+        die "Redis would listen on ${CTF_REDIS_BIND} without a password: put one in the URL"
+    fi
+    say "starting redis-server on ${CTF_REDIS_BIND:-127.0.0.1} port $port${auth:+ (password required)} (data in $DATA_DIR/redis)"
+    redis-server "${auth[@]}" --bind ${CTF_REDIS_BIND:-127.0.0.1} --port "$port" --dir "$DATA_DIR/redis" --appendonly yes \
         --daemonize no --logfile "$CTF_RUN_DIR/redis.log" &
     echo $! >"$CTF_RUN_DIR/redis.pid"
     local i

@@ -210,6 +210,9 @@ def base_env(redis_server: RedisServer, catalog_file: Path, data_dir: Path) -> d
         "CTF_JANITOR_INTERVAL": "1",
         "CTF_ORPHAN_GRACE": "2",
         "CTF_ADMIN_TOKEN": "test-admin-token",
+        # The egress firewall is machine-wide kernel state, shared with every other run on
+        # this engine: tests/test_egress.py turns it on (its default) for a pool of its own.
+        "CTF_EGRESS_FIREWALL": "off",
     }
 
 
@@ -232,6 +235,7 @@ def make_settings(
             "max_instances_per_team": 5,
             "orphan_grace": 2.0,
             "lock_wait": 30.0,
+            "egress_firewall": "off",  # see base_env; tests/test_egress.py turns it on
         }
         fields.update(overrides)
         return load_settings(**fields)
