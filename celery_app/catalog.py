@@ -182,7 +182,51 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> C
         challenges[cid] = challenge.model_copy(
             update={"name": challenge.name or cid, "ttl": ttl, "max_lifetime": max_lifetime}
         )
+    _check_names_unambiguous(list(challenges), source)
     return Catalog(challenges)
+
+
+def name_clash(short: str, long: str) -> str | None:
+    """Return a team id whose ``short`` instance is named like another team's ``long`` one.
+
+    Container names are ``ctf-<challenge>-<team>`` (SPEC §4). Two different instances share
+    one name exactly when ``long`` is ``short + "-" + rest`` and team ``rest + "-" + t`` is a
+    valid team id for some team ``t``: that needs ``rest`` to start with a letter or digit
+    (a team id's first character); its length always fits, since ids are at most 63
+    characters. Then ``ctf-<short>-<rest>-t`` is both team ``rest-t``'s ``short`` and team
+    ``t``'s ``long``.
+
+    Args:
+        short: one challenge id.
+        long: another, longer one.
+
+    Returns:
+        An example team id that clashes (``rest + "-x"``), or ``None`` when none can.
+
+    """
+    prefix = short + "-"
+    if not long.startswith(prefix) or len(long) == len(prefix):
+        return None
+    rest = long[len(prefix):]
+    return f"{rest}-x" if rest[0].isascii() and rest[0].isalnum() else None
+
+
+def _check_names_unambiguous(ids: list[str], source: str) -> None:
+    """Refuse two challenge ids whose instances could get one container name.
+
+    Raises:
+        CatalogError: naming both ids and an example of the clash.
+
+    """
+    for short in ids:
+        for long in ids:
+            team = name_clash(short, long) if len(short) < len(long) else None
+            if team is not None:
+                raise CatalogError(
+                    f"{source}: challenge ids {short!r} and {long!r} can give two instances one "
+                    f"container name: team {team!r}'s {short} and team 'x''s {long} would both "
+                    f"be ctf-{short}-{team}; rename one of them (e.g. {long.replace('-', '_')!r})"
+                )
 
 
 def load_catalog(settings: Settings) -> Catalog:
