@@ -227,6 +227,8 @@ class InstanceService:
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
         report = progress or (lambda _event: None)
+        # A caller that passes its intent (the Dispatcher) has counted the rate limit itself.
+        counted = intent is not None
         if intent is None:
             intent = self.store.register_intent(ch.id, team, "start")
 
@@ -260,8 +262,9 @@ class InstanceService:
                 self.driver.remove_container(existing.id)
 
             # 4. rate limit: only real Docker work counts against the team.
-            self.store.hit_rate(team, self.settings.rate_limit_count,
-                                self.settings.rate_limit_window)
+            if not counted:
+                self.store.hit_rate(team, self.settings.rate_limit_count,
+                                    self.settings.rate_limit_window)
 
             # 5. reserve a slot: quotas are checked and the record written in one step.
             now = utcnow()
@@ -459,6 +462,7 @@ class InstanceService:
         """
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
+        counted = intent is not None  # the Dispatcher counted the rate limit itself
         if intent is None:
             intent = self.store.register_intent(ch.id, team, "stop")
         # 1. lock (challenge, team)
@@ -477,7 +481,7 @@ class InstanceService:
                     f"team {team} has no instance of {ch.id}; start one first"
                 )
             # 4. rate limit (the janitor is not limited)
-            if rate_limit:
+            if rate_limit and not counted:
                 self.store.hit_rate(team, self.settings.rate_limit_count,
                                     self.settings.rate_limit_window)
             if record is not None:

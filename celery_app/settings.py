@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     extra_labels: dict[str, str] = Field(default_factory=dict)
     worker_concurrency: int = Field(16, gt=0)
     lock_wait: float = Field(240.0, gt=0)
+    # Requests of one team (and of everyone) the API holds waiting at once (?wait=N); more
+    # are refused at once (429 / 503) before anything is sent. A wait holds no thread.
+    api_max_waits_per_team: int = Field(8, ge=1)
+    api_max_waits: int = Field(500, ge=1)
 
     @field_validator("port_range")
     @classmethod
