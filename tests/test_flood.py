@@ -28,7 +28,7 @@ import pytest
 import redis
 from api_helpers import ADMIN, ADMIN_TOKEN, team_headers
 from conftest import ROOT, TEST_POOL, Worker, cleanup_docker, containers_of, private_label
-from support import RedisServer, free_port, wait_for
+from support import RedisServer, close_platform_client, free_port, platform_client, wait_for
 
 from celery_app.client import NOOP_TTL
 
@@ -292,6 +292,33 @@ def test_limits_answer_their_errors_through_the_api(fresh: Stack) -> None:
         assert r.json()["error"] == "rate_limited"
         assert client.get("/api/v1/teams/looper/instances",
                           headers=team_headers("looper")).json() == {"instances": []}
+
+
+def test_limits_fail_tasks_sent_by_name(fresh: Stack) -> None:
+    """A plain Celery client gets TeamQuotaExceeded, MaxLifetimeReached and RateLimited."""
+    client = platform_client(fresh.env["CELERY_BROKER_URL"], fresh.env["CELERY_RESULT_BACKEND"])
+
+    def call(task: str, challenge: str, team: str) -> Any:
+        return client.send_task(f"celery_app.tasks.{task}", args=[challenge, team]).get(
+            timeout=90)
+
+    def refused(task: str, challenge: str, team: str) -> str:
+        with pytest.raises(Exception) as caught:  # the class is checked below
+            call(task, challenge, team)
+        return type(caught.value).__name__
+
+    try:
+        for challenge in ("web", "exposed", "other"):
+            assert call("start_container", challenge, "named")["status"] == "running"
+        assert refused("start_container", "fourth", "named") == "TeamQuotaExceeded"
+        assert call("start_container", "brief", "aged")["status"] == "running"
+        assert refused("extend_container", "brief", "aged") == "MaxLifetimeReached"
+        for _ in range(5):
+            call("start_container", "web", "byname")
+            call("stop_container", "web", "byname")
+        assert refused("start_container", "web", "byname") == "RateLimited"
+    finally:
+        close_platform_client(client)
 
 
 def test_capacity_exhausted_answers_503_through_the_api(
