@@ -117,7 +117,6 @@ def _security_headers(path: str) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-
 class GuardMiddleware:
     """Bounds request bodies, turns any escaped exception into a 503, and counts requests.
 
@@ -207,9 +206,11 @@ class GuardMiddleware:
         if body.strip():
             try:
                 json.loads(body)
-            except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
+            except (ValueError, RecursionError) as exc:
+                what = "is nested too deeply to be read" if isinstance(exc, RecursionError) \
+                    else "is not JSON"
                 return _error_bytes(422, "invalid_request",
-                                    "the request body is not JSON; these routes take no body "
+                                    f"the request body {what}; these routes take no body "
                                     "(send none)"), receive
         replayed = [False]
 
