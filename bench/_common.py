@@ -190,7 +190,7 @@ class Bench:
             "CTF_EXTRA_LABELS": json.dumps(LABEL),
             "CTF_TEAM_SUBNET_POOL": POOL,
             "CTF_RATE_LIMIT_COUNT": "1000000",
-            "CTF_ADMIN_TOKEN": "bench-admin-token",
+            "CTF_ADMIN_TOKEN": "bench-admin-token-0123456789abcdefghij",
             **extra,
         }
 

@@ -61,7 +61,7 @@ from bench_start import TEAM, start_raw
 from celery_app.client import Dispatcher
 from celery_app.readiness import wait_ready
 
-ADMIN = "bench-admin-token"
+ADMIN = "bench-admin-token-0123456789abcdefghij"
 TIMEOUT = 60
 EXTRA = "".join(f"""  {cid}:
     image: {{image}}

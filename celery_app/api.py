@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path as FsPath
 from typing import Annotated, Any
@@ -26,17 +26,19 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
 from celery_app.auth import Principal, principal_for, team_token
-from celery_app.client import Dispatcher, TaskView
+from celery_app.client import AsyncWaiter, Dispatcher, TaskView
 from celery_app.docker_driver import DockerDriver
 from celery_app.errors import (
     BackendUnavailable,
     CTFError,
     InvalidRequest,
     InvalidTeamId,
+    RateLimited,
     TaskNotFound,
 )
 from celery_app.flags import check_flag
@@ -90,6 +92,30 @@ def _error_bytes(status: int, code: str, detail: str) -> tuple[int, bytes]:
 
 # -- middleware -------------------------------------------------------------------------------
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# The dashboard is plain files of our own: nothing inline, nothing from elsewhere, never framed.
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+       "connect-src 'self'; base-uri 'none'; form-action 'self'; object-src 'none'; "
+       "frame-ancestors 'none'")
+# FastAPI's interactive docs load Swagger UI from its CDN with an inline script.
+DOCS_CSP = "frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+_COMMON_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
+
+
+def _security_headers(path: str) -> list[tuple[bytes, bytes]]:
+    """Return the security headers of every response to ``path``."""
+    csp = DOCS_CSP if path.startswith("/api/docs") else CSP
+    headers = [(b"content-security-policy", csp.encode()), *_COMMON_HEADERS]
+    if path.startswith("/api/"):
+        # Answers carry tokens and per-team state: no cache keeps them.
+        headers.append((b"cache-control", b"no-store"))
+    return headers
+
 
 class GuardMiddleware:
     """Bounds request bodies, turns any escaped exception into a 503, and counts requests.
@@ -112,9 +138,12 @@ class GuardMiddleware:
         began = time.perf_counter()
         status_seen = [0]
 
+        headers = _security_headers(str(scope.get("path", "")))
+
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_seen[0] = int(message["status"])
+                message = {**message, "headers": [*message.get("headers", []), *headers]}
             await send(message)
 
         try:
@@ -134,8 +163,10 @@ class GuardMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(scope.get("method", ""), template,
-                                         str(status_seen[0])).inc()
+            # Only known values become labels: a made-up method or path adds no series.
+            method = str(scope.get("method", ""))
+            self.metrics.requests.labels(method if method in KNOWN_METHODS else "other",
+                                         template, str(status_seen[0])).inc()
             self.metrics.latency.labels(template).observe(time.perf_counter() - began)
 
     async def _read_body(
@@ -175,9 +206,11 @@ class GuardMiddleware:
         if body.strip():
             try:
                 json.loads(body)
-            except ValueError:
+            except (ValueError, RecursionError) as exc:
+                what = "is nested too deeply to be read" if isinstance(exc, RecursionError) \
+                    else "is not JSON"
                 return _error_bytes(422, "invalid_request",
-                                    "the request body is not JSON; these routes take no body "
+                                    f"the request body {what}; these routes take no body "
                                     "(send none)"), receive
         replayed = [False]
 
@@ -218,7 +251,8 @@ class Health:
     """Redis, Docker and live workers, cached for a couple of seconds.
 
     Asking the workers costs a broadcast and half a second of waiting for replies, so a busy
-    load balancer hitting ``/healthz`` must not trigger one per request.
+    load balancer hitting ``/healthz`` must not trigger one per request, nor wait for one:
+    once there is an answer, a stale one is served while a background thread refreshes it.
     """
 
     def __init__(self, settings: Settings, dispatcher: Dispatcher, ttl: float = HEALTH_TTL) -> None:
@@ -226,8 +260,10 @@ class Health:
         self.dispatcher = dispatcher
         self.ttl = ttl
         self._lock = threading.Lock()
+        self._first = threading.Lock()
+        self._refreshing = False
         self._at = 0.0
-        self._cached: tuple[dict[str, Any], bool] = ({}, False)
+        self._cached: tuple[dict[str, Any], bool] | None = None
         self._driver: DockerDriver | None = None
         if settings.hosts_file is None and (
             settings.docker_host or FsPath("/var/run/docker.sock").exists()
@@ -242,27 +278,108 @@ class Health:
             return 0
         return len(replies or [])
 
-    def snapshot(self) -> tuple[dict[str, Any], bool]:
-        """Return ``({"redis", "docker", "workers"}, usable)``."""
+    def _measure(self) -> tuple[dict[str, Any], bool]:
+        redis_ok = self.dispatcher.store.ping()
+        workers = self._workers() if redis_ok else 0
+        docker: bool | str = self._driver.ping() if self._driver is not None else "n/a"
+        body: dict[str, Any] = {"redis": redis_ok, "docker": docker, "workers": workers}
+        if redis_ok:
+            with contextlib.suppress(CTFError):
+                loads = self.dispatcher.host_loads()
+                body["hosts"] = {"alive": sum(h.alive for h in loads), "total": len(loads)}
+        return body, redis_ok and workers > 0 and docker is not False
+
+    def _refresh(self) -> None:
+        try:
+            measured = self._measure()
+            with self._lock:
+                self._cached, self._at = measured, time.monotonic()
+        finally:
+            self._refreshing = False
+
+    def peek(self) -> tuple[dict[str, Any], bool] | None:
+        """Return the last answer at once (refreshing it in the background when stale).
+
+        ``None`` only before the first answer exists: call :meth:`snapshot` then.
+        """
         with self._lock:
-            if time.monotonic() - self._at < self.ttl:
-                return self._cached
-            redis_ok = self.dispatcher.store.ping()
-            workers = self._workers() if redis_ok else 0
-            docker: bool | str = self._driver.ping() if self._driver is not None else "n/a"
-            body: dict[str, Any] = {"redis": redis_ok, "docker": docker, "workers": workers}
-            if redis_ok:
-                with contextlib.suppress(CTFError):
-                    loads = self.dispatcher.host_loads()
-                    body["hosts"] = {"alive": sum(h.alive for h in loads), "total": len(loads)}
-            self._cached = (body, redis_ok and workers > 0 and docker is not False)
-            self._at = time.monotonic()
+            if self._cached is not None and time.monotonic() - self._at >= self.ttl \
+                    and not self._refreshing:
+                self._refreshing = True
+                threading.Thread(target=self._refresh, name="healthz", daemon=True).start()
             return self._cached
+
+    def snapshot(self) -> tuple[dict[str, Any], bool]:
+        """Return ``({"redis", "docker", "workers"}, usable)``, measuring it the first time."""
+        cached = self.peek()
+        if cached is not None:
+            return cached
+        with self._first:  # the first callers wait for one measurement, not one each
+            if self._cached is None:
+                self._refreshing = True
+                self._refresh()
+        assert self._cached is not None
+        return self._cached
 
     def close(self) -> None:
         """Close the Docker client."""
         if self._driver is not None:
             self._driver.close()
+
+
+class WaitSlots:
+    """Bounds the requests that wait for their task at once, per team and in all.
+
+    Used on the event loop only (no lock needed). A request over a bound is refused before
+    anything is sent, so a refused ``?wait`` leaves nothing behind.
+    """
+
+    def __init__(self, per_team: int, total: int) -> None:
+        self.per_team = per_team
+        self.total = total
+        self.used: dict[str, int] = {}
+        self.used_total = 0
+
+    def take(self, team_id: str) -> None:
+        """Take a slot for ``team_id``'s waiting request.
+
+        Raises:
+            RateLimited: the team already has ``per_team`` requests waiting.
+            BackendUnavailable: the API already holds ``total`` waiting requests.
+
+        """
+        if self.used.get(team_id, 0) >= self.per_team:
+            raise RateLimited(
+                f"team {team_id} already has {self.per_team} requests waiting for their task "
+                "(CTF_API_MAX_WAITS_PER_TEAM); send it without ?wait and follow "
+                "GET /api/v1/tasks/{task_id}, or wait for one to finish"
+            )
+        if self.used_total >= self.total:
+            raise BackendUnavailable(
+                f"the API already holds {self.total} requests waiting for their task "
+                "(CTF_API_MAX_WAITS); send it without ?wait and follow "
+                "GET /api/v1/tasks/{task_id}, or try again shortly"
+            )
+        self.used[team_id] = self.used.get(team_id, 0) + 1
+        self.used_total += 1
+
+    def give_back(self, team_id: str) -> None:
+        """Return the slot taken by :meth:`take`."""
+        self.used_total -= 1
+        left = self.used.get(team_id, 1) - 1
+        if left > 0:
+            self.used[team_id] = left
+        else:
+            self.used.pop(team_id, None)
+
+    @contextlib.contextmanager
+    def held(self, team_id: str) -> Iterator[None]:
+        """Hold a slot for the block (see :meth:`take`)."""
+        self.take(team_id)
+        try:
+            yield
+        finally:
+            self.give_back(team_id)
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -280,7 +397,7 @@ Wait = Annotated[float | None, Query(
 _bearer = HTTPBearer(auto_error=False, description="the admin token or a team token")
 
 
-def _who(
+async def _who(
     request: Request,
     creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> Principal:
@@ -359,10 +476,14 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     disp = dispatcher or Dispatcher(settings)
     metrics = ApiMetrics(disp.store, disp.catalog)
     health = Health(settings, disp)
+    waiter = AsyncWaiter(disp, settings.api_max_waits)
+    slots = WaitSlots(settings.api_max_waits_per_team, settings.api_max_waits)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await waiter.open()
         yield
+        await waiter.close()
         health.close()
         disp.close()
 
@@ -379,7 +500,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.state.metrics = metrics
     _install_error_handlers(app)
     app.add_middleware(GuardMiddleware, metrics=metrics)
-    _instance_routes(app, disp, metrics)
+    _instance_routes(app, disp, metrics, waiter, slots)
     _admin_routes(app, disp)
     _operations_routes(app, health, metrics)
     if STATIC_DIR.is_dir():
@@ -396,31 +517,59 @@ def _failed(metrics: ApiMetrics, task: str, view: TaskView) -> CTFError:
     return view.error
 
 
-def _instance_routes(app: FastAPI, disp: Dispatcher, metrics: ApiMetrics) -> None:
-    """Register the routes of one team's instances (admin or that team)."""
+async def _send_then_wait(
+    slots: WaitSlots, waiter: AsyncWaiter, team_id: str, wait: float | None,
+    send: Callable[[], tuple[str, dict[str, Any]]],
+) -> tuple[str, dict[str, Any], TaskView | None]:
+    """Run ``send`` in the thread pool, then (with ``wait``) wait for its task in a slot.
+
+    Returns:
+        The task id, the instance so far, and the last view (``None`` without ``wait``).
+
+    Raises:
+        RateLimited, BackendUnavailable: no slot to wait in (nothing was sent).
+
+    """
+    if wait is None:
+        task_id, so_far = await run_in_threadpool(send)
+        return task_id, so_far, None
+    with slots.held(team_id):
+        task_id, so_far = await run_in_threadpool(send)
+        return task_id, so_far, await waiter.wait(task_id, wait)
+
+
+def _instance_routes(
+    app: FastAPI, disp: Dispatcher, metrics: ApiMetrics, waiter: AsyncWaiter, slots: WaitSlots
+) -> None:
+    """Register the routes of one team's instances (admin or that team).
+
+    They are coroutines: the quick parts (Redis reads, sending the task) run in the thread
+    pool, and a wait runs on the event loop (:class:`AsyncWaiter`), holding no thread.
+    """
 
     @app.put("/api/v1/teams/{team_id}/instances/{challenge}", status_code=202,
              responses={**_ERRORS, 200: {"description": "the running instance (with ?wait)"}},
              tags=["instances"])
-    def start_instance(
+    async def start_instance(
         team_id: TeamId, challenge: ChallengeId, who: Who, wait: Wait = None
     ) -> JSONResponse:
         """Start the team's instance (idempotent): 202 with the task id and the instance so far.
 
         With ``?wait=N``: 200 with the running instance once it runs, the task's error when
-        it failed, or 202 when it is not done within N seconds.
+        it failed, or 202 when it is not done within N seconds. A start while another start
+        of the instance is pending answers that same task.
         """
         who.require_team(team_id)
         began = time.monotonic()
-        task_id, so_far = disp.start(challenge, team_id, who.team_id)
+        task_id, so_far, view = await _send_then_wait(
+            slots, waiter, team_id, wait, lambda: disp.start(challenge, team_id, who.team_id))
         metrics.tasks_sent.labels("start_container", challenge).inc()
-        if wait is None:
+        if view is None:
             return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
-        view = disp.wait(task_id, wait)
         if view.error is not None:
             raise _failed(metrics, "start_container", view)
         if not view.ready:
-            record = disp.store.get(challenge, team_id)
+            record = await run_in_threadpool(disp.store.get, challenge, team_id)
             current = record.public() if record else so_far
             return JSONResponse({"task_id": task_id, **current}, status_code=202)
         metrics.start_duration.labels(challenge).observe(time.monotonic() - began)
@@ -445,16 +594,16 @@ def _instance_routes(app: FastAPI, disp: Dispatcher, metrics: ApiMetrics) -> Non
     @app.delete("/api/v1/teams/{team_id}/instances/{challenge}", status_code=202,
                 responses={**_ERRORS, 200: {"description": "stopped (with ?wait)"}},
                 tags=["instances"])
-    def stop_instance(
+    async def stop_instance(
         team_id: TeamId, challenge: ChallengeId, who: Who, wait: Wait = None
     ) -> JSONResponse:
         """Stop and remove the instance: 202, or 200 with ``?wait=N``; 404 when there is none."""
         who.require_team(team_id)
-        task_id, so_far = disp.stop(challenge, team_id, who.team_id)
+        task_id, so_far, view = await _send_then_wait(
+            slots, waiter, team_id, wait, lambda: disp.stop(challenge, team_id, who.team_id))
         metrics.tasks_sent.labels("stop_container", challenge).inc()
-        if wait is None:
+        if view is None:
             return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
-        view = disp.wait(task_id, wait)
         if view.error is not None:
             raise _failed(metrics, "stop_container", view)
         if not view.ready:
@@ -463,12 +612,25 @@ def _instance_routes(app: FastAPI, disp: Dispatcher, metrics: ApiMetrics) -> Non
 
     @app.post("/api/v1/teams/{team_id}/instances/{challenge}/extend", responses=_ERRORS,
               tags=["instances"])
-    def extend_instance(team_id: TeamId, challenge: ChallengeId, who: Who) -> JSONResponse:
-        """Push ``expires_at`` out by the challenge's ttl, up to its maximum lifetime."""
+    async def extend_instance(team_id: TeamId, challenge: ChallengeId, who: Who) -> JSONResponse:
+        """Push ``expires_at`` out by the challenge's ttl, up to its maximum lifetime.
+
+        200 with the instance once extended (it waits a few seconds), else 202 with the task.
+        """
         who.require_team(team_id)
-        task_id = disp.extend(challenge, team_id, who.team_id)
-        metrics.tasks_sent.labels("extend_container", challenge).inc()
-        view = disp.wait(task_id, EXTEND_WAIT)
+        try:
+            slots.take(team_id)
+        except CTFError:
+            # No slot to wait in: the extend is still sent, and followed through its task.
+            task_id = await run_in_threadpool(disp.extend, challenge, team_id, who.team_id)
+            metrics.tasks_sent.labels("extend_container", challenge).inc()
+            return JSONResponse({"task_id": task_id, "state": "PENDING"}, status_code=202)
+        try:
+            task_id = await run_in_threadpool(disp.extend, challenge, team_id, who.team_id)
+            metrics.tasks_sent.labels("extend_container", challenge).inc()
+            view = await waiter.wait(task_id, EXTEND_WAIT)
+        finally:
+            slots.give_back(team_id)
         if view.error is not None:
             raise _failed(metrics, "extend_container", view)
         if not view.ready:
@@ -557,9 +719,11 @@ def _operations_routes(app: FastAPI, health: Health, metrics: ApiMetrics) -> Non
 
     @app.get("/healthz", tags=["operations"],
              responses={503: {"description": "Redis down or no worker answers"}})
-    def healthz() -> JSONResponse:
+    async def healthz() -> JSONResponse:
         """Report Redis, Docker (``"n/a"`` when the API has no engine) and live workers."""
-        body, usable = health.snapshot()
+        cached = health.peek()
+        body, usable = cached if cached is not None else await run_in_threadpool(
+            health.snapshot)
         return JSONResponse(body, status_code=200 if usable else 503)
 
     @app.get("/metrics", tags=["operations"], response_class=Response)

@@ -6,7 +6,14 @@ import re
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from celery_app.config_files import describe, read_yaml
 from celery_app.errors import CatalogError, UnknownChallenge
@@ -22,6 +29,22 @@ ALLOWED_CAPS = frozenset(
 )
 _MEMORY_RE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _size_bytes(value: str) -> int:
+    match = _MEMORY_RE.match(value)
+    assert match is not None
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _check_size(value: object, what: str, minimum: int) -> str:
+    """Return ``value`` normalised when it is a size (like 64m) of at least ``minimum``."""
+    text = str(value).strip().lower()
+    match = _MEMORY_RE.match(text)
+    if not match or int(match.group(1)) * _UNITS[match.group(2).lower()] < minimum:
+        raise ValueError(f"{what} must be a size of at least {minimum // 1024**2}m, like 64m "
+                         "or 1g")
+    return text
 
 
 class Challenge(BaseModel):
@@ -47,6 +70,12 @@ class Challenge(BaseModel):
     command: list[str] | None = None
     # What the instance may reach beyond its team network (SPEC §7): nothing, or the internet.
     egress: Literal["none", "internet"] = "none"
+    # What an instance may write (a shell must not fill the host's disk): a read-only root
+    # filesystem and size-limited tmpfs mounts by default; ``storage`` limits the writable
+    # layer instead where the engine supports it (overlay2 on xfs with pquota).
+    read_only: bool = True
+    tmpfs: dict[str, str] = Field(default_factory=lambda: {"/tmp": "64m"})  # noqa: S108
+    storage: str | None = None
 
     @field_validator("memory")
     @classmethod
@@ -55,6 +84,38 @@ class Challenge(BaseModel):
         if not match or int(match.group(1)) * _UNITS[match.group(2).lower()] < 6 * 1024**2:
             raise ValueError("must be a size of at least 6m, like 256m or 1g")
         return str(value).strip().lower()
+
+    @field_validator("tmpfs")
+    @classmethod
+    def _check_tmpfs(cls, value: dict[str, str]) -> dict[str, str]:
+        checked = {}
+        for path, size in value.items():
+            if not path.startswith("/") or path == "/" or ".." in path.split("/") \
+                    or "," in path or ":" in path:
+                raise ValueError(f"{path!r} must be an absolute path below / (like /tmp)")
+            checked[path] = _check_size(size, f"size of {path}", 1024**2)
+        return checked
+
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, value: str | None) -> str | None:
+        return None if value is None else _check_size(value, "storage", 64 * 1024**2)
+
+    @model_validator(mode="after")
+    def _check_writable(self) -> Challenge:
+        if self.storage is not None and self.read_only:
+            raise ValueError("'storage' limits a writable root filesystem: set read_only: false")
+        return self
+
+    @property
+    def tmpfs_bytes(self) -> dict[str, int]:
+        """The tmpfs mounts: path -> size in bytes."""
+        return {path: _size_bytes(size) for path, size in self.tmpfs.items()}
+
+    @property
+    def storage_bytes(self) -> int | None:
+        """The writable layer's size limit in bytes, when set."""
+        return None if self.storage is None else _size_bytes(self.storage)
 
     @field_validator("health_path")
     @classmethod
@@ -99,6 +160,8 @@ DEFAULT_CATALOG: dict[str, dict[str, Any]] = {
         "health_path": "/",
         "memory": "512m",
         "env": {"JAVA_OPTS": "-Xmx256m"},
+        # Writes in its own folders: a read-only root would break it (README, "Disk").
+        "read_only": False,
     },
     "juice-shop": {
         "name": "OWASP Juice Shop",
@@ -109,6 +172,8 @@ DEFAULT_CATALOG: dict[str, dict[str, Any]] = {
         "memory": "512m",
         "env": {"NODE_ENV": "ctf"},
         "flag_env": "CTF_KEY",
+        # Writes its database and logs inside /juice-shop (README, "Disk").
+        "read_only": False,
     },
 }
 
@@ -184,7 +249,51 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> C
         challenges[cid] = challenge.model_copy(
             update={"name": challenge.name or cid, "ttl": ttl, "max_lifetime": max_lifetime}
         )
+    _check_names_unambiguous(list(challenges), source)
     return Catalog(challenges)
+
+
+def name_clash(short: str, long: str) -> str | None:
+    """Return a team id whose ``short`` instance is named like another team's ``long`` one.
+
+    Container names are ``ctf-<challenge>-<team>`` (SPEC §4). Two different instances share
+    one name exactly when ``long`` is ``short + "-" + rest`` and team ``rest + "-" + t`` is a
+    valid team id for some team ``t``: that needs ``rest`` to start with a letter or digit
+    (a team id's first character); its length always fits, since ids are at most 63
+    characters. Then ``ctf-<short>-<rest>-t`` is both team ``rest-t``'s ``short`` and team
+    ``t``'s ``long``.
+
+    Args:
+        short: one challenge id.
+        long: another, longer one.
+
+    Returns:
+        An example team id that clashes (``rest + "-x"``), or ``None`` when none can.
+
+    """
+    prefix = short + "-"
+    if not long.startswith(prefix) or len(long) == len(prefix):
+        return None
+    rest = long[len(prefix):]
+    return f"{rest}-x" if rest[0].isascii() and rest[0].isalnum() else None
+
+
+def _check_names_unambiguous(ids: list[str], source: str) -> None:
+    """Refuse two challenge ids whose instances could get one container name.
+
+    Raises:
+        CatalogError: naming both ids and an example of the clash.
+
+    """
+    for short in ids:
+        for long in ids:
+            team = name_clash(short, long) if len(short) < len(long) else None
+            if team is not None:
+                raise CatalogError(
+                    f"{source}: challenge ids {short!r} and {long!r} can give two instances one "
+                    f"container name: team {team!r}'s {short} and team 'x''s {long} would both "
+                    f"be ctf-{short}-{team}; rename one of them (e.g. {long.replace('-', '_')!r})"
+                )
 
 
 def load_catalog(settings: Settings) -> Catalog:

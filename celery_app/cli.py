@@ -23,6 +23,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -77,7 +78,8 @@ def exit_code_for(exc: CTFError) -> int:
 
 
 def _fail(exc: CTFError) -> NoReturn:
-    err.print(f"[bold red]error[/] ({exc.code}): {exc.detail}", highlight=False)
+    # escape: a failed start quotes the container's output, which is not ours to style
+    err.print(f"[bold red]error[/] ({exc.code}): {escape(exc.detail)}", highlight=False)
     raise typer.Exit(exit_code_for(exc))
 
 
@@ -89,7 +91,7 @@ def _errors() -> Iterator[None]:
     except CTFError as exc:
         _fail(exc)
     except ValidationError as exc:
-        err.print(f"[bold red]invalid settings[/]: {exc}", highlight=False)
+        err.print(f"[bold red]invalid settings[/]: {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -128,12 +130,14 @@ def _instance_table(instances: list[dict[str, Any]], title: str | None = None) -
     table.add_column("url", overflow="fold")
     for inst in instances:
         status = str(inst.get("status", ""))
+        # Every value is escaped: an error quotes container output, which may look like markup.
         table.add_row(
-            str(inst.get("team_id", "")), str(inst.get("challenge", "")),
-            f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]",
+            escape(str(inst.get("team_id", ""))), escape(str(inst.get("challenge", ""))),
+            f"[{_STATUS_STYLE.get(status, 'white')}]{escape(status)}[/]",
             _in(inst["expires_at"]) if inst.get("expires_at") else "-",
-            str(inst.get("host", "")) + ("" if inst.get("host_up", True) else " [red](down)[/]"),
-            str(inst.get("url") or inst.get("error") or "-"),
+            escape(str(inst.get("host", "")))
+            + ("" if inst.get("host_up", True) else " [red](down)[/]"),
+            escape(str(inst.get("url") or inst.get("error") or "-")),
         )
     return table
 
@@ -414,7 +418,7 @@ def janitor(
                                                   else "")
                 )
                 for line in summary.errors:
-                    err.print(f"[yellow]warning[/]: {line}")
+                    err.print(f"[yellow]warning[/]: {escape(line)}")
             if once:
                 raise typer.Exit(EXIT_ERROR if summary.errors else EXIT_OK)
             time.sleep(settings.janitor_interval)
@@ -434,13 +438,13 @@ def check() -> None:
         if settings.hosts_file is not None:
             known.get_host(settings.host)
     except CatalogError as exc:
-        err.print(f"[bold red]catalog error[/]: {exc.detail}", highlight=False)
+        err.print(f"[bold red]catalog error[/]: {escape(exc.detail)}", highlight=False)
         raise typer.Exit(EXIT_ERROR) from None
     except HostsFileError as exc:
-        err.print(f"[bold red]hosts file error[/]: {exc.detail}", highlight=False)
+        err.print(f"[bold red]hosts file error[/]: {escape(exc.detail)}", highlight=False)
         raise typer.Exit(EXIT_ERROR) from None
     except ValidationError as exc:
-        err.print(f"[bold red]settings error[/]: {exc}", highlight=False)
+        err.print(f"[bold red]settings error[/]: {escape(str(exc))}", highlight=False)
         raise typer.Exit(EXIT_ERROR) from None
     source = settings.challenges_file or "the default catalog"
     err.print(f"ok: {len(catalog)} challenge(s) from {source}: {', '.join(catalog.ids())}",

@@ -17,16 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from celery import Celery
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from celery_app import errors
 from celery_app.catalog import Catalog, Challenge, load_catalog
-from celery_app.errors import CTFError, InstanceNotFound
+from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached
 from celery_app.hosts import HostLoad, Hosts, host_loads, host_of, load_hosts, present
-from celery_app.models import Instance
-from celery_app.naming import check_team_id
+from celery_app.models import Instance, iso
+from celery_app.naming import check_team_id, instance_key
 from celery_app.routing import host_queue
 from celery_app.settings import Settings
 from celery_app.state import StateStore, map_redis_errors
@@ -34,6 +36,22 @@ from celery_app.state import StateStore, map_redis_errors
 TASK_PREFIX = "celery_app.tasks."
 # Who sent a task: kept as long as Celery keeps results (celery_config.result_expires).
 TASK_OWNER_TTL = 86400
+# A pending marker (ctf:pending:<kind>:<ch>/<team>) outlives its task's wait in the queue; a
+# finished task's marker is ignored at once, so this only bounds a task whose message was lost.
+PENDING_TTL = 600
+# The answer to a start of an instance that already runs (no task is sent): one result per
+# instance and container, refreshed by each such request, gone this long after the last.
+NOOP_TTL = 300
+# Replace KEYS[1] by ARGV[2] (or delete it when ARGV[2] is empty) only if it still holds
+# ARGV[1] ('' = absent): a compare-and-set, so of two racing senders exactly one sends.
+_SWAP = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false then cur = '' end
+if cur ~= ARGV[1] then return cur end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1])
+else redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3])) end
+return false
+"""
 ADMIN_OWNER = "*admin*"
 # Celery states in which a task has finished.
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -172,6 +190,7 @@ class Dispatcher:
         self.hosts = hosts or load_hosts(settings)
         self.store = store or make_store(settings)
         self.celery = celery or make_celery(settings)
+        self._swap = self.store.redis.register_script(_SWAP)
 
     def close(self) -> None:
         """Release the broker, backend and Redis connections."""
@@ -210,22 +229,24 @@ class Dispatcher:
 
     def send(
         self, task: str, args: list[Any], owner: str | None, queue: str,
-        kwargs: dict[str, Any] | None = None,
+        kwargs: dict[str, Any] | None = None, task_id: str | None = None,
     ) -> str:
         """Send ``celery_app.tasks.<task>`` and remember who sent it.
 
         Args:
             task: the task's short name, e.g. ``start_container``.
             args: its positional arguments.
-            owner: the team that asked, or ``None`` for the admin.
+            owner: the team the task concerns (it and the admin may read the task), or
+                ``None`` for a task only the admin may read.
             queue: the queue to send it to.
             kwargs: its keyword arguments.
+            task_id: the id to send it under (a new one when ``None``).
 
         Returns:
             The task id.
 
         """
-        task_id = str(uuid.uuid4())
+        task_id = task_id or str(uuid.uuid4())
         # Recorded first, so a client polling the id right after cannot see a 404.
         with map_redis_errors("record task owner"):
             self.store.redis.set(f"ctf:task:{task_id}", json.dumps(
@@ -258,16 +279,125 @@ class Dispatcher:
         """
         return present(instances, self.store, self.hosts)
 
+    # -- coalescing: one pending task per instance and kind ---------------------------------
+
+    @staticmethod
+    def _pending_key(kind: str, challenge: str, team_id: str) -> str:
+        # kind "run" holds the latest start or stop (they supersede each other), "extend"
+        # the latest extend.
+        return f"ctf:pending:{kind}:{instance_key(challenge, team_id)}"
+
+    def finished(self, task_id: str) -> bool:
+        """Whether the result backend says ``task_id`` has finished (unknown ids have not)."""
+        meta = self.celery.backend.get_task_meta(task_id)
+        return str(meta.get("status", "PENDING")) in READY_STATES
+
+    def _pending(self, key: str) -> tuple[str, dict[str, str] | None]:
+        """Return the marker's raw value and, while its task has not finished, the marker."""
+        with map_redis_errors("read pending task"):
+            raw = str(self.store.redis.get(key) or "")
+        if not raw:
+            return "", None
+        marker = json.loads(raw)
+        if self.finished(str(marker.get("task_id", ""))):
+            return raw, None
+        return raw, {"op": str(marker.get("op")), "task_id": str(marker.get("task_id"))}
+
+    def _swap_marker(self, key: str, expected: str, new: str) -> bool:
+        with map_redis_errors("record pending task"):
+            return self._swap(keys=[key], args=[expected, new, PENDING_TTL]) is None
+
+    def _coalesced(
+        self, kind: str, op: str, challenge: str, team_id: str, send: Callable[[str], None],
+    ) -> tuple[str, bool]:
+        """Send ``op`` unless the same op of this instance is pending; return (task id, sent).
+
+        1. a pending task of the same op (not finished in the result backend) is the answer;
+        2. otherwise a marker naming a new task id replaces what was there, by
+           compare-and-set (of racing duplicates exactly one gets past this step);
+        3. ``send(task_id)`` counts the rate limit, registers the intent and sends; when it
+           fails, the marker is put back as it was, so nothing points at a task never sent.
+        """
+        key = self._pending_key(kind, challenge, team_id)
+        for _ in range(8):
+            raw, marker = self._pending(key)
+            if marker is not None and marker["op"] == op:
+                return marker["task_id"], False
+            task_id = str(uuid.uuid4())
+            mine = json.dumps({"op": op, "task_id": task_id})
+            if not self._swap_marker(key, raw, mine):
+                continue  # another request changed it meanwhile: look again
+            try:
+                send(task_id)
+            except BaseException:
+                with contextlib.suppress(CTFError, redis.RedisError):
+                    self._swap_marker(key, mine, raw)
+                raise
+            return task_id, True
+        raise errors.InstanceBusy(
+            f"requests for {challenge} of team {team_id} keep changing; try again shortly"
+        )
+
+    def _rate_limit(self, team_id: str) -> None:
+        """Count one start/stop that will do real work (before it is queued)."""
+        self.store.hit_rate(team_id, self.settings.rate_limit_count,
+                            self.settings.rate_limit_window)
+
+    def _noop_start(self, record: Instance) -> str:
+        """Answer a start of a running instance without a task; return its (reused) id.
+
+        The result is written where Celery keeps task results, under an id derived from
+        the instance and its container, so a loop of such starts rewrites one short-lived
+        entry instead of adding a task and a result per request.
+        """
+        task_id = str(uuid.uuid5(uuid.NAMESPACE_URL,
+                                 f"ctf-noop-start:{record.key}:{record.container_id}"))
+        backend = self.celery.backend
+        with map_redis_errors("answer start"):
+            self.store.redis.set(f"ctf:task:{task_id}", json.dumps(
+                {"owner": record.team_id, "task": "start_container"}), ex=NOOP_TTL)
+            backend.store_result(task_id, record.public(), "SUCCESS")
+            backend.client.expire(backend.get_key_for_task(task_id), NOOP_TTL)
+        return task_id
+
     def start(self, challenge: str, team_id: str, owner: str | None) -> tuple[str, dict[str, Any]]:
-        """Send a start; return the task id and the instance so far."""
+        """Start the instance; return the task id and the instance so far.
+
+        A start while another start of it is pending answers that task; a start of an
+        instance that runs (on a live host, with no stop pending) sends nothing and answers
+        it at once. Only a start that will do work counts against the rate limit.
+
+        Args:
+            challenge: a catalog id.
+            team_id: the team.
+            owner: who asked (``None``: the admin). Requests coalesce, so the task belongs
+                to the instance's team whoever asked: that team and the admin may read it.
+
+        Returns:
+            The task id and the instance so far.
+
+        Raises:
+            RateLimited: the team made too many starts/stops lately (nothing was sent).
+
+        """
         self.validate(challenge, team_id)
         record = self.store.get(challenge, team_id)
-        # The request's place in line is taken now, on arrival: when starts and stops of one
-        # instance race, the one that arrived last wins (see InstanceService.start).
-        intent = self.store.register_intent(challenge, team_id, "start")
-        task_id = self.send("start_container", [challenge, team_id], owner,
-                            self.queue_for(record, f"{challenge}/{team_id}"),
-                            {"intent": intent})
+        if record is not None and record.status == "running" and record.container_id:
+            _raw, marker = self._pending(self._pending_key("run", challenge, team_id))
+            shown = self.present([record])[0]
+            if marker is None and "host_up" not in shown:
+                return self._noop_start(record), record.public()
+
+        def send(task_id: str) -> None:
+            self._rate_limit(team_id)
+            # The request's place in line is taken now, on arrival: when starts and stops
+            # of one instance race, the one that arrived last wins (InstanceService.start).
+            intent = self.store.register_intent(challenge, team_id, "start")
+            self.send("start_container", [challenge, team_id], team_id,
+                      self.queue_for(record, f"{challenge}/{team_id}"), {"intent": intent},
+                      task_id=task_id)
+
+        task_id, _sent = self._coalesced("run", "start", challenge, team_id, send)
         if record is not None and record.status != "failed":
             so_far = record.public()
         else:
@@ -277,25 +407,51 @@ class Dispatcher:
     def stop(self, challenge: str, team_id: str, owner: str | None) -> tuple[str, dict[str, Any]]:
         """Send a stop of an existing instance; return the task id and the instance so far.
 
+        A stop while another stop of it is pending answers that task; ``owner`` as for
+        :meth:`start`.
+
         Raises:
             InstanceNotFound: Redis has no record of it (nothing is sent).
+            RateLimited: the team made too many starts/stops lately (nothing was sent).
 
         """
         record = self.instance(challenge, team_id)
-        intent = self.store.register_intent(challenge, team_id, "stop")
-        task_id = self.send("stop_container", [challenge, team_id], owner,
-                            self.queue_for(record), {"intent": intent})
+
+        def send(task_id: str) -> None:
+            self._rate_limit(team_id)
+            intent = self.store.register_intent(challenge, team_id, "stop")
+            self.send("stop_container", [challenge, team_id], team_id, self.queue_for(record),
+                      {"intent": intent}, task_id=task_id)
+
+        task_id, _sent = self._coalesced("run", "stop", challenge, team_id, send)
         return task_id, {**record.public(), "status": "stopping"}
 
     def extend(self, challenge: str, team_id: str, owner: str | None) -> str:
         """Send an extend of an existing instance; return the task id.
 
+        An extend while another is pending answers that task; one already at its maximum
+        lifetime is refused here, without a task; ``owner`` as for :meth:`start`.
+
         Raises:
             InstanceNotFound: Redis has no record of it (nothing is sent).
+            MaxLifetimeReached: it already lives until its maximum lifetime.
 
         """
+        ch = self.catalog.get(challenge)
         record = self.instance(challenge, team_id)
-        return self.send("extend_container", [challenge, team_id], owner, self.queue_for(record))
+        assert ch.max_lifetime is not None
+        ceiling = record.started.timestamp() + ch.max_lifetime
+        if record.expires.timestamp() >= ceiling:
+            raise MaxLifetimeReached(
+                f"instance {record.container_name} already lives until {iso(record.expires)}, "
+                f"its maximum lifetime ({ch.max_lifetime} s); stop it and start a new one"
+            )
+
+        def send(task_id: str) -> None:
+            self.send("extend_container", [challenge, team_id], team_id, self.queue_for(record),
+                      task_id=task_id)
+
+        return self._coalesced("extend", "extend", challenge, team_id, send)[0]
 
     def owner_of(self, task_id: str) -> str | None:
         """Return who sent a task through us (a team id or ``ADMIN_OWNER``), or ``None``."""
@@ -307,19 +463,7 @@ class Dispatcher:
 
     def view(self, task_id: str) -> TaskView:
         """Return the task's state, progress, result or error (one backend read)."""
-        meta = self.celery.backend.get_task_meta(task_id)
-        state = str(meta.get("status", "PENDING"))
-        result = meta.get("result")
-        view = TaskView(task_id, state)
-        if state == "SUCCESS":
-            view.result = result
-        elif state == "FAILURE":
-            view.error = rebuild_error(result)
-        elif state == "REVOKED":
-            view.error = TaskFailed("the task was revoked before it finished; send it again")
-        elif state == "PROGRESS" and isinstance(result, dict):
-            view.progress = result
-        return view
+        return view_from_meta(task_id, self.celery.backend.get_task_meta(task_id))
 
     def exists(self, task_id: str) -> bool:
         """Whether the result backend has anything on ``task_id`` (unknown ids have nothing)."""
@@ -371,3 +515,92 @@ class Dispatcher:
         finally:
             with contextlib.suppress(Exception):
                 pubsub.close()
+
+
+def view_from_meta(task_id: str, meta: dict[str, Any]) -> TaskView:
+    """Return the view of a task from its result-backend meta (Celery's decoded record)."""
+    state = str(meta.get("status", "PENDING"))
+    result = meta.get("result")
+    view = TaskView(task_id, state)
+    if state == "SUCCESS":
+        view.result = result
+    elif state == "FAILURE":
+        view.error = rebuild_error(result)
+    elif state == "REVOKED":
+        view.error = TaskFailed("the task was revoked before it finished; send it again")
+    elif state == "PROGRESS" and isinstance(result, dict):
+        view.progress = result
+    return view
+
+
+class AsyncWaiter:
+    """Waits for tasks on the event loop: no thread is held while a request waits.
+
+    Each wait subscribes to the channel on which the Redis result backend publishes every
+    state it stores for the task (one connection from a bounded pool while it waits), and
+    reads the task's record after subscribing, so no change is missed.
+
+    Args:
+        dispatcher: supplies the result backend's URL, key names and decoding.
+        max_connections: connections the waits may hold at once (one per wait).
+
+    """
+
+    def __init__(self, dispatcher: Dispatcher, max_connections: int) -> None:
+        self.backend = dispatcher.celery.backend
+        self.url = dispatcher.settings.result_backend
+        self.max_connections = max_connections
+        self._client: redis.asyncio.Redis | None = None
+
+    def _connect(self) -> redis.asyncio.Redis:
+        return redis.asyncio.Redis.from_url(
+            self.url, socket_timeout=5, socket_connect_timeout=2,
+            max_connections=self.max_connections + 4,
+            retry=redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        )
+
+    async def open(self) -> None:
+        """Connect (on the running event loop; connections belong to one loop)."""
+        self._client = self._connect()
+
+    async def close(self) -> None:
+        """Close the connections."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def view(self, client: redis.asyncio.Redis, task_id: str) -> TaskView:
+        """Return the task's view (one GET on the result backend)."""
+        raw = await client.get(self.backend.get_key_for_task(task_id))
+        if not raw:
+            return TaskView(task_id, "PENDING")
+        return view_from_meta(task_id, self.backend.decode_result(raw))
+
+    async def wait(self, task_id: str, timeout: float) -> TaskView:
+        """Wait for the task to finish, or for ``timeout`` seconds; return the last view.
+
+        Raises:
+            RedisUnavailable: the result backend cannot be reached.
+
+        """
+        own = self._client is None  # no lifespan (a bare test client): a client of our own
+        client = self._connect() if own else self._client
+        assert client is not None
+        deadline = time.monotonic() + timeout
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            with map_redis_errors("wait for task"):
+                await pubsub.subscribe(self.backend.get_key_for_task(task_id))
+                while True:
+                    view = await self.view(client, task_id)
+                    remaining = deadline - time.monotonic()
+                    if view.ready or remaining <= 0:
+                        return view
+                    # woken by the next stored state; re-read at least once a second anyway
+                    await pubsub.get_message(timeout=min(remaining, 1.0))
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            if own:
+                with contextlib.suppress(Exception):
+                    await client.aclose()

@@ -22,6 +22,7 @@ import requests.exceptions
 
 from celery_app.errors import (
     CapacityExhausted,
+    CatalogError,
     CTFError,
     DockerUnavailable,
     ImageNotFound,
@@ -117,6 +118,26 @@ def map_docker_errors(what: str) -> Iterator[None]:
         ) from exc
 
 
+# A tmpfs the image's own VOLUMEs get when the root filesystem is read-only, so they cannot
+# grow without bound on the host's disk either.
+VOLUME_TMPFS_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """How much an instance may write, and where (catalog: read_only, tmpfs, storage).
+
+    ``read_only``: the root filesystem is read-only; writes go to the ``tmpfs`` mounts
+    (path -> size in bytes; tmpfs pages count against the container's memory limit too).
+    ``storage_bytes``: a writable-layer size limit (``storage_opt size``), which only some
+    engines support (overlay2 on xfs with pquota, btrfs, zfs).
+    """
+
+    read_only: bool = False
+    tmpfs: dict[str, int] = field(default_factory=dict)
+    storage_bytes: int | None = None
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """Everything needed to create one hardened instance container."""
@@ -135,6 +156,7 @@ class ContainerSpec:
     port_range: str | None = None
     command: list[str] | None = None
     hostname: str | None = None
+    filesystem: Filesystem = field(default_factory=Filesystem)
 
 
 @dataclass(frozen=True)
@@ -322,14 +344,30 @@ class DockerDriver:
                 return False
             return True
 
-    def image_exposed_port(self, image: str) -> int | None:
-        """Return the lowest TCP port the image EXPOSEs, or ``None``."""
+    def _image_config(self, image: str) -> dict[str, Any]:
         with map_docker_errors(f"inspect image {image}"):
             try:
                 attrs = self.client.api.inspect_image(image)
             except docker.errors.ImageNotFound:
                 raise ImageNotFound(f"image {image!r} is not present locally") from None
-        exposed = (attrs.get("Config") or {}).get("ExposedPorts") or {}
+        return dict(attrs.get("Config") or {})
+
+    def image_volumes(self, image: str) -> list[str]:
+        """Return the paths the image declares as VOLUMEs (anonymous volumes on run)."""
+        return sorted((self._image_config(image).get("Volumes") or {}).keys())
+
+    def _tmpfs(self, spec: ContainerSpec) -> dict[str, str] | None:
+        """Return the tmpfs mounts of ``spec``: its own, plus its image's VOLUMEs when read-only."""
+        fs = spec.filesystem
+        sizes = dict(fs.tmpfs)
+        if fs.read_only:
+            for path in self.image_volumes(spec.image):
+                sizes.setdefault(path, VOLUME_TMPFS_BYTES)
+        return {path: f"rw,nosuid,nodev,size={size}" for path, size in sizes.items()} or None
+
+    def image_exposed_port(self, image: str) -> int | None:
+        """Return the lowest TCP port the image EXPOSEs, or ``None``."""
+        exposed = self._image_config(image).get("ExposedPorts") or {}
         ports = sorted(int(k.split("/")[0]) for k in exposed if k.endswith("/tcp"))
         return ports[0] if ports else None
 
@@ -430,19 +468,32 @@ class DockerDriver:
                 type="json-file", config={"max-size": "10m", "max-file": "2"}
             ),
             restart_policy={"Name": "no"},
+            read_only=spec.filesystem.read_only,
+            tmpfs=self._tmpfs(spec),
+            storage_opt=({"size": str(spec.filesystem.storage_bytes)}
+                         if spec.filesystem.storage_bytes else None),
         )
         with map_docker_errors(f"create container {spec.name}"):
-            created = api.create_container(
-                image=spec.image,
-                name=spec.name,
-                command=spec.command,
-                environment=spec.env,
-                labels=spec.labels,
-                ports=[(spec.port, "tcp")],
-                host_config=host_config,
-                hostname=spec.hostname,
-                detach=True,
-            )
+            try:
+                created = api.create_container(
+                    image=spec.image,
+                    name=spec.name,
+                    command=spec.command,
+                    environment=spec.env,
+                    labels=spec.labels,
+                    ports=[(spec.port, "tcp")],
+                    host_config=host_config,
+                    hostname=spec.hostname,
+                    detach=True,
+                )
+            except docker.errors.APIError as exc:
+                if spec.filesystem.storage_bytes and "storage-opt" in str(exc.explanation):
+                    raise CatalogError(
+                        f"{spec.name}: the catalog's field 'storage' cannot be applied: this "
+                        f"Docker engine cannot limit the writable layer ({exc.explanation}); "
+                        "remove 'storage' and use read_only with tmpfs sizes instead"
+                    ) from None
+                raise
         container_id = created["Id"]
         try:
             with map_docker_errors(f"start container {spec.name}"):

@@ -22,6 +22,7 @@ from celery_app.docker_driver import (
     ContainerInfo,
     ContainerSpec,
     DockerDriver,
+    Filesystem,
     ProgressFn,
     carries,
     check_ours,
@@ -363,6 +364,7 @@ class InstanceService:
             env=env, memory_bytes=ch.memory_bytes, nano_cpus=int(ch.cpus * 1e9), pids=ch.pids,
             cap_add=ch.cap_add, publish_ip=self.settings.publish_ip,
             port_range=self.settings.port_range, command=ch.command, hostname=ch.id,
+            filesystem=Filesystem(ch.read_only, ch.tmpfs_bytes, ch.storage_bytes),
         )
 
     def _own_container(self, name: str, challenge: str, team_id: str) -> ContainerInfo | None:

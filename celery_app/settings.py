@@ -13,16 +13,28 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PullPolicy = Literal["if-not-present", "always", "never"]
+# Shorter secrets can be brute-forced offline from one team token or flag (HMAC keys).
+MIN_SECRET_LENGTH = 32
+GENERATE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"  # noqa: S105
 
 
 class Settings(BaseSettings):
     """Every setting of the instancer; environment names are in each field's alias."""
 
-    model_config = SettingsConfigDict(env_prefix="CTF_", populate_by_name=True, extra="ignore")
+    # hide_input_in_errors: a refused secret must not be echoed into a log by the error.
+    model_config = SettingsConfigDict(env_prefix="CTF_", populate_by_name=True, extra="ignore",
+                                      hide_input_in_errors=True)
 
     broker_url: str = Field(
         "redis://localhost:6379/0", validation_alias=AliasChoices("CELERY_BROKER_URL", "broker_url")
@@ -81,6 +93,10 @@ class Settings(BaseSettings):
     # More IPv4 addresses or CIDRs (comma-separated) no instance may reach, even with
     # ``egress: internet``: other Docker hosts, Redis, the API when they have public addresses.
     egress_deny: str = ""
+    # Requests of one team (and of everyone) the API holds waiting at once (?wait=N); more
+    # are refused at once (429 / 503) before anything is sent. A wait holds no thread.
+    api_max_waits_per_team: int = Field(8, ge=1)
+    api_max_waits: int = Field(500, ge=1)
 
     @field_validator("port_range")
     @classmethod
@@ -126,6 +142,22 @@ class Settings(BaseSettings):
                         f"CTF_EGRESS_DENY must list IPv4 addresses or CIDRs separated by commas, "
                         f"got {part!r}"
                     ) from None
+        return value
+
+    @field_validator("admin_token", "flag_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            return None
+        length = len(value.get_secret_value().strip())
+        if length < MIN_SECRET_LENGTH:
+            env = f"CTF_{str(info.field_name).upper()}"
+            raise ValueError(
+                f"{env} (or CTF_DATA_DIR/{info.field_name}) is {length} characters long; "
+                f"it must be at least {MIN_SECRET_LENGTH} (a short secret lets anyone derive "
+                f"every team's token and flag). Generate one with: {GENERATE_SECRET}, or "
+                f"unset {env} to have one generated into CTF_DATA_DIR/{info.field_name}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -208,7 +240,8 @@ def load_settings(**overrides: object) -> Settings:
     """Build the settings from the environment, then fill in missing secrets.
 
     Secrets that are not set are generated on first run and kept in ``CTF_DATA_DIR``
-    (``admin_token``, ``flag_secret``), so a restart keeps them.
+    (``admin_token``, ``flag_secret``), so a restart keeps them. A secret shorter than
+    ``MIN_SECRET_LENGTH`` characters (set or read from its file, empty included) is refused.
 
     Args:
         **overrides: field values that win over the environment (tests use these).
@@ -221,13 +254,12 @@ def load_settings(**overrides: object) -> Settings:
 
     """
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    updates: dict[str, SecretStr] = {}
+    generated: dict[str, str] = {}
     if settings.admin_token is None:
-        updates["admin_token"] = SecretStr(
-            _read_or_create_secret(settings.data_dir / "admin_token")
-        )
+        generated["admin_token"] = _read_or_create_secret(settings.data_dir / "admin_token")
     if settings.flag_secret is None:
-        updates["flag_secret"] = SecretStr(
-            _read_or_create_secret(settings.data_dir / "flag_secret")
-        )
-    return settings.model_copy(update=updates) if updates else settings
+        generated["flag_secret"] = _read_or_create_secret(settings.data_dir / "flag_secret")
+    if not generated:
+        return settings
+    # Built again with the files' values, so a short secret written by hand is refused too.
+    return Settings(**{**overrides, **generated})  # type: ignore[arg-type]

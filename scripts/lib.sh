@@ -164,31 +164,69 @@ add_redis_password() {
     say "Redis listens on ${CTF_REDIS_BIND} and requires the password in $DATA_DIR/redis_password"
 }
 
-redis_up() { timeout 3 redis-cli -h "$1" -p "$2" ping 2>/dev/null | grep -q PONG; }
+# url_auth URL: print the URL's scheme, user name and password (percent-decoded), one a line.
+url_auth() {
+    python3 - "$1" <<'PY'
+import sys
+from urllib.parse import unquote, urlsplit
+u = urlsplit(sys.argv[1])
+print(u.scheme)
+print(unquote(u.username or ""))
+print(unquote(u.password or ""))
+PY
+}
+
+# redis_ping URL: print Redis's answer to PING at URL, authenticating as the URL says. The
+# password goes through REDISCLI_AUTH, never on a command line (ps would show it).
+redis_ping() {
+    local host port scheme user pass
+    read -r host port < <(url_host_port "$1")
+    { IFS= read -r scheme; IFS= read -r user; IFS= read -r pass; } < <(url_auth "$1")
+    (
+        [ -n "$pass" ] && export REDISCLI_AUTH="$pass"
+        opts=(-h "$host" -p "$port")
+        [ -n "$user" ] && [ -n "$pass" ] && opts+=(--user "$user")
+        [ "$scheme" = rediss ] && opts+=(--tls)
+        timeout 3 redis-cli "${opts[@]}" ping 2>&1
+    )
+}
+
+# redis_up URL: whether Redis answers at URL; dies when it answers but refuses our password.
+redis_up() {
+    local answer
+    answer="$(redis_ping "$1" || true)"
+    case "$answer" in
+        *PONG*) return 0 ;;
+        *NOAUTH*|*WRONGPASS*|*"invalid password"*|*"invalid username-password"*)
+            die "Redis at $(url_host_port "$1" | tr ' ' :) refuses the URL's password (or needs one): fix the password in the URL" ;;
+    esac
+    return 1
+}
 
 # ensure_redis URL: start a local redis-server when none answers at URL.
 ensure_redis() {
-    local host port auth=() REDISCLI_AUTH
+    local host port auth=() pass
     read -r host port < <(url_host_port "$1")
-    # The URL's password is what our Redis requires; redis-cli reads it from the environment.
-    REDISCLI_AUTH="$(url_password "$1")"
-    export REDISCLI_AUTH
-    redis_up "$host" "$port" && return 0
-    case "$host" in localhost|127.0.0.1|::1) ;; *) die "Redis at $1 does not answer; start it first" ;; esac
+    redis_up "$1" && return 0
+    case "$host" in localhost|127.0.0.1|::1) ;; *) die "Redis at $host:$port does not answer; start it first" ;; esac
     command -v redis-server >/dev/null 2>&1 || die "no redis-server: run ./setup-celery.sh as root"
     mkdir -p "$CTF_RUN_DIR" "$DATA_DIR/redis"
-    if [ -n "$REDISCLI_AUTH" ]; then
+    pass="$(url_password "$1")"
+    if [ -n "$pass" ]; then
         # requirepass from a file of mode 0600: on the command line, ps would show it.
-        (umask 077 && printf 'requirepass "%s"\n' "$REDISCLI_AUTH" >"$DATA_DIR/redis/auth.conf")
+        (umask 077 && printf 'requirepass "%s"\n' "$pass" >"$DATA_DIR/redis/auth.conf")
         auth=("$DATA_DIR/redis/auth.conf")
     elif ! redis_bind_is_loopback; then
         die "Redis would listen on ${CTF_REDIS_BIND} without a password: put one in the URL"
     fi
     say "starting redis-server on ${CTF_REDIS_BIND:-127.0.0.1} port $port${auth:+ (password required)} (data in $DATA_DIR/redis)"
+    # noeviction: when full, Redis refuses writes (the API answers 503) but never drops the
+    # instance index or a lock; any volatile-* policy could evict locks, which carry TTLs.
     redis-server "${auth[@]}" --bind ${CTF_REDIS_BIND:-127.0.0.1} --port "$port" --dir "$DATA_DIR/redis" --appendonly yes \
+        --maxmemory "${CTF_REDIS_MAXMEMORY:-1gb}" --maxmemory-policy noeviction \
         --daemonize no --logfile "$CTF_RUN_DIR/redis.log" &
     echo $! >"$CTF_RUN_DIR/redis.pid"
     local i
-    for i in $(seq 1 50); do redis_up "$host" "$port" && return 0; sleep 0.1; done
+    for i in $(seq 1 50); do redis_up "$1" && return 0; sleep 0.1; done
     die "redis-server did not come up; see $CTF_RUN_DIR/redis.log"
 }

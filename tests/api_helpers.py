@@ -9,7 +9,7 @@ from conftest import TEST_LABEL
 
 from celery_app.auth import team_token
 
-ADMIN_TOKEN = "test-admin-token"  # what conftest.base_env gives the worker
+ADMIN_TOKEN = "test-admin-token-0123456789abcdefghij"  # what conftest.base_env gives the worker
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 

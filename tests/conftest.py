@@ -209,7 +209,7 @@ def base_env(redis_server: RedisServer, catalog_file: Path, data_dir: Path) -> d
         "CTF_MAX_INSTANCES_PER_TEAM": "5",
         "CTF_JANITOR_INTERVAL": "1",
         "CTF_ORPHAN_GRACE": "2",
-        "CTF_ADMIN_TOKEN": "test-admin-token",
+        "CTF_ADMIN_TOKEN": "test-admin-token-0123456789abcdefghij",
         # The egress firewall is machine-wide kernel state, shared with every other run on
         # this engine: tests/test_egress.py turns it on (its default) for a pool of its own.
         "CTF_EGRESS_FIREWALL": "off",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import docker
 import pytest
+from ci import unavailable
 from conftest import RUN_ID, cleanup_docker, wait_for
 
 
@@ -199,7 +200,7 @@ def second_engine(images: dict[str, str], label: dict[str, str], index: int = 0,
     With ``tls``, its API is on :2376 and demands a client certificate from our own CA.
     """
     if os.geteuid() != 0 or not shutil.which("dockerd") or not shutil.which("nsenter"):
-        pytest.skip("a second engine needs root, dockerd and nsenter")
+        unavailable("a second engine needs root, dockerd and nsenter")
     subnet = 20 + (os.getpid() + 37 * index) % 200
     tag = f"{str(os.getpid())[-6:]}{index}"
     engine = SecondEngine(netns=f"ctft{tag}", veth=f"ctfv{tag}", address=f"10.250.{subnet}.2",

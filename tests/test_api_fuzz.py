@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import schemathesis
 from api_helpers import ADMIN, our_containers, team_headers
+from conftest import RUN_ID, wait_for
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -88,3 +89,68 @@ def test_fuzz_authorization_header(fuzz_app: FastAPI, header: str, path: str) ->
         response = client.get(path, headers={"Authorization": encoded})
     check_response(response)
     assert response.status_code == 401
+
+
+TEAMS = ["fuzz-a", "fuzz-b"]
+OPS = st.tuples(
+    st.sampled_from(["start", "stop", "extend", "get", "task"]),
+    st.sampled_from(["web", "exposed", "slow", "crash", "short"]),
+    st.sampled_from(TEAMS),
+    st.sampled_from([None, 0.5, 5.0]),
+)
+
+
+def _drain(client: TestClient, task_ids: set[str], docker_client: Any) -> None:
+    """Let every task sent finish, stop what runs, and check nothing is left in Docker."""
+    def finished() -> bool:
+        states = [client.get(f"/api/v1/tasks/{t}", headers=ADMIN).json().get("state")
+                  for t in task_ids]
+        return all(state in ("SUCCESS", "FAILURE", "REVOKED") for state in states)
+
+    wait_for(finished, 120, 0.2, "every task the fuzz run sent to finish")
+    for team in TEAMS:
+        listed = client.get(f"/api/v1/teams/{team}/instances", headers=ADMIN).json()
+        for inst in listed["instances"]:
+            r = client.delete(f"/api/v1/teams/{team}/instances/{inst['challenge']}?wait=60",
+                              headers=ADMIN)
+            assert r.status_code in (200, 404), r.text
+    wait_for(lambda: our_containers(docker_client) == [], 60, 0.2,
+             "no container of the fuzz run left")
+    nets = docker_client.networks.list(filters={"label": [f"ctf.test={RUN_ID}"]})
+    assert [n.name for n in nets if n.name.startswith("ctf-team-fuzz-")] == []
+
+
+def test_fuzz_real_starts_and_stops_leave_nothing(fuzz_app: FastAPI, docker_client: Any) -> None:
+    """Random real starts, stops and extends answer no 5xx but 503 and leave nothing behind."""
+    task_ids: set[str] = set()
+    with TestClient(fuzz_app) as client:
+
+        @settings(max_examples=12, deadline=None, database=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                         HealthCheck.too_slow])
+        @given(ops=st.lists(OPS, min_size=1, max_size=6))
+        def run(ops: list[tuple[str, str, str, float | None]]) -> None:
+            for op, challenge, team, wait in ops:
+                headers = team_headers(team)
+                path = f"/api/v1/teams/{team}/instances/{challenge}"
+                query = f"?wait={wait}" if wait is not None else ""
+                if op == "start":
+                    r = client.put(path + query, headers=headers)
+                elif op == "stop":
+                    r = client.delete(path + query, headers=headers)
+                elif op == "extend":
+                    r = client.post(path + "/extend", headers=headers)
+                elif op == "get":
+                    r = client.get(path, headers=headers)
+                else:
+                    r = client.get(f"/api/v1/teams/{team}/instances", headers=headers)
+                check_response(r)
+                body = r.json()
+                if isinstance(body, dict) and "task_id" in body:
+                    task_ids.add(body["task_id"])
+                    own = client.get(f"/api/v1/tasks/{body['task_id']}", headers=headers)
+                    assert own.status_code == 200, own.text  # the team may follow its task
+
+        run()
+        assert task_ids  # real work was sent, so "nothing left" means something
+        _drain(client, task_ids, docker_client)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from celery_app.catalog import load_catalog
+from celery_app.catalog import Catalog, load_catalog, name_clash
 from celery_app.errors import CatalogError, HostsFileError
 from celery_app.hosts import load_hosts
+from celery_app.naming import TEAM_ID_RE, container_name
 from celery_app.settings import Settings
 
 
@@ -48,6 +49,59 @@ def test_default_catalog_has_the_two_spec_challenges(tmp_path: Path) -> None:
     assert catalog.get("todo-app").port == 8080
     shop = catalog.get("juice-shop")
     assert (shop.port, shop.flag_env, shop.env["NODE_ENV"]) == (3000, "CTF_KEY", "ctf")
+
+
+def _catalog_of(tmp_path: Path, *ids: str) -> Catalog:
+    path = tmp_path / "challenges.yaml"
+    path.write_text("challenges:\n" + "".join(f"  {cid}: {{image: x}}\n" for cid in ids))
+    return load_catalog(_settings(tmp_path, challenges_file=path))
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("web", "web-2"), ("web-2", "web"), ("a", "a-b-c"), ("web", "web-X_y"),
+])
+def test_catalog_with_ids_that_can_share_a_container_name_is_refused(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """``web`` and ``web-2`` are refused: team 2-x's web and team x's web-2 share one name."""
+    with pytest.raises(CatalogError) as caught:
+        _catalog_of(tmp_path, first, second, "other")
+    message = caught.value.detail
+    assert repr(first) in message
+    assert repr(second) in message
+    assert "rename" in message
+
+
+@pytest.mark.parametrize("ids", [("web", "web_2"), ("web", "webapp"), ("web", "web--2"),
+                                 ("web", "web-_2"), ("web-", "web")])
+def test_catalog_with_ids_that_never_share_a_name_is_accepted(
+    tmp_path: Path, ids: tuple[str, ...]
+) -> None:
+    """Ids that are prefixes of one another but can never give one name are accepted."""
+    assert _catalog_of(tmp_path, *ids).ids() == list(ids)
+
+
+def test_clash_rule_matches_an_exhaustive_search() -> None:
+    """The refusal rule agrees with every id pair and team id over a small alphabet."""
+    alphabet = "a1-_"
+
+    def words(max_len: int) -> list[str]:
+        found = [""]
+        for _ in range(max_len):
+            found += [w + c for w in found if len(w) == len(found[-1]) for c in alphabet]
+        return sorted({w for w in found if TEAM_ID_RE.fullmatch(w)})
+
+    ids, teams = words(3), words(5)
+    names = {cid: {container_name(cid, team) for team in teams} for cid in ids}
+    for short in ids:
+        for long in ids:
+            if len(short) >= len(long):
+                continue
+            clash = bool(names[short] & names[long])
+            example = name_clash(short, long)
+            assert (example is not None) == clash, (short, long)
+            if example is not None:
+                assert container_name(short, example) == container_name(long, "x")
 
 
 @pytest.mark.parametrize(("body", "expected"), [

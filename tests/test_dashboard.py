@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import uvicorn
 from api_helpers import ADMIN, ADMIN_TOKEN, our_containers, team_headers
+from ci import unavailable
 from conftest import ROOT, free_port, wait_for
 from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
 
@@ -48,7 +49,7 @@ expect.set_options(timeout=20_000)
 def browser() -> Iterator[Browser]:
     """Debian's Chromium, headless, driven by Playwright."""
     if not CHROMIUM.exists():
-        pytest.skip("chromium is missing: run ./setup-celery.sh --dev (apt-get install chromium)")
+        unavailable("chromium is missing: run ./setup-celery.sh --dev (apt-get install chromium)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b

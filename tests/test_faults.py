@@ -217,6 +217,8 @@ def test_interleaved_starts_and_stops_end_as_the_last_request(
         redis_url=worker_env["CTF_REDIS_URL"], challenges_file=worker_env["CTF_CHALLENGES_FILE"],
         data_dir=Path(worker_env["CTF_DATA_DIR"]), extra_labels=TEST_LABEL,
         admin_token=ADMIN_TOKEN,
+        # the Dispatcher counts the rate limit now: the worker's limit, as the API tests have
+        rate_limit_count=int(worker_env["CTF_RATE_LIMIT_COUNT"]),
     )
     disp = Dispatcher(settings)
     team = f"flip{uuid.uuid4().hex[:5]}"
