@@ -25,6 +25,7 @@ from celery_app import errors
 from celery_app.catalog import Catalog, Challenge, load_catalog
 from celery_app.errors import CTFError, InstanceNotFound
 from celery_app.hosts import HostLoad, Hosts, host_loads, load_hosts, pick_host, present
+from celery_app.ingress import Ingress
 from celery_app.models import Instance
 from celery_app.naming import check_team_id
 from celery_app.routing import host_queue
@@ -258,7 +259,8 @@ class Dispatcher:
         None is shown as running on a host whose worker is gone (see
         :func:`celery_app.hosts.present`).
         """
-        return present(instances, self.store, self.hosts)
+        ingress = Ingress(self.settings)  # access_url: a fresh short-lived link (SPEC §11)
+        return [ingress.with_access(d) for d in present(instances, self.store, self.hosts)]
 
     def start(self, challenge: str, team_id: str, owner: str | None) -> tuple[str, dict[str, Any]]:
         """Send a start; return the task id and the instance so far."""
