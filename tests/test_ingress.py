@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import threading
@@ -384,3 +385,68 @@ def test_host_answers_404_after_stop(stack: Stack) -> None:
              "the stopped instance's host to answer 404")
     assert not (stack.settings.data_dir / "ingress" / "dynamic"
                 / f"{inst['container_name']}.yml").exists()
+
+
+# -- the dashboard ----------------------------------------------------------------------------
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.browser
+def test_dashboard_open_flow_in_chromium(stack: Stack) -> None:
+    """In Chromium (*.instances.test mapped to this machine) Start then Open shows the challenge.
+
+    The organiser's dashboard opens another team's instance the same way; with no access,
+    the instance's host shows the 401 page pointing back to the dashboard.
+    """
+    if not CHROMIUM.exists():
+        pytest.skip("chromium is missing: run ./setup-celery.sh --dev")
+    from playwright.sync_api import expect, sync_playwright  # noqa: PLC0415  # browser only
+
+    team = f"delta-{_RUN}"
+    args = ["--no-sandbox", "--disable-gpu", "--no-first-run",
+            f"--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            context = browser.new_context(base_url=stack.api)
+            context.set_default_timeout(60_000)
+            page = context.new_page()
+            page.goto(f"/#token={team_token(ADMIN_TOKEN, team)}")
+            card = page.locator('article[data-challenge="echo"]')
+            card.get_by_role("button", name="Start", exact=True).click()
+            link = card.get_by_role("link")
+            expect(link).to_have_attribute("href", re.compile(
+                rf"^http://[a-z2-7]{{16}}\.{re.escape(DOMAIN)}:{stack.http_port}/_ctf/access/"),
+                timeout=60_000)
+            with context.expect_page() as opened:
+                link.click()
+            challenge = opened.value
+            expect(challenge.locator("body")).to_contain_text("hello from the echo challenge")
+            assert challenge.url == f"{host_url(link.get_attribute('href'))}/"
+            # A browser without the cookie (another person) gets the 401 page, no content.
+            stranger = browser.new_context()
+            other = stranger.new_page()
+            response = other.goto(challenge.url)
+            assert response is not None and response.status == 401
+            expect(other.get_by_role("link", name="Open the instances dashboard")).to_be_visible()
+            assert "echo challenge" not in other.content()
+            # The organiser's dashboard opens the team's instance too.
+            admin = stranger.new_page()
+            admin.goto(f"{stack.api}/#token={ADMIN_TOKEN}")
+            row_link = admin.locator("tr", has_text=team).get_by_role("link")
+            with stranger.expect_page() as opened_by_admin:
+                row_link.click()
+            expect(opened_by_admin.value.locator("body")).to_contain_text("echo challenge")
+            stranger.close()
+            context.close()
+        finally:
+            browser.close()
+
+
+def host_url(link: str | None) -> str:
+    """The scheme, host and port of a link."""
+    assert link is not None
+    scheme, rest = link.split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}"

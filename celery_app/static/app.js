@@ -502,6 +502,9 @@
         setBusy(b);
       });
       state.instances.set(id, inst);
+      // Behind the ingress the API mints a fresh access link in every listing (a task's
+      // result has none): fetch it now so Open works at once.
+      if (!inst.access_url) await refreshTeam().catch(() => {});
       announce(`${nameOf(id)} is running at ${inst.url}.`);
     }, "stop");
   }
