@@ -41,6 +41,7 @@ from celery_app.errors import (
 )
 from celery_app.flags import check_flag
 from celery_app.ingress import Ingress
+from celery_app.ingress.gate import Gate, GateFastPath
 from celery_app.ingress.gate import build_router as build_gate_router
 from celery_app.metrics import ApiMetrics
 from celery_app.models import Status
@@ -384,7 +385,10 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     _instance_routes(app, disp, metrics)
     _admin_routes(app, disp)
     _operations_routes(app, health, metrics)
-    app.include_router(build_gate_router(settings, app.state.admin_token))  # SPEC §11
+    # SPEC §11: the team gate (Traefik's forwardAuth), answered ahead of everything else.
+    gate = Gate(settings, app.state.admin_token)
+    app.include_router(build_gate_router(gate))
+    app.add_middleware(GateFastPath, gate=gate)
     if STATIC_DIR.is_dir():
         # Mounted last: every route above wins over a static file of the same path.
         app.router.routes.append(DashboardMount(
