@@ -47,11 +47,14 @@ def gate_url(settings: Settings) -> str:
 
 def static_config(settings: Settings, dynamic_dir: Path, log_file: Path | None) -> dict[str, Any]:
     """Return Traefik's static configuration (entry points, file provider, its API)."""
+    # No tracing, metrics or access logs on the players' entry points: none is configured,
+    # and Traefik wraps every request in their middlewares otherwise.
+    quiet = {"accessLogs": False, "tracing": False, "metrics": False}
     config: dict[str, Any] = {
         "global": {"checkNewVersion": False, "sendAnonymousUsage": False},
         "entryPoints": {
-            "web": {"address": settings.ingress_http_bind},
-            "websecure": {"address": settings.ingress_https_bind},
+            "web": {"address": settings.ingress_http_bind, "observability": quiet},
+            "websecure": {"address": settings.ingress_https_bind, "observability": quiet},
             # Traefik's API and ping: loopback only, for route checks and start-up.
             "traefik": {"address": settings.ingress_status_bind},
         },
