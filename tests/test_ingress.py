@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import ssl
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -27,7 +29,7 @@ from unittest import mock
 import docker
 import pytest
 import uvicorn
-from conftest import Worker, build_image, cleanup_docker, private_label
+from conftest import ROOT, Worker, build_image, cleanup_docker, private_label
 from ingress_support import DOCKERFILES, JUICE_VERSION, Answer, Traefik, get, image_files
 from support import RedisServer, free_port, wait_for
 
@@ -450,3 +452,51 @@ def host_url(link: str | None) -> str:
     assert link is not None
     scheme, rest = link.split("://", 1)
     return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+# -- the script -------------------------------------------------------------------------------
+
+
+def test_run_script_starts_traefik_and_stops_it_with_everything(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """CTF_INGRESS=traefik ./run-celery-worker.sh runs Traefik; SIGTERM stops it with the rest."""
+    http_port, https_port, status_port = (free_port() for _ in range(3))
+    data = tmp_path / "data"
+    broker = stack.settings.broker_url.rsplit("/", 1)[0]
+    env = {
+        **os.environ,
+        # Its own Redis databases: this worker must not take the stack worker's tasks.
+        "CELERY_BROKER_URL": f"{broker}/5", "CELERY_RESULT_BACKEND": f"{broker}/6",
+        "CTF_DATA_DIR": str(data), "CTF_CHALLENGES_FILE": str(stack.settings.challenges_file),
+        "CTF_EXTRA_LABELS": json.dumps(stack.label), "CTF_TEAM_SUBNET_POOL": POOL,
+        "CTF_INGRESS": "traefik", "CTF_INSTANCE_DOMAIN": DOMAIN,
+        "CTF_INGRESS_HTTP_BIND": f"127.0.0.1:{http_port}",
+        "CTF_INGRESS_HTTPS_BIND": f"127.0.0.1:{https_port}",
+        "CTF_INGRESS_STATUS_BIND": f"127.0.0.1:{status_port}",
+        "CTF_HOST": "local",
+    }
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(ROOT / "run-celery-worker.sh"), "--no-api"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    pidfile = data / "run" / "traefik.pid"
+    try:
+        wait_for(lambda: b"ready." in log.read_bytes() or proc.poll() is not None, 120, 0.2,
+                 "the worker to be ready")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        traefik_pid = int(pidfile.read_text())
+        answer = get("127.0.0.1", http_port, "/", {"Host": f"nothing.{DOMAIN}"})
+        assert answer.status == 404  # Traefik answers: no such instance
+        assert (data / "ingress" / "selfsigned.crt").is_file()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    assert not pidfile.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(traefik_pid, 0)
+    with pytest.raises(OSError):
+        get("127.0.0.1", http_port, "/", {"Host": f"nothing.{DOMAIN}"}, timeout=2)
