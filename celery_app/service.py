@@ -714,6 +714,8 @@ class InstanceService:
 
         Routes are written and removed by start and stop; this repairs what a crash in
         between left behind: a route for every running container of ours, none for the rest.
+        A route younger than ``CTF_ORPHAN_GRACE`` is left alone: a start writes its route
+        before its container exists.
         """
         if not self.ingress.enabled:
             return
@@ -725,8 +727,15 @@ class InstanceService:
                     if c.name == container_name(ch.id, c.team_id):
                         running[c.name] = (ch, c)
         for name in self.ingress.route_names() - set(running):
-            self.ingress.remove_route(name)
+            if self.ingress.route_age(name) >= self.settings.orphan_grace:
+                self.ingress.remove_route(name)
         for name, (ch, c) in running.items():
+            # Only for a live instance: a stop marks its record "stopping" before it removes
+            # the route, and must not see the route come back before the container goes.
+            record = self.store.get(ch.id, c.team_id)
+            if record is None or record.status not in ("running", "starting") \
+                    or record.container_id not in ("", c.id):
+                continue
             with contextlib.suppress(CTFError):
                 port = self._container_port(ch)
                 self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip), port)

@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -500,3 +501,19 @@ def test_run_script_starts_traefik_and_stops_it_with_everything(
         os.kill(traefik_pid, 0)
     with pytest.raises(OSError):
         get("127.0.0.1", http_port, "/", {"Host": f"nothing.{DOMAIN}"}, timeout=2)
+
+
+def test_janitor_repairs_routes_a_crash_left_behind(stack: Stack, alpha: dict[str, Any]) -> None:
+    """A lost route of a running instance comes back; a route without a container goes."""
+    dynamic = stack.settings.data_dir / "ingress" / "dynamic"
+    own = dynamic / f"{alpha['container_name']}.yml"
+    ghost = dynamic / f"ctf-echo-ghost-{_RUN}.yml"
+    ghost.write_text(own.read_text())
+    old = time.time() - 3600  # written long ago: not a start in progress
+    os.utime(ghost, (old, old))
+    own.unlink()
+    wait_for(lambda: own.exists() and not ghost.exists(), 30, 0.2,
+             "the janitor to rewrite the lost route and drop the stale one")
+    cookie = open_link(stack, alpha)
+    wait_for(lambda: stack.web(host_of(alpha["url"]), headers={"Cookie": cookie}).status == 200,
+             10, 0.05, "the rewritten route to serve the instance")

@@ -9,6 +9,7 @@ and the API use; ``python -m celery_app.ingress prepare`` writes Traefik's confi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,13 @@ class Ingress:
         if not self.dynamic_dir.is_dir():
             return set()
         return {p.stem for p in self.dynamic_dir.glob("ctf-*.yml")}
+
+    def route_age(self, container_name: str) -> float:
+        """Return how many seconds ago the route file was written (0 when there is none)."""
+        try:
+            return time.time() - self.route_file(container_name).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
 
     def probe(self, challenge: str, team_id: str, protocol: str,
               health_path: str) -> Callable[[float], bool]:
