@@ -124,6 +124,9 @@ class InstanceService:
         self._exposed_port_cache: dict[str, int] = {}
         # SPEC §11: with CTF_INGRESS=traefik instances sit behind this host's Traefik.
         self.ingress = Ingress(settings)
+        if self.ingress.enabled and not driver.is_local:
+            log.warning("CTF_INGRESS=traefik with the remote engine of host %s: Traefik must run "
+                        "on the Docker host to reach its containers; run this worker there", host)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -420,6 +423,7 @@ class InstanceService:
         why = (
             f"exited with code {current.exit_code}" if current and current.state == "exited"
             else f"did not answer on port {port} within {ch.start_timeout:.0f} s"
+            + (self.ingress.probe_hint() if self.ingress.enabled else "")
         )
         detail = (
             f"instance {inst.container_name} {why}; check the image and the catalog's port "

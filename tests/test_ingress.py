@@ -428,6 +428,12 @@ def test_dashboard_open_flow_in_chromium(stack: Stack) -> None:
             challenge = opened.value
             expect(challenge.locator("body")).to_contain_text("hello from the echo challenge")
             assert challenge.url == f"{host_url(link.get_attribute('href'))}/"
+            # A TCP instance shows the command that reaches it over TLS with SNI.
+            tcp = stack.start(team, "nc")
+            host = host_of(tcp["url"])
+            page.reload()
+            expect(page.locator('article[data-challenge="nc"] code.addr')).to_contain_text(
+                f"openssl s_client -quiet -connect {host}:{stack.https_port} -servername {host}")
             # A browser without the cookie (another person) gets the 401 page, no content.
             stranger = browser.new_context()
             other = stranger.new_page()

@@ -134,6 +134,13 @@ class Ingress:
 
         return http_check
 
+    def probe_hint(self) -> str:
+        """Say what a readiness check through the ingress needs (for a failed start)."""
+        gate = f" and the gate at {routes.gate_url(self.settings)} (the API)" if self.gated \
+            else ""
+        return (f" through the ingress (Traefik on {self.settings.ingress_http_bind} / "
+                f"{self.settings.ingress_https_bind}{gate} must be running)")
+
     # -- access links (the API) ---------------------------------------------------------------
 
     def access_url(self, url: str | None, team_id: str, principal: str | None = None) -> str | None:
