@@ -36,6 +36,8 @@ from support import RedisServer, free_port, wait_for
 
 from celery_app.api import create_app
 from celery_app.auth import team_token
+from celery_app.context import build_context
+from celery_app.errors import StartFailed
 from celery_app.ingress import tokens
 from celery_app.ingress.labels import label_of_host
 from celery_app.settings import Settings, load_settings
@@ -106,6 +108,12 @@ challenges:
     port: 8080
     ttl: 600
     start_timeout: 30
+  quick:
+    name: Header echo that gives up fast
+    image: {images['echo']}
+    port: 8080
+    ttl: 600
+    start_timeout: 4
   juice-shop:
     name: Juice Shop stand-in
     image: {images['juice']}
@@ -523,3 +531,18 @@ def test_janitor_repairs_routes_a_crash_left_behind(stack: Stack, alpha: dict[st
     cookie = open_link(stack, alpha)
     wait_for(lambda: stack.web(host_of(alpha["url"]), headers={"Cookie": cookie}).status == 200,
              10, 0.05, "the rewritten route to serve the instance")
+
+
+def test_readiness_goes_through_the_proxy(stack: Stack) -> None:
+    """With no Traefik where the entry point should be, an answering container never runs."""
+    settings = stack.settings.model_copy(
+        update={"ingress_http_bind": f"127.0.0.1:{free_port()}"})
+    ctx = build_context(settings)
+    team = f"echo-{_RUN}"
+    try:
+        with pytest.raises(StartFailed, match="through the ingress"):
+            ctx.service.start("quick", team)
+        assert not (settings.data_dir / "ingress" / "dynamic" / f"ctf-quick-{team}.yml").exists()
+        assert stack.docker.containers.list(all=True, filters={"name": f"ctf-quick-{team}"}) == []
+    finally:
+        ctx.driver.close()
