@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from pydantic import ValidationError
 
@@ -99,3 +100,19 @@ def test_bad_ingress_settings_are_refused(tmp_path: Path) -> None:
                 {"ingress_cert_file": tmp_path / "c.pem"}, {"ingress": "nginx"}):
         with pytest.raises(ValidationError):
             load_settings(flag_secret=SECRET, admin_token="a" * 40, data_dir=tmp_path, **bad)
+
+
+def test_without_the_gate_the_route_has_no_middleware_and_access_url_is_the_url(
+    tmp_path: Path,
+) -> None:
+    """CTF_INGRESS_AUTH=none: Traefik routes straight to the container; access_url is url."""
+    settings = load_settings(flag_secret=SECRET, admin_token="a" * 40, data_dir=tmp_path,
+                             ingress="traefik", ingress_auth="none")
+    ing = Ingress(settings)
+    ing.add_route("ctf-web-alpha", "web", "alpha", "http", "10.0.0.2", 8080)
+    config = yaml.safe_load(ing.route_file("ctf-web-alpha").read_text())
+    routers = config["http"]["routers"]
+    assert all(r["middlewares"] == [] for r in routers.values())
+    url = ing.url("web", "alpha", "http")
+    shown = ing.with_access({"status": "running", "url": url, "team_id": "alpha"})
+    assert shown["access_url"] == url
