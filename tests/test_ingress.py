@@ -187,24 +187,41 @@ def stack(docker_client: docker.DockerClient,
         redis_server.stop()
 
 
-@pytest.fixture(scope="module")
-def alpha(stack: Stack) -> dict[str, Any]:
-    """Team alpha's running echo instance (as the API shows it to alpha)."""
-    stack.start(ALPHA, "echo")
-    status, body = stack.call("GET", f"/api/v1/teams/{ALPHA}/instances/echo",
-                              {"Authorization": f"Bearer {team_token(ADMIN_TOKEN, ALPHA)}"})
-    assert status == 200
+def as_team(stack: Stack, team: str, challenge: str) -> dict[str, Any]:
+    """The instance as the API shows it to its team now (with a fresh access_url)."""
+    status, body = stack.call("GET", f"/api/v1/teams/{team}/instances/{challenge}",
+                              {"Authorization": f"Bearer {team_token(ADMIN_TOKEN, team)}"})
+    assert status == 200, body
     return dict(body)
 
 
 @pytest.fixture(scope="module")
-def bravo(stack: Stack) -> dict[str, Any]:
-    """Team bravo's running echo instance."""
-    return stack.start(BRAVO, "echo")
+def alpha_running(stack: Stack) -> None:
+    """Team alpha's echo instance, started once for the module."""
+    stack.start(ALPHA, "echo")
+
+
+@pytest.fixture(scope="module")
+def bravo_running(stack: Stack) -> None:
+    """Team bravo's echo instance, started once for the module."""
+    stack.start(BRAVO, "echo")
+
+
+@pytest.fixture
+def alpha(stack: Stack, alpha_running: None) -> dict[str, Any]:
+    """Team alpha's running echo instance, as alpha's API call shows it right now."""
+    return as_team(stack, ALPHA, "echo")
+
+
+@pytest.fixture
+def bravo(stack: Stack, bravo_running: None) -> dict[str, Any]:
+    """Team bravo's running echo instance, as bravo's API call shows it right now."""
+    return as_team(stack, BRAVO, "echo")
 
 
 def open_link(stack: Stack, inst: dict[str, Any], *, tls: bool = False) -> str:
-    """Follow the instance's access_url; return the access cookie it set (name=value)."""
+    """Follow a fresh access_url of the instance; return the access cookie it set."""
+    inst = as_team(stack, inst["team_id"], inst["challenge"])
     answer = stack.web(host_of(inst["url"]), path_of(inst["access_url"]), tls=tls)
     assert answer.status == 302, answer.text()
     scheme = "https" if tls else "http"
@@ -298,8 +315,11 @@ def test_organiser_opens_any_instance(stack: Stack, alpha: dict[str, Any],
     assert status == 200
     shown = {i["team_id"]: i for i in body["instances"]}
     for team in (ALPHA, BRAVO):
-        cookie = open_link(stack, shown[team])
-        assert stack.web(host_of(shown[team]["url"]), headers={"Cookie": cookie}).status == 200
+        host = host_of(shown[team]["url"])
+        answer = stack.web(host, path_of(shown[team]["access_url"]))  # the organiser's link
+        assert answer.status == 302
+        cookie = answer.set_cookies[0].split(";", 1)[0]
+        assert stack.web(host, headers={"Cookie": cookie}).status == 200
 
 
 def test_forged_link_and_cookie_get_403(stack: Stack, alpha: dict[str, Any]) -> None:
