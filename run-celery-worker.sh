@@ -3,6 +3,7 @@
 #   ./run-celery-worker.sh              worker, janitor and API on $CTF_API_BIND (127.0.0.1:8000)
 #   ./run-celery-worker.sh --no-api     worker and janitor only
 #   ./run-celery-worker.sh --host NAME  serve host NAME of $CTF_HOSTS_FILE (its queue)
+#   CTF_INGRESS=traefik ./run-celery-worker.sh   also this host's Traefik (SPEC §11)
 # Sets itself up on first run; Ctrl-C (SIGINT/SIGTERM) stops everything it started.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -16,7 +17,7 @@ while [ $# -gt 0 ]; do
         --no-api) api="" ;;
         --host) host="${2:?--host needs a name}"; shift ;;
         --host=*) host="${1#--host=}" ;;
-        -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
         *) extra+=("$1") ;;
     esac
     shift
@@ -50,6 +51,17 @@ fi
 
 # Fail fast on a bad catalog or settings, before anything else starts.
 "$VENV/bin/python" -m celery_app.cli check >&2 || exit 1
+
+# The ingress (CTF_INGRESS=traefik): this host's Traefik, routes from .data/ingress/dynamic.
+if [ "${CTF_INGRESS:-ports}" = traefik ]; then
+    traefik_log="$CTF_RUN_DIR/traefik-$host.log"
+    config="$("$VENV/bin/python" -m celery_app.ingress prepare --log "$traefik_log")" || exit 1
+    say "Traefik on ${CTF_INGRESS_HTTP_BIND:-127.0.0.1:8080} (http) and ${CTF_INGRESS_HTTPS_BIND:-127.0.0.1:8443} (https, tls); log: $traefik_log"
+    "$VENV/bin/traefik" --configfile="$config" >>"$traefik_log" 2>&1 &
+    echo $! >"$CTF_RUN_DIR/traefik.pid"
+    started+=(traefik)
+    "$VENV/bin/python" -m celery_app.ingress wait || exit 1
+fi
 
 queues="$("$VENV/bin/python" -m celery_app.cli queues --host "$host")"
 say "worker for host '$host' (queues: $queues); logs below"

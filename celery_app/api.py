@@ -42,6 +42,9 @@ from celery_app.errors import (
     TaskNotFound,
 )
 from celery_app.flags import check_flag
+from celery_app.ingress import Ingress
+from celery_app.ingress.gate import Gate, GateFastPath
+from celery_app.ingress.gate import build_router as build_gate_router
 from celery_app.metrics import ApiMetrics
 from celery_app.models import Status
 from celery_app.naming import TEAM_ID_RE
@@ -503,6 +506,10 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     _instance_routes(app, disp, metrics, waiter, slots)
     _admin_routes(app, disp)
     _operations_routes(app, health, metrics)
+    # SPEC §11: the team gate (Traefik's forwardAuth), answered ahead of everything else.
+    gate = Gate(settings, app.state.admin_token)
+    app.include_router(build_gate_router(gate))
+    app.add_middleware(GateFastPath, gate=gate)
     if STATIC_DIR.is_dir():
         # Mounted last: every route above wins over a static file of the same path.
         app.router.routes.append(DashboardMount(
@@ -573,7 +580,7 @@ def _instance_routes(
             current = record.public() if record else so_far
             return JSONResponse({"task_id": task_id, **current}, status_code=202)
         metrics.start_duration.labels(challenge).observe(time.monotonic() - began)
-        return JSONResponse(view.result, status_code=200)
+        return JSONResponse(Ingress(disp.settings).with_access(view.result), status_code=200)
 
     @app.get("/api/v1/teams/{team_id}/instances", responses=_ERRORS, tags=["instances"])
     def list_team_instances(team_id: TeamId, who: Who) -> dict[str, Any]:

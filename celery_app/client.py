@@ -27,6 +27,7 @@ from celery_app import errors
 from celery_app.catalog import Catalog, Challenge, load_catalog
 from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached
 from celery_app.hosts import HostLoad, Hosts, host_loads, host_of, load_hosts, present
+from celery_app.ingress import Ingress
 from celery_app.models import Instance, iso
 from celery_app.naming import check_team_id, instance_key
 from celery_app.routing import host_queue
@@ -277,7 +278,8 @@ class Dispatcher:
         None is shown as running on a host whose worker is gone (see
         :func:`celery_app.hosts.present`).
         """
-        return present(instances, self.store, self.hosts)
+        ingress = Ingress(self.settings)  # access_url: a fresh short-lived link (SPEC §11)
+        return [ingress.with_access(d) for d in present(instances, self.store, self.hosts)]
 
     # -- coalescing: one pending task per instance and kind ---------------------------------
 

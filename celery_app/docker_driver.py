@@ -157,6 +157,9 @@ class ContainerSpec:
     command: list[str] | None = None
     hostname: str | None = None
     filesystem: Filesystem = field(default_factory=Filesystem)
+    # The ingress (SPEC §11): no host port at all, and the address the route points to.
+    publish: bool = True
+    ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -455,7 +458,8 @@ class DockerDriver:
         api = self.client.api
         port_key = f"{spec.port}/tcp"
         host_config = api.create_host_config(
-            port_bindings={port_key: (spec.publish_ip, spec.port_range or "")},
+            port_bindings={port_key: (spec.publish_ip, spec.port_range or "")}
+            if spec.publish else None,
             network_mode=network_name(spec.team_id),
             cap_drop=["ALL"],
             cap_add=spec.cap_add or None,
@@ -485,6 +489,10 @@ class DockerDriver:
                     host_config=host_config,
                     hostname=spec.hostname,
                     detach=True,
+                    networking_config=api.create_networking_config({
+                        network_name(spec.team_id): api.create_endpoint_config(
+                            ipv4_address=spec.ip),
+                    }) if spec.ip else None,
                 )
             except docker.errors.APIError as exc:
                 if spec.filesystem.storage_bytes and "storage-opt" in str(exc.explanation):
@@ -611,6 +619,27 @@ class DockerDriver:
                     return False  # still in use: the next stop or the janitor removes it
                 raise
         return True
+
+    def free_address(self, name: str) -> str | None:
+        """Return the lowest address of network ``name`` that no container (or gateway) uses.
+
+        Callers hold the team's network lock, so no other start takes it meanwhile.
+        Returns ``None`` when the network is missing, has no IPv4 subnet, or is full.
+        """
+        with map_docker_errors(f"inspect network {name}"):
+            try:
+                attrs = self.client.api.inspect_network(name)
+            except docker.errors.NotFound:
+                return None
+        configs = [c for c in (attrs.get("IPAM") or {}).get("Config") or []
+                   if c.get("Subnet") and ":" not in c["Subnet"]]
+        if not configs:
+            return None
+        subnet = ipaddress.IPv4Network(configs[0]["Subnet"], strict=False)
+        used = {str(configs[0].get("Gateway") or next(subnet.hosts()))}
+        for endpoint in (attrs.get("Containers") or {}).values():
+            used.add(str(endpoint.get("IPv4Address", "")).split("/", 1)[0])
+        return next((str(a) for a in subnet.hosts() if str(a) not in used), None)
 
     def team_containers(self, team_id: str) -> list[ContainerInfo]:
         """Return every managed container of a team."""

@@ -157,6 +157,8 @@ class Janitor:
         live_teams = self._remove_orphan_containers(now, summary)
         # 4. orphan networks
         self._remove_orphan_networks(live_teams, summary, now, judged)
+        # 5. ingress routes (CTF_INGRESS=traefik): none left without its running container.
+        self.service.sync_routes()
 
     def _expired_here(
         self, at: float, skip: frozenset[str] | set[str] = frozenset()
@@ -219,6 +221,7 @@ class Janitor:
                 live_teams.add(c.team_id)
                 continue
             try:
+                svc.ingress.remove_route(c.name)
                 svc.driver.remove_container(c.id)
                 summary.orphan_containers.append(c.name)
             except CTFError as exc:

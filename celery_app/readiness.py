@@ -47,11 +47,29 @@ def wait_ready(
     Returns:
         ``True`` once it answered; ``False`` on timeout or when the container died.
     """
+    return wait_until(
+        lambda limit: probe_once(host, port, protocol, path, timeout=limit),
+        timeout, still_alive, first_delay, max_delay,
+    )
+
+
+def wait_until(
+    check: Callable[[float], bool],
+    timeout: float,
+    still_alive: Callable[[], bool] | None = None,
+    first_delay: float = 0.005,
+    max_delay: float = 0.25,
+) -> bool:
+    """Poll ``check(per_try_timeout)`` like :func:`wait_ready` (any probe: direct, ingress).
+
+    Returns:
+        ``True`` once it answered; ``False`` on timeout or when the container died.
+    """
     deadline = time.monotonic() + timeout
     delay = first_delay
     checks = 0
     while True:
-        if probe_once(host, port, protocol, path, timeout=min(2.0, max(timeout, 0.1))):
+        if check(min(2.0, max(timeout, 0.1))):
             return True
         checks += 1
         # Asking Docker whether the container died costs a round trip: not on every poll.

@@ -41,6 +41,7 @@ from celery_app.errors import (
 )
 from celery_app.firewall import EgressGuard
 from celery_app.flags import team_flag
+from celery_app.ingress import Ingress
 from celery_app.models import Instance, iso, parse_iso, utcnow
 from celery_app.naming import (
     LABEL_CHALLENGE,
@@ -54,7 +55,7 @@ from celery_app.naming import (
     container_name,
     network_name,
 )
-from celery_app.readiness import probe_once, wait_ready
+from celery_app.readiness import probe_once, wait_until
 from celery_app.settings import Settings
 from celery_app.state import StateStore, map_redis_errors
 
@@ -128,6 +129,11 @@ class InstanceService:
         self.scope_labels = {LABEL_MANAGED: "true", **settings.extra_labels}
         self._exposed_port_cache: dict[str, int] = {}
         self.egress = egress or EgressGuard(None, driver, "not configured")
+        # SPEC §11: with CTF_INGRESS=traefik instances sit behind this host's Traefik.
+        self.ingress = Ingress(settings)
+        if self.ingress.enabled and not driver.is_local:
+            log.warning("CTF_INGRESS=traefik with the remote engine of host %s: Traefik must run "
+                        "on the Docker host to reach its containers; run this worker there", host)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -181,7 +187,9 @@ class InstanceService:
             self._exposed_port_cache[ch.image] = port
         return self._exposed_port_cache[ch.image]
 
-    def _url(self, ch: Challenge, host_port: int | None) -> str | None:
+    def _url(self, ch: Challenge, team: str, host_port: int | None) -> str | None:
+        if self.ingress.enabled:
+            return self.ingress.url(ch.id, team, ch.protocol)
         if host_port is None:
             return None
         scheme = "http" if ch.protocol == "http" else "tcp"
@@ -359,12 +367,21 @@ class InstanceService:
         labels[LABEL_STARTED_AT] = inst.started_at
         labels[LABEL_EXPIRES_AT] = inst.expires_at
         labels[LABEL_EGRESS] = ch.egress
+        ip = None
+        if self.ingress.enabled:
+            # The route is written before the container exists, with the address the
+            # container will get (we hold the team's network lock): Traefik loads it while
+            # Docker creates and starts the container, not after.
+            ip = self.driver.free_address(network_name(team))
+            if ip is not None:
+                self.ingress.add_route(inst.container_name, ch.id, team, ch.protocol, ip, port)
         return ContainerSpec(
             name=inst.container_name, image=ch.image, port=port, team_id=team, labels=labels,
             env=env, memory_bytes=ch.memory_bytes, nano_cpus=int(ch.cpus * 1e9), pids=ch.pids,
             cap_add=ch.cap_add, publish_ip=self.settings.publish_ip,
             port_range=self.settings.port_range, command=ch.command, hostname=ch.id,
             filesystem=Filesystem(ch.read_only, ch.tmpfs_bytes, ch.storage_bytes),
+            publish=not self.ingress.enabled, ip=ip,
         )
 
     def _own_container(self, name: str, challenge: str, team_id: str) -> ContainerInfo | None:
@@ -385,28 +402,41 @@ class InstanceService:
     def _with_container(
         self, ch: Challenge, inst: Instance, info: ContainerInfo, port: int
     ) -> Instance:
-        """Return ``inst`` with the container's id, published ports and URL."""
+        """Return ``inst`` with the container's id, published ports and URL (and its route)."""
+        if self.ingress.enabled and info.ip:
+            # Unchanged when _spec already wrote it; written for an adopted container.
+            self.ingress.add_route(info.name, ch.id, inst.team_id, ch.protocol, info.ip, port)
         return inst.model_copy(update={
             "container_id": info.id,
             "ports": info.ports,
-            "url": self._url(ch, info.ports.get(f"{port}/tcp")),
+            "url": self._url(ch, inst.team_id, info.ports.get(f"{port}/tcp")),
         })
 
-    def _probe_target(self, info: ContainerInfo, port: int) -> tuple[str, int] | None:
+    def _probe_target(
+        self, ch: Challenge, info: ContainerInfo, port: int
+    ) -> Callable[[float], bool] | None:
+        """Return the readiness check of the container: ``check(timeout) -> answered``."""
+        if self.ingress.enabled:
+            # Through Traefik, the instance's route and the gate: what players will use.
+            return self.ingress.probe(ch.id, info.team_id, ch.protocol, ch.health_path)
         # On the engine's own machine the container's address is routable and probing it
         # avoids docker-proxy, which accepts TCP connections even when nothing listens.
         if self.driver.is_local and info.ip:
-            return info.ip, port
-        host_port = info.ports.get(f"{port}/tcp")
-        if host_port is None:
-            return None
-        return (self.settings.probe_host if self.driver.is_local else self.public_host), host_port
+            host, target_port = info.ip, port
+        else:
+            host_port = info.ports.get(f"{port}/tcp")
+            if host_port is None:
+                return None
+            host = self.settings.probe_host if self.driver.is_local else self.public_host
+            target_port = host_port
+        return lambda timeout: probe_once(host, target_port, ch.protocol, ch.health_path,
+                                          timeout=timeout)
 
     def _await_ready(
         self, ch: Challenge, info: ContainerInfo, inst: Instance, port: int,
         report: Callable[[dict[str, Any]], None], lock: Lock,
     ) -> Instance:
-        target = self._probe_target(info, port)
+        target = self._probe_target(ch, info, port)
 
         def alive() -> bool:
             # Called every few polls: renew our lock while we are demonstrably working.
@@ -417,9 +447,7 @@ class InstanceService:
 
         started = parse_iso(inst.started_at)
         remaining = max(1.0, ch.start_timeout - (utcnow() - started).total_seconds())
-        ready = target is not None and wait_ready(
-            target[0], target[1], ch.protocol, ch.health_path, remaining, still_alive=alive
-        )
+        ready = target is not None and wait_until(target, remaining, still_alive=alive)
         if ready:
             inst = inst.model_copy(update={"status": "running", "error": None})
             self.store.put(inst)
@@ -431,11 +459,13 @@ class InstanceService:
         why = (
             f"exited with code {current.exit_code}" if current and current.state == "exited"
             else f"did not answer on port {port} within {ch.start_timeout:.0f} s"
+            + (self.ingress.probe_hint() if self.ingress.enabled else "")
         )
         detail = (
             f"instance {inst.container_name} {why}; check the image and the catalog's port "
             f"and health_path" + (f". Last output: {logs[-500:]}" if logs else "")
         )
+        self.ingress.remove_route(inst.container_name)
         self.driver.remove_container(info.id)
         failed = inst.model_copy(update={
             "status": "failed", "error": detail, "container_id": info.id,
@@ -462,7 +492,8 @@ class InstanceService:
         return Instance(
             team_id=info.team_id, challenge=ch.id, status=status,
             container_name=info.name, container_id=info.id, host=self.host, ports=info.ports,
-            url=self._url(ch, info.ports.get(f"{port}/tcp")), started_at=iso(started),
+            url=self._url(ch, info.team_id, info.ports.get(f"{port}/tcp")),
+            started_at=iso(started),
             expires_at=iso(expires),
         )
 
@@ -523,7 +554,9 @@ class InstanceService:
                 )
             if record is not None:
                 self.store.put(record.model_copy(update={"status": "stopping"}))
-            # 4. container, then record: a crash in between leaves a record the janitor drops.
+            # 4. route, container, then record: a crash in between leaves a record the
+            #    janitor drops (and a route reconcile drops); the host answers 404 at once.
+            self.ingress.remove_route(name)
             if existing is not None:
                 self.egress.release(existing)  # before its address is free for another
                 self.driver.remove_container(existing.id)
@@ -669,6 +702,7 @@ class InstanceService:
                 summary.forgotten.append(key)
         for key, ch in suspects.items():
             self._reconcile_one(ch, key.split("/", 1)[1], now, summary)
+        self.sync_routes()
         self.mark_reconciled()
         log.info("reconcile host=%s %s", self.host, summary.as_dict())
         return summary
@@ -724,9 +758,42 @@ class InstanceService:
             summary.marked_failed.append(key)
 
     def _answers(self, ch: Challenge, info: ContainerInfo) -> bool:
-        target = self._probe_target(info, self._container_port(ch))
-        return target is not None and probe_once(target[0], target[1], ch.protocol,
-                                                 ch.health_path, timeout=1.0)
+        target = self._probe_target(ch, info, self._container_port(ch))
+        return target is not None and target(1.0)
+
+    def sync_routes(self) -> None:
+        """Make this host's routes match its running instance containers (ingress on).
+
+        Routes are written and removed by start and stop; this repairs what a crash in
+        between left behind: a route for every running container of ours, none for the rest.
+        A route younger than ``CTF_ORPHAN_GRACE`` is left alone: a start writes its route
+        before its container exists.
+        """
+        if not self.ingress.enabled:
+            return
+        running = {}
+        for c in self.driver.list_containers(self._labels_scope_host()):
+            if c.state == "running" and c.ip:
+                with contextlib.suppress(CTFError):
+                    ch = self.catalog.get(c.challenge)
+                    if c.name == container_name(ch.id, c.team_id):
+                        running[c.name] = (ch, c)
+        for name in self.ingress.route_names() - set(running):
+            if self.ingress.route_age(name) >= self.settings.orphan_grace:
+                self.ingress.remove_route(name)
+        for name, (ch, c) in running.items():
+            # Only for a live instance: a stop marks its record "stopping" before it removes
+            # the route, and must not see the route come back before the container goes.
+            record = self.store.get(ch.id, c.team_id)
+            if record is None or record.status not in ("running", "starting") \
+                    or record.container_id not in ("", c.id):
+                continue
+            with contextlib.suppress(CTFError):
+                port = self._container_port(ch)
+                self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip), port)
+
+    def _labels_scope_host(self) -> dict[str, str]:
+        return {**self.scope_labels, LABEL_HOST: self.host}
 
     def mark_reconciled(self) -> None:
         """Note in Redis that this host's index is complete (see :meth:`index_is_complete`)."""

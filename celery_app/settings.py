@@ -27,6 +27,8 @@ PullPolicy = Literal["if-not-present", "always", "never"]
 # Shorter secrets can be brute-forced offline from one team token or flag (HMAC keys).
 MIN_SECRET_LENGTH = 32
 GENERATE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"  # noqa: S105
+IngressMode = Literal["ports", "traefik"]
+IngressAuth = Literal["team", "none"]
 
 
 class Settings(BaseSettings):
@@ -97,6 +99,24 @@ class Settings(BaseSettings):
     # are refused at once (429 / 503) before anything is sent. A wait holds no thread.
     api_max_waits_per_team: int = Field(8, ge=1)
     api_max_waits: int = Field(500, ge=1)
+    # -- ingress (SPEC §11): instances behind Traefik, one host name each ---------------
+    # ports: published host ports (SPEC §4); traefik: no published port, one host per instance.
+    ingress: IngressMode = "ports"
+    ingress_http_bind: str = "127.0.0.1:8080"
+    ingress_https_bind: str = "127.0.0.1:8443"
+    # Traefik's own API (route checks, ping) on loopback; never expose it.
+    ingress_status_bind: str = "127.0.0.1:8082"
+    # Browsers resolve *.localhost to loopback: works on the organiser's machine unchanged.
+    instance_domain: str = "instances.localhost"
+    ingress_auth: IngressAuth = "team"
+    ingress_cert_file: Path | None = None
+    ingress_key_file: Path | None = None
+    # Where Traefik reaches the gate (forwardAuth); from CTF_API_BIND when not set.
+    ingress_gate_url: str | None = None
+    # Seconds an access link (access_url) stays valid; the cookie it sets lives longer.
+    ingress_link_ttl: int = Field(300, ge=10, le=3600)
+    # Where the 401 page sends players: the dashboard (from CTF_API_BIND when not set).
+    dashboard_url: str | None = None
 
     @field_validator("port_range")
     @classmethod
@@ -167,6 +187,37 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"CTF_TEAM_SUBNET_PREFIX /{self.team_subnet_prefix} is larger than the pool "
                 f"{pool}; use a prefix of at least /{pool.prefixlen}"
+            )
+        return self
+
+    @field_validator("ingress_http_bind", "ingress_https_bind", "ingress_status_bind")
+    @classmethod
+    def _check_bind(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"a CTF_INGRESS_*_BIND must look like 0.0.0.0:443, got {value!r}")
+        return value
+
+    @field_validator("instance_domain")
+    @classmethod
+    def _check_domain(cls, value: str) -> str:
+        domain = value.strip().strip(".").lower()
+        labels = domain.split(".")
+        if not domain or any(
+            not part or len(part) > 63 or not all(c.isalnum() or c == "-" for c in part)
+            for part in labels
+        ):
+            raise ValueError(
+                f"CTF_INSTANCE_DOMAIN must be a DNS name like ctf.example.org, got {value!r}"
+            )
+        return domain
+
+    @model_validator(mode="after")
+    def _check_cert_pair(self) -> Settings:
+        if (self.ingress_cert_file is None) != (self.ingress_key_file is None):
+            raise ValueError(
+                "set both CTF_INGRESS_CERT_FILE and CTF_INGRESS_KEY_FILE (a wildcard "
+                "certificate for *.CTF_INSTANCE_DOMAIN and its key), or neither"
             )
         return self
 

@@ -166,10 +166,20 @@
     }
   }
 
-  // "tcp://host:port" (no browser can open it) as "host:port", to copy into nc or a client.
+  // "tcp://host:port" (no browser can open it) as "host:port", to copy into nc or a client;
+  // behind the ingress "tls://host:port" (TLS with SNI) as the command that reaches it.
   function tcpAddress(url) {
     const m = /^tcp:\/\/([^/\s]+)$/.exec(url || "");
-    return m ? m[1] : null;
+    if (m) return m[1];
+    const t = /^tls:\/\/([A-Za-z0-9.-]+):(\d+)$/.exec(url || "");
+    return t ? `openssl s_client -quiet -connect ${t[1]}:${t[2]} -servername ${t[1]}`
+      + `  (or: ncat --ssl ${t[1]} ${t[2]})` : null;
+  }
+
+  // Behind the ingress's team gate an instance opens through its short-lived access link
+  // (it sets the access cookie, then shows the challenge); without it, through its URL.
+  function openUrl(inst) {
+    return safeUrl(inst && inst.access_url) || safeUrl(inst && inst.url);
   }
 
   function setCountdown(el, expiresAt) {
@@ -370,7 +380,8 @@
     badge.dataset.status = status;
     badge.textContent = STATUS_TEXT[status] || status;
 
-    const shown = inst && inst.status === "running" && !(busy && busy.op === "stop") ? inst.url : null;
+    const shownInst = inst && inst.status === "running" && !(busy && busy.op === "stop") ? inst : null;
+    const shown = shownInst ? shownInst.url : null;
     const href = safeUrl(shown);
     const tcp = href ? null : tcpAddress(shown);
     const link = $("a.url", card);
@@ -379,7 +390,7 @@
     addr.hidden = !tcp;
     addr.textContent = tcp || "";
     if (href) {
-      link.href = href;
+      link.href = openUrl(shownInst);
       link.textContent = href.replace(/\/$/, "");
     } else {
       link.removeAttribute("href");
@@ -491,6 +502,9 @@
         setBusy(b);
       });
       state.instances.set(id, inst);
+      // Behind the ingress the API mints a fresh access link in every listing (a task's
+      // result has none): fetch it now so Open works at once.
+      if (!inst.access_url) await refreshTeam().catch(() => {});
       announce(`${nameOf(id)} is running at ${inst.url}.`);
     }, "stop");
   }
@@ -648,10 +662,11 @@
         a.rel = "noopener noreferrer";
         cell.replaceChildren(a);
       }
-      a.href = href;
+      a.href = openUrl(inst);
       a.textContent = href.replace(/^https?:\/\//, "").replace(/\/$/, "");
     } else if (tcpAddress(inst.url)) {
-      cell.textContent = `${tcpAddress(inst.url)} (tcp)`;
+      cell.textContent = inst.url.startsWith("tls:") ? tcpAddress(inst.url)
+        : `${tcpAddress(inst.url)} (tcp)`;
     } else {
       cell.textContent = inst.error ? inst.error : "—";
     }

@@ -1,0 +1,173 @@
+"""The ingress (SPEC §11): every instance under its own host name, behind Traefik.
+
+``CTF_INGRESS=traefik`` puts Traefik in front of the instances: containers publish no host
+port, each instance gets a route ``<label>.<CTF_INSTANCE_DOMAIN>`` (Traefik's file
+provider, see :mod:`.routes`), and the team gate (:mod:`.gate`, a forwardAuth to the API)
+lets only the owning team and organisers through. :class:`Ingress` is what the service
+and the API use; ``python -m celery_app.ingress prepare`` writes Traefik's configuration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery_app.ingress import probe, routes, tokens
+from celery_app.ingress.labels import instance_host, instance_label
+from celery_app.settings import Settings
+
+
+@dataclass
+class Ingress:
+    """One process's view of the ingress, built from the settings.
+
+    Args:
+        settings: the settings (``load_settings()``: the flag secret must be set).
+    """
+
+    settings: Settings
+
+    @property
+    def enabled(self) -> bool:
+        """Whether instances are behind Traefik (``CTF_INGRESS=traefik``)."""
+        return self.settings.ingress == "traefik"
+
+    @property
+    def gated(self) -> bool:
+        """Whether the team gate is on (``CTF_INGRESS_AUTH=team``)."""
+        return self.settings.ingress_auth == "team"
+
+    @property
+    def root(self) -> Path:
+        """The folder of Traefik's configuration, certificate and routes."""
+        return self.settings.data_dir / "ingress"
+
+    @property
+    def dynamic_dir(self) -> Path:
+        """The folder Traefik watches for routes."""
+        return self.root / "dynamic"
+
+    def _secret(self) -> str:
+        return self.settings.flag_secret_value()
+
+    def label(self, challenge: str, team_id: str) -> str:
+        """Return the instance's host label (stable, unguessable)."""
+        return instance_label(self._secret(), challenge, team_id)
+
+    def host(self, challenge: str, team_id: str) -> str:
+        """Return ``<label>.<CTF_INSTANCE_DOMAIN>``."""
+        return instance_host(self.label(challenge, team_id), self.settings.instance_domain)
+
+    def url(self, challenge: str, team_id: str, protocol: str) -> str:
+        """Return the instance's ``url``: ``http(s)://host[:port]/`` or ``tls://host:port``."""
+        host = self.host(challenge, team_id)
+        _, https_port = routes.bind_parts(self.settings.ingress_https_bind)
+        if protocol == "tcp":
+            return f"tls://{host}:{https_port}"
+        # With the organiser's own certificate players get HTTPS; a self-signed one would
+        # only show them a warning, so plain HTTP is the default link then.
+        if self.settings.ingress_cert_file is not None:
+            return f"https://{host}{'' if https_port == 443 else f':{https_port}'}/"
+        _, http_port = routes.bind_parts(self.settings.ingress_http_bind)
+        return f"http://{host}{'' if http_port == 80 else f':{http_port}'}/"
+
+    # -- routes (the worker on the Docker host) ----------------------------------------------
+
+    def route_file(self, container_name: str) -> Path:
+        """Return the route file of an instance's container."""
+        return self.dynamic_dir / f"{container_name}.yml"
+
+    def add_route(self, container_name: str, challenge: str, team_id: str, protocol: str,
+                  address: str, port: int) -> None:
+        """Write (or replace) the instance's route; Traefik loads it within a moment."""
+        label = self.label(challenge, team_id)
+        config = routes.route_config(label, self.host(challenge, team_id), protocol, address,
+                                     port, self.gated)
+        routes.write_atomically(self.route_file(container_name), config)
+
+    def remove_route(self, container_name: str) -> bool:
+        """Remove the instance's route: its host answers 404 once Traefik reloads."""
+        return routes.remove(self.route_file(container_name))
+
+    def route_names(self) -> set[str]:
+        """Return the container names that have a route file."""
+        if not self.dynamic_dir.is_dir():
+            return set()
+        return {p.stem for p in self.dynamic_dir.glob("ctf-*.yml")}
+
+    def route_age(self, container_name: str) -> float:
+        """Return how many seconds ago the route file was written (0 when there is none)."""
+        try:
+            return time.time() - self.route_file(container_name).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def probe(self, challenge: str, team_id: str, protocol: str,
+              health_path: str) -> Callable[[float], bool]:
+        """Return a readiness check that goes through Traefik, the route and the gate."""
+        label = self.label(challenge, team_id)
+        host = self.host(challenge, team_id)
+        status_host, status_port = routes.bind_parts(self.settings.ingress_status_bind)
+        router = routes.router_name(label)
+
+        if protocol == "tcp":
+            tls_host, tls_port = routes.bind_parts(self.settings.ingress_https_bind)
+
+            def tcp_check(timeout: float) -> bool:
+                return probe.route_loaded(status_host, status_port, router, "tcp", timeout) \
+                    and probe.tls_through(tls_host, tls_port, host, timeout)
+
+            return tcp_check
+        web_host, web_port = routes.bind_parts(self.settings.ingress_http_bind)
+
+        def http_check(timeout: float) -> bool:
+            cookie = None
+            if self.gated:
+                token = tokens.issue(tokens.gate_key(self._secret()), "cookie", label,
+                                     tokens.ORGANISER, 60)
+                cookie = f"{tokens.COOKIE_NAME}={token}"
+            return probe.http_through(web_host, web_port, host, health_path, cookie, timeout) \
+                and probe.route_loaded(status_host, status_port, router, "http", timeout)
+
+        return http_check
+
+    def probe_hint(self) -> str:
+        """Say what a readiness check through the ingress needs (for a failed start)."""
+        gate = f" and the gate at {routes.gate_url(self.settings)} (the API)" if self.gated \
+            else ""
+        return (f" through the ingress (Traefik on {self.settings.ingress_http_bind} / "
+                f"{self.settings.ingress_https_bind}{gate} must be running)")
+
+    # -- access links (the API) ---------------------------------------------------------------
+
+    def access_url(self, url: str | None, team_id: str, principal: str | None = None) -> str | None:
+        """Return a short-lived signed link that opens the instance at ``url`` (HTTP only).
+
+        Args:
+            url: the instance's ``url`` (it names the host, and the worker's domain).
+            team_id: the owning team.
+            principal: who the link is for: the team (default) or :data:`tokens.ORGANISER`.
+        """
+        if not url or not url.startswith(("http://", "https://")):
+            return None  # TCP instances: TLS with SNI, no cookie to set
+        if not self.gated:
+            return url
+        origin = url.rstrip("/")
+        hostname = origin.split("://", 1)[1].split("/", 1)[0]
+        label = hostname.split(".", 1)[0]
+        token = tokens.issue(tokens.gate_key(self._secret()), "link", label,
+                             principal or team_id, self.settings.ingress_link_ttl)
+        return f"{origin}{tokens.LINK_PREFIX}{token}"
+
+    def with_access(self, data: dict[str, Any], principal: str | None = None) -> dict[str, Any]:
+        """Return an instance's JSON with ``access_url`` added (ingress on, HTTP instance)."""
+        if not self.enabled or data.get("status") not in ("running", "starting"):
+            return data
+        link = self.access_url(data.get("url"), str(data.get("team_id", "")), principal)
+        return {**data, "access_url": link} if link else data
+
+
+__all__ = ["Ingress"]

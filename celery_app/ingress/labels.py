@@ -1,0 +1,51 @@
+"""Instance host names under ``CTF_INSTANCE_DOMAIN`` (SPEC §11).
+
+An instance's label is an HMAC of its (challenge, team) under a key derived from the flag
+secret: 80 bits, stable for the pair, unguessable without the secret, and computable by any
+process that shares the secret (the workers write routes, the API's gate checks cookies).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+# Domain separation: the label key is never the flag secret itself.
+_LABEL_CONTEXT = b"ctf-instancer ingress label v1"
+# 16 base32 characters: 80 bits, a valid DNS label (lowercase letters and digits 2-7).
+LABEL_CHARS = 16
+
+
+def label_key(secret: str) -> bytes:
+    """Return the key instance labels are derived with."""
+    return hmac.new(secret.encode(), _LABEL_CONTEXT, hashlib.sha256).digest()
+
+
+def instance_label(secret: str, challenge: str, team_id: str) -> str:
+    """Return the host label of one (challenge, team).
+
+    Args:
+        secret: the flag secret (shared by the workers and the API).
+        challenge: a catalog id.
+        team_id: a valid team id.
+
+    Returns:
+        16 lowercase base32 characters (80 bits).
+    """
+    digest = hmac.new(label_key(secret), f"{challenge}/{team_id}".encode(), hashlib.sha256)
+    return base64.b32encode(digest.digest()).decode().lower()[:LABEL_CHARS]
+
+
+def instance_host(label: str, domain: str) -> str:
+    """Return ``<label>.<domain>``."""
+    return f"{label}.{domain.strip('.').lower()}"
+
+
+def label_of_host(host: str) -> str:
+    """Return the first DNS label of a ``Host`` header value (port and case dropped)."""
+    name = host.strip().lower()
+    if name.startswith("["):  # an IPv6 literal is never one of our hosts
+        return ""
+    name = name.rsplit(":", 1)[0] if ":" in name else name
+    return name.split(".", 1)[0]

@@ -1,0 +1,92 @@
+"""Signed access links and access cookies of the team gate (SPEC §11).
+
+Both are stateless: ``<principal>.<expiry>.<signature>``, the signature an HMAC over the
+kind, the instance's host label, the principal and the expiry, under a key derived from the
+flag secret. A cookie is only valid for the host whose label it was signed for, so another
+team's cookie (or an organiser's cookie for another instance) is refused on this host.
+
+The principal is a team id, or ``ORGANISER`` (which no team id can be: they start with a
+letter or digit).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+
+from celery_app.naming import TEAM_ID_RE
+
+ORGANISER = "_organiser"
+_KEY_CONTEXT = b"ctf-instancer ingress gate key v1"
+LINK_PREFIX = "/_ctf/access/"
+COOKIE_NAME = "ctf_ingress_access"
+
+
+def gate_key(secret: str) -> bytes:
+    """Return the key links and cookies are signed with."""
+    return hmac.new(secret.encode(), _KEY_CONTEXT, hashlib.sha256).digest()
+
+
+def _sign(key: bytes, kind: str, label: str, principal: str, expiry: int) -> str:
+    mac = hmac.new(key, f"{kind}|{label}|{principal}|{expiry}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
+
+
+def issue(key: bytes, kind: str, label: str, principal: str, ttl: int,
+          now: float | None = None) -> str:
+    """Return a signed token of ``kind`` (``link`` or ``cookie``) for one host label.
+
+    Args:
+        key: :func:`gate_key` of the flag secret.
+        kind: ``link`` (the short-lived access link) or ``cookie`` (the access cookie).
+        label: the instance's host label.
+        principal: the team id, or :data:`ORGANISER`.
+        ttl: seconds the token is valid.
+        now: the current time (tests).
+
+    Returns:
+        ``<principal>.<expiry>.<signature>`` (URL- and cookie-safe).
+    """
+    expiry = int((time.time() if now is None else now) + ttl)
+    return f"{principal}.{expiry}.{_sign(key, kind, label, principal, expiry)}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of checking a token: who it is for, or why it is refused."""
+
+    principal: str | None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the token is valid."""
+        return self.principal is not None
+
+
+def verify(key: bytes, kind: str, label: str, token: str, now: float | None = None) -> Verdict:
+    """Check a token of ``kind`` for the host ``label``.
+
+    Returns:
+        The principal when the token is valid for this host and not expired; otherwise a
+        verdict without principal whose ``reason`` is ``expired`` or ``invalid``.
+    """
+    parts = token.split(".")
+    if len(parts) != 3 or not label:
+        return Verdict(None, "invalid")
+    principal, expiry_text, signature = parts
+    if principal != ORGANISER and not TEAM_ID_RE.fullmatch(principal):
+        return Verdict(None, "invalid")
+    try:
+        expiry = int(expiry_text)
+    except ValueError:
+        return Verdict(None, "invalid")
+    expected = _sign(key, kind, label, principal, expiry)
+    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
+        return Verdict(None, "invalid")
+    if expiry < (time.time() if now is None else now):
+        return Verdict(None, "expired")
+    return Verdict(principal)
