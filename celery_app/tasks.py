@@ -177,6 +177,9 @@ def start_container(
 ) -> dict[str, Any]:
     """Start the team's instance and return it once ``running`` (idempotent).
 
+    With the ingress on (SPEC §11) the instance carries ``access_url``, a short-lived link
+    for the team's browser.
+
     ``intent`` is the request's place in line (the API and ctfctl pass it, and count the
     request against the team's rate limit themselves); a stop of the same instance requested
     later supersedes this start. ``hops`` counts hand-overs between hosts.
@@ -184,10 +187,10 @@ def start_container(
     counted_already = intent is not None or self.request.retries
     return _on_instance(
         self, "start_container", challenge, team_id, {"intent": intent, "hops": hops},
-        lambda ctx: ctx.service.start(
+        lambda ctx: ctx.service.ingress.with_access(ctx.service.start(
             challenge, team_id, progress=self.report, intent=intent,
             rate_limit=not counted_already, lock_wait=BUSY_LOCK_WAIT,
-        ).public(),
+        ).public()),
         placing=True,
     )
 
@@ -229,8 +232,10 @@ def get_container_status(
                                              "hops": hops})
     return _logged(
         "get_container_status", challenge, team_id,
-        lambda: {"instances": present(ctx.service.status(team_id, challenge, verify=True),
-                                      ctx.store, ctx.hosts)},
+        lambda: {"instances": [
+            ctx.service.ingress.with_access(shown) for shown in
+            present(ctx.service.status(team_id, challenge, verify=True), ctx.store, ctx.hosts)
+        ]},
     )
 
 
@@ -241,7 +246,8 @@ def extend_container(
     """Push the instance's expiry out by its ttl, up to its maximum lifetime."""
     return _on_instance(
         self, "extend_container", challenge, team_id, {"hops": hops},
-        lambda ctx: ctx.service.extend(challenge, team_id, lock_wait=BUSY_LOCK_WAIT).public(),
+        lambda ctx: ctx.service.ingress.with_access(
+            ctx.service.extend(challenge, team_id, lock_wait=BUSY_LOCK_WAIT).public()),
     )
 
 

@@ -32,7 +32,13 @@ import pytest
 import uvicorn
 from conftest import ROOT, Worker, build_image, cleanup_docker, private_label
 from ingress_support import DOCKERFILES, JUICE_VERSION, Answer, Traefik, get, image_files
-from support import RedisServer, free_port, wait_for
+from support import (
+    RedisServer,
+    close_platform_client,
+    free_port,
+    platform_client,
+    wait_for,
+)
 
 from celery_app.api import create_app
 from celery_app.auth import team_token
@@ -229,6 +235,31 @@ def open_link(stack: Stack, inst: dict[str, Any], *, tls: bool = False) -> str:
     assert answer.headers["location"] == f"{scheme}://{host_of(inst['url'])}:{port}/"
     (cookie,) = answer.set_cookies
     return cookie.split(";", 1)[0]
+
+
+def test_tasks_by_name_carry_an_access_url_that_opens_the_instance(stack: Stack) -> None:
+    """A platform calling the tasks by name gets the same access_url the API gives."""
+    env = {k: str(v) for k, v in (("broker", stack.settings.broker_url),
+                                  ("backend", stack.settings.result_backend))}
+    app = platform_client(env["broker"], env["backend"])
+    team = f"byname-{_RUN}"
+    try:
+        inst = app.send_task("celery_app.tasks.start_container", args=["quick", team]
+                             ).get(timeout=90)
+        assert inst["status"] == "running"
+        answer = stack.web(host_of(inst["url"]), path_of(inst["access_url"]))
+        assert answer.status == 302, answer.text()
+        (cookie,) = answer.set_cookies
+        page = stack.web(host_of(inst["url"]), "/", {"Cookie": cookie.split(";", 1)[0]})
+        assert page.status == 200
+        listed = app.send_task("celery_app.tasks.get_container_status",
+                               kwargs={"team_id": team}).get(timeout=60)
+        assert [i["access_url"].startswith(f"http://{host_of(inst['url'])}:")
+                for i in listed["instances"]] == [True]
+        app.send_task("celery_app.tasks.stop_container", args=["quick", team]).get(timeout=60)
+    finally:
+        inst = listed = None  # collected (and unsubscribed) before the client closes
+        close_platform_client(app)
 
 
 # -- addresses --------------------------------------------------------------------------------
