@@ -62,6 +62,11 @@ challenges:
     image: {images['http']}
     port: 8080
     start_timeout: 30
+  lasting:
+    image: {images['http']}
+    port: 8080
+    ttl: 600
+    max_lifetime: 86400
   brief:
     image: {images['http']}
     port: 8080
@@ -239,6 +244,38 @@ def test_duplicate_starts_of_a_slow_challenge_do_not_delay_another_team(
           f"(without the flood: {calm:.2f} s)")
     assert other_took < 5, f"another team's start took {other_took:.1f} s"
     assert len(containers_of(docker_client, FLOOD_LABEL, **{"ctf.team": "spam"})) == 1
+
+
+def test_duplicate_extends_and_stops_coalesce(fresh: Stack, docker_client: Any) -> None:
+    """10 extends at once share pending tasks; 10 stops at once are one task."""
+    stack = fresh
+    headers = team_headers("dup")
+    with stack.client() as client:
+        started = put(client, "dup", "lasting", wait=60).json()
+    path = "/api/v1/teams/dup/instances/lasting"
+    extended = parallel(stack, 10, lambda c, _i: c.post(f"{path}/extend", headers=headers))
+    # 200 once extended; 202 with the task beyond the team's 8 waiting requests (or 10 s)
+    assert {r.status_code for r in extended} <= {200, 202}, [r.text for r in extended]
+    expiries = set()
+    with stack.client() as client:
+        for r in extended:
+            if r.status_code == 200:
+                expiries.add(r.json()["expires_at"])
+                continue
+            task = f"/api/v1/tasks/{r.json()['task_id']}"
+            done = wait_for(lambda t=task: (v := client.get(t, headers=headers).json())
+                            .get("state") == "SUCCESS" and v, 30, 0.1, "the extend")
+            expiries.add(done["result"]["expires_at"])
+    # Requests that arrive while an extend is pending share it; one arriving after it finished
+    # is a new extend (the machine decides how many of the ten arrive in time): never ten.
+    assert len(expiries) <= 3
+    assert max(expiries) > started["expires_at"]
+    stopped = parallel(stack, 10, lambda c, _i: c.delete(path, headers=headers))
+    assert {r.status_code for r in stopped} == {202}
+    assert len({r.json()["task_id"] for r in stopped}) == 1
+    assert stack.state.zcard("ctf:rate:dup") == 2  # the start and the one stop
+    wait_for(lambda: containers_of(docker_client, FLOOD_LABEL, **{"ctf.team": "dup"}) == [],
+             60, 0.1, "the instance to be stopped")
 
 
 def ours(db: redis.Redis, keys: set[bytes]) -> set[str]:
