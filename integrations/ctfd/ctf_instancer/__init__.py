@@ -16,10 +16,8 @@ Every call to the instancer is made here, server-side; browsers only ever talk t
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
-
-from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
 
 from CTFd.exceptions.challenges import ChallengeCreateException, ChallengeUpdateException
 from CTFd.models import Challenges, Flags, Solves, Teams, Users, db
@@ -34,6 +32,7 @@ from CTFd.utils.dates import ctf_paused, ctftime
 from CTFd.utils.decorators import admins_only, authed_only, require_verified_emails
 from CTFd.utils.modules import can_access_challenge
 from CTFd.utils.user import get_current_team, get_current_user, is_admin
+from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
 
 from .client import (
     PREFIX_RE,
@@ -58,15 +57,18 @@ class InstancedChallenge(Challenges):
     """A challenge whose teams each get their own instance of a catalog challenge."""
 
     __tablename__ = "ctf_instancer_challenges"
-    __mapper_args__ = {"polymorphic_identity": TYPE_ID}
+    __mapper_args__ = {"polymorphic_identity": TYPE_ID}  # noqa: RUF012  # SQLAlchemy's
     id = db.Column(db.Integer, db.ForeignKey("challenges.id", ondelete="CASCADE"),
                    primary_key=True)
     instancer_challenge = db.Column(db.String(200), nullable=False, default="")
 
 
 class InstancerSetting(db.Model):
-    """The plugin's settings from its admin page (kept out of CTFd's ``configs`` table,
-    whose admin API would hand the token to a browser)."""
+    """The plugin's settings from its admin page.
+
+    They are kept out of CTFd's ``configs`` table, whose admin API would hand the token
+    to a browser.
+    """
 
     __tablename__ = "ctf_instancer_settings"
     key = db.Column(db.String(64), primary_key=True)
@@ -171,12 +173,12 @@ class InstancedChallengeType(BaseChallenge):
 
     id = TYPE_ID
     name = TYPE_ID
-    templates = {
+    templates = {  # noqa: RUF012  # CTFd's plugin interface: plain class attributes
         "create": f"{ASSETS}create.html",
         "update": f"{ASSETS}update.html",
         "view": f"{ASSETS}view.html",
     }
-    scripts = {
+    scripts = {  # noqa: RUF012
         "create": f"{ASSETS}create.js",
         "update": f"{ASSETS}update.js",
         "view": f"{ASSETS}view.js",
@@ -187,7 +189,7 @@ class InstancedChallengeType(BaseChallenge):
     challenge_model = InstancedChallenge
 
     @classmethod
-    def create(cls, request):  # noqa: ANN001, ANN206  # CTFd's signature
+    def create(cls, request):  # CTFd's signature
         """Create the challenge and, unless told not to, its per-team ``instancer`` flag."""
         data = dict(request.form or request.get_json() or {})
         add_flag = str(data.pop("instancer_flag", "1")).lower() in ("1", "true", "on", "yes")
@@ -204,14 +206,14 @@ class InstancedChallengeType(BaseChallenge):
         return challenge
 
     @classmethod
-    def read(cls, challenge):  # noqa: ANN001, ANN206
+    def read(cls, challenge):
         """Return the challenge's data, with the catalog challenge it instances."""
         data = super().read(challenge)
         data["instancer_challenge"] = getattr(challenge, "instancer_challenge", "")
         return data
 
     @classmethod
-    def update(cls, challenge, request):  # noqa: ANN001, ANN206
+    def update(cls, challenge, request):
         """Update the challenge; a new catalog challenge must exist in the catalog."""
         data = request.form or request.get_json() or {}
         if "instancer_challenge" in data and \
@@ -244,13 +246,13 @@ class InstancerFlag(BaseFlag):
     """
 
     name = FLAG_TYPE
-    templates = {
+    templates = {  # noqa: RUF012
         "create": f"{ASSETS}flag-create.html",
         "update": f"{ASSETS}flag-edit.html",
     }
 
     @staticmethod
-    def compare(chal_key_obj, provided):  # noqa: ANN001, ANN205  # CTFd's signature
+    def compare(chal_key_obj, provided):  # CTFd's signature
         """Ask the instancer whether ``provided`` is the submitting team's flag."""
         catalog_id = catalog_id_of_flag(chal_key_obj)
         if not catalog_id:
@@ -308,7 +310,7 @@ def _seconds_left(expires_at: str | None) -> int | None:
         when = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return max(0, math.floor((when - datetime.now(timezone.utc)).total_seconds()))
+    return max(0, math.floor((when - datetime.now(UTC)).total_seconds()))
 
 
 def player_view(chal: InstancedChallenge, inst: dict[str, Any] | None) -> dict[str, Any]:

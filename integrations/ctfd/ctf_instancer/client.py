@@ -13,6 +13,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -69,8 +70,7 @@ def _env_token() -> tuple[str | None, str]:
     path = os.environ.get("CTF_INSTANCER_ADMIN_TOKEN_FILE", "").strip()
     if path:
         try:
-            with open(path, encoding="utf-8") as fh:
-                value = fh.read().strip()
+            value = Path(path).read_text(encoding="utf-8").strip()
         except OSError:
             return None, f"CTF_INSTANCER_ADMIN_TOKEN_FILE ({path}: cannot be read)"
         return value or None, f"the file {path} (CTF_INSTANCER_ADMIN_TOKEN_FILE)"
