@@ -333,16 +333,22 @@ def test_organiser_and_two_teams_through_ctfd(
 
     # 2. It creates an "instanced" challenge of the catalog's flagweb.
     org.goto("/admin/challenges/new")
+    # The page first loads the standard type's form; switch only once that is done.
+    expect(org.locator("#create-chal-entry-div input[name=type][value=standard]")).to_have_count(1)
+    org.wait_for_load_state("networkidle")
     org.locator("#create-chals-select label", has_text="instanced").click()
     form = org.locator("#create-chal-entry-div")
+    catalog = form.locator("select[name=instancer_challenge]")
+    # The form is in place once its script has filled the catalog from the instancer.
+    expect(catalog.locator("option[value=flagweb]")).to_have_count(1)
     form.locator("input[name=name]").fill("Web instance")
     form.locator("input[name=category]").fill("web")
     form.locator(".CodeMirror").first.click()  # the description's Markdown editor
     org.keyboard.type("Start your own instance and find the flag on its page.")
     form.locator("input[name=value]").fill("100")
-    catalog = form.locator("select[name=instancer_challenge]")
-    expect(catalog.locator("option[value=flagweb]")).to_have_count(1)
     catalog.select_option("flagweb")
+    expect(form.locator("input[name=name]")).to_have_value("Web instance")
+    expect(form.locator("input[name=category]")).to_have_value("web")
     screenshot(org, tmp_path, "ctfd-create.png")
     form.get_by_role("button", name="Create", exact=True).click()
     options = org.locator("#challenge-create-options")
