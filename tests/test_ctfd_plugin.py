@@ -381,6 +381,8 @@ def test_organiser_and_two_teams_through_ctfd(
     flag_one = instance_page.locator("#flag").inner_text()
     assert instance_page.url.startswith(link.inner_text())
     instance_page.close()
+    panel.get_by_role("button", name="Extend").click()  # ttl 600 s more: about 19-20 min
+    expect(panel.locator(".ctfi-countdown")).to_have_text(re.compile(r"^(19|20):\d\d$"))
 
     # Its own flag scores.
     assert team_score(one) == 0
