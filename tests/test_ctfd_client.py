@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import ctfd_support
 import pytest
 from conftest import ROOT
 
@@ -83,3 +84,20 @@ def test_missing_settings_and_a_dead_instancer_say_what_to_do() -> None:
         dead.instance("ctfd-t1", "web")
     assert err.value.status == 503
     assert dead.check_flag("ctfd-t1", "web", "x" * 300) is False  # over the API's limit
+
+
+def test_missing_ctfd_source_is_named_in_the_skip_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without CTFd's source the e2e tests learn why, naming the path and the variable."""
+    missing = tmp_path / "no-such-CTFd.tar.gz"
+    monkeypatch.setenv("CTF_CTFD_SOURCE", str(missing))
+    with pytest.raises(ctfd_support.CtfdUnavailable, match="CTF_CTFD_SOURCE") as err:
+        ctfd_support.source()
+    assert str(missing) in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("CTF_CTFD_SOURCE", str(empty))
+    monkeypatch.setenv("CTF_CTFD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ctfd_support.CtfdUnavailable, match="holds no CTFd source"):
+        ctfd_support.prepare()

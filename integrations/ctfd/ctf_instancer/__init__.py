@@ -288,7 +288,7 @@ def _player_challenge(challenge_id: int) -> InstancedChallenge:
         abort(404)
     if is_admin():
         return chal
-    if chal.state in ("hidden", "locked") or not ctftime():
+    if chal.state in ("hidden", "locked"):
         abort(404)
     user = get_current_user()
     if not can_access_challenge(chal, user):
@@ -347,6 +347,9 @@ def _progress(client: InstancerClient, team_id: str, task_id: str) -> dict[str, 
 
 
 def _player_action(challenge_id: int, action: str) -> Any:
+    if not ctftime() and not is_admin():
+        return _error("The CTF is not running now: instances can be used only during it.",
+                      403, "not_ctf_time")
     chal = _player_challenge(challenge_id)
     try:
         team_id = current_team_id()
@@ -421,6 +424,8 @@ def open_instance(challenge_id: int) -> Any:
     The ingress's ``access_url`` is short-lived, so it is fetched when the player clicks
     rather than put in a page that may stay open longer than the link lives.
     """
+    if not ctftime() and not is_admin():
+        abort(403)
     chal = _player_challenge(challenge_id)
     try:
         inst = instancer().instance(current_team_id(), chal.instancer_challenge)
