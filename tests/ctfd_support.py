@@ -209,5 +209,9 @@ class CtfdServer:
 
 if __name__ == "__main__":
     began = time.monotonic()
-    done = prepare()
+    try:
+        done = prepare()
+    except CtfdUnavailable as exc:
+        print(f"CTFd not prepared: {exc}; the CTFd plugin tests will skip")
+        sys.exit(0)
     print(f"CTFd ready in {time.monotonic() - began:.1f} s: {done.src} ({done.python})")

@@ -359,6 +359,10 @@ def test_organiser_and_two_teams_through_ctfd(
     chal_id = int(org.url.rsplit("/", 1)[1])
     flags = org.request.get(f"/api/v1/challenges/{chal_id}/flags").json()["data"]
     assert [f["type"] for f in flags] == ["instancer"]
+    # Its edit page shows the catalog challenge it instances, among the catalog's others.
+    edit = org.locator("#challenge-update-container #ctfi-catalog")
+    expect(edit.locator("option[value=shop]")).to_have_count(1)
+    expect(edit).to_have_value("flagweb")
 
     # 3. Team one registers, opens the challenge, starts its instance and follows the link.
     one_ctx, one = new_page(browser, ctfd)

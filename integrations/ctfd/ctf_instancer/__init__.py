@@ -190,9 +190,13 @@ class InstancedChallengeType(BaseChallenge):
 
     @classmethod
     def create(cls, request):  # CTFd's signature
-        """Create the challenge and, unless told not to, its per-team ``instancer`` flag."""
+        """Create the challenge and, with ``instancer_flag``, its per-team ``instancer`` flag.
+
+        The form's box sends ``instancer_flag=1`` when ticked and nothing when not (so an
+        absent field means no flag; API callers pass ``"instancer_flag": "1"``).
+        """
         data = dict(request.form or request.get_json() or {})
-        add_flag = str(data.pop("instancer_flag", "1")).lower() in ("1", "true", "on", "yes")
+        add_flag = str(data.pop("instancer_flag", "")).lower() in ("1", "true", "on", "yes")
         data["instancer_challenge"] = _check_catalog_id(data.get("instancer_challenge"),
                                                         ChallengeCreateException)
         data.pop("scheduled_at", None)
