@@ -228,10 +228,14 @@ def new_page(browser: Browser, base: str) -> tuple[BrowserContext, Page]:
     return context, context.new_page()
 
 
-def screenshot(page: Page, tmp_path: Path, name: str) -> None:
+def screenshot(page: Page, tmp_path: Path, name: str, height: int = 900) -> None:
     """Screenshot into tmp_path, and into docs/ when CTF_DASHBOARD_SCREENSHOTS=1."""
     shot = tmp_path / name
-    page.screenshot(path=str(shot), full_page=False)
+    # A taller window rather than a full-page shot, where CTFd's sticky bar would repeat.
+    page.set_viewport_size({"width": 1280, "height": height})
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(shot))
+    page.set_viewport_size({"width": 1280, "height": 900})
     if os.environ.get("CTF_DASHBOARD_SCREENSHOTS") == "1":
         DOCS.mkdir(exist_ok=True)
         shutil.copyfile(shot, DOCS / name)
@@ -349,7 +353,7 @@ def test_organiser_and_two_teams_through_ctfd(
     catalog.select_option("flagweb")
     expect(form.locator("input[name=name]")).to_have_value("Web instance")
     expect(form.locator("input[name=category]")).to_have_value("web")
-    screenshot(org, tmp_path, "ctfd-create.png")
+    screenshot(org, tmp_path, "ctfd-create.png", height=1240)
     form.get_by_role("button", name="Create", exact=True).click()
     options = org.locator("#challenge-create-options")
     expect(options).to_be_visible()
