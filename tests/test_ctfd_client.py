@@ -101,3 +101,14 @@ def test_missing_ctfd_source_is_named_in_the_skip_reason(
     monkeypatch.setenv("CTF_CTFD_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ctfd_support.CtfdUnavailable, match="holds no CTFd source"):
         ctfd_support.prepare()
+
+
+def test_the_link_goes_through_the_ingress_access_url_when_there_is_one() -> None:
+    """A click goes to access_url (the ingress's signed link) if present, else to url."""
+    url = "http://localhost:32771"
+    access = "http://abc.ctf.example.test/_ctf/access?t=signed"
+    assert client.link_target({"url": url, "access_url": access}) == access
+    assert client.link_target({"url": url}) == url
+    assert client.link_target({"url": url, "access_url": None}) == url
+    assert client.link_target({"url": "tls://abc.ctf.example.test:443"}) is None
+    assert client.link_target(None) is None

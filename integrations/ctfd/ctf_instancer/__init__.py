@@ -39,6 +39,7 @@ from .client import (
     Connection,
     InstancerClient,
     InstancerError,
+    link_target,
     parse_team_id,
     resolve,
     team_id_for,
@@ -435,8 +436,8 @@ def open_instance(challenge_id: int) -> Any:
         inst = instancer().instance(current_team_id(), chal.instancer_challenge)
     except (InstancerError, NoTeam):
         inst = None
-    target = (inst or {}).get("access_url") or (inst or {}).get("url")
-    if not isinstance(target, str) or not target.startswith(("http://", "https://")):
+    target = link_target(inst)
+    if target is None:
         return redirect(url_for("challenges.listing") + f"#{chal.name}-{chal.id}")
     return redirect(target)
 

@@ -123,6 +123,19 @@ def parse_team_id(prefix: str, team_id: str) -> tuple[str, int] | None:
     return (match.group(1), int(match.group(2))) if match else None
 
 
+def link_target(inst: dict[str, Any] | None) -> str | None:
+    """Return where a player's click on their instance's link goes.
+
+    The ingress's signed ``access_url`` when the instance has one (it sets the team's access
+    cookie on the way), else its ``url``; only http(s) addresses (a TCP instance has none).
+    """
+    for key in ("access_url", "url"):
+        value = (inst or {}).get(key)
+        if isinstance(value, str) and value.startswith(("http://", "https://")):
+            return value
+    return None
+
+
 class InstancerClient:
     """Calls the instancer's HTTP API with the admin token or a team's own token."""
 
