@@ -22,4 +22,10 @@ command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || pkgs+=(nftables)
 [ -n "$dev" ] && ensure_packages busybox-static docker-registry chromium
 
 ensure_venv "${dev:+dev}"
+# The CTFd plugin's tests run the real CTFd in a venv of its own: build it once, cached in
+# .data/ctfd (instant when already there; the tests skip when CTFd's source is absent).
+if [ -n "$dev" ]; then
+    "$VENV/bin/python" "$ROOT/tests/ctfd_support.py" >&2 \
+        || warn "CTFd for the plugin tests is not ready; tests/test_ctfd_plugin.py will retry"
+fi
 say "ready: data folder $DATA_DIR, Python env $VENV"

@@ -41,7 +41,7 @@ from celery_app.errors import (
     RateLimited,
     TaskNotFound,
 )
-from celery_app.flags import check_flag
+from celery_app.flags import check_flag, check_in_app_flag
 from celery_app.ingress import Ingress
 from celery_app.ingress.gate import Gate, GateFastPath
 from celery_app.ingress.gate import build_router as build_gate_router
@@ -68,6 +68,11 @@ class FlagSubmission(BaseModel):
     """A flag a team submitted, to check against its per-team flag."""
 
     flag: str = Field(min_length=1, max_length=256)
+    name: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="an in-app challenge's name (OWASP Juice Shop's own flags): the flag is "
+                    "then the app's HMAC-SHA1 of this name under the team's key",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -663,12 +668,26 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
     def check_team_flag(
         team_id: TeamId, challenge: ChallengeId, body: FlagSubmission, who: Who
     ) -> dict[str, Any]:
-        """Check a flag a team submitted for a challenge (admin only, constant time)."""
+        """Check a flag a team submitted for a challenge (admin only, constant time).
+
+        With ``name``, the flag is one of the app's own in-app flags (OWASP Juice Shop's):
+        the hex HMAC-SHA1 of ``name`` under the key the team's container received in the
+        challenge's ``flag_env`` variable (``CTF_KEY`` for juice-shop).
+        """
         who.require_admin()
         ch = disp.catalog.get(challenge)
         settings = disp.settings
-        correct = check_flag(settings.flag_secret_value(), ch.id, team_id, body.flag,
-                             settings.flag_format)
+        if body.name is None:
+            correct = check_flag(settings.flag_secret_value(), ch.id, team_id, body.flag,
+                                 settings.flag_format)
+        elif ch.flag_env is None:
+            raise InvalidRequest(
+                f"challenge {ch.id!r} gives its containers no per-team key (it has no "
+                "'flag_env' in the catalog), so it has no in-app flags to check by name; "
+                "leave out 'name' or set flag_env (juice-shop: CTF_KEY)")
+        else:
+            correct = check_in_app_flag(settings.flag_secret_value(), ch.id, team_id,
+                                        body.name, body.flag, settings.flag_format)
         return {"team_id": team_id, "challenge": ch.id, "correct": correct}
 
     @app.get("/api/v1/instances", responses=_ERRORS, tags=["admin"])

@@ -23,3 +23,32 @@ def check_flag(
     """Return whether ``submitted`` is the team's flag (constant-time comparison)."""
     expected = team_flag(secret, challenge, team_id, fmt)
     return hmac.compare_digest(expected.encode(), submitted.strip().encode())
+
+
+def in_app_flag(key: str, name: str) -> str:
+    """Return the flag an app such as OWASP Juice Shop shows for its challenge ``name``.
+
+    Juice Shop started with ``CTF_KEY=<key>`` computes each in-app flag as the hex
+    HMAC-SHA1 of the challenge's name under that key (its ``lib/utils.ts`` ``ctfFlag``).
+
+    Args:
+        key: the app's key: the value our ``flag_env`` gave the team's container.
+        name: the app's own challenge name, exactly as the app spells it ("Score Board").
+
+    Returns:
+        40 lowercase hex characters.
+    """
+    return hmac.new(key.encode(), name.encode(), hashlib.sha1).hexdigest()
+
+
+def check_in_app_flag(
+    secret: str, challenge: str, team_id: str, name: str, submitted: str,
+    fmt: str = "CTF{{{digest}}}",
+) -> bool:
+    """Return whether ``submitted`` is the team's in-app flag of ``name`` (constant time).
+
+    The key is the one the team's container received in its ``flag_env`` variable
+    (:func:`team_flag`), so it is this team's flag and no other's; hex case is ignored.
+    """
+    expected = in_app_flag(team_flag(secret, challenge, team_id, fmt), name)
+    return hmac.compare_digest(expected.encode(), submitted.strip().lower().encode())

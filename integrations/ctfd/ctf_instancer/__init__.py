@@ -1,0 +1,563 @@
+"""CTFd plugin: per-team challenge instances from the CTF instancer, and per-team flags.
+
+Installed by copying or linking this folder into ``CTFd/plugins/`` (see README.md). It adds:
+
+- the challenge type ``instanced``: the organiser picks one of the instancer's catalog
+  challenges; each team starts, extends and stops its own instance from the challenge's
+  modal, and sees its link and a live countdown to its expiry;
+- the flag type ``instancer``: a submission is checked by the instancer against the
+  submitting team's own flag (or, given a Juice Shop challenge name, that team's in-app
+  flag), so a flag copied from another team is wrong;
+- admin pages: every instance with Stop and Extend, and the connection settings.
+
+Every call to the instancer is made here, server-side; browsers only ever talk to CTFd.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from CTFd.exceptions.challenges import ChallengeCreateException, ChallengeUpdateException
+from CTFd.models import Challenges, Flags, Solves, Teams, Users, db
+from CTFd.plugins import (
+    register_admin_plugin_menu_bar,
+    register_plugin_assets_directory,
+)
+from CTFd.plugins.challenges import CHALLENGE_CLASSES, BaseChallenge
+from CTFd.plugins.flags import FLAG_CLASSES, BaseFlag, FlagException
+from CTFd.utils.config import is_teams_mode
+from CTFd.utils.dates import ctf_paused, ctftime
+from CTFd.utils.decorators import admins_only, authed_only, require_verified_emails
+from CTFd.utils.modules import can_access_challenge
+from CTFd.utils.user import get_current_team, get_current_user, is_admin
+from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
+
+from .client import (
+    PREFIX_RE,
+    Connection,
+    InstancerClient,
+    InstancerError,
+    link_target,
+    parse_team_id,
+    resolve,
+    team_id_for,
+)
+
+PLUGIN = "ctf_instancer"
+ASSETS = f"/plugins/{PLUGIN}/assets/"
+TYPE_ID = "instanced"
+FLAG_TYPE = "instancer"
+
+
+# -- storage ----------------------------------------------------------------------------------
+
+
+class InstancedChallenge(Challenges):
+    """A challenge whose teams each get their own instance of a catalog challenge."""
+
+    __tablename__ = "ctf_instancer_challenges"
+    __mapper_args__ = {"polymorphic_identity": TYPE_ID}  # noqa: RUF012  # SQLAlchemy's
+    id = db.Column(db.Integer, db.ForeignKey("challenges.id", ondelete="CASCADE"),
+                   primary_key=True)
+    instancer_challenge = db.Column(db.String(200), nullable=False, default="")
+
+
+class InstancerSetting(db.Model):
+    """The plugin's settings from its admin page.
+
+    They are kept out of CTFd's ``configs`` table, whose admin API would hand the token
+    to a browser.
+    """
+
+    __tablename__ = "ctf_instancer_settings"
+    key = db.Column(db.String(64), primary_key=True)
+    value = db.Column(db.Text, nullable=False, default="")
+
+
+def stored_settings() -> dict[str, str]:
+    """Return the values saved on the admin page."""
+    return {row.key: row.value for row in InstancerSetting.query.all()}
+
+
+def save_setting(key: str, value: str) -> None:
+    """Save one setting (an empty value removes it)."""
+    row = InstancerSetting.query.get(key)
+    if not value:
+        if row is not None:
+            db.session.delete(row)
+    elif row is None:
+        db.session.add(InstancerSetting(key=key, value=value))
+    else:
+        row.value = value
+    db.session.commit()
+
+
+def connection() -> Connection:
+    """Return where the instancer is, from the environment or the admin page."""
+    return resolve(stored_settings())
+
+
+def instancer() -> InstancerClient:
+    """Return a client of the instancer (raises ``NotConfigured`` when it is not set)."""
+    return InstancerClient(connection())
+
+
+# -- who is asking ------------------------------------------------------------------------------
+
+
+class NoTeam(Exception):
+    """Raised when a player in teams mode has no team yet."""
+
+
+def current_team_id() -> str:
+    """Return the instancer team id of the current player's CTFd team (or user).
+
+    Teams mode: ``<prefix>-t<team id>``; users mode: ``<prefix>-u<user id>``. CTFd's ids are
+    unique and never reused for another account, so two CTFd teams never share an instance.
+
+    Raises:
+        NoTeam: in teams mode, when the player has not joined a team.
+    """
+    prefix = connection().prefix
+    if is_teams_mode():
+        team = get_current_team()
+        if team is None:
+            raise NoTeam("Join or create a team first: instances belong to teams.")
+        return team_id_for(prefix, "t", team.id)
+    user = get_current_user()
+    if user is None:
+        raise NoTeam("Log in first.")
+    return team_id_for(prefix, "u", user.id)
+
+
+def account_name(prefix: str, team_id: str) -> dict[str, Any]:
+    """Return the CTFd account behind an instancer team id (or nothing for other ids)."""
+    parsed = parse_team_id(prefix, team_id)
+    if parsed is None:
+        return {"account": None, "account_url": None}
+    kind, number = parsed
+    model, endpoint = (Teams, "admin.teams_detail") if kind == "t" else \
+        (Users, "admin.users_detail")
+    account = model.query.filter_by(id=number).first()
+    if account is None:
+        return {"account": f"(deleted {'team' if kind == 't' else 'user'} {number})",
+                "account_url": None}
+    arg = {"team_id": number} if kind == "t" else {"user_id": number}
+    return {"account": account.name, "account_url": url_for(endpoint, **arg)}
+
+
+# -- the challenge type -----------------------------------------------------------------------
+
+
+def _catalog_ids() -> list[str]:
+    return [str(ch.get("id")) for ch in instancer().catalog()]
+
+
+def _check_catalog_id(value: Any, error: type[Exception]) -> str:
+    catalog_id = str(value or "").strip()
+    if not catalog_id:
+        raise error("Pick the instancer challenge each team gets an instance of.")
+    try:
+        known = _catalog_ids()
+    except InstancerError as exc:
+        raise error(f"Cannot check the instancer challenge: {exc.detail}") from None
+    if catalog_id not in known:
+        raise error(f"The instancer has no challenge {catalog_id!r}; "
+                    f"its catalog has: {', '.join(known) or '(none)'}.")
+    return catalog_id
+
+
+class InstancedChallengeType(BaseChallenge):
+    """The ``instanced`` challenge type: a per-team instance of a catalog challenge."""
+
+    id = TYPE_ID
+    name = TYPE_ID
+    templates = {  # noqa: RUF012  # CTFd's plugin interface: plain class attributes
+        "create": f"{ASSETS}create.html",
+        "update": f"{ASSETS}update.html",
+        "view": f"{ASSETS}view.html",
+    }
+    scripts = {  # noqa: RUF012
+        "create": f"{ASSETS}create.js",
+        "update": f"{ASSETS}update.js",
+        "view": f"{ASSETS}view.js",
+    }
+    route = ASSETS
+    blueprint = Blueprint(TYPE_ID, __name__, template_folder="templates",
+                          static_folder="assets")
+    challenge_model = InstancedChallenge
+
+    @classmethod
+    def create(cls, request):  # CTFd's signature
+        """Create the challenge and, with ``instancer_flag``, its per-team ``instancer`` flag.
+
+        The form's box sends ``instancer_flag=1`` when ticked and nothing when not (so an
+        absent field means no flag; API callers pass ``"instancer_flag": "1"``).
+        """
+        data = dict(request.form or request.get_json() or {})
+        add_flag = str(data.pop("instancer_flag", "")).lower() in ("1", "true", "on", "yes")
+        data["instancer_challenge"] = _check_catalog_id(data.get("instancer_challenge"),
+                                                        ChallengeCreateException)
+        data.pop("scheduled_at", None)
+        challenge = cls.challenge_model(**data)
+        db.session.add(challenge)
+        db.session.commit()
+        if add_flag:
+            db.session.add(Flags(challenge_id=challenge.id, type=FLAG_TYPE, content="",
+                                 data=""))
+            db.session.commit()
+        return challenge
+
+    @classmethod
+    def read(cls, challenge):
+        """Return the challenge's data, with the catalog challenge it instances."""
+        data = super().read(challenge)
+        data["instancer_challenge"] = getattr(challenge, "instancer_challenge", "")
+        return data
+
+    @classmethod
+    def update(cls, challenge, request):
+        """Update the challenge; a new catalog challenge must exist in the catalog."""
+        data = request.form or request.get_json() or {}
+        if "instancer_challenge" in data and \
+                data["instancer_challenge"] != challenge.instancer_challenge:
+            _check_catalog_id(data["instancer_challenge"], ChallengeUpdateException)
+        return super().update(challenge, request)
+
+
+# -- the flag type ----------------------------------------------------------------------------
+
+
+def catalog_id_of_flag(flag: Flags) -> str:
+    """Return the catalog challenge a flag is checked against.
+
+    The flag's ``data`` names it; when empty, it is the catalog challenge of the CTFd
+    challenge the flag belongs to (an ``instanced`` one).
+    """
+    if flag.data:
+        return str(flag.data)
+    chal = InstancedChallenge.query.filter_by(id=flag.challenge_id).first()
+    return str(chal.instancer_challenge) if chal is not None else ""
+
+
+class InstancerFlag(BaseFlag):
+    """The ``instancer`` flag type: right only for the submitting team's own flag.
+
+    ``content``: empty for the team's flag (the catalog's ``flag_env``), or the name of an
+    in-app challenge (OWASP Juice Shop's, e.g. "Score Board") for that app's own flag.
+    ``data``: the catalog challenge; empty means this CTFd challenge's own.
+    """
+
+    name = FLAG_TYPE
+    templates = {  # noqa: RUF012
+        "create": f"{ASSETS}flag-create.html",
+        "update": f"{ASSETS}flag-edit.html",
+    }
+
+    @staticmethod
+    def compare(chal_key_obj, provided):  # CTFd's signature
+        """Ask the instancer whether ``provided`` is the submitting team's flag."""
+        catalog_id = catalog_id_of_flag(chal_key_obj)
+        if not catalog_id:
+            raise FlagException("This flag names no instancer challenge; tell the organisers.")
+        try:
+            team_id = current_team_id()
+        except NoTeam as exc:
+            raise FlagException(str(exc)) from None
+        try:
+            return instancer().check_flag(team_id, catalog_id, provided,
+                                          chal_key_obj.content or None)
+        except InstancerError as exc:
+            raise FlagException(f"The flag cannot be checked right now: {exc.detail}") \
+                from None
+
+
+# -- player routes ----------------------------------------------------------------------------
+
+player = Blueprint(f"{PLUGIN}_player", __name__, url_prefix=f"/plugins/{PLUGIN}")
+admin = Blueprint(f"{PLUGIN}_admin", __name__, template_folder="templates")
+
+
+def _error(detail: str, status: int, code: str) -> Any:
+    response = jsonify({"success": False, "error": {"code": code, "detail": detail}})
+    response.status_code = status
+    return response
+
+
+def _player_challenge(challenge_id: int) -> InstancedChallenge:
+    """Return the instanced challenge if the current player may use it, else 404/403."""
+    chal = InstancedChallenge.query.filter_by(id=challenge_id).first()
+    if chal is None:
+        abort(404)
+    if is_admin():
+        return chal
+    if chal.state in ("hidden", "locked"):
+        abort(404)
+    user = get_current_user()
+    if not can_access_challenge(chal, user):
+        abort(404)
+    prereqs = set((chal.requirements or {}).get("prerequisites", []))
+    if prereqs:
+        solved = {cid for (cid,) in Solves.query.with_entities(Solves.challenge_id)
+                  .filter_by(account_id=user.account_id).all()}
+        existing = {cid for (cid,) in Challenges.query.with_entities(Challenges.id).all()}
+        if not solved >= prereqs & existing:
+            abort(403)
+    return chal
+
+
+def _seconds_left(expires_at: str | None) -> int | None:
+    if not expires_at:
+        return None
+    try:
+        when = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0, math.floor((when - datetime.now(UTC)).total_seconds()))
+
+
+def player_view(chal: InstancedChallenge, inst: dict[str, Any] | None) -> dict[str, Any]:
+    """Return what a player sees of their instance: no token, no container internals."""
+    if inst is None:
+        return {"status": "none", "challenge_id": chal.id}
+    url = inst.get("url")
+    view: dict[str, Any] = {
+        "challenge_id": chal.id,
+        "status": inst.get("status", "starting"),
+        "address": url,
+        "web": isinstance(url, str) and url.startswith(("http://", "https://")),
+        "open_url": url_for(f"{PLUGIN}_player.open_instance", challenge_id=chal.id),
+        "expires_at": inst.get("expires_at"),
+        "expires_in": _seconds_left(inst.get("expires_at")),
+        "reason": inst.get("reason") or inst.get("error"),
+    }
+    if inst.get("host_up") is False:
+        view["status_note"] = "Its server is unreachable right now; it is not lost."
+    return view
+
+
+def _progress(client: InstancerClient, team_id: str, task_id: str) -> dict[str, Any]:
+    try:
+        task = client.task(team_id, task_id)
+    except InstancerError:
+        return {}
+    out: dict[str, Any] = {"state": task.get("state")}
+    if isinstance(task.get("progress"), dict):
+        out["progress"] = task["progress"]
+    if isinstance(task.get("error"), dict):
+        out["error"] = task["error"].get("detail") or task["error"].get("error")
+    return out
+
+
+def _player_action(challenge_id: int, action: str) -> Any:
+    if not ctftime() and not is_admin():
+        return _error("The CTF is not running now: instances can be used only during it.",
+                      403, "not_ctf_time")
+    chal = _player_challenge(challenge_id)
+    try:
+        team_id = current_team_id()
+    except NoTeam as exc:
+        return _error(str(exc), 403, "no_team")
+    if action != "status" and ctf_paused() and not is_admin():
+        return _error("The CTF is paused; instances cannot be changed now.", 403, "paused")
+    try:
+        client = instancer()
+        catalog_id = chal.instancer_challenge
+        extra: dict[str, Any] = {}
+        if action == "start":
+            started = client.start(team_id, catalog_id)
+            extra["task_id"] = started.get("task_id")
+            inst = client.instance(team_id, catalog_id) or \
+                {k: v for k, v in started.items() if k != "task_id"}
+        elif action == "stop":
+            client.stop(team_id, catalog_id)
+            inst = None
+        elif action == "extend":
+            inst = client.extend(team_id, catalog_id)
+            if "status" not in inst:
+                inst = client.instance(team_id, catalog_id)
+        else:
+            inst = client.instance(team_id, catalog_id)
+            task_id = request.args.get("task", "")
+            if task_id and len(task_id) <= 200:
+                extra.update(_progress(client, team_id, task_id))
+    except InstancerError as exc:
+        return _error(exc.detail, exc.status if 400 <= exc.status < 600 else 503, exc.code)
+    return jsonify({"success": True, "data": {**player_view(chal, inst), **extra}})
+
+
+@player.route("/api/<int:challenge_id>", methods=["GET"])
+@authed_only
+@require_verified_emails
+def instance_status(challenge_id: int) -> Any:
+    """The player's instance of an instanced challenge (``?task=`` adds start progress)."""
+    return _player_action(challenge_id, "status")
+
+
+@player.route("/api/<int:challenge_id>/start", methods=["POST"])
+@authed_only
+@require_verified_emails
+def start_instance(challenge_id: int) -> Any:
+    """Start the player's team's instance (idempotent); answers at once with a task id."""
+    return _player_action(challenge_id, "start")
+
+
+@player.route("/api/<int:challenge_id>/stop", methods=["POST"])
+@authed_only
+@require_verified_emails
+def stop_instance(challenge_id: int) -> Any:
+    """Stop and remove the player's team's instance."""
+    return _player_action(challenge_id, "stop")
+
+
+@player.route("/api/<int:challenge_id>/extend", methods=["POST"])
+@authed_only
+@require_verified_emails
+def extend_instance(challenge_id: int) -> Any:
+    """Push the team's instance's expiry out by its ttl, up to its maximum lifetime."""
+    return _player_action(challenge_id, "extend")
+
+
+@player.route("/open/<int:challenge_id>", methods=["GET"])
+@authed_only
+@require_verified_emails
+def open_instance(challenge_id: int) -> Any:
+    """Send the player to their instance through a fresh link.
+
+    The ingress's ``access_url`` is short-lived, so it is fetched when the player clicks
+    rather than put in a page that may stay open longer than the link lives.
+    """
+    if not ctftime() and not is_admin():
+        abort(403)
+    chal = _player_challenge(challenge_id)
+    try:
+        inst = instancer().instance(current_team_id(), chal.instancer_challenge)
+    except (InstancerError, NoTeam):
+        inst = None
+    target = link_target(inst)
+    if target is None:
+        return redirect(url_for("challenges.listing") + f"#{chal.name}-{chal.id}")
+    return redirect(target)
+
+
+# -- admin routes -----------------------------------------------------------------------------
+
+
+@admin.route("/admin/ctf_instancer", methods=["GET"])
+@admins_only
+def admin_instances_page() -> Any:
+    """Every instance the instancer runs, with Stop and Extend."""
+    return render_template("ctf_instancer_admin.html")
+
+
+@admin.route("/admin/ctf_instancer/api/instances", methods=["GET"])
+@admins_only
+def admin_instances() -> Any:
+    """Every instance, with the CTFd team or user each belongs to."""
+    conn = connection()
+    try:
+        found = InstancerClient(conn).all_instances()
+    except InstancerError as exc:
+        return _error(exc.detail, exc.status if 400 <= exc.status < 600 else 503, exc.code)
+    titles = {c.instancer_challenge: c.name for c in InstancedChallenge.query.all()}
+    rows = []
+    for inst in found:
+        team_id = str(inst.get("team_id", ""))
+        rows.append({
+            "team_id": team_id,
+            "challenge": inst.get("challenge"),
+            "challenge_name": titles.get(str(inst.get("challenge"))),
+            "status": inst.get("status"),
+            "url": inst.get("url"),
+            "host": inst.get("host"),
+            "started_at": inst.get("started_at"),
+            "expires_at": inst.get("expires_at"),
+            "expires_in": _seconds_left(inst.get("expires_at")),
+            **account_name(conn.prefix, team_id),
+        })
+    rows.sort(key=lambda r: (str(r["challenge"]), str(r["team_id"])))
+    return jsonify({"success": True, "data": rows})
+
+
+@admin.route("/admin/ctf_instancer/api/instances/<team_id>/<challenge>/<action>",
+             methods=["POST"])
+@admins_only
+def admin_instance_action(team_id: str, challenge: str, action: str) -> Any:
+    """Stop or extend any team's instance."""
+    if action not in ("stop", "extend"):
+        abort(404)
+    try:
+        client = instancer()
+        result = client.admin_stop(team_id, challenge) if action == "stop" \
+            else client.admin_extend(team_id, challenge)
+    except InstancerError as exc:
+        return _error(exc.detail, exc.status if 400 <= exc.status < 600 else 503, exc.code)
+    return jsonify({"success": True, "data": {k: result.get(k) for k in
+                                              ("team_id", "challenge", "status",
+                                               "expires_at")}})
+
+
+@admin.route("/admin/ctf_instancer/api/catalog", methods=["GET"])
+@admins_only
+def admin_catalog() -> Any:
+    """The instancer's catalog, for the challenge creation form."""
+    try:
+        return jsonify({"success": True, "data": instancer().catalog()})
+    except InstancerError as exc:
+        return _error(exc.detail, exc.status if 400 <= exc.status < 600 else 503, exc.code)
+
+
+@admin.route("/admin/ctf_instancer/settings", methods=["GET", "POST"])
+@admins_only
+def admin_settings() -> Any:
+    """Where the instancer is: URL, admin token (write-only) and team-id prefix."""
+    message, problem = None, None
+    if request.method == "POST":
+        url = request.form.get("url", "").strip()
+        prefix = request.form.get("prefix", "").strip()
+        if url and not url.startswith(("http://", "https://")):
+            problem = "The URL must start with http:// or https://."
+        elif prefix and not PREFIX_RE.fullmatch(prefix):
+            problem = ("The prefix must be 1 to 41 letters, digits, '_' or '-', starting "
+                       "with a letter or digit.")
+        else:
+            save_setting("url", url)
+            save_setting("prefix", prefix)
+            token = request.form.get("token", "")
+            if request.form.get("clear_token"):
+                save_setting("token", "")
+            elif token.strip():
+                save_setting("token", token.strip())
+            message = "Saved."
+    conn = connection()
+    health: dict[str, Any] | None = None
+    catalog: list[dict[str, Any]] = []
+    try:
+        client = InstancerClient(conn)
+        status, body = client.health()
+        health = {"status": status, **body}
+        catalog = client.catalog()
+    except InstancerError as exc:
+        health = {"error": exc.detail}
+    stored = stored_settings()
+    return render_template(
+        "ctf_instancer_settings.html", conn=conn, stored_url=stored.get("url", ""),
+        stored_prefix=stored.get("prefix", ""), token_stored=bool(stored.get("token")),
+        health=health, catalog=catalog, message=message, problem=problem,
+    )
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
+def load(app: Any) -> None:
+    """Register the challenge type, the flag type, the routes and the admin menu entry."""
+    app.db.create_all()
+    CHALLENGE_CLASSES[TYPE_ID] = InstancedChallengeType
+    FLAG_CLASSES[FLAG_TYPE] = InstancerFlag
+    register_plugin_assets_directory(app, base_path=ASSETS)
+    app.register_blueprint(player)
+    app.register_blueprint(admin)
+    register_admin_plugin_menu_bar("Instances", "/admin/ctf_instancer")

@@ -1,0 +1,37 @@
+// Fills the "Instancer challenge" select from the instancer's catalog (through CTFd, admin only).
+window.ctfiFillCatalog = function (select, current) {
+  const root = (window.init && window.init.urlRoot) || "";
+  const error = select.parentElement.querySelector(".ctfi-catalog-error");
+  fetch(root + "/admin/ctf_instancer/api/catalog", { credentials: "same-origin", headers: { Accept: "application/json" } })
+    .then((r) => r.json())
+    .then((body) => {
+      if (!body.success) throw new Error(body.error && body.error.detail);
+      select.innerHTML = "";
+      const none = document.createElement("option");
+      none.value = "";
+      none.disabled = true;
+      none.textContent = "Pick one…";
+      select.appendChild(none);
+      body.data.forEach((ch) => {
+        const option = document.createElement("option");
+        option.value = ch.id;
+        const ttl = ch.ttl ? `, lives ${Math.round(ch.ttl / 60)} min` : "";
+        option.textContent = `${ch.name} (${ch.id}, ${ch.protocol}${ttl})`;
+        select.appendChild(option);
+      });
+      select.value = current || "";
+      if (!select.value) none.selected = true;
+    })
+    .catch((e) => {
+      error.textContent = `Cannot read the instancer's catalog: ${e.message || e}. ` +
+        "Check Admin > Instances > Settings.";
+      error.hidden = false;
+      if (current) {
+        select.innerHTML = "";
+        const option = document.createElement("option");
+        option.value = current;
+        option.textContent = current;
+        select.appendChild(option);
+      }
+    });
+};

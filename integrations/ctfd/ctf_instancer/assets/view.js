@@ -1,0 +1,201 @@
+// The "instanced" challenge's modal: the team's own instance, through CTFd's server only.
+// No token is ever in this page: every call goes to the plugin's routes on CTFd, which call
+// the instancer server-side.
+CTFd._internal.challenge.data = undefined;
+CTFd._internal.challenge.renderer = null;
+CTFd._internal.challenge.preRender = function () {};
+CTFd._internal.challenge.render = null;
+
+(function () {
+  const PHASES = {
+    queued: ["Waiting for a worker…", 5],
+    image: ["Checking the image…", 10],
+    pulling: ["Downloading the image…", 30],
+    creating: ["Creating the container…", 70],
+    starting: ["Waiting for it to answer…", 85],
+  };
+  const LABELS = {
+    none: ["Not running", "bg-secondary"],
+    starting: ["Starting", "bg-info"],
+    running: ["Running", "bg-success"],
+    stopping: ["Stopping", "bg-warning"],
+    failed: ["Failed", "bg-danger"],
+  };
+
+  function root() {
+    return (CTFd.config && CTFd.config.urlRoot) || "";
+  }
+
+  async function call(challengeId, action, query) {
+    const path = `/plugins/ctf_instancer/api/${challengeId}` + (action ? `/${action}` : "");
+    const options = action
+      ? { method: "POST", body: "{}", headers: { "Content-Type": "application/json", Accept: "application/json" } }
+      : { method: "GET", headers: { Accept: "application/json" } };
+    let response;
+    try {
+      response = await CTFd.fetch(path + (query || ""), options);
+    } catch (e) {
+      return { success: false, error: { detail: "CTFd cannot be reached; check your connection." } };
+    }
+    try {
+      return await response.json();
+    } catch (e) {
+      return { success: false, error: { detail: `CTFd answered ${response.status}; reload the page.` } };
+    }
+  }
+
+  function clock(seconds) {
+    const s = Math.max(0, Math.floor(seconds));
+    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), r = s % 60;
+    const mm = String(m).padStart(h ? 2 : 1, "0"), ss = String(r).padStart(2, "0");
+    return h ? `${h}:${mm}:${ss}` : `${mm}:${ss}`;
+  }
+
+  function mount(panel) {
+    const id = parseInt(panel.dataset.ctfiChallenge, 10);
+    const $ = (sel) => panel.querySelector(sel);
+    const state = { view: null, deadline: null, task: null, busy: false, poll: null };
+
+    function showError(detail) {
+      const box = $(".ctfi-error");
+      box.textContent = detail || "";
+      box.hidden = !detail;
+    }
+
+    function render(view) {
+      state.view = view;
+      const status = view.status || "none";
+      const [label, cls] = LABELS[status] || [status, "bg-secondary"];
+      const badge = $(".ctfi-status");
+      badge.textContent = label;
+      badge.className = `badge ctfi-status ${cls}`;
+
+      const progress = $(".ctfi-progress");
+      progress.hidden = status !== "starting";
+      if (status === "starting") {
+        const p = view.progress || {};
+        let [text, pct] = PHASES[p.phase] || PHASES.queued;
+        if (p.phase === "pulling" && p.bytes_total) {
+          pct = 10 + Math.round(60 * (p.bytes_done || 0) / p.bytes_total);
+          text = `Downloading the image (${p.layers_done || 0}/${p.layers_total || "?"} layers)…`;
+        }
+        $(".ctfi-phase").textContent = text;
+        $(".progress-bar").style.width = `${pct}%`;
+      }
+
+      const address = $(".ctfi-address");
+      address.hidden = !view.address || status === "none";
+      if (view.address) {
+        const link = $(".ctfi-link"), plain = $(".ctfi-plain");
+        link.hidden = !view.web;
+        plain.hidden = !!view.web;
+        if (view.web) {
+          link.href = root() + view.open_url;
+          link.textContent = view.address;
+        } else {
+          plain.textContent = view.address;
+        }
+      }
+
+      state.deadline = typeof view.expires_in === "number" ? Date.now() + view.expires_in * 1000 : null;
+      $(".ctfi-expiry").hidden = state.deadline === null || status === "none";
+      tick();
+
+      const note = $(".ctfi-note");
+      const reason = status === "failed" && view.reason ? `It failed: ${view.reason}` : "";
+      note.textContent = view.status_note || reason;
+      note.hidden = !note.textContent;
+
+      const running = status === "running" || status === "starting";
+      $(".ctfi-start").disabled = state.busy || running || status === "stopping";
+      $(".ctfi-start").textContent = status === "failed" ? "Restart" : "Start";
+      $(".ctfi-extend").disabled = state.busy || status !== "running";
+      $(".ctfi-stop").disabled = state.busy || status === "none" || status === "stopping";
+      if (view.error) showError(view.error);
+    }
+
+    function tick() {
+      if (state.deadline === null) return;
+      const left = (state.deadline - Date.now()) / 1000;
+      $(".ctfi-countdown").textContent = clock(left);
+      $(".ctfi-countdown").setAttribute("datetime", (state.view && state.view.expires_at) || "");
+    }
+
+    async function refresh() {
+      const query = state.task ? `?task=${encodeURIComponent(state.task)}` : "";
+      const body = await call(id, null, query);
+      if (!panel.isConnected) return;
+      if (body.success) {
+        if (body.data.status !== "starting") state.task = null;
+        render(body.data);
+      } else {
+        showError(body.error && body.error.detail);
+      }
+      schedule();
+    }
+
+    function schedule() {
+      clearTimeout(state.poll);
+      const status = state.view && state.view.status;
+      // Fast while something is changing; slowly otherwise, to notice expiry and the janitor.
+      const wait = status === "starting" || status === "stopping" ? 1000 : 15000;
+      state.poll = setTimeout(() => panel.isConnected && refresh(), wait);
+    }
+
+    async function act(action) {
+      state.busy = true;
+      showError("");
+      if (state.view) render(state.view);
+      if (action === "start") render({ ...(state.view || {}), status: "starting", progress: {} });
+      const body = await call(id, action);
+      state.busy = false;
+      if (!panel.isConnected) return;
+      if (body.success) {
+        if (action === "start") state.task = body.data.task_id || null;
+        render(body.data);
+      } else {
+        showError(body.error && body.error.detail);
+        await refresh();
+        return;
+      }
+      schedule();
+    }
+
+    $(".ctfi-start").addEventListener("click", () => act("start"));
+    $(".ctfi-stop").addEventListener("click", () => act("stop"));
+    $(".ctfi-extend").addEventListener("click", () => act("extend"));
+    const ticker = setInterval(() => {
+      if (!panel.isConnected) {
+        clearInterval(ticker);
+        clearTimeout(state.poll);
+        return;
+      }
+      tick();
+    }, 1000);
+    refresh();
+  }
+
+  // The modal's HTML is put in place by the theme after this script runs: wait for it.
+  CTFd._internal.challenge.postRender = function () {
+    const started = Date.now();
+    (function look() {
+      document.querySelectorAll(".ctfi-panel[data-ctfi-challenge]").forEach((panel) => {
+        if (!panel.dataset.ctfiMounted) {
+          panel.dataset.ctfiMounted = "1";
+          mount(panel);
+        }
+      });
+      if (!document.querySelector(".ctfi-panel[data-ctfi-mounted]") && Date.now() - started < 10000) {
+        setTimeout(look, 50);
+      }
+    })();
+  };
+})();
+
+CTFd._internal.challenge.submit = function (preview) {
+  const challenge_id = parseInt(CTFd.lib.$("#challenge-id").val());
+  const submission = CTFd.lib.$("#challenge-input").val();
+  const params = {};
+  if (preview) params["preview"] = true;
+  return CTFd.api.post_challenge_attempt(params, { challenge_id, submission }).then((r) => r);
+};

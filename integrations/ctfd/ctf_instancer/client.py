@@ -1,0 +1,276 @@
+"""Server-side client of the instancer's HTTP API (SPEC §6), for the CTFd plugin.
+
+Everything here runs inside CTFd's server. The instancer's URL and admin token are read from
+environment variables or from the plugin's own settings table (never CTFd's ``configs``
+table, which CTFd's admin API hands to browsers), and no token ever leaves this process.
+Player actions use the team's own token, so a mistake elsewhere in the plugin still cannot
+act on another team's instance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+TEAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,40}$")
+DEFAULT_PREFIX = "ctfd"
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 40.0
+STOP_WAIT = 30
+MAX_FLAG = 256  # the API's limit on a submitted flag
+
+UNREACHABLE = ("The instancer cannot be reached right now; try again in a minute, and tell "
+               "the organisers if it persists.")
+
+
+class InstancerError(Exception):
+    """Raised when the instancer refuses a request or cannot be reached.
+
+    ``detail`` is the instancer's own words (its ``detail`` field), fit to show a player.
+    """
+
+    def __init__(self, detail: str, status: int = 503, code: str = "backend_unavailable"):
+        super().__init__(detail)
+        self.detail = detail
+        self.status = status
+        self.code = code
+
+
+class NotConfigured(InstancerError):
+    """Raised when no instancer URL or admin token is set."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail, 503, "not_configured")
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the instancer is and how to authenticate, with where each value came from."""
+
+    url: str | None
+    admin_token: str | None
+    prefix: str
+    url_source: str
+    token_source: str
+    prefix_source: str
+
+
+def _env_token() -> tuple[str | None, str]:
+    token = os.environ.get("CTF_INSTANCER_ADMIN_TOKEN", "").strip()
+    if token:
+        return token, "the CTF_INSTANCER_ADMIN_TOKEN environment variable"
+    path = os.environ.get("CTF_INSTANCER_ADMIN_TOKEN_FILE", "").strip()
+    if path:
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None, f"CTF_INSTANCER_ADMIN_TOKEN_FILE ({path}: cannot be read)"
+        return value or None, f"the file {path} (CTF_INSTANCER_ADMIN_TOKEN_FILE)"
+    return None, ""
+
+
+def resolve(stored: dict[str, str]) -> Connection:
+    """Return the connection: environment variables first, then the admin page's values.
+
+    Args:
+        stored: the values saved on the plugin's admin page (``url``, ``token``, ``prefix``).
+
+    Returns:
+        The connection; ``url`` or ``admin_token`` is ``None`` when neither source sets it.
+    """
+    env_url = os.environ.get("CTF_INSTANCER_URL", "").strip()
+    url, url_source = (env_url, "the CTF_INSTANCER_URL environment variable") if env_url \
+        else (stored.get("url") or None, "the admin page" if stored.get("url") else "")
+    token, token_source = _env_token()
+    if token is None and stored.get("token"):
+        token, token_source = stored["token"], "the admin page"
+    env_prefix = os.environ.get("CTF_INSTANCER_TEAM_PREFIX", "").strip()
+    if env_prefix:
+        prefix, prefix_source = env_prefix, "the CTF_INSTANCER_TEAM_PREFIX environment variable"
+    elif stored.get("prefix"):
+        prefix, prefix_source = stored["prefix"], "the admin page"
+    else:
+        prefix, prefix_source = DEFAULT_PREFIX, "the default"
+    if not PREFIX_RE.fullmatch(prefix):
+        prefix, prefix_source = DEFAULT_PREFIX, "the default (the configured prefix is invalid)"
+    return Connection(url.rstrip("/") if url else None, token, prefix,
+                      url_source, token_source, prefix_source)
+
+
+def team_id_for(prefix: str, kind: str, number: int) -> str:
+    """Return the instancer team id of a CTFd team (``kind`` "t") or user (``kind`` "u").
+
+    Raises:
+        ValueError: when the result would break the instancer's team-id rule.
+    """
+    team_id = f"{prefix}-{kind}{int(number)}"
+    if kind not in ("t", "u") or not TEAM_ID_RE.fullmatch(team_id):
+        raise ValueError(f"{team_id!r} is not a valid instancer team id")
+    return team_id
+
+
+def parse_team_id(prefix: str, team_id: str) -> tuple[str, int] | None:
+    """Return ``(kind, number)`` of one of this CTFd's team ids, or ``None`` for others."""
+    match = re.fullmatch(re.escape(prefix) + r"-([tu])(\d{1,18})", team_id)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def link_target(inst: dict[str, Any] | None) -> str | None:
+    """Return where a player's click on their instance's link goes.
+
+    The ingress's signed ``access_url`` when the instance has one (it sets the team's access
+    cookie on the way), else its ``url``; only http(s) addresses (a TCP instance has none).
+    """
+    for key in ("access_url", "url"):
+        value = (inst or {}).get(key)
+        if isinstance(value, str) and value.startswith(("http://", "https://")):
+            return value
+    return None
+
+
+class InstancerClient:
+    """Calls the instancer's HTTP API with the admin token or a team's own token."""
+
+    def __init__(self, conn: Connection, session: requests.Session | None = None):
+        if not conn.url:
+            raise NotConfigured("The instancer's URL is not set: an organiser sets it on the "
+                                "CTFd admin page Plugins > Instancer, or CTF_INSTANCER_URL.")
+        if not conn.admin_token:
+            raise NotConfigured("The instancer's admin token is not set: an organiser sets it "
+                                "on the CTFd admin page Plugins > Instancer, or "
+                                "CTF_INSTANCER_ADMIN_TOKEN.")
+        self.conn = conn
+        self.session = session or _SESSION
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, token: str, *, json: Any = None,
+              params: dict[str, Any] | None = None, allow: tuple[int, ...] = ()) -> Any:
+        try:
+            response = self.session.request(
+                method, f"{self.conn.url}/api/v1{path}", json=json, params=params,
+                headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), allow_redirects=False,
+            )
+        except requests.RequestException:
+            raise InstancerError(UNREACHABLE) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code < 300 or response.status_code in allow:
+            return body if body is not None else {}
+        if isinstance(body, dict) and isinstance(body.get("detail"), str):
+            raise InstancerError(body["detail"], response.status_code,
+                                 str(body.get("error") or "error"))
+        if response.status_code in (401, 403):
+            raise InstancerError("The instancer refused CTFd's admin token; an organiser must "
+                                 "check it on the admin page Plugins > Instancer.",
+                                 response.status_code, "unauthorized")
+        raise InstancerError(UNREACHABLE, 503)
+
+    def team_token(self, team_id: str) -> str:
+        """Return the team's own token (issued once by the instancer, then cached)."""
+        key = (self.conn.url, self.conn.admin_token, team_id)
+        with _TOKENS_LOCK:
+            cached = _TOKENS.get(key)
+        if cached:
+            return cached
+        body = self._call("GET", f"/teams/{quote(team_id)}/token", str(self.conn.admin_token))
+        token = str(body["token"])
+        with _TOKENS_LOCK:
+            if len(_TOKENS) > 100_000:
+                _TOKENS.clear()
+            _TOKENS[key] = token
+        return token
+
+    def _team(self, method: str, team_id: str, path: str, **kwargs: Any) -> Any:
+        return self._call(method, f"/teams/{quote(team_id)}{path}", self.team_token(team_id),
+                          **kwargs)
+
+    # -- a team's own instance -------------------------------------------------------------
+
+    def instance(self, team_id: str, challenge: str) -> dict[str, Any] | None:
+        """Return the team's instance of ``challenge``, or ``None`` when it has none."""
+        body = self._team("GET", team_id, f"/instances/{quote(challenge)}", allow=(404,))
+        if body.get("error") == "instance_not_found":
+            return None
+        if body.get("error"):
+            raise InstancerError(str(body.get("detail") or UNREACHABLE), 404,
+                                 str(body["error"]))
+        return dict(body)
+
+    def start(self, team_id: str, challenge: str) -> dict[str, Any]:
+        """Ask for the team's instance (idempotent); returns ``{"task_id", …so far}``."""
+        return dict(self._team("PUT", team_id, f"/instances/{quote(challenge)}"))
+
+    def stop(self, team_id: str, challenge: str) -> dict[str, Any]:
+        """Stop and remove the team's instance, waiting up to 30 s for it to go."""
+        return dict(self._team("DELETE", team_id, f"/instances/{quote(challenge)}",
+                               params={"wait": STOP_WAIT}))
+
+    def extend(self, team_id: str, challenge: str) -> dict[str, Any]:
+        """Push the instance's expiry out by the challenge's ttl (up to its lifetime)."""
+        return dict(self._team("POST", team_id, f"/instances/{quote(challenge)}/extend"))
+
+    def task(self, team_id: str, task_id: str) -> dict[str, Any]:
+        """Return one of the team's tasks: state, progress, result or error."""
+        return dict(self._call("GET", f"/tasks/{quote(task_id, safe='')}",
+                               self.team_token(team_id)))
+
+    # -- organisers ------------------------------------------------------------------------
+
+    def catalog(self) -> list[dict[str, Any]]:
+        """Return the instancer's catalog: id, name, protocol, ttl of each challenge."""
+        body = self._call("GET", "/challenges", str(self.conn.admin_token))
+        return list(body.get("challenges", []))
+
+    def all_instances(self) -> list[dict[str, Any]]:
+        """Return every instance the instancer runs (every CTFd's and any other's)."""
+        return list(self._call("GET", "/instances", str(self.conn.admin_token))
+                    .get("instances", []))
+
+    def admin_stop(self, team_id: str, challenge: str) -> dict[str, Any]:
+        """Stop any team's instance (admin token)."""
+        return dict(self._call("DELETE", f"/teams/{quote(team_id)}/instances/{quote(challenge)}",
+                               str(self.conn.admin_token), params={"wait": STOP_WAIT}))
+
+    def admin_extend(self, team_id: str, challenge: str) -> dict[str, Any]:
+        """Extend any team's instance (admin token)."""
+        return dict(self._call(
+            "POST", f"/teams/{quote(team_id)}/instances/{quote(challenge)}/extend",
+            str(self.conn.admin_token)))
+
+    def check_flag(self, team_id: str, challenge: str, flag: str,
+                   name: str | None = None) -> bool:
+        """Return whether ``flag`` is the team's own flag (or in-app flag ``name``)."""
+        if not flag.strip() or len(flag) > MAX_FLAG:
+            return False
+        body: dict[str, str] = {"flag": flag}
+        if name:
+            body["name"] = name
+        result = self._call("POST", f"/teams/{quote(team_id)}/flags/{quote(challenge)}",
+                            str(self.conn.admin_token), json=body)
+        return result.get("correct") is True
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """Return the status and body of the instancer's ``/healthz``."""
+        try:
+            response = self.session.get(f"{self.conn.url}/healthz",
+                                        timeout=(CONNECT_TIMEOUT, 10))
+            return response.status_code, dict(response.json())
+        except (requests.RequestException, ValueError):
+            raise InstancerError(UNREACHABLE) from None
+
+
+_SESSION = requests.Session()
+_TOKENS: dict[tuple[str | None, str | None, str], str] = {}
+_TOKENS_LOCK = threading.Lock()

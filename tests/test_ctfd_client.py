@@ -1,0 +1,114 @@
+"""The CTFd plugin's server-side client: team ids, where settings come from, failures in words.
+
+``integrations/ctfd/ctf_instancer/client.py`` needs no CTFd, so it is loaded on its own here;
+the end-to-end test (test_ctfd_plugin.py) drives it through the real CTFd.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import ctfd_support
+import pytest
+from conftest import ROOT
+
+from celery_app.naming import TEAM_ID_RE
+
+
+def _load() -> ModuleType:
+    path = ROOT / "integrations" / "ctfd" / "ctf_instancer" / "client.py"
+    spec = importlib.util.spec_from_file_location("ctf_instancer_client", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+client = _load()
+
+
+def test_team_ids_pass_our_rule_and_never_collide() -> None:
+    """CTFd teams and users map to distinct ids that our team-id rule accepts."""
+    seen = set()
+    for kind in ("t", "u"):
+        for number in (1, 2, 10, 11, 99999999999):
+            team_id = client.team_id_for("ctfd", kind, number)
+            assert TEAM_ID_RE.fullmatch(team_id), team_id
+            assert client.parse_team_id("ctfd", team_id) == (kind, number)
+            seen.add(team_id)
+    assert len(seen) == 10
+    assert client.team_id_for("ctfd", "t", 7) == "ctfd-t7"
+    assert client.parse_team_id("ctfd", "other-t7") is None  # another platform's team
+    assert client.parse_team_id("ctfd", "ctfd-t7x") is None
+    longest = client.team_id_for("p" * 41, "u", 10**18)
+    assert TEAM_ID_RE.fullmatch(longest)
+
+
+def test_environment_wins_over_the_admin_page(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """CTF_INSTANCER_* variables win over saved values; a bad prefix falls back to ctfd."""
+    for name in ("CTF_INSTANCER_URL", "CTF_INSTANCER_ADMIN_TOKEN",
+                 "CTF_INSTANCER_ADMIN_TOKEN_FILE", "CTF_INSTANCER_TEAM_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    stored = {"url": "http://saved:8000/", "token": "saved-token", "prefix": "event1"}
+    conn = client.resolve(stored)
+    assert (conn.url, conn.admin_token, conn.prefix) == ("http://saved:8000", "saved-token",
+                                                          "event1")
+    assert conn.token_source == "the admin page"
+    token_file = tmp_path / "admin_token"
+    token_file.write_text("file-token\n")
+    monkeypatch.setenv("CTF_INSTANCER_URL", "http://env:9000")
+    monkeypatch.setenv("CTF_INSTANCER_ADMIN_TOKEN_FILE", str(token_file))
+    monkeypatch.setenv("CTF_INSTANCER_TEAM_PREFIX", "bad prefix!")
+    conn = client.resolve(stored)
+    assert (conn.url, conn.admin_token, conn.prefix) == ("http://env:9000", "file-token", "ctfd")
+    assert "CTF_INSTANCER_ADMIN_TOKEN_FILE" in conn.token_source
+    monkeypatch.setenv("CTF_INSTANCER_ADMIN_TOKEN", "env-token")
+    assert client.resolve(stored).admin_token == "env-token"
+
+
+def test_missing_settings_and_a_dead_instancer_say_what_to_do() -> None:
+    """No URL or token, or nobody listening: a typed error whose words a player can read."""
+    with pytest.raises(client.NotConfigured, match="URL is not set"):
+        client.InstancerClient(client.resolve({"token": "t"}))
+    with pytest.raises(client.NotConfigured, match="admin token is not set"):
+        client.InstancerClient(client.resolve({"url": "http://127.0.0.1:9"}))
+    dead = client.InstancerClient(client.resolve({"url": "http://127.0.0.1:9", "token": "t"}))
+    with pytest.raises(client.InstancerError, match=re.escape(client.UNREACHABLE)) as err:
+        dead.instance("ctfd-t1", "web")
+    assert err.value.status == 503
+    assert dead.check_flag("ctfd-t1", "web", "x" * 300) is False  # over the API's limit
+
+
+def test_missing_ctfd_source_is_named_in_the_skip_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without CTFd's source the e2e tests learn why, naming the path and the variable."""
+    missing = tmp_path / "no-such-CTFd.tar.gz"
+    monkeypatch.setenv("CTF_CTFD_SOURCE", str(missing))
+    with pytest.raises(ctfd_support.CtfdUnavailable, match="CTF_CTFD_SOURCE") as err:
+        ctfd_support.source()
+    assert str(missing) in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("CTF_CTFD_SOURCE", str(empty))
+    monkeypatch.setenv("CTF_CTFD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ctfd_support.CtfdUnavailable, match="holds no CTFd source"):
+        ctfd_support.prepare()
+
+
+def test_the_link_goes_through_the_ingress_access_url_when_there_is_one() -> None:
+    """A click goes to access_url (the ingress's signed link) if present, else to url."""
+    url = "http://localhost:32771"
+    access = "http://abc.ctf.example.test/_ctf/access?t=signed"
+    assert client.link_target({"url": url, "access_url": access}) == access
+    assert client.link_target({"url": url}) == url
+    assert client.link_target({"url": url, "access_url": None}) == url
+    assert client.link_target({"url": "tls://abc.ctf.example.test:443"}) is None
+    assert client.link_target(None) is None

@@ -1,0 +1,478 @@
+"""The CTFd plugin (issue 13) end to end: the real CTFd 3.8.7 on SQLite, our real stack.
+
+CTFd runs under gunicorn from its own venv (tests/ctfd_support.py builds it once from
+``CTF_CTFD_SOURCE``, default the vendored archive) with ``integrations/ctfd/ctf_instancer``
+linked into ``CTFd/plugins/``. Behind it: a real worker, our API as its own uvicorn process
+(``ctfctl api``), a private Redis and the real Docker engine. Chromium plays the organiser
+and two teams. Without CTFd's source the tests skip, saying why; under ``CI=true`` they fail.
+Set ``CTF_DASHBOARD_SCREENSHOTS=1`` to write the screenshots into ``docs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+from conftest import (
+    BUSYBOX,
+    ROOT,
+    Worker,
+    build_image,
+    containers_of,
+    free_port,
+    private_label,
+    wait_for,
+)
+from ctfd_support import CtfdInstall, CtfdServer, CtfdUnavailable, install_plugin, prepare
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from support import RedisServer
+
+from celery_app.flags import in_app_flag, team_flag
+
+pytestmark = [pytest.mark.browser, pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+DOCS = ROOT / "docs"
+LABEL = private_label("ctfd")
+POOL = "10.241.0.0/16"  # our own team-subnet pool, away from every other test's
+ADMIN_NAME, ADMIN_PASSWORD = "organiser", "organiser-password-1"
+expect.set_options(timeout=30_000)
+
+# A stand-in challenge that shows its team's flag on its page (as a real one hides it).
+FLAG_DOCKERFILE = """FROM scratch
+COPY busybox /bin/busybox
+COPY index.html /www/index.html
+EXPOSE 8080
+ENTRYPOINT ["/bin/busybox", "sh", "-c"]
+CMD ["echo \\"<h1>Stand-in challenge</h1><p>Your flag: <code id=flag>$FLAG</code></p>\\" \
+> /www/index.html && exec /bin/busybox httpd -f -p 8080 -h /www"]
+"""
+
+
+# -- the stack: Redis, worker, API process, CTFd ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ctfd_install() -> CtfdInstall:
+    """CTFd's source unpacked with its own venv (cached); skip or, under CI, fail without it."""
+    try:
+        return prepare()
+    except CtfdUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {exc}")
+        pytest.skip(str(exc))
+
+
+@dataclass
+class Stack:
+    """Our side: the API's URL, its admin token and the Redis CTFd may use too."""
+
+    api: str
+    token: str
+    redis: RedisServer
+    data_dir: Path
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, docker_client: docker.DockerClient,
+) -> Iterator[Stack]:
+    """A private Redis, a real worker and ``ctfctl api`` as its own process."""
+    work = tmp_path_factory.mktemp("ctfd-stack")
+    image = build_image(docker_client, f"ctf-test/flagweb:{work.name}", FLAG_DOCKERFILE,
+                        {"busybox": BUSYBOX, "index.html": b"starting\n"})
+    catalog = work / "challenges.yaml"
+    catalog.write_text(f"""
+challenges:
+  flagweb:
+    name: Stand-in web challenge
+    image: {image}
+    port: 8080
+    ttl: 600
+    memory: 64m
+    flag_env: FLAG
+    start_timeout: 30
+  shop:
+    name: Stand-in Juice Shop
+    image: {image}
+    port: 8080
+    ttl: 600
+    memory: 64m
+    env: {{NODE_ENV: ctf}}
+    flag_env: CTF_KEY
+    start_timeout: 30
+""")
+    redis_server = RedisServer(work)
+    redis_server.start()
+    token = secrets.token_urlsafe(32)
+    env = {
+        "CELERY_BROKER_URL": f"{redis_server.url}/0",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/1",
+        "CTF_REDIS_URL": f"{redis_server.url}/2",
+        "CTF_CHALLENGES_FILE": str(catalog),
+        "CTF_DATA_DIR": str(work / "data"),
+        "CTF_EXTRA_LABELS": json.dumps(LABEL),
+        "CTF_TEAM_SUBNET_POOL": POOL,
+        "CTF_ADMIN_TOKEN": token,
+        # Two challenges, one instance at a time: the quota error is part of the story.
+        "CTF_MAX_INSTANCES_PER_TEAM": "1",
+    }
+    worker = Worker({**env, "CTF_HOST": "local"}, work / "worker.log")
+    api_port = free_port()
+    api_log = work / "api.log"
+    api_proc: subprocess.Popen[bytes] | None = None
+    try:
+        worker.start()
+        with api_log.open("ab") as out:
+            api_proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "ctfctl"), "api", "--bind",
+                 f"127.0.0.1:{api_port}"],
+                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                start_new_session=True)
+        api = f"http://127.0.0.1:{api_port}"
+
+        def healthy() -> bool:
+            assert api_proc is not None and api_proc.poll() is None, api_log.read_text()
+            try:
+                return httpx.get(f"{api}/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 60, 0.2, "our API to answer /healthz with a worker")
+        yield Stack(api, token, redis_server, work / "data")
+    finally:
+        if api_proc is not None:
+            api_proc.terminate()
+            try:
+                api_proc.wait(20)
+            except subprocess.TimeoutExpired:
+                api_proc.kill()
+                api_proc.wait(10)
+        worker.stop()
+        for c in containers_of(docker_client, LABEL):
+            c.remove(force=True)
+        redis_server.stop()
+
+
+def _nonce(html: str) -> str:
+    match = re.search(r'name="nonce"[^>]*value="([^"]+)"', html) or \
+        re.search(r"csrfNonce['\"]?\s*:\s*\"([^\"]+)\"", html)
+    assert match, "no CSRF nonce on the page"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def ctfd(
+    ctfd_install: CtfdInstall, stack: Stack, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """CTFd with the plugin linked in, set up in teams mode by its organiser; yield its URL."""
+    install_plugin(ctfd_install)
+    server = CtfdServer(ctfd_install, tmp_path_factory.mktemp("ctfd"), free_port(),
+                        {"REDIS_URL": f"{stack.redis.url}/7"})
+    server.start()
+    try:
+        def answers() -> bool:
+            assert server.alive(), server.log.read_text()[-3000:]
+            try:
+                return httpx.get(f"{server.url}/setup", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, 90, 0.3, "CTFd to answer")
+        with httpx.Client(base_url=server.url, timeout=30) as web:
+            form = {
+                "ctf_name": "Instancer CTF", "ctf_description": "A test event",
+                "user_mode": "teams", "name": ADMIN_NAME, "email": "organiser@example.org",
+                "password": ADMIN_PASSWORD, "ctf_theme": "core",
+                "challenge_visibility": "private", "account_visibility": "public",
+                "score_visibility": "public", "registration_visibility": "public",
+                "nonce": _nonce(web.get("/setup").text),
+            }
+            done = web.post("/setup", data=form)
+            assert done.status_code in (200, 302), done.text[-2000:]
+            assert httpx.get(f"{server.url}/setup", timeout=10).status_code == 302
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright."""
+    if not CHROMIUM.exists():
+        pytest.skip("chromium is missing: run ./setup-celery.sh --dev (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def new_page(browser: Browser, base: str) -> tuple[BrowserContext, Page]:
+    """A fresh browser profile (its own cookies) on CTFd."""
+    context = browser.new_context(base_url=base, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(30_000)
+    return context, context.new_page()
+
+
+def screenshot(page: Page, tmp_path: Path, name: str, height: int = 900) -> None:
+    """Screenshot into tmp_path, and into docs/ when CTF_DASHBOARD_SCREENSHOTS=1."""
+    shot = tmp_path / name
+    # A taller window rather than a full-page shot, where CTFd's sticky bar would repeat.
+    page.set_viewport_size({"width": 1280, "height": height})
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(shot))
+    page.set_viewport_size({"width": 1280, "height": 900})
+    if os.environ.get("CTF_DASHBOARD_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        shutil.copyfile(shot, DOCS / name)
+
+
+# -- steps --------------------------------------------------------------------------------------
+
+
+def log_in(page: Page, name: str, password: str) -> None:
+    """Log in through CTFd's login form."""
+    page.goto("/login")
+    page.fill("#name", name)
+    page.fill("#password", password)
+    page.click("#_submit")
+    expect(page).not_to_have_url(re.compile(r"/login"))
+
+
+def register_team(page: Page, user: str, team: str) -> None:
+    """Register a player and create their team, as a player does."""
+    page.goto("/register")
+    page.fill("#name", user)
+    page.fill("#email", f"{user}@example.org")
+    page.fill("#password", f"{user}-password")
+    page.click("#_submit")
+    expect(page).to_have_url(re.compile(r"/team"))
+    page.goto("/teams/new")
+    page.fill("#name", team)
+    page.fill("#password", f"{team}-password")
+    page.click("#_submit")
+    expect(page).not_to_have_url(re.compile(r"/teams/new"))
+
+
+def open_challenge(page: Page, name: str) -> Any:
+    """Open a challenge's modal from the challenge board; return its instance panel."""
+    page.goto("/challenges")
+    page.get_by_role("button", name=re.compile(re.escape(name))).first.click()
+    expect(page.locator(".challenge-name")).to_have_text(name)
+    panel = page.locator(".ctfi-panel")
+    expect(panel).to_be_visible()
+    return panel
+
+
+def submit_flag(page: Page, flag: str) -> Any:
+    """Submit a flag in the open modal; return the response alert."""
+    page.fill("#challenge-input", flag)
+    page.click("#challenge-submit")
+    alert = page.locator(".notification-row .alert")
+    expect(alert).to_be_visible()
+    return alert
+
+
+def create_challenge(org: Page, fields: dict[str, Any], flag: dict[str, str] | None) -> int:
+    """Create a challenge (and a flag) through CTFd's API in the organiser's session."""
+    headers = {"CSRF-Token": org.evaluate("init.csrfNonce"), "Content-Type": "application/json"}
+    made = org.request.post("/api/v1/challenges", data=json.dumps(fields), headers=headers)
+    assert made.ok, made.text()
+    chal_id = int(made.json()["data"]["id"])
+    if flag is not None:
+        added = org.request.post("/api/v1/flags", headers=headers,
+                                 data=json.dumps({"challenge": chal_id, **flag}))
+        assert added.ok, added.text()
+    return chal_id
+
+
+def team_score(page: Page) -> int:
+    """The player's team's score, from CTFd's own API (the browser's session)."""
+    body = page.request.get("/api/v1/teams/me").json()
+    return int(body["data"]["score"])
+
+
+def instance_of(client: docker.DockerClient, team_id: str, challenge: str) -> list[Any]:
+    """Return the containers of one (challenge, team) made by this test."""
+    return containers_of(client, LABEL, **{"ctf.team": team_id, "ctf.challenge": challenge})
+
+
+# -- the story ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)
+def test_organiser_and_two_teams_through_ctfd(
+    ctfd: str, stack: Stack, browser: Browser, docker_client: docker.DockerClient,
+    tmp_path: Path,
+) -> None:
+    """Organiser links the instancer and creates a challenge; teams start, score and stop."""
+    # 1. The organiser connects CTFd to the instancer on the plugin's settings page.
+    org_ctx, org = new_page(browser, ctfd)
+    log_in(org, ADMIN_NAME, ADMIN_PASSWORD)
+    org.goto("/admin/ctf_instancer/settings")
+    org.fill("#ctfi-url", stack.api)
+    org.fill("#ctfi-token", stack.token)
+    org.get_by_role("button", name="Save").click()
+    expect(org.locator(".ctfi-health")).to_contain_text("Instancer answers")
+    expect(org.locator(".ctfi-catalog-list")).to_contain_text("flagweb")
+    expect(org.locator(".ctfi-token-source")).to_contain_text("from the admin page")
+    screenshot(org, tmp_path, "ctfd-settings.png")
+    # The token went in and never comes back out: not on the page, not in CTFd's configs.
+    assert stack.token not in org.content()
+    assert stack.token not in org.request.get("/api/v1/configs").text()
+
+    # 2. It creates an "instanced" challenge of the catalog's flagweb.
+    org.goto("/admin/challenges/new")
+    # The page first loads the standard type's form; switch only once that is done.
+    expect(org.locator("#create-chal-entry-div input[name=type][value=standard]")).to_have_count(1)
+    org.wait_for_load_state("networkidle")
+    org.locator("#create-chals-select label", has_text="instanced").click()
+    form = org.locator("#create-chal-entry-div")
+    catalog = form.locator("select[name=instancer_challenge]")
+    # The form is in place once its script has filled the catalog from the instancer.
+    expect(catalog.locator("option[value=flagweb]")).to_have_count(1)
+    form.locator("input[name=name]").fill("Web instance")
+    form.locator("input[name=category]").fill("web")
+    form.locator(".CodeMirror").first.click()  # the description's Markdown editor
+    org.keyboard.type("Start your own instance and find the flag on its page.")
+    form.locator("input[name=value]").fill("100")
+    catalog.select_option("flagweb")
+    expect(form.locator("input[name=name]")).to_have_value("Web instance")
+    expect(form.locator("input[name=category]")).to_have_value("web")
+    screenshot(org, tmp_path, "ctfd-create.png", height=1240)
+    form.get_by_role("button", name="Create", exact=True).click()
+    options = org.locator("#challenge-create-options")
+    expect(options).to_be_visible()
+    options.locator("select[name=state]").select_option("visible")
+    options.get_by_role("button", name="Finish").click()
+    expect(org).to_have_url(re.compile(r"/admin/challenges/\d+$"))
+    chal_id = int(org.url.rsplit("/", 1)[1])
+    flags = org.request.get(f"/api/v1/challenges/{chal_id}/flags").json()["data"]
+    assert [f["type"] for f in flags] == ["instancer"]
+    # Its edit page shows the catalog challenge it instances, among the catalog's others.
+    edit = org.locator("#challenge-update-container #ctfi-catalog")
+    expect(edit.locator("option[value=shop]")).to_have_count(1)
+    expect(edit).to_have_value("flagweb")
+
+    # 3. Team one registers, opens the challenge, starts its instance and follows the link.
+    one_ctx, one = new_page(browser, ctfd)
+    register_team(one, "alice", "Team One")
+    team_one = "ctfd-t" + str(one.request.get("/api/v1/teams/me").json()["data"]["id"])
+    panel = open_challenge(one, "Web instance")
+    expect(panel.locator(".ctfi-status")).to_have_text("Not running")
+    panel.get_by_role("button", name="Start").click()
+    expect(panel.locator(".ctfi-status")).to_have_text(re.compile("Starting|Running"))
+    expect(panel.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
+    link = panel.locator("a.ctfi-link")
+    expect(link).to_have_text(re.compile(r"^http://localhost:\d+$"))
+    expect(panel.locator(".ctfi-countdown")).to_have_text(re.compile(r"^(9|10):\d\d$"))
+    screenshot(one, tmp_path, "ctfd-modal.png")
+    assert len(instance_of(docker_client, team_one, "flagweb")) == 1
+    with one.expect_popup() as popup:
+        link.click()
+    instance_page = popup.value
+    expect(instance_page.locator("#flag")).to_have_text(re.compile(r"^CTF\{[0-9a-f]{32}\}$"))
+    flag_one = instance_page.locator("#flag").inner_text()
+    assert instance_page.url.startswith(link.inner_text())
+    instance_page.close()
+    panel.get_by_role("button", name="Extend").click()  # ttl 600 s more: about 19-20 min
+    expect(panel.locator(".ctfi-countdown")).to_have_text(re.compile(r"^(19|20):\d\d$"))
+
+    # Its own flag scores.
+    assert team_score(one) == 0
+    expect(submit_flag(one, flag_one)).to_have_text(re.compile("Correct"))
+    assert team_score(one) == 100
+
+    # 3b. A second instance breaks the per-team quota: the modal says so in our words.
+    create_challenge(org, {"name": "Juice Shop", "category": "shop", "value": 10,
+                           "description": "Your own Juice Shop.", "state": "visible",
+                           "type": "instanced", "instancer_challenge": "shop",
+                           "instancer_flag": "0"}, None)
+    create_challenge(org, {"name": "Score Board", "category": "shop", "value": 50,
+                           "description": "Find the score board.", "state": "visible",
+                           "type": "standard"},
+                     {"type": "instancer", "content": "Score Board", "data": "shop"})
+    shop = open_challenge(one, "Juice Shop")
+    shop.get_by_role("button", name="Start").click()
+    expect(shop.locator(".ctfi-error")).to_contain_text(
+        f"team {team_one} already runs 1 instance(s), the per-team maximum")
+    expect(shop.locator(".ctfi-status")).to_have_text("Not running")
+    assert not instance_of(docker_client, team_one, "shop")
+
+    # 4. Team two sees only its own (no) instance; team one's flag is wrong for it.
+    two_ctx, two = new_page(browser, ctfd)
+    register_team(two, "bob", "Team Two")
+    team_two = "ctfd-t" + str(two.request.get("/api/v1/teams/me").json()["data"]["id"])
+    assert team_two != team_one
+    panel_two = open_challenge(two, "Web instance")
+    expect(panel_two.locator(".ctfi-status")).to_have_text("Not running")
+    expect(panel_two.locator(".ctfi-address")).to_be_hidden()
+    expect(submit_flag(two, flag_one)).to_have_text(re.compile("Incorrect"))
+    assert team_score(two) == 0
+    panel_two.get_by_role("button", name="Start").click()
+    expect(panel_two.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
+    link_two = panel_two.locator("a.ctfi-link").inner_text()
+    assert link_two != link.inner_text()
+    assert len(instance_of(docker_client, team_two, "flagweb")) == 1
+
+    # 5. Team one stops its instance from the modal.
+    panel = open_challenge(one, "Web instance")
+    expect(panel.locator(".ctfi-status")).to_have_text("Running")
+    panel.get_by_role("button", name="Stop").click()
+    expect(panel.locator(".ctfi-status")).to_have_text("Not running")
+    wait_for(lambda: not instance_of(docker_client, team_one, "flagweb"), 30, 0.2,
+             "team one's container to be removed")
+
+    # 5b. Now Juice Shop starts; its in-app flag scores for team one, team two's does not.
+    shop = open_challenge(one, "Juice Shop")
+    shop.get_by_role("button", name="Start").click()
+    expect(shop.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
+    (container,) = instance_of(docker_client, team_one, "shop")
+    env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
+    secret = (stack.data_dir / "flag_secret").read_text().strip()
+    assert env["CTF_KEY"] == team_flag(secret, "shop", team_one)  # what the app keys its flags by
+    one.goto("/challenges")
+    one.get_by_role("button", name=re.compile("Score Board")).click()
+    expect(one.locator(".challenge-name")).to_have_text("Score Board")
+    expect(one.locator(".ctfi-panel")).to_have_count(0)  # a standard challenge: no instance
+    theirs = in_app_flag(team_flag(secret, "shop", team_two), "Score Board")
+    expect(submit_flag(one, theirs)).to_have_text(re.compile("Incorrect"))
+    ours = in_app_flag(env["CTF_KEY"], "Score Board")  # what Juice Shop shows team one
+    expect(submit_flag(one, ours)).to_have_text(re.compile("Correct"))
+    assert team_score(one) == 150
+    shop = open_challenge(one, "Juice Shop")
+    shop.get_by_role("button", name="Stop").click()
+    expect(shop.locator(".ctfi-status")).to_have_text("Not running")
+
+    # 6. The organiser's Instances page lists team two's instance and stops it.
+    org.goto("/admin/ctf_instancer")
+    row = org.locator(f"tr[data-team='{team_two}'][data-challenge='flagweb']")
+    expect(row).to_contain_text("Team Two")
+    expect(row.locator(".ctfi-row-status")).to_have_text("running")
+    expect(org.locator(f"tr[data-team='{team_one}']")).to_have_count(0)
+    screenshot(org, tmp_path, "ctfd-admin-instances.png")
+    org.once("dialog", lambda dialog: dialog.accept())
+    row.get_by_role("button", name="Stop").click()
+    expect(org.locator(".ctfi-done")).to_contain_text("Stopped flagweb of Team Two")
+    expect(row).to_have_count(0)
+    wait_for(lambda: not instance_of(docker_client, team_two, "flagweb"), 30, 0.2,
+             "team two's container to be removed")
+    panel_two = open_challenge(two, "Web instance")
+    expect(panel_two.locator(".ctfi-status")).to_have_text("Not running")
+
+    for context in (org_ctx, one_ctx, two_ctx):
+        context.close()
