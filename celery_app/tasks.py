@@ -26,6 +26,7 @@ from celery.exceptions import Ignore
 from celery_app.celery_app import app
 from celery_app.context import Context, get_context
 from celery_app.errors import CTFError, InstanceBusy, OnOtherHost, TransientError
+from celery_app.events import index_is_live
 from celery_app.hosts import host_of, present
 from celery_app.naming import check_team_id, instance_key
 from celery_app.routing import host_queue
@@ -214,11 +215,12 @@ def get_container_status(
     self: InstancerTask, team_id: str | None = None, challenge: str | None = None,
     hops: int = 0,
 ) -> dict[str, Any]:
-    """Return ``{"instances": [...]}``, checked against Docker, filtered by what is given.
+    """Return ``{"instances": [...]}``, from the index, filtered by what is given.
 
-    One instance (team and challenge given) is checked by its own host's worker. In a
-    listing, this host's instances are checked against its engine and the others come from
-    the index; those whose host has no live worker are not shown as running (``host_up``).
+    The index follows each engine's events (celery_app.events); while this worker's
+    follower is not connected or is behind, this host's instances are checked against its
+    engine instead. One instance (team and challenge given) is answered by its own host's
+    worker. Instances whose host has no live worker are not shown as running (``host_up``).
     """
     ctx = get_context()
     if team_id is not None and challenge is not None and len(ctx.hosts) > 1:
@@ -229,8 +231,10 @@ def get_container_status(
                                              "hops": hops})
     return _logged(
         "get_container_status", challenge, team_id,
-        lambda: {"instances": present(ctx.service.status(team_id, challenge, verify=True),
-                                      ctx.store, ctx.hosts)},
+        lambda: {"instances": present(
+            ctx.service.status(team_id, challenge,
+                               verify=not index_is_live(ctx.service.host)),
+            ctx.store, ctx.hosts)},
     )
 
 
