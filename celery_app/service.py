@@ -71,6 +71,7 @@ ADOPT_GRACE = 60
 # Lines of a dead container's output kept in its failed record (``logs``), and their size cap.
 FAILED_LOG_LINES = 20
 FAILED_LOG_CHARS = 2000
+CONTAINER_GONE = "the container is gone"
 
 
 @dataclass
@@ -787,7 +788,7 @@ class InstanceService:
     def _failure(self, rec: Instance, info: ContainerInfo | None) -> dict[str, Any]:
         """The fields of a failed record: error, exit code, OOM flag, last output lines."""
         if info is None:
-            return {"status": "failed", "error": "the container is gone"}
+            return {"status": "failed", "error": CONTAINER_GONE}
         if info.state == "running":
             why = "the container is unhealthy: its health check fails"
         else:
@@ -820,17 +821,15 @@ class InstanceService:
             ``"unchanged"``.
         """
         seen = self.store.get(challenge, team_id)
-        if seen is None or seen.host != self.host or seen.container_id != container_id:
-            return "unchanged"
-        if seen.status == "stopping":
-            return "unchanged"  # our own stop: it deletes the record itself
+        verdict = self._judge_removal(seen, container_id)
+        if verdict != "go":
+            return verdict
         try:
             with self.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait):
                 rec = self.store.get(challenge, team_id)
-                if rec is None or rec.host != self.host or rec.container_id != container_id \
-                        or rec.status in ("starting", "stopping"):
-                    return "busy" if rec is not None and rec.status == "starting" \
-                        else "unchanged"
+                verdict = self._judge_removal(rec, container_id)
+                if verdict != "go" or rec is None:
+                    return verdict
                 if self.driver.get_container(rec.container_name) is not None:
                     return "unchanged"  # a container of that name exists again
                 self.store.delete(challenge, team_id, self.host)
@@ -839,6 +838,18 @@ class InstanceService:
         with contextlib.suppress(CTFError):
             self.remove_network_if_unused(team_id)
         return "forgotten"
+
+    def _judge_removal(self, rec: Instance | None, container_id: str) -> str:
+        if rec is None or rec.host != self.host or rec.container_id != container_id:
+            return "unchanged"
+        if rec.status == "starting":
+            return "busy"
+        # A running instance, or one that died in place (marked by mark_failed). Not a stop
+        # (it deletes the record itself), nor a failed start, whose record stays a while
+        # with its error after the start removed the container.
+        died_in_place = rec.status == "failed" and (rec.oom is not None
+                                                    or rec.error == CONTAINER_GONE)
+        return "go" if rec.status == "running" or died_in_place else "unchanged"
 
     def adopt(self, challenge: str, team_id: str) -> ReconcileSummary:
         """Bring one instance's record in line with its container, as :meth:`reconcile` does.
