@@ -210,7 +210,9 @@ def stop_container(
     )
 
 
-@app.task(name="celery_app.tasks.get_container_status", bind=True, base=InstancerTask)
+# A read answered from the index in a few ms: no STARTED state (one backend write less).
+@app.task(name="celery_app.tasks.get_container_status", bind=True, base=InstancerTask,
+          track_started=False)
 def get_container_status(
     self: InstancerTask, team_id: str | None = None, challenge: str | None = None,
     hops: int = 0,
