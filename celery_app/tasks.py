@@ -14,6 +14,7 @@ receives the result of the worker that did the work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -39,6 +40,8 @@ MAX_RETRIES = 5
 # back and retries later (at most BUSY_DELAY_MAX s later).
 BUSY_LOCK_WAIT = 1.0
 BUSY_DELAY_MAX = 5.0
+# Seconds a status read's result stays in the result backend (the caller has it at once).
+STATUS_RESULT_TTL = 600
 # A request handed from host to host this often (the instance kept moving) gives up.
 MAX_HOPS = 3
 
@@ -210,11 +213,29 @@ def stop_container(
     )
 
 
+class StatusTask(InstancerTask):
+    """A status read: its result is kept ``STATUS_RESULT_TTL`` s, not ``result_expires``.
+
+    A platform polls status every few seconds for every team: results kept for a day would
+    pile up millions of keys in the result backend's Redis during an event.
+    """
+
+    abstract = True
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
+                     einfo: Any) -> None:
+        """Shorten the stored result's life (it is stored, and delivered, by now)."""
+        client = getattr(self.backend, "client", None)
+        if client is not None and task_id:
+            with contextlib.suppress(Exception):
+                client.expire(self.backend.get_key_for_task(task_id), STATUS_RESULT_TTL)
+
+
 # A read answered from the index in a few ms: no STARTED state (one backend write less).
-@app.task(name="celery_app.tasks.get_container_status", bind=True, base=InstancerTask,
+@app.task(name="celery_app.tasks.get_container_status", bind=True, base=StatusTask,
           track_started=False)
 def get_container_status(
-    self: InstancerTask, team_id: str | None = None, challenge: str | None = None,
+    self: StatusTask, team_id: str | None = None, challenge: str | None = None,
     hops: int = 0,
 ) -> dict[str, Any]:
     """Return ``{"instances": [...]}``, from the index, filtered by what is given.

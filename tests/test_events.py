@@ -20,6 +20,7 @@ from typing import Any
 
 import docker
 import pytest
+import redis
 from api_helpers import ADMIN, ADMIN_TOKEN
 from conftest import (
     RedisServer,
@@ -325,3 +326,18 @@ def test_engine_restart_reconnects_and_shows_dead_instances_failed(
             assert "container" in view["error"]
             api_view = made.api_view(team, "web")
             assert _failed(api_view) and api_view is not None and "host_up" not in api_view
+
+
+def test_status_results_do_not_pile_up_for_a_day(setup: Setup) -> None:
+    """A status read's result lives 10 minutes in the result backend, not a day."""
+    team = _team()
+    result = setup.client.send_task(STATUS, kwargs={"team_id": team})
+    assert result.get(timeout=10) == {"instances": []}
+    backend = redis.Redis.from_url(setup.env["CELERY_RESULT_BACKEND"])
+    try:
+        key = f"celery-task-meta-{result.id}"
+        ttl = wait_for(lambda: (t := int(backend.ttl(key))) <= 600 and t, 5, 0.05,
+                       "the short expiry")
+        assert 0 < ttl <= 600
+    finally:
+        backend.close()
