@@ -707,9 +707,8 @@ class InstanceService:
             summary.adopted.append(key)
         # 5. a record that says running for a container that is not.
         elif rec.status == "running" and info.state != "running":
-            self.store.put(rec.model_copy(update={
-                "status": "failed", "error": f"the container is {info.state}",
-            }))
+            # With its exit code, OOM flag and last output, as mark_failed records them.
+            self.store.put(rec.model_copy(update=self._failure(rec, info)))
             summary.marked_failed.append(key)
 
     def _answers(self, ch: Challenge, info: ContainerInfo) -> bool:

@@ -23,9 +23,13 @@ import pytest
 import redis
 from api_helpers import ADMIN, ADMIN_TOKEN
 from conftest import (
+    BUSYBOX,
+    HTTP_DOCKERFILE,
+    RUN_ID,
     RedisServer,
     Worker,
     base_env,
+    build_image,
     catalog_yaml,
     cleanup_docker,
     close_platform_client,
@@ -90,8 +94,22 @@ class Setup:
         return dict(done)
 
 
-def _catalog(images: dict[str, str], path: Path) -> Path:
-    path.write_text(catalog_yaml(images) + HOG.format(image=images["http"]))
+# A stand-in whose image health check fails once /www/sick exists (checked every second).
+SICK_DOCKERFILE = HTTP_DOCKERFILE + """HEALTHCHECK --interval=1s --timeout=1s --retries=1 \\
+  CMD ["/bin/busybox", "sh", "-c", "test ! -e /www/sick"]
+"""
+SICK = """
+  sick:
+    image: {image}
+    port: 8080
+    ttl: 600
+"""
+HEALTH_CHECK_LATENCY = 2.0  # --interval 1 s x --retries 1, plus the check's own timeout
+
+
+def _catalog(images: dict[str, str], path: Path, sick_image: str) -> Path:
+    path.write_text(catalog_yaml(images) + HOG.format(image=images["http"])
+                    + SICK.format(image=sick_image))
     return path
 
 
@@ -136,9 +154,14 @@ def events_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="module")
-def events_catalog(images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The test catalog plus ``hog``, which runs out of memory on demand."""
-    return _catalog(images, tmp_path_factory.mktemp("events") / "challenges.yaml")
+def events_catalog(
+    images: dict[str, str], docker_client: docker.DockerClient,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """The test catalog plus ``hog`` (out of memory on demand) and ``sick`` (unhealthy so)."""
+    sick = build_image(docker_client, f"ctf-test/sick:{RUN_ID}", SICK_DOCKERFILE,
+                       {"busybox": BUSYBOX, "index.html": b"hello from ctf\n"})
+    return _catalog(images, tmp_path_factory.mktemp("events") / "challenges.yaml", sick)
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +237,22 @@ def test_oom_killed_container_shows_failed_with_oom_flag_within_2s(
         assert view["oom"] is True
         assert view["exit_code"] == 137
         assert "lack of memory" in view["error"]
+
+
+def test_unhealthy_container_shows_failed_within_2s_of_its_health_check(
+    setup: Setup, docker_client: docker.DockerClient
+) -> None:
+    """A container whose health check starts failing shows failed (still running, unhealthy)."""
+    team = _team()
+    inst = setup.start("sick", team)
+    container = docker_client.containers.get(inst["container_id"])
+    container.exec_run(["/bin/busybox", "touch", "/www/sick"])
+    # The engine's own delay (the next check, then its verdict) is not ours.
+    began = time.monotonic() + HEALTH_CHECK_LATENCY
+    by_task, _ = _seen_everywhere(setup, team, "sick", began, _failed, "failed")
+    assert by_task is not None and "unhealthy" in by_task["error"]
+    assert by_task["exit_code"] is None or by_task["exit_code"] == 0
+    assert f"container=ctf-sick-{team} health_status: marked" in setup.worker.log()
 
 
 def test_container_output_is_kept_with_the_flag_masked(
