@@ -170,13 +170,15 @@ class EventFollower:
                 item = self._queue.get(timeout=RETRY_INTERVAL)
             except queue.Empty:
                 item = None
-            if item is not None:
-                self._busy_since = item.received
-                try:
+            try:
+                if item is not None:
+                    self._busy_since = item.received
                     self._handle(item)
-                finally:
-                    self._busy_since = None
-            self._retry_due()
+                self._retry_due()
+            except Exception:  # one bad event must not stop the others; reconcile backs it
+                log.exception("events: host %s: cannot handle an event", self.service.host)
+            finally:
+                self._busy_since = None
 
     def _retry_due(self) -> None:
         """Look again at the news about instances a start was holding."""

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import docker
 import pytest
@@ -41,6 +41,8 @@ from engines import second_engine
 from fastapi.testclient import TestClient
 
 from celery_app.api import create_app
+from celery_app.docker_driver import _container_event
+from celery_app.events import MAX_LAG, EventFollower, _Pending
 from celery_app.settings import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
@@ -380,3 +382,27 @@ def test_status_results_do_not_pile_up_for_a_day(setup: Setup) -> None:
         assert 0 < ttl <= 600
     finally:
         backend.close()
+
+
+def test_engine_events_are_read_with_exit_code_health_and_labels() -> None:
+    """The engine's event JSON becomes action, id, name, labels, exit code and health."""
+    die = _container_event({"Type": "container", "Action": "die", "timeNano": 1_700_000_000e9,
+                            "Actor": {"ID": "abc", "Attributes": {
+                                "name": "ctf-web-t1", "image": "x", "exitCode": "137",
+                                "ctf.team": "t1", "ctf.challenge": "web"}}})
+    assert (die.action, die.id, die.name, die.exit_code) == ("die", "abc", "ctf-web-t1", 137)
+    assert die.labels == {"ctf.team": "t1", "ctf.challenge": "web"}
+    sick = _container_event({"Type": "container", "Action": "health_status: unhealthy",
+                             "Actor": {"ID": "abc", "Attributes": {"name": "n"}}})
+    assert (sick.action, sick.health, sick.exit_code) == ("health_status", "unhealthy", None)
+
+
+def test_index_is_not_trusted_alone_while_the_follower_is_away_or_behind() -> None:
+    """live() is false before the stream is connected and when an event waits over 1 s."""
+    follower = EventFollower(cast(Any, None))
+    assert not follower.live()
+    follower._connected.set()
+    assert follower.live()
+    event = _container_event({"Action": "die", "Actor": {"ID": "a", "Attributes": {}}})
+    follower._queue.put(_Pending(event, time.monotonic() - 2 * MAX_LAG))
+    assert not follower.live()
