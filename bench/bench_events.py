@@ -19,7 +19,7 @@
    every container and network is gone. Redis key count and RSS per instance.
 
 Usage: .venv/bin/python bench/bench_events.py [-n 200] [--per-team 2] [--rounds 100]
-       [--kills 10] [--json FILE]
+       [--kills 10] [--skip-expiry] [--json FILE]
 """
 
 from __future__ import annotations
@@ -203,6 +203,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="worker threads")
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--skip-expiry", action="store_true",
+                        help="no step 6 (the run's cleanup still removes everything)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -262,8 +264,9 @@ def main() -> int:
                     for name in pids
                 } | {"redis_keys": round((result["redis_keys"]["running"] - keys_idle)
                                          / args.instances, 2)}
-                result["expire_all"] = reap_all(bench, store, worker.proc.pid)
-                result["rss_after_expiry"] = memory(pids)
+                if not args.skip_expiry:
+                    result["expire_all"] = reap_all(bench, store, worker.proc.pid)
+                    result["rss_after_expiry"] = memory(pids)
         finally:
             close_celery_client(client)
             with contextlib.suppress(Exception):
