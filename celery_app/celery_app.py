@@ -79,6 +79,21 @@ def _stop_heartbeat(**_kwargs: Any) -> None:
         _heartbeat.stop()
     if _keeper is not None:
         _keeper.stop()
+    from celery_app.events import stop_following  # noqa: PLC0415  # only inside the worker
+
+    stop_following()
+
+
+@worker_ready.connect
+def _follow_events(**_kwargs: Any) -> None:
+    """Keep the index true from the engine's events (see celery_app.events)."""
+    from celery_app.context import get_context  # noqa: PLC0415  # only inside the worker
+    from celery_app.events import start_following  # noqa: PLC0415
+
+    try:
+        start_following(get_context().service)
+    except Exception:
+        log.exception("cannot follow the engine's events; status reads will ask Docker")
 
 
 @worker_ready.connect

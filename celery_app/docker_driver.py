@@ -175,6 +175,8 @@ class ContainerInfo:
     exit_code: int | None = None
     created: str = ""
     attrs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    oom_killed: bool = False
+    health: str | None = None  # starting, healthy, unhealthy; None without a health check
 
     @property
     def team_id(self) -> str:
@@ -202,9 +204,12 @@ class NetworkInfo:
 def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
     """Build a ContainerInfo from inspect output (or the list endpoint's summary)."""
     state = attrs.get("State")
+    oom_killed, health = False, None
     if isinstance(state, dict):  # inspect
         status = state.get("Status", "")
         exit_code = state.get("ExitCode")
+        oom_killed = bool(state.get("OOMKilled"))
+        health = (state.get("Health") or {}).get("Status")
         labels = attrs.get("Config", {}).get("Labels") or {}
         name = attrs.get("Name", "").lstrip("/")
         raw_ports = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
@@ -236,7 +241,68 @@ def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
         exit_code=exit_code,
         created=str(attrs.get("Created", "")),
         attrs=attrs,
+        oom_killed=oom_killed,
+        health=health,
     )
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    """One container event of the engine (``die``, ``oom``, ``destroy``, ``start``, …)."""
+
+    action: str  # "health_status: unhealthy" is reduced to "health_status"
+    id: str
+    name: str
+    labels: dict[str, str]
+    exit_code: int | None = None
+    health: str | None = None
+    time: float = 0.0
+
+
+# Attributes of a container event that are not labels.
+_EVENT_ATTRIBUTES = ("name", "image", "exitCode", "signal", "execID", "healthStatus")
+
+
+def _container_event(raw: dict[str, Any]) -> ContainerEvent:
+    actor = raw.get("Actor") or {}
+    attributes = dict(actor.get("Attributes") or {})
+    action, _, detail = str(raw.get("Action") or raw.get("status") or "").partition(":")
+    exit_code = attributes.get("exitCode")
+    return ContainerEvent(
+        action=action.strip(),
+        id=str(actor.get("ID") or raw.get("id") or ""),
+        name=str(attributes.get("name", "")),
+        labels={k: v for k, v in attributes.items() if k not in _EVENT_ATTRIBUTES},
+        exit_code=int(str(exit_code)) if str(exit_code or "").lstrip("-").isdigit() else None,
+        health=(detail.strip() or attributes.get("healthStatus")) if action == "health_status"
+        else None,
+        time=int(raw.get("timeNano") or 0) / 1e9 or float(raw.get("time") or 0),
+    )
+
+
+class EventStream:
+    """The engine's container events, as they happen; iterate it, ``close()`` from anywhere.
+
+    Iteration ends when the connection breaks (engine restart, network loss) or the stream is
+    closed: the follower then reconnects.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def __iter__(self) -> Iterator[ContainerEvent]:
+        try:
+            for raw in self._raw:
+                if isinstance(raw, dict) and raw.get("Type", "container") == "container":
+                    yield _container_event(raw)
+        except (requests.exceptions.RequestException, OSError, ValueError) as exc:
+            # A broken or closed connection (or a truncated last line): the stream is over.
+            log.info("event stream ended: %s", exc.__class__.__name__)
+
+    def close(self) -> None:
+        """Close the connection; a thread iterating the stream stops."""
+        with contextlib.suppress(Exception):
+            self._raw.close()
 
 
 def _network_info(attrs: dict[str, Any]) -> NetworkInfo:
@@ -327,6 +393,22 @@ class DockerDriver:
             self._client = None
 
     # -- engine -----------------------------------------------------------------------------
+
+    def events(self, labels: dict[str, str], since: float | None = None) -> EventStream:
+        """Open the engine's stream of events of containers carrying all of ``labels``.
+
+        Args:
+            labels: the scope labels (``ctf.managed=true`` and the deployment's own).
+            since: also replay the events since this moment (epoch s) that the engine kept.
+
+        Raises:
+            DockerUnavailable: the engine cannot be reached.
+        """
+        filters = {"type": ["container"], "label": [f"{k}={v}" for k, v in labels.items()]}
+        with map_docker_errors("follow Docker events"):
+            raw = self.client.api.events(decode=True, filters=filters,
+                                         since=int(since) if since else None)
+        return EventStream(raw)
 
     def ping(self) -> bool:
         """Return whether the engine answers."""

@@ -23,7 +23,7 @@ from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
 from celery_app.metrics import JANITOR_KEY
 from celery_app.models import Instance, utcnow
 from celery_app.naming import split_instance_key
-from celery_app.service import BUSY_WAIT, LOCK_HOLD, NO_INTENT, InstanceService
+from celery_app.service import NO_INTENT, InstanceService
 from celery_app.state import map_redis_errors
 
 log = logging.getLogger(__name__)
@@ -243,15 +243,9 @@ class Janitor:
             c = containers.get(name)
             if rec.status != "running" or (c is not None and c.state == "running"):
                 continue
-            # Someone is starting or stopping it right now: they know better; next pass.
-            with contextlib.suppress(InstanceBusy), svc.locked(
-                rec.challenge, rec.team_id, hold=LOCK_HOLD, wait=BUSY_WAIT
-            ):
-                current = svc.store.get(rec.challenge, rec.team_id)
-                if current is None or current.container_id != rec.container_id:
-                    continue
-                why = f"the container is {c.state}" if c is not None else "the container is gone"
-                svc.store.put(current.model_copy(update={"status": "failed", "error": why}))
+            # Judged again under the instance's lock, as the event follower does; one that is
+            # being started or stopped is left to that operation (next pass).
+            if svc.mark_failed(rec.challenge, rec.team_id, rec.container_id) == "marked":
                 summary.marked_failed.append(rec.key)
 
     def _remove_orphan_networks(

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict
 
 Status = Literal["starting", "running", "stopping", "failed"]
 STATUSES: tuple[Status, ...] = ("starting", "running", "stopping", "failed")
+# Fields shown only when set: why an instance failed (SPEC §4's shape otherwise).
+FAILURE_FIELDS = ("error", "exit_code", "oom", "logs")
 
 
 def utcnow() -> datetime:
@@ -42,6 +44,11 @@ class Instance(BaseModel):
     started_at: str
     expires_at: str
     error: str | None = None
+    # Set only on an instance whose container died (the event follower or the janitor saw it):
+    # its exit code, whether the kernel killed it for memory, and its last output lines.
+    exit_code: int | None = None
+    oom: bool | None = None
+    logs: str | None = None
 
     @property
     def key(self) -> str:
@@ -59,8 +66,9 @@ class Instance(BaseModel):
         return parse_iso(self.started_at)
 
     def public(self) -> dict[str, Any]:
-        """Return the JSON shape of SPEC §4 (``error`` only when there is one)."""
+        """Return the JSON shape of SPEC §4 (``error`` and the failure details only when set)."""
         data = self.model_dump()
-        if data.get("error") is None:
-            data.pop("error", None)
+        for extra in FAILURE_FIELDS:
+            if data.get(extra) is None:
+                data.pop(extra, None)
         return data

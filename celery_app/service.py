@@ -72,6 +72,10 @@ NO_INTENT = -1
 FAILED_RECORD_TTL = 120
 # After Redis lost an instance, an adopted one past its recorded expiry gets this much grace.
 ADOPT_GRACE = 60
+# Lines of a dead container's output kept in its failed record (``logs``), and their size cap.
+FAILED_LOG_LINES = 20
+FAILED_LOG_CHARS = 2000
+CONTAINER_GONE = "the container is gone"
 
 
 @dataclass
@@ -449,7 +453,8 @@ class InstanceService:
         remaining = max(1.0, ch.start_timeout - (utcnow() - started).total_seconds())
         ready = target is not None and wait_until(target, remaining, still_alive=alive)
         if ready:
-            inst = inst.model_copy(update={"status": "running", "error": None})
+            inst = inst.model_copy(update={"status": "running", "error": None, "exit_code": None,
+                                           "oom": None, "logs": None})
             self.store.put(inst)
             report({"phase": "running", "url": inst.url})
             return inst
@@ -752,9 +757,8 @@ class InstanceService:
             summary.adopted.append(key)
         # 5. a record that says running for a container that is not.
         elif rec.status == "running" and info.state != "running":
-            self.store.put(rec.model_copy(update={
-                "status": "failed", "error": f"the container is {info.state}",
-            }))
+            # With its exit code, OOM flag and last output, as mark_failed records them.
+            self.store.put(rec.model_copy(update=self._failure(rec, info)))
             summary.marked_failed.append(key)
 
     def _answers(self, ch: Challenge, info: ContainerInfo) -> bool:
@@ -804,3 +808,137 @@ class InstanceService:
         """Whether Redis still holds the index since the last reconcile (not flushed)."""
         with map_redis_errors("read epoch"):
             return bool(self.store.redis.exists(f"ctf:epoch:{self.host}"))
+
+    # -- the engine's events (celery_app.events) and the janitor's dead containers ------------
+
+    def mark_failed(
+        self, challenge: str, team_id: str, container_id: str = "", *,
+        wait: float = BUSY_WAIT,
+    ) -> str:
+        """Record that a running instance's container died, OOM-killed or turned unhealthy.
+
+        The container is inspected again under the instance's lock: only an instance that is
+        ``running`` in the index, with that container (when ``container_id`` is given), whose
+        container is gone, not running or unhealthy, becomes ``failed`` with its exit code,
+        OOM flag and last output lines (the team's flag masked). Its expiry is unchanged.
+
+        An instance a start is bringing up (``starting``) is that start's to judge, and one a
+        stop is removing (``stopping``) is about to vanish: both are left alone, so our own
+        stops never leave a failed record.
+
+        Args:
+            challenge: the challenge id.
+            team_id: the team.
+            container_id: the container the news is about (a newer one is not judged by it).
+            wait: seconds to wait for the instance's lock.
+
+        Returns:
+            ``"marked"``; ``"busy"`` when a start holds the instance (ask again shortly), or
+            ``"unchanged"``.
+        """
+        # 1. a cheap look first: most news is about instances that are not running here.
+        seen = self.store.get(challenge, team_id)
+        verdict = self._judge(seen, container_id)
+        if verdict != "go":
+            return verdict
+        # 2. lock the instance; a start or stop holding it knows better.
+        try:
+            with self.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait):
+                # 3. look again under the lock, at the record and at the container itself.
+                rec = self.store.get(challenge, team_id)
+                verdict = self._judge(rec, container_id)
+                if verdict != "go" or rec is None:
+                    return verdict
+                info = self.driver.get_container(rec.container_id or rec.container_name)
+                if info is not None and info.state == "running" and info.health != "unhealthy":
+                    return "unchanged"  # alive after all (an old event, an OOM of a child)
+                # 4. the failed record, with why.
+                self.store.put(rec.model_copy(update=self._failure(rec, info)))
+                return "marked"
+        except InstanceBusy:
+            return "busy"
+
+    def _judge(self, rec: Instance | None, container_id: str) -> str:
+        if rec is None or rec.host != self.host:
+            return "unchanged"
+        if container_id and rec.container_id and rec.container_id != container_id:
+            return "unchanged"  # news of a container this instance no longer uses
+        if rec.status == "starting":
+            return "busy"
+        return "go" if rec.status == "running" else "unchanged"
+
+    def _failure(self, rec: Instance, info: ContainerInfo | None) -> dict[str, Any]:
+        """The fields of a failed record: error, exit code, OOM flag, last output lines."""
+        if info is None:
+            return {"status": "failed", "error": CONTAINER_GONE}
+        if info.state == "running":
+            why = "the container is unhealthy: its health check fails"
+        else:
+            why = f"the container {info.state}"
+            if info.exit_code is not None:
+                why = f"the container exited with code {info.exit_code}"
+            if info.oom_killed:
+                why += ": killed for lack of memory (raise the challenge's memory limit)"
+        logs = ""
+        with contextlib.suppress(CTFError):
+            logs = self.driver.container_logs(info.id, tail=FAILED_LOG_LINES).strip()
+        with contextlib.suppress(CTFError):
+            logs = logs.replace(self.flag_for(rec.challenge, rec.team_id), "[flag]")
+        return {"status": "failed", "error": why, "exit_code": info.exit_code,
+                "oom": info.oom_killed, "logs": logs[-FAILED_LOG_CHARS:] or None}
+
+    def forget_removed(
+        self, challenge: str, team_id: str, container_id: str, *, wait: float = BUSY_WAIT
+    ) -> str:
+        """Forget an instance whose container was removed behind our back; clean its network.
+
+        Args:
+            challenge: the challenge id.
+            team_id: the team.
+            container_id: the removed container (an instance with another one is kept).
+            wait: seconds to wait for the instance's lock.
+
+        Returns:
+            ``"forgotten"``, ``"busy"`` (a start holds it: ask again shortly) or
+            ``"unchanged"``.
+        """
+        seen = self.store.get(challenge, team_id)
+        verdict = self._judge_removal(seen, container_id)
+        if verdict != "go":
+            return verdict
+        try:
+            with self.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait):
+                rec = self.store.get(challenge, team_id)
+                verdict = self._judge_removal(rec, container_id)
+                if verdict != "go" or rec is None:
+                    return verdict
+                if self.driver.get_container(rec.container_name) is not None:
+                    return "unchanged"  # a container of that name exists again
+                self.store.delete(challenge, team_id, self.host)
+        except InstanceBusy:
+            return "busy"
+        with contextlib.suppress(CTFError):
+            self.remove_network_if_unused(team_id)
+        return "forgotten"
+
+    def _judge_removal(self, rec: Instance | None, container_id: str) -> str:
+        if rec is None or rec.host != self.host or rec.container_id != container_id:
+            return "unchanged"
+        if rec.status == "starting":
+            return "busy"
+        # A running instance, or one that died in place (marked by mark_failed). Not a stop
+        # (it deletes the record itself), nor a failed start, whose record stays a while
+        # with its error after the start removed the container.
+        died_in_place = rec.status == "failed" and (rec.oom is not None
+                                                    or rec.error == CONTAINER_GONE)
+        return "go" if rec.status == "running" or died_in_place else "unchanged"
+
+    def adopt(self, challenge: str, team_id: str) -> ReconcileSummary:
+        """Bring one instance's record in line with its container, as :meth:`reconcile` does.
+
+        For a container started behind our back with our labels: recorded from its labels.
+        """
+        summary = ReconcileSummary()
+        ch = self.catalog.get(challenge)
+        self._reconcile_one(ch, check_team_id(team_id), utcnow(), summary)
+        return summary

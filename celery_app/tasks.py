@@ -14,6 +14,7 @@ receives the result of the worker that did the work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from celery.exceptions import Ignore
 from celery_app.celery_app import app
 from celery_app.context import Context, get_context
 from celery_app.errors import CTFError, InstanceBusy, OnOtherHost, TransientError
+from celery_app.events import index_is_live
 from celery_app.hosts import host_of, present
 from celery_app.naming import check_team_id, instance_key
 from celery_app.routing import host_queue
@@ -38,6 +40,8 @@ MAX_RETRIES = 5
 # back and retries later (at most BUSY_DELAY_MAX s later).
 BUSY_LOCK_WAIT = 1.0
 BUSY_DELAY_MAX = 5.0
+# Seconds a status read's result stays in the result backend (the caller has it at once).
+STATUS_RESULT_TTL = 600
 # A request handed from host to host this often (the instance kept moving) gives up.
 MAX_HOPS = 3
 
@@ -212,16 +216,37 @@ def stop_container(
     )
 
 
-@app.task(name="celery_app.tasks.get_container_status", bind=True, base=InstancerTask)
+class StatusTask(InstancerTask):
+    """A status read: its result is kept ``STATUS_RESULT_TTL`` s, not ``result_expires``.
+
+    A platform polls status every few seconds for every team: results kept for a day would
+    pile up millions of keys in the result backend's Redis during an event.
+    """
+
+    abstract = True
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
+                     einfo: Any) -> None:
+        """Shorten the stored result's life (it is stored, and delivered, by now)."""
+        client = getattr(self.backend, "client", None)
+        if client is not None and task_id:
+            with contextlib.suppress(Exception):
+                client.expire(self.backend.get_key_for_task(task_id), STATUS_RESULT_TTL)
+
+
+# A read answered from the index in a few ms: no STARTED state (one backend write less).
+@app.task(name="celery_app.tasks.get_container_status", bind=True, base=StatusTask,
+          track_started=False)
 def get_container_status(
-    self: InstancerTask, team_id: str | None = None, challenge: str | None = None,
+    self: StatusTask, team_id: str | None = None, challenge: str | None = None,
     hops: int = 0,
 ) -> dict[str, Any]:
-    """Return ``{"instances": [...]}``, checked against Docker, filtered by what is given.
+    """Return ``{"instances": [...]}``, from the index, filtered by what is given.
 
-    One instance (team and challenge given) is checked by its own host's worker. In a
-    listing, this host's instances are checked against its engine and the others come from
-    the index; those whose host has no live worker are not shown as running (``host_up``).
+    The index follows each engine's events (celery_app.events); while this worker's
+    follower is not connected or is behind, this host's instances are checked against its
+    engine instead. One instance (team and challenge given) is answered by its own host's
+    worker. Instances whose host has no live worker are not shown as running (``host_up``).
     """
     ctx = get_context()
     if team_id is not None and challenge is not None and len(ctx.hosts) > 1:
@@ -233,8 +258,10 @@ def get_container_status(
     return _logged(
         "get_container_status", challenge, team_id,
         lambda: {"instances": [
-            ctx.service.ingress.with_access(shown) for shown in
-            present(ctx.service.status(team_id, challenge, verify=True), ctx.store, ctx.hosts)
+            ctx.service.ingress.with_access(shown) for shown in present(
+                ctx.service.status(team_id, challenge,
+                                   verify=not index_is_live(ctx.service.host)),
+                ctx.store, ctx.hosts)
         ]},
     )
 
