@@ -242,7 +242,6 @@ def test_duplicate_starts_of_a_slow_challenge_do_not_delay_another_team(
         calm_began = time.monotonic()
         assert put(client, t("calm-team"), "web", wait=60).status_code == 200
         calm = time.monotonic() - calm_began
-    began = time.monotonic()
     answers = parallel(stack, 40, lambda client, _i: put(client, t("spam"), "slower"))
     assert {r.status_code for r in answers} == {202}, [r.text for r in answers][:3]
     assert len({r.json()["task_id"] for r in answers}) == 1  # one task for all 40
@@ -258,7 +257,6 @@ def test_duplicate_starts_of_a_slow_challenge_do_not_delay_another_team(
                                 headers=team_headers(t("spam"))).json()["status"]
     # The spam start was still booting all along: the other team did not wait for it.
     assert spam_state == "starting"
-    assert time.monotonic() - began < BOOT
     print(f"\nFLOOD other team's start during 40 duplicate starts: {other_took:.2f} s "
           f"(without the flood: {calm:.2f} s)")
     assert other_took < 5, f"another team's start took {other_took:.1f} s"
