@@ -278,7 +278,9 @@ def extend_container(
     )
 
 
-@app.task(name="celery_app.tasks.reap_expired", bind=True, base=InstancerTask, max_retries=0)
+# The beat runs it every few seconds: a result kept a day for each pass would only fill Redis.
+@app.task(name="celery_app.tasks.reap_expired", bind=True, base=InstancerTask, max_retries=0,
+          ignore_result=True)
 def reap_expired(self: InstancerTask) -> dict[str, Any]:
     """Run one janitor pass: expired instances, then orphan containers and networks."""
     # Not _logged: this runs every few seconds; the janitor logs passes that did something.
