@@ -105,7 +105,7 @@ challenges:
     ttl: 600
     memory: 64m
     flag_env: FLAG
-    start_timeout: 30
+    start_timeout: 120
   shop:
     name: Stand-in Juice Shop
     image: {image}
@@ -114,7 +114,7 @@ challenges:
     memory: 64m
     env: {{NODE_ENV: ctf}}
     flag_env: CTF_KEY
-    start_timeout: 30
+    start_timeout: 120
 """)
     redis_server = RedisServer(work)
     redis_server.start()
