@@ -49,6 +49,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 DOCS = ROOT / "docs"
 LABEL = private_label("ctfd")
 POOL = "10.241.0.0/16"  # our own team-subnet pool, away from every other test's
+# This run's team-id prefix (CTFd numbers its teams from 1 every run; the engine is shared).
+PREFIX = f"c{secrets.token_hex(4)}"
 ADMIN_NAME, ADMIN_PASSWORD = "organiser", "organiser-password-1"
 expect.set_options(timeout=30_000)
 
@@ -105,7 +107,7 @@ challenges:
     ttl: 600
     memory: 64m
     flag_env: FLAG
-    start_timeout: 30
+    start_timeout: 120
   shop:
     name: Stand-in Juice Shop
     image: {image}
@@ -114,7 +116,7 @@ challenges:
     memory: 64m
     env: {{NODE_ENV: ctf}}
     flag_env: CTF_KEY
-    start_timeout: 30
+    start_timeout: 120
 """)
     redis_server = RedisServer(work)
     redis_server.start()
@@ -182,7 +184,7 @@ def ctfd(
     """CTFd with the plugin linked in, set up in teams mode by its organiser; yield its URL."""
     install_plugin(ctfd_install)
     server = CtfdServer(ctfd_install, tmp_path_factory.mktemp("ctfd"), free_port(),
-                        {"REDIS_URL": f"{stack.redis.url}/7"})
+                        {"REDIS_URL": f"{stack.redis.url}/7", "CTF_INSTANCER_TEAM_PREFIX": PREFIX})
     server.start()
     try:
         def answers() -> bool:
@@ -371,7 +373,7 @@ def test_organiser_and_two_teams_through_ctfd(
     # 3. Team one registers, opens the challenge, starts its instance and follows the link.
     one_ctx, one = new_page(browser, ctfd)
     register_team(one, "alice", "Team One")
-    team_one = "ctfd-t" + str(one.request.get("/api/v1/teams/me").json()["data"]["id"])
+    team_one = f"{PREFIX}-t" + str(one.request.get("/api/v1/teams/me").json()["data"]["id"])
     panel = open_challenge(one, "Web instance")
     expect(panel.locator(".ctfi-status")).to_have_text("Not running")
     panel.get_by_role("button", name="Start").click()
@@ -416,7 +418,7 @@ def test_organiser_and_two_teams_through_ctfd(
     # 4. Team two sees only its own (no) instance; team one's flag is wrong for it.
     two_ctx, two = new_page(browser, ctfd)
     register_team(two, "bob", "Team Two")
-    team_two = "ctfd-t" + str(two.request.get("/api/v1/teams/me").json()["data"]["id"])
+    team_two = f"{PREFIX}-t" + str(two.request.get("/api/v1/teams/me").json()["data"]["id"])
     assert team_two != team_one
     panel_two = open_challenge(two, "Web instance")
     expect(panel_two.locator(".ctfi-status")).to_have_text("Not running")

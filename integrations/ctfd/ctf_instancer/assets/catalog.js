@@ -2,7 +2,10 @@
 window.ctfiFillCatalog = function (select, current) {
   const root = (window.init && window.init.urlRoot) || "";
   const error = select.parentElement.querySelector(".ctfi-catalog-error");
-  fetch(root + "/admin/ctf_instancer/api/catalog", { credentials: "same-origin", headers: { Accept: "application/json" } })
+  // A request cut off while the page is still settling is tried again (three times).
+  const get = (tries) => fetch(root + "/admin/ctf_instancer/api/catalog", { credentials: "same-origin", headers: { Accept: "application/json" } })
+    .catch((e) => (tries > 1 ? new Promise((ok) => setTimeout(ok, 1000)).then(() => get(tries - 1)) : Promise.reject(e)));
+  get(3)
     .then((r) => r.json())
     .then((body) => {
       if (!body.success) throw new Error(body.error && body.error.detail);
