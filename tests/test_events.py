@@ -48,7 +48,7 @@ from celery_app.settings import load_settings
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
 LABEL = private_label("events")
-POOL = "10.236.0.0/16"
+POOL = "10.238.0.0/16"
 ENGINE_POOL = "10.237.0.0/16"
 # What the issue promises: a change is seen through every interface within this long.
 SEEN_WITHIN = 2.0
