@@ -88,22 +88,33 @@ def test_worker_logs_team_challenge_container_outcome_duration(
     assert "challenge=web container=ctf-web-logteam outcome=running duration_ms=" in line
 
 
+def _own_worker_env(
+    worker_env: dict[str, str], redis_server: Any, tmp_path: Path, label: dict[str, str],
+    **overrides: str,
+) -> dict[str, str]:
+    """A worker environment on Redis databases 3-5 with a label of its own.
+
+    Its own Redis, so its own label: the session worker's janitor must not sweep it.
+    """
+    return {
+        **worker_env,
+        "CELERY_BROKER_URL": f"{redis_server.url}/3",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/4",
+        "CTF_REDIS_URL": f"{redis_server.url}/5",
+        "CTF_DATA_DIR": str(tmp_path / "data"),
+        "CTF_EXTRA_LABELS": json.dumps(label),
+        **overrides,
+    }
+
+
 def test_transient_docker_failure_is_retried_then_succeeds(
     worker_env: dict[str, str], tmp_path: Path, docker_client: Any, redis_server: Any
 ) -> None:
     """With Docker unreachable the start is retried with backoff, and succeeds once it is back."""
     sock = tmp_path / "docker.sock"  # does not exist yet: the engine is "down"
     label = private_label("retry")
-    env = {
-        **worker_env,
-        "CELERY_BROKER_URL": f"{redis_server.url}/3",
-        "CELERY_RESULT_BACKEND": f"{redis_server.url}/4",
-        "CTF_REDIS_URL": f"{redis_server.url}/5",
-        "DOCKER_HOST": f"unix://{sock}",
-        "CTF_DATA_DIR": str(tmp_path / "data"),
-        # Its own Redis, so its own label: the session worker's janitor must not sweep it.
-        "CTF_EXTRA_LABELS": json.dumps(label),
-    }
+    env = _own_worker_env(worker_env, redis_server, tmp_path, label,
+                          DOCKER_HOST=f"unix://{sock}")
     w = Worker(env, tmp_path / "worker.log")
     w.start()
     client = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
@@ -130,15 +141,8 @@ def test_unreachable_registry_fails_at_once_and_says_how_to_go_on(
     image = "127.0.0.1:9/ctf-test/absent:1"  # port 9 ("discard"): no registry answers there
     catalog = tmp_path / "unpullable.yaml"
     catalog.write_text(f"challenges:\n  unpullable:\n    image: {image}\n    port: 8080\n")
-    env = {
-        **worker_env,
-        "CELERY_BROKER_URL": f"{redis_server.url}/3",
-        "CELERY_RESULT_BACKEND": f"{redis_server.url}/4",
-        "CTF_REDIS_URL": f"{redis_server.url}/5",
-        "CTF_CHALLENGES_FILE": str(catalog),
-        "CTF_DATA_DIR": str(tmp_path / "data"),
-        "CTF_EXTRA_LABELS": json.dumps(private_label("pull")),
-    }
+    env = _own_worker_env(worker_env, redis_server, tmp_path, private_label("pull"),
+                          CTF_CHALLENGES_FILE=str(catalog))
     w = Worker(env, tmp_path / "worker.log")
     w.start()
     client = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
