@@ -108,6 +108,7 @@ challenges:
     memory: 64m
     flag_env: FLAG
     start_timeout: 120
+    read_only: false        # it writes its page (with the team's flag) into /www at boot
   shop:
     name: Stand-in Juice Shop
     image: {image}
@@ -117,6 +118,7 @@ challenges:
     env: {{NODE_ENV: ctf}}
     flag_env: CTF_KEY
     start_timeout: 120
+    read_only: false
 """)
     redis_server = RedisServer(work)
     redis_server.start()
