@@ -55,14 +55,14 @@ SEEN_WITHIN = 2.0
 START = "celery_app.tasks.start_container"
 STOP = "celery_app.tasks.stop_container"
 STATUS = "celery_app.tasks.get_container_status"
-# A challenge that answers, then (once /www/boom exists) eats memory past its 16 MiB limit.
+# A challenge that answers, then (once /tmp/boom exists) eats memory past its 16 MiB limit.
 HOG = """
   hog:
     image: {image}
     port: 8080
     ttl: 600
     memory: 16m
-    command: ["sh", "-c", "httpd -p 8080 -h /www; while [ ! -e /www/boom ]; do sleep 0.1; done;
+    command: ["sh", "-c", "httpd -p 8080 -h /www; while [ ! -e /tmp/boom ]; do sleep 0.1; done;
       x=a; while :; do x=$x$x; done"]
 """
 
@@ -96,9 +96,9 @@ class Setup:
         return dict(done)
 
 
-# A stand-in whose image health check fails once /www/sick exists (checked every second).
+# A stand-in whose image health check fails once /tmp/sick exists (checked every second).
 SICK_DOCKERFILE = HTTP_DOCKERFILE + """HEALTHCHECK --interval=1s --timeout=1s --retries=1 \\
-  CMD ["/bin/busybox", "sh", "-c", "test ! -e /www/sick"]
+  CMD ["/bin/busybox", "sh", "-c", "test ! -e /tmp/sick"]
 """
 SICK = """
   sick:
@@ -232,7 +232,7 @@ def test_oom_killed_container_shows_failed_with_oom_flag_within_2s(
     inst = setup.start("hog", team)
     container = docker_client.containers.get(inst["container_id"])
     began = time.monotonic()
-    container.exec_run(["/bin/busybox", "touch", "/www/boom"])
+    container.exec_run(["/bin/busybox", "touch", "/tmp/boom"])
     by_task, by_api = _seen_everywhere(setup, team, "hog", began, _failed, "failed")
     for view in (by_task, by_api):
         assert view is not None
@@ -248,7 +248,7 @@ def test_unhealthy_container_shows_failed_within_2s_of_its_health_check(
     team = _team()
     inst = setup.start("sick", team)
     container = docker_client.containers.get(inst["container_id"])
-    container.exec_run(["/bin/busybox", "touch", "/www/sick"])
+    container.exec_run(["/bin/busybox", "touch", "/tmp/sick"])
     # The engine's own delay (the next check, then its verdict) is not ours.
     began = time.monotonic() + HEALTH_CHECK_LATENCY
     by_task, _ = _seen_everywhere(setup, team, "sick", began, _failed, "failed")
