@@ -535,6 +535,8 @@ def test_run_script_starts_traefik_and_stops_it_with_everything(
         # Its own Redis databases: this worker must not take the stack worker's tasks.
         "CELERY_BROKER_URL": f"{broker}/5", "CELERY_RESULT_BACKEND": f"{broker}/6",
         "CTF_DATA_DIR": str(data), "CTF_CHALLENGES_FILE": str(stack.settings.challenges_file),
+        # Its own run folder (pid files): run-tests.sh exports CTF_RUN_DIR for the whole suite.
+        "CTF_RUN_DIR": str(data / "run"),
         "CTF_EXTRA_LABELS": json.dumps(stack.label), "CTF_TEAM_SUBNET_POOL": POOL,
         "CTF_INGRESS": "traefik", "CTF_INSTANCE_DOMAIN": DOMAIN,
         "CTF_INGRESS_HTTP_BIND": f"127.0.0.1:{http_port}",

@@ -22,7 +22,9 @@ def _bash(script: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     with out.open("w") as stdout, err.open("w") as stderr:
         done = subprocess.run(
             ["bash", "-c", f"set -euo pipefail; source scripts/lib.sh; {script}"],
-            cwd=ROOT, env={**os.environ, **env}, stdout=stdout, stderr=stderr, timeout=60,
+            # Its own run folder: run-tests.sh exports CTF_RUN_DIR for the whole suite.
+            cwd=ROOT, env={**os.environ, "CTF_RUN_DIR": f"{env['CTF_DATA_DIR']}/run", **env},
+            stdout=stdout, stderr=stderr, timeout=60,
             check=False)
     return subprocess.CompletedProcess(done.args, done.returncode, out.read_text(),
                                        err.read_text())
