@@ -391,5 +391,6 @@ def test_worker_killed_mid_burst_on_two_hosts(
                 w.stop()
             results = []  # collected (and unsubscribed) before the client closes
             close_platform_client(client)
+            state.close()
             cleanup_docker(docker_client, label)
             server.stop()
