@@ -317,11 +317,20 @@ local now, window, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local best, best_room, best_key = '', 0, nil
 for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local name = ARGV[2 + 2 * i]
+  -- one placement per instance: a start of it already on its way keeps its host
+  if redis.call('ZSCORE', key, member) then
+    redis.call('ZADD', key, now, member)
+    return name
+  end
   for _, placed in ipairs(redis.call('ZRANGE', key, 0, -1)) do
     if redis.call('EXISTS', 'ctf:inst:' .. placed) == 1 then redis.call('ZREM', key, placed) end
   end
-  local room = tonumber(ARGV[3 + 2 * i]) - redis.call('ZCARD', key)
-  if room > best_room then best, best_room, best_key = ARGV[2 + 2 * i], room, key end
+  -- room counted here, in the same step: an instance reserved meanwhile left the placements
+  -- and joined the host's instances, and is counted once either way
+  local used = redis.call('SCARD', 'ctf:host:' .. name) + redis.call('ZCARD', key)
+  local room = tonumber(ARGV[3 + 2 * i]) - used
+  if room > best_room then best, best_room, best_key = name, room, key end
 end
 if best_key then
   redis.call('ZADD', best_key, now, member)
@@ -369,7 +378,7 @@ def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> s
     keys = [placing_key(h.name) for h in candidates]
     args: list[Any] = [time.time(), PLACING_WINDOW, instance or uuid.uuid4().hex]
     for h in candidates:
-        args += [h.name, h.room]
+        args += [h.name, h.max]
     with map_redis_errors("place instance"):
         chosen = str(store.redis.eval(_PLACE, len(keys), *keys, *args) or "")
     if not chosen:
