@@ -115,7 +115,10 @@ def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
     Default timeouts: the killed worker's messages come back because nobody keeps them
     fresh any more (celery_app.inflight), not because a test shortened the broker's timeout.
     """
-    worker, client, env = own_worker(CTF_MAX_INSTANCES="100")
+    # The janitor's pace and orphan grace a user gets (the suite's are 1 s and 2 s): the
+    # promise must not lean on a janitor that sweeps half-made containers within seconds.
+    worker, client, env = own_worker(CTF_MAX_INSTANCES="100", CTF_JANITOR_INTERVAL="5",
+                                     CTF_ORPHAN_GRACE="30")
     worker.start()
     teams = [f"k{uuid.uuid4().hex[:5]}{i}" for i in range(30)]
     results = [client.send_task("celery_app.tasks.start_container", args=["web", t])
