@@ -225,6 +225,17 @@ def bravo(stack: Stack, bravo_running: None) -> dict[str, Any]:
     return as_team(stack, BRAVO, "echo")
 
 
+def try_link(stack: Stack, inst: dict[str, Any]) -> str | None:
+    """The access cookie a fresh access_url sets; ``None`` while Traefik has no route yet."""
+    inst = as_team(stack, inst["team_id"], inst["challenge"])
+    answer = stack.web(host_of(inst["url"]), path_of(inst["access_url"]))
+    if answer.status == 404:
+        return None
+    assert answer.status == 302, answer.text()
+    (cookie,) = answer.set_cookies
+    return cookie.split(";", 1)[0]
+
+
 def open_link(stack: Stack, inst: dict[str, Any], *, tls: bool = False) -> str:
     """Follow a fresh access_url of the instance; return the access cookie it set."""
     inst = as_team(stack, inst["team_id"], inst["challenge"])
@@ -581,7 +592,9 @@ def test_janitor_repairs_routes_a_crash_left_behind(stack: Stack, alpha: dict[st
     own.unlink()
     wait_for(lambda: own.exists() and not ghost.exists(), 30, 0.2,
              "the janitor to rewrite the lost route and drop the stale one")
-    cookie = open_link(stack, alpha)
+    # Traefik reads the rewritten file a moment later (its file watcher): poll for the route.
+    cookie = wait_for(lambda: try_link(stack, alpha), 10, 0.1,
+                      "Traefik to serve the rewritten route")
     wait_for(lambda: stack.web(host_of(alpha["url"]), headers={"Cookie": cookie}).status == 200,
              10, 0.05, "the rewritten route to serve the instance")
 

@@ -257,14 +257,16 @@ def test_janitor_removes_orphan_container_and_network(ctx: Context, docker_clien
     labels = {**TEST_LABEL, "ctf.managed": "true", "ctf.team": "ghost", "ctf.challenge": "web"}
     orphan = docker_client.containers.run(images["http"], detach=True, labels=labels,
                                           name=f"stray-{RUN_ID}")
-    net = docker_client.networks.create(
-        f"ctf-team-lonely-{RUN_ID}", labels={**TEST_LABEL, "ctf.managed": "true",
-                                              "ctf.team": "lonely"})
+    # The low-level call: the SDK's networks.create reads the network back, and the session
+    # worker's janitor may already have removed it (networks have no grace period).
+    net_name = f"ctf-team-lonely-{RUN_ID}"
+    docker_client.api.create_network(net_name, labels={**TEST_LABEL, "ctf.managed": "true",
+                                                       "ctf.team": "lonely"})
     kept = ctx.service.start("web", "alive")
     summary = janitor_pass(ctx, utcnow() + timedelta(seconds=60))
     # The session's worker runs a janitor too: whichever gets there first removes them.
     assert set(summary.orphan_containers) <= {f"stray-{RUN_ID}"}
-    assert set(summary.orphan_networks) <= {net.name}
+    assert set(summary.orphan_networks) <= {net_name}
     assert summary.errors == []
     assert [c.id for c in _containers(docker_client)] == [kept.container_id]
     assert {n.name for n in _networks(docker_client)} == {"ctf-team-alive"}
