@@ -137,7 +137,9 @@ def _instance_table(instances: list[dict[str, Any]], title: str | None = None) -
             _in(inst["expires_at"]) if inst.get("expires_at") else "-",
             escape(str(inst.get("host", "")))
             + ("" if inst.get("host_up", True) else " [red](down)[/]"),
-            escape(str(inst.get("url") or inst.get("error") or "-")),
+            # A failed instance may keep the url it had: why it failed is what to show.
+            escape(str((status == "failed" and inst.get("error")) or inst.get("url")
+                       or inst.get("error") or "-")),
         )
     return table
 
