@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -801,13 +800,11 @@ class InstanceService:
 
     def mark_reconciled(self) -> None:
         """Note in Redis that this host's index is complete (see :meth:`index_is_complete`)."""
-        with map_redis_errors("mark reconciled"):
-            self.store.redis.set(f"ctf:epoch:{self.host}", str(time.time()))
+        self.store.mark_reconciled(self.host)
 
     def index_is_complete(self) -> bool:
         """Whether Redis still holds the index since the last reconcile (not flushed)."""
-        with map_redis_errors("read epoch"):
-            return bool(self.store.redis.exists(f"ctf:epoch:{self.host}"))
+        return self.store.index_is_complete(self.host)
 
     # -- the engine's events (celery_app.events) and the janitor's dead containers ------------
 
