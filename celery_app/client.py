@@ -25,7 +25,7 @@ from redis.retry import Retry
 
 from celery_app import errors
 from celery_app.catalog import Catalog, Challenge, load_catalog
-from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached
+from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached, TaskFailed
 from celery_app.hosts import HostLoad, Hosts, host_loads, host_of, load_hosts, present
 from celery_app.ingress import Ingress
 from celery_app.models import Instance, iso
@@ -46,13 +46,6 @@ NOOP_TTL = 300
 ADMIN_OWNER = "*admin*"
 # Celery states in which a task has finished.
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
-
-
-class TaskFailed(CTFError):  # named like its peers in errors.py
-    """Raised when a task failed with an error that is not one of ours (a bug or a crash)."""
-
-    code = "task_failed"
-    status = 503
 
 
 @dataclass

@@ -29,7 +29,7 @@ from celery_app.errors import (
     ImagePullFailed,
     InvalidRequest,
 )
-from celery_app.naming import LABEL_MANAGED, LABEL_TEAM, network_name
+from celery_app.naming import LABEL_MANAGED, network_name
 
 log = logging.getLogger(__name__)
 
@@ -722,7 +722,3 @@ class DockerDriver:
         for endpoint in (attrs.get("Containers") or {}).values():
             used.add(str(endpoint.get("IPv4Address", "")).split("/", 1)[0])
         return next((str(a) for a in subnet.hosts() if str(a) not in used), None)
-
-    def team_containers(self, team_id: str) -> list[ContainerInfo]:
-        """Return every managed container of a team."""
-        return self.list_containers({LABEL_MANAGED: "true", LABEL_TEAM: team_id})

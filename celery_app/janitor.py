@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from redis.exceptions import LockError
@@ -272,15 +272,3 @@ class Janitor:
                     summary.orphan_networks.append(net.name)
             except CTFError as exc:
                 summary.errors.append(f"{net.name}: {exc}")
-
-    def loop(self, interval: float, passes: int | None = None) -> None:
-        """Run :meth:`run_once` every ``interval`` seconds (``passes`` times, or forever)."""
-        done = 0
-        while passes is None or done < passes:
-            try:
-                self.run_once(datetime.now(UTC))
-            except CTFError as exc:
-                log.warning("janitor pass failed: %s", exc)
-            done += 1
-            if passes is None or done < passes:
-                time.sleep(interval)
