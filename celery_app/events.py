@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from celery_app.docker_driver import ContainerEvent, EventStream
+from celery_app.driver import ContainerEvent, EventStream
 from celery_app.errors import CTFError
 from celery_app.naming import LABEL_CHALLENGE, LABEL_TEAM, check_team_id, container_name
 from celery_app.service import InstanceService

@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.exceptions import LockError
 
-from celery_app.docker_driver import ContainerInfo
+from celery_app.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
 from celery_app.models import Instance, utcnow
 from celery_app.naming import split_instance_key

@@ -17,10 +17,10 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from celery_app.catalog import Catalog, Challenge
-from celery_app.docker_driver import (
+from celery_app.driver import (
     ContainerInfo,
     ContainerSpec,
-    DockerDriver,
+    Driver,
     Filesystem,
     ProgressFn,
     carries,
@@ -114,7 +114,7 @@ class InstanceService:
         self,
         settings: Settings,
         catalog: Catalog,
-        driver: DockerDriver,
+        driver: Driver,
         store: StateStore,
         host: str = "local",
         public_host: str | None = None,
