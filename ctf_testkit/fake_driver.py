@@ -204,7 +204,7 @@ class FakeDriver:
             info = ContainerInfo(
                 id=uuid.uuid4().hex + uuid.uuid4().hex, name=spec.name, state="running",
                 labels=dict(spec.labels), ports=ports, ip=ip,
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                created=str(int(time.time())),
             )
             self.containers[info.id] = info
             self.networks[net.id] = replace(net, containers=net.containers + 1)
