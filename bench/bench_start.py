@@ -31,8 +31,8 @@ from typing import Any
 from _common import (
     LABEL,
     Bench,
-    Worker,
     bench_run,
+    bench_worker,
     celery_client,
     close_celery_client,
     emit,
@@ -122,7 +122,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with bench_run() as bench:
-        worker = Worker(bench)
+        worker = bench_worker(bench)
         worker.start()
         client = celery_client(bench)
         ctx = bench.context() if args.breakdown else None
