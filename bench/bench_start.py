@@ -5,7 +5,7 @@ A  ``send_task("celery_app.tasks.start_container", ["web", team]).get()``: task 
 B  ``docker.containers.run(...)`` with the same network, port publishing and limits, then
    ``reload()`` for the address and port, then the same readiness probe the service uses
    (:func:`celery_app.readiness.wait_ready` against the container's IP, as
-   ``InstanceService._probe_target`` does on a local engine).
+   ``InstanceSpecs.probe_target`` does on a local engine).
 C  (``--breakdown``) ``InstanceService.start`` in this process: the instancer without Celery,
    to split A - B into "Celery" and "service" parts.
 

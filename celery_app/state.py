@@ -18,11 +18,13 @@ from typing import Any, Final, cast
 
 import redis
 import redis.exceptions
+from redis.exceptions import LockError
 from redis.lock import Lock
 
 from celery_app import keys
 from celery_app.errors import (
     CapacityExhausted,
+    InstanceBusy,
     OnOtherHost,
     RateLimited,
     RedisUnavailable,
@@ -31,6 +33,8 @@ from celery_app.errors import (
 from celery_app.models import Instance
 from celery_app.naming import instance_key
 
+# Seconds a (challenge, team) lock lives without renewal: how long a killed worker blocks it.
+LOCK_HOLD: Final = 30.0
 NETWORK_LOCK_HOLD: Final = 20.0
 
 # Reserve a slot for a new instance atomically: the quota checks and the write are one step,
@@ -197,6 +201,43 @@ class StateStore:
         delays the team's next start by at most that long.
         """
         return cast(Lock, self.redis.lock(keys.netlock(team_id), timeout=NETWORK_LOCK_HOLD))
+
+    @contextlib.contextmanager
+    def holding(self, challenge: str, team_id: str, hold: float, wait: float) -> Iterator[Lock]:
+        """Hold the (challenge, team) lock; released in ``finally``, expires if we die.
+
+        It expires ``hold`` seconds after it was last renewed, so a worker killed mid-start
+        blocks the instance for at most that long; a live holder renews it while it waits.
+
+        Raises:
+            InstanceBusy: another operation held it for ``wait`` seconds.
+        """
+        lock = self.instance_lock(challenge, team_id, timeout=hold)
+        with map_redis_errors("lock instance"):
+            acquired = lock.acquire(blocking=True, blocking_timeout=wait)
+        if not acquired:
+            raise InstanceBusy(
+                f"another operation on {challenge} for team {team_id} is still running; "
+                "try again shortly"
+            )
+        try:
+            yield lock
+        finally:
+            with contextlib.suppress(LockError), map_redis_errors("unlock instance"):
+                lock.release()  # LockError: it expired and may be someone else's now
+
+    @contextlib.contextmanager
+    def holding_network(self, team_id: str, wait: float = 60) -> Iterator[None]:
+        """Hold the team's network lock (see :meth:`network_lock`); released in ``finally``."""
+        lock = self.network_lock(team_id)
+        with map_redis_errors("lock network"):
+            if not lock.acquire(blocking=True, blocking_timeout=wait):
+                raise InstanceBusy(f"the network of team {team_id} is busy; try again shortly")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(LockError), map_redis_errors("unlock network"):
+                lock.release()
 
     # -- instances --------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from celery_app import service as service_module
+from celery_app import specs as specs_module
 from celery_app.catalog import load_catalog
 from celery_app.janitor import Janitor
 from celery_app.service import InstanceService
@@ -92,7 +92,7 @@ def probes_ask_the_fake(monkeypatch: pytest.MonkeyPatch, driver: FakeDriver) -> 
                 return True
         return False
 
-    monkeypatch.setattr(service_module, "probe_once", probe)
+    monkeypatch.setattr(specs_module, "probe_once", probe)
 
 
 @pytest.fixture
