@@ -35,7 +35,7 @@ def built() -> set[str]:
 
 
 def test_architecture_table_is_the_keys_module() -> None:
-    """ARCHITECTURE.md lists exactly the keys of celery_app/keys.py, described the same way."""
+    """ARCHITECTURE.md lists exactly the keys of the keys module, described the same way."""
     assert documented() == keys.TABLE
 
 
