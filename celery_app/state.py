@@ -385,7 +385,7 @@ class StateStore:
                 f"wait {int(wait) + 1} s and try again"
             )
 
-    # -- placement (celery_app.hosts) -------------------------------------------------------
+    # -- placement (used by the hosts module) ---------------------------------------------
 
     def place(self, candidates: Sequence[tuple[str, int]], member: str, now: float,
               window: float) -> str:
@@ -406,7 +406,7 @@ class StateStore:
             return str(self._place(keys=[placing_key(name) for name, _ in candidates],
                                    args=args) or "")
 
-    # -- heartbeats (celery_app.hosts) ------------------------------------------------------
+    # -- heartbeats (used by the hosts module) --------------------------------------------
 
     def heartbeats(self, hosts: Sequence[str]) -> builtins.list[str | None]:
         """Return each host's raw heartbeat (``None`` where there is none)."""
@@ -430,7 +430,7 @@ class StateStore:
         with map_redis_errors("withdraw heartbeat"):
             self.redis.delete(keys.hostbeat(host))
 
-    # -- reconcile's epoch and the janitor (celery_app.service, celery_app.janitor) ----------
+    # -- reconcile's epoch and the janitor ---------------------------------------------------
 
     def mark_reconciled(self, host: str) -> None:
         """Note that this host's index is complete (reconcile just rebuilt it)."""
@@ -460,7 +460,7 @@ class StateStore:
         with map_redis_errors("read janitor counters"):
             return dict(self.redis.hgetall(keys.JANITOR_COUNTS) or {})
 
-    # -- tasks: who sent them, and the pending one of each instance (celery_app.client) -----
+    # -- tasks: who sent them, and the pending one of each instance (the dispatcher) ------
 
     def set_task_owner(self, task_id: str, doc: str, ttl: int) -> None:
         """Record who sent a task (``doc``: JSON) for ``ttl`` seconds."""
