@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,14 @@ import docker
 import docker.errors
 
 from celery_app.context import Context, build_context
-from celery_app.routing import queues_for
-from celery_app.settings import Settings, load_settings
+from celery_app.settings import Settings
+from ctf_testkit import support
+from ctf_testkit.docker_sweep import sweep
+from ctf_testkit.env import RunConfig
+from ctf_testkit.support import HTTP_DOCKERFILE, RedisServer, free_port  # noqa: F401  # re-exported
+from ctf_testkit.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
-# The tests' plain helpers (private Redis, polling, image building) serve the benchmarks too.
-sys.path.insert(0, str(ROOT / "tests"))
-import support  # noqa: E402
-from support import HTTP_DOCKERFILE, RedisServer, free_port  # noqa: E402,F401  # re-exported
 
 # Run the worker from another checkout (with PYTHONPATH pointing there too) to measure a change
 # to celery_app/ without touching this tree.
@@ -47,7 +46,7 @@ LABEL = {"ctf.test": RUN_ID}
 POOL = "10.215.0.0/16"
 BUSYBOX = Path("/bin/busybox")
 IMAGE_TAG = f"ctf-bench/http:{RUN_ID}"
-
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdefghij"
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -92,28 +91,7 @@ def build_image(client: docker.DockerClient) -> str:
 
 def cleanup_docker(client: docker.DockerClient, *, images: bool = True) -> dict[str, int]:
     """Remove every container, network (and image) labelled with this run's label."""
-    flt = {"label": [f"{k}={v}" for k, v in LABEL.items()]}
-    counts = {"containers": 0, "networks": 0, "images": 0}
-
-    def remove(cid: str) -> int:
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            client.api.remove_container(cid, force=True, v=True)
-            return 1
-        return 0
-
-    found = [c["Id"] for c in client.api.containers(all=True, filters=flt)]
-    with ThreadPoolExecutor(8) as pool:  # hundreds of containers after the janitor bench
-        counts["containers"] = sum(pool.map(remove, found))
-    for n in client.api.networks(filters=flt):
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            client.api.remove_network(n["Id"])
-            counts["networks"] += 1
-    if images:
-        for image in client.images.list(filters={"label": f"ctf.test={RUN_ID}"}):
-            with contextlib.suppress(docker.errors.APIError):
-                client.images.remove(image.id, force=True)
-                counts["images"] += 1
-    return counts
+    return sweep(client, LABEL, images=images)
 
 
 # -- catalog, settings, environment ------------------------------------------------------------
@@ -159,40 +137,23 @@ class Bench:
     def data_dir(self) -> Path:
         return self.workdir / "data"
 
+    @property
+    def run(self) -> RunConfig:
+        """This run's instancer, in process and in its workers alike (see ctf_testkit.env)."""
+        return RunConfig(self.redis.url, self.catalog_file, self.data_dir, LABEL, POOL,
+                         {"rate_limit_count": 1_000_000, "orphan_grace": 30.0})
+
     def settings(self, **overrides: Any) -> Settings:
         """Settings for an in-process service of this run (overrides win)."""
-        fields: dict[str, Any] = {
-            "broker_url": f"{self.redis.url}/0",
-            "result_backend": f"{self.redis.url}/1",
-            "redis_url": f"{self.redis.url}/2",
-            "challenges_file": self.catalog_file,
-            "data_dir": self.data_dir,
-            "extra_labels": LABEL,
-            "team_subnet_pool": POOL,
-            "rate_limit_count": 1_000_000,
-            "orphan_grace": 30.0,
-        }
-        fields.update(overrides)
-        return load_settings(**fields)
+        return self.run.settings(**overrides)
 
     def context(self, **overrides: Any) -> Context:
         """A worker-like context (service, janitor, driver, store) in this process."""
         return build_context(self.settings(**overrides))
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The environment of a worker of this run."""
-        return {
-            "CELERY_BROKER_URL": f"{self.redis.url}/0",
-            "CELERY_RESULT_BACKEND": f"{self.redis.url}/1",
-            "CTF_REDIS_URL": f"{self.redis.url}/2",
-            "CTF_CHALLENGES_FILE": str(self.catalog_file),
-            "CTF_DATA_DIR": str(self.data_dir),
-            "CTF_EXTRA_LABELS": json.dumps(LABEL),
-            "CTF_TEAM_SUBNET_POOL": POOL,
-            "CTF_RATE_LIMIT_COUNT": "1000000",
-            "CTF_ADMIN_TOKEN": "bench-admin-token-0123456789abcdefghij",
-            **extra,
-        }
+        """The environment of a worker of this run (``extra``: variables that win)."""
+        return {**self.run.env(admin_token=ADMIN_TOKEN), **extra}
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:
@@ -272,44 +233,13 @@ def emit(result: dict[str, Any], path: Path | None) -> None:
 # -- a real worker -----------------------------------------------------------------------------
 
 
-class Worker:
-    """A real ``celery worker -B --pool threads`` subprocess, as run-celery-worker.sh runs it."""
+def bench_worker(bench: Bench, concurrency: int = 8, src: Path = SRC, **env: str) -> Worker:
+    """A real worker of this run (``src``: the checkout it runs; ``env``: variables that win).
 
-    def __init__(self, bench: Bench, concurrency: int = 8, src: Path = SRC, **env: str) -> None:
-        self.env = {**os.environ, **bench.env(**env)}
-        self.src = src  # the checkout whose celery_app/ the worker runs
-        self.logfile = bench.workdir / "worker.log"
-        self.schedule = bench.data_dir / "beat-schedule"
-        self.concurrency = concurrency
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = self.logfile.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker", "-B",
-             "--pool", "threads", "--concurrency", str(self.concurrency), "--loglevel", "INFO",
-             "-n", f"{RUN_ID}@%h", "-Q", ",".join(queues_for("local")), "-s",
-             str(self.schedule)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.src,
-        )
-        log.close()
-        proc = self.proc
-        wait_for(lambda: b"ready." in self.logfile.read_bytes() or proc.poll() is not None,
-                 60, "the worker to be ready")
-        if proc.poll() is not None:
-            raise RuntimeError("worker exited:\n" + self.log()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.logfile.read_text(errors="replace")
+    Start it with ``start()``; ``stop()`` it in a ``finally``.
+    """
+    return Worker({**bench.env(**env)}, bench.workdir / "worker.log", concurrency=concurrency,
+                  src=src, tag=RUN_ID)
 
 
 def celery_client(bench: Bench) -> Any:

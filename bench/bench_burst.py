@@ -45,8 +45,8 @@ from _common import (
     LABEL,
     RUN_ID,
     Bench,
-    Worker,
     bench_run,
+    bench_worker,
     celery_client,
     cleanup_docker,
     close_celery_client,
@@ -238,11 +238,11 @@ def main() -> int:
     with bench_run(ttl=1800, extra_catalog=extra_catalog(args.per_team)) as bench, \
             contextlib.ExitStack() as stack:
         main_env = {**env, "CTF_EXTRA_LABELS": side_labels("main")} if args.compare_src else env
-        worker = Worker(bench, concurrency=args.parallel, **main_env)
+        worker = bench_worker(bench, concurrency=args.parallel, **main_env)
         workers = {"celery": (bench, worker)}
         if args.compare_src:
             alt = stack.enter_context(side_bench(bench))
-            workers["celery_alt"] = (alt, Worker(alt, concurrency=args.parallel,
+            workers["celery_alt"] = (alt, bench_worker(alt, concurrency=args.parallel,
                                                  src=args.compare_src,
                                                  **{**env, "CTF_EXTRA_LABELS": side_labels("alt")}))
             result["compare_src"] = str(args.compare_src)

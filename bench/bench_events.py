@@ -41,8 +41,8 @@ import redis
 from _common import (
     RUN_ID,
     Bench,
-    Worker,
     bench_run,
+    bench_worker,
     celery_client,
     close_celery_client,
     emit,
@@ -218,7 +218,7 @@ def main() -> int:
            "CTF_MAX_INSTANCES": str(max(1000, 2 * args.instances)),
            "CTF_RATE_LIMIT_COUNT": "1000000"}
     with bench_run(ttl=1800, extra_catalog=extra_catalog(args.per_team)) as bench:
-        worker = Worker(bench, concurrency=args.concurrency, **env)
+        worker = bench_worker(bench, concurrency=args.concurrency, **env)
         worker.start()
         assert worker.proc is not None and bench.redis.proc is not None
         keys = redis.Redis.from_url(f"{bench.redis.url}/2")

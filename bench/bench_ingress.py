@@ -29,15 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, Bench, bench_run, emit, free_port, machine, pct, wait_for
-
-sys.path.insert(0, str(ROOT / "tests"))
-from ingress_support import Traefik
+from _common import ADMIN_TOKEN, ROOT, Bench, bench_run, emit, free_port, machine, pct, wait_for
 
 from celery_app.ingress import probe, routes, tokens
+from ctf_testkit.ingress import Traefik
+from ctf_testkit.support import stop_process
 
 DOMAIN = "bench.test"
-ADMIN_TOKEN = "bench-admin-token-0123456789abcdefghij"
 
 
 def one_get(host: str, port: int, headers: dict[str, str]) -> float:
@@ -243,8 +241,7 @@ def main() -> int:  # one linear script: set-up, two measurements, figures
             emit(result, args.json)
         finally:
             if api is not None:
-                api.terminate()
-                api.wait(20)
+                stop_process(api)
             traefik.stop()
             ing.driver.close()
             plain.driver.close()

@@ -43,8 +43,8 @@ from _common import (
     LABEL,
     SRC,
     Bench,
-    Worker,
     bench_run,
+    bench_worker,
     celery_client,
     close_celery_client,
     emit,
@@ -60,6 +60,7 @@ from bench_start import TEAM, start_raw
 
 from celery_app.client import Dispatcher
 from celery_app.readiness import wait_ready
+from ctf_testkit.support import stop_process
 
 ADMIN = "bench-admin-token-0123456789abcdefghij"
 TIMEOUT = 60
@@ -111,12 +112,7 @@ def api_process(
         wait_for(up, 60, "the API to answer")
         yield base, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 def start_task(client: Any, challenge: str) -> None:
@@ -177,7 +173,7 @@ def main() -> int:
     if args.compare_src:  # two workers: neither janitor may take the other's for orphans
         env["CTF_EXTRA_LABELS"] = side_labels("main")
     with bench_run(extra_catalog=EXTRA) as bench, contextlib.ExitStack() as stack:
-        worker = Worker(bench, concurrency=args.concurrency, **env)
+        worker = bench_worker(bench, concurrency=args.concurrency, **env)
         worker.start()
         client = celery_client(bench)
         disp = Dispatcher(bench.settings(admin_token=ADMIN, max_instances_per_team=5))
@@ -193,8 +189,8 @@ def main() -> int:
                 if args.compare_src:
                     alt = stack.enter_context(side_bench(bench))
                     alt_env = {**env, "CTF_EXTRA_LABELS": side_labels("alt")}
-                    alt_worker = Worker(alt, concurrency=args.concurrency, src=args.compare_src,
-                                        **alt_env)
+                    alt_worker = bench_worker(alt, concurrency=args.concurrency,
+                                              src=args.compare_src, **alt_env)
                     alt_worker.start()
                     alt_client = celery_client(alt)
                     stack.callback(close_celery_client, alt_client)

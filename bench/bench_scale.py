@@ -47,8 +47,8 @@ import httpx
 from _common import (
     RUN_ID,
     Bench,
-    Worker,
     bench_run,
+    bench_worker,
     celery_client,
     close_celery_client,
     emit,
@@ -310,7 +310,7 @@ def main() -> int:
     if args.compare_reaping:
         env["CTF_ORPHAN_GRACE"] = "3600"  # the raw quarters' containers are not orphans
     with bench_run(ttl=1800, extra_catalog=extra_catalog(args.per_team)) as bench:
-        worker = Worker(bench, concurrency=args.concurrency, **env)
+        worker = bench_worker(bench, concurrency=args.concurrency, **env)
         worker.start()
         assert worker.proc is not None and bench.redis.proc is not None
         store = StateStore.from_url(f"{bench.redis.url}/2")

@@ -5,7 +5,7 @@ A  ``send_task("celery_app.tasks.start_container", ["web", team]).get()``: task 
 B  ``docker.containers.run(...)`` with the same network, port publishing and limits, then
    ``reload()`` for the address and port, then the same readiness probe the service uses
    (:func:`celery_app.readiness.wait_ready` against the container's IP, as
-   ``InstanceService._probe_target`` does on a local engine).
+   ``InstanceSpecs.probe_target`` does on a local engine).
 C  (``--breakdown``) ``InstanceService.start`` in this process: the instancer without Celery,
    to split A - B into "Celery" and "service" parts.
 
@@ -31,8 +31,8 @@ from typing import Any
 from _common import (
     LABEL,
     Bench,
-    Worker,
     bench_run,
+    bench_worker,
     celery_client,
     close_celery_client,
     emit,
@@ -122,7 +122,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with bench_run() as bench:
-        worker = Worker(bench)
+        worker = bench_worker(bench)
         worker.start()
         client = celery_client(bench)
         ctx = bench.context() if args.breakdown else None

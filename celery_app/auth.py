@@ -11,27 +11,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import ClassVar
 
-from celery_app.errors import CTFError
+from celery_app.errors import Forbidden, Unauthorized
 from celery_app.naming import TEAM_ID_RE
 
 # Domain separation: the team-token key is never the admin token itself.
+# The two errors live in celery_app.errors; they are re-exported for the ingress gate.
+__all__ = ["Forbidden", "Principal", "Unauthorized", "principal_for", "team_token"]
+
 _KEY_CONTEXT = b"ctf-instancer team-token key v1"
-
-
-class Unauthorized(CTFError):  # named like its peers in errors.py
-    """Raised when a request carries no token, or one that is not valid."""
-
-    code: ClassVar[str] = "unauthorized"
-    status: ClassVar[int] = 401
-
-
-class Forbidden(CTFError):  # named like its peers in errors.py
-    """Raised when a valid token asks for something its holder may not do."""
-
-    code: ClassVar[str] = "forbidden"
-    status: ClassVar[int] = 403
 
 
 @dataclass(frozen=True)

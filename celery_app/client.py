@@ -25,11 +25,11 @@ from redis.retry import Retry
 
 from celery_app import errors
 from celery_app.catalog import Catalog, Challenge, load_catalog
-from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached
+from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached, TaskFailed
 from celery_app.hosts import HostLoad, Hosts, host_loads, host_of, load_hosts, present
 from celery_app.ingress import Ingress
 from celery_app.models import Instance, iso
-from celery_app.naming import check_team_id, instance_key
+from celery_app.naming import check_team_id
 from celery_app.routing import host_queue
 from celery_app.settings import Settings
 from celery_app.state import StateStore, map_redis_errors
@@ -37,32 +37,15 @@ from celery_app.state import StateStore, map_redis_errors
 TASK_PREFIX = "celery_app.tasks."
 # Who sent a task: kept as long as Celery keeps results (celery_config.result_expires).
 TASK_OWNER_TTL = 86400
-# A pending marker (ctf:pending:<kind>:<ch>/<team>) outlives its task's wait in the queue; a
+# A pending marker (StateStore.pending) outlives its task's wait in the queue; a
 # finished task's marker is ignored at once, so this only bounds a task whose message was lost.
 PENDING_TTL = 600
 # The answer to a start of an instance that already runs (no task is sent): one result per
 # instance and container, refreshed by each such request, gone this long after the last.
 NOOP_TTL = 300
-# Replace KEYS[1] by ARGV[2] (or delete it when ARGV[2] is empty) only if it still holds
-# ARGV[1] ('' = absent): a compare-and-set, so of two racing senders exactly one sends.
-_SWAP = """
-local cur = redis.call('GET', KEYS[1])
-if cur == false then cur = '' end
-if cur ~= ARGV[1] then return cur end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1])
-else redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3])) end
-return false
-"""
 ADMIN_OWNER = "*admin*"
 # Celery states in which a task has finished.
 READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
-
-
-class TaskFailed(CTFError):  # named like its peers in errors.py
-    """Raised when a task failed with an error that is not one of ours (a bug or a crash)."""
-
-    code = "task_failed"
-    status = 503
 
 
 @dataclass
@@ -191,12 +174,11 @@ class Dispatcher:
         self.hosts = hosts or load_hosts(settings)
         self.store = store or make_store(settings)
         self.celery = celery or make_celery(settings)
-        self._swap = self.store.redis.register_script(_SWAP)
 
     def close(self) -> None:
         """Release the broker, backend and Redis connections."""
         self.celery.close()
-        self.store.redis.close()
+        self.store.close()
 
     # -- validation and reads ---------------------------------------------------------------
 
@@ -249,9 +231,8 @@ class Dispatcher:
         """
         task_id = task_id or str(uuid.uuid4())
         # Recorded first, so a client polling the id right after cannot see a 404.
-        with map_redis_errors("record task owner"):
-            self.store.redis.set(f"ctf:task:{task_id}", json.dumps(
-                {"owner": owner or ADMIN_OWNER, "task": task}), ex=TASK_OWNER_TTL)
+        self.store.set_task_owner(task_id, json.dumps({"owner": owner or ADMIN_OWNER,
+                                                       "task": task}), TASK_OWNER_TTL)
         self.celery.send_task(TASK_PREFIX + task, args=args, kwargs=kwargs, task_id=task_id,
                               queue=queue)
         return task_id
@@ -283,21 +264,19 @@ class Dispatcher:
 
     # -- coalescing: one pending task per instance and kind ---------------------------------
 
-    @staticmethod
-    def _pending_key(kind: str, challenge: str, team_id: str) -> str:
-        # kind "run" holds the latest start or stop (they supersede each other), "extend"
-        # the latest extend.
-        return f"ctf:pending:{kind}:{instance_key(challenge, team_id)}"
-
     def finished(self, task_id: str) -> bool:
         """Whether the result backend says ``task_id`` has finished (unknown ids have not)."""
         meta = self.celery.backend.get_task_meta(task_id)
         return str(meta.get("status", "PENDING")) in READY_STATES
 
-    def _pending(self, key: str) -> tuple[str, dict[str, str] | None]:
-        """Return the marker's raw value and, while its task has not finished, the marker."""
-        with map_redis_errors("read pending task"):
-            raw = str(self.store.redis.get(key) or "")
+    def _pending(self, kind: str, challenge: str, team_id: str
+                 ) -> tuple[str, dict[str, str] | None]:
+        """Return the marker's raw value and, while its task has not finished, the marker.
+
+        ``kind`` ``"run"`` holds the latest start or stop (they supersede each other),
+        ``"extend"`` the latest extend.
+        """
+        raw = self.store.pending(kind, challenge, team_id)
         if not raw:
             return "", None
         marker = json.loads(raw)
@@ -305,9 +284,9 @@ class Dispatcher:
             return raw, None
         return raw, {"op": str(marker.get("op")), "task_id": str(marker.get("task_id"))}
 
-    def _swap_marker(self, key: str, expected: str, new: str) -> bool:
-        with map_redis_errors("record pending task"):
-            return self._swap(keys=[key], args=[expected, new, PENDING_TTL]) is None
+    def _swap_marker(self, kind: str, challenge: str, team_id: str, expected: str,
+                     new: str) -> bool:
+        return self.store.swap_pending(kind, challenge, team_id, expected, new, PENDING_TTL)
 
     def _coalesced(
         self, kind: str, op: str, challenge: str, team_id: str, send: Callable[[str], None],
@@ -320,20 +299,19 @@ class Dispatcher:
         3. ``send(task_id)`` counts the rate limit, registers the intent and sends; when it
            fails, the marker is put back as it was, so nothing points at a task never sent.
         """
-        key = self._pending_key(kind, challenge, team_id)
         for _ in range(8):
-            raw, marker = self._pending(key)
+            raw, marker = self._pending(kind, challenge, team_id)
             if marker is not None and marker["op"] == op:
                 return marker["task_id"], False
             task_id = str(uuid.uuid4())
             mine = json.dumps({"op": op, "task_id": task_id})
-            if not self._swap_marker(key, raw, mine):
+            if not self._swap_marker(kind, challenge, team_id, raw, mine):
                 continue  # another request changed it meanwhile: look again
             try:
                 send(task_id)
             except BaseException:
                 with contextlib.suppress(CTFError, redis.RedisError):
-                    self._swap_marker(key, mine, raw)
+                    self._swap_marker(kind, challenge, team_id, mine, raw)
                 raise
             return task_id, True
         raise errors.InstanceBusy(
@@ -355,9 +333,9 @@ class Dispatcher:
         task_id = str(uuid.uuid5(uuid.NAMESPACE_URL,
                                  f"ctf-noop-start:{record.key}:{record.container_id}"))
         backend = self.celery.backend
+        self.store.set_task_owner(task_id, json.dumps({"owner": record.team_id,
+                                                       "task": "start_container"}), NOOP_TTL)
         with map_redis_errors("answer start"):
-            self.store.redis.set(f"ctf:task:{task_id}", json.dumps(
-                {"owner": record.team_id, "task": "start_container"}), ex=NOOP_TTL)
             backend.store_result(task_id, record.public(), "SUCCESS")
             backend.client.expire(backend.get_key_for_task(task_id), NOOP_TTL)
         return task_id
@@ -385,7 +363,7 @@ class Dispatcher:
         self.validate(challenge, team_id)
         record = self.store.get(challenge, team_id)
         if record is not None and record.status == "running" and record.container_id:
-            _raw, marker = self._pending(self._pending_key("run", challenge, team_id))
+            _raw, marker = self._pending("run", challenge, team_id)
             shown = self.present([record])[0]
             if marker is None and "host_up" not in shown:
                 return self._noop_start(record), record.public()
@@ -457,8 +435,7 @@ class Dispatcher:
 
     def owner_of(self, task_id: str) -> str | None:
         """Return who sent a task through us (a team id or ``ADMIN_OWNER``), or ``None``."""
-        with map_redis_errors("read task owner"):
-            raw = self.store.redis.get(f"ctf:task:{task_id}")
+        raw = self.store.task_owner(task_id)
         if not raw:
             return None
         return str(json.loads(raw).get("owner", ADMIN_OWNER))

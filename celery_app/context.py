@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from celery_app.catalog import Catalog, load_catalog
 from celery_app.docker_driver import DockerDriver
+from celery_app.driver import Driver
 from celery_app.firewall import EgressGuard, host_addresses
 from celery_app.hosts import Hosts, load_hosts
 from celery_app.janitor import Janitor
@@ -21,7 +22,7 @@ class Context:
 
     settings: Settings
     catalog: Catalog
-    driver: DockerDriver
+    driver: Driver
     store: StateStore
     service: InstanceService
     janitor: Janitor

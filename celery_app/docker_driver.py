@@ -11,15 +11,25 @@ import ipaddress
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import docker
 import docker.errors
 import docker.types
 import requests.exceptions
 
+from celery_app.driver import (
+    ContainerEvent,
+    ContainerInfo,
+    ContainerSpec,
+    Driver,
+    Filesystem,
+    NetworkInfo,
+    ProgressFn,
+    carries,
+    check_ours,
+)
 from celery_app.errors import (
     CapacityExhausted,
     CatalogError,
@@ -29,38 +39,21 @@ from celery_app.errors import (
     ImagePullFailed,
     InvalidRequest,
 )
-from celery_app.naming import LABEL_MANAGED, LABEL_TEAM, network_name
+from celery_app.naming import LABEL_MANAGED, network_name
+
+# The data classes live in celery_app.driver; they are re-exported for older imports.
+__all__ = [
+    "ContainerEvent", "ContainerInfo", "ContainerSpec", "DockerDriver", "EventStream",
+    "Filesystem", "NetworkInfo", "ProgressFn", "carries", "check_ours", "map_docker_errors",
+]
 
 log = logging.getLogger(__name__)
-
-ProgressFn = Callable[[dict[str, Any]], None]
 
 # Messages with which the engine says a resource is used up (it answers 500 for these).
 _PORTS_EXHAUSTED = (
     "all ports are allocated", "port is already allocated", "address already in use",
 )
 _POOL_OVERLAP = ("pool overlaps", "overlaps with")
-
-
-def carries(labels: dict[str, str], wanted: dict[str, str]) -> bool:
-    """Whether ``labels`` hold every one of ``wanted`` with the same value."""
-    return all(labels.get(k) == v for k, v in wanted.items())
-
-
-def check_ours(kind: str, name: str, labels: dict[str, str], wanted: dict[str, str]) -> None:
-    """Refuse a container or network that has our name but not our labels.
-
-    The name alone is not proof: another deployment on the same engine (or a person) may
-    use it, and we must never adopt or remove what is theirs.
-
-    Raises:
-        InvalidRequest: ``labels`` lack some of ``wanted``.
-    """
-    if not carries(labels, wanted):
-        raise InvalidRequest(
-            f"a {kind} named {name} exists on this Docker host but is not managed by this "
-            "instancer (its labels differ); remove or rename it, then try again"
-        )
 
 
 # A registry that throttles or is briefly overloaded: the same pull may work a moment later.
@@ -123,84 +116,6 @@ def map_docker_errors(what: str) -> Iterator[None]:
 VOLUME_TMPFS_BYTES = 64 * 1024**2
 
 
-@dataclass(frozen=True)
-class Filesystem:
-    """How much an instance may write, and where (catalog: read_only, tmpfs, storage).
-
-    ``read_only``: the root filesystem is read-only; writes go to the ``tmpfs`` mounts
-    (path -> size in bytes; tmpfs pages count against the container's memory limit too).
-    ``storage_bytes``: a writable-layer size limit (``storage_opt size``), which only some
-    engines support (overlay2 on xfs with pquota, btrfs, zfs).
-    """
-
-    read_only: bool = False
-    tmpfs: dict[str, int] = field(default_factory=dict)
-    storage_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class ContainerSpec:
-    """Everything needed to create one hardened instance container."""
-
-    name: str
-    image: str
-    port: int
-    team_id: str
-    labels: dict[str, str]
-    env: dict[str, str]
-    memory_bytes: int
-    nano_cpus: int
-    pids: int
-    cap_add: list[str]
-    publish_ip: str
-    port_range: str | None = None
-    command: list[str] | None = None
-    hostname: str | None = None
-    filesystem: Filesystem = field(default_factory=Filesystem)
-    # The ingress (SPEC §11): no host port at all, and the address the route points to.
-    publish: bool = True
-    ip: str | None = None
-
-
-@dataclass(frozen=True)
-class ContainerInfo:
-    """What the instancer reads of a container."""
-
-    id: str
-    name: str
-    state: str  # created, running, restarting, paused, exited, dead, removing
-    labels: dict[str, str]
-    ports: dict[str, int]
-    ip: str | None = None
-    exit_code: int | None = None
-    created: str = ""
-    attrs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    oom_killed: bool = False
-    health: str | None = None  # starting, healthy, unhealthy; None without a health check
-
-    @property
-    def team_id(self) -> str:
-        """The team label."""
-        return self.labels.get("ctf.team", "")
-
-    @property
-    def challenge(self) -> str:
-        """The challenge label."""
-        return self.labels.get("ctf.challenge", "")
-
-
-@dataclass(frozen=True)
-class NetworkInfo:
-    """What the instancer reads of a network."""
-
-    id: str
-    name: str
-    labels: dict[str, str]
-    subnets: list[str]
-    containers: int
-    bridge: str = ""  # the host interface of a bridge network (the egress firewall's key)
-
-
 def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
     """Build a ContainerInfo from inspect output (or the list endpoint's summary)."""
     state = attrs.get("State")
@@ -244,19 +159,6 @@ def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
         oom_killed=oom_killed,
         health=health,
     )
-
-
-@dataclass(frozen=True)
-class ContainerEvent:
-    """One container event of the engine (``die``, ``oom``, ``destroy``, ``start``, …)."""
-
-    action: str  # "health_status: unhealthy" is reduced to "health_status"
-    id: str
-    name: str
-    labels: dict[str, str]
-    exit_code: int | None = None
-    health: str | None = None
-    time: float = 0.0
 
 
 # Attributes of a container event that are not labels.
@@ -723,6 +625,6 @@ class DockerDriver:
             used.add(str(endpoint.get("IPv4Address", "")).split("/", 1)[0])
         return next((str(a) for a in subnet.hosts() if str(a) not in used), None)
 
-    def team_containers(self, team_id: str) -> list[ContainerInfo]:
-        """Return every managed container of a team."""
-        return self.list_containers({LABEL_MANAGED: "true", LABEL_TEAM: team_id})
+
+if TYPE_CHECKING:  # mypy proves here that DockerDriver keeps the Driver contract
+    _CONTRACT: type[Driver] = DockerDriver

@@ -2,7 +2,10 @@
 
 ```
 CTFError                        base: has an API ``code``, an HTTP ``status`` and ``transient``
+├── TaskFailed                task_failed           503  (a task died of a bug or crash)
 ├── PermanentError              a retry cannot fix it; fail at once, say what to do
+│   ├── Unauthorized            unauthorized          401  (no token, or not a valid one)
+│   ├── Forbidden               forbidden             403  (a valid token, not its holder's)
 │   ├── InvalidRequest          invalid_request       422
 │   │   └── InvalidTeamId       invalid_team_id       422
 │   ├── UnknownChallenge        unknown_challenge     404
@@ -55,6 +58,27 @@ class CTFError(Exception):
 
 class PermanentError(CTFError):
     """Raised when retrying cannot help: the request itself must change."""
+
+
+class TaskFailed(CTFError):
+    """Raised when a task failed with an error that is not one of ours (a bug or a crash)."""
+
+    code = "task_failed"
+    status = 503
+
+
+class Unauthorized(PermanentError):
+    """Raised when a request carries no token, or one that is not valid."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(PermanentError):
+    """Raised when a valid token asks for something its holder may not do."""
+
+    code = "forbidden"
+    status = 403
 
 
 class InvalidRequest(PermanentError):

@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from celery_app.docker_driver import ContainerEvent, EventStream
+from celery_app.driver import ContainerEvent, EventStream
 from celery_app.errors import CTFError
 from celery_app.naming import LABEL_CHALLENGE, LABEL_TEAM, check_team_id, container_name
 from celery_app.service import InstanceService
@@ -80,7 +80,6 @@ class EventFollower:
         self._busy_since: float | None = None  # receipt time of the event being handled
         self._threads: list[threading.Thread] = []
         self.connects = 0  # how many times the stream was opened (tests, metrics)
-        self.handled = 0
 
     # -- what status reads ask --------------------------------------------------------------
 
@@ -219,7 +218,6 @@ class EventFollower:
             # Redis or Docker trouble: look again shortly; reconcile and the janitor back us up.
             log.warning("events: %s of %s: %s", event.action, event.name, exc)
             outcome = "busy"
-        self.handled += 1
         if outcome == "busy":
             until = item.until or time.monotonic() + RETRY_FOR
             self._retry[f"{event.id}:{event.action}"] = _Pending(event, item.received, until)

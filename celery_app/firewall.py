@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from celery_app.docker_driver import ContainerInfo, DockerDriver, NetworkInfo
+from celery_app.driver import ContainerInfo, Driver, NetworkInfo
 from celery_app.errors import CTFError, EgressUnprotected, FirewallRefused
 from celery_app.naming import LABEL_EGRESS, LABEL_MANAGED
 from celery_app.settings import Settings
@@ -352,7 +352,7 @@ class EgressGuard:
         why_not: said when ``firewall`` is ``None`` (logged by the keeper).
     """
 
-    def __init__(self, firewall: EgressFirewall | None, driver: DockerDriver,
+    def __init__(self, firewall: EgressFirewall | None, driver: Driver,
                  why_not: str = "") -> None:
         self.firewall = firewall
         self.driver = driver
@@ -363,7 +363,7 @@ class EgressGuard:
         self._internet: set[str] = set()
 
     @classmethod
-    def for_settings(cls, settings: Settings, driver: DockerDriver,
+    def for_settings(cls, settings: Settings, driver: Driver,
                      extra_hosts: Iterable[str] = ()) -> EgressGuard:
         """The guard a worker of ``settings`` runs: enforcing when its engine is local."""
         if settings.egress_firewall == "off":

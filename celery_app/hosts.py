@@ -6,7 +6,7 @@ Each Docker host has its own Celery worker, which consumes the host's queue
 start to that host's queue; every later task of the instance goes to the queue of the host
 recorded in it.
 
-Liveness: every worker runs a :class:`Heartbeat` thread that keeps ``ctf:hostbeat:<host>``
+Liveness: every worker runs a :class:`Heartbeat` thread that keeps the host's heartbeat key
 alive in the state Redis (TTL ``CTF_HEARTBEAT_TTL``, refreshed every third of it). A host
 whose key has expired has no worker: new instances go elsewhere and its instances are shown
 as unreachable (:func:`present`) until the worker is back. When *no* host has a heartbeat
@@ -39,11 +39,9 @@ from celery_app.models import Instance
 from celery_app.naming import TEAM_ID_RE
 from celery_app.routing import host_queue
 from celery_app.settings import Settings
-from celery_app.state import StateStore, map_redis_errors, placing_key
+from celery_app.state import StateStore
 
 log = logging.getLogger(__name__)
-
-BEAT_PREFIX = "ctf:hostbeat:"
 
 
 class HostConfig(BaseModel):
@@ -170,18 +168,12 @@ def load_hosts(settings: Settings) -> Hosts:
 # -- liveness ---------------------------------------------------------------------------------
 
 
-def beat_key(host: str) -> str:
-    """The Redis key that says host ``host`` has a live worker."""
-    return f"{BEAT_PREFIX}{host}"
-
-
 def heartbeats(store: StateStore, names: Iterable[str]) -> dict[str, dict[str, Any] | None]:
     """Return each host's last heartbeat (``{"worker", "at", "engine"}``), ``None`` if none."""
     names = list(names)
     if not names:
         return {}
-    with map_redis_errors("read host heartbeats"):
-        raw = store.redis.mget([beat_key(n) for n in names])
+    raw = store.heartbeats(names)
     beats: dict[str, dict[str, Any] | None] = {}
     for name, value in zip(names, raw, strict=True):
         try:
@@ -206,7 +198,7 @@ def liveness(beats: Mapping[str, dict[str, Any] | None]) -> dict[str, bool]:
 
 
 class Heartbeat:
-    """Keeps ``ctf:hostbeat:<host>`` alive while this worker runs (a daemon thread).
+    """Keeps the host's heartbeat alive while this worker runs (a daemon thread).
 
     A thread rather than a periodic task: a queue full of slow starts must not make a busy
     host look dead.
@@ -230,8 +222,7 @@ class Heartbeat:
     def beat(self, engine: bool = True) -> None:
         """Publish one heartbeat, saying whether this host's Docker engine answers."""
         value = json.dumps({"worker": self.worker, "at": time.time(), "engine": engine})
-        with map_redis_errors("publish heartbeat"):
-            self.store.redis.set(beat_key(self.host), value, px=int(self.ttl * 1000))
+        self.store.beat(self.host, value, self.ttl)
 
     def _run(self) -> None:
         interval = self.ttl / 3
@@ -261,9 +252,9 @@ class Heartbeat:
     def _withdraw(self) -> None:
         """Remove the heartbeat at once (when it is still ours)."""
         with contextlib.suppress(Exception):
-            raw = self.store.redis.get(beat_key(self.host))
+            raw = self.store.heartbeat(self.host)
             if raw and json.loads(raw).get("worker") == self.worker:
-                self.store.redis.delete(beat_key(self.host))
+                self.store.drop_heartbeat(self.host)
 
 
 # -- capacity and placement -------------------------------------------------------------------
@@ -312,32 +303,6 @@ def host_loads(hosts: Hosts, store: StateStore) -> list[HostLoad]:
 # reservation removes it; then it is counted as used) or, if that never happens, this long.
 PLACING_WINDOW = 30.0
 
-_PLACE = """
-local now, window, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local best, best_room, best_key = '', 0, nil
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  local name = ARGV[2 + 2 * i]
-  -- one placement per instance: a start of it already on its way keeps its host
-  if redis.call('ZSCORE', key, member) then
-    redis.call('ZADD', key, now, member)
-    return name
-  end
-  for _, placed in ipairs(redis.call('ZRANGE', key, 0, -1)) do
-    if redis.call('EXISTS', 'ctf:inst:' .. placed) == 1 then redis.call('ZREM', key, placed) end
-  end
-  -- room counted here, in the same step: an instance reserved meanwhile left the placements
-  -- and joined the host's instances, and is counted once either way
-  local used = redis.call('SCARD', 'ctf:host:' .. name) + redis.call('ZCARD', key)
-  local room = tonumber(ARGV[3 + 2 * i]) - used
-  if room > best_room then best, best_room, best_key = name, room, key end
-end
-if best_key then
-  redis.call('ZADD', best_key, now, member)
-  redis.call('EXPIRE', best_key, math.ceil(window) + 1)
-end
-return best
-"""
 
 
 def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> str:
@@ -375,12 +340,8 @@ def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> s
     # Choose and record the choice in one Redis step: a burst of starts sees each other's
     # placements (not yet counted as instances) and spreads over the hosts.
     random.shuffle(candidates)  # ties go to a random host
-    keys = [placing_key(h.name) for h in candidates]
-    args: list[Any] = [time.time(), PLACING_WINDOW, instance or uuid.uuid4().hex]
-    for h in candidates:
-        args += [h.name, h.max]
-    with map_redis_errors("place instance"):
-        chosen = str(store.redis.eval(_PLACE, len(keys), *keys, *args) or "")
+    chosen = store.place([(h.name, h.max) for h in candidates], instance or uuid.uuid4().hex,
+                         time.time(), PLACING_WINDOW)
     if not chosen:
         raise CapacityExhausted(
             "every Docker host with a live worker is full once the starts already on their way "

@@ -13,14 +13,13 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from redis.exceptions import LockError
 
-from celery_app.docker_driver import ContainerInfo
+from celery_app.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
-from celery_app.metrics import JANITOR_KEY
 from celery_app.models import Instance, utcnow
 from celery_app.naming import split_instance_key
 from celery_app.service import NO_INTENT, InstanceService
@@ -113,7 +112,7 @@ class Janitor:
         summary = Summary()
         # 0. one pass at a time per host: passes queued behind a long one would only wait
         #    on the same instance locks and hold worker threads.
-        lock = self.service.store.redis.lock(f"ctf:janitor:{self.service.host}", timeout=300)
+        lock = self.service.store.janitor_lock(self.service.host, timeout=300)
         with map_redis_errors("janitor lock"):
             if not lock.acquire(blocking=False):
                 summary.skipped = True
@@ -137,12 +136,8 @@ class Janitor:
             "orphan_networks": len(summary.orphan_networks),
             "marked_failed": len(summary.marked_failed),
         }
-        with contextlib.suppress(CTFError), map_redis_errors("count janitor removals"):
-            pipe = self.service.store.redis.pipeline()
-            for kind, n in counts.items():
-                if n:
-                    pipe.hincrby(JANITOR_KEY, kind, n)
-            pipe.execute()
+        with contextlib.suppress(CTFError):
+            self.service.store.count_removals(counts)
 
     def _pass(self, now: datetime, summary: Summary) -> None:
         # 1. Redis lost the index: rebuild it before judging anything an orphan.
@@ -277,15 +272,3 @@ class Janitor:
                     summary.orphan_networks.append(net.name)
             except CTFError as exc:
                 summary.errors.append(f"{net.name}: {exc}")
-
-    def loop(self, interval: float, passes: int | None = None) -> None:
-        """Run :meth:`run_once` every ``interval`` seconds (``passes`` times, or forever)."""
-        done = 0
-        while passes is None or done < passes:
-            try:
-                self.run_once(datetime.now(UTC))
-            except CTFError as exc:
-                log.warning("janitor pass failed: %s", exc)
-            done += 1
-            if passes is None or done < passes:
-                time.sleep(interval)

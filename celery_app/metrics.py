@@ -18,12 +18,10 @@ from prometheus_client.registry import Collector
 from celery_app.catalog import Catalog
 from celery_app.errors import CTFError
 from celery_app.models import STATUSES
-from celery_app.state import StateStore, map_redis_errors
+from celery_app.state import StateStore
 
 log = logging.getLogger(__name__)
 
-# Where a janitor may count what it removed (HINCRBY ctf:metrics:janitor <kind> n).
-JANITOR_KEY = "ctf:metrics:janitor"
 
 
 class StateCollector(Collector):
@@ -38,8 +36,7 @@ class StateCollector(Collector):
         up = GaugeMetricFamily("ctf_state_up", "Whether the state Redis answered this scrape")
         try:
             instances = self.store.list()
-            with map_redis_errors("read janitor counters"):
-                removed = dict(self.store.redis.hgetall(JANITOR_KEY) or {})
+            removed = self.store.removals()
         except CTFError as exc:
             log.warning("metrics: cannot read instance state: %s", exc)
             up.add_metric([], 0)

@@ -16,7 +16,6 @@ LABEL_CHALLENGE: Final = "ctf.challenge"
 LABEL_HOST: Final = "ctf.host"
 LABEL_STARTED_AT: Final = "ctf.started_at"
 LABEL_EXPIRES_AT: Final = "ctf.expires_at"
-LABEL_SUBNET: Final = "ctf.subnet"
 # "internet" or "none": read by the egress firewall (celery_app.firewall) from Docker.
 LABEL_EGRESS: Final = "ctf.egress"
 

@@ -3,17 +3,8 @@
 Docker labels are the source of truth; what is here is an index for fast reads, plus the
 lock and counter service. ``InstanceService.reconcile`` rebuilds it from Docker labels.
 
-Keys (prefix ``ctf:``)::
-
-    ctf:inst:<challenge>/<team>   JSON of the instance
-    ctf:expiry                    zset  <challenge>/<team> -> expires_at (epoch s): every instance
-    ctf:team:<team>               set   <challenge>/<team>
-    ctf:host:<host>               set   <challenge>/<team>
-    ctf:lock:<challenge>/<team>   redis-py Lock around start/stop/extend of one instance
-    ctf:netlock:<team>            redis-py Lock around a team's network and container creation
-    ctf:rate:<team>               zset of start/stop actions in the sliding window
-    ctf:intent:<challenge>/<team> "<seq>:<start|stop>" of the latest start/stop request
-    ctf:placing:<host>            zset of starts placed on <host> not yet reserved there
+The store owns the keyspace: the key names are in :mod:`celery_app.keys` (and
+ARCHITECTURE.md), and no other module touches Redis through ``.redis``.
 """
 
 from __future__ import annotations
@@ -22,15 +13,18 @@ import builtins
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, cast
 
 import redis
 import redis.exceptions
+from redis.exceptions import LockError
 from redis.lock import Lock
 
+from celery_app import keys
 from celery_app.errors import (
     CapacityExhausted,
+    InstanceBusy,
     OnOtherHost,
     RateLimited,
     RedisUnavailable,
@@ -39,7 +33,8 @@ from celery_app.errors import (
 from celery_app.models import Instance
 from celery_app.naming import instance_key
 
-P: Final = "ctf:"
+# Seconds a (challenge, team) lock lives without renewal: how long a killed worker blocks it.
+LOCK_HOLD: Final = 30.0
 NETWORK_LOCK_HOLD: Final = 20.0
 
 # Reserve a slot for a new instance atomically: the quota checks and the write are one step,
@@ -96,6 +91,48 @@ return '0'
 """
 
 
+# Replace KEYS[1] by ARGV[2] (or delete it when ARGV[2] is empty) only if it still holds
+# ARGV[1] ('' = absent): a compare-and-set, so of two racing senders exactly one sends.
+_SWAP = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false then cur = '' end
+if cur ~= ARGV[1] then return cur end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1])
+else redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3])) end
+return false
+"""
+
+# Choose the host with the most room and record the choice, in one step (see
+# celery_app.hosts.pick_host). KEYS: each candidate's placing zset; ARGV: now, window, the
+# instance, the instance-record and host-set prefixes, then (name, max) per candidate.
+_PLACE = """
+local now, window, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local inst_prefix, host_prefix = ARGV[4], ARGV[5]
+local best, best_room, best_key = '', 0, nil
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local name = ARGV[4 + 2 * i]
+  -- one placement per instance: a start of it already on its way keeps its host
+  if redis.call('ZSCORE', key, member) then
+    redis.call('ZADD', key, now, member)
+    return name
+  end
+  for _, placed in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if redis.call('EXISTS', inst_prefix .. placed) == 1 then redis.call('ZREM', key, placed) end
+  end
+  -- room counted here, in the same step: an instance reserved meanwhile left the placements
+  -- and joined the host's instances, and is counted once either way
+  local used = redis.call('SCARD', host_prefix .. name) + redis.call('ZCARD', key)
+  local room = tonumber(ARGV[5 + 2 * i]) - used
+  if room > best_room then best, best_room, best_key = name, room, key end
+end
+if best_key then
+  redis.call('ZADD', best_key, now, member)
+  redis.call('EXPIRE', best_key, math.ceil(window) + 1)
+end
+return best
+"""
+
 # One global counter orders every request; the instance keeps only its latest.
 _INTENT = """
 local seq = redis.call('INCR', KEYS[2])
@@ -106,11 +143,10 @@ return seq
 
 def placing_key(host: str) -> str:
     """The zset of placements on ``host`` whose start has not reached its worker yet."""
-    return f"{P}placing:{host}"
+    return keys.placing(host)
 
 
-def _key(inst_key: str) -> str:
-    return f"{P}inst:{inst_key}"
+_key = keys.instance
 
 
 class StateStore:
@@ -126,6 +162,8 @@ class StateStore:
         self._reserve = client.register_script(_RESERVE)
         self._rate = client.register_script(_RATE)
         self._intent = client.register_script(_INTENT)
+        self._swap = client.register_script(_SWAP)
+        self._place = client.register_script(_PLACE)
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -136,6 +174,10 @@ class StateStore:
                 health_check_interval=30,
             )
         )
+
+    def close(self) -> None:
+        """Release the connections."""
+        self.redis.close()
 
     def ping(self) -> bool:
         """Return whether Redis answers."""
@@ -148,7 +190,7 @@ class StateStore:
 
     def instance_lock(self, challenge: str, team_id: str, timeout: float) -> Lock:
         """A lock on one (challenge, team); it expires after ``timeout`` if its holder dies."""
-        return cast(Lock, self.redis.lock(f"{P}lock:{instance_key(challenge, team_id)}",
+        return cast(Lock, self.redis.lock(keys.lock(instance_key(challenge, team_id)),
                                           timeout=timeout))
 
     def network_lock(self, team_id: str) -> Lock:
@@ -158,7 +200,44 @@ class StateStore:
         after ``NETWORK_LOCK_HOLD`` seconds if its holder dies, so a killed worker's lock
         delays the team's next start by at most that long.
         """
-        return cast(Lock, self.redis.lock(f"{P}netlock:{team_id}", timeout=NETWORK_LOCK_HOLD))
+        return cast(Lock, self.redis.lock(keys.netlock(team_id), timeout=NETWORK_LOCK_HOLD))
+
+    @contextlib.contextmanager
+    def holding(self, challenge: str, team_id: str, hold: float, wait: float) -> Iterator[Lock]:
+        """Hold the (challenge, team) lock; released in ``finally``, expires if we die.
+
+        It expires ``hold`` seconds after it was last renewed, so a worker killed mid-start
+        blocks the instance for at most that long; a live holder renews it while it waits.
+
+        Raises:
+            InstanceBusy: another operation held it for ``wait`` seconds.
+        """
+        lock = self.instance_lock(challenge, team_id, timeout=hold)
+        with map_redis_errors("lock instance"):
+            acquired = lock.acquire(blocking=True, blocking_timeout=wait)
+        if not acquired:
+            raise InstanceBusy(
+                f"another operation on {challenge} for team {team_id} is still running; "
+                "try again shortly"
+            )
+        try:
+            yield lock
+        finally:
+            with contextlib.suppress(LockError), map_redis_errors("unlock instance"):
+                lock.release()  # LockError: it expired and may be someone else's now
+
+    @contextlib.contextmanager
+    def holding_network(self, team_id: str, wait: float = 60) -> Iterator[None]:
+        """Hold the team's network lock (see :meth:`network_lock`); released in ``finally``."""
+        lock = self.network_lock(team_id)
+        with map_redis_errors("lock network"):
+            if not lock.acquire(blocking=True, blocking_timeout=wait):
+                raise InstanceBusy(f"the network of team {team_id} is busy; try again shortly")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(LockError), map_redis_errors("unlock network"):
+                lock.release()
 
     # -- instances --------------------------------------------------------------------------
 
@@ -180,8 +259,8 @@ class StateStore:
         """
         with map_redis_errors("reserve instance"):
             result = self._reserve(
-                keys=[_key(inst.key), f"{P}team:{inst.team_id}", f"{P}expiry",
-                      f"{P}host:{inst.host}", placing_key(inst.host)],
+                keys=[_key(inst.key), keys.team(inst.team_id), keys.EXPIRY,
+                      keys.host(inst.host), placing_key(inst.host)],
                 args=[inst.key, inst.team_id, inst.host, per_team, global_max, host_max,
                       inst.expires.timestamp(), inst.model_dump_json()],
             )
@@ -211,9 +290,9 @@ class StateStore:
         with map_redis_errors("write instance"):
             pipe = self.redis.pipeline()
             pipe.set(_key(inst.key), inst.model_dump_json())
-            pipe.sadd(f"{P}team:{inst.team_id}", inst.key)
-            pipe.sadd(f"{P}host:{inst.host}", inst.key)
-            pipe.zadd(f"{P}expiry", {inst.key: inst.expires.timestamp()})
+            pipe.sadd(keys.team(inst.team_id), inst.key)
+            pipe.sadd(keys.host(inst.host), inst.key)
+            pipe.zadd(keys.EXPIRY, {inst.key: inst.expires.timestamp()})
             pipe.execute()
 
     def delete(self, challenge: str, team_id: str, host: str | None = None) -> None:
@@ -225,17 +304,17 @@ class StateStore:
                 host = Instance.model_validate_json(raw).host if raw else "local"
             pipe = self.redis.pipeline()
             pipe.delete(_key(key))
-            pipe.srem(f"{P}team:{team_id}", key)
-            pipe.srem(f"{P}host:{host}", key)
-            pipe.zrem(f"{P}expiry", key)
+            pipe.srem(keys.team(team_id), key)
+            pipe.srem(keys.host(host), key)
+            pipe.zrem(keys.EXPIRY, key)
             pipe.execute()
 
-    def _load(self, keys: Iterable[str]) -> builtins.list[Instance]:
-        keys = sorted(keys)
-        if not keys:
+    def _load(self, members: Iterable[str]) -> builtins.list[Instance]:
+        members = sorted(members)
+        if not members:
             return []
         with map_redis_errors("read instances"):
-            docs = self.redis.mget([_key(k) for k in keys])
+            docs = self.redis.mget([_key(k) for k in members])
         return [Instance.model_validate_json(d) for d in docs if d]
 
     def list(
@@ -244,12 +323,12 @@ class StateStore:
         """Return the recorded instances, filtered by what is given."""
         with map_redis_errors("list instances"):
             if team_id is not None:
-                keys = cast(set[str], self.redis.smembers(f"{P}team:{team_id}"))
+                members = cast(set[str], self.redis.smembers(keys.team(team_id)))
             elif host is not None:
-                keys = cast(set[str], self.redis.smembers(f"{P}host:{host}"))
+                members = cast(set[str], self.redis.smembers(keys.host(host)))
             else:
-                keys = set(cast(builtins.list[str], self.redis.zrange(f"{P}expiry", 0, -1)))
-        found = self._load(keys)
+                members = set(cast(builtins.list[str], self.redis.zrange(keys.EXPIRY, 0, -1)))
+        found = self._load(members)
         return [
             i for i in found
             if (challenge is None or i.challenge == challenge) and (host is None or i.host == host)
@@ -259,26 +338,26 @@ class StateStore:
         """Return how many instances are recorded (on ``host`` when given)."""
         with map_redis_errors("count instances"):
             if host is None:
-                return int(self.redis.zcard(f"{P}expiry"))
-            return int(self.redis.scard(f"{P}host:{host}"))
+                return int(self.redis.zcard(keys.EXPIRY))
+            return int(self.redis.scard(keys.host(host)))
 
     def expired(self, now: float) -> builtins.list[str]:
         """Return the keys of instances whose expiry is at or before ``now`` (epoch s)."""
         with map_redis_errors("read expiry index"):
-            return cast(builtins.list[str], self.redis.zrangebyscore(f"{P}expiry", "-inf", now))
+            return cast(builtins.list[str], self.redis.zrangebyscore(keys.EXPIRY, "-inf", now))
 
     # -- intents: the latest start/stop request of an instance wins --------------------------
 
     def register_intent(self, challenge: str, team_id: str, op: str) -> int:
         """Record a start/stop request of an instance; return its sequence number."""
-        key = f"{P}intent:{instance_key(challenge, team_id)}"
+        key = keys.intent(instance_key(challenge, team_id))
         with map_redis_errors("register intent"):
-            return int(self._intent(keys=[key, f"{P}intentseq"], args=[op]))
+            return int(self._intent(keys=[key, keys.INTENT_SEQ], args=[op]))
 
     def superseded(self, challenge: str, team_id: str, seq: int, op: str) -> bool:
         """Whether a request newer than ``seq`` asked for the opposite of ``op``."""
         with map_redis_errors("read intent"):
-            raw = self.redis.get(f"{P}intent:{instance_key(challenge, team_id)}")
+            raw = self.redis.get(keys.intent(instance_key(challenge, team_id)))
         if not raw:
             return False
         latest, _, latest_op = str(raw).partition(":")
@@ -298,13 +377,114 @@ class StateStore:
         """
         now = time.time()
         with map_redis_errors("rate limit"):
-            wait = float(self._rate(keys=[f"{P}rate:{team_id}"],
+            wait = float(self._rate(keys=[keys.rate(team_id)],
                                     args=[now, window, limit, f"{now}:{os.urandom(4).hex()}"]))
         if wait > 0:
             raise RateLimited(
                 f"team {team_id} made {limit} start/stop requests in the last {window} s; "
                 f"wait {int(wait) + 1} s and try again"
             )
+
+    # -- placement (used by the hosts module) ---------------------------------------------
+
+    def place(self, candidates: Sequence[tuple[str, int]], member: str, now: float,
+              window: float) -> str:
+        """Choose the candidate ``(host, max)`` with the most room and record the choice.
+
+        Room is ``max`` minus the host's instances and its placements younger than
+        ``window`` s, counted in the same step that records the choice; a placement of
+        ``member`` already on its way keeps its host.
+
+        Returns:
+            The chosen host, or ``""`` when none has room.
+
+        """
+        args: builtins.list[Any] = [now, window, member, keys.INSTANCE_PREFIX, keys.HOST_PREFIX]
+        for name, most in candidates:
+            args += [name, most]
+        with map_redis_errors("place instance"):
+            return str(self._place(keys=[placing_key(name) for name, _ in candidates],
+                                   args=args) or "")
+
+    # -- heartbeats (used by the hosts module) --------------------------------------------
+
+    def heartbeats(self, hosts: Sequence[str]) -> builtins.list[str | None]:
+        """Return each host's raw heartbeat (``None`` where there is none)."""
+        with map_redis_errors("read host heartbeats"):
+            return cast(builtins.list[str | None],
+                        self.redis.mget([keys.hostbeat(h) for h in hosts]))
+
+    def beat(self, host: str, value: str, ttl: float) -> None:
+        """Publish a host's heartbeat; it lapses after ``ttl`` seconds."""
+        with map_redis_errors("publish heartbeat"):
+            self.redis.set(keys.hostbeat(host), value, px=int(ttl * 1000))
+
+    def heartbeat(self, host: str) -> str | None:
+        """Return a host's raw heartbeat, or ``None``."""
+        with map_redis_errors("read heartbeat"):
+            raw = self.redis.get(keys.hostbeat(host))
+        return str(raw) if raw else None
+
+    def drop_heartbeat(self, host: str) -> None:
+        """Withdraw a host's heartbeat."""
+        with map_redis_errors("withdraw heartbeat"):
+            self.redis.delete(keys.hostbeat(host))
+
+    # -- reconcile's epoch and the janitor ---------------------------------------------------
+
+    def mark_reconciled(self, host: str) -> None:
+        """Note that this host's index is complete (reconcile just rebuilt it)."""
+        with map_redis_errors("mark reconciled"):
+            self.redis.set(keys.epoch(host), str(time.time()))
+
+    def index_is_complete(self, host: str) -> bool:
+        """Whether Redis still holds the host's index since its last reconcile."""
+        with map_redis_errors("read epoch"):
+            return bool(self.redis.exists(keys.epoch(host)))
+
+    def janitor_lock(self, host: str, timeout: float) -> Lock:
+        """The lock that lets one janitor pass at a time run on ``host``."""
+        return cast(Lock, self.redis.lock(keys.janitor(host), timeout=timeout))
+
+    def count_removals(self, counts: Mapping[str, int]) -> None:
+        """Add what a janitor pass removed, by kind, to the counters ``/metrics`` shows."""
+        with map_redis_errors("count janitor removals"):
+            pipe = self.redis.pipeline()
+            for kind, n in counts.items():
+                if n:
+                    pipe.hincrby(keys.JANITOR_COUNTS, kind, n)
+            pipe.execute()
+
+    def removals(self) -> dict[str, str]:
+        """Return the janitors' removal counters, by kind."""
+        with map_redis_errors("read janitor counters"):
+            return dict(self.redis.hgetall(keys.JANITOR_COUNTS) or {})
+
+    # -- tasks: who sent them, and the pending one of each instance (the dispatcher) ------
+
+    def set_task_owner(self, task_id: str, doc: str, ttl: int) -> None:
+        """Record who sent a task (``doc``: JSON) for ``ttl`` seconds."""
+        with map_redis_errors("record task owner"):
+            self.redis.set(keys.task(task_id), doc, ex=ttl)
+
+    def task_owner(self, task_id: str) -> str | None:
+        """Return the JSON recorded by :meth:`set_task_owner`, or ``None``."""
+        with map_redis_errors("read task owner"):
+            raw = self.redis.get(keys.task(task_id))
+        return str(raw) if raw else None
+
+    def pending(self, kind: str, challenge: str, team_id: str) -> str:
+        """Return the raw pending-task marker of an instance (``""`` when none)."""
+        with map_redis_errors("read pending task"):
+            return str(self.redis.get(keys.pending(kind, instance_key(challenge, team_id)))
+                       or "")
+
+    def swap_pending(self, kind: str, challenge: str, team_id: str, expected: str, new: str,
+                     ttl: int) -> bool:
+        """Replace the marker by ``new`` (``""``: delete) if it still holds ``expected``."""
+        key = keys.pending(kind, instance_key(challenge, team_id))
+        with map_redis_errors("record pending task"):
+            return self._swap(keys=[key], args=[expected, new, ttl]) is None
 
     # -- misc -------------------------------------------------------------------------------
 

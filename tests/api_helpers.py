@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import docker
-from conftest import TEST_LABEL
+from conftest import ADMIN_TOKEN, TEST_LABEL
 
 from celery_app.auth import team_token
 
-ADMIN_TOKEN = "test-admin-token-0123456789abcdefghij"  # what conftest.base_env gives the worker
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 

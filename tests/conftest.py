@@ -6,12 +6,7 @@ the end of the run, pass or fail (and after each test that uses ``ctx``).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +15,13 @@ from typing import Any
 import docker
 import pytest
 import redis
-import support
-from support import (  # noqa: F401  # tests import these from here
+
+from celery_app.context import Context, build_context, set_context
+from celery_app.settings import Settings
+from ctf_testkit import support
+from ctf_testkit.docker_sweep import sweep as cleanup_docker
+from ctf_testkit.env import RunConfig
+from ctf_testkit.support import (  # noqa: F401  # tests import these from here
     HTTP_DOCKERFILE,
     RedisServer,
     close_platform_client,
@@ -29,10 +29,7 @@ from support import (  # noqa: F401  # tests import these from here
     platform_client,
     wait_for,
 )
-
-from celery_app.context import Context, build_context, set_context
-from celery_app.routing import queues_for
-from celery_app.settings import Settings, load_settings
+from ctf_testkit.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_ID = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -87,16 +84,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 # -- Docker -----------------------------------------------------------------------------------
 
 
-def cleanup_docker(client: docker.DockerClient, labels: dict[str, str]) -> None:
-    filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
-    for c in client.containers.list(all=True, filters=filters):
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            c.remove(force=True)
-    for n in client.networks.list(filters=filters):
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            n.remove()
-
-
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
     try:
@@ -106,10 +93,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
         pytest.exit(f"no Docker engine answers ({exc}); run ./run-tests.sh", returncode=3)
     yield client
     for label in _LABELS_USED:
-        cleanup_docker(client, label)
-    for image in client.images.list(filters={"label": f"ctf.test={RUN_ID}"}):
-        with contextlib.suppress(docker.errors.APIError):
-            client.images.remove(image.id, force=True)
+        cleanup_docker(client, label, images=label == TEST_LABEL)
     client.close()
 
 
@@ -195,25 +179,28 @@ def catalog_file(images: dict[str, str], tmp_path_factory: pytest.TempPathFactor
     return path
 
 
+# Settings of every test's instancer, in process and in its workers alike.
+TEST_FIELDS: dict[str, Any] = {
+    "rate_limit_count": 1000,
+    "max_instances_per_team": 5,
+    "orphan_grace": 2.0,
+    # The egress firewall is machine-wide kernel state, shared with every other run on
+    # this engine: tests/test_egress.py turns it on (its default) for a pool of its own.
+    "egress_firewall": "off",
+}
+ADMIN_TOKEN = "test-admin-token-0123456789abcdefghij"
+
+
+def run_config(redis_server: RedisServer, catalog_file: Path, data_dir: Path) -> RunConfig:
+    """The test run's instancer on ``redis_server`` with ``data_dir`` (see ctf_testkit.env)."""
+    return RunConfig(redis_server.url, catalog_file, data_dir, TEST_LABEL, TEST_POOL,
+                     TEST_FIELDS)
+
+
 def base_env(redis_server: RedisServer, catalog_file: Path, data_dir: Path) -> dict[str, str]:
     """The environment of a worker or API process for this test run."""
-    return {
-        "CELERY_BROKER_URL": f"{redis_server.url}/0",
-        "CELERY_RESULT_BACKEND": f"{redis_server.url}/1",
-        "CTF_REDIS_URL": f"{redis_server.url}/2",
-        "CTF_CHALLENGES_FILE": str(catalog_file),
-        "CTF_DATA_DIR": str(data_dir),
-        "CTF_EXTRA_LABELS": json.dumps(TEST_LABEL),
-        "CTF_TEAM_SUBNET_POOL": TEST_POOL,
-        "CTF_RATE_LIMIT_COUNT": "1000",
-        "CTF_MAX_INSTANCES_PER_TEAM": "5",
-        "CTF_JANITOR_INTERVAL": "1",
-        "CTF_ORPHAN_GRACE": "2",
-        "CTF_ADMIN_TOKEN": "test-admin-token-0123456789abcdefghij",
-        # The egress firewall is machine-wide kernel state, shared with every other run on
-        # this engine: tests/test_egress.py turns it on (its default) for a pool of its own.
-        "CTF_EGRESS_FIREWALL": "off",
-    }
+    run = run_config(redis_server, catalog_file, data_dir)
+    return run.env(janitor_interval=1, admin_token=ADMIN_TOKEN)
 
 
 @pytest.fixture
@@ -223,22 +210,8 @@ def make_settings(
     """Build settings for this run; keyword arguments override fields."""
 
     def make(**overrides: Any) -> Settings:
-        fields: dict[str, Any] = {
-            "broker_url": f"{redis_server.url}/0",
-            "result_backend": f"{redis_server.url}/1",
-            "redis_url": f"{redis_server.url}/2",
-            "challenges_file": catalog_file,
-            "data_dir": tmp_path / "data",
-            "extra_labels": TEST_LABEL,
-            "team_subnet_pool": TEST_POOL,
-            "rate_limit_count": 1000,
-            "max_instances_per_team": 5,
-            "orphan_grace": 2.0,
-            "lock_wait": 30.0,
-            "egress_firewall": "off",  # see base_env; tests/test_egress.py turns it on
-        }
-        fields.update(overrides)
-        return load_settings(**fields)
+        run = run_config(redis_server, catalog_file, tmp_path / "data")
+        return run.settings(**{"lock_wait": 30.0, **overrides})
 
     return make
 
@@ -270,60 +243,7 @@ def ctx(make_ctx: Callable[..., Context]) -> Context:
     return make_ctx()
 
 
-# -- a real Celery worker ---------------------------------------------------------------------
-
-
-class Worker:
-    """A real ``celery worker -B`` subprocess, as run-celery-worker.sh runs it."""
-
-    def __init__(self, env: dict[str, str], logfile: Path) -> None:
-        self.env = env
-        self.host = env.get("CTF_HOST", "local")
-        self.logfile = logfile
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start (or start again) and wait until this start's "ready." is in the log."""
-        env = {**os.environ, **self.env}
-        schedule = Path(self.env["CTF_DATA_DIR"]) / "beat-schedule"
-        Path(self.env["CTF_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
-        mark = self.logfile.stat().st_size if self.logfile.exists() else 0
-        with self.logfile.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker",
-                 "-B", "--pool", "threads", "--concurrency", "8", "--loglevel", "INFO",
-                 "-n", f"test-{self.host}-{RUN_ID}-{uuid.uuid4().hex[:4]}@%h",
-                 "-Q", ",".join(queues_for(self.host)),
-                 "-s", str(schedule)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                start_new_session=True,  # its own process group: kill() takes the beat too
-            )
-        wait_for(lambda: b"ready." in self.logfile.read_bytes()[mark:]
-                 or self.proc.poll() is not None, 60, 0.1, f"the {self.host} worker to be ready")
-        assert self.proc.poll() is None, self.logfile.read_text()[-3000:]
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the worker's whole process group (as a crash or OOM kill would)."""
-        if self.proc and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(20)
-        # One SIGKILL to the group: a worker that ignored SIGTERM, and nothing of ours
-        # (pool threads' children) outlives it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def log(self) -> str:
-        return self.logfile.read_text(errors="replace")
+# -- a real Celery worker (ctf_testkit.worker.Worker) ---------------------------------------
 
 
 @pytest.fixture(scope="session")

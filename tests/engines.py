@@ -22,6 +22,8 @@ import pytest
 from ci import unavailable
 from conftest import RUN_ID, cleanup_docker, wait_for
 
+from ctf_testkit.support import stop_process
+
 
 def _run(*cmd: str) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=60)
@@ -141,13 +143,8 @@ class SecondEngine:
         if self.client is not None:
             self.client.close()
             self.client = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc, 60)
 
     def stop(self) -> None:
         """Remove what the tests left on it, stop it and remove its namespace and files."""

@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 from celery_app import api as api_module
 from celery_app import errors
 from celery_app.api import create_app
-from celery_app.auth import Unauthorized, principal_for, team_token
-from celery_app.client import TaskFailed, rebuild_error
+from celery_app.auth import principal_for, team_token
+from celery_app.client import rebuild_error
+from celery_app.errors import TaskFailed, Unauthorized
 from celery_app.models import parse_iso
 from celery_app.settings import Settings
 

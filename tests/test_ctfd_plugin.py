@@ -37,9 +37,9 @@ from conftest import (
 )
 from ctfd_support import CtfdInstall, CtfdServer, CtfdUnavailable, install_plugin, prepare
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
-from support import RedisServer
 
 from celery_app.flags import in_app_flag, team_flag
+from ctf_testkit.support import RedisServer, stop_process
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
@@ -160,12 +160,7 @@ challenges:
         yield Stack(api, token, redis_server, work / "data")
     finally:
         if api_proc is not None:
-            api_proc.terminate()
-            try:
-                api_proc.wait(20)
-            except subprocess.TimeoutExpired:
-                api_proc.kill()
-                api_proc.wait(10)
+            stop_process(api_proc)
         worker.stop()
         for c in containers_of(docker_client, LABEL):
             c.remove(force=True)

@@ -358,11 +358,9 @@ def test_install_is_idempotent_and_removal_is_clean(
 def test_rules_survive_an_engine_restart_and_are_kept(
     make_ctx: Callable[..., Context], images: dict[str, str], tmp_path: Path,
 ) -> None:
-    """The rules outlive an engine restart, come back when deleted, never duplicate.
-
-    The Docker host runs `ctfctl firewall keep` (as a remote engine's host does); published
-    and readiness traffic still flow.
-    """
+    """The rules outlive an engine restart, come back when deleted, never duplicate."""
+    # The Docker host runs `ctfctl firewall keep` (as a remote engine's host does); published
+    # and readiness traffic still flow.
     label = private_label("egress-engine")
     marker = f"engine-host-{TAG}-{random.randint(0, 10**6)}"
     table = table_name(ipaddress.IPv4Network(ENGINE_POOL))

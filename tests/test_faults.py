@@ -110,11 +110,9 @@ def own_worker(
 def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
     own_worker: Callable[..., tuple[Worker, Celery, dict[str, str]]], docker_client: Any
 ) -> None:
-    """Kill -9 during 30 starts by name, restart: all done within 60 s, each exactly once.
-
-    Default timeouts: the killed worker's messages come back because nobody keeps them
-    fresh any more (celery_app.inflight), not because a test shortened the broker's timeout.
-    """
+    """Kill -9 during 30 starts by name, restart: all done within 60 s, each exactly once."""
+    # Default timeouts: the killed worker's messages come back because nobody keeps them
+    # fresh any more (celery_app.inflight), not because a test shortened the broker's timeout.
     # The janitor's pace and orphan grace a user gets (the suite's are 1 s and 2 s): the
     # promise must not lean on a janitor that sweeps half-made containers within seconds.
     worker, client, env = own_worker(CTF_MAX_INSTANCES="100", CTF_JANITOR_INTERVAL="5",
@@ -344,11 +342,9 @@ def test_worker_killed_mid_burst_on_two_hosts(
     images: dict[str, str], catalog_file: Path, tmp_path: Path, docker_client: Any,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """Kill -9 one host's worker mid-burst of 30 by-name starts: done within 60 s, once each.
-
-    Over two hosts: one container per instance across both engines, and each host's capacity
-    count equals the containers on its engine.
-    """
+    """Kill -9 one host's worker mid-burst of 30 by-name starts: done within 60 s, once each."""
+    # Over two hosts: one container per instance across both engines, and each host's capacity
+    # count equals the containers on its engine.
     label = private_label("faults2")
     server = RedisServer(tmp_path_factory.mktemp("redis-2hosts"))
     server.start()

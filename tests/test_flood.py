@@ -30,10 +30,16 @@ import pytest
 import redis
 from api_helpers import ADMIN, ADMIN_TOKEN, team_headers
 from conftest import ROOT, RUN_ID, TEST_POOL, Worker, cleanup_docker, containers_of, private_label
-from support import RedisServer, close_platform_client, free_port, platform_client, wait_for
 
 from celery_app.client import NOOP_TTL
 from celery_app.models import parse_iso
+from ctf_testkit.support import (
+    RedisServer,
+    close_platform_client,
+    free_port,
+    platform_client,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 

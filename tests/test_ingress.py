@@ -31,14 +31,6 @@ import docker
 import pytest
 import uvicorn
 from conftest import ROOT, Worker, build_image, cleanup_docker, private_label
-from ingress_support import DOCKERFILES, JUICE_VERSION, Answer, Traefik, get, image_files
-from support import (
-    RedisServer,
-    close_platform_client,
-    free_port,
-    platform_client,
-    wait_for,
-)
 
 from celery_app.api import create_app
 from celery_app.auth import team_token
@@ -47,6 +39,14 @@ from celery_app.errors import StartFailed
 from celery_app.ingress import tokens
 from celery_app.ingress.labels import label_of_host
 from celery_app.settings import Settings, load_settings
+from ctf_testkit.ingress import DOCKERFILES, JUICE_VERSION, Answer, Traefik, get, image_files
+from ctf_testkit.support import (
+    RedisServer,
+    close_platform_client,
+    free_port,
+    platform_client,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
@@ -468,11 +468,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 @pytest.mark.browser
 def test_dashboard_open_flow_in_chromium(stack: Stack) -> None:
-    """In Chromium (*.instances.test mapped to this machine) Start then Open shows the challenge.
-
-    The organiser's dashboard opens another team's instance the same way; with no access,
-    the instance's host shows the 401 page pointing back to the dashboard.
-    """
+    """In Chromium (*.instances.test mapped to this machine) Start then Open shows the challenge."""
+    # The organiser's dashboard opens another team's instance the same way; with no access,
+    # the instance's host shows the 401 page pointing back to the dashboard.
     if not CHROMIUM.exists():
         pytest.skip("chromium is missing: run ./setup-celery.sh --dev")
     from playwright.sync_api import expect, sync_playwright  # noqa: PLC0415  # browser only

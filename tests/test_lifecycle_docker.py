@@ -300,11 +300,14 @@ def test_janitor_after_flushall_adopts_instead_of_deleting(ctx: Context, redis_s
     assert [c.id for c in _containers(docker_client)] == [inst.container_id]
 
 
-def test_reconcile_leaves_an_instance_busy_in_another_operation(ctx: Context,
+def test_reconcile_leaves_an_instance_busy_in_another_operation(own_janitor_ctx: Context,
                                                                  redis_server: Any) -> None:
     """Reconcile does not adopt a container whose (challenge, team) lock someone holds."""
+    # Out of the session worker's reach: its janitor would adopt the container the moment
+    # the lock is released, before this test's own reconcile looks.
+    ctx = own_janitor_ctx
     inst = ctx.service.start("web", "inflight")
-    redis.Redis.from_url(f"{redis_server.url}/2").flushall()
+    redis.Redis.from_url(f"{redis_server.url}/3").flushdb()
     lock = ctx.service.store.instance_lock("web", "inflight", timeout=30)
     assert lock.acquire(blocking=False)
     try:

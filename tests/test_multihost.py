@@ -173,13 +173,11 @@ def _counts_match_engines(c: Cluster) -> bool:
 def test_tasks_by_name_act_on_the_instance_host_whichever_worker_takes_them(
     cluster: Cluster,
 ) -> None:
-    """Starts, stops, extends and status sent by name to the default queue stay per-host.
-
-    A plain Celery client (as the seed's web app) sends every task to the default queue,
-    which both hosts' workers consume: repeated starts return the same container, one per
-    instance across both engines; extend and status answer from the instance's host; a
-    stop says "stopped" only once the container is gone from its own engine.
-    """
+    """Starts, stops, extends and status sent by name to the default queue stay per-host."""
+    # A plain Celery client (as the seed's web app) sends every task to the default queue,
+    # which both hosts' workers consume: repeated starts return the same container, one per
+    # instance across both engines; extend and status answer from the instance's host; a
+    # stop says "stopped" only once the container is gone from its own engine.
     c = cluster
     app = platform_client(c.disp.settings.broker_url, c.disp.settings.result_backend)
     teams = [f"byname{n}" for n in range(8)]
@@ -276,10 +274,8 @@ def test_each_hosts_janitor_reaps_its_own_engine(cluster: Cluster) -> None:
 
 
 def test_a_host_without_worker_is_skipped_and_comes_back(cluster: Cluster) -> None:
-    """Kill beta's worker: its instances are not shown running and starts go to alpha.
-
-    When the worker returns, the same instances are back as they were.
-    """
+    """Kill beta's worker: its instances are not shown running and starts go to alpha."""
+    # When the worker returns, the same instances are back as they were.
     c = cluster
     beta_before = {k: v for k, v in _listing(c).items() if v["host"] == "beta"}
     assert beta_before and all(v["status"] == "running" for v in beta_before.values())

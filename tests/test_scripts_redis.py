@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import ROOT
-from support import free_port, wait_for
+
+from ctf_testkit.support import free_port, wait_for
 
 pytestmark = [pytest.mark.redis]
 

@@ -46,10 +46,9 @@
   };
 
   class ApiError extends Error {
-    constructor(status, code, detail, retryAfter) {
+    constructor(status, code, detail) {
       const title = TITLES[code] || (status === 0 ? "Cannot reach the server." : "Something went wrong.");
       let text = detail ? `${title} ${sentence(detail)}` : title;
-      if (retryAfter && /^\d+$/.test(retryAfter)) text += ` Try again in ${retryAfter} s.`;
       super(text);
       this.status = status;
       this.code = code;
@@ -88,8 +87,7 @@
       body = null;
     }
     if (!res.ok && !allow.includes(res.status)) {
-      const err = new ApiError(res.status, body && body.error, body && body.detail,
-        res.headers.get("Retry-After"));
+      const err = new ApiError(res.status, body && body.error, body && body.detail);
       if (res.status === 401 && state.role) expire(err.message);
       throw err;
     }

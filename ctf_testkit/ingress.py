@@ -16,10 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from support import wait_for
-
 from celery_app.ingress.setup import prepare
 from celery_app.settings import Settings
+from ctf_testkit.support import wait_for
 
 TRAEFIK = Path(sys.executable).parent / "traefik"
 BUSYBOX = Path("/bin/busybox")
@@ -80,14 +79,16 @@ class Traefik:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Write its configuration, start it, wait until it answers its ping."""
         config = prepare(self.settings, self.logfile)
         with self.logfile.open("ab") as log:
-            self.proc = subprocess.Popen([str(TRAEFIK), f"--configfile={config}"], stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen([str(TRAEFIK), f"--configfile={config}"], stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = proc
         host, port = self.settings.ingress_status_bind.rsplit(":", 1)
-        wait_for(lambda: self._ping(host, int(port)) or self.proc.poll() is not None, 30, 0.1,
+        wait_for(lambda: self._ping(host, int(port)) or proc.poll() is not None, 30, 0.1,
                  "Traefik to answer its ping")
-        assert self.proc.poll() is None, self.logfile.read_text()[-3000:]
+        assert proc.poll() is None, self.logfile.read_text()[-3000:]
 
     @staticmethod
     def _ping(host: str, port: int) -> bool:
@@ -97,6 +98,7 @@ class Traefik:
             return False
 
     def stop(self) -> None:
+        """Stop it (its whole process group)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
@@ -118,6 +120,7 @@ class Answer:
     body: bytes
 
     def text(self) -> str:
+        """The body as text."""
         return self.body.decode("utf-8", "replace")
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests and the benchmarks (plain functions; no pytest here).
+"""Plain helpers shared by the tests and the benchmarks (no pytest here).
 
 A private redis-server, a free port, polling with a deadline, building a stand-in image from
 in-memory files, and a platform-style Celery client. The benchmarks import this module too,
@@ -46,6 +46,18 @@ def wait_for(
         time.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """Stop a subprocess: SIGTERM, up to ``grace`` seconds to exit, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def free_port() -> int:
     """Return a TCP port that is free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -63,9 +75,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        """Its URL (no database)."""
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start it and wait until it answers."""
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is missing: run ./setup-celery.sh --dev")
@@ -88,9 +102,9 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        """Stop it."""
+        if self.proc is not None:
+            stop_process(self.proc, 10)
 
 
 def build_image(

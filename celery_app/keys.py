@@ -1,0 +1,107 @@
+"""Every Redis key of the state database, spelled once.
+
+Only :mod:`celery_app.state` uses these: every other module goes through the store's
+methods. Lua scripts get the keys (or, for keys they derive, the prefixes) passed in.
+``<instance>`` is ``<challenge>/<team>`` (:func:`celery_app.naming.instance_key`).
+
+:data:`TABLE` is the keyspace as ARCHITECTURE.md lists it (``tests/test_keys.py`` checks that
+the two agree, and that every builder here yields one of its patterns).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "ctf:"
+# Prefixes a Lua script derives keys from (passed in as ARGV).
+INSTANCE_PREFIX: Final = f"{PREFIX}inst:"
+HOST_PREFIX: Final = f"{PREFIX}host:"
+
+EXPIRY: Final = f"{PREFIX}expiry"
+INTENT_SEQ: Final = f"{PREFIX}intentseq"
+JANITOR_COUNTS: Final = f"{PREFIX}metrics:janitor"
+
+# pattern -> what it holds; the order is ARCHITECTURE.md's.
+TABLE: Final[dict[str, str]] = {
+    "ctf:inst:<instance>": "the instance's JSON record",
+    "ctf:expiry": "zset: every instance by expiry (epoch s)",
+    "ctf:team:<team>": "set: the team's instances",
+    "ctf:host:<host>": "set: the host's instances",
+    "ctf:lock:<instance>": "lock around start/stop/extend of one instance (30 s, renewed)",
+    "ctf:netlock:<team>": "lock around a team's network and container creation",
+    "ctf:rate:<team>": "zset: the team's start/stop actions in the sliding window",
+    "ctf:intent:<instance>": "`<seq>:start` or `<seq>:stop`: the latest start/stop request",
+    "ctf:intentseq": "the counter that orders every start/stop request",
+    "ctf:placing:<host>": "zset: starts placed on the host not yet reserved there (30 s)",
+    "ctf:pending:<kind>:<instance>": "the latest `run` (start/stop) or `extend` task (10 min)",
+    "ctf:task:<task_id>": "who sent a task, for the API's access rule (a day)",
+    "ctf:janitor:<host>": "lock: one janitor pass at a time per host",
+    "ctf:hostbeat:<host>": "the host's worker is alive and its engine answers",
+    "ctf:epoch:<host>": "set by reconcile: this host's index is complete",
+    "ctf:metrics:janitor": "hash: what the janitors removed, by kind",
+}
+
+
+def instance(instance: str) -> str:
+    """The JSON record of an instance."""
+    return f"{INSTANCE_PREFIX}{instance}"
+
+
+def team(team: str) -> str:
+    """The set of a team's instances."""
+    return f"{PREFIX}team:{team}"
+
+
+def host(host: str) -> str:
+    """The set of a host's instances."""
+    return f"{HOST_PREFIX}{host}"
+
+
+def lock(instance: str) -> str:
+    """The lock of one instance."""
+    return f"{PREFIX}lock:{instance}"
+
+
+def netlock(team: str) -> str:
+    """The lock of a team's network."""
+    return f"{PREFIX}netlock:{team}"
+
+
+def rate(team: str) -> str:
+    """The team's sliding rate-limit window."""
+    return f"{PREFIX}rate:{team}"
+
+
+def intent(instance: str) -> str:
+    """The latest start/stop request of an instance."""
+    return f"{PREFIX}intent:{instance}"
+
+
+def placing(host: str) -> str:
+    """The placements on ``host`` whose start has not reached its worker yet."""
+    return f"{PREFIX}placing:{host}"
+
+
+def pending(kind: str, instance: str) -> str:
+    """The latest pending task of an instance (``kind``: ``run`` or ``extend``)."""
+    return f"{PREFIX}pending:{kind}:{instance}"
+
+
+def task(task_id: str) -> str:
+    """Who sent a task."""
+    return f"{PREFIX}task:{task_id}"
+
+
+def janitor(host: str) -> str:
+    """The lock of a host's janitor pass."""
+    return f"{PREFIX}janitor:{host}"
+
+
+def hostbeat(host: str) -> str:
+    """A host's heartbeat."""
+    return f"{PREFIX}hostbeat:{host}"
+
+
+def epoch(host: str) -> str:
+    """Set by a host's reconcile: its index is complete."""
+    return f"{PREFIX}epoch:{host}"

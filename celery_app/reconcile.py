@@ -1,0 +1,354 @@
+"""Reconcile: keep the Redis index true to the engine's containers.
+
+:class:`Reconciler` is built on a service, like the janitor. It rebuilds a host's index from
+Docker labels (:meth:`Reconciler.run`, at worker start, on demand and when the index was
+lost), brings one instance in line (:meth:`Reconciler.adopt`), judges one container's news
+(:meth:`Reconciler.mark_failed`, :meth:`Reconciler.forget_removed`: the event follower and
+the janitor's safety net) and repairs ingress routes (:meth:`Reconciler.sync_routes`). Every
+change is decided under the instance's lock on a fresh look; an instance busy in another
+operation is left to it. :class:`~celery_app.service.InstanceService` keeps the public
+names (``reconcile``, ``adopt``, ``mark_failed``, ``forget_removed``, ``sync_routes``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from celery_app.catalog import Challenge
+from celery_app.driver import ContainerInfo
+from celery_app.errors import CTFError, InstanceBusy, InvalidRequest
+from celery_app.models import Instance, utcnow
+from celery_app.naming import check_team_id, container_name
+from celery_app.state import LOCK_HOLD
+
+if TYPE_CHECKING:
+    from celery_app.service import InstanceService
+
+log = logging.getLogger(__name__)
+
+# Seconds background passes (reconcile, the janitor, events) wait for an instance someone
+# else holds; then they leave it to that operation and look again next pass.
+BUSY_WAIT = 0.5
+# Lines of a dead container's output kept in its failed record (``logs``), and their size cap.
+FAILED_LOG_LINES = 20
+FAILED_LOG_CHARS = 2000
+CONTAINER_GONE = "the container is gone"
+
+
+@dataclass
+class ReconcileSummary:
+    """What a reconcile pass found and changed."""
+
+    containers: int = 0
+    adopted: list[str] = field(default_factory=list)
+    marked_failed: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-able summary."""
+        return {
+            "containers": self.containers,
+            "adopted": self.adopted,
+            "marked_failed": self.marked_failed,
+            "forgotten": self.forgotten,
+        }
+
+
+class Reconciler:
+    """Keeps one host's index true to its engine (see the module docstring).
+
+    Args:
+        service: the host's instance service (its store, driver, catalog, specs and locks).
+    """
+
+    def __init__(self, service: InstanceService) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.catalog = service.catalog
+        self.driver = service.driver
+        self.store = service.store
+        self.specs = service.specs
+        self.ingress = service.ingress
+        self.host = service.host
+
+    def run(self, now: datetime | None = None) -> ReconcileSummary:
+        """Rebuild this host's Redis index from Docker labels.
+
+        Containers with our labels are recorded (adopted when Redis lost them); records
+        whose container is gone are forgotten (except starts still in their grace period);
+        records of containers that stopped are marked failed.
+
+        The two listings are only a shortlist: a start or stop may be half-way through
+        while they are read. Each change is decided again under the instance's lock, on a
+        fresh look at its record and container, and an instance busy in another operation
+        is left to that operation (the next pass sees the outcome).
+        """
+        now = now or utcnow()
+        summary = ReconcileSummary()
+        containers = self.driver.list_containers(self.specs.scope_labels)
+        summary.containers = len(containers)
+        records = {i.key: i for i in self.store.list(host=self.host)}
+        suspects: dict[str, Challenge] = {}
+        for c in containers:
+            try:
+                ch = self.catalog.get(c.challenge)
+                check_team_id(c.team_id)
+            except CTFError:
+                log.info("reconcile: %s is not an instance; left to the janitor", c.name)
+                continue
+            if c.name != container_name(ch.id, c.team_id):
+                continue
+            key = f"{ch.id}/{c.team_id}"
+            rec = records.pop(key, None)
+            if rec is None or (rec.status == "running" and c.state != "running"):
+                suspects[key] = ch
+        for key, rec in records.items():  # records without a container
+            if rec.status == "failed" or self._starting_recently(rec, now):
+                continue
+            with contextlib.suppress(CTFError):
+                suspects[key] = self.catalog.get(rec.challenge)
+            if key not in suspects:  # its challenge left the catalog: nothing to adopt
+                self.store.delete(rec.challenge, rec.team_id, self.host)
+                summary.forgotten.append(key)
+        for key, ch in suspects.items():
+            self._reconcile_one(ch, key.split("/", 1)[1], now, summary)
+        self.sync_routes()
+        self.store.mark_reconciled(self.host)
+        log.info("reconcile host=%s %s", self.host, summary.as_dict())
+        return summary
+
+    def verified(self, found: list[Instance]) -> list[Instance]:
+        """Return ``found`` with this host's running records whose container is not, failed.
+
+        One list call to the engine, so a dead container is never reported as running.
+        """
+        live = {c.name: c for c in self.driver.list_containers(self.specs.scope_labels)}
+        result = []
+        for inst in found:
+            c = live.get(inst.container_name)
+            dead = inst.host == self.host and inst.status == "running" \
+                and (c is None or c.state != "running")
+            result.append(
+                inst.model_copy(update={"status": "failed",
+                                        "error": "the container is no longer running"})
+                if dead else inst
+            )
+        return result
+
+    def _starting_recently(self, rec: Instance, now: datetime) -> bool:
+        # A start in flight: its container may not exist yet.
+        age = (now - rec.started).total_seconds()
+        return rec.status == "starting" and age < self.settings.orphan_grace
+
+    def _reconcile_one(
+        self, ch: Challenge, team: str, now: datetime, summary: ReconcileSummary
+    ) -> None:
+        """Bring one instance's record in line with its container, under its lock."""
+        # 1. lock (challenge, team); a start or stop holding it knows better than we do.
+        try:
+            with self.service.locked(ch.id, team, hold=LOCK_HOLD, wait=BUSY_WAIT):
+                self._bring_in_line(ch, team, now, summary)
+        except InstanceBusy:
+            log.info("reconcile: %s/%s is busy; left to the operation in progress", ch.id, team)
+
+    def _bring_in_line(
+        self, ch: Challenge, team: str, now: datetime, summary: ReconcileSummary
+    ) -> None:
+        key = f"{ch.id}/{team}"
+        # 2. look again: the listings may be out of date by now.
+        rec = self.store.get(ch.id, team)
+        if rec is not None and rec.host != self.host:
+            return  # recorded on another host: that host's reconcile owns it
+        try:
+            info = self.specs.own_container(container_name(ch.id, team), ch.id, team)
+        except InvalidRequest:
+            info = None  # not ours after all
+        # 3. the container is gone: forget the record, unless a start is young.
+        if info is None:
+            if rec is not None and rec.status != "failed" \
+                    and not self._starting_recently(rec, now):
+                self.store.delete(ch.id, team, self.host)
+                summary.forgotten.append(key)
+            return
+        # 4. a container without a record: adopt it from its labels.
+        if rec is None:
+            status = "running" if info.state == "running" else "failed"
+            inst = self.specs.from_container(ch, info, status)
+            if status == "running" and not self.specs.answers(ch, info):
+                inst = inst.model_copy(update={"status": "starting"})
+            self.store.put(inst)
+            summary.adopted.append(key)
+        # 5. a record that says running for a container that is not.
+        elif rec.status == "running" and info.state != "running":
+            # With its exit code, OOM flag and last output, as mark_failed records them.
+            self.store.put(rec.model_copy(update=self._failure(rec, info)))
+            summary.marked_failed.append(key)
+
+    def sync_routes(self) -> None:
+        """Make this host's routes match its running instance containers (ingress on).
+
+        Routes are written and removed by start and stop; this repairs what a crash in
+        between left behind: a route for every running container of ours, none for the rest.
+        A route younger than ``CTF_ORPHAN_GRACE`` is left alone: a start writes its route
+        before its container exists.
+        """
+        if not self.ingress.enabled:
+            return
+        running = {}
+        for c in self.driver.list_containers(self.specs.scope_here()):
+            if c.state == "running" and c.ip:
+                with contextlib.suppress(CTFError):
+                    ch = self.catalog.get(c.challenge)
+                    if c.name == container_name(ch.id, c.team_id):
+                        running[c.name] = (ch, c)
+        for name in self.ingress.route_names() - set(running):
+            if self.ingress.route_age(name) >= self.settings.orphan_grace:
+                self.ingress.remove_route(name)
+        for name, (ch, c) in running.items():
+            # Only for a live instance: a stop marks its record "stopping" before it removes
+            # the route, and must not see the route come back before the container goes.
+            record = self.store.get(ch.id, c.team_id)
+            if record is None or record.status not in ("running", "starting") \
+                    or record.container_id not in ("", c.id):
+                continue
+            with contextlib.suppress(CTFError):
+                port = self.specs.container_port(ch)
+                self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip), port)
+
+    # -- one container's news: the event follower and the janitor's dead containers --------
+
+    def mark_failed(
+        self, challenge: str, team_id: str, container_id: str = "", *,
+        wait: float = BUSY_WAIT,
+    ) -> str:
+        """Record that a running instance's container died, OOM-killed or turned unhealthy.
+
+        The container is inspected again under the instance's lock: only an instance that is
+        ``running`` in the index, with that container (when ``container_id`` is given), whose
+        container is gone, not running or unhealthy, becomes ``failed`` with its exit code,
+        OOM flag and last output lines (the team's flag masked). Its expiry is unchanged.
+
+        An instance a start is bringing up (``starting``) is that start's to judge, and one a
+        stop is removing (``stopping``) is about to vanish: both are left alone, so our own
+        stops never leave a failed record.
+
+        Args:
+            challenge: the challenge id.
+            team_id: the team.
+            container_id: the container the news is about (a newer one is not judged by it).
+            wait: seconds to wait for the instance's lock.
+
+        Returns:
+            ``"marked"``; ``"busy"`` when a start holds the instance (ask again shortly), or
+            ``"unchanged"``.
+        """
+        # 1. a cheap look first: most news is about instances that are not running here.
+        seen = self.store.get(challenge, team_id)
+        verdict = self._judge(seen, container_id)
+        if verdict != "go":
+            return verdict
+        # 2. lock the instance; a start or stop holding it knows better.
+        try:
+            with self.service.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait):
+                # 3. look again under the lock, at the record and at the container itself.
+                rec = self.store.get(challenge, team_id)
+                verdict = self._judge(rec, container_id)
+                if verdict != "go" or rec is None:
+                    return verdict
+                info = self.driver.get_container(rec.container_id or rec.container_name)
+                if info is not None and info.state == "running" and info.health != "unhealthy":
+                    return "unchanged"  # alive after all (an old event, an OOM of a child)
+                # 4. the failed record, with why.
+                self.store.put(rec.model_copy(update=self._failure(rec, info)))
+                return "marked"
+        except InstanceBusy:
+            return "busy"
+
+    def _judge(self, rec: Instance | None, container_id: str) -> str:
+        if rec is None or rec.host != self.host:
+            return "unchanged"
+        if container_id and rec.container_id and rec.container_id != container_id:
+            return "unchanged"  # news of a container this instance no longer uses
+        if rec.status == "starting":
+            return "busy"
+        return "go" if rec.status == "running" else "unchanged"
+
+    def _failure(self, rec: Instance, info: ContainerInfo | None) -> dict[str, Any]:
+        """The fields of a failed record: error, exit code, OOM flag, last output lines."""
+        if info is None:
+            return {"status": "failed", "error": CONTAINER_GONE}
+        if info.state == "running":
+            why = "the container is unhealthy: its health check fails"
+        else:
+            why = f"the container {info.state}"
+            if info.exit_code is not None:
+                why = f"the container exited with code {info.exit_code}"
+            if info.oom_killed:
+                why += ": killed for lack of memory (raise the challenge's memory limit)"
+        logs = ""
+        with contextlib.suppress(CTFError):
+            logs = self.driver.container_logs(info.id, tail=FAILED_LOG_LINES).strip()
+        with contextlib.suppress(CTFError):
+            logs = logs.replace(self.service.flag_for(rec.challenge, rec.team_id), "[flag]")
+        return {"status": "failed", "error": why, "exit_code": info.exit_code,
+                "oom": info.oom_killed, "logs": logs[-FAILED_LOG_CHARS:] or None}
+
+    def forget_removed(
+        self, challenge: str, team_id: str, container_id: str, *, wait: float = BUSY_WAIT
+    ) -> str:
+        """Forget an instance whose container was removed behind our back; clean its network.
+
+        Args:
+            challenge: the challenge id.
+            team_id: the team.
+            container_id: the removed container (an instance with another one is kept).
+            wait: seconds to wait for the instance's lock.
+
+        Returns:
+            ``"forgotten"``, ``"busy"`` (a start holds it: ask again shortly) or
+            ``"unchanged"``.
+        """
+        seen = self.store.get(challenge, team_id)
+        verdict = self._judge_removal(seen, container_id)
+        if verdict != "go":
+            return verdict
+        try:
+            with self.service.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait):
+                rec = self.store.get(challenge, team_id)
+                verdict = self._judge_removal(rec, container_id)
+                if verdict != "go" or rec is None:
+                    return verdict
+                if self.driver.get_container(rec.container_name) is not None:
+                    return "unchanged"  # a container of that name exists again
+                self.store.delete(challenge, team_id, self.host)
+        except InstanceBusy:
+            return "busy"
+        with contextlib.suppress(CTFError):
+            self.service.remove_network_if_unused(team_id)
+        return "forgotten"
+
+    def _judge_removal(self, rec: Instance | None, container_id: str) -> str:
+        if rec is None or rec.host != self.host or rec.container_id != container_id:
+            return "unchanged"
+        if rec.status == "starting":
+            return "busy"
+        # A running instance, or one that died in place (marked by mark_failed). Not a stop
+        # (it deletes the record itself), nor a failed start, whose record stays a while
+        # with its error after the start removed the container.
+        died_in_place = rec.status == "failed" and (rec.oom is not None
+                                                    or rec.error == CONTAINER_GONE)
+        return "go" if rec.status == "running" or died_in_place else "unchanged"
+
+    def adopt(self, challenge: str, team_id: str) -> ReconcileSummary:
+        """Bring one instance's record in line with its container, as :meth:`reconcile` does.
+
+        For a container started behind our back with our labels: recorded from its labels.
+        """
+        summary = ReconcileSummary()
+        ch = self.catalog.get(challenge)
+        self._reconcile_one(ch, check_team_id(team_id), utcnow(), summary)
+        return summary

@@ -1,0 +1,349 @@
+"""What an instance's container is made of: its spec, labels, URL, readiness probe and image.
+
+:class:`InstanceSpecs` turns a catalog challenge and a team into the container the driver
+creates (hardening is the driver's; what and where is decided here), makes it on the team's
+network, reads an instance back from a container's labels, and probes it until it answers.
+The rules of when to create, reuse or remove are :mod:`celery_app.service`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from redis.exceptions import LockError
+from redis.lock import Lock
+
+from celery_app.catalog import Challenge
+from celery_app.driver import (
+    ContainerInfo,
+    ContainerSpec,
+    Driver,
+    Filesystem,
+    ProgressFn,
+    carries,
+    check_ours,
+)
+from celery_app.errors import CatalogError, CTFError, ImageNotFound, StartFailed
+from celery_app.firewall import EgressGuard
+from celery_app.flags import team_flag
+from celery_app.ingress import Ingress
+from celery_app.models import Instance, iso, parse_iso, utcnow
+from celery_app.naming import (
+    LABEL_CHALLENGE,
+    LABEL_EGRESS,
+    LABEL_EXPIRES_AT,
+    LABEL_HOST,
+    LABEL_MANAGED,
+    LABEL_STARTED_AT,
+    LABEL_TEAM,
+    container_name,
+    network_name,
+)
+from celery_app.readiness import probe_once, wait_until
+from celery_app.settings import Settings
+from celery_app.state import StateStore, map_redis_errors
+
+log = logging.getLogger(__name__)
+
+# After Redis lost an instance, an adopted one past its recorded expiry gets this much grace.
+ADOPT_GRACE = 60
+# A failed start stays visible (status "failed" with its error) this long, then is reaped.
+FAILED_RECORD_TTL = 120
+
+
+class InstanceSpecs:
+    """Specs, labels, URLs and probe targets of one Docker host's instances.
+
+    Args:
+        settings: the service settings.
+        driver: the host's engine.
+        store: the state store (for the team network's lock).
+        ingress: the host's ingress (SPEC §11; disabled without ``CTF_INGRESS``).
+        host: the host's name (label ``ctf.host``).
+        public_host: the host name written in instance URLs.
+    """
+
+    def __init__(self, settings: Settings, driver: Driver, store: StateStore, ingress: Ingress,
+                 host: str, public_host: str) -> None:
+        self.settings = settings
+        self.driver = driver
+        self.store = store
+        self.ingress = ingress
+        self.host = host
+        self.public_host = public_host
+        # Only what carries all these labels is ours (tests add a run label here).
+        self.scope_labels = {LABEL_MANAGED: "true", **settings.extra_labels}
+        self._exposed_port_cache: dict[str, int] = {}
+
+    # -- labels and names -------------------------------------------------------------------
+
+    def labels(self, team_id: str, challenge: str | None = None) -> dict[str, str]:
+        """The labels of a team's network (and, with ``challenge``, of its container)."""
+        labels = {**self.scope_labels, LABEL_TEAM: team_id, LABEL_HOST: self.host}
+        if challenge is not None:
+            labels[LABEL_CHALLENGE] = challenge
+        return labels
+
+    def scope_here(self) -> dict[str, str]:
+        """The labels every container of ours on this host carries."""
+        return {**self.scope_labels, LABEL_HOST: self.host}
+
+    def own_container(self, name: str, challenge: str, team_id: str) -> ContainerInfo | None:
+        """Return the container named ``name`` when it is ours; ``None`` when there is none.
+
+        The name alone is not proof: another deployment on the same engine (or a person)
+        may use it. Ours carries every scope label and the instance's team and challenge.
+
+        Raises:
+            InvalidRequest: the name is taken by a container this instancer does not manage.
+        """
+        info = self.driver.get_container(name)
+        if info is not None:
+            check_ours("container", name, info.labels,
+                       {**self.scope_labels, LABEL_TEAM: team_id, LABEL_CHALLENGE: challenge})
+        return info
+
+    # -- the image --------------------------------------------------------------------------
+
+    def ensure_image(self, ch: Challenge, progress: ProgressFn | None = None) -> None:
+        """Make the challenge image present, following ``CTF_PULL_POLICY``.
+
+        Raises:
+            ImageNotFound: missing with policy ``never``, or the registry has no such image.
+        """
+        policy = self.settings.pull_policy
+        if policy == "always" or (policy == "if-not-present" and not self.driver.image_present(
+            ch.image
+        )):
+            log.info("pulling image=%s challenge=%s", ch.image, ch.id)
+            self.driver.pull(ch.image, progress)
+        elif policy == "never" and not self.driver.image_present(ch.image):
+            raise ImageNotFound(
+                f"image {ch.image!r} of challenge {ch.id!r} is not present and CTF_PULL_POLICY "
+                "is 'never'; load it (docker load/pull) or change the policy"
+            )
+
+    def container_port(self, ch: Challenge) -> int:
+        """The challenge's port: the catalog's, or the lowest its image EXPOSEs.
+
+        Raises:
+            CatalogError: neither says one.
+        """
+        if ch.port is not None:
+            return ch.port
+        if ch.image not in self._exposed_port_cache:
+            port = self.driver.image_exposed_port(ch.image)
+            if port is None:
+                raise CatalogError(
+                    f"challenge {ch.id!r}, field 'port': not set and image {ch.image!r} EXPOSEs "
+                    "no TCP port; set port in the catalog"
+                )
+            self._exposed_port_cache[ch.image] = port
+        return self._exposed_port_cache[ch.image]
+
+    # -- the container ----------------------------------------------------------------------
+
+    def flag(self, challenge: str, team_id: str) -> str:
+        """The team's flag for a challenge (see :mod:`celery_app.flags`)."""
+        return team_flag(self.settings.flag_secret_value(), challenge, team_id,
+                         self.settings.flag_format)
+
+    def new_instance(self, ch: Challenge, team: str) -> Instance:
+        """The record of a new instance, ``starting`` now, expiring after the challenge's ttl."""
+        now = utcnow()
+        assert ch.ttl is not None
+        return Instance(
+            team_id=team, challenge=ch.id, status="starting",
+            container_name=container_name(ch.id, team), host=self.host, started_at=iso(now),
+            expires_at=iso(now + timedelta(seconds=ch.ttl)),
+        )
+
+    def spec(self, ch: Challenge, team: str, port: int, inst: Instance) -> ContainerSpec:
+        """The container of ``inst``; with the ingress on, its route is written first.
+
+        Called under the team's network lock: the address the route points to is the one
+        the container will get.
+        """
+        env = dict(ch.env)
+        if ch.flag_env:
+            env[ch.flag_env] = self.flag(ch.id, team)
+        labels = self.labels(team, ch.id)
+        labels[LABEL_STARTED_AT] = inst.started_at
+        labels[LABEL_EXPIRES_AT] = inst.expires_at
+        labels[LABEL_EGRESS] = ch.egress
+        ip = None
+        if self.ingress.enabled:
+            # The route is written before the container exists, with the address the
+            # container will get (we hold the team's network lock): Traefik loads it while
+            # Docker creates and starts the container, not after.
+            ip = self.driver.free_address(network_name(team))
+            if ip is not None:
+                self.ingress.add_route(inst.container_name, ch.id, team, ch.protocol, ip, port)
+        return ContainerSpec(
+            name=inst.container_name, image=ch.image, port=port, team_id=team, labels=labels,
+            env=env, memory_bytes=ch.memory_bytes, nano_cpus=int(ch.cpus * 1e9), pids=ch.pids,
+            cap_add=ch.cap_add, publish_ip=self.settings.publish_ip,
+            port_range=self.settings.port_range, command=ch.command, hostname=ch.id,
+            filesystem=Filesystem(ch.read_only, ch.tmpfs_bytes, ch.storage_bytes),
+            publish=not self.ingress.enabled, ip=ip,
+        )
+
+    def create(self, ch: Challenge, team: str, port: int, inst: Instance,
+               egress: EgressGuard) -> ContainerInfo:
+        """Make the team's network (if needed) and ``inst``'s container, admitted by ``egress``.
+
+        Under the team's network lock: a stop of the team's last instance must not remove
+        the network this container joins. A container the egress guard refuses is removed.
+        """
+        with self.store.holding_network(team):
+            net = self.driver.ensure_network(
+                team, self.labels(team), self.settings.team_subnet_pool,
+                self.settings.team_subnet_prefix,
+            )
+            info = self.driver.run_container(self.spec(ch, team, port, inst))
+            try:
+                egress.admit(info, net)  # its bridge known, internet or not
+            except CTFError:
+                self.driver.remove_container(info.id)
+                raise
+        return info
+
+    def remove_network_if_unused(self, team_id: str, network: str | None = None) -> bool:
+        """Remove the team's network when no container is left on it.
+
+        Args:
+            team_id: the team (its network lock is held meanwhile).
+            network: the network's name or id; the team's usual network by default.
+        """
+        with self.store.holding_network(team_id):
+            net = self.driver.get_network(network or network_name(team_id))
+            if net is None or net.containers > 0:
+                return False
+            if not carries(net.labels, self.scope_labels):
+                return False  # not ours to remove
+            return self.driver.remove_network(net.id)
+
+    # -- the instance as users see it -------------------------------------------------------
+
+    def url(self, ch: Challenge, team: str, host_port: int | None) -> str | None:
+        """The URL players use: the ingress's, or the published port on the public host."""
+        if self.ingress.enabled:
+            return self.ingress.url(ch.id, team, ch.protocol)
+        if host_port is None:
+            return None
+        scheme = "http" if ch.protocol == "http" else "tcp"
+        return f"{scheme}://{self.public_host}:{host_port}"
+
+    def with_container(
+        self, ch: Challenge, inst: Instance, info: ContainerInfo, port: int
+    ) -> Instance:
+        """Return ``inst`` with the container's id, published ports and URL (and its route)."""
+        if self.ingress.enabled and info.ip:
+            # Unchanged when spec() already wrote it; written for an adopted container.
+            self.ingress.add_route(info.name, ch.id, inst.team_id, ch.protocol, info.ip, port)
+        return inst.model_copy(update={
+            "container_id": info.id,
+            "ports": info.ports,
+            "url": self.url(ch, inst.team_id, info.ports.get(f"{port}/tcp")),
+        })
+
+    def from_container(self, ch: Challenge, info: ContainerInfo, status: str) -> Instance:
+        """Rebuild an instance record from a container's labels (Redis lost it)."""
+        now = utcnow()
+        try:
+            started = parse_iso(info.labels[LABEL_STARTED_AT])
+            expires = parse_iso(info.labels[LABEL_EXPIRES_AT])
+        except (KeyError, ValueError):
+            started, expires = now, now + timedelta(seconds=ch.ttl or 0)
+        assert ch.max_lifetime is not None
+        if expires <= now:
+            expires = min(now + timedelta(seconds=ADOPT_GRACE),
+                          started + timedelta(seconds=ch.max_lifetime))
+        port = self.container_port(ch)
+        return Instance(
+            team_id=info.team_id, challenge=ch.id, status=status,
+            container_name=info.name, container_id=info.id, host=self.host, ports=info.ports,
+            url=self.url(ch, info.team_id, info.ports.get(f"{port}/tcp")),
+            started_at=iso(started),
+            expires_at=iso(expires),
+        )
+
+    # -- readiness --------------------------------------------------------------------------
+
+    def probe_target(
+        self, ch: Challenge, info: ContainerInfo, port: int
+    ) -> Callable[[float], bool] | None:
+        """Return the readiness check of the container: ``check(timeout) -> answered``."""
+        if self.ingress.enabled:
+            # Through Traefik, the instance's route and the gate: what players will use.
+            return self.ingress.probe(ch.id, info.team_id, ch.protocol, ch.health_path)
+        # On the engine's own machine the container's address is routable and probing it
+        # avoids docker-proxy, which accepts TCP connections even when nothing listens.
+        if self.driver.is_local and info.ip:
+            host, target_port = info.ip, port
+        else:
+            host_port = info.ports.get(f"{port}/tcp")
+            if host_port is None:
+                return None
+            host = self.settings.probe_host if self.driver.is_local else self.public_host
+            target_port = host_port
+        return lambda timeout: probe_once(host, target_port, ch.protocol, ch.health_path,
+                                          timeout=timeout)
+
+    def await_ready(self, ch: Challenge, info: ContainerInfo, inst: Instance, port: int,
+                    report: Callable[[dict[str, Any]], None], lock: Lock) -> Instance:
+        """Wait until the container answers (start step 9); record it ``running``.
+
+        The start timeout counts from ``started_at``; ``lock`` (the instance's) is renewed
+        every few polls while the container is alive.
+
+        Raises:
+            StartFailed: it exited or never answered: it is removed (with its route) and a
+                failed record with why and its last output stays ``FAILED_RECORD_TTL`` s.
+        """
+        target = self.probe_target(ch, info, port)
+
+        def alive() -> bool:
+            # Called every few polls: renew our lock while we are demonstrably working.
+            with contextlib.suppress(LockError), map_redis_errors("renew lock"):
+                lock.reacquire()
+            current = self.driver.get_container(info.id)
+            return current is not None and current.state in ("running", "created", "restarting")
+
+        started = parse_iso(inst.started_at)
+        remaining = max(1.0, ch.start_timeout - (utcnow() - started).total_seconds())
+        if target is not None and wait_until(target, remaining, still_alive=alive):
+            inst = inst.model_copy(update={"status": "running", "error": None, "exit_code": None,
+                                           "oom": None, "logs": None})
+            self.store.put(inst)
+            report({"phase": "running", "url": inst.url})
+            return inst
+        # It died or never answered: say why, remove it, leave a short-lived failed record.
+        current = self.driver.get_container(info.id)
+        logs = self.driver.container_logs(info.id, tail=10).strip()
+        why = (
+            f"exited with code {current.exit_code}" if current and current.state == "exited"
+            else f"did not answer on port {port} within {ch.start_timeout:.0f} s"
+            + (self.ingress.probe_hint() if self.ingress.enabled else "")
+        )
+        detail = (
+            f"instance {inst.container_name} {why}; check the image and the catalog's port "
+            f"and health_path" + (f". Last output: {logs[-500:]}" if logs else "")
+        )
+        self.ingress.remove_route(inst.container_name)
+        self.driver.remove_container(info.id)
+        failed = inst.model_copy(update={
+            "status": "failed", "error": detail, "container_id": info.id,
+            "expires_at": iso(utcnow() + timedelta(seconds=FAILED_RECORD_TTL)),
+        })
+        self.store.put(failed)
+        raise StartFailed(detail)
+
+    def answers(self, ch: Challenge, info: ContainerInfo) -> bool:
+        """Whether the container answers its probe now (one try, 1 s)."""
+        target = self.probe_target(ch, info, self.container_port(ch))
+        return target is not None and target(1.0)

@@ -1,0 +1,1 @@
+"""The unit suite: no Docker, no Redis (see conftest.py)."""

@@ -1,0 +1,35 @@
+"""Celery's settings come from the one Settings class: no second read of the environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_config(**env: str) -> subprocess.CompletedProcess[str]:
+    """Import celery_config in a fresh interpreter with ``env`` added; print what it chose."""
+    code = ("from celery_app import celery_config as c; "
+            "print(c.beat_schedule['reap-expired']['schedule'], "
+            "c.broker_transport_options['visibility_timeout'], c.broker_url)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CTF_", "CELERY_"))}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_celery_config_takes_settings_values() -> None:
+    """CTF_JANITOR_INTERVAL, CTF_VISIBILITY_TIMEOUT and CELERY_BROKER_URL reach Celery's config."""
+    done = load_config(CTF_JANITOR_INTERVAL="7", CTF_VISIBILITY_TIMEOUT="45",
+                       CELERY_BROKER_URL="redis://127.0.0.1:6399/0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["7.0", "45.0", "redis://127.0.0.1:6399/0"]
+
+
+def test_celery_config_refuses_what_settings_refuse() -> None:
+    """A janitor interval Settings rejects is refused by name, not clamped into range."""
+    done = load_config(CTF_JANITOR_INTERVAL="30")
+    assert done.returncode != 0
+    assert "CTF_JANITOR_INTERVAL" in done.stderr or "janitor_interval" in done.stderr
