@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -59,6 +60,10 @@ var hopHeaders = map[string]bool{
 }
 
 type teamGate struct {
+	mu sync.Mutex
+	// Cookie values already checked, with their expiry: a browser sends the same one again
+	// and again, and in Yaegi the HMAC's library calls cost more than the lookup.
+	seen       map[string]int64
 	next       http.Handler
 	label      string
 	key        []byte
@@ -76,7 +81,7 @@ func New(_ context.Context, next http.Handler, config *Config, _ string) (http.H
 	if config.Label == "" || config.Gate == "" || config.Cookie == "" || config.LinkPrefix == "" {
 		return nil, errors.New("ctfgate: label, gate, cookie and linkPrefix are required")
 	}
-	return &teamGate{next: next, label: config.Label, key: key,
+	return &teamGate{seen: map[string]int64{}, next: next, label: config.Label, key: key,
 		cookie: config.Cookie, linkPrefix: config.LinkPrefix, gate: config.Gate}, nil
 }
 
@@ -101,17 +106,36 @@ func (g *teamGate) sign(kind, principal, expiry string) string {
 	return base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
 }
 
+// maxSeen bounds the checked-cookie memory of one host (a few players' browsers).
+const maxSeen = 256
+
 // valid says whether an access cookie's value is signed for this host and not expired.
 func (g *teamGate) valid(token string) bool {
+	now := time.Now().Unix()
+	g.mu.Lock()
+	expiry, known := g.seen[token]
+	g.mu.Unlock()
+	if known {
+		return expiry >= now
+	}
 	parts := strings.Split(token, ".")
 	if len(parts) != 3 {
 		return false
 	}
 	expiry, err := strconv.ParseInt(parts[1], 10, 64)
-	if err != nil || expiry < time.Now().Unix() {
+	if err != nil || expiry < now {
 		return false
 	}
-	return hmac.Equal([]byte(g.sign("cookie", parts[0], parts[1])), []byte(parts[2]))
+	if !hmac.Equal([]byte(g.sign("cookie", parts[0], parts[1])), []byte(parts[2])) {
+		return false
+	}
+	g.mu.Lock()
+	if len(g.seen) >= maxSeen {
+		g.seen = map[string]int64{}
+	}
+	g.seen[token] = expiry
+	g.mu.Unlock()
+	return true
 }
 
 const cookieSpace = " \t\r\n\v\f"
