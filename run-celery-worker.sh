@@ -57,7 +57,9 @@ if [ "${CTF_INGRESS:-ports}" = traefik ]; then
     traefik_log="$CTF_RUN_DIR/traefik-$host.log"
     config="$("$VENV/bin/python" -m celery_app.ingress prepare --log "$traefik_log")" || exit 1
     say "Traefik on ${CTF_INGRESS_HTTP_BIND:-127.0.0.1:8080} (http) and ${CTF_INGRESS_HTTPS_BIND:-127.0.0.1:8443} (https, tls); log: $traefik_log"
-    "$VENV/bin/traefik" --configfile="$config" >>"$traefik_log" 2>&1 &
+    # In the ingress folder: Traefik loads the team gate plugin from ./plugins-local there.
+    (cd "$(dirname "$config")" && exec "$VENV/bin/traefik" --configfile="$config") \
+        >>"$traefik_log" 2>&1 &
     echo $! >"$CTF_RUN_DIR/traefik.pid"
     started+=(traefik)
     "$VENV/bin/python" -m celery_app.ingress wait || exit 1

@@ -1,18 +1,22 @@
 """Issue 12: what the ingress costs, side by side with the raw thing in one run.
 
 Latency per request (one new connection each, like a probe or a browser's first request):
-  direct   GET / on the container's own address (what the proxy itself talks to)
-  proxy    GET / through Traefik on a route without the gate (CTF_INGRESS_AUTH=none)
-  gated    GET / through Traefik and the team gate (forwardAuth to the API, in its own process
-           as ``ctfctl api`` runs it) with a valid access cookie: what a player gets
-The three are interleaved in rounds so none always runs on a warmer machine.
+  direct       GET / on the container's own address (what the proxy itself talks to)
+  proxy        GET / through Traefik on a route without the gate (CTF_INGRESS_AUTH=none)
+  plugin       GET / through Traefik and the team gate as it is by default
+               (CTF_INGRESS_GATE=plugin: our plugin checks the cookie inside Traefik), with a
+               valid access cookie: what a player gets
+  forwardauth  the same through the fallback gate (CTF_INGRESS_GATE=forwardauth: Traefik asks
+               the API, in its own process as ``ctfctl api`` runs it, about every request)
+and the three Traefik paths again on one kept-alive connection each (a browser's). All are
+interleaved in rounds so none always runs on a warmer machine.
 
 Start latency: ``InstanceService.start`` of the same challenge with ``CTF_INGRESS=traefik``
 (route file, no published port, readiness probed through Traefik and the gate) and with
 ``CTF_INGRESS=ports`` (published port, direct probe), alternating; the team network stays up
 (another challenge of each team runs), stops are not timed.
 
-Usage: .venv/bin/python bench/bench_ingress.py [-n 10] [--requests 2000] [--json FILE]
+Usage: .venv/bin/python bench/bench_ingress.py [-n 10] [--requests 2000] [--no-start] [--json FILE]
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ def main() -> int:  # one linear script: set-up, two measurements, figures
     parser.add_argument("-n", type=int, default=10, help="measured starts of each kind")
     parser.add_argument("--requests", type=int, default=2000, help="requests of each path")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--no-start", action="store_true", help="measure request latency only")
     args = parser.parse_args()
 
     with bench_run() as bench:
@@ -154,24 +159,33 @@ def main() -> int:  # one linear script: set-up, two measurements, figures
             host = f"{label}.{DOMAIN}"
             cookie = tokens.issue(tokens.gate_key(ing.settings.flag_secret_value()), "cookie",
                                   label, "latteam", 3600)
-            routes.write_atomically(
-                ing.service.ingress.dynamic_dir / "bench-ungated.yml",
-                routes.route_config("benchungated", f"ungated.{DOMAIN}", "http", info.ip, 8080,
-                                    gated=False))
-            wait_for(lambda: probe.route_loaded("127.0.0.1", status_port,
-                                                "ctf-benchungated", "http"),
-                     10, "the ungated route")
+            # The instance's own route has the plugin (the default); two more routes to the
+            # same container: no gate, and the forwardAuth gate.
+            fa_cookie = tokens.issue(tokens.gate_key(ing.settings.flag_secret_value()),
+                                     "cookie", "benchfa", "latteam", 3600)
+            for name, gated in (("benchungated", False), ("benchfa", True)):
+                routes.write_atomically(
+                    ing.service.ingress.dynamic_dir / f"bench-{name}.yml",
+                    routes.route_config(name, f"{name}.{DOMAIN}", "http", info.ip, 8080,
+                                        gated=gated))
+                wait_for(lambda name=name: probe.route_loaded("127.0.0.1", status_port,
+                                                              f"ctf-{name}", "http"),
+                         10, f"the {name} route")
             paths = {
                 "direct": (info.ip, 8080, {}),
-                "proxy": ("127.0.0.1", http_port, {"Host": f"ungated.{DOMAIN}:{http_port}"}),
-                "gated": ("127.0.0.1", http_port, {
+                "proxy": ("127.0.0.1", http_port, {"Host": f"benchungated.{DOMAIN}:{http_port}"}),
+                "plugin": ("127.0.0.1", http_port, {
                     "Host": f"{host}:{http_port}",
                     "Cookie": f"{tokens.COOKIE_NAME}={cookie}"}),
+                "forwardauth": ("127.0.0.1", http_port, {
+                    "Host": f"benchfa.{DOMAIN}:{http_port}",
+                    "Cookie": f"{tokens.COOKIE_NAME}={fa_cookie}"}),
             }
-            # A browser keeps its connection to Traefik open: the same two paths on one
+            # A browser keeps its connection to Traefik open: the Traefik paths on one
             # persistent connection each (the container's busybox closes every connection,
             # so "direct" has no such variant; Traefik connects to it anew each time too).
-            kept = {f"{k}_keepalive": KeepAlive(*paths[k]) for k in ("proxy", "gated")}
+            kept = {f"{k}_keepalive": KeepAlive(*paths[k])
+                    for k in ("proxy", "plugin", "forwardauth")}
             measures: dict[str, Any] = {
                 **{k: (lambda v=v: one_get(*v)) for k, v in paths.items()},
                 **{k: v.get for k, v in kept.items()},
@@ -204,8 +218,13 @@ def main() -> int:  # one linear script: set-up, two measurements, figures
                 k: round((pct(samples[k], 0.99) - pct(samples["direct"], 0.99)) * 1000, 3)
                 for k in others
             }
-            lat["gate_p50_ms"] = round((statistics.median(samples["gated"])
-                                        - statistics.median(samples["proxy"])) * 1000, 3)
+            lat["gate_p50_ms"] = {
+                k: round((statistics.median(samples[k]) - statistics.median(samples[base]))
+                         * 1000, 3)
+                for k, base in (("plugin", "proxy"), ("forwardauth", "proxy"),
+                                ("plugin_keepalive", "proxy_keepalive"),
+                                ("forwardauth_keepalive", "proxy_keepalive"))
+            }
             lat["cpu_us_per_request"] = {
                 k: {p: round(v / len(samples[k]) * 1e6, 1) for p, v in c.items()}
                 for k, c in cpu.items()
@@ -213,6 +232,10 @@ def main() -> int:  # one linear script: set-up, two measurements, figures
             result["latency"] = lat
 
             # -- start ---------------------------------------------------------------------
+            if args.no_start:
+                result["load_after"] = os.getloadavg()[0]
+                emit(result, args.json)
+                return 0
             ing.service.start("keep", "ingteam")
             plain.service.start("keep", "portteam")
             starts: dict[str, list[float]] = {"ingress": [], "ports": []}

@@ -28,6 +28,7 @@ PullPolicy = Literal["if-not-present", "always", "never"]
 MIN_SECRET_LENGTH = 32
 GENERATE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"  # noqa: S105
 IngressMode = Literal["ports", "traefik"]
+IngressGate = Literal["plugin", "forwardauth"]
 IngressAuth = Literal["team", "none"]
 
 
@@ -109,6 +110,9 @@ class Settings(BaseSettings):
     # Browsers resolve *.localhost to loopback: works on the organiser's machine unchanged.
     instance_domain: str = "instances.localhost"
     ingress_auth: IngressAuth = "team"
+    # plugin: Traefik checks the access cookie itself (our local plugin) and asks the API only
+    # about links, denials and bearer tokens; forwardauth: Traefik asks the API every request.
+    ingress_gate: IngressGate = "plugin"
     ingress_cert_file: Path | None = None
     ingress_key_file: Path | None = None
     # Where Traefik reaches the gate (forwardAuth); from CTF_API_BIND when not set.

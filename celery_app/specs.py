@@ -334,13 +334,15 @@ class InstanceSpecs:
             f"instance {inst.container_name} {why}; check the image and the catalog's port "
             f"and health_path" + (f". Last output: {logs[-500:]}" if logs else "")
         )
-        self.ingress.remove_route(inst.container_name)
-        self.driver.remove_container(info.id)
         failed = inst.model_copy(update={
             "status": "failed", "error": detail, "container_id": info.id,
             "expires_at": iso(utcnow() + timedelta(seconds=FAILED_RECORD_TTL)),
         })
+        # Failed before the route goes: the janitor's route repair restores the route of a
+        # running container whose record is still "starting", and would outlive the container.
         self.store.put(failed)
+        self.ingress.remove_route(inst.container_name)
+        self.driver.remove_container(info.id)
         raise StartFailed(detail)
 
     def answers(self, ch: Challenge, info: ContainerInfo) -> bool:

@@ -82,8 +82,10 @@ class Traefik:
         """Write its configuration, start it, wait until it answers its ping."""
         config = prepare(self.settings, self.logfile)
         with self.logfile.open("ab") as log:
+            # In the ingress folder, as the script runs it: the gate plugin loads from there.
             proc = subprocess.Popen([str(TRAEFIK), f"--configfile={config}"], stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    cwd=config.parent)
         self.proc = proc
         host, port = self.settings.ingress_status_bind.rsplit(":", 1)
         wait_for(lambda: self._ping(host, int(port)) or proc.poll() is not None, 30, 0.1,

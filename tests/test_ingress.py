@@ -9,6 +9,10 @@ browser resolving ``*.instances.test`` to this machine would send them.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -30,13 +34,14 @@ from unittest import mock
 import docker
 import pytest
 import uvicorn
+import yaml
 from conftest import ROOT, Worker, build_image, cleanup_docker, private_label
 
 from celery_app.api import create_app
 from celery_app.auth import team_token
 from celery_app.context import build_context
 from celery_app.errors import StartFailed
-from celery_app.ingress import tokens
+from celery_app.ingress import probe, routes, tokens
 from celery_app.ingress.labels import label_of_host
 from celery_app.settings import Settings, load_settings
 from ctf_testkit.ingress import DOCKERFILES, JUICE_VERSION, Answer, Traefik, get, image_files
@@ -414,6 +419,93 @@ def test_our_cookie_and_tokens_are_stripped_other_headers_pass(
         "Cookie": ours, "Authorization": f"Bearer {team_token(ADMIN_TOKEN, ALPHA)}"})
     assert "HTTP_COOKIE=" not in bare.text() and "HTTP_AUTHORIZATION=" not in bare.text()
     assert ADMIN_TOKEN not in bare.text()
+
+
+# -- where the gate runs: the plugin in Traefik, the forwardAuth fallback ---------------------
+
+
+def sign_cookie(key: bytes, label: str, principal: str, expiry: int) -> str:
+    """An access cookie made from a host key alone (as whoever holds a route file could)."""
+    mac = hmac.new(key, f"cookie|{label}|{principal}|{expiry}".encode(), hashlib.sha256)
+    signature = base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
+    return f"{tokens.COOKIE_NAME}={principal}.{expiry}.{signature}"
+
+
+@contextlib.contextmanager
+def extra_route(stack: Stack, inst: dict[str, Any], label: str,
+                settings: Settings | None) -> Iterator[str]:
+    """One more route to the instance's container, on host ``<label>.<domain>``.
+
+    ``settings`` give the plugin's configuration (its gate URL); ``None``: the forwardAuth gate.
+    """
+    c = stack.docker.containers.get(inst["container_name"])
+    (net,) = c.attrs["NetworkSettings"]["Networks"].values()
+    plugin = routes.plugin_config(settings, label) if settings is not None else None
+    path = stack.settings.data_dir / "ingress" / "dynamic" / f"extra-{label}.yml"
+    routes.write_atomically(path, routes.route_config(
+        label, f"{label}.{DOMAIN}", "http", net["IPAddress"], 8080, True, plugin))
+    status_host, status_port = routes.bind_parts(stack.settings.ingress_status_bind)
+    try:
+        wait_for(lambda: probe.route_loaded(status_host, status_port, routes.router_name(label),
+                                            "http"), 10, 0.05, f"Traefik to load {path.name}")
+        yield f"{label}.{DOMAIN}"
+    finally:
+        routes.remove(path)
+
+
+def test_route_files_are_private_and_carry_only_their_hosts_key(
+    stack: Stack, alpha: dict[str, Any], bravo: dict[str, Any]
+) -> None:
+    """A route file (mode 0600) holds a key that opens its own host and no other."""
+    dynamic = stack.settings.data_dir / "ingress" / "dynamic"
+    route = dynamic / f"{alpha['container_name']}.yml"
+    assert route.stat().st_mode & 0o777 == 0o600 and dynamic.stat().st_mode & 0o777 == 0o700
+    text = route.read_text()
+    assert FLAG_SECRET not in text and ADMIN_TOKEN not in text
+    assert tokens.encode_key(tokens.gate_key(FLAG_SECRET)) not in text
+    (gate,) = yaml.safe_load(text)["http"]["middlewares"].values()
+    key = base64.urlsafe_b64decode(gate["plugin"]["ctfgate"]["key"] + "=")
+    expiry = int(time.time()) + 600
+    alpha_host, bravo_host = host_of(alpha["url"]), host_of(bravo["url"])
+    mine = sign_cookie(key, label_of_host(alpha_host), ALPHA, expiry)
+    assert stack.web(alpha_host, headers={"Cookie": mine}).status == 200
+    # The same key cannot make a cookie for bravo's host, whatever the principal.
+    for principal in (BRAVO, tokens.ORGANISER):
+        forged = sign_cookie(key, label_of_host(bravo_host), principal, expiry)
+        assert stack.web(bravo_host, headers={"Cookie": forged}).status == 403
+
+
+def test_plugin_admits_a_cookie_without_asking_the_api(stack: Stack,
+                                                       alpha: dict[str, Any]) -> None:
+    """With the API's gate unreachable a valid cookie still gets in; no cookie gets 503."""
+    dead = stack.settings.model_copy(
+        update={"ingress_gate_url": f"http://127.0.0.1:{free_port()}/_ingress/gate"})
+    label = f"deadgate{_RUN}"
+    with extra_route(stack, alpha, label, dead) as host:
+        cookie = tokens.issue(tokens.gate_key(FLAG_SECRET), "cookie", label, ALPHA, 600)
+        page = stack.web(host, "/cgi-bin/echo", {"Cookie": f"{tokens.COOKIE_NAME}={cookie}; a=1"})
+        assert page.status == 200 and "HTTP_COOKIE=a=1\n" in page.text()
+        refused = stack.web(host)
+        assert refused.status == 503 and "echo challenge" not in refused.text()
+
+
+def test_forwardauth_fallback_keeps_the_gate_matrix(stack: Stack, alpha: dict[str, Any]) -> None:
+    """CTF_INGRESS_GATE=forwardauth: the same answers, the API asked about every request."""
+    label = f"fallback{_RUN}"
+    with extra_route(stack, alpha, label, None) as host:
+        key = tokens.gate_key(FLAG_SECRET)
+        assert stack.web(host).status == 401
+        link = stack.web(host, tokens.LINK_PREFIX + tokens.issue(key, "link", label, ALPHA, 60))
+        assert link.status == 302 and link.headers["location"] == f"http://{host}:{stack.http_port}/"
+        cookie = link.set_cookies[0].split(";", 1)[0]
+        jwt = "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdGF0dXMiOiJzdWNjZXNzIn0.c2lnbmF0dXJl"
+        page = stack.web(host, "/cgi-bin/echo", {"Cookie": f"a=1; {cookie}", "Authorization": jwt})
+        assert page.status == 200 and "HTTP_COOKIE=a=1\n" in page.text()
+        assert f"HTTP_AUTHORIZATION={jwt}" in page.text() and tokens.COOKIE_NAME not in page.text()
+        other = tokens.issue(key, "cookie", label_of_host(host_of(alpha["url"])), ALPHA, 60)
+        assert stack.web(host, headers={"Cookie": f"{tokens.COOKIE_NAME}={other}"}).status == 403
+        expired = stack.web(host, tokens.LINK_PREFIX + tokens.issue(key, "link", label, ALPHA, -1))
+        assert expired.status == 403 and not expired.set_cookies
 
 
 def test_juice_shop_health_route_through_the_proxy(stack: Stack) -> None:

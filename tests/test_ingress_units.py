@@ -10,10 +10,11 @@ from cryptography import x509
 from pydantic import ValidationError
 
 from celery_app.errors import InvalidRequest
-from celery_app.ingress import Ingress, tokens
+from celery_app.ingress import Ingress, routes, tokens
 from celery_app.ingress.certs import ensure_certificate, self_signed
 from celery_app.ingress.gate import split_cookies
 from celery_app.ingress.labels import instance_label, label_of_host
+from celery_app.ingress.setup import PLUGIN_SOURCE, prepare
 from celery_app.settings import load_settings
 
 SECRET = "unit-test-flag-secret-0123456789abcdefgh"
@@ -116,3 +117,53 @@ def test_without_the_gate_the_route_has_no_middleware_and_access_url_is_the_url(
     url = ing.url("web", "alpha", "http")
     shown = ing.with_access({"status": "running", "url": url, "team_id": "alpha"})
     assert shown["access_url"] == url
+
+
+def test_prepare_installs_the_gate_plugin_and_declares_it(tmp_path: Path) -> None:
+    """Set-up copies the plugin's Go source under plugins-local/ and names it to Traefik."""
+    settings = load_settings(flag_secret=SECRET, admin_token="a" * 40, data_dir=tmp_path,
+                             ingress="traefik")
+    static = yaml.safe_load(prepare(settings).read_text())
+    plugin = static["experimental"]["localPlugins"][routes.PLUGIN_NAME]
+    folder = tmp_path / "ingress" / "plugins-local" / "src" / plugin["moduleName"]
+    manifest = yaml.safe_load((folder / ".traefik.yml").read_text())
+    assert manifest["import"] == plugin["moduleName"] and manifest["type"] == "middleware"
+    assert (folder / "ctfgate.go").read_bytes() == (PLUGIN_SOURCE / "ctfgate.go").read_bytes()
+    assert f'module {plugin["moduleName"]}' in (folder / "go.mod").read_text()
+    assert (tmp_path / "ingress" / "dynamic").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_gated_route_carries_its_own_plugin_with_its_hosts_key(tmp_path: Path) -> None:
+    """The route file (0600) names the plugin with the host key, never the gate key."""
+    settings = load_settings(flag_secret=SECRET, admin_token="a" * 40, data_dir=tmp_path,
+                             ingress="traefik")
+    ing = Ingress(settings)
+    ing.add_route("ctf-web-alpha", "web", "alpha", "http", "10.0.0.2", 8080)
+    path = ing.route_file("ctf-web-alpha")
+    assert path.stat().st_mode & 0o777 == 0o600
+    config = yaml.safe_load(path.read_text())["http"]
+    label = ing.label("web", "alpha")
+    name = f"{routes.GATE_MIDDLEWARE}-{label}"
+    assert all(r["middlewares"] == [name] for r in config["routers"].values())
+    plugin = config["middlewares"][name]["plugin"][routes.PLUGIN_NAME]
+    key = tokens.gate_key(SECRET)
+    assert plugin["key"] == tokens.encode_key(tokens.host_key(key, label))
+    assert plugin["gate"] == routes.gate_url(settings) and plugin["label"] == label
+    assert tokens.encode_key(key) not in path.read_text() and SECRET not in path.read_text()
+    assert tokens.host_key(key, label) != tokens.host_key(key, ing.label("web", "bravo"))
+
+
+def test_forwardauth_setting_uses_the_shared_gate_and_no_plugin(tmp_path: Path) -> None:
+    """CTF_INGRESS_GATE=forwardauth: routes use the shared forwardAuth; no plugin is loaded."""
+    settings = load_settings(flag_secret=SECRET, admin_token="a" * 40, data_dir=tmp_path,
+                             ingress="traefik", ingress_gate="forwardauth")
+    static = yaml.safe_load(prepare(settings).read_text())
+    assert "experimental" not in static
+    ing = Ingress(settings)
+    ing.add_route("ctf-web-alpha", "web", "alpha", "http", "10.0.0.2", 8080)
+    config = yaml.safe_load(ing.route_file("ctf-web-alpha").read_text())["http"]
+    assert "middlewares" not in config
+    assert all(r["middlewares"] == [routes.GATE_MIDDLEWARE] for r in config["routers"].values())
+    with pytest.raises(ValidationError):
+        load_settings(flag_secret=SECRET, admin_token="a" * 40, data_dir=tmp_path,
+                      ingress_gate="nginx")

@@ -2,9 +2,11 @@
 
 ``CTF_INGRESS=traefik`` puts Traefik in front of the instances: containers publish no host
 port, each instance gets a route ``<label>.<CTF_INSTANCE_DOMAIN>`` (Traefik's file
-provider, see :mod:`.routes`), and the team gate (:mod:`.gate`, a forwardAuth to the API)
-lets only the owning team and organisers through. :class:`Ingress` is what the service
-and the API use; ``python -m celery_app.ingress prepare`` writes Traefik's configuration.
+provider, see :mod:`.routes`), and the team gate lets only the owning team and organisers
+through: our Traefik plugin checks the access cookie in Traefik and hands everything else
+to the API's gate (:mod:`.gate`), which is also the forwardAuth fallback
+(``CTF_INGRESS_GATE=forwardauth``). :class:`Ingress` is what the service and the API use;
+``python -m celery_app.ingress prepare`` writes Traefik's configuration.
 """
 
 from __future__ import annotations
@@ -84,8 +86,10 @@ class Ingress:
                   address: str, port: int) -> None:
         """Write (or replace) the instance's route; Traefik loads it within a moment."""
         label = self.label(challenge, team_id)
+        plugin = routes.plugin_config(self.settings, label) \
+            if routes.uses_plugin(self.settings) else None
         config = routes.route_config(label, self.host(challenge, team_id), protocol, address,
-                                     port, self.gated)
+                                     port, self.gated, plugin)
         routes.write_atomically(self.route_file(container_name), config)
 
     def remove_route(self, container_name: str) -> bool:

@@ -1,9 +1,12 @@
-"""The team gate: Traefik's forwardAuth asks it about every request to an instance.
+"""The team gate in the API: what Traefik asks about the requests it cannot decide alone.
 
-Traefik sends each request's headers (``X-Forwarded-Host``, ``X-Forwarded-Uri``, ``Cookie``,
-…) to ``GET /_ingress/gate`` and goes on to the challenge only on a 2xx, replacing the
-request's ``Cookie`` and ``Authorization`` with what the gate answers (absent: removed).
-Any other answer goes back to the player as it is. So the gate:
+With ``CTF_INGRESS_GATE=plugin`` (the default) our Traefik plugin (``plugin/ctfgate``) admits
+a request with a valid access cookie itself and asks here only about access links, denials
+and requests with a bearer token other than a JWT; with ``forwardauth`` Traefik asks about
+every request. Either sends the request's headers (``X-Forwarded-Host``,
+``X-Forwarded-Uri``, ``Cookie``, …) to ``GET /_ingress/gate`` and goes on to the challenge only
+on a 2xx, replacing the request's ``Cookie`` and ``Authorization`` with what the gate answers
+(absent: removed). Any other answer goes back to the player as it is. So the gate:
 
 - answers an access link (``/_ctf/access/<token>``) with a redirect to ``/`` that sets the
   access cookie (HttpOnly, SameSite=Lax, Secure over HTTPS), or 403 when it is forged or

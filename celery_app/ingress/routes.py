@@ -3,7 +3,11 @@
 Routes go through Traefik's file provider: one YAML file per instance in a directory
 Traefik watches, written atomically (a temporary name Traefik ignores, then a rename), so
 Traefik never reads half a file and is never restarted to learn of an instance. A shared
-file holds what every route uses: the team gate (forwardAuth) and the certificate.
+file holds what every route may use: the forwardAuth gate and the certificate.
+
+With ``CTF_INGRESS_GATE=plugin`` (the default) a gated route carries its own middleware:
+our Traefik plugin (:data:`PLUGIN_MODULE`, installed by :mod:`.setup`) with that host's
+verification key only, so the files are written mode 0600 and a leaked one opens one host.
 """
 
 from __future__ import annotations
@@ -16,10 +20,15 @@ from typing import Any
 
 import yaml
 
+from celery_app.ingress import tokens
 from celery_app.settings import Settings
 
 COMMON_FILE = "_common.yml"
 GATE_MIDDLEWARE = "ctf-gate"
+# The gate plugin: its name in Traefik's static configuration and its Go module path, under
+# plugins-local/src/ in Traefik's working directory (the ingress folder).
+PLUGIN_NAME = "ctfgate"
+PLUGIN_MODULE = "ctf-instancer/ctfgate"
 GATE_PATH = "/_ingress/gate"
 # Headers the gate may rewrite on the way to the challenge: it answers them with our cookie
 # (and our bearer tokens) removed and everything else as it came; absent means removed.
@@ -66,6 +75,10 @@ def static_config(settings: Settings, dynamic_dir: Path, log_file: Path | None) 
         },
         "log": {"level": "WARN"},
     }
+    if uses_plugin(settings):
+        # Loaded from ./plugins-local/src/<module> at start-up (Traefik runs in the ingress
+        # folder); nothing is downloaded.
+        config["experimental"] = {"localPlugins": {PLUGIN_NAME: {"moduleName": PLUGIN_MODULE}}}
     if log_file is not None:
         config["log"]["filePath"] = str(log_file)
     return config
@@ -86,13 +99,30 @@ def common_config(settings: Settings, cert: Path, key: Path) -> dict[str, Any]:
     }
 
 
+def uses_plugin(settings: Settings) -> bool:
+    """Whether gated routes use the plugin (``CTF_INGRESS_AUTH=team``, ``CTF_INGRESS_GATE``)."""
+    return settings.ingress_auth == "team" and settings.ingress_gate == "plugin"
+
+
+def plugin_config(settings: Settings, label: str) -> dict[str, Any]:
+    """Return the gate plugin's configuration for one host: its label and its own key.
+
+    The key is :func:`tokens.host_key` of the label: it checks (and could mint) tokens of
+    this host only; the gate key that signs every host's tokens stays in our processes.
+    """
+    key = tokens.host_key(tokens.gate_key(settings.flag_secret_value()), label)
+    return {"label": label, "key": tokens.encode_key(key), "cookie": tokens.COOKIE_NAME,
+            "linkPrefix": tokens.LINK_PREFIX, "gate": gate_url(settings)}
+
+
 def router_name(label: str) -> str:
     """Return the Traefik router (and service) name of an instance."""
     return f"ctf-{label}"
 
 
 def route_config(
-    label: str, host: str, protocol: str, address: str, port: int, gated: bool
+    label: str, host: str, protocol: str, address: str, port: int, gated: bool,
+    plugin: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Return one instance's dynamic configuration.
 
@@ -103,6 +133,8 @@ def route_config(
         address: the container's IP on its team network.
         port: the challenge's container port.
         gated: put the team gate in front (``CTF_INGRESS_AUTH=team``).
+        plugin: the gate plugin's configuration (:func:`plugin_config`) for a gate of this
+            route's own; ``None``: the shared forwardAuth gate.
     """
     name = router_name(label)
     if protocol == "tcp":
@@ -112,8 +144,13 @@ def route_config(
             "services": {name: {"loadBalancer": {"servers": [{"address": f"{address}:{port}"}]}}},
         }}
     middlewares = [GATE_MIDDLEWARE] if gated else []
+    own: dict[str, Any] = {}
+    if gated and plugin is not None:
+        middlewares = [f"{GATE_MIDDLEWARE}-{label}"]
+        own = {"middlewares": {middlewares[0]: {"plugin": {PLUGIN_NAME: plugin}}}}
     rule = f"Host(`{host}`)"
     return {"http": {
+        **own,
         "routers": {
             name: {"rule": rule, "entryPoints": ["web"], "service": name,
                    "middlewares": middlewares},
@@ -127,7 +164,7 @@ def route_config(
 
 
 def write_atomically(path: Path, config: dict[str, Any]) -> bool:
-    """Write ``config`` as YAML to ``path`` so a watcher never sees half of it.
+    """Write ``config`` as YAML to ``path`` (mode 0600) so a watcher never sees half of it.
 
     Returns:
         ``False`` when the file already said exactly that (nothing written, no reload).
@@ -138,7 +175,11 @@ def write_atomically(path: Path, config: dict[str, Any]) -> bool:
             return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text, encoding="utf-8")  # no .yml ending: Traefik skips it
+    # No .yml ending: Traefik skips it. 0600: a route may hold its host's gate key.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a stale temporary file keeps its mode through O_TRUNC
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
     tmp.replace(path)
     return True
 

@@ -1,9 +1,13 @@
 """Signed access links and access cookies of the team gate (SPEC §11).
 
 Both are stateless: ``<principal>.<expiry>.<signature>``, the signature an HMAC over the
-kind, the instance's host label, the principal and the expiry, under a key derived from the
-flag secret. A cookie is only valid for the host whose label it was signed for, so another
+kind, the instance's host label, the principal and the expiry, under that host's own key
+(:func:`host_key`: an HMAC of the label under the gate key, itself derived from the flag
+secret). A cookie is only valid for the host whose label it was signed for, so another
 team's cookie (or an organiser's cookie for another instance) is refused on this host.
+
+The host key is what Traefik's gate plugin gets (in that instance's route file): it checks
+cookies of that one host and nothing else; the gate key never leaves our processes.
 
 The principal is a team id, or ``ORGANISER`` (which no team id can be: they start with a
 letter or digit).
@@ -12,6 +16,7 @@ letter or digit).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import time
@@ -30,8 +35,25 @@ def gate_key(secret: str) -> bytes:
     return hmac.new(secret.encode(), _KEY_CONTEXT, hashlib.sha256).digest()
 
 
+@functools.lru_cache(maxsize=4096)
+def host_key(key: bytes, label: str) -> bytes:
+    """Return the key of one instance host: tokens for ``label`` are signed with it.
+
+    Args:
+        key: :func:`gate_key` of the flag secret.
+        label: the instance's host label.
+    """
+    return hmac.new(key, f"host|{label}".encode(), hashlib.sha256).digest()
+
+
+def encode_key(key: bytes) -> str:
+    """Return a key as the gate plugin reads it (base64url, no padding)."""
+    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+
 def _sign(key: bytes, kind: str, label: str, principal: str, expiry: int) -> str:
-    mac = hmac.new(key, f"{kind}|{label}|{principal}|{expiry}".encode(), hashlib.sha256)
+    mac = hmac.new(host_key(key, label), f"{kind}|{label}|{principal}|{expiry}".encode(),
+                   hashlib.sha256)
     return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
 
 

@@ -1,0 +1,3 @@
+module ctf-instancer/ctfgate
+
+go 1.22
