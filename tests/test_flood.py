@@ -449,7 +449,7 @@ def test_ctfctl_status_shows_container_output_as_it_is(fresh: Stack) -> None:
 
 
 def test_waiting_requests_do_not_slow_healthz_or_other_teams(fresh: Stack) -> None:
-    """While 60 requests of one team (and one of 60 teams each) wait, others answer < 100 ms."""
+    """While 60 requests of one team (and one of 60 teams each) wait, others answer < 250 ms."""
     stack = fresh
     held: list[Any] = []
     errors: list[BaseException] = []
@@ -496,7 +496,8 @@ def test_waiting_requests_do_not_slow_healthz_or_other_teams(fresh: Stack) -> No
           f"p99 {p99(others) * 1000:.1f} ms (without: /healthz p99 "
           f"{p99(calm_health) * 1000:.1f} ms, list p99 {p99(calm_others) * 1000:.1f} ms)")
     assert still_waiting >= 60
-    # Under 100 ms, or (on a machine loaded by others) no slower than 3x the same requests
-    # without the flood: before issue 17 the flood made /healthz time out (10 s here).
-    assert p99(health) < max(0.1, 3 * p99(calm_health))
-    assert p99(others) < max(0.1, 3 * p99(calm_others))
+    # Under 250 ms, or (on a machine loaded by others) no slower than 3x the same requests
+    # without the flood: before issue 17 the flood made /healthz time out (10 s here), and
+    # one scheduler hiccup on 2 busy cores is already 100 ms.
+    assert p99(health) < max(0.25, 3 * p99(calm_health))
+    assert p99(others) < max(0.25, 3 * p99(calm_others))
