@@ -22,7 +22,7 @@ from celery_app.docker_driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
 from celery_app.metrics import JANITOR_KEY
 from celery_app.models import Instance, utcnow
-from celery_app.naming import split_instance_key
+from celery_app.naming import LABEL_POOL, POOL_NAME_PREFIX, split_instance_key
 from celery_app.service import NO_INTENT, InstanceService
 from celery_app.state import map_redis_errors
 
@@ -217,6 +217,8 @@ class Janitor:
             rec = records.get(c.name)
             if rec is not None and rec.container_id in ("", c.id):
                 continue  # an instance (or a start in flight)
+            if LABEL_POOL in c.labels and c.name.startswith(POOL_NAME_PREFIX):
+                continue  # unclaimed, in a warm pool: the pool pass keeps those (pool.py)
             if now.timestamp() - _created_at(c.created) < svc.settings.orphan_grace:
                 live_teams.add(c.team_id)
                 continue
@@ -263,6 +265,8 @@ class Janitor:
         tried = 0
         for net in svc.driver.list_networks(svc.scope_labels):
             team = net.labels.get("ctf.team", "")
+            if LABEL_POOL in net.labels:
+                continue  # a warm pool's holding network (pool.py)
             if net.containers or team in live_teams:
                 continue
             # Out of time, or (past the minimum) an instance expired meanwhile: the next pass

@@ -23,6 +23,7 @@ from celery_app.docker_driver import (
     ContainerSpec,
     DockerDriver,
     Filesystem,
+    NetworkInfo,
     ProgressFn,
     carries,
     check_ours,
@@ -55,6 +56,7 @@ from celery_app.naming import (
     container_name,
     network_name,
 )
+from celery_app.pool import Pool
 from celery_app.readiness import probe_once, wait_until
 from celery_app.settings import Settings
 from celery_app.state import StateStore, map_redis_errors
@@ -135,6 +137,8 @@ class InstanceService:
         self.egress = egress or EgressGuard(None, driver, "not configured")
         # SPEC §11: with CTF_INGRESS=traefik instances sit behind this host's Traefik.
         self.ingress = Ingress(settings)
+        # Warm pools (issue 14): containers booted ahead, claimed in start's step 7.
+        self.pool = Pool(self)
         if self.ingress.enabled and not driver.is_local:
             log.warning("CTF_INGRESS=traefik with the remote engine of host %s: Traefik must run "
                         "on the Docker host to reach its containers; run this worker there", host)
@@ -323,7 +327,8 @@ class InstanceService:
                         team, self._labels(team), self.settings.team_subnet_pool,
                         self.settings.team_subnet_prefix,
                     )
-                    info = self.driver.run_container(self._spec(ch, team, port, inst))
+                    info = self._claim_or_run(ch, team, net, self._spec(ch, team, port, inst),
+                                              inst)
                     try:
                         self.egress.admit(info, net)  # its bridge known, internet or not
                     except CTFError:
@@ -342,6 +347,20 @@ class InstanceService:
             # 9. running only once the port answers.
             report({"phase": "starting", "container": name})
             return self._await_ready(ch, info, inst, port, report, lock)
+
+    def _claim_or_run(
+        self, ch: Challenge, team: str, net: NetworkInfo, spec: ContainerSpec, inst: Instance
+    ) -> ContainerInfo:
+        """Start step 7's container: a claimed warm-pool one (issue 14), else a cold one.
+
+        Before a cold one, the pools give way when the host is full: no start is refused
+        for their sake.
+        """
+        info = self.pool.claim(ch, team, net, spec, inst) if ch.pool else None
+        if info is None:
+            self.pool.make_room()
+            info = self.driver.run_container(spec)
+        return info
 
     @contextlib.contextmanager
     def _network_locked(self, team_id: str) -> Iterator[None]:
@@ -379,13 +398,20 @@ class InstanceService:
             ip = self.driver.free_address(network_name(team))
             if ip is not None:
                 self.ingress.add_route(inst.container_name, ch.id, team, ch.protocol, ip, port)
+        return self._container_spec(ch, inst.container_name, team, labels, env, port, ip)
+
+    def _container_spec(
+        self, ch: Challenge, name: str, team: str, labels: dict[str, str],
+        env: dict[str, str], port: int, ip: str | None, network: str | None = None,
+    ) -> ContainerSpec:
+        """The hardened container of ``ch`` (cold starts and warm pools alike)."""
         return ContainerSpec(
-            name=inst.container_name, image=ch.image, port=port, team_id=team, labels=labels,
+            name=name, image=ch.image, port=port, team_id=team, labels=labels,
             env=env, memory_bytes=ch.memory_bytes, nano_cpus=int(ch.cpus * 1e9), pids=ch.pids,
             cap_add=ch.cap_add, publish_ip=self.settings.publish_ip,
             port_range=self.settings.port_range, command=ch.command, hostname=ch.id,
             filesystem=Filesystem(ch.read_only, ch.tmpfs_bytes, ch.storage_bytes),
-            publish=not self.ingress.enabled, ip=ip,
+            publish=not self.ingress.enabled, ip=ip, network=network,
         )
 
     def _own_container(self, name: str, challenge: str, team_id: str) -> ContainerInfo | None:
