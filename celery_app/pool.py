@@ -525,8 +525,11 @@ class Pool:
                     summary.removed.append(c.name)
                 continue
             made = float(c.created) if c.created.isdigit() else now
+            # on a team network yet unclaimed: a claim that died half-way (and Redis lost
+            # its mark); never offered to another team
+            half_claimed = bool(self._networks(c) - {self.network})
             if ch is None or c.state != "running" or made < drained or len(keep) >= target \
-                    or (slot not in ready and now - made > ch.start_timeout):
+                    or half_claimed or (slot not in ready and now - made > ch.start_timeout):
                 if self.keys.withdraw(self.host, c.challenge, slot):
                     self._remove(c)
                     summary.removed.append(c.name)
@@ -540,6 +543,7 @@ class Pool:
             elif slot not in ready and self._answers(ch, c):
                 # parked: off the holding network, on none at all, until a claim
                 try:
+                    self.svc.egress.release(c)  # its holding address is given up
                     self.svc.driver.disconnect_network(c.id, self.network)
                 except CTFError as exc:
                     summary.errors.append(f"{c.name}: {exc}")

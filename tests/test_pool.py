@@ -58,6 +58,15 @@ POOLED = """
     start_timeout: 20
     pool: {size}
 """
+# Never answers on its port (so it stays booting on the holding network) but serves on 9000.
+SLEEPY = """
+  sleepy:
+    image: {image}
+    port: 8080
+    command: ["httpd", "-f", "-p", "9000", "-h", "/www"]
+    start_timeout: 120
+    pool: 2
+"""
 
 
 @dataclass
@@ -144,17 +153,26 @@ def pool_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer
 
 @pytest.fixture(scope="module")
 def pool_catalog(images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test catalog plus ``pooled`` (pool: 3)."""
     path = tmp_path_factory.mktemp("pool") / "challenges.yaml"
     path.write_text(catalog_yaml(images) + POOLED.format(image=images["http"], size=SIZE))
     return path
 
 
 @pytest.fixture(scope="module")
+def sleepy_catalog(pool_catalog: Path, images: dict[str, str]) -> Path:
+    """``pool_catalog`` plus ``sleepy`` (pool: 2, never ready)."""
+    path = pool_catalog.with_name("sleepy.yaml")
+    path.write_text(pool_catalog.read_text() + SLEEPY.format(image=images["http"]))
+    return path
+
+
+@pytest.fixture(scope="module")
 def setup(
-    pool_redis: RedisServer, pool_catalog: Path, docker_client: docker.DockerClient,
+    pool_redis: RedisServer, sleepy_catalog: Path, docker_client: docker.DockerClient,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Setup]:
-    with running_setup(pool_redis, pool_catalog, tmp_path_factory.mktemp("pool-worker"),
+    with running_setup(pool_redis, sleepy_catalog, tmp_path_factory.mktemp("pool-worker"),
                        docker_client) as made:
         yield made
 
@@ -242,6 +260,53 @@ def test_isolation_before_and_after_the_claim(setup: Setup) -> None:
                                           if n.startswith("ctf-pool-")}
     for t, ch in ((team_a, "pooled"), (team_b, "pooled"), (team_b, "web")):
         setup.client.send_task(STOP, args=[ch, t]).get(timeout=60)
+
+
+def test_booting_pool_containers_reach_no_one_and_no_one_reaches_them(setup: Setup) -> None:
+    """On the holding network: not one another, no team, and no team reaches them."""
+    sleepers = wait_for(lambda: (found := setup.unclaimed("sleepy")) and len(found) == 2
+                        and all(_networks(c) for c in found) and found, 60, 0.2,
+                        "two booting pool containers")
+    first, second = sleepers
+    assert _networks(first) == _networks(second) == {n for n in _networks(first)
+                                                     if n.startswith("ctf-pool-")}
+    team = _team()
+    cold = setup.docker.containers.get(setup.start("web", team)["container_id"])
+
+    def serves(ip: str) -> bool:  # from the host, as the readiness probe reaches it
+        with contextlib.suppress(OSError), urllib.request.urlopen(
+                f"http://{ip}:9000/", timeout=2) as answer:
+            return bool(answer.status == 200)
+        return False
+
+    assert serves(_ip(first)) and serves(_ip(second))  # they do listen
+    def reach9000(src: Any, ip: str) -> bool:
+        code, out = src.exec_run(["/bin/busybox", "sh", "-c",
+                                  f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | "
+                                  f"/bin/busybox nc -w 2 {ip} 9000"])
+        return code == 0 and b"200 OK" in out
+
+    assert not reach9000(first, _ip(second))
+    assert not reach9000(cold, _ip(first))
+    assert not _reach(first, _ip(cold))
+    setup.client.send_task(STOP, args=["web", team]).get(timeout=60)
+
+
+def test_a_claim_that_died_half_way_is_removed_not_offered(setup: Setup) -> None:
+    """A pool container found on a team network yet unclaimed (Redis lost the claim) goes."""
+    setup.full()
+    team = _team()
+    setup.start("web", team)
+    victim = setup.unclaimed()[0]
+    slot = victim.labels["ctf.pool"]
+    state = redis.Redis.from_url(setup.env["CTF_REDIS_URL"], decode_responses=True)
+    state.srem("ctf:pool:ready:local:pooled", slot)
+    setup.docker.networks.get(f"ctf-team-{team}").connect(victim)
+    wait_for(lambda: victim.id not in {c.id for c in setup.unclaimed()}, 30, 0.2,
+             "the half-claimed container to be removed")
+    assert setup.docker.containers.list(all=True, filters={"id": victim.id}) == []
+    setup.full()
+    setup.client.send_task(STOP, args=["web", team]).get(timeout=60)
 
 
 def test_flags_of_a_claimed_container_are_the_claiming_teams_only(setup: Setup) -> None:
