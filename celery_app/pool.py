@@ -42,6 +42,7 @@ reconcile rebuilds from living claimed containers and AOF keeps)::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import logging
 import secrets
@@ -126,15 +127,14 @@ def slot_flag(secret: str, challenge: str, slot: str, fmt: str = "CTF{{{digest}}
     return team_flag(secret, challenge, f"pool:{slot}", fmt)
 
 
-def holding_network(host: str, scope: dict[str, str]) -> str:
-    """The holding network of ``host`` (a deployment with extra labels gets its own)."""
-    extra = {k: v for k, v in scope.items() if k != "ctf.managed"}
-    suffix = ""
-    if extra:
-        import hashlib  # noqa: PLC0415  # only tests and shared engines have extra labels
+def holding_network(host: str, scope: dict[str, str], subnets: str) -> str:
+    """The holding network of ``host``: one per subnet pool (and deployment's extra labels).
 
-        suffix = "-" + hashlib.sha256(repr(sorted(extra.items())).encode()).hexdigest()[:8]
-    return f"ctf-pool-{host}{suffix}"
+    Its subnet must come from the current ``CTF_TEAM_SUBNET_POOL`` (the egress firewall's
+    range), so a new pool gets a new holding network rather than reusing one outside it.
+    """
+    key = repr((subnets, sorted(scope.items())))
+    return f"ctf-pool-{host}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 class PoolKeys:
@@ -325,7 +325,8 @@ class Pool:
         self.svc = service
         self.keys = PoolKeys(service.store.redis)
         self.host = service.host
-        self.network = holding_network(service.host, service.scope_labels)
+        self.network = holding_network(service.host, service.scope_labels,
+                                       service.settings.team_subnet_pool)
 
     @property
     def usable(self) -> bool:
@@ -493,12 +494,10 @@ class Pool:
             summary.removed += gone
             if not gone:
                 break
-        # 4. refill, gently
-        if any(r.status == "starting" for r in svc.store.list(host=self.host)):
-            return  # a user's start is in flight: it comes first
+        # 4. refill, gently: one boot at a time, none while a user's start is in flight here
         for ch in pooled.values():
             while kept.get(ch.id, 0) < ch.pool and booting < BOOT_AT_ONCE \
-                    and self._overflow() < 0:
+                    and self._overflow() < 0 and not self._user_starting():
                 try:
                     summary.booted.append(self._boot(ch))
                 except CTFError as exc:
@@ -506,6 +505,10 @@ class Pool:
                     break
                 kept[ch.id] = kept.get(ch.id, 0) + 1
                 booting += 1
+
+    def _user_starting(self) -> bool:
+        """Whether a user's start is in flight on this host (it comes first)."""
+        return any(r.status == "starting" for r in self.svc.store.list(host=self.host))
 
     def _judge(
         self, ch: Challenge | None, found: list[ContainerInfo], now: float,

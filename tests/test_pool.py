@@ -9,7 +9,10 @@ its own, so the session worker's janitor leaves it alone.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
+import os
+import shutil
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -35,8 +38,10 @@ from conftest import (
     wait_for,
 )
 from fastapi.testclient import TestClient
+from test_egress import gateway_of, listener, nft, reaches
 
 from celery_app.api import create_app
+from celery_app.firewall import table_name
 from celery_app.flags import in_app_flag, team_flag
 from celery_app.settings import load_settings
 
@@ -44,6 +49,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
 LABEL = private_label("pool")
 POOL = "10.240.0.0/16"
+FIREWALL_POOL = "10.242.0.0/16"  # the firewall test's own table
 START = "celery_app.tasks.start_container"
 STOP = "celery_app.tasks.stop_container"
 RECONCILE = "celery_app.tasks.reconcile"
@@ -78,6 +84,7 @@ class Setup:
     api: TestClient
     env: dict[str, str]
     docker: docker.DockerClient
+    label: dict[str, str]
 
     def start(self, challenge: str, team: str) -> dict[str, Any]:
         done = self.client.send_task(START, args=[challenge, team]).get(timeout=90)
@@ -95,7 +102,7 @@ class Setup:
     def unclaimed(self, challenge: str = "pooled") -> list[Any]:
         """The pool containers no team holds (Docker's view)."""
         return [c for c in self.docker.containers.list(all=True, filters={"label": [
-            f"{k}={v}" for k, v in {**LABEL, "ctf.challenge": challenge}.items()]})
+            f"{k}={v}" for k, v in {**self.label, "ctf.challenge": challenge}.items()]})
             if c.name.startswith("ctfpool-")]
 
     def full(self, size: int = SIZE) -> list[str]:
@@ -116,15 +123,21 @@ class Setup:
 @contextlib.contextmanager
 def running_setup(
     server: RedisServer, catalog: Path, workdir: Path, client: docker.DockerClient,
-    **env_overrides: str,
+    label: dict[str, str] = LABEL, defaults: tuple[str, ...] = (), **env_overrides: str,
 ) -> Iterator[Setup]:
-    """A worker, a platform client and the API on ``server``; stopped, cleaned afterwards."""
+    """A worker, a platform client and the API on ``server``; stopped, cleaned afterwards.
+
+    ``defaults`` names settings left at the product's default (the test environment's
+    value removed).
+    """
     env = {
         **base_env(server, catalog, workdir / "data"),
-        "CTF_EXTRA_LABELS": json.dumps(LABEL),
+        "CTF_EXTRA_LABELS": json.dumps(label),
         "CTF_TEAM_SUBNET_POOL": POOL,
         **env_overrides,
     }
+    for name in defaults:
+        env.pop(name, None)
     redis.Redis.from_url(env["CTF_REDIS_URL"]).flushdb()
     worker = Worker(env, workdir / f"worker-{uuid.uuid4().hex[:4]}.log")
     platform = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
@@ -136,11 +149,11 @@ def running_setup(
     try:
         worker.start()
         with TestClient(create_app(settings)) as api:
-            yield Setup(worker, platform, api, env, client)
+            yield Setup(worker, platform, api, env, client, label)
     finally:
         worker.stop()
         close_platform_client(platform)
-        cleanup_docker(client, LABEL)
+        cleanup_docker(client, label)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +265,8 @@ def test_isolation_before_and_after_the_claim(setup: Setup) -> None:
     # team B's containers reach each other, never team A's (and A never reaches B's)
     assert _reach(b, _ip(other))
     assert not _reach(b, _ip(a))
-    assert not _reach(a, _ip(b))
+    assert not _reach(a, _ip(b)), (_ip(a), _ip(b), a.attrs["NetworkSettings"]["Networks"],
+                                   b.attrs["NetworkSettings"]["Networks"])
     # a container still waiting in the pool is reached by no team
     wait_for(lambda: len(setup.unclaimed()) == SIZE, 60, 0.2, "the pool to refill")
     for waiting_one in setup.unclaimed():
@@ -440,3 +454,38 @@ def test_pool_gives_way_under_capacity_pressure(tight: Setup) -> None:
     wait_for(lambda: tight.ready() == 1, 60, 0.2, "the pool to refill into the freed room")
     for t in teams[1:]:
         tight.client.send_task(STOP, args=["web", t]).get(timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"),
+                    reason="the egress firewall needs root and nft")
+def test_booting_pool_containers_are_behind_the_egress_firewall(
+    setup: Setup, pool_redis: RedisServer, sleepy_catalog: Path,
+    docker_client: docker.DockerClient, tmp_path: Path,
+) -> None:
+    """Without the firewall a booting pool container reaches the host; with it (default), not."""
+    def booting(s: Setup) -> Any:
+        found = wait_for(lambda: [c for c in s.unclaimed("sleepy") if _networks(c)], 60, 0.2,
+                         "a booting pool container")
+        return found[0]
+
+    with listener("pool-host") as port:
+        plain = booting(setup)  # CTF_EGRESS_FIREWALL=off: the control
+        assert reaches(plain, gateway_of(plain), port, "pool-host")
+        setup.worker.stop()  # one worker of this module at a time (same Redis)
+        cleanup_docker(docker_client, LABEL)
+        table = table_name(ipaddress.IPv4Network(FIREWALL_POOL))
+        try:
+            with running_setup(pool_redis, sleepy_catalog, tmp_path, docker_client,
+                               label=private_label("pool-fw"), defaults=("CTF_EGRESS_FIREWALL",),
+                               CTF_TEAM_SUBNET_POOL=FIREWALL_POOL) as guarded:
+                sleeper = booting(guarded)
+                assert sleeper.attrs["NetworkSettings"]["Networks"]
+                assert not reaches(sleeper, gateway_of(sleeper), port, "pool-host")
+                guarded.full()
+                inst = guarded.start("pooled", _team())  # claimed under the firewall
+                claimed = guarded.docker.containers.get(inst["container_id"])
+                assert "ctf.pool" in claimed.labels
+                assert not reaches(claimed, gateway_of(claimed), port, "pool-host")
+        finally:
+            nft("delete", "table", "inet", table)
+            setup.worker.start()
