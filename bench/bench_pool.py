@@ -52,26 +52,19 @@ SUBNETS = "10.241.0.0/16"  # this benchmark's own team subnets (issue 14)
 POOL_SIZE = 40
 BOOT = ('["sh", "-c", "/bin/busybox sleep 5 && exec /bin/busybox httpd -f '
         '-p 8080 -h /www"]')
-EXTRA = """  pooled:
-    image: {image}
+ENTRY = """  {name}:
+    image: {{image}}
     port: 8080
     ttl: 1200
     memory: 64m
     cpus: 0.5
     pids: 64
-    command: BOOT
+    command: {command}
     start_timeout: 60
-    pool: SIZE
-  cold:
-    image: {image}
-    port: 8080
-    ttl: 1200
-    memory: 64m
-    cpus: 0.5
-    pids: 64
-    command: BOOT
-    start_timeout: 60
-""".replace("BOOT", BOOT).replace("SIZE", str(POOL_SIZE))
+    pool: {pool}
+"""
+EXTRA = (ENTRY.format(name="pooled", command=BOOT, pool=POOL_SIZE)
+         + ENTRY.format(name="cold", command=BOOT, pool=0))
 START = "celery_app.tasks.start_container"
 TIMEOUT = 120
 
