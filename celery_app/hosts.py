@@ -37,6 +37,7 @@ from celery_app.config_files import describe, read_yaml
 from celery_app.errors import BackendUnavailable, CapacityExhausted, HostsFileError
 from celery_app.models import Instance
 from celery_app.naming import TEAM_ID_RE
+from celery_app.pool import PoolKeys
 from celery_app.routing import host_queue
 from celery_app.settings import Settings
 from celery_app.state import StateStore, map_redis_errors, placing_key
@@ -314,7 +315,7 @@ PLACING_WINDOW = 30.0
 
 _PLACE = """
 local now, window, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local best, best_room, best_key = '', 0, nil
+local best, best_room, best_key, best_ready = '', 0, nil, false
 for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local name = ARGV[2 + 2 * i]
@@ -330,7 +331,11 @@ for i, key in ipairs(KEYS) do
   -- and joined the host's instances, and is counted once either way
   local used = redis.call('SCARD', 'ctf:host:' .. name) + redis.call('ZCARD', key)
   local room = tonumber(ARGV[3 + 2 * i]) - used
-  if room > best_room then best, best_room, best_key = name, room, key end
+  -- warm pools (issue 14): a host with a ready pool container of the challenge comes first
+  local ready = redis.call('SCARD', ARGV[3 + 2 * #KEYS + i]) > 0
+  if room > 0 and ((ready and not best_ready) or (ready == best_ready and room > best_room)) then
+    best, best_room, best_key, best_ready = name, room, key, ready
+  end
 end
 if best_key then
   redis.call('ZADD', best_key, now, member)
@@ -342,6 +347,9 @@ return best
 
 def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> str:
     """Return the live host with the most room for a new instance (ties: at random).
+
+    A host with a ready warm-pool container of the instance's challenge (issue 14) is
+    preferred to one with more room and none.
 
     The choice is recorded as a placement on its way, so a burst of starts spreads out
     instead of all seeing the same counts.
@@ -379,6 +387,9 @@ def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> s
     args: list[Any] = [time.time(), PLACING_WINDOW, instance or uuid.uuid4().hex]
     for h in candidates:
         args += [h.name, h.max]
+    # each host's ready pool containers of the challenge (a host with one is preferred)
+    challenge = (instance or "").partition("/")[0]
+    args += [PoolKeys.ready_key(h.name, challenge) for h in candidates]
     with map_redis_errors("place instance"):
         chosen = str(store.redis.eval(_PLACE, len(keys), *keys, *args) or "")
     if not chosen:
