@@ -217,7 +217,8 @@ class Janitor:
             rec = records.get(c.name)
             if rec is not None and rec.container_id in ("", c.id):
                 continue  # an instance (or a start in flight)
-            if LABEL_POOL in c.labels and c.name.startswith(POOL_NAME_PREFIX):
+            if LABEL_POOL in c.labels and c.name.startswith(POOL_NAME_PREFIX) \
+                    and self._pooled(c.challenge):
                 continue  # unclaimed, in a warm pool: the pool pass keeps those (pool.py)
             if now.timestamp() - _created_at(c.created) < svc.settings.orphan_grace:
                 live_teams.add(c.team_id)
@@ -229,6 +230,12 @@ class Janitor:
             except CTFError as exc:
                 summary.errors.append(f"{c.name}: {exc}")
         return live_teams
+
+    def _pooled(self, challenge: str) -> bool:
+        """Whether ``challenge`` has a warm pool (its unclaimed containers are the pool's)."""
+        with contextlib.suppress(CTFError):
+            return self.service.catalog.get(challenge).pool > 0 and self.service.pool.usable
+        return False
 
     def _mark_dead(
         self, records: dict[str, Instance], containers: dict[str, ContainerInfo],

@@ -467,6 +467,8 @@ class Pool:
         svc = self.svc
         catalog: Catalog = svc.catalog
         pooled = {ch.id: ch for ch in catalog if ch.pool > 0} if self.usable else {}
+        if not pooled:
+            return  # nothing to keep; leftovers of a pool set to 0 are the janitor's orphans
         # 2. Docker is the truth
         unclaimed: dict[str, list[ContainerInfo]] = {ch: [] for ch in pooled}
         for c in svc.driver.list_containers({**svc.scope_labels, LABEL_HOST: self.host}):
