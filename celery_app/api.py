@@ -48,6 +48,7 @@ from celery_app.ingress.gate import build_router as build_gate_router
 from celery_app.metrics import ApiMetrics
 from celery_app.models import Status
 from celery_app.naming import TEAM_ID_RE
+from celery_app.pool import PoolKeys, flag_held, pool_status
 from celery_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -482,7 +483,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
 
     """
     disp = dispatcher or Dispatcher(settings)
-    metrics = ApiMetrics(disp.store, disp.catalog)
+    metrics = ApiMetrics(disp.store, disp.catalog, list(disp.hosts))
     health = Health(settings, disp)
     waiter = AsyncWaiter(disp, settings.api_max_waits)
     slots = WaitSlots(settings.api_max_waits_per_team, settings.api_max_waits)
@@ -677,18 +678,40 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
         who.require_admin()
         ch = disp.catalog.get(challenge)
         settings = disp.settings
-        if body.name is None:
-            correct = check_flag(settings.flag_secret_value(), ch.id, team_id, body.flag,
-                                 settings.flag_format)
-        elif ch.flag_env is None:
+        if body.name is not None and ch.flag_env is None:
             raise InvalidRequest(
                 f"challenge {ch.id!r} gives its containers no per-team key (it has no "
                 "'flag_env' in the catalog), so it has no in-app flags to check by name; "
                 "leave out 'name' or set flag_env (juice-shop: CTF_KEY)")
+        if body.name is None:
+            correct = check_flag(settings.flag_secret_value(), ch.id, team_id, body.flag,
+                                 settings.flag_format)
         else:
             correct = check_in_app_flag(settings.flag_secret_value(), ch.id, team_id,
                                         body.name, body.flag, settings.flag_format)
+        # Warm pools (issue 14): the flags of the pool containers this team has held.
+        correct = flag_held(PoolKeys(disp.store.redis), settings.flag_secret_value(), ch.id,
+                            team_id, body.flag, settings.flag_format, body.name) or correct
         return {"team_id": team_id, "challenge": ch.id, "correct": correct}
+
+    # -- warm pools (issue 14) ---------------------------------------------------------------
+
+    @app.get("/api/v1/pools", responses=_ERRORS, tags=["admin"])
+    def list_pools(who: Who) -> dict[str, Any]:
+        """Each warm pool of each host: size, unclaimed containers, ready, claims, misses."""
+        who.require_admin()
+        return {"pools": pool_status(PoolKeys(disp.store.redis), disp.catalog,
+                                     list(disp.hosts))}
+
+    @app.post("/api/v1/pools/{challenge}/drain", responses=_ERRORS, tags=["admin"])
+    def drain_pool(challenge: ChallengeId, who: Who) -> dict[str, Any]:
+        """Remove the challenge's unclaimed pool containers (each host's next pass, ≤ 10 s).
+
+        Do it after pulling a new image: the pools then refill from the new one.
+        """
+        who.require_admin()
+        ch = disp.catalog.get(challenge)
+        return {"challenge": ch.id, "drained_at": PoolKeys(disp.store.redis).drain(ch.id)}
 
     @app.get("/api/v1/instances", responses=_ERRORS, tags=["admin"])
     def list_instances(

@@ -76,6 +76,8 @@ class Challenge(BaseModel):
     read_only: bool = True
     tmpfs: dict[str, str] = Field(default_factory=lambda: {"/tmp": "64m"})  # noqa: S108
     storage: str | None = None
+    # Instances kept booted, unclaimed, on each host; a start claims one (issue 14, pool.py).
+    pool: int = Field(0, ge=0, le=250)
 
     @field_validator("memory")
     @classmethod

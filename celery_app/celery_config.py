@@ -53,4 +53,10 @@ beat_schedule = {
         "schedule": _settings.janitor_interval,
         "options": {"expires": 30, "queue": host_queue(_settings.host)},
     },
+    # Warm pools (issue 14): refilled in the background, one pass at a time per host.
+    "refill-pools": {
+        "task": "celery_app.tasks.refill_pools",
+        "schedule": _settings.janitor_interval,
+        "options": {"expires": 30, "queue": host_queue(_settings.host)},
+    },
 }

@@ -579,6 +579,70 @@ def firewall_status(as_json: JsonOpt = False) -> None:
     raise typer.Exit(EXIT_OK if state.current else EXIT_ERROR)
 
 
+# -- warm pools (issue 14) --------------------------------------------------------------------
+
+pool_app = typer.Typer(help="Warm pools: containers booted ahead, claimed by starts.",
+                       invoke_without_command=True)
+app.add_typer(pool_app, name="pool")
+
+
+def _pool_rows(disp: Dispatcher) -> list[dict[str, Any]]:
+    from celery_app.pool import PoolKeys, pool_status  # noqa: PLC0415  # light --help
+
+    return pool_status(PoolKeys(disp.store.redis), disp.catalog, list(disp.hosts))
+
+
+@pool_app.callback()
+def pool_show(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Show each pool of each host: size, containers, ready, claims, misses."""
+    if ctx.invoked_subcommand is not None:
+        return
+    disp = _dispatcher()
+    with _errors():
+        rows = _pool_rows(disp)
+    if as_json:
+        _print_json({"pools": rows})
+        return
+    if not rows:
+        out.print("no pools: set pool: N on a challenge of the catalog")
+        return
+    table = Table(title=f"{len(rows)} pool(s)")
+    for column in ("host", "challenge", "size", "containers", "ready", "claims", "misses"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["host"], r["challenge"], str(r["size"]), str(r["containers"]),
+                      str(r["ready"]), str(r["claims"]), str(r["misses"]))
+    out.print(table)
+
+
+@pool_app.command("drain")
+def pool_drain(
+    challenge: str, wait: WaitOpt = True, timeout: TimeoutOpt = 120, as_json: JsonOpt = False,
+) -> None:
+    """Remove CHALLENGE's unclaimed pool containers (after pulling a new image): they refill."""
+    from celery_app.pool import PoolKeys  # noqa: PLC0415
+
+    disp = _dispatcher()
+    with _errors():
+        ch = disp.catalog.get(challenge)
+        keys = PoolKeys(disp.store.redis)
+        mark = keys.drain(ch.id)
+        # Each host's next pass removes them; the members made before the mark are known by
+        # slot only, so wait until none of the slots seen now is left.
+        before = {k for k, v in keys.members().items() if v == ch.id}
+        deadline = time.monotonic() + timeout
+        while wait and before & set(keys.members()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = len(before & {k for k, v in keys.members().items() if v == ch.id})
+    if as_json:
+        _print_json({"challenge": ch.id, "drained_at": mark, "left": left})
+    elif left:
+        err.print(f"{left} container(s) of {ch.id} not removed yet: is a worker running?")
+        raise typer.Exit(EXIT_PENDING)
+    else:
+        out.print(f"[green]drained[/] {ch.id}: its pools refill from the current image")
+
+
 def main() -> None:
     """Run ``ctfctl``."""
     app()

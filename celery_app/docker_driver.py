@@ -39,7 +39,7 @@ from celery_app.errors import (
     ImagePullFailed,
     InvalidRequest,
 )
-from celery_app.naming import LABEL_MANAGED, network_name
+from celery_app.naming import LABEL_MANAGED, network_name, read_claim
 
 # The data classes live in celery_app.driver; they are re-exported for older imports.
 __all__ = [
@@ -146,11 +146,14 @@ def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
         }
         nets = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
     ip = next((n.get("IPAddress") for n in nets.values() if n.get("IPAddress")), None)
+    options: dict[str, str] = {}
+    for endpoint in nets.values():
+        options.update((endpoint or {}).get("DriverOpts") or {})
     return ContainerInfo(
         id=attrs.get("Id", ""),
         name=name,
         state=status,
-        labels=labels,
+        labels=read_claim(labels, name, options),
         ports=ports,
         ip=ip,
         exit_code=exit_code,
@@ -174,7 +177,8 @@ def _container_event(raw: dict[str, Any]) -> ContainerEvent:
         action=action.strip(),
         id=str(actor.get("ID") or raw.get("id") or ""),
         name=str(attributes.get("name", "")),
-        labels={k: v for k, v in attributes.items() if k not in _EVENT_ATTRIBUTES},
+        labels=read_claim({k: v for k, v in attributes.items() if k not in _EVENT_ATTRIBUTES},
+                          str(attributes.get("name", ""))),
         exit_code=int(str(exit_code)) if str(exit_code or "").lstrip("-").isdigit() else None,
         health=(detail.strip() or attributes.get("healthStatus")) if action == "health_status"
         else None,
@@ -444,7 +448,7 @@ class DockerDriver:
         host_config = api.create_host_config(
             port_bindings={port_key: (spec.publish_ip, spec.port_range or "")}
             if spec.publish else None,
-            network_mode=network_name(spec.team_id),
+            network_mode=spec.network or network_name(spec.team_id),
             cap_drop=["ALL"],
             cap_add=spec.cap_add or None,
             security_opt=["no-new-privileges:true"],
@@ -549,7 +553,26 @@ class DockerDriver:
             CapacityExhausted: every subnet of the pool is taken.
 
         """
-        name = network_name(team_id)
+        return self.ensure_named_network(network_name(team_id), labels, pool, prefix)
+
+    def ensure_named_network(
+        self, name: str, labels: dict[str, str], pool: str, prefix: int, *,
+        internal: bool = False, options: dict[str, str] | None = None,
+    ) -> NetworkInfo:
+        """Return the bridge network ``name``, creating it with a subnet from ``pool``.
+
+        Args:
+            name: the network's name.
+            labels: its labels (an existing one must carry them).
+            pool: the subnet pool.
+            prefix: the subnet's prefix length.
+            internal: no route out of the subnet (warm pools' holding network).
+            options: bridge driver options (``com.docker.network.bridge.enable_icc``).
+
+        Raises:
+            CapacityExhausted: every subnet of the pool is taken.
+
+        """
         existing = self.get_network(name)
         if existing is not None:
             check_ours("network", name, existing.labels, labels)
@@ -569,7 +592,8 @@ class DockerDriver:
             try:
                 with map_docker_errors(f"create network {name}"):
                     self.client.api.create_network(
-                        name, driver="bridge", ipam=ipam, labels=labels, check_duplicate=True
+                        name, driver="bridge", ipam=ipam, labels=labels, check_duplicate=True,
+                        internal=internal, options=options,
                     )
             except (InvalidRequest, DockerUnavailable) as exc:
                 text = str(exc).lower()
@@ -624,6 +648,40 @@ class DockerDriver:
         for endpoint in (attrs.get("Containers") or {}).values():
             used.add(str(endpoint.get("IPv4Address", "")).split("/", 1)[0])
         return next((str(a) for a in subnet.hosts() if str(a) not in used), None)
+
+    # -- warm pools (issue 14): a booted container changes hands --------------------------------
+
+    def connect_network(
+        self, container: str, network: str, ip: str | None = None,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        """Connect a running container to ``network`` (at ``ip``), with endpoint ``options``.
+
+        The options are kept by the engine with the endpoint and shown by inspect: a claim
+        writes there what labels, fixed at creation, cannot say.
+        """
+        with map_docker_errors(f"connect {container} to {network}"):
+            self.client.api.connect_container_to_network(
+                container, network, ipv4_address=ip, driver_opt=options or None)
+
+    def disconnect_network(self, container: str, network: str) -> bool:
+        """Disconnect a container from ``network``; ``False`` when it was not connected."""
+        with map_docker_errors(f"disconnect {container} from {network}"):
+            try:
+                self.client.api.disconnect_container_from_network(container, network,
+                                                                  force=True)
+            except docker.errors.NotFound:
+                return False
+            except docker.errors.APIError as exc:
+                if "is not connected" in str(exc.explanation):
+                    return False
+                raise
+        return True
+
+    def rename_container(self, container: str, name: str) -> None:
+        """Rename a container (the engine refuses a name in use: InvalidRequest)."""
+        with map_docker_errors(f"rename {container} to {name}"):
+            self.client.api.rename(container, name)
 
 
 if TYPE_CHECKING:  # mypy proves here that DockerDriver keeps the Driver contract

@@ -75,6 +75,8 @@ class ContainerSpec:
     # The ingress (SPEC §11): no host port at all, and the address the route points to.
     publish: bool = True
     ip: str | None = None
+    # Warm pools (issue 14): the network it boots on instead of the team's.
+    network: str | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,28 @@ class Driver(Protocol):
         A network of that name without ``labels`` raises ``InvalidRequest``; a full pool,
         ``CapacityExhausted``.
         """
+
+    def ensure_named_network(
+        self, name: str, labels: dict[str, str], pool: str, prefix: int, *,
+        internal: bool = False, options: dict[str, str] | None = None,
+    ) -> NetworkInfo:
+        """Return the bridge network ``name``, creating it with a free ``/prefix`` of ``pool``.
+
+        ``internal``: no route out of the subnet (warm pools' holding network); ``options``:
+        bridge driver options.
+        """
+
+    def connect_network(
+        self, container: str, network: str, ip: str | None = None,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        """Connect a running container to ``network`` (at ``ip``), with endpoint ``options``."""
+
+    def disconnect_network(self, container: str, network: str) -> bool:
+        """Disconnect a container from ``network``; ``False`` when it was not connected."""
+
+    def rename_container(self, container: str, name: str) -> None:
+        """Rename a container (a name in use raises ``InvalidRequest``)."""
 
     def remove_network(self, name_or_id: str) -> bool:
         """Remove a network; ``False`` when it was already gone or still has containers."""

@@ -37,6 +37,7 @@ from celery_app.config_files import describe, read_yaml
 from celery_app.errors import BackendUnavailable, CapacityExhausted, HostsFileError
 from celery_app.models import Instance
 from celery_app.naming import TEAM_ID_RE
+from celery_app.pool import PoolKeys
 from celery_app.routing import host_queue
 from celery_app.settings import Settings
 from celery_app.state import StateStore
@@ -308,6 +309,9 @@ PLACING_WINDOW = 30.0
 def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> str:
     """Return the live host with the most room for a new instance (ties: at random).
 
+    A host with a ready warm-pool container of the instance's challenge (issue 14) is
+    preferred to one with more room and none.
+
     The choice is recorded as a placement on its way, so a burst of starts spreads out
     instead of all seeing the same counts.
 
@@ -340,8 +344,11 @@ def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> s
     # Choose and record the choice in one Redis step: a burst of starts sees each other's
     # placements (not yet counted as instances) and spreads over the hosts.
     random.shuffle(candidates)  # ties go to a random host
+    # each host's ready pool containers of the challenge (a host with one is preferred)
+    challenge = (instance or "").partition("/")[0]
     chosen = store.place([(h.name, h.max) for h in candidates], instance or uuid.uuid4().hex,
-                         time.time(), PLACING_WINDOW)
+                         time.time(), PLACING_WINDOW,
+                         [PoolKeys.ready_key(h.name, challenge) for h in candidates])
     if not chosen:
         raise CapacityExhausted(
             "every Docker host with a live worker is full once the starts already on their way "

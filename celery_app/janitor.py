@@ -21,7 +21,7 @@ from redis.exceptions import LockError
 from celery_app.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
 from celery_app.models import Instance, utcnow
-from celery_app.naming import split_instance_key
+from celery_app.naming import LABEL_POOL, POOL_NAME_PREFIX, split_instance_key
 from celery_app.service import NO_INTENT, InstanceService
 from celery_app.state import map_redis_errors
 
@@ -212,6 +212,9 @@ class Janitor:
             rec = records.get(c.name)
             if rec is not None and rec.container_id in ("", c.id):
                 continue  # an instance (or a start in flight)
+            if LABEL_POOL in c.labels and c.name.startswith(POOL_NAME_PREFIX) \
+                    and self._pooled(c.challenge):
+                continue  # unclaimed, in a warm pool: the pool pass keeps those (pool.py)
             if now.timestamp() - _created_at(c.created) < svc.settings.orphan_grace:
                 live_teams.add(c.team_id)
                 continue
@@ -222,6 +225,12 @@ class Janitor:
             except CTFError as exc:
                 summary.errors.append(f"{c.name}: {exc}")
         return live_teams
+
+    def _pooled(self, challenge: str) -> bool:
+        """Whether ``challenge`` has a warm pool (its unclaimed containers are the pool's)."""
+        with contextlib.suppress(CTFError):
+            return self.service.catalog.get(challenge).pool > 0 and self.service.pool.usable
+        return False
 
     def _mark_dead(
         self, records: dict[str, Instance], containers: dict[str, ContainerInfo],
@@ -258,6 +267,8 @@ class Janitor:
         tried = 0
         for net in svc.driver.list_networks(svc.scope_labels):
             team = net.labels.get("ctf.team", "")
+            if LABEL_POOL in net.labels:
+                continue  # a warm pool's holding network (pool.py)
             if net.containers or team in live_teams:
                 continue
             # Out of time, or (past the minimum) an instance expired meanwhile: the next pass

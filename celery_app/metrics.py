@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from celery_app.catalog import Catalog
 from celery_app.errors import CTFError
 from celery_app.models import STATUSES
+from celery_app.pool import PoolCollector, PoolKeys
 from celery_app.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ class ApiMetrics:
 
     """
 
-    def __init__(self, store: StateStore, catalog: Catalog) -> None:
+    def __init__(
+        self, store: StateStore, catalog: Catalog, hosts: list[str] | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "ctf_api_requests", "HTTP requests answered, by method, route and status",
@@ -100,6 +103,8 @@ class ApiMetrics:
             registry=self.registry,
         )
         self.registry.register(StateCollector(store, catalog))
+        if hosts is not None:  # warm pools (issue 14)
+            self.registry.register(PoolCollector(PoolKeys(store.redis), catalog, hosts))
 
     def render(self) -> tuple[bytes, str]:
         """Return the Prometheus text exposition and its content type."""

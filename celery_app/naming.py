@@ -18,6 +18,13 @@ LABEL_STARTED_AT: Final = "ctf.started_at"
 LABEL_EXPIRES_AT: Final = "ctf.expires_at"
 # "internet" or "none": read by the egress firewall (celery_app.firewall) from Docker.
 LABEL_EGRESS: Final = "ctf.egress"
+# -- warm pools (issue 14, celery_app.pool) ------------------------------------------------
+# The slot id of a container booted ahead of time for no team yet. Labels cannot change, so a
+# claim writes what it decides where Docker still can: the container's name becomes the
+# instance name (the team), and the team-network endpoint's driver options carry the claim's
+# started_at / expires_at. :func:`read_claim` folds both back into the labels as read.
+LABEL_POOL: Final = "ctf.pool"
+POOL_NAME_PREFIX: Final = "ctfpool-"  # never an instance name, which starts "ctf-"
 
 
 def check_team_id(team_id: object) -> str:
@@ -61,3 +68,32 @@ def split_instance_key(key: str) -> tuple[str, str]:
     """Invert :func:`instance_key`: return ``(challenge, team_id)``."""
     challenge, _, team_id = key.partition("/")
     return challenge, team_id
+
+
+def pool_container_name(challenge: str, slot: str) -> str:
+    """Return the name of an unclaimed pool container: ``ctfpool-<challenge>-<slot>``."""
+    return f"{POOL_NAME_PREFIX}{challenge}-{slot}"
+
+
+def read_claim(
+    labels: dict[str, str], name: str, endpoint_options: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Return a container's labels as the instancer reads them (warm pools, issue 14).
+
+    A claimed pool container (``ctf.pool`` label, no ``ctf.team``) is named
+    ``ctf-<challenge>-<team>``: its team is read from that name, and its claim's
+    ``ctf.started_at`` / ``ctf.expires_at`` from its team-network endpoint's driver options.
+    Any other container's labels are returned unchanged.
+    """
+    challenge = labels.get(LABEL_CHALLENGE, "")
+    if LABEL_POOL not in labels or LABEL_TEAM in labels or not challenge:
+        return labels
+    prefix = container_name(challenge, "")
+    team = name[len(prefix):] if name.startswith(prefix) else ""
+    if not TEAM_ID_RE.fullmatch(team):
+        return labels  # unclaimed (or not a name we gave): no team
+    claimed = {**labels, LABEL_TEAM: team}
+    for key in (LABEL_STARTED_AT, LABEL_EXPIRES_AT):
+        if endpoint_options and endpoint_options.get(key):
+            claimed[key] = endpoint_options[key]
+    return claimed

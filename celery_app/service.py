@@ -26,6 +26,7 @@ from celery_app.firewall import EgressGuard
 from celery_app.ingress import Ingress
 from celery_app.models import Instance, iso, utcnow
 from celery_app.naming import check_team_id, container_name
+from celery_app.pool import Pool
 from celery_app.reconcile import BUSY_WAIT, Reconciler, ReconcileSummary
 from celery_app.settings import Settings
 from celery_app.specs import InstanceSpecs
@@ -71,6 +72,8 @@ class InstanceService:
         # Only what carries all these labels is ours (tests add a run label here).
         self.scope_labels = self.specs.scope_labels
         self.reconciler = Reconciler(self)
+        # Warm pools (issue 14): containers booted ahead, claimed in start's step 7.
+        self.pool = Pool(self)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -187,7 +190,7 @@ class InstanceService:
                 # 7. network and container, under the team's network lock (a stop of the
                 #    team's last instance must not remove the network we are joining).
                 report({"phase": "creating"})
-                info = self.specs.create(ch, team, port, inst, self.egress)
+                info = self.specs.create(ch, team, port, inst, self.egress, self.pool)
             except BaseException:
                 # Nothing half-made: the reservation, and a network made only for this
                 # instance, go with the failed creation.

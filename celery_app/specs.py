@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import LockError
 from redis.lock import Lock
@@ -46,6 +46,9 @@ from celery_app.naming import (
 from celery_app.readiness import probe_once, wait_until
 from celery_app.settings import Settings
 from celery_app.state import StateStore, map_redis_errors
+
+if TYPE_CHECKING:  # the pool builds on the service, which builds on these specs
+    from celery_app.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -183,28 +186,43 @@ class InstanceSpecs:
             ip = self.driver.free_address(network_name(team))
             if ip is not None:
                 self.ingress.add_route(inst.container_name, ch.id, team, ch.protocol, ip, port)
+        return self.container_spec(ch, inst.container_name, team, labels, env, port, ip)
+
+    def container_spec(
+        self, ch: Challenge, name: str, team: str, labels: dict[str, str],
+        env: dict[str, str], port: int, ip: str | None, network: str | None = None,
+    ) -> ContainerSpec:
+        """The hardened container of ``ch`` (cold starts and warm pools alike)."""
         return ContainerSpec(
-            name=inst.container_name, image=ch.image, port=port, team_id=team, labels=labels,
+            name=name, image=ch.image, port=port, team_id=team, labels=labels,
             env=env, memory_bytes=ch.memory_bytes, nano_cpus=int(ch.cpus * 1e9), pids=ch.pids,
             cap_add=ch.cap_add, publish_ip=self.settings.publish_ip,
             port_range=self.settings.port_range, command=ch.command, hostname=ch.id,
             filesystem=Filesystem(ch.read_only, ch.tmpfs_bytes, ch.storage_bytes),
-            publish=not self.ingress.enabled, ip=ip,
+            publish=not self.ingress.enabled, ip=ip, network=network,
         )
 
     def create(self, ch: Challenge, team: str, port: int, inst: Instance,
-               egress: EgressGuard) -> ContainerInfo:
+               egress: EgressGuard, pool: Pool | None = None) -> ContainerInfo:
         """Make the team's network (if needed) and ``inst``'s container, admitted by ``egress``.
 
         Under the team's network lock: a stop of the team's last instance must not remove
         the network this container joins. A container the egress guard refuses is removed.
+        The container is a claimed warm-pool one when ``pool`` has one ready (issue 14);
+        before a cold one, the pools give way when the host is full, so no start is refused
+        for their sake.
         """
         with self.store.holding_network(team):
             net = self.driver.ensure_network(
                 team, self.labels(team), self.settings.team_subnet_pool,
                 self.settings.team_subnet_prefix,
             )
-            info = self.driver.run_container(self.spec(ch, team, port, inst))
+            spec = self.spec(ch, team, port, inst)
+            info = pool.claim(ch, team, net, spec, inst) if pool and ch.pool else None
+            if info is None:
+                if pool is not None:
+                    pool.make_room()
+                info = self.driver.run_container(spec)
             try:
                 egress.admit(info, net)  # its bridge known, internet or not
             except CTFError:

@@ -104,11 +104,12 @@ return false
 
 # Choose the host with the most room and record the choice, in one step (see
 # celery_app.hosts.pick_host). KEYS: each candidate's placing zset; ARGV: now, window, the
-# instance, the instance-record and host-set prefixes, then (name, max) per candidate.
+# instance, the instance-record and host-set prefixes, then (name, max) per candidate, then
+# each candidate's set of ready warm-pool slots of the challenge (issue 14; "" for none).
 _PLACE = """
 local now, window, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local inst_prefix, host_prefix = ARGV[4], ARGV[5]
-local best, best_room, best_key = '', 0, nil
+local best, best_room, best_key, best_ready = '', 0, nil, false
 for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local name = ARGV[4 + 2 * i]
@@ -124,7 +125,12 @@ for i, key in ipairs(KEYS) do
   -- and joined the host's instances, and is counted once either way
   local used = redis.call('SCARD', host_prefix .. name) + redis.call('ZCARD', key)
   local room = tonumber(ARGV[5 + 2 * i]) - used
-  if room > best_room then best, best_room, best_key = name, room, key end
+  -- warm pools (issue 14): a host with a ready pool container of the challenge comes first
+  local ready_key = ARGV[5 + 2 * #KEYS + i]
+  local ready = ready_key ~= '' and redis.call('SCARD', ready_key) > 0
+  if room > 0 and ((ready and not best_ready) or (ready == best_ready and room > best_room)) then
+    best, best_room, best_key, best_ready = name, room, key, ready
+  end
 end
 if best_key then
   redis.call('ZADD', best_key, now, member)
@@ -388,12 +394,13 @@ class StateStore:
     # -- placement (used by the hosts module) ---------------------------------------------
 
     def place(self, candidates: Sequence[tuple[str, int]], member: str, now: float,
-              window: float) -> str:
+              window: float, ready_keys: Sequence[str] | None = None) -> str:
         """Choose the candidate ``(host, max)`` with the most room and record the choice.
 
         Room is ``max`` minus the host's instances and its placements younger than
         ``window`` s, counted in the same step that records the choice; a placement of
-        ``member`` already on its way keeps its host.
+        ``member`` already on its way keeps its host. A candidate whose set in
+        ``ready_keys`` (one per candidate) holds a ready warm-pool slot comes first.
 
         Returns:
             The chosen host, or ``""`` when none has room.
@@ -402,6 +409,7 @@ class StateStore:
         args: builtins.list[Any] = [now, window, member, keys.INSTANCE_PREFIX, keys.HOST_PREFIX]
         for name, most in candidates:
             args += [name, most]
+        args += list(ready_keys) if ready_keys else [""] * len(candidates)
         with map_redis_errors("place instance"):
             return str(self._place(keys=[placing_key(name) for name, _ in candidates],
                                    args=args) or "")

@@ -287,6 +287,15 @@ def reap_expired(self: InstancerTask) -> dict[str, Any]:
     return get_context().janitor.run_once().as_dict()
 
 
+# Warm pools (issue 14): the beat runs it on each host's queue, like the janitor; the pass
+# boots a few containers and returns (it never waits for one to boot), so it holds no thread.
+@app.task(name="celery_app.tasks.refill_pools", bind=True, base=InstancerTask, max_retries=0,
+          ignore_result=True)
+def refill_pools(self: InstancerTask) -> dict[str, Any]:
+    """Run one pool pass: replace dead pool containers, park ready ones, remove extras, refill."""
+    return get_context().service.pool.run_once().as_dict()
+
+
 @app.task(name="celery_app.tasks.reconcile", bind=True, base=InstancerTask)
 def reconcile(self: InstancerTask) -> dict[str, Any]:
     """Rebuild the Redis index from Docker labels; return what changed."""

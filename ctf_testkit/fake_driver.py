@@ -85,6 +85,7 @@ class FakeDriver:
         self.registry: dict[str, FakeImage] = dict(registry or {})
         self.containers: dict[str, ContainerInfo] = {}  # by id
         self.networks: dict[str, NetworkInfo] = {}  # by id
+        self.attached: dict[str, set[str]] = {}  # container id -> ids of its networks
         self.logs: dict[str, str] = {}
         self.down = False
         self.calls: list[str] = []
@@ -191,11 +192,11 @@ class FakeDriver:
             if self._find(spec.name) is not None:
                 raise InvalidRequest(f"create container {spec.name}: Docker refused the "
                                      f"request (409): the name {spec.name} is in use")
-            net = self._network(network_name(spec.team_id))
+            wanted = spec.network or network_name(spec.team_id)
+            net = self._network(wanted)
             if net is None:
                 raise InvalidRequest(f"create container {spec.name}: Docker refused the "
-                                     f"request (404): network {network_name(spec.team_id)} "
-                                     "not found")
+                                     f"request (404): network {wanted} not found")
             ip = spec.ip or self._free_ip(net)
             ports = {}
             if spec.publish:
@@ -207,6 +208,7 @@ class FakeDriver:
                 created=str(int(time.time())),
             )
             self.containers[info.id] = info
+            self.attached[info.id] = {net.id}
             self.networks[net.id] = replace(net, containers=net.containers + 1)
         self._emit("start", info)
         return info
@@ -219,9 +221,10 @@ class FakeDriver:
             if info is None:
                 return False
             del self.containers[info.id]
-            net = self._network(network_name(info.team_id))
-            if net is not None:
-                self.networks[net.id] = replace(net, containers=max(0, net.containers - 1))
+            for net_id in self.attached.pop(info.id, set()):
+                net = self.networks.get(net_id)
+                if net is not None:
+                    self.networks[net_id] = replace(net, containers=max(0, net.containers - 1))
         if info.state == "running":
             self._emit("die", info, exit_code=137)
         self._emit("destroy", info)
@@ -254,8 +257,15 @@ class FakeDriver:
         self, team_id: str, labels: dict[str, str], pool: str, prefix: int
     ) -> NetworkInfo:
         """The team's network, made with the lowest free ``/prefix`` of ``pool``."""
+        return self.ensure_named_network(network_name(team_id), labels, pool, prefix)
+
+    def ensure_named_network(
+        self, name: str, labels: dict[str, str], pool: str, prefix: int, *,
+        internal: bool = False, options: dict[str, str] | None = None,
+    ) -> NetworkInfo:
+        """The network ``name``, made with the lowest free ``/prefix`` of ``pool``."""
+        del internal, options  # the fake routes nothing anywhere
         self._call("ensure_network")
-        name = network_name(team_id)
         with self._lock:
             existing = self._network(name)
             if existing is not None:
@@ -273,6 +283,43 @@ class FakeDriver:
             f"no free /{prefix} subnet left in CTF_TEAM_SUBNET_POOL {pool}; use a larger pool "
             "or a longer CTF_TEAM_SUBNET_PREFIX"
         )
+
+    def connect_network(
+        self, container: str, network: str, ip: str | None = None,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        """Attach a container to ``network`` (at ``ip``, else its lowest free address)."""
+        del options
+        self._call("connect_network")
+        with self._lock:
+            info, net = self._find(container), self._network(network)
+            if info is None or net is None:
+                raise InvalidRequest(f"connect {container} to {network}: Docker refused the "
+                                     "request (404): no such container or network")
+            self.attached.setdefault(info.id, set()).add(net.id)
+            self.networks[net.id] = replace(net, containers=net.containers + 1)
+            self.containers[info.id] = replace(info, ip=ip or self._free_ip(net))
+
+    def disconnect_network(self, container: str, network: str) -> bool:
+        """Detach a container from ``network``; ``False`` when it was not attached."""
+        self._call("disconnect_network")
+        with self._lock:
+            info, net = self._find(container), self._network(network)
+            if info is None or net is None or net.id not in self.attached.get(info.id, set()):
+                return False
+            self.attached[info.id].discard(net.id)
+            self.networks[net.id] = replace(net, containers=max(0, net.containers - 1))
+            return True
+
+    def rename_container(self, container: str, name: str) -> None:
+        """Rename a container; a name in use is refused like the engine does (409)."""
+        self._call("rename_container")
+        with self._lock:
+            info = self._find(container)
+            if info is None or self._find(name) is not None:
+                raise InvalidRequest(f"rename {container} to {name}: Docker refused the "
+                                     "request (409): no such container, or the name is in use")
+            self.containers[info.id] = replace(info, name=name)
 
     def remove_network(self, name_or_id: str) -> bool:
         """Remove a network; ``False`` when it is gone or still has containers."""

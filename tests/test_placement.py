@@ -100,3 +100,18 @@ def test_a_placement_reserved_then_stopped_no_longer_counts(
     store.reserve(_instance("brief", "starting"), 5, 100, 4)
     store.delete("web", "brief", "alpha")  # stopped at once
     assert [pick_host(hosts, store, f"web/m{i}") for i in range(4)] == ["alpha"] * 4
+
+
+def test_a_host_with_a_ready_pool_container_is_preferred(two_hosts: tuple[Settings, StateStore]
+                                                         ) -> None:
+    """A start goes where its challenge has a ready pool container, even with less room."""
+    from celery_app.pool import PoolKeys  # noqa: PLC0415
+
+    settings, store = two_hosts
+    hosts = load_hosts(settings)
+    _beat(store, "alpha")
+    _beat(store, "beta")
+    store.put(_instance("other", "running"))  # alpha: 3 of 4 free, beta: 4 of 4
+    PoolKeys(store.redis).offer("alpha", "web", "slot1")
+    assert {pick_host(hosts, store, f"web/t{i}") for i in range(3)} == {"alpha"}
+    assert pick_host(hosts, store, "juice/t9") == "beta"  # no pool for it: the most room

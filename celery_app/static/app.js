@@ -552,6 +552,7 @@
       api("GET", "/api/v1/instances").then(({ body }) => { state.all = body.instances; renderRows(); }),
       api("GET", "/api/v1/capacity").then(({ body }) => renderCapacity(body)),
       api("GET", "/healthz", { allow: [503] }).then(({ body }) => renderHealth(body)),
+      api("GET", "/api/v1/pools").then(({ body }) => renderPools(body.pools || [])),
     ];
     const results = await Promise.allSettled(jobs);
     const failed = results.find((r) => r.status === "rejected");
@@ -582,6 +583,22 @@
       li.append(name, n);
       return li;
     }) : []));
+  }
+
+  // Warm pools (issue 14): one line per pool, hidden while no challenge has one.
+  function renderPools(pools) {
+    $("#pools-tile").hidden = pools.length === 0;
+    $("#pools").replaceChildren(...pools.map((p) => {
+      const li = document.createElement("li");
+      li.dataset.pool = `${p.host}/${p.challenge}`;
+      const name = document.createElement("span");
+      name.textContent = p.host === "local" ? p.challenge : `${p.challenge} @ ${p.host}`;
+      const n = document.createElement("span");
+      n.textContent = `${p.ready} / ${p.size} ready · ${p.claims} claims · ${p.misses} misses`;
+      li.dataset.alive = String(p.ready > 0 || p.size === 0);
+      li.append(name, n);
+      return li;
+    }));
   }
 
   function renderHealth(h) {

@@ -1,0 +1,188 @@
+"""Issue 14: a start that claims a warm pool container vs a cold start of the same image.
+
+The stand-in takes 5 s to boot (``sleep 5; exec httpd``), like a small Juice Shop. One worker
+(default settings: pool pass every 5 s, egress firewall on), two challenges of that image:
+``pooled`` (``pool: 40``) and ``cold`` (``pool: 0``). Interleaved in one run:
+
+A  claim: ``send_task("celery_app.tasks.start_container", ["pooled", team]).get()`` while the
+   pool has a ready container; the team's network exists (challenge ``keep`` of the team
+   is up), as in bench_start.py. The worker's own claim step (Docker connect + rename) is
+   read from its claim-latency histogram too.
+B  cold: the same for ``cold``: the image's 5 s boot, plus the instancer.
+C  raw: ``docker.containers.run`` of the same image on the team's network with the same
+   limits, then the service's readiness probe (as bench_start.py's raw side).
+
+Then a burst: 40 new teams start ``pooled`` at once with 40 ready (team networks made on the
+way, as at an event's opening), and, for comparison, 40 more new teams start ``cold`` at once.
+
+Usage: .venv/bin/python bench/bench_pool.py [-n 20] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+from _common import (
+    LABEL,
+    Bench,
+    Worker,
+    bench_run,
+    celery_client,
+    close_celery_client,
+    emit,
+    machine,
+    pct,
+    summary_ms,
+    wait_for,
+)
+
+from celery_app.naming import network_name
+from celery_app.readiness import wait_ready
+
+SUBNETS = "10.241.0.0/16"  # this benchmark's own team subnets (issue 14)
+POOL_SIZE = 40
+BOOT = ('["sh", "-c", "/bin/busybox sleep 5 && exec /bin/busybox httpd -f '
+        '-p 8080 -h /www"]')
+ENTRY = """  {name}:
+    image: {{image}}
+    port: 8080
+    ttl: 1200
+    memory: 64m
+    cpus: 0.5
+    pids: 64
+    command: {command}
+    start_timeout: 60
+    pool: {pool}
+"""
+EXTRA = (ENTRY.format(name="pooled", command=BOOT, pool=POOL_SIZE)
+         + ENTRY.format(name="cold", command=BOOT, pool=0))
+START = "celery_app.tasks.start_container"
+TIMEOUT = 120
+
+
+def start(client: Any, challenge: str, team: str) -> float:
+    """Send start_container by name and wait for the running instance; return seconds."""
+    began = time.perf_counter()
+    inst = client.send_task(START, args=[challenge, team]).get(timeout=TIMEOUT)
+    took = time.perf_counter() - began
+    if inst.get("status") != "running":
+        raise RuntimeError(f"{challenge}/{team}: {inst}")
+    return took
+
+
+def start_raw(bench: Bench, team: str, index: int) -> tuple[float, str]:
+    """containers.run of the same image and limits + the service's probe; (seconds, id)."""
+    began = time.perf_counter()
+    container = bench.docker.containers.run(
+        bench.image, ["sh", "-c", "/bin/busybox sleep 5 && exec /bin/busybox httpd -f -p 8080 "
+                      "-h /www"], detach=True, name=f"ctf-bench-raw-{index}-{LABEL['ctf.test']}",
+        network=network_name(team), ports={"8080/tcp": ("127.0.0.1", None)}, labels=LABEL,
+        cap_drop=["ALL"], security_opt=["no-new-privileges:true"], mem_limit=64 * 1024**2,
+        memswap_limit=64 * 1024**2, nano_cpus=500_000_000, pids_limit=64, read_only=True,
+    )
+    container.reload()
+    ip = next(n["IPAddress"] for n in container.attrs["NetworkSettings"]["Networks"].values())
+    if not wait_ready(ip, 8080, "http", "/", 60):
+        raise RuntimeError("the raw container never answered")
+    return time.perf_counter() - began, container.id
+
+
+def ready(state: redis.Redis) -> int:
+    return int(state.scard("ctf:pool:ready:local:pooled"))
+
+
+def claim_step(state: redis.Redis) -> dict[str, Any]:
+    """The worker's claim-latency histogram (connect + rename), as /metrics shows it."""
+    raw = {k: float(v) for k, v in state.hgetall("ctf:pool:stats:local").items()}
+    count = raw.get("claims|pooled", 0.0)
+    buckets = sorted((float(k.rsplit("|", 1)[1]), v) for k, v in raw.items()
+                     if k.startswith("le|pooled|"))
+
+    def quantile(q: float) -> float:
+        return next(b for b, n in buckets if n >= q * count)
+
+    return {"claims": int(count), "mean_ms": round(raw.get("sum|pooled", 0) / count * 1000, 1)
+            if count else None, "p50_le_ms": quantile(0.5) * 1000 if count else None,
+            "p99_le_ms": quantile(0.99) * 1000 if count else None}
+
+
+def burst(client: Any, challenge: str, teams: list[str]) -> dict[str, Any]:
+    began = time.perf_counter()
+    with ThreadPoolExecutor(len(teams)) as pool:
+        took = list(pool.map(lambda t: start(client, challenge, t), teams))
+    return {"makespan_s": round(time.perf_counter() - began, 2), **summary_ms(took),
+            "p50_ms": round(statistics.median(took) * 1000, 1),
+            "p99_ms": round(pct(took, 0.99) * 1000, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", type=int, default=20, help="measured starts of each kind")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    result: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                              "machine": machine(), "n": args.n, "pool": POOL_SIZE}
+    with bench_run(ttl=1200, max_lifetime=3600, extra_catalog=EXTRA) as bench:
+        worker = Worker(bench, CTF_TEAM_SUBNET_POOL=SUBNETS)
+        worker.start()
+        client = celery_client(bench)
+        state = redis.Redis.from_url(f"{bench.redis.url}/2", decode_responses=True)
+        samples: dict[str, list[float]] = {"claim": [], "cold": [], "raw": []}
+        try:
+            began = time.perf_counter()
+            wait_for(lambda: ready(state) >= POOL_SIZE, 600, "the pool to fill")
+            result["fill_s"] = round(time.perf_counter() - began, 1)
+            teams = [f"pb{i}" for i in range(args.n)]
+            for t in teams:  # each team's network exists: the measured starts reuse it
+                start(client, "keep", t)
+            for i, team in enumerate(teams):
+                order = ["claim", "cold", "raw"] if i % 2 == 0 else ["raw", "cold", "claim"]
+                for kind in order:
+                    if kind == "claim":
+                        if ready(state) == 0:
+                            raise RuntimeError("the pool ran dry; lower -n")
+                        samples[kind].append(start(client, "pooled", team))
+                    elif kind == "cold":
+                        samples[kind].append(start(client, "cold", team))
+                    else:
+                        took, cid = start_raw(bench, team, i)
+                        samples[kind].append(took)
+                        bench.docker.api.remove_container(cid, force=True, v=True)
+                print(f"round {i + 1}/{args.n}: " + " ".join(
+                    f"{k}={v[-1] * 1000:.0f}ms" for k, v in samples.items()), file=sys.stderr)
+            result["claim"] = {**summary_ms(samples["claim"]),
+                               "p99_ms": round(pct(samples["claim"], 0.99) * 1000, 1)}
+            result["cold"] = summary_ms(samples["cold"])
+            result["raw"] = summary_ms(samples["raw"])
+            result["cold_over_claim"] = round(statistics.median(samples["cold"])
+                                              / statistics.median(samples["claim"]), 1)
+            result["claim_step_in_worker"] = claim_step(state)
+            began = time.perf_counter()
+            wait_for(lambda: ready(state) >= POOL_SIZE, 600, "the pool to refill")
+            result["refill_s"] = round(time.perf_counter() - began, 1)
+            result["burst_pooled"] = burst(client, "pooled", [f"bp{i}" for i in
+                                                              range(POOL_SIZE)])
+            result["burst_cold"] = burst(client, "cold", [f"bc{i}" for i in range(POOL_SIZE)])
+            result["samples_ms"] = {k: [round(v * 1000, 1) for v in vals]
+                                    for k, vals in samples.items()}
+        finally:
+            close_celery_client(client)
+            worker.stop()
+            subprocess.run(["nft", "delete", "table", "inet", "ctf_egress_"
+                            + SUBNETS.replace(".", "_").replace("/", "_")],
+                           capture_output=True, check=False)
+    emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,671 @@
+"""Warm pools (issue 14): instances booted ahead of time, then claimed by a team's start.
+
+A challenge with ``pool: N`` keeps, on each host, N containers booted, probed ready and
+claimed by nobody. The life of one pool container:
+
+1. **Boot** (:meth:`Pool.run_once`, the ``refill_pools`` task): created like a cold start's
+   container (same hardening, same image, ports published as a cold one's), but named
+   ``ctfpool-<challenge>-<slot>`` and labelled ``ctf.pool=<slot>`` with *no* ``ctf.team``,
+   on the host's holding network ``ctf-pool-<host>``: an internal bridge (no route out of
+   its subnet) with inter-container traffic off, its subnet from ``CTF_TEAM_SUBNET_POOL``
+   (so the egress firewall's drop of that range towards the host holds for it too). A
+   published port has no host binding while the container sits on an internal network.
+   Its ``flag_env`` (Juice Shop's ``CTF_KEY``) is the *slot's* flag (:func:`slot_flag`).
+2. **Ready, parked**: once it answers the cold start's readiness probe (an HTTP GET of the
+   health path, or a TCP connect, on its address) it is disconnected from the holding
+   network: it waits on no network at all, reaching nothing and reached by nothing, and its
+   slot joins the ready set.
+3. **Claim** (:meth:`Pool.claim`, from ``InstanceService.start`` step 7, under the instance
+   lock and the team's network lock): the slot leaves the ready set in one Redis step (two
+   starts never get one container), is bound to the team (:meth:`PoolKeys.bind`, for the flag
+   check), and the container is connected to the team network at the address a cold start
+   would get, with the claim's ``ctf.started_at`` / ``ctf.expires_at`` as the endpoint's
+   driver options, then renamed ``ctf-<challenge>-<team>``. From then on it is an instance
+   like any other (the start records, admits and probes it as a cold one). Labels cannot
+   change, so the name and the endpoint options are what tell Docker's truth after a Redis
+   loss (:func:`celery_app.naming.read_claim`).
+
+Redis keys (rebuildable from Docker by the next pass, except the flag bindings, which
+reconcile rebuilds from living claimed containers and AOF keeps)::
+
+    ctf:pool:ready:<host>:<challenge>  set   parked, ready slots (a claim SPOPs one)
+    ctf:pool:taken:<slot>              epoch a claim or a removal owns the slot (1 day)
+    ctf:pool:members                   hash  <host>/<slot> -> challenge: unclaimed containers
+                                             (they count toward CTF_MAX_INSTANCES and the
+                                             host's max_instances)
+    ctf:pool:held:<challenge>/<team>   set   slots the team has held (the flag check)
+    ctf:pool:stats:<host>              hash  claims / misses / claim-latency buckets
+    ctf:pool:drain:<challenge>         epoch unclaimed containers made before it are removed
+    ctf:pool:pass:<host>               lock  one pool pass at a time per host
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from redis.exceptions import LockError
+
+from celery_app.catalog import Catalog, Challenge
+from celery_app.docker_driver import ContainerInfo, ContainerSpec, NetworkInfo, carries
+from celery_app.errors import CTFError, DockerUnavailable
+from celery_app.flags import in_app_flag, team_flag
+from celery_app.models import Instance
+from celery_app.naming import (
+    LABEL_CHALLENGE,
+    LABEL_EGRESS,
+    LABEL_EXPIRES_AT,
+    LABEL_HOST,
+    LABEL_POOL,
+    LABEL_STARTED_AT,
+    POOL_NAME_PREFIX,
+    instance_key,
+    pool_container_name,
+)
+from celery_app.readiness import probe_once
+from celery_app.state import map_redis_errors
+
+if TYPE_CHECKING:
+    import redis
+
+    from celery_app.service import InstanceService
+
+log = logging.getLogger(__name__)
+
+P: Final = "ctf:pool:"
+# Pool containers one host boots at a time: a boot costs CPU that user starts need too.
+BOOT_AT_ONCE: Final = 4
+# Seconds after which a claim (or removal) that owns a slot but never finished is undone.
+STALE_CLAIM: Final = 120.0
+# Buckets of the claim-latency histogram (seconds).
+LATENCY_BUCKETS: Final = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+_ICC_OFF: Final = {"com.docker.network.bridge.enable_icc": "false"}
+
+# Take a ready slot: out of the ready set and the members in one step, owned by the claim.
+_TAKE = """
+local slot = redis.call('SPOP', KEYS[1])
+if not slot then return false end
+redis.call('SET', ARGV[1] .. slot, ARGV[2], 'EX', 86400)
+redis.call('HDEL', KEYS[2], ARGV[3] .. '/' .. slot)
+return slot
+"""
+# Own a slot for removal, unless a claim owns it already.
+_WITHDRAW = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', 86400) then return 0 end
+redis.call('SREM', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[3])
+return 1
+"""
+# Offer a parked slot to claims, unless something owns it already.
+_OFFER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+def slot_flag(secret: str, challenge: str, slot: str, fmt: str = "CTF{{{digest}}}") -> str:
+    """Return the flag a pool container of ``slot`` boots with (before any team holds it).
+
+    It is :func:`celery_app.flags.team_flag` of the pseudo-team ``pool:<slot>``: team ids
+    cannot contain ``:``, so it is never any team's own flag.
+    """
+    return team_flag(secret, challenge, f"pool:{slot}", fmt)
+
+
+def holding_network(host: str, scope: dict[str, str], subnets: str) -> str:
+    """The holding network of ``host``: one per subnet pool (and deployment's extra labels).
+
+    Its subnet must come from the current ``CTF_TEAM_SUBNET_POOL`` (the egress firewall's
+    range), so a new pool gets a new holding network rather than reusing one outside it.
+    """
+    key = repr((subnets, sorted(scope.items())))
+    return f"ctf-pool-{host}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+class PoolKeys:
+    """The pools' Redis keys and their atomic steps (the only code that spells them)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._take = client.register_script(_TAKE)
+        self._withdraw = client.register_script(_WITHDRAW)
+        self._offer = client.register_script(_OFFER)
+
+    @staticmethod
+    def ready_key(host: str, challenge: str) -> str:
+        """The set of parked, ready slots of a challenge on a host."""
+        return f"{P}ready:{host}:{challenge}"
+
+    @staticmethod
+    def taken_key(slot: str) -> str:
+        """Set while a claim or a removal owns the slot."""
+        return f"{P}taken:{slot}"
+
+    @staticmethod
+    def held_key(challenge: str, team: str) -> str:
+        """The slots a team has held for a challenge (their flags are that team's)."""
+        return f"{P}held:{instance_key(challenge, team)}"
+
+    members_key: Final = f"{P}members"
+
+    @staticmethod
+    def stats_key(host: str) -> str:
+        """Claims, misses and claim-latency buckets of a host."""
+        return f"{P}stats:{host}"
+
+    @staticmethod
+    def drain_key(challenge: str) -> str:
+        """When the challenge's pools were last drained (epoch s)."""
+        return f"{P}drain:{challenge}"
+
+    def take(self, host: str, challenge: str) -> str | None:
+        """Take one ready slot for a claim; ``None`` when none is ready."""
+        with map_redis_errors("take a pool slot"):
+            slot = self._take(keys=[self.ready_key(host, challenge), self.members_key],
+                              args=[f"{P}taken:", time.time(), host])
+        return str(slot) if slot else None
+
+    def withdraw(self, host: str, challenge: str, slot: str) -> bool:
+        """Own a slot to remove its container; ``False`` when a claim owns it."""
+        with map_redis_errors("withdraw a pool slot"):
+            return bool(self._withdraw(
+                keys=[self.taken_key(slot), self.ready_key(host, challenge), self.members_key],
+                args=[time.time(), slot, f"{host}/{slot}"]))
+
+    def offer(self, host: str, challenge: str, slot: str) -> bool:
+        """Make a parked slot claimable (unless something owns it)."""
+        with map_redis_errors("offer a pool slot"):
+            return bool(self._offer(keys=[self.taken_key(slot), self.ready_key(host, challenge)],
+                                    args=[slot]))
+
+    def taken_at(self, slot: str) -> float | None:
+        """When a claim or removal took the slot; ``None`` while nobody owns it."""
+        with map_redis_errors("read a pool slot"):
+            raw = self.redis.get(self.taken_key(slot))
+        return float(raw) if raw else None
+
+    def ready(self, host: str, challenge: str) -> set[str]:
+        """The ready slots of a challenge on a host."""
+        with map_redis_errors("read a pool"):
+            return cast(set[str], self.redis.smembers(self.ready_key(host, challenge)))
+
+    def members(self, host: str | None = None) -> dict[str, str]:
+        """``slot -> challenge`` of the unclaimed containers (of ``host``, or ``host/slot``)."""
+        with map_redis_errors("read pool members"):
+            raw = cast(dict[str, str], self.redis.hgetall(self.members_key))
+        if host is None:
+            return raw
+        prefix = f"{host}/"
+        return {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+
+    def add_member(self, host: str, slot: str, challenge: str) -> None:
+        """Count an unclaimed container (from before it exists: capacity is reserved)."""
+        with map_redis_errors("count a pool container"):
+            self.redis.hset(self.members_key, f"{host}/{slot}", challenge)
+
+    def set_members(self, host: str, live: dict[str, str]) -> None:
+        """Make the host's members exactly ``live`` (``slot -> challenge``), from Docker."""
+        stale = [f"{host}/{s}" for s in self.members(host) if s not in live]
+        with map_redis_errors("count pool containers"):
+            pipe = self.redis.pipeline()
+            if stale:
+                pipe.hdel(self.members_key, *stale)
+            for slot, challenge in live.items():
+                pipe.hset(self.members_key, f"{host}/{slot}", challenge)
+            pipe.execute()
+
+    def bind(self, challenge: str, team: str, slot: str) -> None:
+        """Record that ``team`` holds ``slot``: its flags are that team's from now on."""
+        with map_redis_errors("bind a pool slot"):
+            self.redis.sadd(self.held_key(challenge, team), slot)
+
+    def held(self, challenge: str, team: str) -> set[str]:
+        """The slots ``team`` has held for ``challenge``."""
+        with map_redis_errors("read pool bindings"):
+            return cast(set[str], self.redis.smembers(self.held_key(challenge, team)))
+
+    def count(self, host: str, challenge: str, what: str, latency: float | None = None) -> None:
+        """Count a claim (with its latency) or a miss."""
+        with contextlib.suppress(CTFError), map_redis_errors("count a pool claim"):
+            pipe = self.redis.pipeline()
+            key = self.stats_key(host)
+            pipe.hincrby(key, f"{what}|{challenge}", 1)
+            if latency is not None:
+                for bound in (*LATENCY_BUCKETS, float("inf")):
+                    if latency <= bound:
+                        pipe.hincrby(key, f"le|{challenge}|{bound}", 1)
+                pipe.hincrbyfloat(key, f"sum|{challenge}", latency)
+            pipe.execute()
+
+    def stats(self, host: str) -> dict[str, str]:
+        """The raw counters of a host."""
+        with map_redis_errors("read pool counters"):
+            return cast(dict[str, str], self.redis.hgetall(self.stats_key(host)))
+
+    def drain(self, challenge: str) -> float:
+        """Ask every host to remove the challenge's unclaimed containers made until now."""
+        now = time.time()
+        with map_redis_errors("drain a pool"):
+            self.redis.set(self.drain_key(challenge), str(now), ex=86400)
+        return now
+
+    def drained_at(self, challenge: str) -> float:
+        """When the challenge's pools were last drained (0: never)."""
+        with map_redis_errors("read a pool drain"):
+            raw = self.redis.get(self.drain_key(challenge))
+        return float(raw) if raw else 0.0
+
+
+def flag_held(
+    keys: PoolKeys, secret: str, challenge: str, team: str, submitted: str,
+    fmt: str = "CTF{{{digest}}}", name: str | None = None,
+) -> bool:
+    """Whether ``submitted`` is the flag of a pool container ``team`` has held (constant time).
+
+    Args:
+        keys: the pools' Redis keys.
+        secret: ``CTF_FLAG_SECRET``.
+        challenge: the challenge.
+        team: the team that submits.
+        submitted: the flag.
+        fmt: the flag format.
+        name: an in-app challenge's name (Juice Shop): the flag is the app's, under the key
+            the pool container booted with.
+    """
+    wanted = submitted.strip()
+    if name is not None:
+        wanted = wanted.lower()
+    found = False
+    for slot in keys.held(challenge, team):
+        key = slot_flag(secret, challenge, slot, fmt)
+        expected = in_app_flag(key, name) if name is not None else key
+        found |= hmac.compare_digest(expected.encode(), wanted.encode())
+    return found
+
+
+@dataclass
+class PoolSummary:
+    """What one pool pass did on one host."""
+
+    booted: list[str] = field(default_factory=list)
+    ready: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    skipped: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-able summary."""
+        return {"booted": self.booted, "ready": self.ready, "removed": self.removed,
+                "skipped": self.skipped, "errors": self.errors}
+
+
+class Pool:
+    """The warm pools of one host: claims for starts, and the pass that keeps them full.
+
+    Args:
+        service: the host's instance service (its driver, store, settings and catalog).
+    """
+
+    def __init__(self, service: InstanceService) -> None:
+        self.svc = service
+        self.keys = PoolKeys(service.store.redis)
+        self.host = service.host
+        self.network = holding_network(service.host, service.scope_labels,
+                                       service.settings.team_subnet_pool)
+
+    @property
+    def usable(self) -> bool:
+        """Pools need the engine's own machine: the readiness probe uses container addresses."""
+        return self.svc.driver.is_local
+
+    def _pool_labels(self, ch: Challenge, slot: str) -> dict[str, str]:
+        return {**self.svc.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: ch.id,
+                LABEL_POOL: slot, LABEL_EGRESS: ch.egress}
+
+    # -- claim (InstanceService.start, step 7) ----------------------------------------------
+
+    def claim(
+        self, ch: Challenge, team: str, net: NetworkInfo, spec: ContainerSpec, inst: Instance
+    ) -> ContainerInfo | None:
+        """Hand a ready pool container to ``team``; ``None`` (a miss) when none is ready.
+
+        The caller holds the (challenge, team) lock and the team's network lock, has
+        reserved the instance and written its route (``spec`` is the cold start's, with the
+        address it would get); it records, admits and probes what this returns exactly as it
+        does a cold start's container.
+
+        Steps: 1. take a ready slot (one Redis step); 2. check the container is ours, alive
+        and unclaimed; 3. bind the slot to the team (flags); 4. connect it to the team
+        network (address, claim time as endpoint options); 5. rename it to the instance
+        name. A container that fails any step is removed and the next ready one tried.
+        """
+        if ch.pool <= 0 or not self.usable:
+            return None
+        began = time.perf_counter()
+        while True:
+            # 1. take
+            slot = self.keys.take(self.host, ch.id)
+            if slot is None:
+                self.keys.count(self.host, ch.id, "misses")
+                return None
+            # 2. ours, alive, unclaimed
+            info = self.svc.driver.get_container(pool_container_name(ch.id, slot))
+            if info is None or info.state != "running" \
+                    or not carries(info.labels, self._pool_labels(ch, slot)):
+                self._remove(info)
+                continue
+            try:
+                # 3. bind: from here the slot's flags are this team's (and no other's)
+                self.keys.bind(ch.id, team, slot)
+                # 4. the team network, where a cold start would be; never the holding one
+                if self.network in self._networks(info):
+                    self.svc.driver.disconnect_network(info.id, self.network)
+                self.svc.driver.connect_network(
+                    info.id, net.name, ip=spec.ip,
+                    options={LABEL_STARTED_AT: inst.started_at,
+                             LABEL_EXPIRES_AT: inst.expires_at})
+                # 5. the instance's name: Docker's record of which team holds it
+                self.svc.driver.rename_container(info.id, spec.name)
+                claimed = self.svc.driver.get_container(info.id)
+                if claimed is None:
+                    raise DockerUnavailable(f"pool container {info.name} vanished at its claim")
+            except CTFError as exc:
+                log.warning("pool: claim of %s for team %s failed (%s); trying the next",
+                            info.name, team, exc)
+                self._remove(info)
+                continue
+            self.keys.count(self.host, ch.id, "claims", time.perf_counter() - began)
+            log.info("pool: team=%s claimed %s as %s", team, info.name, spec.name)
+            return claimed
+
+    def _remove(self, info: ContainerInfo | None) -> None:
+        if info is None:
+            return
+        with contextlib.suppress(CTFError):
+            self.svc.egress.release(info)
+            self.svc.driver.remove_container(info.id)
+
+    # -- capacity ---------------------------------------------------------------------------
+
+    def _overflow(self) -> int:
+        """How many containers this host (or the service) holds beyond its limit."""
+        svc = self.svc
+        members = self.keys.members()
+        here = sum(1 for k in members if k.startswith(f"{self.host}/"))
+        over = svc.store.count() + len(members) - svc.settings.max_instances
+        if svc.host_max:
+            over = max(over, svc.store.count(self.host) + here - svc.host_max)
+        return min(over, here)
+
+    def make_room(self) -> list[str]:
+        """Remove unclaimed containers while the host is over its limit (a cold start made it).
+
+        Starts are never refused for the pools' sake: the reservation counts instances only,
+        and the pools give way here, before the start creates its container.
+        """
+        removed: list[str] = []
+        over = self._overflow()
+        if over <= 0:
+            return removed
+        members = self.keys.members(self.host)
+        by_size = sorted(members.items(),
+                         key=lambda item: -sum(1 for c in members.values() if c == item[1]))
+        for slot, challenge in by_size:
+            if len(removed) >= over:
+                break
+            if self.keys.withdraw(self.host, challenge, slot):
+                self._remove(self.svc.driver.get_container(pool_container_name(challenge, slot)))
+                removed.append(pool_container_name(challenge, slot))
+        if removed:
+            log.info("pool: host=%s gave way to a start: removed %s", self.host, removed)
+        return removed
+
+    # -- the pass that keeps the pools (the refill_pools task) -------------------------------
+
+    def run_once(self, now: float | None = None) -> PoolSummary:
+        """Keep this host's pools: replace dead containers, park ready ones, remove extras, refill.
+
+        1. one pass at a time per host; 2. read every pool container of the host from Docker;
+        claimed ones re-bind their slot to their team (after a Redis loss); 3. per challenge:
+        dead, drained, stale half-claims and (past the pool's size or the host's capacity)
+        extras go; booting ones that answer the readiness probe are parked and offered;
+        4. refill, at most ``BOOT_AT_ONCE`` booting at a time, never while a user's start is
+        in flight here and never beyond capacity.
+        """
+        now = time.time() if now is None else now
+        summary = PoolSummary()
+        lock = self.svc.store.redis.lock(f"{P}pass:{self.host}", timeout=120)
+        with map_redis_errors("pool pass lock"):
+            if not lock.acquire(blocking=False):
+                summary.skipped = True
+                return summary
+        try:
+            self._pass(now, summary)
+        finally:
+            with contextlib.suppress(LockError), map_redis_errors("pool pass unlock"):
+                lock.release()
+        if summary.booted or summary.removed or summary.ready or summary.errors:
+            log.info("pool host=%s %s", self.host, summary.as_dict())
+        return summary
+
+    def _pass(self, now: float, summary: PoolSummary) -> None:
+        svc = self.svc
+        catalog: Catalog = svc.catalog
+        pooled = {ch.id: ch for ch in catalog if ch.pool > 0} if self.usable else {}
+        if not pooled:
+            return  # nothing to keep; leftovers of a pool set to 0 are the janitor's orphans
+        # 2. Docker is the truth
+        unclaimed: dict[str, list[ContainerInfo]] = {ch: [] for ch in pooled}
+        for c in svc.driver.list_containers({**svc.scope_labels, LABEL_HOST: self.host}):
+            slot = c.labels.get(LABEL_POOL)
+            if not slot:
+                continue
+            if not c.name.startswith(POOL_NAME_PREFIX):
+                if c.team_id:  # claimed: its flags stay its team's (Redis may have lost it)
+                    self.keys.bind(c.challenge, c.team_id, slot)
+                continue
+            unclaimed.setdefault(c.challenge, []).append(c)
+        live: dict[str, str] = {}
+        booting = 0
+        kept: dict[str, int] = {}
+        for challenge, found in unclaimed.items():
+            keep = self._judge(pooled.get(challenge), found, now, summary)
+            ready = self.keys.ready(self.host, challenge)
+            kept[challenge] = len(keep)
+            booting += sum(1 for c in keep if c.labels[LABEL_POOL] not in ready)
+            live.update({c.labels[LABEL_POOL]: challenge for c in keep})
+        self.keys.set_members(self.host, live)
+        # 3b. the host is over capacity (instances grew): the pools give way
+        for _ in range(max(0, self._overflow())):
+            gone = self.make_room()
+            summary.removed += gone
+            if not gone:
+                break
+        # 4. refill, gently: one boot at a time, none while a user's start is in flight here
+        for ch in pooled.values():
+            while kept.get(ch.id, 0) < ch.pool and booting < BOOT_AT_ONCE \
+                    and self._overflow() < 0 and not self._user_starting():
+                try:
+                    summary.booted.append(self._boot(ch))
+                except CTFError as exc:
+                    summary.errors.append(f"{ch.id}: {exc}")
+                    break
+                kept[ch.id] = kept.get(ch.id, 0) + 1
+                booting += 1
+
+    def _user_starting(self) -> bool:
+        """Whether a user's start is in flight on this host (it comes first)."""
+        return any(r.status == "starting" for r in self.svc.store.list(host=self.host))
+
+    def _judge(
+        self, ch: Challenge | None, found: list[ContainerInfo], now: float,
+        summary: PoolSummary,
+    ) -> list[ContainerInfo]:
+        """Remove what must go among one challenge's unclaimed containers; return the rest."""
+        target = ch.pool if ch is not None else 0
+        drained = self.keys.drained_at(found[0].challenge) if found else 0.0
+        ready = self.keys.ready(self.host, found[0].challenge) if found else set()
+        keep: list[ContainerInfo] = []
+        for c in sorted(found, key=lambda c: (c.labels[LABEL_POOL] not in ready, c.created)):
+            slot = c.labels[LABEL_POOL]
+            taken = self.keys.taken_at(slot)
+            if taken is not None:
+                if now - taken > STALE_CLAIM:  # a claim that died half-way
+                    self._remove(c)
+                    summary.removed.append(c.name)
+                continue
+            made = float(c.created) if c.created.isdigit() else now
+            # on a team network yet unclaimed: a claim that died half-way (and Redis lost
+            # its mark); never offered to another team
+            half_claimed = bool(self._networks(c) - {self.network})
+            if ch is None or c.state != "running" or made < drained or len(keep) >= target \
+                    or half_claimed or (slot not in ready and now - made > ch.start_timeout):
+                if self.keys.withdraw(self.host, c.challenge, slot):
+                    self._remove(c)
+                    summary.removed.append(c.name)
+                continue
+            if slot not in ready and not self._networks(c):
+                # parked already (only a container that answered is parked): Redis lost
+                # the ready set, Docker still says it
+                if self.keys.offer(self.host, c.challenge, slot):
+                    summary.ready.append(c.name)
+                    ready.add(slot)
+            elif slot not in ready and self._answers(ch, c):
+                # parked: off the holding network, on none at all, until a claim
+                try:
+                    self.svc.egress.release(c)  # its holding address is given up
+                    self.svc.driver.disconnect_network(c.id, self.network)
+                except CTFError as exc:
+                    summary.errors.append(f"{c.name}: {exc}")
+                    keep.append(c)
+                    continue
+                if self.keys.offer(self.host, c.challenge, slot):
+                    summary.ready.append(c.name)
+                    ready.add(slot)
+            keep.append(c)
+        return keep
+
+    @staticmethod
+    def _networks(c: ContainerInfo) -> set[str]:
+        return set((c.attrs.get("NetworkSettings") or {}).get("Networks") or {})
+
+    def _answers(self, ch: Challenge, c: ContainerInfo) -> bool:
+        """The cold start's readiness probe, on the container's holding address."""
+        if not c.ip:
+            return False
+        port = self.svc.specs.container_port(ch)  # the service's port rule
+        return probe_once(c.ip, port, ch.protocol, ch.health_path, timeout=1.0)
+
+    def _boot(self, ch: Challenge) -> str:
+        """Boot one pool container of ``ch`` on the holding network; return its name."""
+        svc = self.svc
+        svc.ensure_image(ch)
+        svc.egress.require()  # fail closed, as a cold start
+        port = svc.specs.container_port(ch)
+        net = svc.driver.ensure_named_network(
+            self.network, {**svc.scope_labels, LABEL_HOST: self.host, LABEL_POOL: "holding"},
+            svc.settings.team_subnet_pool, svc.settings.team_subnet_prefix,
+            internal=True, options=_ICC_OFF,
+        )
+        slot = secrets.token_hex(6)
+        name = pool_container_name(ch.id, slot)
+        env = dict(ch.env)
+        if ch.flag_env:
+            env[ch.flag_env] = slot_flag(svc.settings.flag_secret_value(), ch.id, slot,
+                                         svc.settings.flag_format)
+        spec = svc.specs.container_spec(  # the cold start's hardening
+            ch, name, "", self._pool_labels(ch, slot), env, port, ip=None, network=self.network)
+        self.keys.add_member(self.host, slot, ch.id)  # counted before it exists
+        try:
+            info = svc.driver.run_container(spec)
+            svc.egress.admit(info, net)
+        except BaseException:
+            self.keys.withdraw(self.host, ch.id, slot)
+            with contextlib.suppress(CTFError):
+                svc.driver.remove_container(name)
+            raise
+        return name
+
+    # -- operating ---------------------------------------------------------------------------
+
+    def drain(self, challenge: str) -> None:
+        """Remove the challenge's unclaimed containers now (before an image update)."""
+        self.svc.catalog.get(challenge)
+        self.keys.drain(challenge)
+        self.run_once()
+
+
+def pool_status(keys: PoolKeys, catalog: Catalog, hosts: list[str]) -> list[dict[str, Any]]:
+    """Each pool of each host: size wanted, unclaimed containers, ready, claims, misses."""
+    members = keys.members()
+    rows = []
+    for host in hosts:
+        stats = keys.stats(host)
+        for ch in catalog:
+            here = sum(1 for k, v in members.items() if k.startswith(f"{host}/") and v == ch.id)
+            claims = int(stats.get(f"claims|{ch.id}", 0))
+            misses = int(stats.get(f"misses|{ch.id}", 0))
+            if not (ch.pool or here or claims or misses):
+                continue
+            rows.append({"host": host, "challenge": ch.id, "size": ch.pool, "containers": here,
+                         "ready": len(keys.ready(host, ch.id)), "claims": claims,
+                         "misses": misses, "drained_at": keys.drained_at(ch.id) or None})
+    return rows
+
+
+class PoolCollector(Collector):
+    """Pool gauges, claim/miss counters and the claim-latency histogram, read from Redis."""
+
+    def __init__(self, keys: PoolKeys, catalog: Catalog, hosts: list[str]) -> None:
+        self.keys = keys
+        self.catalog = catalog
+        self.hosts = hosts
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield ``ctf_pool_*`` metrics (nothing when Redis does not answer)."""
+        try:
+            rows = pool_status(self.keys, self.catalog, self.hosts)
+            stats = {h: self.keys.stats(h) for h in self.hosts}
+        except CTFError as exc:
+            log.warning("metrics: cannot read pools: %s", exc)
+            return
+        labels = ["host", "challenge"]
+        size = GaugeMetricFamily("ctf_pool_size", "Pool containers wanted per host", labels=labels)
+        have = GaugeMetricFamily("ctf_pool_containers", "Unclaimed pool containers",
+                                 labels=labels)
+        ready = GaugeMetricFamily("ctf_pool_ready", "Pool containers ready to claim",
+                                  labels=labels)
+        claims = CounterMetricFamily("ctf_pool_claims", "Starts served by a pool container",
+                                     labels=labels)
+        misses = CounterMetricFamily("ctf_pool_misses", "Starts of a pooled challenge that "
+                                     "found none ready (cold start)", labels=labels)
+        latency = HistogramMetricFamily("ctf_pool_claim_seconds", "Time to claim a pool "
+                                        "container (Docker connect + rename)", labels=labels)
+        for row in rows:
+            key = [row["host"], row["challenge"]]
+            size.add_metric(key, row["size"])
+            have.add_metric(key, row["containers"])
+            ready.add_metric(key, row["ready"])
+            claims.add_metric(key, row["claims"])
+            misses.add_metric(key, row["misses"])
+            raw = stats[row["host"]]
+            buckets = [(str(b) if b != float("inf") else "+Inf",
+                        float(raw.get(f"le|{row['challenge']}|{b}", 0)))
+                       for b in (*LATENCY_BUCKETS, float("inf"))]
+            latency.add_metric(key, buckets, float(raw.get(f"sum|{row['challenge']}", 0)))
+        yield from (size, have, ready, claims, misses, latency)
