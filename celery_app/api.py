@@ -48,7 +48,7 @@ from celery_app.ingress.gate import build_router as build_gate_router
 from celery_app.metrics import ApiMetrics
 from celery_app.models import Status
 from celery_app.naming import TEAM_ID_RE
-from celery_app.pool import PoolKeys, flag_held, pool_status
+from celery_app.pool import flag_held, pool_status
 from celery_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -690,7 +690,7 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
             correct = check_in_app_flag(settings.flag_secret_value(), ch.id, team_id,
                                         body.name, body.flag, settings.flag_format)
         # Warm pools (issue 14): the flags of the pool containers this team has held.
-        correct = flag_held(PoolKeys(disp.store.redis), settings.flag_secret_value(), ch.id,
+        correct = flag_held(disp.store.pools, settings.flag_secret_value(), ch.id,
                             team_id, body.flag, settings.flag_format, body.name) or correct
         return {"team_id": team_id, "challenge": ch.id, "correct": correct}
 
@@ -700,7 +700,7 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
     def list_pools(who: Who) -> dict[str, Any]:
         """Each warm pool of each host: size, unclaimed containers, ready, claims, misses."""
         who.require_admin()
-        return {"pools": pool_status(PoolKeys(disp.store.redis), disp.catalog,
+        return {"pools": pool_status(disp.store.pools, disp.catalog,
                                      list(disp.hosts))}
 
     @app.post("/api/v1/pools/{challenge}/drain", responses=_ERRORS, tags=["admin"])
@@ -711,7 +711,7 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
         """
         who.require_admin()
         ch = disp.catalog.get(challenge)
-        return {"challenge": ch.id, "drained_at": PoolKeys(disp.store.redis).drain(ch.id)}
+        return {"challenge": ch.id, "drained_at": disp.store.pools.drain(ch.id)}
 
     @app.get("/api/v1/instances", responses=_ERRORS, tags=["admin"])
     def list_instances(

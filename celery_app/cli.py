@@ -587,9 +587,9 @@ app.add_typer(pool_app, name="pool")
 
 
 def _pool_rows(disp: Dispatcher) -> list[dict[str, Any]]:
-    from celery_app.pool import PoolKeys, pool_status  # noqa: PLC0415  # light --help
+    from celery_app.pool import pool_status  # noqa: PLC0415  # light --help
 
-    return pool_status(PoolKeys(disp.store.redis), disp.catalog, list(disp.hosts))
+    return pool_status(disp.store.pools, disp.catalog, list(disp.hosts))
 
 
 @pool_app.callback()
@@ -620,12 +620,10 @@ def pool_drain(
     challenge: str, wait: WaitOpt = True, timeout: TimeoutOpt = 120, as_json: JsonOpt = False,
 ) -> None:
     """Remove CHALLENGE's unclaimed pool containers (after pulling a new image): they refill."""
-    from celery_app.pool import PoolKeys  # noqa: PLC0415
-
     disp = _dispatcher()
     with _errors():
         ch = disp.catalog.get(challenge)
-        keys = PoolKeys(disp.store.redis)
+        keys = disp.store.pools
         mark = keys.drain(ch.id)
         # Each host's next pass removes them; the members made before the mark are known by
         # slot only, so wait until none of the slots seen now is left.

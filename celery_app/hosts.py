@@ -37,7 +37,7 @@ from celery_app.config_files import describe, read_yaml
 from celery_app.errors import BackendUnavailable, CapacityExhausted, HostsFileError
 from celery_app.models import Instance
 from celery_app.naming import TEAM_ID_RE
-from celery_app.pool import PoolKeys
+from celery_app.pool_keys import PoolKeys
 from celery_app.routing import host_queue
 from celery_app.settings import Settings
 from celery_app.state import StateStore

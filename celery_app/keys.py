@@ -16,6 +16,8 @@ PREFIX: Final = "ctf:"
 # Prefixes a Lua script derives keys from (passed in as ARGV).
 INSTANCE_PREFIX: Final = f"{PREFIX}inst:"
 HOST_PREFIX: Final = f"{PREFIX}host:"
+# The warm pools' keys (issue 14), built in celery_app.pool_keys.
+POOL_PREFIX: Final = f"{PREFIX}pool:"
 
 EXPIRY: Final = f"{PREFIX}expiry"
 INTENT_SEQ: Final = f"{PREFIX}intentseq"

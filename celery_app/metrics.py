@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from celery_app.catalog import Catalog
 from celery_app.errors import CTFError
 from celery_app.models import STATUSES
-from celery_app.pool import PoolCollector, PoolKeys
+from celery_app.pool import PoolCollector
 from celery_app.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class ApiMetrics:
         )
         self.registry.register(StateCollector(store, catalog))
         if hosts is not None:  # warm pools (issue 14)
-            self.registry.register(PoolCollector(PoolKeys(store.redis), catalog, hosts))
+            self.registry.register(PoolCollector(store.pools, catalog, hosts))
 
     def render(self) -> tuple[bytes, str]:
         """Return the Prometheus text exposition and its content type."""

@@ -14,7 +14,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import redis
 import redis.exceptions
@@ -32,6 +32,9 @@ from celery_app.errors import (
 )
 from celery_app.models import Instance
 from celery_app.naming import instance_key
+
+if TYPE_CHECKING:
+    from celery_app.pool_keys import PoolKeys
 
 # Seconds a (challenge, team) lock lives without renewal: how long a killed worker blocks it.
 LOCK_HOLD: Final = 30.0
@@ -170,6 +173,16 @@ class StateStore:
         self._intent = client.register_script(_INTENT)
         self._swap = client.register_script(_SWAP)
         self._place = client.register_script(_PLACE)
+        self._pools: PoolKeys | None = None
+
+    @property
+    def pools(self) -> PoolKeys:
+        """The warm pools' keys and atomic steps (issue 14), on this store's client."""
+        if self._pools is None:
+            from celery_app.pool_keys import PoolKeys  # noqa: PLC0415  # it builds on this module
+
+            self._pools = PoolKeys(self.redis)
+        return self._pools
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:

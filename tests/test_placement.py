@@ -105,7 +105,7 @@ def test_a_placement_reserved_then_stopped_no_longer_counts(
 def test_a_host_with_a_ready_pool_container_is_preferred(two_hosts: tuple[Settings, StateStore]
                                                          ) -> None:
     """A start goes where its challenge has a ready pool container, even with less room."""
-    from celery_app.pool import PoolKeys  # noqa: PLC0415
+    from celery_app.pool_keys import PoolKeys  # noqa: PLC0415
 
     settings, store = two_hosts
     hosts = load_hosts(settings)

@@ -15,7 +15,8 @@ from conftest import RedisServer
 
 from celery_app.docker_driver import _container_event, _container_info
 from celery_app.flags import in_app_flag, team_flag
-from celery_app.pool import PoolKeys, flag_held, holding_network, slot_flag
+from celery_app.pool import flag_held, holding_network, slot_flag
+from celery_app.pool_keys import PoolKeys
 
 pytestmark = [pytest.mark.redis]
 
