@@ -2,6 +2,19 @@
 
 Part of the state: :class:`~celery_app.state.StateStore` builds it (``store.pools``); the pool
 rules (:mod:`celery_app.pool`), placement, the API and metrics go through it.
+
+Redis keys (rebuildable from Docker by the next pass, except the flag bindings, which
+reconcile rebuilds from living claimed containers and AOF keeps)::
+
+    ctf:pool:ready:<host>:<challenge>  set   parked, ready slots (a claim SPOPs one)
+    ctf:pool:taken:<slot>              epoch a claim or a removal owns the slot (1 day)
+    ctf:pool:members                   hash  <host>/<slot> -> challenge: unclaimed containers
+                                             (they count toward CTF_MAX_INSTANCES and the
+                                             host's max_instances)
+    ctf:pool:held:<challenge>/<team>   set   slots the team has held (the flag check)
+    ctf:pool:stats:<host>              hash  claims / misses / claim-latency buckets
+    ctf:pool:drain:<challenge>         epoch unclaimed containers made before it are removed
+    ctf:pool:pass:<host>               lock  one pool pass at a time per host
 """
 
 from __future__ import annotations
