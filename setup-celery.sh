@@ -14,7 +14,7 @@ pkgs=()
 command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
 command -v dockerd >/dev/null 2>&1 || docker_up || pkgs+=(docker.io)
 python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
-# The egress firewall (celery_app/firewall.py) is an nftables table the worker installs.
+# The egress firewall (celery_app/engine/firewall.py) is an nftables table the worker installs.
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || pkgs+=(nftables)
 [ ${#pkgs[@]} -gt 0 ] && ensure_packages "${pkgs[@]}"
 # The tests build stand-in images from a static busybox, pull from a local registry and drive

@@ -58,7 +58,7 @@ from _common import (
 )
 from bench_janitor import dockerd_pid, proc_cpu
 
-from celery_app.readiness import wait_ready
+from celery_app.core.readiness import wait_ready
 
 RAW_POOL = "10.216.0.0/16"
 TIMEOUT = 300

@@ -52,7 +52,7 @@ def one_round(ctx: Any, team: str) -> tuple[float, float]:
 
 def guard_ops(ctx: Any, n: int) -> dict[str, list[float]]:
     """Time the guard's own calls with stand-in containers (real nft, no Docker work)."""
-    from celery_app.docker_driver import ContainerInfo, NetworkInfo  # noqa: PLC0415
+    from celery_app.engine.docker_driver import ContainerInfo, NetworkInfo  # noqa: PLC0415
 
     guard = ctx.egress
     guard.keep()  # installed first: what a worker has done before its first start

@@ -58,8 +58,8 @@ from _common import (
 from bench_janitor import dockerd_pid, proc_cpu
 from bench_start import TEAM, start_raw
 
-from celery_app.client import Dispatcher
-from celery_app.readiness import wait_ready
+from celery_app.api.client import Dispatcher
+from celery_app.core.readiness import wait_ready
 from ctf_testkit.support import stop_process
 
 ADMIN = "bench-admin-token-0123456789abcdefghij"

@@ -4,7 +4,7 @@ A  ``send_task("celery_app.tasks.start_container", ["web", team]).get()``: task 
    instance running, through a real ``celery worker -B --pool threads`` subprocess.
 B  ``docker.containers.run(...)`` with the same network, port publishing and limits, then
    ``reload()`` for the address and port, then the same readiness probe the service uses
-   (:func:`celery_app.readiness.wait_ready` against the container's IP, as
+   (:func:`celery_app.core.readiness.wait_ready` against the container's IP, as
    ``InstanceSpecs.probe_target`` does on a local engine).
 C  (``--breakdown``) ``InstanceService.start`` in this process: the instancer without Celery,
    to split A - B into "Celery" and "service" parts.
@@ -40,8 +40,8 @@ from _common import (
     summary_ms,
 )
 
-from celery_app.naming import network_name
-from celery_app.readiness import wait_ready
+from celery_app.core.naming import network_name
+from celery_app.core.readiness import wait_ready
 
 TEAM = "benchteam"
 CHALLENGE = "web"

@@ -23,10 +23,10 @@ from typing import Any
 
 from _common import bench_run
 
-import celery_app.readiness as readiness
-import celery_app.service as service_mod
-from celery_app.docker_driver import DockerDriver
-from celery_app.state import StateStore
+import celery_app.core.readiness as readiness
+import celery_app.core.service as service_mod
+from celery_app.engine.docker_driver import DockerDriver
+from celery_app.state.store import StateStore
 
 TEAM = "profteam"
 _local = threading.local()

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutdown
 
-from celery_app.inflight import InflightKeeper
+from celery_app.loops.inflight import InflightKeeper
 
 app = Celery("ctf_instancer", include=["celery_app.tasks"])
 app.config_from_object("celery_app.celery_config")
@@ -51,16 +51,16 @@ def _hold_message(request: Any = None, **_kwargs: Any) -> None:
 
 @worker_ready.connect
 def _start_keeper(**_kwargs: Any) -> None:
-    """Refresh our messages and redeliver dead workers' ones (see celery_app.inflight)."""
+    """Refresh our messages and redeliver dead workers' ones (see celery_app.loops.inflight)."""
     _inflight().start()
 
 
 @worker_ready.connect
 def _start_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
-    """Say in Redis that this worker's Docker host is served (see celery_app.hosts)."""
+    """Say in Redis that this worker's Docker host is served (see celery_app.hosts.placement)."""
     global _heartbeat  # noqa: PLW0603  # one per worker process
     from celery_app.context import get_context  # noqa: PLC0415  # only inside the worker
-    from celery_app.hosts import Heartbeat  # noqa: PLC0415
+    from celery_app.hosts.placement import Heartbeat  # noqa: PLC0415
 
     try:
         ctx = get_context()
@@ -79,16 +79,16 @@ def _stop_heartbeat(**_kwargs: Any) -> None:
         _heartbeat.stop()
     if _keeper is not None:
         _keeper.stop()
-    from celery_app.events import stop_following  # noqa: PLC0415  # only inside the worker
+    from celery_app.loops.events import stop_following  # noqa: PLC0415  # only inside the worker
 
     stop_following()
 
 
 @worker_ready.connect
 def _follow_events(**_kwargs: Any) -> None:
-    """Keep the index true from the engine's events (see celery_app.events)."""
+    """Keep the index true from the engine's events (see celery_app.loops.events)."""
     from celery_app.context import get_context  # noqa: PLC0415  # only inside the worker
-    from celery_app.events import start_following  # noqa: PLC0415
+    from celery_app.loops.events import start_following  # noqa: PLC0415
 
     try:
         start_following(get_context().service)
@@ -116,7 +116,7 @@ def _keep_egress_firewall(**_kwargs: Any) -> None:
     """Install the egress firewall for our pool now, and keep it while the worker runs."""
     global _egress_keeper  # noqa: PLW0603  # one per worker process
     from celery_app.context import get_context  # noqa: PLC0415  # only inside the worker
-    from celery_app.firewall import EgressKeeper  # noqa: PLC0415
+    from celery_app.engine.firewall import EgressKeeper  # noqa: PLC0415
 
     try:
         ctx = get_context()

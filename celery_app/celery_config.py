@@ -9,7 +9,7 @@ the queue of the worker's own Docker host (``CTF_HOST``), so every host is reape
 worker (SPEC §10).
 """
 
-from celery_app.routing import host_queue
+from celery_app.hosts.routing import host_queue
 from celery_app.settings import Settings
 
 # Built from the environment when Celery loads this module; no secret is read or created here.
@@ -39,7 +39,7 @@ broker_connection_retry_on_startup = True
 # and before acknowledging) is not run again: the stored result stands.
 worker_deduplicate_successful_tasks = True
 # Unacknowledged messages of a dead worker come back after this long. Kombu's Redis transport
-# looks for them only every ~100 s on its own; celery_app.inflight looks every few seconds and
+# looks for them only every ~100 s on its own; celery_app.loops.inflight looks every few seconds and
 # keeps the messages of live workers fresh, so a short timeout never redelivers running work.
 broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}

@@ -35,13 +35,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from celery_app.catalog import load_catalog
-from celery_app.client import Dispatcher, TaskView
+from celery_app.api.client import Dispatcher, TaskView
+from celery_app.core.catalog import load_catalog
+from celery_app.core.models import Instance, parse_iso
+from celery_app.core.naming import check_team_id
 from celery_app.errors import CatalogError, CTFError, HostsFileError
-from celery_app.hosts import load_hosts
-from celery_app.models import Instance, parse_iso
-from celery_app.naming import check_team_id
-from celery_app.routing import DEFAULT_QUEUE, host_queue, queues_for
+from celery_app.hosts.placement import load_hosts
+from celery_app.hosts.routing import DEFAULT_QUEUE, host_queue, queues_for
 from celery_app.settings import Settings, load_settings
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_LIMIT, EXIT_BACKEND, EXIT_PENDING = range(7)
@@ -303,7 +303,7 @@ def hosts(as_json: JsonOpt = False) -> None:
 @app.command()
 def token(team: str, as_json: JsonOpt = False) -> None:
     """Print TEAM's API token (it acts on that team's routes only)."""
-    from celery_app.auth import team_token  # noqa: PLC0415  # keeps `ctfctl --help` light
+    from celery_app.api.auth import team_token  # noqa: PLC0415  # keeps `ctfctl --help` light
 
     settings = _settings()
     with _errors():
@@ -375,7 +375,7 @@ def api(
     """Run the HTTP API and dashboard (it needs Redis, not Docker)."""
     import uvicorn  # noqa: PLC0415  # only this command needs the server
 
-    from celery_app.api import create_app  # noqa: PLC0415
+    from celery_app.api.app import create_app  # noqa: PLC0415
 
     settings = _settings()
     host, port = _split_bind(bind or settings.api_bind)
@@ -460,8 +460,8 @@ def check() -> None:
 
 def _check_firewall(settings: Settings, known: Any) -> None:
     """Say whether the egress firewall is in place; exit 1 when it cannot be installed."""
-    from celery_app.docker_driver import DockerDriver  # noqa: PLC0415  # no client is made
-    from celery_app.firewall import EgressGuard, host_addresses  # noqa: PLC0415
+    from celery_app.engine.docker_driver import DockerDriver  # noqa: PLC0415  # no client is made
+    from celery_app.engine.firewall import EgressGuard, host_addresses  # noqa: PLC0415
 
     guard = EgressGuard.for_settings(settings, DockerDriver(known.get_host(settings.host)
                                                             .docker_url),
@@ -504,8 +504,8 @@ app.add_typer(firewall_app, name="firewall")
 
 
 def _guard() -> Any:
-    from celery_app.docker_driver import DockerDriver  # noqa: PLC0415  # needs Docker
-    from celery_app.firewall import (  # noqa: PLC0415
+    from celery_app.engine.docker_driver import DockerDriver  # noqa: PLC0415  # needs Docker
+    from celery_app.engine.firewall import (  # noqa: PLC0415
         EgressFirewall,
         EgressGuard,
         Policy,
@@ -587,7 +587,7 @@ app.add_typer(pool_app, name="pool")
 
 
 def _pool_rows(disp: Dispatcher) -> list[dict[str, Any]]:
-    from celery_app.pool import pool_status  # noqa: PLC0415  # light --help
+    from celery_app.core.pool import pool_status  # noqa: PLC0415  # light --help
 
     return pool_status(disp.store.pools, disp.catalog, list(disp.hosts))
 

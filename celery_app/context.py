@@ -5,15 +5,15 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from celery_app.catalog import Catalog, load_catalog
-from celery_app.docker_driver import DockerDriver
-from celery_app.driver import Driver
-from celery_app.firewall import EgressGuard, host_addresses
-from celery_app.hosts import Hosts, load_hosts
-from celery_app.janitor import Janitor
-from celery_app.service import InstanceService
+from celery_app.core.catalog import Catalog, load_catalog
+from celery_app.core.service import InstanceService
+from celery_app.engine.docker_driver import DockerDriver
+from celery_app.engine.driver import Driver
+from celery_app.engine.firewall import EgressGuard, host_addresses
+from celery_app.hosts.placement import Hosts, load_hosts
+from celery_app.loops.janitor import Janitor
 from celery_app.settings import Settings, load_settings
-from celery_app.state import StateStore
+from celery_app.state.store import StateStore
 
 
 @dataclass

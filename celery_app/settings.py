@@ -87,10 +87,10 @@ class Settings(BaseSettings):
     # retries meanwhile instead of parking a worker thread).
     lock_wait: float = Field(240.0, gt=0)
     # A task message taken by a worker that died comes back after this long. Live workers keep
-    # the messages they hold fresh (celery_app.inflight), so no long task is ever redelivered
+    # the messages they hold fresh (celery_app.loops.inflight), so no long task is ever redelivered
     # while it runs, and a killed worker's requests are redone within about this long.
     visibility_timeout: float = Field(30.0, ge=10, le=3600)
-    # The egress firewall (celery_app.firewall): "auto" installs and keeps it when the engine
+    # The egress firewall (celery_app.engine.firewall): "auto" installs and keeps it when the engine
     # runs on this machine (and refuses starts when it cannot); "off" leaves egress to you.
     egress_firewall: Literal["auto", "off"] = "auto"
     # More IPv4 addresses or CIDRs (comma-separated) no instance may reach, even with

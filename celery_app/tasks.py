@@ -26,11 +26,11 @@ from celery.exceptions import Ignore
 
 from celery_app.celery_app import app
 from celery_app.context import Context, get_context
+from celery_app.core.naming import check_team_id, instance_key
 from celery_app.errors import CTFError, InstanceBusy, OnOtherHost, TransientError
-from celery_app.events import index_is_live
-from celery_app.hosts import host_of, present
-from celery_app.naming import check_team_id, instance_key
-from celery_app.routing import host_queue
+from celery_app.hosts.placement import host_of, present
+from celery_app.hosts.routing import host_queue
+from celery_app.loops.events import index_is_live
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")
@@ -243,7 +243,7 @@ def get_container_status(
 ) -> dict[str, Any]:
     """Return ``{"instances": [...]}``, from the index, filtered by what is given.
 
-    The index follows each engine's events (celery_app.events); while this worker's
+    The index follows each engine's events (celery_app.loops.events); while this worker's
     follower is not connected or is behind, this host's instances are checked against its
     engine instead. One instance (team and challenge given) is answered by its own host's
     worker. Instances whose host has no live worker are not shown as running (``host_up``).

@@ -1,4 +1,4 @@
-"""An in-memory container engine that keeps the :class:`celery_app.driver.Driver` contract.
+"""An in-memory container engine that keeps the :class:`celery_app.engine.driver.Driver` contract.
 
 For fast unit tests of the rules (start/stop, expiry, reconcile, events) without Docker.
 ``tests/test_driver_contract.py`` runs the same tests against it and the real engine, so
@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from celery_app.driver import (
+from celery_app.core.naming import LABEL_MANAGED, network_name
+from celery_app.engine.driver import (
     ContainerEvent,
     ContainerInfo,
     ContainerSpec,
@@ -36,7 +37,6 @@ from celery_app.errors import (
     ImagePullFailed,
     InvalidRequest,
 )
-from celery_app.naming import LABEL_MANAGED, network_name
 
 _END = object()
 

@@ -10,7 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from celery_app.routing import queues_for
+from celery_app.hosts.routing import queues_for
 from ctf_testkit.support import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -47,7 +47,7 @@ ensure_venv() {
         say "installing Python dependencies into .venv${extra:+ (with $extra)}"
         "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
         "$VENV/bin/python" -m pip install -q -e "$spec" 2>&1 | grep -v -i -E "^(WARNING|  )" >&2 || true
-        "$VENV/bin/python" -c "import celery_app.service" 2>/dev/null \
+        "$VENV/bin/python" -c "import celery_app.core.service" 2>/dev/null \
             || die "pip install of $spec failed; run: $VENV/bin/pip install -e '$spec'"
         rm -f "$VENV"/.installed-*
         touch "$stamp"

@@ -13,7 +13,7 @@ import pytest
 from api_helpers import ADMIN_TOKEN
 from fastapi.testclient import TestClient
 
-from celery_app.api import create_app
+from celery_app.api.app import create_app
 from celery_app.settings import Settings
 
 

@@ -11,13 +11,13 @@ from api_helpers import ADMIN, ADMIN_TOKEN, our_containers, team_headers
 from conftest import wait_for
 from fastapi.testclient import TestClient
 
-from celery_app import api as api_module
 from celery_app import errors
-from celery_app.api import create_app
-from celery_app.auth import principal_for, team_token
-from celery_app.client import rebuild_error
+from celery_app.api import app as api_module
+from celery_app.api.app import create_app
+from celery_app.api.auth import principal_for, team_token
+from celery_app.api.client import rebuild_error
+from celery_app.core.models import parse_iso
 from celery_app.errors import TaskFailed, Unauthorized
-from celery_app.models import parse_iso
 from celery_app.settings import Settings
 
 pytest_plugins = ["api_fixtures"]
@@ -348,7 +348,7 @@ def test_redis_down_answers_503_never_500(down_api: TestClient) -> None:
 def test_dashboard_is_served_at_root_without_hiding_the_api(
     api_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With celery_app/static present, / serves index.html and the API routes still win."""
+    """With celery_app/api/static present, / serves index.html and the API routes still win."""
     (tmp_path / "index.html").write_text("<h1>dashboard</h1>")
     monkeypatch.setattr(api_module, "STATIC_DIR", tmp_path)
     with TestClient(create_app(api_settings)) as client:

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from celery_app.api import create_app
+from celery_app.api.app import create_app
 from celery_app.settings import Settings
 
 pytest_plugins = ["api_fixtures"]

@@ -10,7 +10,7 @@ from api_helpers import ADMIN, team_headers
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_app.api import KNOWN_METHODS, create_app
+from celery_app.api.app import KNOWN_METHODS, create_app
 from celery_app.settings import Settings
 
 pytest_plugins = ["api_fixtures"]

@@ -13,7 +13,7 @@ from api_helpers import ADMIN_TOKEN, our_containers
 from conftest import ROOT
 from typer.testing import CliRunner
 
-from celery_app.auth import team_token
+from celery_app.api.auth import team_token
 from celery_app.cli import app
 
 pytest_plugins = ["api_fixtures"]

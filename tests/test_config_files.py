@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from celery_app.catalog import Catalog, load_catalog, name_clash
+from celery_app.core.catalog import Catalog, load_catalog, name_clash
+from celery_app.core.naming import TEAM_ID_RE, container_name
 from celery_app.errors import CatalogError, HostsFileError
-from celery_app.hosts import load_hosts
-from celery_app.naming import TEAM_ID_RE, container_name
+from celery_app.hosts.placement import load_hosts
 from celery_app.settings import Settings
 
 

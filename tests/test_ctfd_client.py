@@ -16,7 +16,7 @@ import ctfd_support
 import pytest
 from conftest import ROOT
 
-from celery_app.naming import TEAM_ID_RE
+from celery_app.core.naming import TEAM_ID_RE
 
 
 def _load() -> ModuleType:

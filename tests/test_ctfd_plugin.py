@@ -38,7 +38,7 @@ from conftest import (
 from ctfd_support import CtfdInstall, CtfdServer, CtfdUnavailable, install_plugin, prepare
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from celery_app.flags import in_app_flag, team_flag
+from celery_app.core.flags import in_app_flag, team_flag
 from ctf_testkit.support import RedisServer, stop_process
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]

@@ -25,8 +25,8 @@ from ci import unavailable
 from conftest import ROOT, free_port, wait_for
 from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
 
-from celery_app.api import create_app
-from celery_app.auth import team_token
+from celery_app.api.app import create_app
+from celery_app.api.auth import team_token
 from celery_app.settings import Settings
 
 pytest_plugins = ["api_fixtures"]

@@ -30,10 +30,10 @@ import pytest
 from conftest import ROOT, private_label, wait_for
 from engines import second_engine
 
-from celery_app.catalog import Challenge, build_catalog
 from celery_app.context import Context
+from celery_app.core.catalog import Challenge, build_catalog
+from celery_app.engine.firewall import METADATA_ADDRESS, table_name
 from celery_app.errors import CatalogError
-from celery_app.firewall import METADATA_ADDRESS, table_name
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -470,8 +470,8 @@ def test_a_recycled_address_never_inherits_the_internet(
     make_settings: Callable[..., Any],
 ) -> None:
     """An address an internet instance left behind (it died) loses the internet on reuse."""
-    from celery_app.docker_driver import ContainerInfo, NetworkInfo  # noqa: PLC0415
-    from celery_app.firewall import EgressGuard  # noqa: PLC0415
+    from celery_app.engine.docker_driver import ContainerInfo, NetworkInfo  # noqa: PLC0415
+    from celery_app.engine.firewall import EgressGuard  # noqa: PLC0415
 
     pool = "10.246.0.0/16"
     engine = _Engine()

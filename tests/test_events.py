@@ -40,9 +40,9 @@ from conftest import (
 from engines import second_engine
 from fastapi.testclient import TestClient
 
-from celery_app.api import create_app
-from celery_app.docker_driver import _container_event
-from celery_app.events import MAX_LAG, EventFollower, _Pending
+from celery_app.api.app import create_app
+from celery_app.engine.docker_driver import _container_event
+from celery_app.loops.events import MAX_LAG, EventFollower, _Pending
 from celery_app.settings import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]

@@ -35,8 +35,8 @@ from conftest import (
 from engines import second_engine
 from fastapi.testclient import TestClient
 
-from celery_app.api import create_app
-from celery_app.client import Dispatcher
+from celery_app.api.app import create_app
+from celery_app.api.client import Dispatcher
 from celery_app.context import Context
 from celery_app.errors import InstanceNotFound, Superseded
 from celery_app.settings import load_settings
@@ -112,7 +112,7 @@ def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
 ) -> None:
     """Kill -9 during 30 starts by name, restart: all done within 60 s, each exactly once."""
     # Default timeouts: the killed worker's messages come back because nobody keeps them
-    # fresh any more (celery_app.inflight), not because a test shortened the broker's timeout.
+    # fresh any more (celery_app.loops.inflight), not because a test shortened the broker's timeout.
     # The janitor's pace and orphan grace a user gets (the suite's are 1 s and 2 s): the
     # promise must not lean on a janitor that sweeps half-made containers within seconds.
     worker, client, env = own_worker(CTF_MAX_INSTANCES="100", CTF_JANITOR_INTERVAL="5",

@@ -11,8 +11,8 @@ import pytest
 from api_helpers import ADMIN, ADMIN_TOKEN, our_containers, team_headers
 from fastapi.testclient import TestClient
 
-from celery_app.api import create_app
-from celery_app.flags import in_app_flag, team_flag
+from celery_app.api.app import create_app
+from celery_app.core.flags import in_app_flag, team_flag
 from celery_app.settings import Settings
 
 pytest_plugins = ["api_fixtures"]

@@ -31,8 +31,8 @@ import redis
 from api_helpers import ADMIN, ADMIN_TOKEN, team_headers
 from conftest import ROOT, RUN_ID, TEST_POOL, Worker, cleanup_docker, containers_of, private_label
 
-from celery_app.client import NOOP_TTL
-from celery_app.models import parse_iso
+from celery_app.api.client import NOOP_TTL
+from celery_app.core.models import parse_iso
 from ctf_testkit.support import (
     RedisServer,
     close_platform_client,

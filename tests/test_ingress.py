@@ -37,8 +37,8 @@ import uvicorn
 import yaml
 from conftest import ROOT, Worker, build_image, cleanup_docker, private_label
 
-from celery_app.api import create_app
-from celery_app.auth import team_token
+from celery_app.api.app import create_app
+from celery_app.api.auth import team_token
 from celery_app.context import build_context
 from celery_app.errors import StartFailed
 from celery_app.ingress import probe, routes, tokens

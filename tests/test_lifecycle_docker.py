@@ -30,9 +30,10 @@ from conftest import (
 )
 from fastapi.testclient import TestClient
 
-from celery_app import janitor as janitor_module
-from celery_app.api import create_app
+from celery_app.api.app import create_app
 from celery_app.context import Context
+from celery_app.core.flags import check_flag, team_flag
+from celery_app.core.models import Instance, iso, parse_iso, utcnow
 from celery_app.errors import (
     CapacityExhausted,
     ImageNotFound,
@@ -40,8 +41,7 @@ from celery_app.errors import (
     RateLimited,
     TeamQuotaExceeded,
 )
-from celery_app.flags import check_flag, team_flag
-from celery_app.models import Instance, iso, parse_iso, utcnow
+from celery_app.loops import janitor as janitor_module
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 

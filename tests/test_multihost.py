@@ -34,7 +34,7 @@ from conftest import (
 )
 from engines import SecondEngine, second_engine
 
-from celery_app.client import Dispatcher
+from celery_app.api.client import Dispatcher
 from celery_app.errors import CapacityExhausted
 from celery_app.settings import load_settings
 
@@ -318,7 +318,7 @@ def test_capacity_route_and_cli_show_every_host(
     from fastapi.testclient import TestClient  # noqa: PLC0415
     from typer.testing import CliRunner  # noqa: PLC0415
 
-    from celery_app.api import create_app  # noqa: PLC0415
+    from celery_app.api.app import create_app  # noqa: PLC0415
     from celery_app.cli import app as cli  # noqa: PLC0415
 
     c = cluster

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from celery_app.core.models import Instance, Status, iso, utcnow
 from celery_app.errors import BackendUnavailable, CapacityExhausted
-from celery_app.hosts import Heartbeat, Hosts, load_hosts, pick_host
-from celery_app.models import Instance, Status, iso, utcnow
+from celery_app.hosts.placement import Heartbeat, Hosts, load_hosts, pick_host
 from celery_app.settings import Settings
-from celery_app.state import StateStore
+from celery_app.state.store import StateStore
 
 pytestmark = [pytest.mark.redis]
 
@@ -105,7 +105,7 @@ def test_a_placement_reserved_then_stopped_no_longer_counts(
 def test_a_host_with_a_ready_pool_container_is_preferred(two_hosts: tuple[Settings, StateStore]
                                                          ) -> None:
     """A start goes where its challenge has a ready pool container, even with less room."""
-    from celery_app.pool_keys import PoolKeys  # noqa: PLC0415
+    from celery_app.state.pool_keys import PoolKeys  # noqa: PLC0415
 
     settings, store = two_hosts
     hosts = load_hosts(settings)

@@ -40,9 +40,9 @@ from conftest import (
 from fastapi.testclient import TestClient
 from test_egress import gateway_of, listener, nft, reaches
 
-from celery_app.api import create_app
-from celery_app.firewall import table_name
-from celery_app.flags import in_app_flag, team_flag
+from celery_app.api.app import create_app
+from celery_app.core.flags import in_app_flag, team_flag
+from celery_app.engine.firewall import table_name
 from celery_app.settings import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]

@@ -13,10 +13,10 @@ import pytest
 import redis
 from conftest import RedisServer
 
-from celery_app.docker_driver import _container_event, _container_info
-from celery_app.flags import in_app_flag, team_flag
-from celery_app.pool import flag_held, holding_network, slot_flag
-from celery_app.pool_keys import PoolKeys
+from celery_app.core.flags import in_app_flag, team_flag
+from celery_app.core.pool import flag_held, holding_network, slot_flag
+from celery_app.engine.docker_driver import _container_event, _container_info
+from celery_app.state.pool_keys import PoolKeys
 
 pytestmark = [pytest.mark.redis]
 

@@ -34,7 +34,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from celery_app.auth import Unauthorized, principal_for
+from celery_app.api.auth import Unauthorized, principal_for
 from celery_app.ingress import tokens
 from celery_app.ingress.labels import label_of_host
 from celery_app.ingress.probe import GATE_HEADER

@@ -14,12 +14,12 @@ from typing import Any
 import fakeredis
 import pytest
 
-from celery_app import specs as specs_module
-from celery_app.catalog import load_catalog
-from celery_app.janitor import Janitor
-from celery_app.service import InstanceService
+from celery_app.core import specs as specs_module
+from celery_app.core.catalog import load_catalog
+from celery_app.core.service import InstanceService
+from celery_app.loops.janitor import Janitor
 from celery_app.settings import Settings, load_settings
-from celery_app.state import StateStore
+from celery_app.state.store import StateStore
 from ctf_testkit.fake_driver import FakeDriver
 
 IMAGE = "ctf-test/http:unit"

@@ -7,7 +7,8 @@ import inspect
 import re
 from pathlib import Path
 
-from celery_app import keys, pool_keys, state
+from celery_app.state import keys, pool_keys
+from celery_app.state import store as state
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "celery_app"

@@ -6,6 +6,9 @@ from datetime import timedelta
 
 import pytest
 
+from celery_app.core.models import iso, utcnow
+from celery_app.core.naming import network_name
+from celery_app.core.service import InstanceService
 from celery_app.errors import (
     ImageNotFound,
     InstanceNotFound,
@@ -17,10 +20,7 @@ from celery_app.errors import (
     TeamQuotaExceeded,
     UnknownChallenge,
 )
-from celery_app.models import iso, utcnow
-from celery_app.naming import network_name
-from celery_app.service import InstanceService
-from celery_app.state import StateStore
+from celery_app.state.store import StateStore
 from ctf_testkit.fake_driver import FakeDriver
 
 

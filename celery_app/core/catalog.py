@@ -15,9 +15,9 @@ from pydantic import (
     model_validator,
 )
 
-from celery_app.config_files import describe, read_yaml
+from celery_app.core.config_files import describe, read_yaml
+from celery_app.core.naming import CHALLENGE_ID_RE
 from celery_app.errors import CatalogError, UnknownChallenge
-from celery_app.naming import CHALLENGE_ID_RE
 from celery_app.settings import Settings
 
 # Capabilities a challenge may add back after all are dropped; nothing that opens the host.

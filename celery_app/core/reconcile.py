@@ -6,7 +6,7 @@ lost), brings one instance in line (:meth:`Reconciler.adopt`), judges one contai
 (:meth:`Reconciler.mark_failed`, :meth:`Reconciler.forget_removed`: the event follower and
 the janitor's safety net) and repairs ingress routes (:meth:`Reconciler.sync_routes`). Every
 change is decided under the instance's lock on a fresh look; an instance busy in another
-operation is left to it. :class:`~celery_app.service.InstanceService` keeps the public
+operation is left to it. :class:`~celery_app.core.service.InstanceService` keeps the public
 names (``reconcile``, ``adopt``, ``mark_failed``, ``forget_removed``, ``sync_routes``).
 """
 
@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from celery_app.catalog import Challenge
-from celery_app.driver import ContainerInfo
+from celery_app.core.catalog import Challenge
+from celery_app.core.models import Instance, utcnow
+from celery_app.core.naming import check_team_id, container_name
+from celery_app.engine.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InvalidRequest
-from celery_app.models import Instance, utcnow
-from celery_app.naming import check_team_id, container_name
-from celery_app.state import LOCK_HOLD
+from celery_app.state.store import LOCK_HOLD
 
 if TYPE_CHECKING:
-    from celery_app.service import InstanceService
+    from celery_app.core.service import InstanceService
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """How the API and the CLI talk to the workers: Celery ``send_task`` and Redis reads.
 
 Neither the API nor the CLI needs Docker: they may run on another machine than the workers.
-They validate input, read instance state from Redis (:class:`~celery_app.state.StateStore`),
+They validate input, read instance state from Redis (:class:`~celery_app.state.store.StateStore`),
 send tasks by name, and read task state and results from the result backend. A task that
 failed comes back as the :mod:`celery_app.errors` class it raised, rebuilt by class name.
 """
@@ -24,15 +24,15 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from celery_app import errors
-from celery_app.catalog import Catalog, Challenge, load_catalog
+from celery_app.core.catalog import Catalog, Challenge, load_catalog
+from celery_app.core.models import Instance, iso
+from celery_app.core.naming import check_team_id
 from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached, TaskFailed
-from celery_app.hosts import HostLoad, Hosts, host_loads, host_of, load_hosts, present
+from celery_app.hosts.placement import HostLoad, Hosts, host_loads, host_of, load_hosts, present
+from celery_app.hosts.routing import host_queue
 from celery_app.ingress import Ingress
-from celery_app.models import Instance, iso
-from celery_app.naming import check_team_id
-from celery_app.routing import host_queue
 from celery_app.settings import Settings
-from celery_app.state import StateStore, map_redis_errors
+from celery_app.state.store import StateStore, map_redis_errors
 
 TASK_PREFIX = "celery_app.tasks."
 # Who sent a task: kept as long as Celery keeps results (celery_config.result_expires).
@@ -241,7 +241,7 @@ class Dispatcher:
         """Return the queue of the worker that owns ``record``'s Docker host.
 
         An existing instance's tasks go to its host's worker (SPEC §10); a new one goes to
-        the live host with the most room (:func:`celery_app.hosts.pick_host`).
+        the live host with the most room (:func:`celery_app.hosts.placement.pick_host`).
 
         Raises:
             CapacityExhausted: a new instance, and no live host has room.
@@ -257,7 +257,7 @@ class Dispatcher:
         """Return instances as listings show them, with ``host_up``.
 
         None is shown as running on a host whose worker is gone (see
-        :func:`celery_app.hosts.present`).
+        :func:`celery_app.hosts.placement.present`).
         """
         ingress = Ingress(self.settings)  # access_url: a fresh short-lived link (SPEC §11)
         return [ingress.with_access(d) for d in present(instances, self.store, self.hosts)]

@@ -1,7 +1,7 @@
 """The warm pools' Redis keys and their atomic steps (issue 14): the only code that spells them.
 
-Part of the state: :class:`~celery_app.state.StateStore` builds it (``store.pools``); the pool
-rules (:mod:`celery_app.pool`), placement, the API and metrics go through it.
+Part of the state: :class:`~celery_app.state.store.StateStore` builds it (``store.pools``); the pool
+rules (:mod:`celery_app.core.pool`), placement, the API and metrics go through it.
 
 Redis keys (rebuildable from Docker by the next pass, except the flag bindings, which
 reconcile rebuilds from living claimed containers and AOF keeps)::
@@ -23,10 +23,10 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Final, cast
 
+from celery_app.core.naming import instance_key
 from celery_app.errors import CTFError
-from celery_app.keys import POOL_PREFIX as P
-from celery_app.naming import instance_key
-from celery_app.state import map_redis_errors
+from celery_app.state.keys import POOL_PREFIX as P
+from celery_app.state.store import map_redis_errors
 
 # Buckets of the claim-latency histogram (seconds).
 LATENCY_BUCKETS: Final = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)

@@ -19,7 +19,8 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from celery_app.driver import (
+from celery_app.core.naming import LABEL_MANAGED, network_name, read_claim
+from celery_app.engine.driver import (
     ContainerEvent,
     ContainerInfo,
     ContainerSpec,
@@ -39,9 +40,8 @@ from celery_app.errors import (
     ImagePullFailed,
     InvalidRequest,
 )
-from celery_app.naming import LABEL_MANAGED, network_name, read_claim
 
-# The data classes live in celery_app.driver; they are re-exported for older imports.
+# The data classes live in celery_app.engine.driver; they are re-exported for older imports.
 __all__ = [
     "ContainerEvent", "ContainerInfo", "ContainerSpec", "DockerDriver", "EventStream",
     "Filesystem", "NetworkInfo", "ProgressFn", "carries", "check_ours", "map_docker_errors",

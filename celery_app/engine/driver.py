@@ -1,6 +1,6 @@
 """The seam between the rules and a container engine: the :class:`Driver` protocol.
 
-:class:`~celery_app.docker_driver.DockerDriver` is the real one (the only module that
+:class:`~celery_app.engine.docker_driver.DockerDriver` is the real one (the only module that
 imports ``docker``); the test support's ``FakeDriver`` keeps the same contract in memory,
 and ``tests/test_driver_contract.py`` runs one set of tests against both. The service, the
 janitor, reconcile, the event follower and the egress guard are typed against

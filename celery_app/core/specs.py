@@ -3,7 +3,7 @@
 :class:`InstanceSpecs` turns a catalog challenge and a team into the container the driver
 creates (hardening is the driver's; what and where is decided here), makes it on the team's
 network, reads an instance back from a container's labels, and probes it until it answers.
-The rules of when to create, reuse or remove are :mod:`celery_app.service`'s.
+The rules of when to create, reuse or remove are :mod:`celery_app.core.service`'s.
 """
 
 from __future__ import annotations
@@ -17,22 +17,10 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from celery_app.catalog import Challenge
-from celery_app.driver import (
-    ContainerInfo,
-    ContainerSpec,
-    Driver,
-    Filesystem,
-    ProgressFn,
-    carries,
-    check_ours,
-)
-from celery_app.errors import CatalogError, CTFError, ImageNotFound, StartFailed
-from celery_app.firewall import EgressGuard
-from celery_app.flags import team_flag
-from celery_app.ingress import Ingress
-from celery_app.models import Instance, iso, parse_iso, utcnow
-from celery_app.naming import (
+from celery_app.core.catalog import Challenge
+from celery_app.core.flags import team_flag
+from celery_app.core.models import Instance, iso, parse_iso, utcnow
+from celery_app.core.naming import (
     LABEL_CHALLENGE,
     LABEL_EGRESS,
     LABEL_EXPIRES_AT,
@@ -43,12 +31,24 @@ from celery_app.naming import (
     container_name,
     network_name,
 )
-from celery_app.readiness import probe_once, wait_until
+from celery_app.core.readiness import probe_once, wait_until
+from celery_app.engine.driver import (
+    ContainerInfo,
+    ContainerSpec,
+    Driver,
+    Filesystem,
+    ProgressFn,
+    carries,
+    check_ours,
+)
+from celery_app.engine.firewall import EgressGuard
+from celery_app.errors import CatalogError, CTFError, ImageNotFound, StartFailed
+from celery_app.ingress import Ingress
 from celery_app.settings import Settings
-from celery_app.state import StateStore, map_redis_errors
+from celery_app.state.store import StateStore, map_redis_errors
 
 if TYPE_CHECKING:  # the pool builds on the service, which builds on these specs
-    from celery_app.pool import Pool
+    from celery_app.core.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class InstanceSpecs:
     # -- the container ----------------------------------------------------------------------
 
     def flag(self, challenge: str, team_id: str) -> str:
-        """The team's flag for a challenge (see :mod:`celery_app.flags`)."""
+        """The team's flag for a challenge (see :mod:`celery_app.core.flags`)."""
         return team_flag(self.settings.flag_secret_value(), challenge, team_id,
                          self.settings.flag_format)
 

@@ -30,9 +30,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
-from celery_app.auth import Principal, principal_for, team_token
-from celery_app.client import AsyncWaiter, Dispatcher, TaskView
-from celery_app.docker_driver import DockerDriver
+from celery_app.api.auth import Principal, principal_for, team_token
+from celery_app.api.client import AsyncWaiter, Dispatcher, TaskView
+from celery_app.api.metrics import ApiMetrics
+from celery_app.core.flags import check_flag, check_in_app_flag
+from celery_app.core.models import Status
+from celery_app.core.naming import TEAM_ID_RE
+from celery_app.core.pool import flag_held, pool_status
+from celery_app.engine.docker_driver import DockerDriver
 from celery_app.errors import (
     BackendUnavailable,
     CTFError,
@@ -41,14 +46,9 @@ from celery_app.errors import (
     RateLimited,
     TaskNotFound,
 )
-from celery_app.flags import check_flag, check_in_app_flag
 from celery_app.ingress import Ingress
 from celery_app.ingress.gate import Gate, GateFastPath
 from celery_app.ingress.gate import build_router as build_gate_router
-from celery_app.metrics import ApiMetrics
-from celery_app.models import Status
-from celery_app.naming import TEAM_ID_RE
-from celery_app.pool import flag_held, pool_status
 from celery_app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -476,7 +476,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
 
     Returns:
         The FastAPI application; the dashboard is served at ``/`` when
-        ``celery_app/static/`` exists.
+        ``celery_app/api/static/`` exists.
 
     Raises:
         CatalogError: the catalog file has a mistake.

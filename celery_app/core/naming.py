@@ -16,9 +16,9 @@ LABEL_CHALLENGE: Final = "ctf.challenge"
 LABEL_HOST: Final = "ctf.host"
 LABEL_STARTED_AT: Final = "ctf.started_at"
 LABEL_EXPIRES_AT: Final = "ctf.expires_at"
-# "internet" or "none": read by the egress firewall (celery_app.firewall) from Docker.
+# "internet" or "none": read by the egress firewall (celery_app.engine.firewall) from Docker.
 LABEL_EGRESS: Final = "ctf.egress"
-# -- warm pools (issue 14, celery_app.pool) ------------------------------------------------
+# -- warm pools (issue 14, celery_app.core.pool) ------------------------------------------------
 # The slot id of a container booted ahead of time for no team yet. Labels cannot change, so a
 # claim writes what it decides where Docker still can: the container's name becomes the
 # instance name (the team), and the team-network endpoint's driver options carry the claim's

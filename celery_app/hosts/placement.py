@@ -1,8 +1,8 @@
 """Several Docker hosts (SPEC §10): the hosts file, worker heartbeats and placement.
 
 Each Docker host has its own Celery worker, which consumes the host's queue
-(:func:`celery_app.routing.host_queue`). Celery and Redis do the distribution: the
-:class:`~celery_app.client.Dispatcher` picks a host for a new instance here and sends the
+(:func:`celery_app.hosts.routing.host_queue`). Celery and Redis do the distribution: the
+:class:`~celery_app.api.client.Dispatcher` picks a host for a new instance here and sends the
 start to that host's queue; every later task of the instance goes to the queue of the host
 recorded in it.
 
@@ -33,14 +33,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from celery_app.config_files import describe, read_yaml
+from celery_app.core.config_files import describe, read_yaml
+from celery_app.core.models import Instance
+from celery_app.core.naming import TEAM_ID_RE
 from celery_app.errors import BackendUnavailable, CapacityExhausted, HostsFileError
-from celery_app.models import Instance
-from celery_app.naming import TEAM_ID_RE
-from celery_app.pool_keys import PoolKeys
-from celery_app.routing import host_queue
+from celery_app.hosts.routing import host_queue
 from celery_app.settings import Settings
-from celery_app.state import StateStore
+from celery_app.state.pool_keys import PoolKeys
+from celery_app.state.store import StateStore
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,14 @@ from datetime import datetime, timedelta
 
 from redis.lock import Lock
 
-from celery_app.catalog import Catalog, Challenge
-from celery_app.driver import Driver, ProgressFn
+from celery_app.core.catalog import Catalog, Challenge
+from celery_app.core.models import Instance, iso, utcnow
+from celery_app.core.naming import check_team_id, container_name
+from celery_app.core.pool import Pool
+from celery_app.core.reconcile import BUSY_WAIT, Reconciler, ReconcileSummary
+from celery_app.core.specs import InstanceSpecs
+from celery_app.engine.driver import Driver, ProgressFn
+from celery_app.engine.firewall import EgressGuard
 from celery_app.errors import (
     CTFError,
     InstanceNotFound,
@@ -22,15 +28,9 @@ from celery_app.errors import (
     OnOtherHost,
     Superseded,
 )
-from celery_app.firewall import EgressGuard
 from celery_app.ingress import Ingress
-from celery_app.models import Instance, iso, utcnow
-from celery_app.naming import check_team_id, container_name
-from celery_app.pool import Pool
-from celery_app.reconcile import BUSY_WAIT, Reconciler, ReconcileSummary
 from celery_app.settings import Settings
-from celery_app.specs import InstanceSpecs
-from celery_app.state import LOCK_HOLD, StateStore
+from celery_app.state.store import LOCK_HOLD, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class InstanceService:
                                   self.settings.lock_wait if wait is None else wait)
 
     def flag_for(self, challenge: str, team_id: str) -> str:
-        """Return the team's flag for a challenge (see :mod:`celery_app.flags`)."""
+        """Return the team's flag for a challenge (see :mod:`celery_app.core.flags`)."""
         ch, team = self._validate(challenge, team_id)
         return self.specs.flag(ch.id, team)
 
@@ -316,7 +316,7 @@ class InstanceService:
         found = self.store.list(team_id=team_id, challenge=challenge)
         return self.reconciler.verified(found) if verify else found
 
-    # -- reconcile and one container's news (celery_app.reconcile) ---------------------------
+    # -- reconcile and one container's news (celery_app.core.reconcile) ---------------------------
 
     def reconcile(self, now: datetime | None = None) -> ReconcileSummary:
         """Rebuild this host's Redis index from Docker labels (:meth:`Reconciler.run`)."""

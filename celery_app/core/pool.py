@@ -23,9 +23,9 @@ claimed by nobody. The life of one pool container:
    driver options, then renamed ``ctf-<challenge>-<team>``. From then on it is an instance
    like any other (the start records, admits and probes it as a cold one). Labels cannot
    change, so the name and the endpoint options are what tell Docker's truth after a Redis
-   loss (:func:`celery_app.naming.read_claim`).
+   loss (:func:`celery_app.core.naming.read_claim`).
 
-Redis keys: :mod:`celery_app.pool_keys` (part of the state; it lists them).
+Redis keys: :mod:`celery_app.state.pool_keys` (part of the state; it lists them).
 """
 
 from __future__ import annotations
@@ -49,12 +49,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from redis.exceptions import LockError
 
-from celery_app.catalog import Catalog, Challenge
-from celery_app.docker_driver import ContainerInfo, ContainerSpec, NetworkInfo, carries
-from celery_app.errors import CTFError, DockerUnavailable
-from celery_app.flags import in_app_flag, team_flag
-from celery_app.models import Instance
-from celery_app.naming import (
+from celery_app.core.catalog import Catalog, Challenge
+from celery_app.core.flags import in_app_flag, team_flag
+from celery_app.core.models import Instance
+from celery_app.core.naming import (
     LABEL_CHALLENGE,
     LABEL_EGRESS,
     LABEL_EXPIRES_AT,
@@ -64,13 +62,15 @@ from celery_app.naming import (
     POOL_NAME_PREFIX,
     pool_container_name,
 )
-from celery_app.pool_keys import LATENCY_BUCKETS, PoolKeys
-from celery_app.readiness import probe_once
-from celery_app.state import map_redis_errors
+from celery_app.core.readiness import probe_once
+from celery_app.engine.docker_driver import ContainerInfo, ContainerSpec, NetworkInfo, carries
+from celery_app.errors import CTFError, DockerUnavailable
+from celery_app.state.pool_keys import LATENCY_BUCKETS, PoolKeys
+from celery_app.state.store import map_redis_errors
 
 if TYPE_CHECKING:
 
-    from celery_app.service import InstanceService
+    from celery_app.core.service import InstanceService
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ _ICC_OFF: Final = {"com.docker.network.bridge.enable_icc": "false"}
 def slot_flag(secret: str, challenge: str, slot: str, fmt: str = "CTF{{{digest}}}") -> str:
     """Return the flag a pool container of ``slot`` boots with (before any team holds it).
 
-    It is :func:`celery_app.flags.team_flag` of the pseudo-team ``pool:<slot>``: team ids
+    It is :func:`celery_app.core.flags.team_flag` of the pseudo-team ``pool:<slot>``: team ids
     cannot contain ``:``, so it is never any team's own flag.
     """
     return team_flag(secret, challenge, f"pool:{slot}", fmt)

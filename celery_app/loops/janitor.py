@@ -18,12 +18,12 @@ from typing import Any
 
 from redis.exceptions import LockError
 
-from celery_app.driver import ContainerInfo
+from celery_app.core.models import Instance, utcnow
+from celery_app.core.naming import LABEL_POOL, POOL_NAME_PREFIX, split_instance_key
+from celery_app.core.service import NO_INTENT, InstanceService
+from celery_app.engine.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
-from celery_app.models import Instance, utcnow
-from celery_app.naming import LABEL_POOL, POOL_NAME_PREFIX, split_instance_key
-from celery_app.service import NO_INTENT, InstanceService
-from celery_app.state import map_redis_errors
+from celery_app.state.store import map_redis_errors
 
 log = logging.getLogger(__name__)
 

@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from celery_app.driver import ContainerInfo, Driver, NetworkInfo
+from celery_app.core.naming import LABEL_EGRESS, LABEL_MANAGED
+from celery_app.engine.driver import ContainerInfo, Driver, NetworkInfo
 from celery_app.errors import CTFError, EgressUnprotected, FirewallRefused
-from celery_app.naming import LABEL_EGRESS, LABEL_MANAGED
 from celery_app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ Redis index true within a second, so status reads never need to ask Docker:
 
 - ``die``, ``oom`` or ``health_status: unhealthy``: a ``running`` instance becomes ``failed``,
   with its exit code, an OOM flag and its last output lines
-  (:meth:`~celery_app.service.InstanceService.mark_failed`);
+  (:meth:`~celery_app.core.service.InstanceService.mark_failed`);
 - ``destroy`` (``docker rm -f`` behind our back): the instance vanishes from the index and its
   team network goes when it was the last (:meth:`~.InstanceService.forget_removed`);
 - ``start`` of a container with our labels that the index does not know: adopted, as
@@ -34,10 +34,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from celery_app.driver import ContainerEvent, EventStream
+from celery_app.core.naming import LABEL_CHALLENGE, LABEL_TEAM, check_team_id, container_name
+from celery_app.core.service import InstanceService
+from celery_app.engine.driver import ContainerEvent, EventStream
 from celery_app.errors import CTFError
-from celery_app.naming import LABEL_CHALLENGE, LABEL_TEAM, check_team_id, container_name
-from celery_app.service import InstanceService
 
 log = logging.getLogger(__name__)
 

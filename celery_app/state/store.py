@@ -3,7 +3,7 @@
 Docker labels are the source of truth; what is here is an index for fast reads, plus the
 lock and counter service. ``InstanceService.reconcile`` rebuilds it from Docker labels.
 
-The store owns the keyspace: the key names are in :mod:`celery_app.keys` (and
+The store owns the keyspace: the key names are in :mod:`celery_app.state.keys` (and
 ARCHITECTURE.md), and no other module touches Redis through ``.redis``.
 """
 
@@ -21,7 +21,8 @@ import redis.exceptions
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from celery_app import keys
+from celery_app.core.models import Instance
+from celery_app.core.naming import instance_key
 from celery_app.errors import (
     CapacityExhausted,
     InstanceBusy,
@@ -30,11 +31,10 @@ from celery_app.errors import (
     RedisUnavailable,
     TeamQuotaExceeded,
 )
-from celery_app.models import Instance
-from celery_app.naming import instance_key
+from celery_app.state import keys
 
 if TYPE_CHECKING:
-    from celery_app.pool_keys import PoolKeys
+    from celery_app.state.pool_keys import PoolKeys
 
 # Seconds a (challenge, team) lock lives without renewal: how long a killed worker blocks it.
 LOCK_HOLD: Final = 30.0
@@ -106,7 +106,7 @@ return false
 """
 
 # Choose the host with the most room and record the choice, in one step (see
-# celery_app.hosts.pick_host). KEYS: each candidate's placing zset; ARGV: now, window, the
+# celery_app.hosts.placement.pick_host). KEYS: each candidate's placing zset; ARGV: now, window, the
 # instance, the instance-record and host-set prefixes, then (name, max) per candidate, then
 # each candidate's set of ready warm-pool slots of the challenge (issue 14; "" for none).
 _PLACE = """
@@ -179,7 +179,7 @@ class StateStore:
     def pools(self) -> PoolKeys:
         """The warm pools' keys and atomic steps (issue 14), on this store's client."""
         if self._pools is None:
-            from celery_app.pool_keys import PoolKeys  # noqa: PLC0415  # it builds on this module
+            from celery_app.state.pool_keys import PoolKeys  # noqa: PLC0415  # builds on us
 
             self._pools = PoolKeys(self.redis)
         return self._pools

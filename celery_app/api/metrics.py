@@ -15,11 +15,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from celery_app.catalog import Catalog
+from celery_app.core.catalog import Catalog
+from celery_app.core.models import STATUSES
+from celery_app.core.pool import PoolCollector
 from celery_app.errors import CTFError
-from celery_app.models import STATUSES
-from celery_app.pool import PoolCollector
-from celery_app.state import StateStore
+from celery_app.state.store import StateStore
 
 log = logging.getLogger(__name__)
 

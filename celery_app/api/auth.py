@@ -12,8 +12,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+from celery_app.core.naming import TEAM_ID_RE
 from celery_app.errors import Forbidden, Unauthorized
-from celery_app.naming import TEAM_ID_RE
 
 # Domain separation: the team-token key is never the admin token itself.
 # The two errors live in celery_app.errors; they are re-exported for the ingress gate.

@@ -1,8 +1,8 @@
 """Every Redis key of the state database, spelled once.
 
-Only :mod:`celery_app.state` uses these: every other module goes through the store's
+Only :mod:`celery_app.state.store` uses these: every other module goes through the store's
 methods. Lua scripts get the keys (or, for keys they derive, the prefixes) passed in.
-``<instance>`` is ``<challenge>/<team>`` (:func:`celery_app.naming.instance_key`).
+``<instance>`` is ``<challenge>/<team>`` (:func:`celery_app.core.naming.instance_key`).
 
 :data:`TABLE` is the keyspace as ARCHITECTURE.md lists it (``tests/test_keys.py`` checks that
 the two agree, and that every builder here yields one of its patterns).
@@ -16,7 +16,7 @@ PREFIX: Final = "ctf:"
 # Prefixes a Lua script derives keys from (passed in as ARGV).
 INSTANCE_PREFIX: Final = f"{PREFIX}inst:"
 HOST_PREFIX: Final = f"{PREFIX}host:"
-# The warm pools' keys (issue 14), built in celery_app.pool_keys.
+# The warm pools' keys (issue 14), built in celery_app.state.pool_keys.
 POOL_PREFIX: Final = f"{PREFIX}pool:"
 
 EXPIRY: Final = f"{PREFIX}expiry"

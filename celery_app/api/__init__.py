@@ -1,0 +1,1 @@
+"""What outsiders use: the HTTP API, the dispatcher, tokens and metrics."""

@@ -1,0 +1,1 @@
+"""The rules of instances and what they are made of."""

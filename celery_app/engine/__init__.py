@@ -1,0 +1,1 @@
+"""The container engine: the Driver seam, the Docker driver, the egress firewall."""

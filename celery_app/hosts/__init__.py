@@ -1,0 +1,1 @@
+"""Several Docker hosts: the hosts file, heartbeats, placement and their queues."""

@@ -1,0 +1,1 @@
+"""What a worker runs beside its tasks: the janitor, the event follower, inflight."""
