@@ -247,6 +247,8 @@ class Pool:
         and the pools give way here, before the start creates its container.
         """
         removed: list[str] = []
+        if not self.keys.members(self.host):
+            return removed  # no pool container here to give way (a cold start's usual case)
         over = self._overflow()
         if over <= 0:
             return removed
