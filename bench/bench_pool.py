@@ -34,8 +34,8 @@ import redis
 from _common import (
     LABEL,
     Bench,
-    Worker,
     bench_run,
+    bench_worker,
     celery_client,
     close_celery_client,
     emit,
@@ -132,7 +132,7 @@ def main() -> int:
     result: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                               "machine": machine(), "n": args.n, "pool": POOL_SIZE}
     with bench_run(ttl=1200, max_lifetime=3600, extra_catalog=EXTRA) as bench:
-        worker = Worker(bench, CTF_TEAM_SUBNET_POOL=SUBNETS)
+        worker = bench_worker(bench, CTF_TEAM_SUBNET_POOL=SUBNETS)
         worker.start()
         client = celery_client(bench)
         state = redis.Redis.from_url(f"{bench.redis.url}/2", decode_responses=True)
