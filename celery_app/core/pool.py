@@ -47,7 +47,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from redis.exceptions import LockError
 
 from celery_app.core.catalog import Catalog, Challenge
 from celery_app.core.flags import in_app_flag, team_flag
@@ -66,7 +65,7 @@ from celery_app.core.readiness import probe_once
 from celery_app.engine.docker_driver import ContainerInfo, ContainerSpec, NetworkInfo, carries
 from celery_app.errors import CTFError, DockerUnavailable
 from celery_app.state.pool_keys import LATENCY_BUCKETS, PoolKeys
-from celery_app.state.store import map_redis_errors
+from celery_app.state.store import one_at_a_time
 
 if TYPE_CHECKING:
 
@@ -279,16 +278,11 @@ class Pool:
         """
         now = time.time() if now is None else now
         summary = PoolSummary()
-        lock = self.keys.pass_lock(self.host)
-        with map_redis_errors("pool pass lock"):
-            if not lock.acquire(blocking=False):
+        with one_at_a_time(self.keys.pass_lock(self.host), "pool pass") as ours:
+            if not ours:
                 summary.skipped = True
                 return summary
-        try:
             self._pass(now, summary)
-        finally:
-            with contextlib.suppress(LockError), map_redis_errors("pool pass unlock"):
-                lock.release()
         if summary.booted or summary.removed or summary.ready or summary.errors:
             log.info("pool host=%s %s", self.host, summary.as_dict())
         return summary

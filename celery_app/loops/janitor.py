@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from redis.exceptions import LockError
-
 from celery_app.core.models import Instance, utcnow
 from celery_app.core.naming import LABEL_POOL, POOL_NAME_PREFIX, split_instance_key
 from celery_app.core.service import NO_INTENT, InstanceService
 from celery_app.engine.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
-from celery_app.state.store import map_redis_errors
+from celery_app.state.store import one_at_a_time
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +110,12 @@ class Janitor:
         summary = Summary()
         # 0. one pass at a time per host: passes queued behind a long one would only wait
         #    on the same instance locks and hold worker threads.
-        lock = self.service.store.janitor_lock(self.service.host, timeout=300)
-        with map_redis_errors("janitor lock"):
-            if not lock.acquire(blocking=False):
+        with one_at_a_time(self.service.store.janitor_lock(self.service.host, timeout=300),
+                           "janitor") as ours:
+            if not ours:
                 summary.skipped = True
                 return summary
-        try:
             self._pass(now, summary)
-        finally:
-            with contextlib.suppress(LockError), map_redis_errors("janitor unlock"):
-                lock.release()
         summary.seconds = time.monotonic() - began
         if summary.removed or summary.errors or summary.reconciled or summary.marked_failed:
             log.info("janitor host=%s %s", self.service.host, summary.as_dict())

@@ -158,6 +158,22 @@ def placing_key(host: str) -> str:
 _key = keys.instance
 
 
+@contextlib.contextmanager
+def one_at_a_time(lock: Lock, what: str) -> Iterator[bool]:
+    """Try ``lock`` once: yield whether it is ours (a pass another holds is skipped).
+
+    Released in ``finally`` when taken; one that expired meanwhile is no error.
+    """
+    with map_redis_errors(f"{what} lock"):
+        taken = bool(lock.acquire(blocking=False))
+    try:
+        yield taken
+    finally:
+        if taken:
+            with contextlib.suppress(LockError), map_redis_errors(f"{what} unlock"):
+                lock.release()
+
+
 class StateStore:
     """The instance index and lock service in Redis.
 
