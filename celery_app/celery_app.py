@@ -91,7 +91,10 @@ def _follow_events(**_kwargs: Any) -> None:
     from celery_app.loops.events import start_following  # noqa: PLC0415
 
     try:
-        start_following(get_context().service)
+        # The heartbeat (started by the handler above) tells at once that the engine is
+        # back or gone: its instances' host_up follows within a second, whatever the TTL.
+        start_following(get_context().service,
+                        lambda: _heartbeat.poke() if _heartbeat is not None else None)
     except Exception:
         log.exception("cannot follow the engine's events; status reads will ask Docker")
 

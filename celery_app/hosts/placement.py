@@ -218,7 +218,12 @@ class Heartbeat:
         self.engine_up = engine_up
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def poke(self) -> None:
+        """Beat again now, not at the next third of the TTL (the engine came or went)."""
+        self._wake.set()
 
     def beat(self, engine: bool = True) -> None:
         """Publish one heartbeat, saying whether this host's Docker engine answers."""
@@ -235,7 +240,8 @@ class Heartbeat:
                 self.beat(engine)
             except Exception as exc:  # noqa: BLE001  # keep beating once Redis is back
                 log.warning("heartbeat of host %s failed: %s", self.host, exc)
-            self._stop.wait(interval)
+            self._wake.wait(interval)
+            self._wake.clear()
 
     def start(self) -> None:
         """Beat now, then every third of the TTL in the background."""
@@ -246,6 +252,7 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop beating and withdraw the heartbeat (when it is still ours)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(5)
         self._withdraw()

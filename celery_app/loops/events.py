@@ -32,6 +32,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from celery_app.core.naming import LABEL_CHALLENGE, LABEL_TEAM, check_team_id, container_name
@@ -69,8 +70,13 @@ class EventFollower:
         service: the host's instance service (its driver, store and scope labels).
     """
 
-    def __init__(self, service: InstanceService) -> None:
+    def __init__(
+        self, service: InstanceService, on_change: Callable[[], None] | None = None
+    ) -> None:
         self.service = service
+        # Told when the stream opens or breaks: the host's heartbeat says at once whether
+        # its engine answers, instead of at its next beat (up to a third of the TTL later).
+        self.on_change = on_change or (lambda: None)
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._retry: dict[str, _Pending] = {}
         self._stop = threading.Event()
@@ -134,6 +140,7 @@ class EventFollower:
                 # and what happened while we were away is read from Docker's labels.
                 summary = svc.reconcile()
                 self._connected.set()
+                self.on_change()
                 log.info("events: following host %s (connection %d); reconciled %s", svc.host,
                          self.connects, summary.as_dict())
                 delay = BACKOFF_FIRST
@@ -149,6 +156,7 @@ class EventFollower:
             self._close_stream()
             if self._stop.is_set():
                 break
+            self.on_change()
             log.warning("events: stream of host %s broken; reconnecting in %.2f s",
                         svc.host, delay)
             self._stop.wait(delay)
@@ -241,12 +249,17 @@ _follower: EventFollower | None = None
 _follower_lock = threading.Lock()
 
 
-def start_following(service: InstanceService) -> EventFollower:
-    """Start this process's follower of ``service``'s engine (once; the same one after)."""
+def start_following(
+    service: InstanceService, on_change: Callable[[], None] | None = None
+) -> EventFollower:
+    """Start this process's follower of ``service``'s engine (once; the same one after).
+
+    ``on_change`` is called whenever the stream opens or breaks.
+    """
     global _follower  # noqa: PLW0603  # one per worker process
     with _follower_lock:
         if _follower is None:
-            _follower = EventFollower(service)
+            _follower = EventFollower(service, on_change)
             _follower.start()
         return _follower
 
