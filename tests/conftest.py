@@ -6,6 +6,7 @@ the end of the run, pass or fail (and after each test that uses ``ctx``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import pytest
 import redis
 
 from celery_app.context import Context, build_context, set_context
-from celery_app.settings import Settings
+from celery_app.settings import Settings, load_settings
 from ctf_testkit import support
 from ctf_testkit.docker_sweep import sweep as cleanup_docker
 from ctf_testkit.env import RunConfig
@@ -201,6 +202,40 @@ def base_env(redis_server: RedisServer, catalog_file: Path, data_dir: Path) -> d
     """The environment of a worker or API process for this test run."""
     run = run_config(redis_server, catalog_file, data_dir)
     return run.env(janitor_interval=1, admin_token=ADMIN_TOKEN)
+
+
+@contextlib.contextmanager
+def worker_and_api(
+    env: dict[str, str], catalog: Path, workdir: Path,
+    ready: Callable[[Worker], None] | None = None,
+) -> Iterator[tuple[Worker, Any, Any]]:
+    """A worker of ``env``, a platform's Celery client and the API on the same Redis.
+
+    ``ready`` waits for what the test needs of the started worker. Yields
+    ``(worker, client, api)`` (the API as a FastAPI ``TestClient``); all stopped afterwards.
+    """
+    from fastapi.testclient import TestClient  # noqa: PLC0415  # only tests with an API
+
+    from celery_app.api.app import create_app  # noqa: PLC0415
+
+    worker = Worker(env, workdir / f"worker-{uuid.uuid4().hex[:4]}.log")
+    client = support.platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
+    settings = load_settings(
+        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
+        redis_url=env["CTF_REDIS_URL"], challenges_file=catalog,
+        # The worker's: the API checks flags with the secret the worker's flags come from.
+        data_dir=Path(env["CTF_DATA_DIR"]),
+        admin_token=ADMIN_TOKEN,
+    )
+    try:
+        worker.start()
+        if ready is not None:
+            ready(worker)
+        with TestClient(create_app(settings)) as api:
+            yield worker, client, api
+    finally:
+        worker.stop()
+        support.close_platform_client(client)
 
 
 @pytest.fixture

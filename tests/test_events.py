@@ -21,7 +21,7 @@ from typing import Any, cast
 import docker
 import pytest
 import redis
-from api_helpers import ADMIN, ADMIN_TOKEN
+from api_helpers import ADMIN
 from conftest import (
     BUSYBOX,
     HTTP_DOCKERFILE,
@@ -32,18 +32,15 @@ from conftest import (
     build_image,
     catalog_yaml,
     cleanup_docker,
-    close_platform_client,
-    platform_client,
     private_label,
     wait_for,
+    worker_and_api,
 )
 from engines import second_engine
 from fastapi.testclient import TestClient
 
-from celery_app.api.app import create_app
 from celery_app.engine.docker_driver import _container_event
 from celery_app.loops.events import MAX_LAG, EventFollower, _Pending
-from celery_app.settings import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
@@ -125,25 +122,12 @@ def running_setup(
         "CTF_EXTRA_LABELS": json.dumps(LABEL),
         "CTF_TEAM_SUBNET_POOL": POOL,
         "CTF_JANITOR_INTERVAL": "10",
-        "CTF_HEARTBEAT_TTL": "3",
         **env_overrides,
     }
-    worker = Worker(env, workdir / f"worker-{uuid.uuid4().hex[:4]}.log")
-    client = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
-    settings = load_settings(
-        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
-        redis_url=env["CTF_REDIS_URL"], challenges_file=catalog, data_dir=workdir / "api",
-        admin_token=ADMIN_TOKEN,
-    )
-    try:
-        worker.start()
-        wait_for(lambda: "events: following host" in worker.log(), 30, 0.1,
-                 "the worker to follow its engine's events")
-        with TestClient(create_app(settings)) as api:
-            yield Setup(worker, client, api, env)
-    finally:
-        worker.stop()
-        close_platform_client(client)
+    with worker_and_api(env, catalog, workdir, ready=lambda worker: wait_for(
+            lambda: "events: following host" in worker.log(), 30, 0.1,
+            "the worker to follow its engine's events")) as (worker, client, api):
+        yield Setup(worker, client, api, env)
 
 
 @pytest.fixture(scope="module")

@@ -25,25 +25,22 @@ from typing import Any
 import docker
 import pytest
 import redis
-from api_helpers import ADMIN, ADMIN_TOKEN
+from api_helpers import ADMIN
 from conftest import (
     RedisServer,
     Worker,
     base_env,
     catalog_yaml,
     cleanup_docker,
-    close_platform_client,
-    platform_client,
     private_label,
     wait_for,
+    worker_and_api,
 )
 from fastapi.testclient import TestClient
 from test_egress import gateway_of, listener, nft, reaches
 
-from celery_app.api.app import create_app
 from celery_app.core.flags import in_app_flag, team_flag
 from celery_app.engine.firewall import table_name
-from celery_app.settings import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
@@ -139,20 +136,10 @@ def running_setup(
     for name in defaults:
         env.pop(name, None)
     redis.Redis.from_url(env["CTF_REDIS_URL"]).flushdb()
-    worker = Worker(env, workdir / f"worker-{uuid.uuid4().hex[:4]}.log")
-    platform = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
-    settings = load_settings(
-        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
-        redis_url=env["CTF_REDIS_URL"], challenges_file=catalog, data_dir=workdir / "data",
-        admin_token=ADMIN_TOKEN,
-    )
     try:
-        worker.start()
-        with TestClient(create_app(settings)) as api:
+        with worker_and_api(env, catalog, workdir) as (worker, platform, api):
             yield Setup(worker, platform, api, env, client, label)
     finally:
-        worker.stop()
-        close_platform_client(platform)
         cleanup_docker(client, label)
 
 
