@@ -32,6 +32,7 @@ from conftest import (
     base_env,
     catalog_yaml,
     cleanup_docker,
+    containers_of,
     private_label,
     wait_for,
     worker_and_api,
@@ -98,9 +99,10 @@ class Setup:
 
     def unclaimed(self, challenge: str = "pooled") -> list[Any]:
         """The pool containers no team holds (Docker's view)."""
-        return [c for c in self.docker.containers.list(all=True, filters={"label": [
-            f"{k}={v}" for k, v in {**self.label, "ctf.challenge": challenge}.items()]})
-            if c.name.startswith("ctfpool-")]
+        # containers_of skips any removed while it lists them (a drain or a refill at work)
+        return [c for c in containers_of(self.docker, self.label,
+                                         **{"ctf.challenge": challenge})
+                if c.name.startswith("ctfpool-")]
 
     def full(self, size: int = SIZE) -> list[str]:
         """Wait until the pool has ``size`` ready containers; return their ids."""
