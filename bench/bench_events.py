@@ -67,6 +67,24 @@ def ms(values: list[float]) -> dict[str, float]:
             "max_ms": round(max(values) * 1000, 2)}
 
 
+def settle(pids: list[int | None], quiet: float = 0.15, longest: float = 120.0) -> dict[str, Any]:
+    """Wait until the engine and the worker are quiet (after a burst) before timing reads.
+
+    Right after 1,000 starts the engine is still busy for a while (its own bookkeeping, the
+    events), which is the burst's cost, not the reads'. Quiet: each process used less than
+    ``quiet`` of a core over the last 2 s. Gives up after ``longest`` seconds and says so.
+    """
+    began = time.monotonic()
+    while True:
+        before = [proc_cpu(pid) for pid in pids]
+        time.sleep(2)
+        busy = max((proc_cpu(pid) - b) / 2 for pid, b in zip(pids, before, strict=True))
+        waited = time.monotonic() - began
+        if busy < quiet or waited > longest:
+            return {"waited_s": round(waited, 1), "busiest_core_share": round(busy, 3),
+                    "load_avg": os.getloadavg()}
+
+
 def measure_status(bench: Bench, http: httpx.Client, client: Any, rounds: int,
                    targets: list[tuple[str, str]]) -> dict[str, Any]:
     """Interleaved status reads of ``targets`` (challenge, team), one of each per round."""
@@ -248,6 +266,7 @@ def main() -> int:
                 result["rss_running"] = memory(pids)
                 result["redis_keys"] = {"idle": keys_idle, "running": int(keys.dbsize())}
 
+                result["settle_before_status"] = settle([worker.proc.pid, dockerd_pid()])
                 result["status"] = measure_status(bench, http, client, args.rounds, plan)
                 print(f"status: {json.dumps(result['status'])}", file=sys.stderr)
                 result["index_vs_docker_ps"] = compare_index(bench, http)

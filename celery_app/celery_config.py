@@ -44,8 +44,10 @@ worker_deduplicate_successful_tasks = True
 broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 
-worker_send_task_events = True
-task_send_sent_event = True
+# Task events cost broker publishes on every task's path (status reads included); only a
+# monitor reads them, and Flower switches them on in running workers by itself.
+worker_send_task_events = _settings.task_events
+task_send_sent_event = _settings.task_events
 
 beat_schedule = {
     "reap-expired": {

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     # the messages they hold fresh (celery_app.loops.inflight), so no long task is ever redelivered
     # while it runs, and a killed worker's requests are redone within about this long.
     visibility_timeout: float = Field(30.0, ge=10, le=3600)
+    # Celery task events (task-received, -started, -succeeded): two broker publishes on every
+    # task's path that only a monitor reads. Off by default; Flower turns them on in the
+    # running workers by itself (its enable_events broadcast), and this starts them on.
+    task_events: bool = False
     # The egress firewall (celery_app.engine.firewall): "auto" installs and keeps it when the engine
     # runs on this machine (and refuses starts when it cannot); "off" leaves egress to you.
     egress_firewall: Literal["auto", "off"] = "auto"
