@@ -390,7 +390,8 @@ def api(
     for where in settings.unprotected_redis_urls():
         err.print(f"[yellow]warning[/]: Redis at {where} is off loopback and the URL has no "
                   "password: anyone who reaches it can send tasks", highlight=False)
-    uvicorn.run(application, host=host, port=port, log_level="info", proxy_headers=False)
+    uvicorn.run(application, host=host, port=port, log_level="info", proxy_headers=False,
+                access_log=settings.api_access_log)
 
 
 @app.command()

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     # task's path that only a monitor reads. Off by default; Flower turns them on in the
     # running workers by itself (its enable_events broadcast), and this starts them on.
     task_events: bool = False
+    # One log line per HTTP request (uvicorn's access log). Off by default: status polls are the
+    # API's hottest path and the line cost ~0.4 ms of a ~2 ms answer (PERFORMANCE.md §8);
+    # /metrics counts requests per route and status either way.
+    api_access_log: bool = False
     # The egress firewall (celery_app.engine.firewall): "auto" installs and keeps it when the engine
     # runs on this machine (and refuses starts when it cannot); "off" leaves egress to you.
     egress_firewall: Literal["auto", "off"] = "auto"
