@@ -25,8 +25,8 @@ taken, in two steps:
 So at every instant a message is in its queue or in kombu's ``unacked`` hash: a worker killed
 after step 2 (its reply unread, or the task not yet begun) leaves an entry nobody refreshes,
 which any live worker's in-flight keeper puts back on its queue after the visibility timeout.
-Waiting costs one connection per consumed list and, per message, one more round trip than
-``BRPOP`` (the wake-up, then the take): well under a millisecond, no poll period.
+Waiting costs one connection per consumed list; per message it is as many round trips as
+kombu's (wake-up + take, where kombu has ``BRPOP`` + append), and there is no poll period.
 
 Only the consuming side is ours; :func:`transport_for` names the class for a broker URL
 (``celery_config.broker_transport``), keeping the URL, its password and its TLS options.
