@@ -7,6 +7,7 @@ loses none. Publishing stays a plain Celery client's (kombu's own transport).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -107,10 +108,7 @@ def test_a_message_on_any_consumed_list_is_taken_at_once(broker_url: str) -> Non
 
         def drain() -> None:
             while not stop.is_set():
-                try:
-                    ours.drain_events(timeout=0.2)
-                except TimeoutError:
-                    pass
+                _drain(ours, 0.2)
 
         thread = threading.Thread(target=drain, daemon=True)
         thread.start()
@@ -207,3 +205,39 @@ def test_the_worker_app_consumes_with_our_transport_keeping_url_password_and_tls
     _ = bare.transport
     assert bare.ssl  # TLS even without options, as kombu does for a bare rediss:// URL
     assert transport_for("amqp://guest@localhost//") is None
+
+
+def test_a_cancelled_queue_is_no_longer_taken_from_and_the_others_still_are(
+    broker_url: str,
+) -> None:
+    """After cancelling one queue, its messages stay queued; the other queue's still arrive."""
+    arrived: list[Any] = []
+    queues = [Queue("celery", routing_key="celery"),
+              Queue("ctf.host.alpha", routing_key="ctf.host.alpha")]
+    with Connection(broker_url, transport=transport_for(broker_url)) as ours, \
+            Connection(broker_url) as plain, \
+            Consumer(ours, queues, callbacks=[lambda body, m: (arrived.append(body), m.ack())]) \
+            as consumer:
+        producer = Producer(plain)
+
+        def drain_until(what: Any) -> None:
+            wait_for(lambda: (_drain(ours) or True) and what in arrived, 10, 0, f"{what}")
+
+        producer.publish({"n": 1}, routing_key="ctf.host.alpha")
+        drain_until({"n": 1})
+        consumer.cancel_by_queue("ctf.host.alpha")
+        for _ in range(3):  # its wait may still be out: let it come back and be dropped
+            _drain(ours)
+        producer.publish({"n": 2}, routing_key="ctf.host.alpha")
+        producer.publish({"n": 3}, routing_key="celery")
+        drain_until({"n": 3})
+        for _ in range(3):
+            _drain(ours)
+    r = redis.Redis.from_url(broker_url)
+    assert {"n": 2} not in arrived
+    assert r.llen("ctf.host.alpha") == 1
+
+
+def _drain(conn: Connection, timeout: float = 0.5) -> None:
+    with contextlib.suppress(TimeoutError):
+        conn.drain_events(timeout=timeout)
