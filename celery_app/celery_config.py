@@ -11,11 +11,16 @@ worker (SPEC §10).
 
 from celery_app.hosts.routing import host_queue
 from celery_app.settings import Settings
+from celery_app.state.broker import transport_for
 
 # Built from the environment when Celery loads this module; no secret is read or created here.
 _settings = Settings()
 
 broker_url = _settings.broker_url
+# Our Redis transport (same URL, password and TLS options): it consumes without the instant in
+# which kombu's has popped a message but not yet recorded it, so a killed worker loses none
+# (celery_app.state.broker). Publishing is kombu's, unchanged.
+broker_transport = transport_for(broker_url)
 result_backend = _settings.result_backend
 
 task_serializer = "json"
