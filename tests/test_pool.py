@@ -262,51 +262,6 @@ def test_pool_refills_after_claims(setup: Setup) -> None:
         setup.client.send_task(STOP, args=["pooled", t]).get(timeout=60)
 
 
-@pytest.fixture
-def guarded(
-    setup: Setup, pool_redis: RedisServer, sleepy_catalog: Path,
-    docker_client: docker.DockerClient, tmp_path: Path,
-) -> Iterator[Setup]:
-    """The module's stack with the egress firewall on, on a subnet pool of its own."""
-    with firewalled(setup, pool_redis, sleepy_catalog, docker_client, tmp_path,
-                    ISOLATION_POOL, "pool-isolation") as made:
-        yield made
-
-
-# Team isolation is the egress firewall's (on by default): with it off only Docker's own
-# FORWARD chains separate team networks, and Docker 20.10 deletes and re-inserts their jump
-# to DOCKER-ISOLATION-STAGE-1 whenever any network is created on the engine, so for that
-# moment (seconds, under iptables contention) containers of two bridges reach each other.
-@NEEDS_FIREWALL
-def test_isolation_before_and_after_the_claim(guarded: Setup) -> None:
-    """Unclaimed: on no network, no host port. Claimed: on its team's network only."""
-    setup = guarded
-    setup.full()
-    waiting = setup.unclaimed()
-    for c in waiting:
-        assert _networks(c) == set()
-        assert not any(c.attrs["NetworkSettings"]["Ports"].values())
-        assert "ctf.team" not in c.labels
-    team_a, team_b = _team(), _team()
-    a = setup.docker.containers.get(setup.start("pooled", team_a)["container_id"])
-    b = setup.docker.containers.get(setup.start("web", team_b)["container_id"])  # a cold one
-    other = setup.docker.containers.get(setup.start("pooled", team_b)["container_id"])
-    assert _networks(a) == {f"ctf-team-{team_a}"}
-    assert _networks(other) == {f"ctf-team-{team_b}"}
-    # team B's containers reach each other, never team A's (and A never reaches B's)
-    assert _reach(b, _ip(other))
-    assert not _reach(b, _ip(a))
-    assert not _reach(a, _ip(b)), (_ip(a), _ip(b), a.attrs["NetworkSettings"]["Networks"],
-                                   b.attrs["NetworkSettings"]["Networks"])
-    # a container still waiting in the pool is reached by no team: on the holding network
-    # while it boots, on none once parked (one look each: the pass parks them meanwhile)
-    wait_for(lambda: len(setup.unclaimed()) == SIZE, 60, 0.2, "the pool to refill")
-    for waiting_one in setup.unclaimed():
-        assert all(n.startswith("ctf-pool-") for n in _networks(waiting_one))
-    for t, ch in ((team_a, "pooled"), (team_b, "pooled"), (team_b, "web")):
-        setup.client.send_task(STOP, args=[ch, t]).get(timeout=60)
-
-
 def test_booting_pool_containers_reach_no_one_and_no_one_reaches_them(setup: Setup) -> None:
     """On the holding network: not one another, no team, and no team reaches them."""
     sleepers = wait_for(lambda: (found := setup.unclaimed("sleepy")) and len(found) == 2
@@ -511,3 +466,50 @@ def test_booting_pool_containers_are_behind_the_egress_firewall(
             claimed = guarded.docker.containers.get(inst["container_id"])
             assert "ctf.pool" in claimed.labels
             assert not reaches(claimed, gateway_of(claimed), port, "pool-host")
+
+
+# Last in the module with the firewall test: swapping the module's worker for a guarded one
+# flushes the module's Redis, which the tests above share.
+@pytest.fixture
+def guarded(
+    setup: Setup, pool_redis: RedisServer, sleepy_catalog: Path,
+    docker_client: docker.DockerClient, tmp_path: Path,
+) -> Iterator[Setup]:
+    """The module's stack with the egress firewall on, on a subnet pool of its own."""
+    with firewalled(setup, pool_redis, sleepy_catalog, docker_client, tmp_path,
+                    ISOLATION_POOL, "pool-isolation") as made:
+        yield made
+
+
+# Team isolation is the egress firewall's (on by default): with it off only Docker's own
+# FORWARD chains separate team networks, and Docker 20.10 deletes and re-inserts their jump
+# to DOCKER-ISOLATION-STAGE-1 whenever any network is created on the engine, so for that
+# moment (seconds, under iptables contention) containers of two bridges reach each other.
+@NEEDS_FIREWALL
+def test_isolation_before_and_after_the_claim(guarded: Setup) -> None:
+    """Unclaimed: on no network, no host port. Claimed: on its team's network only."""
+    setup = guarded
+    setup.full()
+    waiting = setup.unclaimed()
+    for c in waiting:
+        assert _networks(c) == set()
+        assert not any(c.attrs["NetworkSettings"]["Ports"].values())
+        assert "ctf.team" not in c.labels
+    team_a, team_b = _team(), _team()
+    a = setup.docker.containers.get(setup.start("pooled", team_a)["container_id"])
+    b = setup.docker.containers.get(setup.start("web", team_b)["container_id"])  # a cold one
+    other = setup.docker.containers.get(setup.start("pooled", team_b)["container_id"])
+    assert _networks(a) == {f"ctf-team-{team_a}"}
+    assert _networks(other) == {f"ctf-team-{team_b}"}
+    # team B's containers reach each other, never team A's (and A never reaches B's)
+    assert _reach(b, _ip(other))
+    assert not _reach(b, _ip(a))
+    assert not _reach(a, _ip(b)), (_ip(a), _ip(b), a.attrs["NetworkSettings"]["Networks"],
+                                   b.attrs["NetworkSettings"]["Networks"])
+    # a container still waiting in the pool is reached by no team: on the holding network
+    # while it boots, on none once parked (one look each: the pass parks them meanwhile)
+    wait_for(lambda: len(setup.unclaimed()) == SIZE, 60, 0.2, "the pool to refill")
+    for waiting_one in setup.unclaimed():
+        assert all(n.startswith("ctf-pool-") for n in _networks(waiting_one))
+    for t, ch in ((team_a, "pooled"), (team_b, "pooled"), (team_b, "web")):
+        setup.client.send_task(STOP, args=[ch, t]).get(timeout=60)
