@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from conftest import ROOT, Worker, build_image, cleanup_docker, private_label
 from celery_app.api.app import create_app
 from celery_app.api.auth import team_token
 from celery_app.context import build_context
+from celery_app.engine.firewall import table_name
 from celery_app.errors import StartFailed
 from celery_app.ingress import probe, routes, tokens
 from celery_app.ingress.labels import label_of_host
@@ -202,6 +204,11 @@ def running_stack(
         traefik.stop()
         cleanup_docker(docker_client, label)
         redis_server.stop()
+        # The worker's egress firewall (on by default) outlives it by design: machine-wide
+        # kernel state of this run's pool, removed with the rest.
+        subprocess.run(["nft", "delete", "table", "inet",
+                        table_name(ipaddress.IPv4Network(pool))],
+                       capture_output=True, check=False)
 
 
 def ingress_images(docker_client: docker.DockerClient, label: dict[str, str]) -> dict[str, str]:
