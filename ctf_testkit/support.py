@@ -66,31 +66,44 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private, non-persistent redis-server on a free port."""
+    """A private, non-persistent redis-server on a free port.
 
-    def __init__(self, workdir: Path) -> None:
+    Args:
+        workdir: its folder.
+        bind: the address it listens on (another network namespace's workers need one
+            they can route to).
+    """
+
+    def __init__(self, workdir: Path, bind: str = "127.0.0.1") -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.bind = bind
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """Its URL (no database)."""
-        return f"redis://127.0.0.1:{self.port}"
+        return f"redis://{self.bind}:{self.port}"
 
     def start(self) -> None:
         """Start it and wait until it answers."""
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server is missing: run ./setup-celery.sh --dev")
+        # Off loopback, Redis's protected mode refuses every client without a password: the
+        # address given is a private link of the test's own (another namespace's workers).
+        protected = "yes" if self.bind == "127.0.0.1" else "no"
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            [exe, "--port", str(self.port), "--bind", self.bind, "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", protected],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(host=self.bind, port=self.port)
         try:
             wait_for(lambda: self._ping(client), 10, message="redis-server to answer")
+        except BaseException:
+            self.stop()  # never left running behind a failed start
+            raise
         finally:
             client.close()
 

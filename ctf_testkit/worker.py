@@ -26,16 +26,19 @@ class Worker:
         concurrency: its threads.
         src: the checkout it runs from (a benchmark may compare another one).
         tag: the start of its node name.
+        prefix: a command it runs under (``nsenter --net=…``: a worker on another machine's
+            network, next to that machine's engine).
     """
 
     def __init__(self, env: dict[str, str], logfile: Path, *, concurrency: int = 8,
-                 src: Path = ROOT, tag: str = "test") -> None:
+                 src: Path = ROOT, tag: str = "test", prefix: tuple[str, ...] = ()) -> None:
         self.env = env
         self.host = env.get("CTF_HOST", "local")
         self.logfile = logfile
         self.concurrency = concurrency
         self.src = src
         self.tag = tag
+        self.prefix = prefix
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -46,7 +49,8 @@ class Worker:
         mark = self.logfile.stat().st_size if self.logfile.exists() else 0
         with self.logfile.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app", "worker",
+                [*self.prefix, sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app",
+                 "worker",
                  "-B", "--pool", "threads", "--concurrency", str(self.concurrency),
                  "--loglevel", "INFO",
                  "-n", f"{self.tag}-{self.host}-{uuid.uuid4().hex[:4]}@%h",

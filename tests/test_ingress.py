@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from conftest import ROOT, Worker, build_image, cleanup_docker, private_label
 from celery_app.api.app import create_app
 from celery_app.api.auth import team_token
 from celery_app.context import build_context
+from celery_app.engine.firewall import table_name
 from celery_app.errors import StartFailed
 from celery_app.ingress import probe, routes, tokens
 from celery_app.ingress.labels import label_of_host
@@ -142,17 +144,22 @@ challenges:
 """
 
 
-@pytest.fixture(scope="module")
-def stack(docker_client: docker.DockerClient,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Private Redis, stand-in images, Traefik, the API and a worker with the ingress on."""
-    base = tmp_path_factory.mktemp("ingress")
-    label = private_label("ingress")
-    run = label["ctf.test"]
-    files = image_files()
-    images = {name: build_image(docker_client, f"ctf-test/ingress-{name}:{run}",
-                                DOCKERFILES[name], files[name]) for name in DOCKERFILES}
-    (base / "challenges.yaml").write_text(catalog(images))
+@contextlib.contextmanager
+def running_stack(
+    docker_client: docker.DockerClient, base: Path, label: dict[str, str], catalog_text: str,
+    pool: str, **env_overrides: str,
+) -> Iterator[Stack]:
+    """Private Redis, Traefik, the API and a worker with the ingress on; all stopped after.
+
+    Args:
+        docker_client: the engine.
+        base: the run's folder (catalog, data, logs).
+        label: what everything it makes carries (removed afterwards, pass or fail).
+        catalog_text: the challenges file.
+        pool: its team subnet pool.
+        env_overrides: further worker and API settings (``CTF_*``).
+    """
+    (base / "challenges.yaml").write_text(catalog_text)
     redis_server = RedisServer(base)
     redis_server.start()
     http_port, https_port, status_port, api_port = (free_port() for _ in range(4))
@@ -163,7 +170,7 @@ def stack(docker_client: docker.DockerClient,
         "CTF_CHALLENGES_FILE": str(base / "challenges.yaml"),
         "CTF_DATA_DIR": str(base / "data"),
         "CTF_EXTRA_LABELS": json.dumps(label),
-        "CTF_TEAM_SUBNET_POOL": POOL,
+        "CTF_TEAM_SUBNET_POOL": pool,
         "CTF_RATE_LIMIT_COUNT": "1000",
         "CTF_MAX_INSTANCES_PER_TEAM": "5",
         "CTF_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -174,6 +181,7 @@ def stack(docker_client: docker.DockerClient,
         "CTF_INGRESS_HTTPS_BIND": f"127.0.0.1:{https_port}",
         "CTF_INGRESS_STATUS_BIND": f"127.0.0.1:{status_port}",
         "CTF_INSTANCE_DOMAIN": DOMAIN,
+        **env_overrides,
     }
     with mock.patch.dict(os.environ, env):
         settings = load_settings()
@@ -196,6 +204,30 @@ def stack(docker_client: docker.DockerClient,
         traefik.stop()
         cleanup_docker(docker_client, label)
         redis_server.stop()
+        # The worker's egress firewall (on by default) outlives it by design: machine-wide
+        # kernel state of this run's pool, removed with the rest.
+        subprocess.run(["nft", "delete", "table", "inet",
+                        table_name(ipaddress.IPv4Network(pool))],
+                       capture_output=True, check=False)
+
+
+def ingress_images(docker_client: docker.DockerClient, label: dict[str, str]) -> dict[str, str]:
+    """Build the echo, juice and tcp stand-ins (labelled: removed with the run)."""
+    run = label["ctf.test"]
+    files = image_files()
+    return {name: build_image(docker_client, f"ctf-test/ingress-{name}:{run}",
+                              DOCKERFILES[name], files[name]) for name in DOCKERFILES}
+
+
+@pytest.fixture(scope="module")
+def stack(docker_client: docker.DockerClient,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Private Redis, stand-in images, Traefik, the API and a worker with the ingress on."""
+    base = tmp_path_factory.mktemp("ingress")
+    label = private_label("ingress")
+    with running_stack(docker_client, base, label, catalog(ingress_images(docker_client, label)),
+                       POOL) as made:
+        yield made
 
 
 def as_team(stack: Stack, team: str, challenge: str) -> dict[str, Any]:

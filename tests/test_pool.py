@@ -48,6 +48,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 LABEL = private_label("pool")
 POOL = "10.240.0.0/16"
 FIREWALL_POOL = "10.242.0.0/16"  # the firewall test's own table
+ISOLATION_POOL = "10.253.0.0/17"  # the isolation test's own table
+NEEDS_FIREWALL = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"),
+                                    reason="the egress firewall needs root and nft")
 START = "celery_app.tasks.start_container"
 STOP = "celery_app.tasks.stop_container"
 RECONCILE = "celery_app.tasks.reconcile"
@@ -179,6 +182,28 @@ def setup(
         yield made
 
 
+@contextlib.contextmanager
+def firewalled(
+    setup: Setup, server: RedisServer, catalog: Path, client: docker.DockerClient,
+    workdir: Path, subnets: str, purpose: str,
+) -> Iterator[Setup]:
+    """The module's worker swapped for one with the egress firewall on (the default).
+
+    The firewall's table is machine-wide kernel state: each test that turns it on has a
+    subnet pool (so a table) of its own, deleted afterwards.
+    """
+    setup.worker.stop()  # one worker of this module at a time (same Redis)
+    cleanup_docker(client, LABEL)
+    try:
+        with running_setup(server, catalog, workdir, client, label=private_label(purpose),
+                           defaults=("CTF_EGRESS_FIREWALL",),
+                           CTF_TEAM_SUBNET_POOL=subnets) as guarded:
+            yield guarded
+    finally:
+        nft("delete", "table", "inet", table_name(ipaddress.IPv4Network(subnets)))
+        setup.worker.start()
+
+
 def _team() -> str:
     return f"pl{uuid.uuid4().hex[:8]}"
 
@@ -235,34 +260,6 @@ def test_pool_refills_after_claims(setup: Setup) -> None:
     assert len(again - first) == 2
     for t in teams:
         setup.client.send_task(STOP, args=["pooled", t]).get(timeout=60)
-
-
-def test_isolation_before_and_after_the_claim(setup: Setup) -> None:
-    """Unclaimed: on no network, no host port. Claimed: on its team's network only."""
-    setup.full()
-    waiting = setup.unclaimed()
-    for c in waiting:
-        assert _networks(c) == set()
-        assert not any(c.attrs["NetworkSettings"]["Ports"].values())
-        assert "ctf.team" not in c.labels
-    team_a, team_b = _team(), _team()
-    a = setup.docker.containers.get(setup.start("pooled", team_a)["container_id"])
-    b = setup.docker.containers.get(setup.start("web", team_b)["container_id"])  # a cold one
-    other = setup.docker.containers.get(setup.start("pooled", team_b)["container_id"])
-    assert _networks(a) == {f"ctf-team-{team_a}"}
-    assert _networks(other) == {f"ctf-team-{team_b}"}
-    # team B's containers reach each other, never team A's (and A never reaches B's)
-    assert _reach(b, _ip(other))
-    assert not _reach(b, _ip(a))
-    assert not _reach(a, _ip(b)), (_ip(a), _ip(b), a.attrs["NetworkSettings"]["Networks"],
-                                   b.attrs["NetworkSettings"]["Networks"])
-    # a container still waiting in the pool is reached by no team
-    wait_for(lambda: len(setup.unclaimed()) == SIZE, 60, 0.2, "the pool to refill")
-    for waiting_one in setup.unclaimed():
-        assert _networks(waiting_one) <= {n for n in _networks(waiting_one)
-                                          if n.startswith("ctf-pool-")}
-    for t, ch in ((team_a, "pooled"), (team_b, "pooled"), (team_b, "web")):
-        setup.client.send_task(STOP, args=[ch, t]).get(timeout=60)
 
 
 def test_booting_pool_containers_reach_no_one_and_no_one_reaches_them(setup: Setup) -> None:
@@ -445,8 +442,7 @@ def test_pool_gives_way_under_capacity_pressure(tight: Setup) -> None:
         tight.client.send_task(STOP, args=["web", t]).get(timeout=60)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"),
-                    reason="the egress firewall needs root and nft")
+@NEEDS_FIREWALL
 def test_booting_pool_containers_are_behind_the_egress_firewall(
     setup: Setup, pool_redis: RedisServer, sleepy_catalog: Path,
     docker_client: docker.DockerClient, tmp_path: Path,
@@ -460,21 +456,60 @@ def test_booting_pool_containers_are_behind_the_egress_firewall(
     with listener("pool-host") as port:
         plain = booting(setup)  # CTF_EGRESS_FIREWALL=off: the control
         assert reaches(plain, gateway_of(plain), port, "pool-host")
-        setup.worker.stop()  # one worker of this module at a time (same Redis)
-        cleanup_docker(docker_client, LABEL)
-        table = table_name(ipaddress.IPv4Network(FIREWALL_POOL))
-        try:
-            with running_setup(pool_redis, sleepy_catalog, tmp_path, docker_client,
-                               label=private_label("pool-fw"), defaults=("CTF_EGRESS_FIREWALL",),
-                               CTF_TEAM_SUBNET_POOL=FIREWALL_POOL) as guarded:
-                sleeper = booting(guarded)
-                assert sleeper.attrs["NetworkSettings"]["Networks"]
-                assert not reaches(sleeper, gateway_of(sleeper), port, "pool-host")
-                guarded.full()
-                inst = guarded.start("pooled", _team())  # claimed under the firewall
-                claimed = guarded.docker.containers.get(inst["container_id"])
-                assert "ctf.pool" in claimed.labels
-                assert not reaches(claimed, gateway_of(claimed), port, "pool-host")
-        finally:
-            nft("delete", "table", "inet", table)
-            setup.worker.start()
+        with firewalled(setup, pool_redis, sleepy_catalog, docker_client, tmp_path,
+                        FIREWALL_POOL, "pool-fw") as guarded:
+            sleeper = booting(guarded)
+            assert sleeper.attrs["NetworkSettings"]["Networks"]
+            assert not reaches(sleeper, gateway_of(sleeper), port, "pool-host")
+            guarded.full()
+            inst = guarded.start("pooled", _team())  # claimed under the firewall
+            claimed = guarded.docker.containers.get(inst["container_id"])
+            assert "ctf.pool" in claimed.labels
+            assert not reaches(claimed, gateway_of(claimed), port, "pool-host")
+
+
+# Last in the module with the firewall test: swapping the module's worker for a guarded one
+# flushes the module's Redis, which the tests above share.
+@pytest.fixture
+def guarded(
+    setup: Setup, pool_redis: RedisServer, sleepy_catalog: Path,
+    docker_client: docker.DockerClient, tmp_path: Path,
+) -> Iterator[Setup]:
+    """The module's stack with the egress firewall on, on a subnet pool of its own."""
+    with firewalled(setup, pool_redis, sleepy_catalog, docker_client, tmp_path,
+                    ISOLATION_POOL, "pool-isolation") as made:
+        yield made
+
+
+# Team isolation is the egress firewall's (on by default): with it off only Docker's own
+# FORWARD chains separate team networks, and Docker 20.10 deletes and re-inserts their jump
+# to DOCKER-ISOLATION-STAGE-1 whenever any network is created on the engine, so for that
+# moment (seconds, under iptables contention) containers of two bridges reach each other.
+@NEEDS_FIREWALL
+def test_isolation_before_and_after_the_claim(guarded: Setup) -> None:
+    """Unclaimed: on no network, no host port. Claimed: on its team's network only."""
+    setup = guarded
+    setup.full()
+    waiting = setup.unclaimed()
+    for c in waiting:
+        assert _networks(c) == set()
+        assert not any(c.attrs["NetworkSettings"]["Ports"].values())
+        assert "ctf.team" not in c.labels
+    team_a, team_b = _team(), _team()
+    a = setup.docker.containers.get(setup.start("pooled", team_a)["container_id"])
+    b = setup.docker.containers.get(setup.start("web", team_b)["container_id"])  # a cold one
+    other = setup.docker.containers.get(setup.start("pooled", team_b)["container_id"])
+    assert _networks(a) == {f"ctf-team-{team_a}"}
+    assert _networks(other) == {f"ctf-team-{team_b}"}
+    # team B's containers reach each other, never team A's (and A never reaches B's)
+    assert _reach(b, _ip(other))
+    assert not _reach(b, _ip(a))
+    assert not _reach(a, _ip(b)), (_ip(a), _ip(b), a.attrs["NetworkSettings"]["Networks"],
+                                   b.attrs["NetworkSettings"]["Networks"])
+    # a container still waiting in the pool is reached by no team: on the holding network
+    # while it boots, on none once parked (one look each: the pass parks them meanwhile)
+    wait_for(lambda: len(setup.unclaimed()) == SIZE, 60, 0.2, "the pool to refill")
+    for waiting_one in setup.unclaimed():
+        assert all(n.startswith("ctf-pool-") for n in _networks(waiting_one))
+    for t, ch in ((team_a, "pooled"), (team_b, "pooled"), (team_b, "web")):
+        setup.client.send_task(STOP, args=[ch, t]).get(timeout=60)

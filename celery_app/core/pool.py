@@ -160,6 +160,10 @@ class Pool:
         """Pools need the engine's own machine: the readiness probe uses container addresses."""
         return self.svc.driver.is_local
 
+    def has_ready(self, ch: Challenge) -> bool:
+        """Whether a start of ``ch`` here would likely claim (a ready container, one Redis call)."""
+        return ch.pool > 0 and self.usable and self.keys.ready_count(self.host, ch.id) > 0
+
     def _pool_labels(self, ch: Challenge, slot: str) -> dict[str, str]:
         return {**self.svc.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: ch.id,
                 LABEL_POOL: slot, LABEL_EGRESS: ch.egress}

@@ -155,9 +155,13 @@ class InstanceService:
             self._count_rate(team)
         if seen is not None and seen.host != self.host:
             raise self._elsewhere(seen)
-        # 1. the image: pulls can be long and need no lock.
+        # 1. the image: pulls can be long and need no lock. A start that will claim a warm
+        #    pool container (one is ready on this host) needs no image at all; it is checked
+        #    (one Docker call saved) only if the claim then misses (specs.create).
         report({"phase": "image", "image": ch.image})
-        self.specs.ensure_image(ch, progress)
+        image_checked = not self.pool.has_ready(ch)
+        if image_checked:
+            self.specs.ensure_image(ch, progress)
         port = self.specs.container_port(ch)
         # Fail closed: no instance starts while the egress firewall is not in place.
         self.egress.require()
@@ -190,7 +194,8 @@ class InstanceService:
                 # 7. network and container, under the team's network lock (a stop of the
                 #    team's last instance must not remove the network we are joining).
                 report({"phase": "creating"})
-                info = self.specs.create(ch, team, port, inst, self.egress, self.pool)
+                info = self.specs.create(ch, team, port, inst, self.egress, self.pool,
+                                         image_checked=image_checked)
             except BaseException:
                 # Nothing half-made: the reservation, and a network made only for this
                 # instance, go with the failed creation.

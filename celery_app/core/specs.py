@@ -203,14 +203,16 @@ class InstanceSpecs:
         )
 
     def create(self, ch: Challenge, team: str, port: int, inst: Instance,
-               egress: EgressGuard, pool: Pool | None = None) -> ContainerInfo:
+               egress: EgressGuard, pool: Pool | None = None, *,
+               image_checked: bool = True) -> ContainerInfo:
         """Make the team's network (if needed) and ``inst``'s container, admitted by ``egress``.
 
         Under the team's network lock: a stop of the team's last instance must not remove
         the network this container joins. A container the egress guard refuses is removed.
         The container is a claimed warm-pool one when ``pool`` has one ready (issue 14);
         before a cold one, the pools give way when the host is full, so no start is refused
-        for their sake.
+        for their sake. ``image_checked=False``: the start skipped the image because a pool
+        container was ready; a cold start after a missed claim checks (or pulls) it here.
         """
         with self.store.holding_network(team):
             net = self.driver.ensure_network(
@@ -220,6 +222,8 @@ class InstanceSpecs:
             spec = self.spec(ch, team, port, inst)
             info = pool.claim(ch, team, net, spec, inst) if pool and ch.pool else None
             if info is None:
+                if not image_checked:
+                    self.ensure_image(ch)  # the ready one was taken meanwhile (rare)
                 if pool is not None:
                     pool.make_room()
                 info = self.driver.run_container(spec)

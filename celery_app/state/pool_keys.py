@@ -125,6 +125,11 @@ class PoolKeys:
         with map_redis_errors("read a pool"):
             return cast(set[str], self.redis.smembers(self.ready_key(host, challenge)))
 
+    def ready_count(self, host: str, challenge: str) -> int:
+        """How many slots of a challenge are ready on a host."""
+        with map_redis_errors("read a pool"):
+            return int(cast(int, self.redis.scard(self.ready_key(host, challenge))))
+
     def members(self, host: str | None = None) -> dict[str, str]:
         """``slot -> challenge`` of the unclaimed containers (of ``host``, or ``host/slot``)."""
         with map_redis_errors("read pool members"):
