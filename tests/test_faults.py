@@ -323,7 +323,7 @@ def test_docker_engine_restart_mid_run(
         worker, client, env = own_worker(
             DOCKER_HOST=engine.tcp_url, CTF_PUBLIC_HOST=engine.address,
             CTF_PUBLISH_IP=engine.address, CTF_EXTRA_LABELS=json.dumps(label),
-            CTF_HEARTBEAT_TTL="3", CTF_TEAM_SUBNET_POOL="10.218.0.0/16",
+            CTF_TEAM_SUBNET_POOL="10.218.0.0/16",
         )
         worker.start()
         settings = load_settings(

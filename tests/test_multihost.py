@@ -36,7 +36,7 @@ from engines import SecondEngine, second_engine
 
 from celery_app.api.client import Dispatcher
 from celery_app.errors import CapacityExhausted
-from celery_app.settings import load_settings
+from celery_app.settings import Settings, load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
@@ -47,7 +47,8 @@ BROKER_DB, BACKEND_DB, STATE_DB = 9, 10, 11
 # subnet pool of our own keep the two apart (as two hosts never share an engine for real).
 LABEL = private_label("multihost")
 POOL = "10.217.0.0/16"
-HEARTBEAT_TTL = 3
+# The default a user gets: a dead worker's host is judged gone after this long.
+HEARTBEAT_TTL = Settings.model_fields["heartbeat_ttl"].default
 START = "celery_app.tasks.start_container"
 STOP = "celery_app.tasks.stop_container"
 EXTEND = "celery_app.tasks.extend_container"
@@ -101,7 +102,6 @@ def cluster(
         "CELERY_RESULT_BACKEND": f"{redis_server.url}/{BACKEND_DB}",
         "CTF_REDIS_URL": f"{redis_server.url}/{STATE_DB}",
         "CTF_HOSTS_FILE": str(hosts_file),
-        "CTF_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
         "CTF_MAX_INSTANCES_PER_TEAM": "5",
         "CTF_EXTRA_LABELS": json.dumps(LABEL),
         "CTF_TEAM_SUBNET_POOL": POOL,
