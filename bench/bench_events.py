@@ -7,8 +7,11 @@
 3. Status latency, interleaved round by round on the same running instances, p50 and p99:
    the ``get_container_status`` task by name for one instance and for one team (the web
    application's calls), ``GET /api/v1/teams/{t}/instances/{c}`` and
-   ``GET /api/v1/teams/{t}/instances`` (keep-alive HTTP), against the raw thing: the SDK's
-   ``containers(filters=label)`` for the team and ``docker ps --filter label=ctf.team=t``.
+   ``GET /api/v1/teams/{t}/instances`` (keep-alive HTTP, through httpx and through the
+   standard library's ``http.client``, whose own cost per request is smaller), and the floors:
+   Celery's round trip of a built-in task that does nothing (``celery.accumulate``) and the
+   API's cached ``/healthz``; against the raw thing: the SDK's ``containers(filters=label)``
+   for the team and ``docker ps --filter label=ctf.team=t``.
 4. The index against ``docker ps``: every instance the API lists (``GET /api/v1/instances``)
    compared with ``docker ps -a`` of the run's containers, name by name and state by state,
    and the time of each.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client as http_client
 import json
 import math
 import os
@@ -90,9 +94,22 @@ def measure_status(bench: Bench, http: httpx.Client, client: Any, rounds: int,
     """Interleaved status reads of ``targets`` (challenge, team), one of each per round."""
     api = bench.docker.api
     times: dict[str, list[float]] = {k: [] for k in (
-        "task_one", "task_team", "api_one", "api_team", "api_healthz", "sdk_team",
-        "docker_ps_team", "inproc_index", "inproc_verified")}
+        "task_one", "task_team", "task_noop", "api_one", "api_team", "api_one_stdlib",
+        "api_team_stdlib", "api_healthz", "sdk_team", "docker_ps_team", "inproc_index",
+        "inproc_verified")}
     ctx = bench.context()
+    # The same routes through the standard library's keep-alive client: httpx's own CPU per
+    # request (~0.4 ms here) is the client's, not the API's.
+    assert http.base_url.port is not None
+    lean = http_client.HTTPConnection(http.base_url.host, http.base_url.port, timeout=60)
+    auth = {"Authorization": str(http.headers["Authorization"])}
+
+    def lean_get(path: str) -> Any:
+        lean.request("GET", path, headers=auth)
+        reply = lean.getresponse()
+        body = reply.read()
+        assert reply.status == 200, body
+        return json.loads(body)
 
     def task_one(ch: str, team: str) -> None:
         out = client.send_task(STATUS, kwargs={"team_id": team, "challenge": ch}).get(timeout=30)
@@ -110,6 +127,16 @@ def measure_status(bench: Bench, http: httpx.Client, client: Any, rounds: int,
         r = http.get(f"/api/v1/teams/{team}/instances")
         r.raise_for_status()
         assert r.json()["instances"]
+
+    def task_noop(_ch: str, _team: str) -> None:
+        # Celery's own round trip on the same worker: a built-in task that does nothing.
+        assert client.send_task("celery.accumulate", args=[1]).get(timeout=30) == [1]
+
+    def api_one_stdlib(ch: str, team: str) -> None:
+        assert lean_get(f"/api/v1/teams/{team}/instances/{ch}")["status"] == "running"
+
+    def api_team_stdlib(_ch: str, team: str) -> None:
+        assert lean_get(f"/api/v1/teams/{team}/instances")["instances"]
 
     def sdk_team(_ch: str, team: str) -> None:
         assert api.containers(all=True, filters={"label": [f"ctf.team={team}",
@@ -130,8 +157,9 @@ def measure_status(bench: Bench, http: httpx.Client, client: Any, rounds: int,
         # What it did before (and does while the follower is not connected): ask Docker too.
         present(ctx.service.status(team, ch, verify=True), ctx.store, ctx.hosts)
 
-    fns = {"task_one": task_one, "task_team": task_team, "api_one": api_one,
-           "api_team": api_team, "api_healthz": api_healthz, "sdk_team": sdk_team,
+    fns = {"task_one": task_one, "task_team": task_team, "task_noop": task_noop,
+           "api_one": api_one, "api_team": api_team, "api_one_stdlib": api_one_stdlib,
+           "api_team_stdlib": api_team_stdlib, "api_healthz": api_healthz, "sdk_team": sdk_team,
            "docker_ps_team": docker_ps_team, "inproc_index": inproc_index,
            "inproc_verified": inproc_verified}
     for ch, team in targets[:5]:  # warm connections, untimed
@@ -151,6 +179,7 @@ def measure_status(bench: Bench, http: httpx.Client, client: Any, rounds: int,
     result["sdk_over_task_team"] = round(p50["sdk_team"] / p50["task_team"], 2)
     result["docker_ps_over_api_team"] = round(p50["docker_ps_team"] / p50["api_team"], 1)
     result["verified_over_index_inproc"] = round(p50["inproc_verified"] / p50["inproc_index"], 1)
+    lean.close()
     ctx.driver.close()
     ctx.store.redis.close()
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
@@ -16,19 +17,33 @@ app.config_from_object("celery_app.celery_config")
 log = logging.getLogger(__name__)
 
 
-class _QuietJanitorPasses(logging.Filter):
-    """Drop Celery's received/succeeded lines of the janitor's beat-driven passes.
+# Tasks whose every call would otherwise be two INFO lines: the beat's passes (every few
+# seconds) and status reads (a platform polls every team's instances every few seconds).
+_ROUTINE = ("celery_app.tasks.reap_expired", "celery_app.tasks.refill_pools",
+            "celery_app.tasks.get_container_status")
 
-    They come every few seconds and say nothing; a pass that removed something logs its own
-    summary, and a failing pass is logged by Celery at ERROR, which this lets through.
+
+class _QuietRoutineTasks(logging.Filter):
+    """Drop Celery's received/succeeded lines of routine tasks (:data:`_ROUTINE`).
+
+    They say nothing: a janitor or pool pass that did something logs its own summary, and a
+    status read is logged at DEBUG. A failing call is logged by Celery at ERROR, which this
+    lets through. Celery passes the task's name in the record's arguments, so the line (with
+    the whole result in it) is not even formatted.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or "reap_expired" not in record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return True
+        args = record.args
+        if isinstance(args, Mapping):
+            return args.get("name") not in _ROUTINE
+        message = record.getMessage()  # the beat's "Sending due task …" lines
+        return not any(name in message for name in _ROUTINE)
 
 
 for _name in ("celery.worker.strategy", "celery.app.trace", "celery.beat"):
-    logging.getLogger(_name).addFilter(_QuietJanitorPasses())
+    logging.getLogger(_name).addFilter(_QuietRoutineTasks())
 
 _heartbeat: Any = None
 _keeper: InflightKeeper | None = None

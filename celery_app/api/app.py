@@ -491,7 +491,9 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await waiter.open()
+        await disp.index.open()
         yield
+        await disp.index.close()
         await waiter.close()
         health.close()
         disp.close()
@@ -588,21 +590,24 @@ def _instance_routes(
         metrics.start_duration.labels(challenge).observe(time.monotonic() - began)
         return JSONResponse(Ingress(disp.settings).with_access(view.result), status_code=200)
 
-    @app.get("/api/v1/teams/{team_id}/instances", responses=_ERRORS, tags=["instances"])
-    def list_team_instances(team_id: TeamId, who: Who) -> dict[str, Any]:
+    # The platform's polling lands here: read on the event loop in one Redis round trip,
+    # answered as a ready JSONResponse (PERFORMANCE.md §8).
+    @app.get("/api/v1/teams/{team_id}/instances", responses=_ERRORS, tags=["instances"],
+             response_model=dict[str, Any])
+    async def list_team_instances(team_id: TeamId, who: Who) -> JSONResponse:
         """Return the team's instances, from the Redis index: ``{"instances": [...]}``."""
         who.require_team(team_id)
-        return {"instances": disp.present(disp.store.list(team_id=team_id))}
+        return JSONResponse({"instances": await disp.shown_team(team_id)})
 
     @app.get("/api/v1/teams/{team_id}/instances/{challenge}", responses=_ERRORS,
-             tags=["instances"])
-    def get_instance(team_id: TeamId, challenge: ChallengeId, who: Who) -> dict[str, Any]:
+             tags=["instances"], response_model=dict[str, Any])
+    async def get_instance(team_id: TeamId, challenge: ChallengeId, who: Who) -> JSONResponse:
         """Return the team's instance of a challenge, or 404 ``instance_not_found``.
 
         On a host whose worker is gone it is not shown as running: ``host_up`` is false.
         """
         who.require_team(team_id)
-        return disp.present([disp.instance(challenge, team_id)])[0]
+        return JSONResponse(await disp.shown_instance(challenge, team_id))
 
     @app.delete("/api/v1/teams/{team_id}/instances/{challenge}", status_code=202,
                 responses={**_ERRORS, 200: {"description": "stopped (with ?wait)"}},

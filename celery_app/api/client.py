@@ -22,16 +22,27 @@ import redis.asyncio.retry
 from celery import Celery
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from starlette.concurrency import run_in_threadpool
 
 from celery_app import errors
 from celery_app.core.catalog import Catalog, Challenge, load_catalog
 from celery_app.core.models import Instance, iso
 from celery_app.core.naming import check_team_id
 from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached, TaskFailed
-from celery_app.hosts.placement import HostLoad, Hosts, host_loads, host_of, load_hosts, present
+from celery_app.hosts.placement import (
+    HostLoad,
+    Hosts,
+    host_loads,
+    host_of,
+    load_hosts,
+    parse_beats,
+    present,
+    present_with,
+)
 from celery_app.hosts.routing import host_queue
 from celery_app.ingress import Ingress
 from celery_app.settings import Settings
+from celery_app.state.reads import AsyncIndex
 from celery_app.state.store import StateStore, map_redis_errors
 
 TASK_PREFIX = "celery_app.tasks."
@@ -174,6 +185,8 @@ class Dispatcher:
         self.hosts = hosts or load_hosts(settings)
         self.store = store or make_store(settings)
         self.celery = celery or make_celery(settings)
+        # The hot reads on the event loop; opened by the API's lifespan.
+        self.index = AsyncIndex(settings.state_redis_url)
 
     def close(self) -> None:
         """Release the broker, backend and Redis connections."""
@@ -252,6 +265,46 @@ class Dispatcher:
     def host_loads(self) -> list[HostLoad]:
         """Return every Docker host's used/max instances and whether its worker is alive."""
         return host_loads(self.hosts, self.store)
+
+    async def shown_instance(self, challenge: str, team_id: str) -> dict[str, Any]:
+        """Return the instance as :meth:`present` shows it, read on the event loop.
+
+        One Redis round trip when :attr:`index` is open; through the store (in the thread
+        pool) when it is not, e.g. in an app run without its lifespan.
+
+        Raises:
+            InvalidTeamId, UnknownChallenge: see :meth:`validate`.
+            InstanceNotFound: there is none.
+            RedisUnavailable: Redis cannot be reached.
+
+        """
+        self.validate(challenge, team_id)
+        shown = await self._shown_view(team_id, challenge)
+        if not shown:
+            raise InstanceNotFound(
+                f"team {team_id} has no instance of {challenge}; start one with PUT first"
+            )
+        return shown[0]
+
+    async def shown_team(self, team_id: str) -> list[dict[str, Any]]:
+        """Return the team's instances as :meth:`present` shows them, read on the event loop.
+
+        Raises:
+            InvalidTeamId: the team id does not match the SPEC's rule.
+            RedisUnavailable: Redis cannot be reached.
+
+        """
+        check_team_id(team_id)
+        return await self._shown_view(team_id, None)
+
+    async def _shown_view(self, team_id: str, challenge: str | None) -> list[dict[str, Any]]:
+        hosts = list(self.hosts)
+        if self.index.is_open:
+            found, beats = await self.index.view(team_id, challenge, hosts)
+        else:
+            found, beats = await run_in_threadpool(self.store.view, team_id, challenge, hosts)
+        ingress = Ingress(self.settings)  # access_url: a fresh short-lived link (SPEC §11)
+        return [ingress.with_access(d) for d in present_with(found, parse_beats(beats))]
 
     def present(self, instances: list[Instance]) -> list[dict[str, Any]]:
         """Return instances as listings show them, with ``host_up``.

@@ -30,7 +30,7 @@ from celery_app.errors import (
 )
 from celery_app.ingress import Ingress
 from celery_app.settings import Settings
-from celery_app.state.store import LOCK_HOLD, StateStore
+from celery_app.state.store import LOCK_HOLD, Beats, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +320,24 @@ class InstanceService:
             self.catalog.get(challenge)
         found = self.store.list(team_id=team_id, challenge=challenge)
         return self.reconciler.verified(found) if verify else found
+
+    def view(
+        self, team_id: str, challenge: str | None, hosts: list[str]
+    ) -> tuple[list[Instance], Beats]:
+        """Return the team's instances from the index, and the heartbeats of ``hosts``.
+
+        One Redis round trip (:meth:`StateStore.view`): the read behind status polling while
+        this host's event follower keeps the index true.
+
+        Raises:
+            InvalidTeamId, UnknownChallenge: bad input.
+            RedisUnavailable: Redis cannot be reached.
+
+        """
+        check_team_id(team_id)
+        if challenge is not None:
+            self.catalog.get(challenge)
+        return self.store.view(team_id, challenge, hosts)
 
     # -- reconcile and one container's news (celery_app.core.reconcile) ---------------------------
 

@@ -174,9 +174,13 @@ def heartbeats(store: StateStore, names: Iterable[str]) -> dict[str, dict[str, A
     names = list(names)
     if not names:
         return {}
-    raw = store.heartbeats(names)
+    return parse_beats(dict(zip(names, store.heartbeats(names), strict=True)))
+
+
+def parse_beats(raw: Mapping[str, str | None]) -> dict[str, dict[str, Any] | None]:
+    """Decode raw heartbeats (``{host: JSON or None}``) as :func:`heartbeats` returns them."""
     beats: dict[str, dict[str, Any] | None] = {}
-    for name, value in zip(names, raw, strict=True):
+    for name, value in raw.items():
         try:
             beats[name] = json.loads(value) if value else None
         except ValueError:
@@ -406,7 +410,17 @@ def present(
     instance, as it was.
     """
     found = list(instances)
-    alive = liveness(heartbeats(store, sorted({*hosts, *(i.host for i in found)})))
+    return present_with(found, heartbeats(store, sorted({*hosts, *(i.host for i in found)})))
+
+
+def present_with(
+    found: Iterable[Instance], beats: Mapping[str, dict[str, Any] | None]
+) -> list[dict[str, Any]]:
+    """:func:`present`, with the heartbeats already read (:func:`parse_beats`).
+
+    ``beats`` must hold every configured host and every host the instances name.
+    """
+    alive = liveness(beats)
     shown = []
     for inst in found:
         data = inst.public()

@@ -67,6 +67,49 @@ return 'ok'
 """
 
 
+# A team's records and the hosts' heartbeats in one round trip: the busiest read (a platform
+# polls every team's instances). KEYS[1] the team's set, KEYS[2..] the heartbeats; ARGV[1]
+# the record prefix. A missing record or heartbeat comes back as nil.
+TEAM_VIEW = """
+local members = redis.call('SMEMBERS', KEYS[1])
+local docs = {}
+for i, m in ipairs(members) do docs[i] = redis.call('GET', ARGV[1] .. m) end
+local beats = {}
+for i = 2, #KEYS do beats[i - 1] = redis.call('GET', KEYS[i]) end
+return {docs, beats}
+"""
+
+# A host's raw heartbeat (JSON, or None where there is none), by host name.
+Beats = dict[str, str | None]
+
+
+def team_view_keys(team_id: str, hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Return the KEYS and ARGV of :data:`TEAM_VIEW` for ``team_id`` and ``hosts``."""
+    return [keys.team(team_id), *(keys.hostbeat(h) for h in hosts)], [keys.INSTANCE_PREFIX]
+
+
+def one_view_keys(challenge: str, team_id: str, hosts: Sequence[str]) -> tuple[str, list[str]]:
+    """Return the record key and the heartbeat keys of a one-instance view."""
+    return _key(instance_key(challenge, team_id)), [keys.hostbeat(h) for h in hosts]
+
+
+def hostbeat_keys(hosts: Iterable[str]) -> list[str]:
+    """Return the heartbeat keys of ``hosts``."""
+    return [keys.hostbeat(h) for h in hosts]
+
+
+def decode_view(
+    docs: Iterable[str | None], hosts: Sequence[str], raw_beats: Sequence[str | None]
+) -> tuple[list[Instance], Beats, list[str]]:
+    """Decode a view's replies: the instances (by key), the heartbeats, and hosts still unread.
+
+    The last are hosts the instances name that ``hosts`` did not (no longer configured).
+    """
+    found = sorted((Instance.model_validate_json(d) for d in docs if d), key=lambda i: i.key)
+    beats: Beats = dict(zip(hosts, raw_beats, strict=True))
+    return found, beats, sorted({i.host for i in found} - beats.keys())
+
+
 @contextlib.contextmanager
 def map_redis_errors(what: str) -> Iterator[None]:
     """Translate redis-py connection failures into :class:`RedisUnavailable` (retryable)."""
@@ -189,6 +232,7 @@ class StateStore:
         self._intent = client.register_script(_INTENT)
         self._swap = client.register_script(_SWAP)
         self._place = client.register_script(_PLACE)
+        self._team_view = client.register_script(TEAM_VIEW)
         self._pools: PoolKeys | None = None
 
     @property
@@ -369,6 +413,44 @@ class StateStore:
             if (challenge is None or i.challenge == challenge) and (host is None or i.host == host)
         ]
 
+    def view(
+        self, team_id: str, challenge: str | None, hosts: Sequence[str]
+    ) -> tuple[builtins.list[Instance], Beats]:
+        """Return the team's instances (of ``challenge`` only, when given) and the heartbeats.
+
+        One round trip (two when an instance names a host that ``hosts`` does not), where
+        :meth:`list` plus :meth:`heartbeats` take three.
+
+        Args:
+            team_id: the team.
+            challenge: one challenge, or ``None`` for all of the team's.
+            hosts: the configured hosts, whose heartbeats come back too.
+
+        Returns:
+            The instances sorted by key, and every host's raw heartbeat.
+
+        Raises:
+            RedisUnavailable: Redis cannot be reached.
+
+        """
+        names = builtins.list(hosts)
+        with map_redis_errors("read instances"):
+            if challenge is None:
+                keys_, args = team_view_keys(team_id, names)
+                docs, raw = self._team_view(keys=keys_, args=args)
+            else:
+                key, beat_keys = one_view_keys(challenge, team_id, names)
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.get(key)
+                for beat in beat_keys:
+                    pipe.get(beat)
+                doc, *raw = pipe.execute()
+                docs = [doc]
+        found, beats, unread = decode_view(docs, names, raw)
+        if unread:
+            beats |= dict(zip(unread, self.heartbeats(unread), strict=True))
+        return found, beats
+
     def count(self, host: str | None = None) -> int:
         """Return how many instances are recorded (on ``host`` when given)."""
         with map_redis_errors("count instances"):
@@ -449,7 +531,7 @@ class StateStore:
         """Return each host's raw heartbeat (``None`` where there is none)."""
         with map_redis_errors("read host heartbeats"):
             return cast(builtins.list[str | None],
-                        self.redis.mget([keys.hostbeat(h) for h in hosts]))
+                        self.redis.mget(hostbeat_keys(hosts)))
 
     def beat(self, host: str, value: str, ttl: float) -> None:
         """Publish a host's heartbeat; it lapses after ``ttl`` seconds."""
