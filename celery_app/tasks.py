@@ -14,7 +14,6 @@ receives the result of the worker that did the work.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -224,18 +223,23 @@ class StatusTask(InstancerTask):
     """A status read: its result is kept ``STATUS_RESULT_TTL`` s, not ``result_expires``.
 
     A platform polls status every few seconds for every team: results kept for a day would
-    pile up millions of keys in the result backend's Redis during an event.
+    pile up millions of keys in the result backend's Redis during an event. The result is
+    stored with that life at once (a backend of its own, on the same Redis), not shortened by
+    a later EXPIRE: that was one more round trip per read, before the worker acknowledged
+    the message and took the next.
     """
 
     abstract = True
+    _status_backend: Any = None
 
-    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
-                     einfo: Any) -> None:
-        """Shorten the stored result's life (it is stored, and delivered, by now)."""
-        client = getattr(self.backend, "client", None)
-        if client is not None and task_id:
-            with contextlib.suppress(Exception):
-                client.expire(self.backend.get_key_for_task(task_id), STATUS_RESULT_TTL)
+    @property
+    def backend(self) -> Any:
+        """The app's result backend, with ``STATUS_RESULT_TTL`` as its expiry."""
+        if StatusTask._status_backend is None:
+            shared = self.app.backend
+            StatusTask._status_backend = type(shared)(
+                app=self.app, url=self.app.conf.result_backend, expires=STATUS_RESULT_TTL)
+        return StatusTask._status_backend
 
 
 # A read answered from the index in a few ms: no STARTED state (one backend write less).
