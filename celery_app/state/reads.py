@@ -25,7 +25,7 @@ from celery_app.state.store import (
     decode_view,
     hostbeat_keys,
     map_redis_errors,
-    one_view_keys,
+    queue_one_view,
     team_view_keys,
 )
 
@@ -73,15 +73,7 @@ class AsyncIndex:
     async def view(
         self, team_id: str, challenge: str | None, hosts: Sequence[str]
     ) -> tuple[list[Instance], Beats]:
-        """Return the team's instances (of ``challenge`` only, when given) and the heartbeats.
-
-        Args:
-            team_id: the team.
-            challenge: one challenge, or ``None`` for all of the team's.
-            hosts: the configured hosts, whose heartbeats come back too.
-
-        Returns:
-            The instances sorted by key, and every host's raw heartbeat.
+        """:meth:`StateStore.view` on the event loop: same arguments, answer and errors.
 
         Raises:
             RedisUnavailable: Redis cannot be reached.
@@ -93,13 +85,10 @@ class AsyncIndex:
                 keys_, args = team_view_keys(team_id, names)
                 docs, raw = await self._team_view(keys=keys_, args=args)
             else:
-                key, beat_keys = one_view_keys(challenge, team_id, names)
                 pipe = client.pipeline(transaction=False)
-                pipe.get(key)
-                for beat in beat_keys:
-                    pipe.get(beat)
-                doc, *raw = await pipe.execute()
-                docs = [doc]
+                queue_one_view(pipe, challenge, team_id, names)
+                replies = await pipe.execute()
+                docs, raw = replies[:1], replies[1:]
             found, beats, unread = decode_view(docs, names, raw)
             if unread:  # a host no longer configured: rare
                 beats |= dict(zip(unread, await client.mget(hostbeat_keys(unread)),

@@ -88,9 +88,14 @@ def team_view_keys(team_id: str, hosts: Sequence[str]) -> tuple[list[str], list[
     return [keys.team(team_id), *(keys.hostbeat(h) for h in hosts)], [keys.INSTANCE_PREFIX]
 
 
-def one_view_keys(challenge: str, team_id: str, hosts: Sequence[str]) -> tuple[str, list[str]]:
-    """Return the record key and the heartbeat keys of a one-instance view."""
-    return _key(instance_key(challenge, team_id)), [keys.hostbeat(h) for h in hosts]
+def queue_one_view(pipe: Any, challenge: str, team_id: str, hosts: Sequence[str]) -> None:
+    """Queue a one-instance view on a pipeline (redis-py's or ``redis.asyncio``'s).
+
+    Its replies are the record, then each host's heartbeat.
+    """
+    pipe.get(_key(instance_key(challenge, team_id)))
+    for host in hosts:
+        pipe.get(keys.hostbeat(host))
 
 
 def hostbeat_keys(hosts: Iterable[str]) -> list[str]:
@@ -439,13 +444,10 @@ class StateStore:
                 keys_, args = team_view_keys(team_id, names)
                 docs, raw = self._team_view(keys=keys_, args=args)
             else:
-                key, beat_keys = one_view_keys(challenge, team_id, names)
                 pipe = self.redis.pipeline(transaction=False)
-                pipe.get(key)
-                for beat in beat_keys:
-                    pipe.get(beat)
-                doc, *raw = pipe.execute()
-                docs = [doc]
+                queue_one_view(pipe, challenge, team_id, names)
+                replies = pipe.execute()
+                docs, raw = replies[:1], replies[1:]
         found, beats, unread = decode_view(docs, names, raw)
         if unread:
             beats |= dict(zip(unread, self.heartbeats(unread), strict=True))
