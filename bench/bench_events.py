@@ -265,6 +265,13 @@ def main() -> int:
            "CTF_MAX_INSTANCES": str(max(1000, 2 * args.instances)),
            "CTF_RATE_LIMIT_COUNT": "1000000"}
     with bench_run(ttl=1800, extra_catalog=extra_catalog(args.per_team)) as bench:
+        # An earlier run still removing its 500 networks would make these teams' starts fail
+        # ("a network named ctf-team-bt000 exists … not managed by this instancer").
+        left = [n.name for n in bench.docker.networks.list(filters={"name": "ctf-team-"})]
+        if left:
+            print(f"{len(left)} ctf-team-* networks exist (an earlier run still cleaning "
+                  "up?); wait until `docker network ls` shows none", file=sys.stderr)
+            return 1
         worker = bench_worker(bench, concurrency=args.concurrency, **env)
         worker.start()
         assert worker.proc is not None and bench.redis.proc is not None
