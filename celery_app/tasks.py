@@ -259,23 +259,20 @@ def get_container_status(
     ctx = get_context()
     host = ctx.service.host
     live = index_is_live(host)
-    several = len(ctx.hosts) > 1
 
     def read() -> dict[str, Any]:
-        if team_id is not None and live:
-            # The platform's polling: the records and the heartbeats in one round trip.
+        maybe_elsewhere = challenge is not None and len(ctx.hosts) > 1  # one instance's host
+        shown: list[dict[str, Any]] | None = None
+        if team_id is not None and (live or maybe_elsewhere):
+            # The records and the heartbeats in one round trip (the platform's polling).
             found, beats = ctx.service.view(team_id, challenge, list(ctx.hosts))
-            if challenge is not None and several and found and found[0].host != host:
+            if maybe_elsewhere and found and found[0].host != host:
                 self.hand_over(found[0].host, [], {"team_id": team_id, "challenge": challenge,
                                                    "hops": hops})
-            shown = present_with(found, parse_beats(beats))
-        else:
-            if team_id is not None and challenge is not None and several:
-                ctx.catalog.get(challenge)
-                record = ctx.store.get(challenge, check_team_id(team_id))
-                if record is not None and record.host != host:
-                    self.hand_over(record.host, [], {"team_id": team_id,
-                                                     "challenge": challenge, "hops": hops})
+            if live:
+                shown = present_with(found, parse_beats(beats))
+        if shown is None:
+            # Every team's instances, or this host's follower is not live (then Docker is asked).
             shown = present(ctx.service.status(team_id, challenge, verify=not live),
                             ctx.store, ctx.hosts)
         return {"instances": [ctx.service.ingress.with_access(d) for d in shown]}
