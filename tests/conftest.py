@@ -93,8 +93,11 @@ def docker_client() -> Iterator[docker.DockerClient]:
     except docker.errors.DockerException as exc:
         pytest.exit(f"no Docker engine answers ({exc}); run ./run-tests.sh", returncode=3)
     yield client
+    # Every label's containers first, the images last: an image still used by a running
+    # container of a private label (swept after the test label) would otherwise stay behind.
     for label in _LABELS_USED:
-        cleanup_docker(client, label, images=label == TEST_LABEL)
+        cleanup_docker(client, label)
+    cleanup_docker(client, TEST_LABEL, images=True)
     client.close()
 
 
