@@ -28,6 +28,18 @@ def test_celery_config_takes_settings_values() -> None:
     assert done.stdout.split() == ["7.0", "45.0", "redis://127.0.0.1:6399/0"]
 
 
+def test_celery_config_without_the_variables_holds_the_defaults() -> None:
+    """With nothing set, Celery gets the defaults users run with (5 s janitor, 30 s visibility)."""
+    from celery_app.settings import Settings  # noqa: PLC0415  # only the defaults are needed
+
+    fields = Settings.model_fields
+    done = load_config()
+    assert done.returncode == 0, done.stderr
+    janitor, visibility, _url = done.stdout.split()
+    assert float(janitor) == fields["janitor_interval"].default == 5.0
+    assert float(visibility) == fields["visibility_timeout"].default == 30.0
+
+
 def test_celery_config_refuses_what_settings_refuse() -> None:
     """A janitor interval Settings rejects is refused by name, not clamped into range."""
     done = load_config(CTF_JANITOR_INTERVAL="30")
