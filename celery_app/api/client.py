@@ -160,6 +160,11 @@ def make_store(settings: Settings) -> StateStore:
     return StateStore(client)
 
 
+def _not_found(challenge: str, team_id: str) -> InstanceNotFound:
+    return InstanceNotFound(
+        f"team {team_id} has no instance of {challenge}; start one with PUT first")
+
+
 class Dispatcher:
     """Validates requests, sends tasks to the workers and reads their outcome.
 
@@ -216,9 +221,7 @@ class Dispatcher:
         self.validate(challenge, team_id)
         inst = self.store.get(challenge, team_id)
         if inst is None:
-            raise InstanceNotFound(
-                f"team {team_id} has no instance of {challenge}; start one with PUT first"
-            )
+            raise _not_found(challenge, team_id)
         return inst
 
     # -- tasks ------------------------------------------------------------------------------
@@ -281,9 +284,7 @@ class Dispatcher:
         self.validate(challenge, team_id)
         shown = await self._shown_view(team_id, challenge)
         if not shown:
-            raise InstanceNotFound(
-                f"team {team_id} has no instance of {challenge}; start one with PUT first"
-            )
+            raise _not_found(challenge, team_id)
         return shown[0]
 
     async def shown_team(self, team_id: str) -> list[dict[str, Any]]:
@@ -303,8 +304,7 @@ class Dispatcher:
             found, beats = await self.index.view(team_id, challenge, hosts)
         else:
             found, beats = await run_in_threadpool(self.store.view, team_id, challenge, hosts)
-        ingress = Ingress(self.settings)  # access_url: a fresh short-lived link (SPEC §11)
-        return [ingress.with_access(d) for d in present_with(found, parse_beats(beats))]
+        return self._with_access(present_with(found, parse_beats(beats)))
 
     def present(self, instances: list[Instance]) -> list[dict[str, Any]]:
         """Return instances as listings show them, with ``host_up``.
@@ -312,8 +312,11 @@ class Dispatcher:
         None is shown as running on a host whose worker is gone (see
         :func:`celery_app.hosts.placement.present`).
         """
+        return self._with_access(present(instances, self.store, self.hosts))
+
+    def _with_access(self, shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ingress = Ingress(self.settings)  # access_url: a fresh short-lived link (SPEC §11)
-        return [ingress.with_access(d) for d in present(instances, self.store, self.hosts)]
+        return [ingress.with_access(d) for d in shown]
 
     # -- coalescing: one pending task per instance and kind ---------------------------------
 
