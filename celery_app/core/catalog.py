@@ -16,17 +16,11 @@ from pydantic import (
 )
 
 from celery_app.core.config_files import describe, read_yaml
+from celery_app.core.limits import ALLOWED_CAPS
 from celery_app.core.naming import CHALLENGE_ID_RE
 from celery_app.errors import CatalogError, UnknownChallenge
 from celery_app.settings import Settings
 
-# Capabilities a challenge may add back after all are dropped; nothing that opens the host.
-ALLOWED_CAPS = frozenset(
-    {
-        "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
-        "NET_BIND_SERVICE", "NET_RAW", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
-    }
-)
 _MEMORY_RE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
