@@ -206,3 +206,13 @@ def test_load_compose_names_an_unreadable_file(tmp_path: Path) -> None:
     """A missing file is named in the error."""
     with pytest.raises(CatalogError, match="cannot be read"):
         load_compose(tmp_path / "missing.yaml", "shop")
+
+
+def test_the_shipped_example_reads_as_documented() -> None:
+    """examples/shop: db starts first, web is the one endpoint, db alone holds the flag."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "shop" / "compose.yaml"
+    app = load_compose(path, "shop")
+    assert [s.name for s in app.services] == ["db", "web", "bot"]
+    assert [(e.service, e.port) for e in app.endpoints] == [("web", 8080)]
+    assert [s.name for s in app.services if s.uses_flag] == ["db"]
+    assert app.service("web").depends_on == {"db": "service_healthy"}
