@@ -9,6 +9,8 @@
 #   CTF_IMAGE         the tag to build (default ctf-instancer:latest)
 #   CTF_BASE_IMAGE    the base to use (default debian:bookworm-slim)
 #   CTF_IMAGE_LABELS  extra labels, "key=value key2=value2" (tests label what they build)
+#   CTF_BUILD_LABEL   a value for the label org.ctf-instancer.build on the image and on its
+#                     intermediate stages (`docker images --filter label=...` finds them all)
 #   DEBIAN_MIRROR     the mirror debootstrap uses (default http://deb.debian.org/debian)
 #   CTF_BUILD_ARGS    more `docker build` options, e.g. "--cpu-shares 128" (a busy host)
 set -euo pipefail
@@ -82,7 +84,8 @@ python3 -m pip wheel -q --wheel-dir "$wheels" "$ROOT" "async-timeout>=4.0.3" >&2
 
 say "building $IMAGE on $base"
 start=$(date +%s)
-docker build -f "$ROOT/deploy/Dockerfile" --build-arg "BASE=$base" -t "$IMAGE" \
+docker build -f "$ROOT/deploy/Dockerfile" --build-arg "BASE=$base" \
+    --build-arg "CTF_BUILD_LABEL=${CTF_BUILD_LABEL:-}" -t "$IMAGE" \
     --label "org.ctf-instancer.image=1" "${labels[@]}" ${CTF_BUILD_ARGS:-} "$ROOT" >&2
 size="$(docker image inspect -f '{{.Size}}' "$IMAGE")"
 say "built $IMAGE in $(( $(date +%s) - start )) s ($(( size / 1048576 )) MiB)"
