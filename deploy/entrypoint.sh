@@ -3,7 +3,8 @@
 #   worker    the Celery worker + janitor of host $CTF_HOST (needs the engine's socket)
 #   api       the HTTP API and dashboard on $CTF_API_BIND
 #   traefik   the ingress: writes Traefik's files into $CTF_DATA_DIR/ingress and runs it
-#   redis     redis-server with AOF in /var/lib/ctf/redis, password $CTF_REDIS_PASSWORD
+#   redis     redis-server with AOF in $CTF_REDIS_DIR (/var/lib/ctf/redis), password
+#             $CTF_REDIS_PASSWORD, on $CTF_REDIS_BIND (0.0.0.0) port $CTF_REDIS_PORT (6379)
 #   ctfctl …  the command line (ctfctl check, status, hosts, firewall status, …)
 #   anything else is run as given.
 # Redis URLs: CELERY_BROKER_URL / CELERY_RESULT_BACKEND / CTF_REDIS_URL when set; otherwise
@@ -85,7 +86,10 @@ case "$role" in
         printf 'requirepass "%s"\n' "$CTF_REDIS_PASSWORD" >"$conf"
         # noeviction: a full Redis refuses writes and never drops the index or a lock (docs/
         # DEPLOYMENT.md, "What to firewall"); AOF every second: a restart loses nothing.
-        exec redis-server "$conf" --bind 0.0.0.0 --port 6379 --dir "$dir" \
+        # CTF_REDIS_BIND: 0.0.0.0 in its container (compose publishes the port); on a bare
+        # host (deploy/systemd/ctf-redis.service) loopback and the private address.
+        # shellcheck disable=SC2086  # a list of addresses
+        exec redis-server "$conf" --bind ${CTF_REDIS_BIND:-0.0.0.0} --port "${CTF_REDIS_PORT:-6379}" --dir "$dir" \
             --appendonly yes --appendfsync everysec \
             --maxmemory "${CTF_REDIS_MAXMEMORY:-1gb}" --maxmemory-policy noeviction "$@"
         ;;
