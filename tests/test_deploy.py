@@ -189,9 +189,9 @@ def stack(
                        check=False)
 
 
-def _start(stack: Stack) -> dict[str, Any]:
-    answer = httpx.put(f"{stack.api}/api/v1/teams/{TEAM}/instances/web?wait=60",
-                       headers=stack.team_headers(), timeout=90, trust_env=False)
+def _start(stack: Stack, team: str = TEAM) -> dict[str, Any]:
+    answer = httpx.put(f"{stack.api}/api/v1/teams/{team}/instances/web?wait=60",
+                       headers=stack.team_headers(team), timeout=90, trust_env=False)
     assert answer.status_code in (200, 202), f"{answer.status_code} {answer.text}\n{stack.logs()}"
     body = answer.json()
     assert body["status"] == "running", f"{body}\n{stack.logs()}"
@@ -246,9 +246,14 @@ def test_start_is_served_through_the_ingress_to_its_team_only(stack: Stack) -> N
     cookie = _open(stack, inst)
     page = stack.web(host, "/", cookie)
     assert page.status_code == 200 and "hello from ctf" in page.text
-    # Another team's token does not see it (its own instance list is empty).
-    other = stack.get("/api/v1/teams/otherteam/instances", headers=stack.team_headers("otherteam"))
-    assert other.status_code == 200 and other.json()["instances"] == []
+    # Another team's cookie (from its own instance's link) does not open it.
+    theirs = _start(stack, "otherteam")
+    their_cookie = _open(stack, theirs)
+    assert stack.web(_host_of(theirs), "/", their_cookie).status_code == 200
+    assert stack.web(host, "/", their_cookie).status_code == 403
+    gone = httpx.delete(f"{stack.api}/api/v1/teams/otherteam/instances/web?wait=60",
+                        headers=stack.team_headers("otherteam"), timeout=90, trust_env=False)
+    assert gone.status_code in (200, 202, 204), gone.text
     dashboard = stack.get("/")
     assert dashboard.status_code == 200 and "<html" in dashboard.text.lower()
 
