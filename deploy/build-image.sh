@@ -85,7 +85,7 @@ python3 -m pip wheel -q --wheel-dir "$wheels" "$ROOT" "async-timeout>=4.0.3" >&2
 say "building $IMAGE on $base"
 start=$(date +%s)
 docker build -f "$ROOT/deploy/Dockerfile" --build-arg "BASE=$base" \
-    --build-arg "CTF_BUILD_LABEL=${CTF_BUILD_LABEL:-}" -t "$IMAGE" \
+    --build-arg "CTF_BUILD_LABEL=${CTF_BUILD_LABEL:-}" -t "$IMAGE" --force-rm \
     --label "org.ctf-instancer.image=1" "${labels[@]}" ${CTF_BUILD_ARGS:-} "$ROOT" >&2
 size="$(docker image inspect -f '{{.Size}}' "$IMAGE")"
 say "built $IMAGE in $(( $(date +%s) - start )) s ($(( size / 1048576 )) MiB)"
