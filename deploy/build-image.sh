@@ -77,6 +77,9 @@ wheels="$ROOT/deploy/.wheels"
 python3 -m pip --version >/dev/null 2>&1 || die "no pip for python3 here: apt-get install python3-pip"
 say "gathering wheels into deploy/.wheels (pip wheel)"
 rm -rf "$wheels" && mkdir -p "$wheels"
+# setuptools' scratch folder: a module deleted from the tree would live on in build/lib and
+# go into the wheel.
+rm -rf "$ROOT/build"
 # async-timeout: redis-py wants it on Python < 3.11.3, as Debian's 3.11.2 in the image is,
 # while this machine's Python may be newer (pip resolves markers for the Python it runs on).
 python3 -m pip wheel -q --wheel-dir "$wheels" "$ROOT" "async-timeout>=4.0.3" >&2 \

@@ -158,3 +158,21 @@ def test_rules_and_dashboard_use_only_exported_metrics(tmp_path: Path) -> None:
     assert unknown == {}, f"not exported by /metrics: {unknown}"
     # Every panel reads something.
     assert all(_named(e) for e in exprs.values())
+
+
+def test_wheel_carries_the_dashboard_and_the_gate_plugin(tmp_path: Path) -> None:
+    """The wheel the image installs holds the dashboard, the Go gate plugin and ``ctfctl``."""
+    import sys  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                           "--wheel-dir", str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("ctf_instancer-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"celery_app/api/static/index.html", "celery_app/api/static/app.js",
+            "celery_app/ingress/plugin/ctfgate/ctfgate.go",
+            "celery_app/ingress/plugin/ctfgate/go.mod"} <= names
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "ctfctl = celery_app.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
