@@ -46,6 +46,7 @@ from celery_app.errors import (
     RateLimited,
     TaskNotFound,
 )
+from celery_app.hosts.metrics import HostCollector
 from celery_app.ingress import Ingress
 from celery_app.ingress.gate import Gate, GateFastPath
 from celery_app.ingress.gate import build_router as build_gate_router
@@ -483,7 +484,8 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
 
     """
     disp = dispatcher or Dispatcher(settings)
-    metrics = ApiMetrics(disp.store, disp.catalog, list(disp.hosts))
+    metrics = ApiMetrics(disp.store, disp.catalog, list(disp.hosts),
+                         HostCollector(disp.hosts, disp.store))
     health = Health(settings, disp)
     waiter = AsyncWaiter(disp, settings.api_max_waits)
     slots = WaitSlots(settings.api_max_waits_per_team, settings.api_max_waits)

@@ -76,7 +76,8 @@ class ApiMetrics:
     """
 
     def __init__(
-        self, store: StateStore, catalog: Catalog, hosts: list[str] | None = None
+        self, store: StateStore, catalog: Catalog, hosts: list[str] | None = None,
+        host_collector: Collector | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -105,6 +106,8 @@ class ApiMetrics:
         self.registry.register(StateCollector(store, catalog))
         if hosts is not None:  # warm pools (issue 14)
             self.registry.register(PoolCollector(store.pools, catalog, hosts))
+        if host_collector is not None:  # per-host liveness and capacity (issue 28's alerts)
+            self.registry.register(host_collector)
 
     def render(self) -> tuple[bytes, str]:
         """Return the Prometheus text exposition and its content type."""

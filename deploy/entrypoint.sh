@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The image's entry point: one image, one role per container.
+#   worker    the Celery worker + janitor of host $CTF_HOST (needs the engine's socket)
+#   api       the HTTP API and dashboard on $CTF_API_BIND
+#   traefik   the ingress: writes Traefik's files into $CTF_DATA_DIR/ingress and runs it
+#   redis     redis-server with AOF in $CTF_REDIS_DIR (/var/lib/ctf/redis), password
+#             $CTF_REDIS_PASSWORD, on $CTF_REDIS_BIND (0.0.0.0) port $CTF_REDIS_PORT (6379)
+#   ctfctl …  the command line (ctfctl check, status, hosts, firewall status, …)
+#   anything else is run as given.
+# Redis URLs: CELERY_BROKER_URL / CELERY_RESULT_BACKEND / CTF_REDIS_URL when set; otherwise
+# built from CTF_REDIS_ADDR (host:port, default redis:6379) and CTF_REDIS_PASSWORD, so the
+# password is written once, in the organiser's .env.
+set -euo pipefail
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+redis_urls() {
+    local addr="${CTF_REDIS_ADDR:-redis:6379}" auth=""
+    if [ -n "${CTF_REDIS_PASSWORD:-}" ]; then
+        auth=":$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$CTF_REDIS_PASSWORD")@"
+    fi
+    export CELERY_BROKER_URL="${CELERY_BROKER_URL:-redis://$auth$addr/0}"
+    export CELERY_RESULT_BACKEND="${CELERY_RESULT_BACKEND:-redis://$auth$addr/1}"
+    export CTF_REDIS_URL="${CTF_REDIS_URL:-redis://$auth$addr/2}"
+}
+
+# wait_redis: Redis may still be loading its AOF (compose starts everything at once).
+wait_redis() {
+    python3 - <<'PY' || die "Redis does not answer at ${CTF_REDIS_ADDR:-redis:6379} (120 s)"
+import os, sys, time
+import redis
+url = os.environ["CELERY_BROKER_URL"]
+deadline = time.monotonic() + 120
+while True:
+    try:
+        redis.Redis.from_url(url, socket_timeout=2).ping()
+        sys.exit(0)
+    except redis.exceptions.AuthenticationError as exc:
+        print(f"error: Redis refuses the password: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except redis.exceptions.RedisError:
+        if time.monotonic() > deadline:
+            sys.exit(1)
+        time.sleep(0.5)
+PY
+}
+
+# Compose passes every optional setting; an empty one means "not set" (the product's default).
+[ -n "${CTF_EXTRA_LABELS:-}" ] || unset CTF_EXTRA_LABELS
+
+role="${1:-api}"
+[ $# -gt 0 ] && shift
+case "$role" in
+    worker)
+        redis_urls
+        wait_redis
+        host="${CTF_HOST:-local}"
+        # Fail fast on a bad catalog or settings (the log says what to fix).
+        python3 -m celery_app.cli check >&2
+        queues="$(python3 -m celery_app.cli queues --host "$host")"
+        say "worker for host '$host' (queues: $queues)"
+        exec celery -A celery_app.celery_app:app worker -B \
+            --pool threads --concurrency "${CTF_WORKER_CONCURRENCY:-16}" \
+            --loglevel "${CTF_LOG_LEVEL:-INFO}" -n "ctf-$host@%h" -Q "$queues" \
+            -s "$CTF_DATA_DIR/celerybeat-schedule-$host" "$@"
+        ;;
+    api)
+        redis_urls
+        wait_redis
+        exec python3 -m celery_app.cli api "$@"
+        ;;
+    traefik)
+        # The same files run-celery-worker.sh prepares; Traefik runs in their folder (it
+        # loads the team gate plugin from ./plugins-local there). Logs go to stdout.
+        config="$(python3 -m celery_app.ingress prepare)"
+        cd "$(dirname "$config")"
+        exec traefik --configfile="$config" "$@"
+        ;;
+    redis)
+        [ -n "${CTF_REDIS_PASSWORD:-}" ] || die "set CTF_REDIS_PASSWORD (in deploy/.env)"
+        dir="${CTF_REDIS_DIR:-/var/lib/ctf/redis}"
+        mkdir -p "$dir"
+        # requirepass from a file of mode 0600, not the command line (ps would show it).
+        conf="$(mktemp /tmp/redis-auth.XXXXXX)"
+        printf 'requirepass "%s"\n' "$CTF_REDIS_PASSWORD" >"$conf"
+        # noeviction: a full Redis refuses writes and never drops the index or a lock (docs/
+        # DEPLOYMENT.md, "What to firewall"); AOF every second: a restart loses nothing.
+        # CTF_REDIS_BIND: 0.0.0.0 in its container (compose publishes the port); on a bare
+        # host (deploy/systemd/ctf-redis.service) loopback and the private address.
+        # shellcheck disable=SC2086  # a list of addresses
+        exec redis-server "$conf" --bind ${CTF_REDIS_BIND:-0.0.0.0} --port "${CTF_REDIS_PORT:-6379}" --dir "$dir" \
+            --appendonly yes --appendfsync everysec \
+            --maxmemory "${CTF_REDIS_MAXMEMORY:-1gb}" --maxmemory-policy noeviction "$@"
+        ;;
+    ctfctl)
+        redis_urls
+        exec ctfctl "$@"
+        ;;
+    *)
+        exec "$role" "$@"
+        ;;
+esac
