@@ -19,7 +19,11 @@ command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || pkgs+=(nftables)
 [ ${#pkgs[@]} -gt 0 ] && ensure_packages "${pkgs[@]}"
 # The tests build stand-in images from a static busybox, pull from a local registry and drive
 # the dashboard in Debian's headless Chromium (Playwright never downloads a browser here).
-[ -n "$dev" ] && ensure_packages busybox-static docker-registry chromium
+# The deployment's tests (deploy/) bring the stack up with Debian's docker-compose, build the
+# image's base with debootstrap when no registry answers, and check the alert rules with
+# promtool (prometheus) and the units with systemd-analyze (systemd).
+[ -n "$dev" ] && ensure_packages busybox-static docker-registry chromium \
+    docker-compose debootstrap prometheus systemd
 
 ensure_venv "${dev:+dev}"
 # The CTFd plugin's tests run the real CTFd in a venv of its own: build it once, cached in
