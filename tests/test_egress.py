@@ -206,11 +206,11 @@ def udp_listener(netns: str) -> Iterator[tuple[int, Callable[[], str]]]:
 
 
 @contextlib.contextmanager
-def docker_over_tcp() -> Iterator[int]:
-    """Reach this machine's engine over tcp://127.0.0.1:<port> too (a byte pump)."""
+def docker_over_tcp(bind: str = "127.0.0.1") -> Iterator[int]:
+    """Reach this machine's engine over tcp://<bind>:<port> too (a byte pump)."""
     path = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock").removeprefix("unix://")
     server = socket.socket()
-    server.bind(("127.0.0.1", 0))
+    server.bind((bind, 0))
     server.listen(64)
 
     def pump(src: socket.socket, dst: socket.socket) -> None:
@@ -585,6 +585,73 @@ def test_a_loopback_tcp_engine_is_refused_without_the_firewall_and_guarded_with_
         for c in (opened, closed):
             for address in ours:
                 assert not reaches(c, address, host_port, marker), f"{c.name} reached {address}"
+
+
+@needs_root
+def test_a_worker_on_an_engine_elsewhere_refuses_starts_by_name_until_a_keeper_reports(
+    catalog_file: Path, tmp_path: Path, docker_client: Any,
+) -> None:
+    """A real worker, starts by name: egress_unprotected until `ctfctl firewall keep` reports."""
+    from conftest import Worker, base_env  # noqa: PLC0415
+
+    from ctf_testkit.support import close_platform_client, platform_client  # noqa: PLC0415
+
+    k = random.randint(1, 62)
+    label = private_label("egress-byname")
+    table = table_name(ipaddress.IPv4Network(POOL))
+    marker = f"byname-{TAG}-{random.randint(0, 10**6)}"
+    with contextlib.ExitStack() as stack:
+        # This machine's engine at an address that is not loopback (a private link of the
+        # test's own): by its URL, an engine elsewhere, as tcp://10.0.0.6:2376 would be.
+        link = stack.enter_context(netns_host(f"ctfeg{TAG}r", f"10.252.{k}.9", f"10.252.{k}.10"))
+        port = stack.enter_context(docker_over_tcp(bind=link.host_ip))
+        (tmp_path / "redis").mkdir()
+        server = RedisServer(tmp_path / "redis")
+        server.start()
+        stack.callback(server.stop)
+        env = {**base_env(server, catalog_file, tmp_path / "data"),
+               "DOCKER_HOST": f"tcp://{link.host_ip}:{port}", "CTF_TEAM_SUBNET_POOL": POOL,
+               "CTF_EXTRA_LABELS": json.dumps(label)}
+        del env["CTF_EGRESS_FIREWALL"]  # the default: auto
+        stack.callback(nft, "delete", "table", "inet", table)
+        worker = Worker(env, tmp_path / "worker.log")
+        worker.start()
+        stack.callback(worker.stop)
+        client = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
+        stack.callback(close_platform_client, client)
+        start = "celery_app.tasks.start_container"
+
+        result = client.send_task(start, args=["web", "rb1"])
+        with pytest.raises(Exception, match="ctfctl firewall keep") as info:
+            result.get(timeout=60)
+        assert type(info.value).__name__ == "EgressUnprotected"
+        assert docker_client.containers.list(all=True, filters={
+            "label": [f"{k}={v}" for k, v in label.items()]}) == []
+
+        # The keeper on the engine's machine (this one: the same engine, so the same ID).
+        keeper_env = {**os.environ, "CTF_REDIS_URL": env["CTF_REDIS_URL"],
+                      "CTF_TEAM_SUBNET_POOL": POOL, "CTF_DATA_DIR": str(tmp_path / "keeper")}
+        keeper = subprocess.Popen([str(ROOT / ".venv/bin/python"), "-m", "celery_app.cli",
+                                   "firewall", "keep", "--interval", "1"], env=keeper_env,
+                                  cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+
+        @stack.callback
+        def stop_keeper() -> None:
+            os.killpg(keeper.pid, signal.SIGKILL)
+            keeper.wait(30)
+
+        beats = redis.Redis.from_url(env["CTF_REDIS_URL"])
+        stack.callback(beats.close)
+        wait_for(lambda: beats.keys("ctf:egresskeeper:*"), 30, 0.2, "the keeper's heartbeat")
+        done = client.send_task(start, args=["web", "rb1"]).get(timeout=90)
+        assert done["status"] == "running"
+        c = docker_client.containers.get(done["container_id"])
+        host_port = stack.enter_context(listener(marker))
+        for address in (gateway_of(c), host_address()):
+            assert host_reaches(address, host_port, marker), f"control: {address}"
+            assert not reaches(c, address, host_port, marker), address
+        client.send_task("celery_app.tasks.stop_container", args=["web", "rb1"]).get(timeout=60)
 
 
 @needs_root
