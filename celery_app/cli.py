@@ -460,14 +460,23 @@ def check() -> None:
 
 
 def _check_firewall(settings: Settings, known: Any) -> None:
-    """Say whether the egress firewall is in place; exit 1 when it cannot be installed."""
+    """Say whether the egress firewall is in force; exit 1 when it cannot be installed."""
     from celery_app.engine.docker_driver import DockerDriver  # noqa: PLC0415  # no client is made
     from celery_app.engine.firewall import EgressGuard, host_addresses  # noqa: PLC0415
 
-    guard = EgressGuard.for_settings(settings, DockerDriver(known.get_host(settings.host)
-                                                            .docker_url),
-                                     host_addresses(known.values()))
+    docker_url = known.get_host(settings.host).docker_url
+    guard = EgressGuard.for_settings(settings, DockerDriver(docker_url),
+                                     host_addresses(known.values()), docker_url=docker_url)
     if guard.firewall is None:
+        if guard.place == "remote" and guard.beacon is not None:
+            try:
+                guard.require()
+            except CTFError as exc:
+                err.print(f"[yellow]note[/]: {escape(exc.detail)}", highlight=False)
+                return
+            err.print("ok: egress firewall in force on the engine's machine (its "
+                      "`ctfctl firewall keep` reported lately)", highlight=False)
+            return
         err.print(f"[yellow]note[/]: egress firewall not enforced here: {guard.why_not}",
                   highlight=False)
         return
@@ -504,11 +513,13 @@ firewall_app = typer.Typer(
 app.add_typer(firewall_app, name="firewall")
 
 
-def _guard() -> Any:
+def _guard(beacon_ttl: float | None = None) -> Any:
     from celery_app.engine.docker_driver import DockerDriver  # noqa: PLC0415  # needs Docker
     from celery_app.engine.firewall import (  # noqa: PLC0415
+        BEACON_TTL,
         EgressFirewall,
         EgressGuard,
+        KeeperBeacon,
         Policy,
         host_addresses,
     )
@@ -519,7 +530,9 @@ def _guard() -> Any:
         driver = DockerDriver(known.get_host(settings.host).docker_url)
         policy = Policy.from_settings(settings, host_addresses(known.values()))
     # Asked for by name: act even when the worker would not (a remote engine's own host).
-    return EgressGuard(EgressFirewall(policy), driver)
+    # Each good pass says so in Redis, where the workers driving this engine look for it.
+    beacon = KeeperBeacon(settings.state_redis_url, beacon_ttl or BEACON_TTL)
+    return EgressGuard(EgressFirewall(policy), driver, beacon=beacon)
 
 
 @firewall_app.command("install")
@@ -536,8 +549,15 @@ def firewall_keep(
     interval: Annotated[float, typer.Option(min=1, max=300, help="Seconds between checks.")]
     = 5.0,
 ) -> None:
-    """Install the rules and keep them in step with Docker (for a host without our worker)."""
-    guard = _guard()
+    """Install the rules and keep them in step with Docker (for a host without our worker).
+
+    Each good pass writes a heartbeat into Redis (CTF_REDIS_URL) that lasts three intervals
+    (at least 30 s): workers that drive this engine from another machine start instances
+    only while it is fresh.
+    """
+    from celery_app.engine.firewall import BEACON_TTL  # noqa: PLC0415
+
+    guard = _guard(max(BEACON_TTL, 3 * interval))
     err.print(f"keeping table inet {guard.firewall.table} every {interval:g} s (Ctrl-C stops; "
               "the rules stay)", highlight=False)
     try:
@@ -569,7 +589,8 @@ def firewall_status(as_json: JsonOpt = False) -> None:
         state = guard.firewall.state()
     data = {"table": f"inet {guard.firewall.table}", "pool": str(guard.firewall.policy.pool),
             "present": state.present, "in_place": state.current, "detail": state.detail,
-            "bridges": sorted(state.bridges), "internet": sorted(state.internet)}
+            "bridges": sorted(state.bridges),
+            "internet": [list(pair) for pair in sorted(state.internet)]}
     if as_json:
         _print_json(data)
     else:

@@ -48,7 +48,8 @@ def build_context(settings: Settings) -> Context:
     driver = DockerDriver(host.docker_url)
     store = StateStore.from_url(settings.state_redis_url)
     # Every host of the hosts file is one of ours: no instance may reach any of them.
-    egress = EgressGuard.for_settings(settings, driver, host_addresses(hosts.values()))
+    egress = EgressGuard.for_settings(settings, driver, host_addresses(hosts.values()),
+                                      docker_url=host.docker_url)
     service = InstanceService(settings, catalog, driver, store, host=host.name,
                               public_host=host.public_host, host_max=host.max_instances,
                               egress=egress)

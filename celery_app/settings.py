@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     # /metrics counts requests per route and status either way.
     api_access_log: bool = False
     # The egress firewall (celery_app.engine.firewall): "auto" installs and keeps it when the engine
-    # runs on this machine (and refuses starts when it cannot); "off" leaves egress to you.
+    # runs on this machine (and refuses starts when it cannot), and for an engine elsewhere
+    # refuses starts until that machine's `ctfctl firewall keep` reports; "off": egress is yours.
     egress_firewall: Literal["auto", "off"] = "auto"
     # More IPv4 addresses or CIDRs (comma-separated) no instance may reach, even with
     # ``egress: internet``: other Docker hosts, Redis, the API when they have public addresses.

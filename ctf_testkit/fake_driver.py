@@ -145,6 +145,10 @@ class FakeDriver:
         """Whether the engine answers (``down`` is False)."""
         return not self.down
 
+    def engine_id(self) -> str:
+        """The engine's ID (one per fake engine)."""
+        return f"fake-{id(self):x}"
+
     def image_present(self, image: str) -> bool:
         """Whether ``image`` is present."""
         self._call("image_present")

@@ -182,3 +182,11 @@ def test_events_report_start_and_destroy(engine: Engine) -> None:
         stream.close()
         reader.join(10)
     assert not reader.is_alive()
+
+
+def test_engine_id_is_the_engines_own_and_stable(engine: Engine) -> None:
+    """engine_id names the engine (the egress keepers' heartbeats are keyed by it), always alike."""
+    first = engine.driver.engine_id()
+    assert first and engine.driver.engine_id() == first
+    if isinstance(engine.driver, DockerDriver):
+        assert first == engine.driver.client.info()["ID"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import os
-import shutil
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -38,7 +36,7 @@ from conftest import (
     worker_and_api,
 )
 from fastapi.testclient import TestClient
-from test_egress import gateway_of, listener, nft, reaches
+from test_egress import gateway_of, listener, nft, nft_root, reaches  # noqa: F401  # a fixture
 
 from celery_app.core.flags import in_app_flag, team_flag
 from celery_app.engine.firewall import table_name
@@ -49,8 +47,8 @@ LABEL = private_label("pool")
 POOL = "10.240.0.0/16"
 FIREWALL_POOL = "10.242.0.0/16"  # the firewall test's own table
 ISOLATION_POOL = "10.253.0.0/17"  # the isolation test's own table
-NEEDS_FIREWALL = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nft"),
-                                    reason="the egress firewall needs root and nft")
+# Without root or nft these skip; on CI they fail (tests/ci.py), like every missing part.
+NEEDS_FIREWALL = pytest.mark.usefixtures("nft_root")
 START = "celery_app.tasks.start_container"
 STOP = "celery_app.tasks.stop_container"
 RECONCILE = "celery_app.tasks.reconcile"
@@ -260,36 +258,6 @@ def test_pool_refills_after_claims(setup: Setup) -> None:
     assert len(again - first) == 2
     for t in teams:
         setup.client.send_task(STOP, args=["pooled", t]).get(timeout=60)
-
-
-def test_booting_pool_containers_reach_no_one_and_no_one_reaches_them(setup: Setup) -> None:
-    """On the holding network: not one another, no team, and no team reaches them."""
-    sleepers = wait_for(lambda: (found := setup.unclaimed("sleepy")) and len(found) == 2
-                        and all(_networks(c) for c in found) and found, 60, 0.2,
-                        "two booting pool containers")
-    first, second = sleepers
-    assert _networks(first) == _networks(second) == {n for n in _networks(first)
-                                                     if n.startswith("ctf-pool-")}
-    team = _team()
-    cold = setup.docker.containers.get(setup.start("web", team)["container_id"])
-
-    def serves(ip: str) -> bool:  # from the host, as the readiness probe reaches it
-        with contextlib.suppress(OSError), urllib.request.urlopen(
-                f"http://{ip}:9000/", timeout=2) as answer:
-            return bool(answer.status == 200)
-        return False
-
-    assert serves(_ip(first)) and serves(_ip(second))  # they do listen
-    def reach9000(src: Any, ip: str) -> bool:
-        code, out = src.exec_run(["/bin/busybox", "sh", "-c",
-                                  f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | "
-                                  f"/bin/busybox nc -w 2 {ip} 9000"])
-        return code == 0 and b"200 OK" in out
-
-    assert not reach9000(first, _ip(second))
-    assert not reach9000(cold, _ip(first))
-    assert not _reach(first, _ip(cold))
-    setup.client.send_task(STOP, args=["web", team]).get(timeout=60)
 
 
 def test_a_claim_that_died_half_way_is_removed_not_offered(setup: Setup) -> None:
@@ -513,3 +481,35 @@ def test_isolation_before_and_after_the_claim(guarded: Setup) -> None:
         assert all(n.startswith("ctf-pool-") for n in _networks(waiting_one))
     for t, ch in ((team_a, "pooled"), (team_b, "pooled"), (team_b, "web")):
         setup.client.send_task(STOP, args=[ch, t]).get(timeout=60)
+
+
+@NEEDS_FIREWALL
+def test_booting_pool_containers_reach_no_one_and_no_one_reaches_them(guarded: Setup) -> None:
+    """On the holding network: not one another, no team, and no team reaches them."""
+    setup = guarded
+    sleepers = wait_for(lambda: (found := setup.unclaimed("sleepy")) and len(found) == 2
+                        and all(_networks(c) for c in found) and found, 60, 0.2,
+                        "two booting pool containers")
+    first, second = sleepers
+    assert _networks(first) == _networks(second) == {n for n in _networks(first)
+                                                     if n.startswith("ctf-pool-")}
+    team = _team()
+    cold = setup.docker.containers.get(setup.start("web", team)["container_id"])
+
+    def serves(ip: str) -> bool:  # from the host, as the readiness probe reaches it
+        with contextlib.suppress(OSError), urllib.request.urlopen(
+                f"http://{ip}:9000/", timeout=2) as answer:
+            return bool(answer.status == 200)
+        return False
+
+    assert serves(_ip(first)) and serves(_ip(second))  # they do listen
+    def reach9000(src: Any, ip: str) -> bool:
+        code, out = src.exec_run(["/bin/busybox", "sh", "-c",
+                                  f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | "
+                                  f"/bin/busybox nc -w 2 {ip} 9000"])
+        return code == 0 and b"200 OK" in out
+
+    assert not reach9000(first, _ip(second))
+    assert not reach9000(cold, _ip(first))
+    assert not _reach(first, _ip(cold))
+    setup.client.send_task(STOP, args=["web", team]).get(timeout=60)

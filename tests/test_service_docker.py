@@ -5,13 +5,16 @@ from __future__ import annotations
 import ipaddress
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from conftest import TEST_LABEL, TEST_POOL, cleanup_docker, containers_of, private_label
+from test_egress import firewall_tools, nft
 
 from celery_app.context import Context
+from celery_app.engine.firewall import table_name
 from celery_app.errors import (
     InvalidRequest,
     InvalidTeamId,
@@ -89,8 +92,26 @@ def test_stop_removes_container_and_last_network(ctx: Context, docker_client: An
     assert ctx.service.status(team_id="t-stop") == []
 
 
-def test_teams_are_isolated_on_the_network(ctx: Context, docker_client: Any) -> None:
+# The firewall at its default (on), as users run it, on a subnet pool (so an nftables
+# table) of this test's own: team isolation rests on it (docs/SECURITY.md, "team from team").
+ISOLATION_POOL = "10.229.0.0/16"
+
+
+@pytest.fixture
+def firewalled_ctx(make_ctx: Callable[..., Context]) -> Iterator[Context]:
+    """A context with the egress firewall at its default (auto); its table removed after."""
+    firewall_tools()
+    ctx = make_ctx(team_subnet_pool=ISOLATION_POOL, egress_firewall="auto")
+    try:
+        yield ctx
+    finally:
+        nft("delete", "table", "inet", table_name(ipaddress.IPv4Network(ISOLATION_POOL)))
+
+
+def test_teams_are_isolated_on_the_network(firewalled_ctx: Context, docker_client: Any) -> None:
     """A container of team A cannot reach team B's container; same-team containers can."""
+    ctx = firewalled_ctx
+    assert ctx.egress is not None and ctx.egress.enforced
     a_web = ctx.service.start("web", "alpha")
     a_other = ctx.service.start("exposed", "alpha")
     b_web = ctx.service.start("web", "bravo")

@@ -324,6 +324,11 @@ class DockerDriver:
         except CTFError:
             return False
 
+    def engine_id(self) -> str:
+        """Return the engine's ID (the egress keepers' heartbeats are keyed by it)."""
+        with map_docker_errors("read the engine's ID"):
+            return str(self.client.info()["ID"])
+
     # -- images -----------------------------------------------------------------------------
 
     def image_present(self, image: str) -> bool:

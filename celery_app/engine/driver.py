@@ -163,6 +163,9 @@ class Driver(Protocol):
     def ping(self) -> bool:
         """Return whether the engine answers."""
 
+    def engine_id(self) -> str:
+        """Return the engine's own ID (``docker info``'s, stable across its restarts)."""
+
     def image_present(self, image: str) -> bool:
         """Return whether ``image`` is present locally."""
 

@@ -16,11 +16,25 @@ is, and nothing of anyone else's is touched. From our pool's subnets and our tea
   169.254.169.254) and outside ``CTF_EGRESS_DENY`` and the addresses of our own services;
 - everything else from our pool is dropped, IPv6 included.
 
+Towards our pool, from anywhere else (a LAN neighbour or a peered network that routes the
+pool via this host): only replies and Docker's DNAT of a published port pass; every other
+new connection into a team subnet is dropped, so the gate and ``CTF_PUBLISH_IP`` are the
+only ways in.
+
 The per-challenge part is two sets kept in step with Docker (labels are the truth): the
 team bridges (``iifname``, so a container that forges its source address is still caught)
-and the IPv4 addresses of running containers labelled ``ctf.egress=internet``. The worker
-admits a container right after it starts (a recycled address is taken out of the internet
-set before anything else), releases it before removing it, and re-syncs every few seconds.
+and the (bridge, IPv4 address) pairs of running containers labelled ``ctf.egress=internet``:
+an address counts only on the bridge it belongs to, so a container that forges an internet
+instance's address from another bridge gains nothing. The worker admits a container right
+after it starts (a recycled address is taken out of the internet set before anything
+else), releases it before removing it, and re-syncs every few seconds.
+
+Where the engine runs decides who can prove the rules are in force (:func:`engine_place`):
+an engine on this machine (``unix://``, or ``tcp://`` at a loopback address) is kept by the
+worker itself; for any other engine the proof is a heartbeat in Redis that
+``ctfctl firewall keep`` on the engine's own machine writes, keyed by the engine's ID. A
+start without that proof is refused (:class:`EgressUnprotected`), unless the organiser
+opted out with ``CTF_EGRESS_FIREWALL=off``.
 
 The worker installs the table when it starts and keeps it (a reboot, ``nft flush ruleset``
 or a deleted table is repaired within :data:`KEEP_INTERVAL`); installing is one atomic
@@ -36,6 +50,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -43,13 +58,18 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from celery_app.core.naming import LABEL_EGRESS, LABEL_MANAGED
 from celery_app.engine.driver import ContainerInfo, Driver, NetworkInfo
 from celery_app.errors import CTFError, EgressUnprotected, FirewallRefused
 from celery_app.settings import Settings
+from celery_app.state.egress import BEACON_TTL, KeeperBeacon
+
+__all__ = ["BEACON_TTL", "EgressFirewall", "EgressGuard", "EgressKeeper", "KeeperBeacon",
+           "Policy", "engine_place", "host_addresses", "table_name"]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +88,9 @@ PRIORITY = "filter - 10"
 KEEP_INTERVAL = 5.0
 # Seconds a successful check stays good enough for a start to go ahead without another.
 VERIFIED_FOR = 10.0
-_POLICY_VERSION = "1"
-_CHAIN_RULES = {"input": 4, "forward": 6}
+_POLICY_VERSION = "2"
+_CHAIN_RULES = {"input": 4, "forward": 9}
+Pair = tuple[str, str]  # (bridge interface, IPv4 address): one instance allowed the internet
 
 
 def table_name(pool: ipaddress.IPv4Network) -> str:
@@ -159,13 +180,18 @@ def _link_elements(bridges: Iterable[str]) -> str:
     return _elements(f"{json.dumps(b)} . {json.dumps(b)}" for b in bridges)
 
 
-def render(policy: Policy, bridges: set[str], internet: set[str], digest: str = "") -> str:
+def _pair_elements(pairs: Iterable[Pair]) -> str:
+    # An internet instance's address, valid only when it arrives on its own bridge.
+    return _elements(f"{json.dumps(b)} . {ip}" for b, ip in pairs)
+
+
+def render(policy: Policy, bridges: set[str], internet: set[Pair], digest: str = "") -> str:
     """Return the nft script that replaces our table in one transaction.
 
     Args:
         policy: the fixed part.
         bridges: our team networks' bridge interfaces.
-        internet: addresses of the instances allowed the internet.
+        internet: (bridge, address) of each instance allowed the internet.
         digest: written into the table's comment (empty while computing it).
     """
     t = policy.table
@@ -184,8 +210,8 @@ def render(policy: Policy, bridges: set[str], internet: set[str], digest: str = 
         + (f"elements = {{ {bridge_elems} }}; " if bridges else "") + "}",
         "  set links { type ifname . ifname; "
         + (f"elements = {{ {link_elems} }}; " if bridges else "") + "}",
-        "  set internet { type ipv4_addr; "
-        + (f"elements = {{ {_elements(internet)} }}; " if internet else "") + "}",
+        "  set internet { type ifname . ipv4_addr; "
+        + (f"elements = {{ {_pair_elements(internet)} }}; " if internet else "") + "}",
         "  chain input {",
         f"    type filter hook input priority {PRIORITY}; policy accept;",
         "    ip saddr @pool ct state established,related accept",
@@ -198,9 +224,14 @@ def render(policy: Policy, bridges: set[str], internet: set[str], digest: str = 
         "    ip saddr @pool ct state established,related accept",
         "    iifname @bridges ct state established,related accept",
         "    iifname . oifname @links accept",
-        "    iifname @bridges ip saddr @internet ip daddr != @blocked accept",
+        "    iifname . ip saddr @internet ip daddr != @blocked accept",
         "    ip saddr @pool counter drop",
         "    iifname @bridges counter drop",
+        # Into the pool from elsewhere (a neighbour routing it via us): replies, and the
+        # DNAT of a published port; nothing else reaches a team subnet directly.
+        "    ip daddr @pool ct state established,related accept",
+        "    ip daddr @pool ct status dnat accept",
+        "    ip daddr @pool counter drop",
         "  }",
         "}",
     ]
@@ -214,7 +245,7 @@ class FirewallState:
     present: bool
     current: bool = False
     bridges: set[str] = field(default_factory=set)
-    internet: set[str] = field(default_factory=set)
+    internet: set[Pair] = field(default_factory=set)
     detail: str = ""
 
 
@@ -271,7 +302,7 @@ class EgressFirewall:
         """The table's name."""
         return self.policy.table
 
-    def install(self, bridges: set[str], internet: set[str]) -> None:
+    def install(self, bridges: set[str], internet: set[Pair]) -> None:
         """Replace the table (one transaction: never a duplicate, never a gap)."""
         self.nft.run(script=render(self.policy, bridges, internet, self._digest))
 
@@ -304,12 +335,10 @@ class EgressFirewall:
                 hooks[item["name"]] = str(item.get("hook", ""))
             elif kind == "rule":
                 rules[item["chain"]] = rules.get(item["chain"], 0) + 1
-            elif kind == "set" and item.get("name") in ("bridges", "internet"):
-                values = {_element(e) for e in item.get("elem", [])}
-                if item["name"] == "bridges":
-                    found.bridges = values
-                else:
-                    found.internet = values
+            elif kind == "set" and item.get("name") == "bridges":
+                found.bridges = {str(_element(e)) for e in item.get("elem", [])}
+            elif kind == "set" and item.get("name") == "internet":
+                found.internet = {_pair(_element(e)) for e in item.get("elem", [])}
         expected_hooks = {name: name for name in _CHAIN_RULES}
         if not found.current:
             found.detail = "its rules are from another version or were changed"
@@ -319,16 +348,16 @@ class EgressFirewall:
         return found
 
     def update(self, *, add_bridges: Iterable[str] = (), drop_bridges: Iterable[str] = (),
-               add_internet: Iterable[str] = (), drop_internet: Iterable[str] = ()) -> None:
+               add_internet: Iterable[Pair] = (), drop_internet: Iterable[Pair] = ()) -> None:
         """Change the two sets in one transaction (removals first)."""
         t = f"inet {self.table}"
         changes = [
-            ("delete", "internet", _elements(drop_internet)),
+            ("delete", "internet", _pair_elements(drop_internet)),
             ("delete", "bridges", _bridge_elements(drop_bridges)),
             ("delete", "links", _link_elements(drop_bridges)),
             ("add", "bridges", _bridge_elements(add_bridges)),
             ("add", "links", _link_elements(add_bridges)),
-            ("add", "internet", _elements(add_internet)),
+            ("add", "internet", _pair_elements(add_internet)),
         ]
         lines = [f"{verb} element {t} {name} {{ {elems} }}" for verb, name, elems in changes
                  if elems]
@@ -336,61 +365,152 @@ class EgressFirewall:
             self.nft.run(script="\n".join(lines) + "\n")
 
 
-def _element(value: Any) -> str:
-    """One set element of ``nft -j`` output as a string."""
+def _element(value: Any) -> Any:
+    """One set element of ``nft -j`` output: a string, or a list for a concatenation."""
     if isinstance(value, dict) and "elem" in value:
         value = value["elem"].get("val")
+    if isinstance(value, dict) and "concat" in value:
+        return [str(v) for v in value["concat"]]
     return str(value)
+
+
+def _pair(value: Any) -> Pair:
+    """A (bridge, address) element of the internet set."""
+    bridge, address = value
+    return str(bridge), str(address)
+
+
+Place = Literal["local", "loopback", "remote"]
+
+
+def engine_place(docker_url: str | None) -> Place:
+    """Where an engine runs, as far as its firewall goes.
+
+    Args:
+        docker_url: the engine's URL; ``None`` or empty follows ``DOCKER_HOST`` as the
+            Docker SDK (so the driver) does.
+
+    Returns:
+        ``local`` (a socket of this machine), ``loopback`` (``tcp://`` at a loopback
+        address: this machine's nftables hold its containers too) or ``remote`` (any other
+        address, ``ssh://``: only that machine's own ``ctfctl firewall keep`` can prove it).
+    """
+    url = docker_url or os.environ.get("DOCKER_HOST", "")
+    if url == "" or url.startswith(("unix://", "npipe://")):
+        return "local"
+    if url.startswith(("tcp://", "http://", "https://")) and _is_loopback(urlsplit(url).hostname):
+        return "loopback"
+    return "remote"
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class EgressGuard:
     """Keeps one Docker host's egress policy true: installed, current and in step with Docker.
 
     Args:
-        firewall: the table; ``None`` when the policy is not ours to enforce here.
+        firewall: the table, kept here; ``None`` when it is not ours to keep on this machine.
         driver: the engine whose containers and networks are the truth.
         why_not: said when ``firewall`` is ``None`` (logged by the keeper).
+        beacon: the keepers' heartbeats: written after each good pass here, and, for a
+            remote engine (``firewall`` ``None``), the proof a start asks for.
+        place: where the engine runs (:func:`engine_place`).
+        pool: the subnet pool (with ``firewall``, its policy's).
     """
 
     def __init__(self, firewall: EgressFirewall | None, driver: Driver,
-                 why_not: str = "") -> None:
+                 why_not: str = "", *, beacon: KeeperBeacon | None = None,
+                 place: Place = "local", pool: ipaddress.IPv4Network | None = None) -> None:
         self.firewall = firewall
         self.driver = driver
         self.why_not = why_not
+        self.beacon = beacon
+        self.place = place
+        self.pool = firewall.policy.pool if firewall is not None else pool
         self._lock = threading.RLock()
         self._verified_at = -1e9
         self._bridges: set[str] = set()
-        self._internet: set[str] = set()
+        self._internet: set[Pair] = set()
+        self._engine_id = ""
 
     @classmethod
-    def for_settings(cls, settings: Settings, driver: Driver,
-                     extra_hosts: Iterable[str] = ()) -> EgressGuard:
-        """The guard a worker of ``settings`` runs: enforcing when its engine is local."""
+    def for_settings(cls, settings: Settings, driver: Driver, extra_hosts: Iterable[str] = (),
+                     docker_url: str | None = None) -> EgressGuard:
+        """The guard a worker of ``settings`` runs.
+
+        An engine on this machine (a socket, or ``tcp://`` at a loopback address): the worker
+        installs and keeps the rules. Any other engine: starts need the heartbeat of
+        ``ctfctl firewall keep`` on that engine's machine. ``CTF_EGRESS_FIREWALL=off``: none.
+
+        Args:
+            settings: the worker's settings.
+            driver: its engine.
+            extra_hosts: more addresses to block (the hosts file's hosts).
+            docker_url: the engine's URL (``None``: ``DOCKER_HOST``, as the driver).
+        """
         if settings.egress_firewall == "off":
             return cls(None, driver, "CTF_EGRESS_FIREWALL=off: egress is left to you")
-        if not driver.is_local:
+        place = engine_place(docker_url or settings.docker_host)
+        beacon = KeeperBeacon(settings.state_redis_url)
+        if place == "remote":
             return cls(None, driver, (
-                "the Docker engine is remote: install the egress rules on that host with "
-                "`ctfctl firewall keep` there (docs/SECURITY.md)"
-            ))
-        return cls(EgressFirewall(Policy.from_settings(settings, extra_hosts)), driver)
+                "the Docker engine is on another machine: starts go ahead only while "
+                "`ctfctl firewall keep` runs on that machine (docs/DEPLOYMENT.md)"
+            ), beacon=beacon, place=place, pool=ipaddress.IPv4Network(settings.team_subnet_pool))
+        return cls(EgressFirewall(Policy.from_settings(settings, extra_hosts)), driver,
+                   beacon=beacon, place=place)
 
     @property
     def enforced(self) -> bool:
         """Whether this guard installs and keeps the rules."""
         return self.firewall is not None
 
+    def engine_id(self) -> str:
+        """The engine's ID (asked once: Docker keeps it in its data root)."""
+        if not self._engine_id:
+            self._engine_id = self.driver.engine_id()
+        return self._engine_id
+
     def require(self) -> None:
-        """Make sure the rules are in place before an instance starts.
+        """Make sure the rules are in force for this engine before an instance starts.
 
         Raises:
-            EgressUnprotected: they are not and cannot be installed (say why and what to do).
+            EgressUnprotected: they are not and cannot be installed here, or (a remote
+                engine) no keeper on its machine has reported lately; say what to do.
+            RedisUnavailable: a remote engine's heartbeat cannot be read now.
+            DockerUnavailable: the engine's ID cannot be read now.
         """
-        if self.firewall is None or time.monotonic() - self._verified_at < VERIFIED_FOR:
+        if self.firewall is None:
+            if self.place == "remote" and self.beacon is not None:
+                self._require_keeper(self.beacon)
+            return
+        if time.monotonic() - self._verified_at < VERIFIED_FOR:
             return
         with self._lock:  # a burst of starts checks once, not once per thread
             if time.monotonic() - self._verified_at >= VERIFIED_FOR:
                 self.keep()
+
+    def _require_keeper(self, beacon: KeeperBeacon) -> None:
+        assert self.pool is not None
+        engine = self.engine_id()
+        if beacon.read(engine, self.pool) is None:
+            raise EgressUnprotected(
+                f"the egress firewall is not known to be in force on this host's Docker engine "
+                f"(ID {engine[:12]}), which runs on another machine: no `ctfctl firewall keep` "
+                f"there has reported for pool {self.pool} in the last {beacon.ttl:g} s. Run "
+                "`sudo ctfctl firewall keep` on the engine's machine with the same "
+                "CTF_TEAM_SUBNET_POOL and CTF_REDIS_URL (docs/DEPLOYMENT.md), or set "
+                "CTF_EGRESS_FIREWALL=off if you firewall it yourself"
+            )
 
     def keep(self) -> str:
         """Check the table, reinstall it when missing or changed, sync its sets with Docker.
@@ -405,10 +525,22 @@ class EgressGuard:
         if fw is None:
             return "off"
         try:
-            return self._keep(fw)
+            outcome = self._keep(fw)
         except FirewallRefused as exc:
             # Callers (and Celery's result backend) know the public class only.
             raise EgressUnprotected(f"nft refused the egress rules: {exc.detail}") from exc
+        self._beat(fw)
+        return outcome
+
+    def _beat(self, fw: EgressFirewall) -> None:
+        """Tell workers that drive this engine from elsewhere that the rules are in force."""
+        if self.beacon is None:
+            return
+        try:
+            self.beacon.beat(self.engine_id(), fw.policy.pool, fw.table)
+        except CTFError as exc:
+            # The rules hold all the same; only remote workers' starts wait for the next beat.
+            log.warning("egress firewall: %s", exc.detail)
 
     def _keep(self, fw: EgressFirewall) -> str:
         with self._lock:
@@ -434,20 +566,19 @@ class EgressGuard:
             self._verified_at = time.monotonic()
             return outcome
 
-    def _truth(self) -> tuple[set[str], set[str]]:
-        """Our pool's bridges and the addresses of running ``egress: internet`` instances."""
+    def _truth(self) -> tuple[set[str], set[Pair]]:
+        """Our pool's bridges, and (bridge, address) of running ``egress: internet`` instances."""
         pool = self.firewall.policy.pool if self.firewall else None
         assert pool is not None
-        bridges = {
-            n.bridge for n in self.driver.list_networks()
-            if n.bridge and any(_within(s, pool) for s in n.subnets)
-        }
-        internet = {
-            c.ip for c in self.driver.list_containers({LABEL_MANAGED: "true",
-                                                      LABEL_EGRESS: "internet"})
-            if c.state == "running" and c.ip and _within(c.ip, pool)
-        }
-        return bridges, internet
+        nets = [n for n in self.driver.list_networks()
+                if n.bridge and any(_within(s, pool) for s in n.subnets)]
+        internet = set()
+        for c in self.driver.list_containers({LABEL_MANAGED: "true", LABEL_EGRESS: "internet"}):
+            if c.state == "running" and c.ip and _within(c.ip, pool):
+                bridge = _bridge_of(c.ip, nets)
+                if bridge:
+                    internet.add((bridge, c.ip))
+        return {n.bridge for n in nets}, internet
 
     def admit(self, info: ContainerInfo, network: NetworkInfo) -> None:
         """Give a just-started container its egress: its bridge known, internet or not.
@@ -456,22 +587,36 @@ class EgressGuard:
         the internet set first, so a recycled address never inherits the internet.
 
         Raises:
-            EgressUnprotected: nft refused (the caller removes the container).
+            EgressUnprotected: nft refused, or the engine at a loopback address is not on
+                this machine after all (the caller removes the container).
         """
         fw = self.firewall
         if fw is None or not info.ip:
             return
+        if self.place == "loopback" and network.bridge \
+                and not Path(f"/sys/class/net/{network.bridge}").exists():
+            raise EgressUnprotected(
+                f"the Docker engine at a loopback address is not on this machine (its bridge "
+                f"{network.bridge} is not here: a tunnel?), so this machine's egress rules do "
+                "not hold its containers: give it as a remote engine (its own address or "
+                "ssh://) and run `sudo ctfctl firewall keep` on its machine"
+            )
         internet = info.labels.get(LABEL_EGRESS) == "internet"
+        if internet and not network.bridge:
+            raise EgressUnprotected(
+                f"cannot give {info.name} the internet: its network {network.name} is not a "
+                "bridge the egress firewall can name")
+        pair = (network.bridge, info.ip)
         with self._lock:
             add_bridges = {network.bridge} - self._bridges if network.bridge else set()
-            add = {info.ip} - self._internet if internet else set()
-            drop = {info.ip} & self._internet if not internet else set()
+            add = {pair} - self._internet if internet else set()
+            drop = {p for p in self._internet if p[1] == info.ip and not (internet and p == pair)}
             try:
                 fw.update(add_bridges=add_bridges, add_internet=add, drop_internet=drop)
             except FirewallRefused:
                 self._verified_at = -1e9
                 self.keep()  # our view was stale (or the table vanished): repair from Docker
-                if (info.ip in self._internet) != internet:
+                if (pair in self._internet) != internet:
                     raise EgressUnprotected(
                         f"cannot set the egress of {info.name} ({info.ip}) in the firewall"
                     ) from None
@@ -484,14 +629,26 @@ class EgressGuard:
         if fw is None or not info.ip:
             return
         with self._lock:
-            if info.ip not in self._internet:
+            drop = {p for p in self._internet if p[1] == info.ip}
+            if not drop:
                 return
             try:
-                fw.update(drop_internet={info.ip})
+                fw.update(drop_internet=drop)
             except CTFError as exc:
                 # Harmless: the next start on this address or the keeper's pass removes it.
                 log.warning("egress firewall: cannot release %s yet: %s", info.ip, exc)
-            self._internet.discard(info.ip)
+            self._internet -= drop
+
+
+def _bridge_of(address: str, nets: Iterable[NetworkInfo]) -> str:
+    """The bridge of the network whose subnet holds ``address`` ("" when none does)."""
+    ip = ipaddress.ip_address(address)
+    for net in nets:
+        for subnet in net.subnets:
+            with contextlib.suppress(ValueError):
+                if ip in ipaddress.ip_network(subnet, strict=False):
+                    return net.bridge
+    return ""
 
 
 def _within(address: str, pool: ipaddress.IPv4Network) -> bool:
@@ -513,7 +670,7 @@ class EgressKeeper:
     def start(self) -> None:
         """Install now (logging why not, when it cannot), then keep it in the background."""
         if not self.guard.enforced:
-            log.warning("egress firewall not enforced by this worker: %s", self.guard.why_not)
+            log.warning("egress firewall not kept by this worker: %s", self.guard.why_not)
             return
         self._pass()
         self._thread.start()

@@ -42,6 +42,8 @@ TABLE: Final[dict[str, str]] = {
     "ctf:hostbeat:<host>": "the host's worker is alive and its engine answers",
     "ctf:epoch:<host>": "set by reconcile: this host's index is complete",
     "ctf:metrics:janitor": "hash: what the janitors removed, by kind",
+    "ctf:egresskeeper:<engine>:<pool>": "a firewall keeper's heartbeat: the egress rules hold "
+                                        "that engine's containers (30 s or more)",
 }
 
 
@@ -103,6 +105,11 @@ def janitor(host: str) -> str:
 def hostbeat(host: str) -> str:
     """A host's heartbeat."""
     return f"{PREFIX}hostbeat:{host}"
+
+
+def egresskeeper(engine: str, pool: str) -> str:
+    """The heartbeat of the egress firewall keeper of an engine (by its ID) and pool."""
+    return f"{PREFIX}egresskeeper:{engine}:{pool}"
 
 
 def epoch(host: str) -> str:
