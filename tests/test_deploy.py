@@ -35,7 +35,7 @@ from ctf_testkit.docker_sweep import sweep
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 DEPLOY = ROOT / "deploy"
-POOL = "10.229.0.0/16"
+POOL = "10.228.0.0/16"  # its own (test_service_docker has 10.229)
 TABLE = "ctf_egress_10_229_0_0_16"
 TEAM = "deployteam"
 
