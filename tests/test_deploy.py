@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 DEPLOY = ROOT / "deploy"
 POOL = "10.228.0.0/16"  # its own (test_service_docker has 10.229)
-TABLE = "ctf_egress_10_229_0_0_16"
+TABLE = "ctf_egress_10_228_0_0_16"
 TEAM = "deployteam"
 
 
