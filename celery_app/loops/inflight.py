@@ -126,6 +126,18 @@ class InflightKeeper:
             with contextlib.suppress(Exception):
                 conn.release()
 
+    def finish_acks_once(self) -> int:
+        """Finish acknowledgements this process made while Redis could not be reached.
+
+        Returns:
+            How many were finished.
+
+        """
+        finished = int(self._channel().finish_acks())
+        if finished:
+            log.info("finished %d acknowledgement(s) lost while the broker was away", finished)
+        return finished
+
     def refresh_once(self) -> int:
         """Mark the messages this worker still holds as fresh (by Redis's clock).
 
@@ -157,7 +169,9 @@ class InflightKeeper:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                # Refresh first: a slow pass must not let our own messages look abandoned.
+                # Acknowledgements lost with the broker first (they must never be handed out
+                # again), then refresh: a slow pass must not let our messages look abandoned.
+                self.finish_acks_once()
                 self.refresh_once()
                 self.reclaim_once()
             except Exception as exc:  # noqa: BLE001  # keep going once the broker is back

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from queue import Empty
 from ssl import CERT_NONE
 from typing import Any, NamedTuple
@@ -191,12 +192,56 @@ class _Pushes:
     lpush = rpush  # not used by a restore of ours (never leftmost)
 
 
+class _UnfinishedAcks:
+    """Delivery tags this process acknowledged while the broker's Redis could not be reached.
+
+    The worker was done with those messages (a result stored, or a retry already published),
+    but their ``unacked`` entries stayed behind: handed out again after the visibility timeout,
+    they would run a second time. The in-flight keeper finishes these acknowledgements once
+    Redis answers again (:meth:`Channel.finish_acks`), long before that.
+    """
+
+    def __init__(self) -> None:
+        self._tags: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, tag: str) -> None:
+        with self._lock:
+            self._tags.add(tag)
+
+    def take(self) -> list[str]:
+        with self._lock:
+            tags, self._tags = sorted(self._tags), set()
+        return tags
+
+
+UNFINISHED_ACKS = _UnfinishedAcks()
+
+
 class QoS(kombu_redis.QoS):  # type: ignore[misc]
     """Kombu's QoS, minus the second write of a message the take step already recorded.
 
     Its ``restore_visible`` (kombu's periodic pass, and the in-flight keeper's) judges
-    staleness by Redis's clock, not this process's.
+    staleness by Redis's clock, not this process's. An acknowledgement that cannot reach Redis
+    is remembered (:data:`UNFINISHED_ACKS`) for the keeper to finish.
     """
+
+    def ack(self, delivery_tag: Any) -> None:
+        """Acknowledge; remember the tag if Redis cannot be reached (then re-raise)."""
+        try:
+            super().ack(delivery_tag)
+        except self.channel.connection_errors:
+            UNFINISHED_ACKS.add(str(delivery_tag))
+            raise
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        """Reject; a drop (no requeue) that cannot reach Redis is finished later, as an ack."""
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except self.channel.connection_errors:
+            if not requeue:
+                UNFINISHED_ACKS.add(str(delivery_tag))
+            raise
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         """Remember a delivered message; record it in Redis unless the take step did."""
@@ -315,6 +360,28 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             return []
         found = self._refresh_script(keys=[self._prefix + self.unacked_index_key], args=tags)
         return [int(flag) == 1 for flag in found]
+
+    def finish_acks(self) -> int:
+        """Drop the ``unacked`` entries of acknowledgements that could not reach Redis.
+
+        Returns:
+            How many were finished (kept for the next call if Redis still cannot be reached).
+
+        """
+        tags = UNFINISHED_ACKS.take()
+        if not tags:
+            return 0
+        prefix = self._prefix
+        try:
+            pipe = self._raw.pipeline()
+            pipe.zrem(prefix + self.unacked_index_key, *tags)
+            pipe.hdel(prefix + self.unacked_key, *tags)
+            pipe.execute()
+        except BaseException:
+            for tag in tags:
+                UNFINISHED_ACKS.add(tag)
+            raise
+        return len(tags)
 
     def stale(self, num: int = 0) -> list[str]:
         """Tags nobody refreshed for the visibility timeout, by Redis's clock (oldest first).
