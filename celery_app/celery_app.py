@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_received, worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
-from celery_app.loops.inflight import InflightKeeper
+from celery_app.loops.inflight import InflightKeeper, held_by_worker
 
 app = Celery("ctf_instancer", include=["celery_app.tasks"])
 app.config_from_object("celery_app.celery_config")
@@ -49,25 +49,14 @@ _heartbeat: Any = None
 _keeper: InflightKeeper | None = None
 
 
-def _inflight() -> InflightKeeper:
+@worker_ready.connect
+def _start_keeper(sender: Any = None, **_kwargs: Any) -> None:
+    """Refresh what Celery still holds; redeliver what nobody holds (celery_app.loops.inflight)."""
     global _keeper  # noqa: PLW0603  # one per worker process
     if _keeper is None:
         timeout = float(app.conf.broker_transport_options.get("visibility_timeout", 3600))
-        _keeper = InflightKeeper(app, timeout)
-    return _keeper
-
-
-@task_received.connect
-def _hold_message(request: Any = None, **_kwargs: Any) -> None:
-    """Keep every message this worker takes fresh until it is acknowledged."""
-    message = getattr(request, "message", None)
-    _inflight().hold(getattr(message, "delivery_tag", None))
-
-
-@worker_ready.connect
-def _start_keeper(**_kwargs: Any) -> None:
-    """Refresh our messages and redeliver dead workers' ones (see celery_app.loops.inflight)."""
-    _inflight().start()
+        _keeper = InflightKeeper(app, timeout, held=lambda: held_by_worker(sender))
+        _keeper.start()
 
 
 @worker_ready.connect

@@ -66,18 +66,21 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private, non-persistent redis-server on a free port.
+    """A private redis-server on a free port, non-persistent unless asked.
 
     Args:
         workdir: its folder.
         bind: the address it listens on (another network namespace's workers need one
             they can route to).
+        appendonly: keep its data in an append-only file in ``workdir``, so that a restart
+            (``stop`` then ``start``) comes back with it, as ``./run-celery-worker.sh`` runs it.
     """
 
-    def __init__(self, workdir: Path, bind: str = "127.0.0.1") -> None:
+    def __init__(self, workdir: Path, bind: str = "127.0.0.1", appendonly: bool = False) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.bind = bind
+        self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,7 +98,7 @@ class RedisServer:
         protected = "yes" if self.bind == "127.0.0.1" else "no"
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", self.bind, "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", protected],
+             "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir), "--protected-mode", protected],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(host=self.bind, port=self.port)

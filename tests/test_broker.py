@@ -241,3 +241,65 @@ def test_a_cancelled_queue_is_no_longer_taken_from_and_the_others_still_are(
 def _drain(conn: Connection, timeout: float = 0.5) -> None:
     with contextlib.suppress(TimeoutError):
         conn.drain_events(timeout=timeout)
+
+
+def _redis_now(r: redis.Redis) -> float:
+    secs, micros = r.time()
+    return float(secs) + micros / 1e6
+
+
+def test_the_take_step_says_whether_it_recorded_the_message(broker_url: str) -> None:
+    """A kombu message is recorded (scored by Redis's clock) and said so; a foreign one is not."""
+    plain = _plain_client(broker_url)
+    plain.send_task("celery_app.tasks.start_container", args=["web", "t1"])
+    r = redis.Redis.from_url(broker_url)
+    conn, channel = _our_channel(broker_url)
+    try:
+        taken = channel.take_message(["celery"])
+        assert taken is not None and taken.recorded
+        tag = json.loads(taken.message)["properties"]["delivery_tag"]
+        score = r.zscore("unacked_index", tag)
+        assert score is not None and abs(score - _redis_now(r)) < 1
+        r.lpush("celery", b"not a kombu message")
+        foreign = channel.take_message(["celery"])
+        assert foreign is not None and not foreign.recorded
+        assert foreign.message == "not a kombu message"
+        assert (r.hlen("unacked"), r.zcard("unacked_index")) == (1, 1)  # the first one only
+    finally:
+        conn.release()
+        plain.close()
+
+
+def test_a_message_is_put_back_only_while_stale_by_redis_clock(broker_url: str) -> None:
+    """Restore judges by Redis's TIME and skips a message refreshed or acknowledged meanwhile."""
+    plain = _plain_client(broker_url)
+    sent = plain.send_task("celery_app.tasks.start_container", args=["web", "t1"])
+    r = redis.Redis.from_url(broker_url)
+    conn = Connection(broker_url, transport=transport_for(broker_url),
+                      transport_options={"visibility_timeout": 30})
+    channel = conn.default_channel
+    try:
+        taken = channel.take_message(["celery"])
+        assert taken is not None
+        tag = json.loads(taken.message)["properties"]["delivery_tag"]
+        assert channel.stale() == [] and not channel.restore_if_stale(tag)
+
+        def age(seconds: float) -> None:
+            r.zadd("unacked_index", {tag: _redis_now(r) - seconds}, xx=True)
+
+        age(29)
+        assert channel.stale() == []
+        age(31)
+        assert channel.stale() == [tag]
+        assert channel.refresh([tag]) == [True]  # its worker still holds it: fresh again
+        assert not channel.restore_if_stale(tag) and r.hexists("unacked", tag)
+        age(31)
+        assert channel.qos.restore_visible(num=None, interval=1) == 1
+        back = json.loads(r.lindex("celery", 0) or b"{}")
+        assert back["headers"]["id"] == sent.id and back["headers"]["redelivered"] is True
+        assert (r.hlen("unacked"), r.zcard("unacked_index"), r.llen("celery")) == (0, 0, 1)
+        assert channel.refresh([tag]) == [False]  # gone: a refresh does not bring it back
+        assert not channel.restore_if_stale(tag) and r.llen("celery") == 1
+    finally:
+        conn.release()
+        plain.close()

@@ -12,12 +12,23 @@ messages unacknowledged, and the broker hands them out again once they are older
 :class:`InflightKeeper` fixes both. It runs as a thread in every worker process and, every
 few seconds:
 
-1. **refreshes** the messages this worker holds (received, running or waiting for a retry's
-   countdown): their score in kombu's ``unacked_index`` becomes "now", so they never look
-   abandoned while the worker lives (``ZADD XX``: an acknowledged message is not brought back);
+1. **refreshes** the messages Celery still holds in this worker (:func:`held_by_worker`:
+   running, reserved, or waiting in its timer for a retry's countdown or an ETA): their score
+   in kombu's ``unacked_index`` becomes "now", so they never look abandoned while the worker
+   lives (an acknowledged message is not brought back);
 2. **reclaims** messages that nobody refreshed for ``visibility_timeout`` seconds: their worker
-   is dead, so they go back to the queue they came from (kombu's own ``restore_visible``, under
-   kombu's own mutex), where a live worker of the same host takes them at once.
+   is dead, or no longer has them, so they go back to the queue they came from, where a live
+   worker of the same host takes them at once.
+
+Only what Celery *still* holds is refreshed, asked of Celery at every pass. When the broker
+connection drops, Celery empties its timer (countdown retries) and its reserved requests and
+counts on the broker to hand them out again; kombu's restore of them fails while Redis is away.
+Refreshing every message the worker ever received would keep those alive in ``unacked`` and
+lose them for good; left alone, they come back after the visibility timeout.
+
+Both steps judge time by Redis's clock (the scripts of :mod:`celery_app.state.broker`), never
+this worker's: a worker whose clock is behind does not see its messages taken by others, and
+one whose clock is ahead does not take others' fresh ones.
 
 Worst case: a worker cut off from the broker's Redis for longer than the timeout while it
 still works. Its messages are then handed out again and may run twice; every task is
@@ -31,10 +42,50 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def _copy(items: Iterable[Any]) -> list[Any]:
+    """A list of ``items``, which the worker's main thread may change meanwhile."""
+    for _ in range(10):
+        with contextlib.suppress(RuntimeError):  # "changed size during iteration": again
+            return list(items)
+    return list(items)
+
+
+def held_by_worker(consumer: Any) -> set[str]:
+    """The delivery tags of the task messages Celery still holds in this worker.
+
+    Running and reserved requests (Celery's worker state), requests waiting in the consumer's
+    timer for their ETA or a retry's countdown, and requests waiting for a rate limit. A
+    message Celery let go of without acknowledging it (on a lost broker connection it empties
+    its timer and reserved requests) is not in it, so the broker hands it out again.
+
+    Args:
+        consumer: the worker's Celery consumer (``worker_ready``'s sender).
+
+    """
+    from celery.worker import state  # noqa: PLC0415  # only inside a worker
+    from celery.worker.request import Request  # noqa: PLC0415
+
+    requests: list[Any] = [*_copy(state.active_requests), *_copy(state.reserved_requests)]
+    timer = getattr(consumer, "timer", None)
+    for scheduled in _copy(getattr(timer, "_queue", None) or ()):
+        entry = scheduled[-1]  # kombu's timer heap: (eta, priority, entry)
+        requests.extend(arg for arg in getattr(entry, "args", None) or ()
+                        if isinstance(arg, Request))
+    for bucket in _copy((getattr(consumer, "task_buckets", None) or {}).values()):
+        if bucket is not None:
+            requests.extend(item[0] for item in _copy(bucket.contents))
+    tags: set[str] = set()
+    for request in requests:
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if tag:
+            tags.add(str(tag))
+    return tags
 
 
 class InflightKeeper:
@@ -43,34 +94,23 @@ class InflightKeeper:
     Args:
         app: the Celery application (its broker connection settings are used).
         visibility_timeout: seconds after which an unrefreshed message is handed out again.
+        held: returns the delivery tags this worker still holds (:func:`held_by_worker`);
+            none when not given.
         interval: seconds between two passes (a sixth of the timeout by default).
 
     """
 
     def __init__(
-        self, app: Any, visibility_timeout: float, interval: float | None = None
+        self, app: Any, visibility_timeout: float,
+        held: Callable[[], Iterable[str]] | None = None, interval: float | None = None,
     ) -> None:
         self.app = app
         self.visibility_timeout = visibility_timeout
+        self.held = held or (lambda: ())
         self.interval = interval or max(1.0, min(10.0, visibility_timeout / 6))
-        self._held: set[str] = set()
-        self._held_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: Any = None
-
-    # -- what this worker holds -------------------------------------------------------------
-
-    def hold(self, delivery_tag: str | None) -> None:
-        """Remember a message this worker received (until it is acknowledged)."""
-        if delivery_tag:
-            with self._held_lock:
-                self._held.add(str(delivery_tag))
-
-    def held(self) -> list[str]:
-        """Return the delivery tags this worker may still hold."""
-        with self._held_lock:
-            return sorted(self._held)
 
     # -- one pass ---------------------------------------------------------------------------
 
@@ -86,55 +126,52 @@ class InflightKeeper:
             with contextlib.suppress(Exception):
                 conn.release()
 
-    def refresh_once(self) -> int:
-        """Mark the messages this worker holds as fresh; forget acknowledged ones.
+    def finish_acks_once(self) -> int:
+        """Finish acknowledgements this process made while Redis could not be reached.
 
         Returns:
-            How many messages were refreshed.
+            How many were finished.
 
         """
-        tags = self.held()
+        finished = int(self._channel().finish_acks())
+        if finished:
+            log.info("finished %d acknowledgement(s) lost while the broker was away", finished)
+        return finished
+
+    def refresh_once(self) -> int:
+        """Mark the messages this worker still holds as fresh (by Redis's clock).
+
+        Returns:
+            How many messages were refreshed (an acknowledged one is not brought back).
+
+        """
+        tags = sorted(set(self.held()))
         if not tags:
             return 0
-        channel = self._channel()
-        client, index = channel.client, channel.unacked_index_key
-        now = time.time()
-        pipe = client.pipeline()
-        for tag in tags:
-            pipe.zadd(index, {tag: now}, xx=True)
-        pipe.zmscore(index, tags)
-        scores = pipe.execute()[-1]
-        gone = {tag for tag, score in zip(tags, scores, strict=True) if score is None}
-        if gone:
-            with self._held_lock:
-                self._held -= gone
-        return len(tags) - len(gone)
+        return sum(self._channel().refresh(tags))
 
     def reclaim_once(self) -> int:
-        """Put messages whose worker stopped refreshing them back on their queue.
+        """Put messages nobody refreshed for the visibility timeout back on their queue.
 
         Returns:
-            How many messages were overdue (kombu restores them under its mutex; another
-            worker may restore some of them first).
+            How many messages this pass put back (another worker may put some back first).
 
         """
-        channel = self._channel()
-        ceiling = time.time() - self.visibility_timeout
-        overdue = int(channel.client.zcount(channel.unacked_index_key, 0, ceiling))
-        if overdue:
-            # Kombu's own restore: same keys, same mutex as its built-in (slow) pass, and the
-            # message goes back to the queue it was taken from (its host's, or the default).
-            channel.qos.restore_visible(start=0, num=None, interval=1)
-            log.warning("redelivering %d task message(s) of a worker that stopped (no refresh "
-                        "for %.0f s)", overdue, self.visibility_timeout)
-        return overdue
+        restored = int(self._channel().qos.restore_visible(start=0, num=None, interval=1))
+        if restored:
+            log.warning("redelivering %d task message(s) nobody holds (no refresh for %.0f s: "
+                        "their worker stopped or let them go)", restored,
+                        self.visibility_timeout)
+        return restored
 
     # -- the thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                # Refresh first: a slow pass must not let our own messages look abandoned.
+                # Acknowledgements lost with the broker first (they must never be handed out
+                # again), then refresh: a slow pass must not let our messages look abandoned.
+                self.finish_acks_once()
                 self.refresh_once()
                 self.reclaim_once()
             except Exception as exc:  # noqa: BLE001  # keep going once the broker is back

@@ -19,14 +19,22 @@ taken, in two steps:
 2. **Take and record in one step.** A Lua script (:data:`TAKE`) pops the first message of the
    first non-empty list in kombu's order (priority, then the fair queue rotation) and in the
    same atomic step records it in ``unacked`` (``[<message, byte-exact>, exchange, routing
-   key]``) and ``unacked_index`` (scored now), exactly as ``QoS.append`` would. Kombu's own
-   append, called as the message is delivered, is skipped for it (the entry is already there).
+   key]``) and ``unacked_index`` (scored now by Redis's ``TIME``), as ``QoS.append`` would. The
+   script says whether it recorded the message; kombu's own append, called as the message is
+   delivered, is skipped only for a message it did record.
 
 So at every instant a message is in its queue or in kombu's ``unacked`` hash: a worker killed
 after step 2 (its reply unread, or the task not yet begun) leaves an entry nobody refreshes,
 which any live worker's in-flight keeper puts back on its queue after the visibility timeout.
 Waiting costs one connection per consumed list; per message it is as many round trips as
 kombu's (wake-up + take, where kombu has ``BRPOP`` + append), and there is no poll period.
+
+Every score in ``unacked_index`` is written and judged by Redis's clock, never a worker's: the
+take step, the in-flight keeper's refresh (:meth:`Channel.refresh`) and the search for stale
+messages and their restore (:meth:`QoS.restore_visible`, which also replaces kombu's own
+periodic pass), so a worker whose clock is off neither loses its messages to others nor takes
+theirs. A restore checks, in the same atomic step that pushes the message back, that it is still
+stale and unchanged: a message refreshed or acknowledged meanwhile stays where it is.
 
 Only the consuming side is ours; :func:`transport_for` names the class for a broker URL
 (``celery_config.broker_transport``), keeping the URL, its password and its TLS options.
@@ -37,10 +45,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 from queue import Empty
 from ssl import CERT_NONE
-from time import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis as redis_py
 from kombu.transport import redis as kombu_redis
@@ -49,12 +57,27 @@ from kombu.utils.json import loads
 
 log = logging.getLogger(__name__)
 
+#: Redis's own clock (epoch seconds, microseconds kept), so that every worker scores and judges
+#: ``unacked_index`` by one clock: a worker whose clock is off neither has its messages taken
+#: from it nor takes others' (scores are epoch seconds, as kombu's ``QoS.append`` writes them).
+#: Scripts that call TIME before writing need effects replication (always on since Redis 5).
+NOW = """
+if redis.replicate_commands then redis.replicate_commands() end
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function score(s)
+  return string.format('%.6f', s)
+end
+"""
+
 #: KEYS: ``unacked``, ``unacked_index``, then the lists in the order to try;
-#: ARGV: now (epoch s, as kombu's QoS.append scores), then per list ``1`` to record what is
-#: taken from it (a consumer that acknowledges) or ``0`` (a ``no_ack`` consumer).
-#: Returns ``{list, message}`` or nil. A message without a delivery tag (not kombu's) is
-#: returned unrecorded, as ``BRPOP`` would have returned it.
-TAKE = """
+#: ARGV: per list ``1`` to record what is taken from it (a consumer that acknowledges) or ``0``
+#: (a ``no_ack`` consumer). Returns ``{list, message, recorded}`` or nil, ``recorded`` being 1
+#: when the script wrote the ``unacked`` entry (scored by Redis's TIME). A message without a
+#: delivery tag (not kombu's) is returned unrecorded, as ``BRPOP`` would have returned it.
+TAKE = NOW + """
 local function enc(v)
   if v == nil then return 'null' end
   return cjson.encode(v)
@@ -62,7 +85,8 @@ end
 for i = 3, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then
-    if ARGV[i - 1] == '1' then
+    local recorded = 0
+    if ARGV[i - 2] == '1' then
       local ok, msg = pcall(cjson.decode, item)
       if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
         local props = msg['properties']
@@ -73,14 +97,60 @@ for i = 3, #KEYS do
           redis.call('HSET', KEYS[1], tag,
                      '[' .. item .. ',' .. enc(info['exchange']) .. ',' ..
                      enc(info['routing_key']) .. ']')
-          redis.call('ZADD', KEYS[2], ARGV[1], tag)
+          redis.call('ZADD', KEYS[2], score(now()), tag)
+          recorded = 1
         end
       end
     end
-    return {KEYS[i], item}
+    return {KEYS[i], item, recorded}
   end
 end
 return false
+"""
+
+#: KEYS: ``unacked_index``; ARGV: delivery tags. Scores each tag still in the index "now" by
+#: Redis's clock (an acknowledged message is not brought back) and returns, per tag, 1 when it
+#: was there or 0 when it is gone.
+REFRESH = NOW + """
+local at = score(now())
+local out = {}
+for i = 1, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', at, ARGV[i])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+#: KEYS: ``unacked_index``; ARGV: the visibility timeout (s), then at most how many (0: all).
+#: Returns the tags nobody refreshed for that long, by Redis's clock, oldest first.
+STALE = NOW + """
+local ceiling = score(now() - tonumber(ARGV[1]))
+if tonumber(ARGV[2]) > 0 then
+  return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ceiling, 'LIMIT', 0, tonumber(ARGV[2]))
+end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ceiling)
+"""
+
+#: KEYS: ``unacked``, ``unacked_index``, then the lists to put the message back on;
+#: ARGV: tag, visibility timeout, the ``unacked`` entry read before (``''``: none), then one
+#: message per list. In one step, and only if the tag is still stale by Redis's clock and its
+#: entry unchanged: drop the entry and push the message back. Returns 1 when it did.
+RESTORE = NOW + """
+local s = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not s then return 0 end
+if tonumber(s) > now() - tonumber(ARGV[2]) then return 0 end
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if (entry or '') ~= ARGV[3] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 3, #KEYS do
+  redis.call('RPUSH', KEYS[i], ARGV[i + 1])
+end
+return 1
 """
 
 #: Poll type of a waiting connection, followed by its (unprefixed) list.
@@ -102,8 +172,76 @@ class _Waiter:
         return WAIT + self.key
 
 
+class Taken(NamedTuple):
+    """One message taken by :meth:`Channel.take_message`."""
+
+    queue: str
+    message: str
+    recorded: bool  # the take step wrote its ``unacked`` entry (the script says so)
+
+
+class _Pushes:
+    """Stands in for the pipeline kombu's ``_do_restore_message`` pushes a message onto."""
+
+    def __init__(self) -> None:
+        self.pushed: list[tuple[str, Any]] = []
+
+    def rpush(self, key: str, value: Any) -> None:
+        self.pushed.append((key, value))
+
+    lpush = rpush  # not used by a restore of ours (never leftmost)
+
+
+class _UnfinishedAcks:
+    """Delivery tags this process acknowledged while the broker's Redis could not be reached.
+
+    The worker was done with those messages (a result stored, or a retry already published),
+    but their ``unacked`` entries stayed behind: handed out again after the visibility timeout,
+    they would run a second time. The in-flight keeper finishes these acknowledgements once
+    Redis answers again (:meth:`Channel.finish_acks`), long before that.
+    """
+
+    def __init__(self) -> None:
+        self._tags: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, tag: str) -> None:
+        with self._lock:
+            self._tags.add(tag)
+
+    def take(self) -> list[str]:
+        with self._lock:
+            tags, self._tags = sorted(self._tags), set()
+        return tags
+
+
+UNFINISHED_ACKS = _UnfinishedAcks()
+
+
 class QoS(kombu_redis.QoS):  # type: ignore[misc]
-    """Kombu's QoS, minus the second write of a message the take step already recorded."""
+    """Kombu's QoS, minus the second write of a message the take step already recorded.
+
+    Its ``restore_visible`` (kombu's periodic pass, and the in-flight keeper's) judges
+    staleness by Redis's clock, not this process's. An acknowledgement that cannot reach Redis
+    is remembered (:data:`UNFINISHED_ACKS`) for the keeper to finish.
+    """
+
+    def ack(self, delivery_tag: Any) -> None:
+        """Acknowledge; remember the tag if Redis cannot be reached (then re-raise)."""
+        try:
+            super().ack(delivery_tag)
+        except self.channel.connection_errors:
+            UNFINISHED_ACKS.add(str(delivery_tag))
+            raise
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        """Reject; a drop (no requeue) that cannot reach Redis is finished later, as an ack."""
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except self.channel.connection_errors:
+            if not requeue:
+                UNFINISHED_ACKS.add(str(delivery_tag))
+            raise
 
     def append(self, message: Any, delivery_tag: Any) -> None:
         """Remember a delivered message; record it in Redis unless the take step did."""
@@ -113,6 +251,24 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
             kombu_redis.virtual.QoS.append(self, message, delivery_tag)
             return
         super().append(message, delivery_tag)
+
+    def restore_visible(self, start: int = 0, num: int | None = 10, interval: int = 10) -> int:
+        """Put back messages nobody refreshed for the visibility timeout (Redis's clock).
+
+        Args:
+            start: unused (kombu's signature).
+            num: at most this many per pass (None: all).
+            interval: act on one call in ``interval`` (kombu's pacing of its own pass).
+
+        Returns:
+            How many messages this call put back.
+
+        """
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % interval:
+            return 0
+        channel: Channel = self.channel
+        return sum(channel.restore_if_stale(tag) for tag in channel.stale(num or 0))
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
@@ -128,8 +284,12 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         if not self.ack_emulation:  # pragma: no cover  # kombu's own QoS: nothing to record
             raise ValueError("celery_app.state.broker needs ack_emulation (the default)")
-        # Unprefixed client on the channel's pool: the script gets fully prefixed keys.
-        self._take_script = redis_py.Redis(connection_pool=self.pool).register_script(TAKE)
+        # Unprefixed client on the channel's pool: the scripts get fully prefixed keys.
+        raw = self._raw = redis_py.Redis(connection_pool=self.pool)
+        self._take_script = raw.register_script(TAKE)
+        self._refresh_script = raw.register_script(REFRESH)
+        self._stale_script = raw.register_script(STALE)
+        self._restore_script = raw.register_script(RESTORE)
 
     # -- consuming ----------------------------------------------------------------------------
 
@@ -147,7 +307,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         return list(dict.fromkeys(
             self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues))
 
-    def take(self, queues: list[str] | None = None) -> tuple[str, str] | None:
+    def take_message(self, queues: list[str] | None = None) -> Taken | None:
         """Pop one message from the consumed lists, recording it as unacknowledged.
 
         Args:
@@ -155,7 +315,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 rotation, by default).
 
         Returns:
-            ``(queue, raw message)`` or None when every list is empty.
+            The message, its queue and whether the take step recorded it (the script's own
+            answer), or None when every list is empty.
 
         """
         if queues is None:
@@ -163,31 +324,114 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if not queues:
             return None
         lists = self._lists(queues)
-        prefix = self.global_keyprefix or ""
+        prefix = self._prefix
         record = ["0" if self._list_queue(key) in self._no_ack_queues else "1" for key in lists]
         reply = self._take_script(
             keys=[prefix + self.unacked_key, prefix + self.unacked_index_key,
                   *(prefix + key for key in lists)],
-            args=[time(), *record])
+            args=record)
         if not reply:
             return None
         key, item = bytes_to_str(reply[0])[len(prefix):], bytes_to_str(reply[1])
-        return self._list_queue(key), item
+        return Taken(self._list_queue(key), item, int(reply[2]) == 1)
+
+    def take(self, queues: list[str] | None = None) -> tuple[str, str] | None:
+        """:meth:`take_message`, as ``(queue, raw message)``."""
+        taken = self.take_message(queues)
+        return None if taken is None else (taken.queue, taken.message)
+
+    @property
+    def _prefix(self) -> str:
+        return str(self.global_keyprefix or "")
+
+    # -- keeping in-flight messages (celery_app.loops.inflight) ------------------------------
+
+    def refresh(self, tags: list[str]) -> list[bool]:
+        """Score ``tags`` "now" by Redis's clock; say for each whether it is still unacked.
+
+        Args:
+            tags: delivery tags this worker still holds.
+
+        Returns:
+            Per tag, True when it was in ``unacked_index`` (and is now fresh).
+
+        """
+        if not tags:
+            return []
+        found = self._refresh_script(keys=[self._prefix + self.unacked_index_key], args=tags)
+        return [int(flag) == 1 for flag in found]
+
+    def finish_acks(self) -> int:
+        """Drop the ``unacked`` entries of acknowledgements that could not reach Redis.
+
+        Returns:
+            How many were finished (kept for the next call if Redis still cannot be reached).
+
+        """
+        tags = UNFINISHED_ACKS.take()
+        if not tags:
+            return 0
+        prefix = self._prefix
+        try:
+            pipe = self._raw.pipeline()
+            pipe.zrem(prefix + self.unacked_index_key, *tags)
+            pipe.hdel(prefix + self.unacked_key, *tags)
+            pipe.execute()
+        except BaseException:
+            for tag in tags:
+                UNFINISHED_ACKS.add(tag)
+            raise
+        return len(tags)
+
+    def stale(self, num: int = 0) -> list[str]:
+        """Tags nobody refreshed for the visibility timeout, by Redis's clock (oldest first).
+
+        Args:
+            num: at most this many (0: all).
+
+        """
+        tags = self._stale_script(keys=[self._prefix + self.unacked_index_key],
+                                  args=[self.visibility_timeout, int(num)])
+        return [bytes_to_str(tag) for tag in tags]
+
+    def restore_if_stale(self, tag: str) -> bool:
+        """Put one message back on its queue(s), if it is still stale by Redis's clock.
+
+        The message is routed as kombu's own restore routes it (``_do_restore_message``: its
+        exchange's bindings, its priority, marked redelivered), and pushed back in the same
+        atomic step that checks it is still stale and unchanged and drops its ``unacked``
+        entry: a message refreshed or acknowledged meanwhile is left alone, and two workers
+        restoring at once put it back once.
+
+        Returns:
+            True when this call put it back.
+
+        """
+        prefix = self._prefix
+        raw = self._raw.hget(prefix + self.unacked_key, tag)
+        pushes = _Pushes()
+        if raw is not None:
+            message, exchange, routing_key = loads(bytes_to_str(raw))
+            self._do_restore_message(message, exchange, routing_key, pushes)
+        done = self._restore_script(
+            keys=[prefix + self.unacked_key, prefix + self.unacked_index_key,
+                  *(prefix + key for key, _ in pushes.pushed)],
+            args=[tag, self.visibility_timeout, raw if raw is not None else b"",
+                  *(value for _, value in pushes.pushed)])
+        return int(done) == 1
 
     def _list_queue(self, key: str) -> str:
         return key.rsplit(self.sep, 1)[0]
 
     def _deliver_taken(self) -> bool:
         """Take one message and hand it to kombu's consumer callback."""
-        taken = self.take()
+        taken = self.take_message()
         if taken is None:
             return False
-        queue, item = taken
+        queue, item, recorded = taken
         payload = loads(item)
-        if queue not in self._no_ack_queues:
-            tag = (payload.get("properties") or {}).get("delivery_tag")
-            if tag:
-                self._recorded.add(tag)
+        if recorded:  # the script wrote kombu's entry: QoS.append must not write it again
+            self._recorded.add(str(payload["properties"]["delivery_tag"]))
         self._queue_cycle.rotate(queue)
         self.connection._deliver(payload, queue)
         return True
