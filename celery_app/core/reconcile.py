@@ -217,7 +217,30 @@ class Reconciler:
                 continue
             with contextlib.suppress(CTFError):
                 port = self.specs.container_port(ch)
-                self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip), port)
+                self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip), port,
+                                       started_at=record.started_at)
+                self._follow_label(ch, record)
+
+    def _follow_label(self, ch: Challenge, record: Instance) -> None:
+        """Give a running instance's record the URL of its current label (issue 22).
+
+        A revocation (``ctfctl revoke``) raises the team's access generation: the route just
+        rewritten names the new host, and the record (what the API shows, and what
+        ``access_url`` is built from) must name it too. Done under the instance's lock on a
+        fresh read; an instance busy in another operation gets it next pass.
+        """
+        url = self.ingress.url(ch.id, record.team_id, ch.protocol,
+                               started_at=record.started_at)
+        if record.status != "running" or record.url == url:
+            return
+        with self.service.locked(ch.id, record.team_id, hold=LOCK_HOLD, wait=BUSY_WAIT):
+            fresh = self.store.get(ch.id, record.team_id)
+            if fresh is None or fresh.status != "running" \
+                    or fresh.container_id != record.container_id or fresh.url == url:
+                return
+            self.store.put(fresh.model_copy(update={"url": url}))
+            log.info("ingress: %s of team %s moved to %s (access revoked)", ch.id,
+                     record.team_id, url)
 
     # -- one container's news: the event follower and the janitor's dead containers --------
 

@@ -42,6 +42,7 @@ TABLE: Final[dict[str, str]] = {
     "ctf:hostbeat:<host>": "the host's worker is alive and its engine answers",
     "ctf:epoch:<host>": "set by reconcile: this host's index is complete",
     "ctf:metrics:janitor": "hash: what the janitors removed, by kind",
+    "ctf:access:<team>": "the team's access generation: revocations of its token, links, hosts",
 }
 
 
@@ -108,3 +109,8 @@ def hostbeat(host: str) -> str:
 def epoch(host: str) -> str:
     """Set by a host's reconcile: its index is complete."""
     return f"{PREFIX}epoch:{host}"
+
+
+def access(team: str) -> str:
+    """A team's access generation (raised by each revocation; absent: 0)."""
+    return f"{PREFIX}access:{team}"
