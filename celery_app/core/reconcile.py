@@ -208,6 +208,7 @@ class Reconciler:
         for name in self.ingress.route_names() - set(running):
             if self.ingress.route_age(name) >= self.settings.orphan_grace:
                 self.ingress.remove_route(name)
+        generations: dict[str, int] = {}  # one read per team and pass (revocations)
         for name, (ch, c) in running.items():
             # Only for a live instance: a stop marks its record "stopping" before it removes
             # the route, and must not see the route come back before the container goes.
@@ -217,11 +218,14 @@ class Reconciler:
                 continue
             with contextlib.suppress(CTFError):
                 port = self.specs.container_port(ch)
+                if c.team_id not in generations:
+                    generations[c.team_id] = self.store.access_generation(c.team_id)
+                generation = generations[c.team_id]
                 self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip), port,
-                                       started_at=record.started_at)
-                self._follow_label(ch, record)
+                                       started_at=record.started_at, generation=generation)
+                self._follow_label(ch, record, generation)
 
-    def _follow_label(self, ch: Challenge, record: Instance) -> None:
+    def _follow_label(self, ch: Challenge, record: Instance, generation: int) -> None:
         """Give a running instance's record the URL of its current label (issue 22).
 
         A revocation (``ctfctl revoke``) raises the team's access generation: the route just
@@ -230,7 +234,7 @@ class Reconciler:
         fresh read; an instance busy in another operation gets it next pass.
         """
         url = self.ingress.url(ch.id, record.team_id, ch.protocol,
-                               started_at=record.started_at)
+                               started_at=record.started_at, generation=generation)
         if record.status != "running" or record.url == url:
             return
         with self.service.locked(ch.id, record.team_id, hold=LOCK_HOLD, wait=BUSY_WAIT):

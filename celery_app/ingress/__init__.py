@@ -63,24 +63,30 @@ class Ingress:
     def _secret(self) -> str:
         return self.settings.flag_secret_value()
 
-    def label(self, challenge: str, team_id: str, protocol: str, started_at: str) -> str:
+    def label(self, challenge: str, team_id: str, protocol: str, started_at: str,
+              generation: int | None = None) -> str:
         """Return the instance's host label (unguessable).
 
         An HTTP instance's is the same for its (challenge, team) until the team's access is
         revoked; a TCP instance's also changes with each new instance (``started_at``): its
-        name is its only gate (see :mod:`.labels`).
+        name is its only gate (see :mod:`.labels`). ``generation``: the team's access
+        generation when the caller has read it already (else it is read now).
         """
-        return instance_label(self._secret(), challenge, team_id, self.generation(team_id),
+        if generation is None:
+            generation = self.generation(team_id)
+        return instance_label(self._secret(), challenge, team_id, generation,
                               started_at if protocol == "tcp" else "")
 
-    def host(self, challenge: str, team_id: str, protocol: str, started_at: str) -> str:
+    def host(self, challenge: str, team_id: str, protocol: str, started_at: str,
+             generation: int | None = None) -> str:
         """Return ``<label>.<CTF_INSTANCE_DOMAIN>``."""
-        return instance_host(self.label(challenge, team_id, protocol, started_at),
+        return instance_host(self.label(challenge, team_id, protocol, started_at, generation),
                              self.settings.instance_domain)
 
-    def url(self, challenge: str, team_id: str, protocol: str, *, started_at: str) -> str:
+    def url(self, challenge: str, team_id: str, protocol: str, *, started_at: str,
+            generation: int | None = None) -> str:
         """Return the instance's ``url``: ``http(s)://host[:port]/`` or ``tls://host:port``."""
-        host = self.host(challenge, team_id, protocol, started_at)
+        host = self.host(challenge, team_id, protocol, started_at, generation)
         _, https_port = routes.bind_parts(self.settings.ingress_https_bind)
         if protocol == "tcp":
             return f"tls://{host}:{https_port}"
@@ -98,7 +104,8 @@ class Ingress:
         return self.dynamic_dir / f"{container_name}.yml"
 
     def add_route(self, container_name: str, challenge: str, team_id: str, protocol: str,
-                  address: str, port: int, *, started_at: str) -> bool:
+                  address: str, port: int, *, started_at: str,
+                  generation: int | None = None) -> bool:
         """Write (or replace) the instance's route; Traefik loads it within a moment.
 
         The file is named after the container: a new label (a revocation) replaces the old
@@ -107,7 +114,7 @@ class Ingress:
         Returns:
             Whether the file changed.
         """
-        label = self.label(challenge, team_id, protocol, started_at)
+        label = self.label(challenge, team_id, protocol, started_at, generation)
         plugin = routes.plugin_config(self.settings, label) \
             if routes.uses_plugin(self.settings) else None
         config = routes.route_config(label, instance_host(label, self.settings.instance_domain),
