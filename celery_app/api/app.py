@@ -443,9 +443,15 @@ class AccessGenerations:
 
     def note(self, team_id: str, generation: int, now: float | None = None) -> None:
         """Remember a generation just read or just raised (a revocation here)."""
+        now = time.monotonic() if now is None else now
+        known = self._seen.get(team_id)
+        if known is not None and now - known[0] < self.ttl:
+            # Generations only go up: a read that started before a revocation here must not
+            # bring the old one back.
+            generation = max(generation, known[1])
         if len(self._seen) >= self.MAX_TEAMS:
             self._seen.clear()  # tokens naming made-up teams must not grow it without end
-        self._seen[team_id] = (time.monotonic() if now is None else now, generation)
+        self._seen[team_id] = (now, generation)
 
 
 async def _who(
