@@ -155,7 +155,7 @@ def main() -> int:  # one linear script: set-up, two measurements, figures
             inst = ing.service.start("web", "latteam")
             info = ing.driver.get_container(inst.container_name)
             assert info is not None and info.ip
-            label = ing.service.ingress.label("web", "latteam")
+            label = ing.service.ingress.label("web", "latteam", "http", inst.started_at)
             host = f"{label}.{DOMAIN}"
             cookie = tokens.issue(tokens.gate_key(ing.settings.flag_secret_value()), "cookie",
                                   label, "latteam", 3600)

@@ -303,16 +303,33 @@ def hosts(as_json: JsonOpt = False) -> None:
 @app.command()
 def token(team: str, as_json: JsonOpt = False) -> None:
     """Print TEAM's API token (it acts on that team's routes only)."""
-    from celery_app.api.auth import team_token  # noqa: PLC0415  # keeps `ctfctl --help` light
-
-    settings = _settings()
+    disp = _dispatcher()
     with _errors():
-        check_team_id(team)
-    value = team_token(settings.admin_token_value(), team)
+        value = disp.team_token(team)  # the team's current access generation's (Redis)
     if as_json:
         _print_json({"team_id": team, "token": value})
     else:
         print(value)  # bare, for $(ctfctl token t1)
+
+
+@app.command()
+def revoke(team: str, as_json: JsonOpt = False) -> None:
+    """Revoke TEAM's token, access links and cookies (a member left, a link leaked).
+
+    The old token is refused at once; the new one is printed. Within the janitor's interval
+    each running instance of the team moves to a new host name: the old one answers 404 and
+    the team opens its instances again from the dashboard.
+    """
+    disp = _dispatcher()
+    with _errors():
+        revoked = disp.revoke_access(team)
+    if as_json:
+        _print_json(revoked)
+        return
+    err.print(f"team {revoked['team_id']}: token, links and cookies revoked (generation "
+              f"{revoked['generation']}); its instances move to new host names within "
+              f"{revoked['hosts_move_within_s']:g} s. New token:")
+    print(revoked["token"])
 
 
 @app.command()

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     heartbeat_ttl: float = Field(15.0, ge=1, le=300)
     admin_token: SecretStr | None = None
     flag_secret: SecretStr | None = None
+    # With it, GET /metrics asks for `Authorization: Bearer <it>` (or the admin token); without
+    # it /metrics answers anyone (SPEC §6).
+    metrics_token: SecretStr | None = None
     flag_format: str = "CTF{{{digest}}}"
     api_bind: str = "127.0.0.1:8000"
     public_host: str = "localhost"
@@ -126,6 +129,10 @@ class Settings(BaseSettings):
     ingress_key_file: Path | None = None
     # Where Traefik reaches the gate (forwardAuth); from CTF_API_BIND when not set.
     ingress_gate_url: str | None = None
+    # Front proxies (IPv4/IPv6 addresses or CIDRs, comma-separated) that terminate TLS in front
+    # of Traefik: only their X-Forwarded-Proto is believed (Traefik's forwardedHeaders and the
+    # gate plugin), so players behind them get https:// redirects and a Secure __Host- cookie.
+    ingress_trusted_proxies: str = ""
     # Seconds an access link (access_url) stays valid; the cookie it sets lives longer.
     ingress_link_ttl: int = Field(300, ge=10, le=3600)
     # Where the 401 page sends players: the dashboard (from CTF_API_BIND when not set).
@@ -163,6 +170,20 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError(f"CTF_PUBLISH_IP must be an IP address, got {value!r}") from None
 
+    @field_validator("ingress_trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: str) -> str:
+        for part in (p.strip() for p in value.split(",")):
+            if part:
+                try:
+                    ipaddress.ip_network(part, strict=False)
+                except ValueError:
+                    raise ValueError(
+                        "CTF_INGRESS_TRUSTED_PROXIES must list IP addresses or CIDRs separated "
+                        f"by commas (the front proxies that terminate TLS), got {part!r}"
+                    ) from None
+        return value
+
     @field_validator("egress_deny")
     @classmethod
     def _check_egress_deny(cls, value: str) -> str:
@@ -177,7 +198,7 @@ class Settings(BaseSettings):
                     ) from None
         return value
 
-    @field_validator("admin_token", "flag_secret")
+    @field_validator("admin_token", "flag_secret", "metrics_token")
     @classmethod
     def _check_secret(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:
@@ -245,6 +266,12 @@ class Settings(BaseSettings):
         if self.publish_ip in ("0.0.0.0", "::"):
             return "127.0.0.1"
         return self.publish_ip
+
+    @property
+    def ingress_trusted_networks(self) -> list[str]:
+        """The networks of ``CTF_INGRESS_TRUSTED_PROXIES``, as CIDR strings."""
+        parts = (p.strip() for p in self.ingress_trusted_proxies.split(","))
+        return [str(ipaddress.ip_network(p, strict=False)) for p in parts if p]
 
     @property
     def egress_deny_networks(self) -> list[ipaddress.IPv4Network]:

@@ -127,13 +127,18 @@ class Answer:
 
 
 def get(host: str, port: int, path: str, headers: dict[str, str], *, tls_name: str | None = None,
-        cafile: Path | None = None, method: str = "GET", timeout: float = 10) -> Answer:
-    """Send one request to ``host:port`` (over TLS with SNI ``tls_name`` when given)."""
+        cafile: Path | None = None, method: str = "GET", timeout: float = 10,
+        source: str | None = None) -> Answer:
+    """Send one request to ``host:port`` (over TLS with SNI ``tls_name`` when given).
+
+    ``source``: the local address to send from (e.g. ``127.0.0.2``: another loopback client).
+    """
     if tls_name is not None:
         context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
         conn: http.client.HTTPConnection = _SNIConnection(host, port, tls_name, context, timeout)
     else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout,
+                                          source_address=(source, 0) if source else None)
     try:
         conn.request(method, path, headers=headers)
         r = conn.getresponse()

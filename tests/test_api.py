@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from api_helpers import ADMIN, ADMIN_TOKEN, our_containers, team_headers
 from conftest import wait_for
 from fastapi.testclient import TestClient
@@ -16,9 +20,11 @@ from celery_app.api import app as api_module
 from celery_app.api.app import create_app
 from celery_app.api.auth import principal_for, team_token
 from celery_app.api.client import rebuild_error
+from celery_app.api.metrics import STATE_TTL
 from celery_app.core.models import parse_iso
 from celery_app.errors import TaskFailed, Unauthorized
 from celery_app.settings import Settings
+from ctf_testkit.support import RedisServer
 
 pytest_plugins = ["api_fixtures"]
 
@@ -47,10 +53,16 @@ def assert_error(response: Any, status: int, code: str | None = None) -> dict[st
 
 
 def test_team_token_is_stateless_and_bound_to_its_team() -> None:
-    """A team token names its team, verifies against the admin token and nothing else."""
+    """A team token names its team, verifies against the admin token and its generation."""
     token = team_token("secret", "team1")
     assert principal_for("secret", token).team_id == "team1"
     assert principal_for("secret", "secret").is_admin
+    # A revocation (generation 1) refuses the old token and takes the new one only.
+    renewed = team_token("secret", "team1", 1)
+    assert renewed != token and principal_for("secret", renewed, 1).team_id == "team1"
+    for stale, generation in ((token, 1), (renewed, 0), (renewed, 2)):
+        with pytest.raises(Unauthorized):
+            principal_for("secret", stale, generation)
     for bad in ("", "team1", token + "0", team_token("other", "team1"),
                 token.replace("team1", "team2"), "../x." + token.split(".")[1], "é" * 10):
         with pytest.raises(Unauthorized):
@@ -339,9 +351,69 @@ def test_redis_down_answers_503_never_500(down_api: TestClient) -> None:
     metrics = down_api.get("/metrics")
     assert metrics.status_code == 200
     assert "ctf_state_up 0.0" in metrics.text
-    # Stateless routes still work.
+    # Stateless routes still work (a team token depends on the team's generation, in Redis).
     assert down_api.get("/api/v1/challenges", headers=ADMIN).status_code == 200
-    assert down_api.get("/api/v1/teams/t1/token", headers=ADMIN).status_code == 200
+    assert_error(down_api.get("/api/v1/teams/t1/token", headers=ADMIN), 503,
+                 "backend_unavailable")
+
+
+@pytest.mark.redis
+def test_redis_down_answers_name_no_address(down_api: TestClient,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Teams' 503 details never name Redis's host:port; the API's log does."""
+    caplog.set_level(logging.WARNING)
+    for method, path in TEAM_ROUTES + ADMIN_ROUTES:
+        for headers in (ADMIN, team_headers("t1")):
+            r = down_api.request(method, path.format(team="t1"), headers=headers)
+            body = assert_error(r, 503, "backend_unavailable")
+            assert not re.search(r"127\.0\.0\.1|:9\b|Errno|Error \d+", body["detail"]), body
+    assert "127.0.0.1:9" in caplog.text
+
+
+METRICS_TOKEN = "metrics-scraper-token-0123456789abcdef"
+
+
+@pytest.mark.redis
+def test_metrics_token_when_set(make_settings: Any) -> None:
+    """With CTF_METRICS_TOKEN, /metrics needs it (or the admin token): 401 otherwise."""
+    settings = make_settings(admin_token=ADMIN_TOKEN, metrics_token=METRICS_TOKEN)
+    with TestClient(create_app(settings)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, team_headers("t1")):
+            assert_error(client.get("/metrics", headers=headers), 401, "unauthorized")
+        scraped = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert scraped.status_code == 200 and "ctf_instances" in scraped.text
+        assert client.get("/metrics", headers=ADMIN).status_code == 200
+
+
+@pytest.mark.redis
+def test_metrics_scrapes_read_redis_at_most_every_two_seconds(
+    make_settings: Any, tmp_path: Path
+) -> None:
+    """Scraping /metrics over and over reads the instance state once per two seconds at most."""
+    server = RedisServer(tmp_path)  # its own Redis: only this API's commands are counted
+    server.start()
+    try:
+        settings = make_settings(admin_token=ADMIN_TOKEN, redis_url=f"{server.url}/2",
+                                 broker_url=f"{server.url}/0",
+                                 result_backend=f"{server.url}/1")
+        counter = redis.Redis.from_url(server.url)
+
+        def processed() -> int:
+            return int(counter.info("stats")["total_commands_processed"])
+
+        with TestClient(create_app(settings)) as client:
+            before = processed()
+            assert client.get("/metrics").status_code == 200
+            one = processed() - before - 1  # one scrape's commands (INFO itself not counted)
+            assert one > 0
+            before, began = processed(), time.monotonic()
+            for _ in range(40):
+                assert client.get("/metrics").status_code == 200
+            spent = processed() - before - 1
+            collections = int((time.monotonic() - began) // STATE_TTL) + 1
+        assert spent <= one * collections, (spent, one, collections)
+    finally:
+        server.stop()
 
 
 @pytest.mark.redis

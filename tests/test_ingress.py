@@ -78,6 +78,7 @@ class Stack:
     cert: Path
     label: dict[str, str]
     docker: docker.DockerClient
+    env: dict[str, str]
 
     def call(self, method: str, path: str, headers: dict[str, str] | None = None) -> Any:
         req = urllib.request.Request(self.api + path, method=method, headers=headers or ADMIN)
@@ -93,14 +94,15 @@ class Stack:
         return dict(body)
 
     def web(self, host: str, path: str = "/", headers: dict[str, str] | None = None,
-            *, tls: bool = False) -> Answer:
-        # The Host header a browser sends: with the entry point's port.
+            *, tls: bool = False, sni: str | None = None, source: str | None = None) -> Answer:
+        # The Host header a browser sends: with the entry point's port (a Host in ``headers``
+        # wins: a front proxy sends the public one). ``sni``: another TLS server name.
         if tls:
             return get("127.0.0.1", self.https_port, path,
                        {"Host": f"{host}:{self.https_port}", **(headers or {})},
-                       tls_name=host, cafile=self.cert)
+                       tls_name=sni or host, cafile=self.cert)
         return get("127.0.0.1", self.http_port, path,
-                   {"Host": f"{host}:{self.http_port}", **(headers or {})})
+                   {"Host": f"{host}:{self.http_port}", **(headers or {})}, source=source)
 
 
 def host_of(url: str) -> str:
@@ -196,7 +198,7 @@ def running_stack(
         wait_for(lambda: server.started or not thread.is_alive(), 20, message="the API")
         worker.start()
         yield Stack(settings, f"http://127.0.0.1:{api_port}", http_port, https_port,
-                    base / "data" / "ingress" / "selfsigned.crt", label, docker_client)
+                    base / "data" / "ingress" / "selfsigned.crt", label, docker_client, env)
     finally:
         worker.stop()
         server.should_exit = True
@@ -361,13 +363,76 @@ def test_own_link_sets_cookie_and_opens_the_challenge(stack: Stack,
 
 
 def test_link_over_https_sets_a_secure_cookie(stack: Stack, alpha: dict[str, Any]) -> None:
-    """Over the HTTPS entry point (certificate valid for the host) the cookie is Secure."""
+    """Over HTTPS the cookie is __Host-ctf_ingress_access: Secure, Path=/, no Domain (§11)."""
     host = host_of(alpha["url"])
     answer = stack.web(host, path_of(alpha["access_url"]), tls=True)
     assert answer.status == 302
-    assert "secure" in [a.strip().lower() for a in answer.set_cookies[0].split(";")]
-    page = stack.web(host, headers={"Cookie": answer.set_cookies[0].split(";", 1)[0]}, tls=True)
+    (set_cookie,) = answer.set_cookies
+    name, attrs = cookie_parts(set_cookie)
+    assert name == "__Host-ctf_ingress_access"
+    assert {"secure", "path=/", "httponly"} <= set(attrs)
+    assert not any(a.startswith("domain=") for a in attrs)
+    cookie = set_cookie.split(";", 1)[0]
+    page = stack.web(host, headers={"Cookie": cookie}, tls=True)
     assert page.status == 200 and "echo challenge" in page.text()
+    # Stripped before the challenge, like the plain one.
+    seen = stack.web(host, "/cgi-bin/echo", {"Cookie": f"a=1; {cookie}"}, tls=True)
+    assert seen.status == 200 and "HTTP_COOKIE=a=1\n" in seen.text()
+    assert cookie.split("=", 1)[1] not in seen.text()
+
+
+def cookie_parts(set_cookie: str) -> tuple[str, list[str]]:
+    """The name of a Set-Cookie header's cookie and its attributes (lower-case)."""
+    first, *attrs = set_cookie.split(";")
+    return first.split("=", 1)[0].strip(), [a.strip().lower() for a in attrs]
+
+
+def test_gate_over_https_answers_401_and_403(stack: Stack, alpha: dict[str, Any],
+                                             bravo: dict[str, Any]) -> None:
+    """Over HTTPS: no cookie 401, another team's cookie (either name) 403, no content."""
+    host = host_of(alpha["url"])
+    none = stack.web(host, tls=True)
+    assert none.status == 401 and "echo challenge" not in none.text()
+    bravo_cookie = open_link(stack, bravo, tls=True).split("=", 1)[1]
+    for name in tokens.COOKIE_NAMES:
+        other = stack.web(host, headers={"Cookie": f"{name}={bravo_cookie}"}, tls=True)
+        assert other.status == 403 and "echo challenge" not in other.text()
+    forged = stack.web(host, path_of(alpha["access_url"])[:-3] + "AAA", tls=True)
+    assert forged.status == 403 and not forged.set_cookies
+
+
+def test_wrong_or_unknown_sni_reaches_no_challenge(stack: Stack, alpha: dict[str, Any],
+                                                  bravo: dict[str, Any]) -> None:
+    """An unknown host name is 404; a wrong SNI still meets the gate of the Host it names."""
+    unknown = f"nothing{_RUN}.{DOMAIN}"
+    answer = stack.web(unknown, tls=True)
+    assert answer.status == 404 and "echo challenge" not in answer.text()
+    # SNI of bravo's host, Host header of alpha's: alpha's gate decides (bravo's cookie: 403).
+    host = host_of(alpha["url"])
+    bravo_cookie = open_link(stack, bravo, tls=True)
+    assert stack.web(host, tls=True, sni=host_of(bravo["url"])).status == 401
+    crossed = stack.web(host, headers={"Cookie": bravo_cookie}, tls=True,
+                        sni=host_of(bravo["url"]))
+    assert crossed.status == 403 and "echo challenge" not in crossed.text()
+    # A TCP route is only reached with its own SNI: an unknown one gets no echo.
+    assert tls_echo(stack, unknown, b"ping\n") != b"ping\n"
+
+
+def tls_echo(stack: Stack, sni: str, data: bytes) -> bytes:
+    """Send ``data`` over TLS with ``sni`` to the HTTPS entry point; return the first answer."""
+    context = ssl.create_default_context(cafile=str(stack.cert))
+    context.check_hostname = False  # an unknown name gets Traefik's default certificate
+    got = b""
+    with socket.create_connection(("127.0.0.1", stack.https_port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=sni) as tls:
+        tls.sendall(data)
+        with contextlib.suppress(OSError):
+            while not got.endswith(b"\n"):
+                chunk = tls.recv(100)
+                if not chunk:
+                    break
+                got += chunk
+    return got
 
 
 def test_another_teams_cookie_gets_403(stack: Stack, alpha: dict[str, Any],
@@ -734,3 +799,129 @@ def test_readiness_goes_through_the_proxy(stack: Stack) -> None:
         assert stack.docker.containers.list(all=True, filters={"name": f"ctf-quick-{team}"}) == []
     finally:
         ctx.driver.close()
+
+
+# -- revocation, TCP host rotation, front proxies (issue 22) ----------------------------------
+
+
+def team_call(stack: Stack, team: str, token: str, challenge: str = "echo") -> tuple[int, Any]:
+    """GET the team's instance with ``token``."""
+    return stack.call("GET", f"/api/v1/teams/{team}/instances/{challenge}",
+                      {"Authorization": f"Bearer {token}"})
+
+
+def moved(stack: Stack, team: str, token: str, old_url: str,
+          challenge: str = "echo") -> dict[str, Any] | None:
+    """The instance once its ``url`` no longer is ``old_url`` (``None`` before)."""
+    status, body = team_call(stack, team, token, challenge)
+    assert status == 200, body
+    return dict(body) if body["url"] != old_url else None
+
+
+def test_revocation_refuses_old_token_link_and_cookie(stack: Stack) -> None:
+    """After a revocation the old token is 401, old cookie and link 404/403; new ones work."""
+    team = f"delta-{_RUN}"
+    inst = stack.start(team, "echo")
+    old_token = team_token(ADMIN_TOKEN, team)
+    status, before = team_call(stack, team, old_token)
+    assert status == 200
+    old_host, old_link = host_of(before["url"]), path_of(before["access_url"])
+    old_cookie = open_link(stack, inst)
+    assert stack.web(old_host, headers={"Cookie": old_cookie}).status == 200
+    # Only the admin may revoke.
+    refused, _ = stack.call("POST", f"/api/v1/teams/{team}/revoke",
+                            {"Authorization": f"Bearer {old_token}"})
+    assert refused == 403
+    status, revoked = stack.call("POST", f"/api/v1/teams/{team}/revoke")
+    assert status == 200 and revoked["team_id"] == team and revoked["generation"] == 1
+    new_token = revoked["token"]
+    assert new_token != old_token
+    # The token: refused at once; the new one works, and is what the token route gives now.
+    assert team_call(stack, team, old_token)[0] == 401
+    assert team_call(stack, team, new_token)[0] == 200
+    assert stack.call("GET", f"/api/v1/teams/{team}/token")[1]["token"] == new_token
+    # The host: the instance moves (its next janitor pass), the old name answers nothing.
+    after = wait_for(lambda: moved(stack, team, new_token, before["url"]), 30, 0.2,
+                     "the instance to move to a new host")
+    new_host = host_of(after["url"])
+    wait_for(lambda: stack.web(old_host, headers={"Cookie": old_cookie}).status == 404, 10,
+             0.05, "the old host to answer 404")
+    assert stack.web(old_host, old_link).status == 404
+    # The old cookie and link mean nothing on the new host either.
+    wait_for(lambda: stack.web(new_host).status == 401, 10, 0.05, "Traefik to serve the new host")
+    assert stack.web(new_host, headers={"Cookie": old_cookie}).status == 403
+    assert stack.web(new_host, old_link).status == 403
+    # A fresh access_url opens it.
+    opened = stack.web(new_host, path_of(after["access_url"]))
+    assert opened.status == 302, opened.text()
+    page = stack.web(new_host, headers={"Cookie": opened.set_cookies[0].split(";", 1)[0]})
+    assert page.status == 200 and "echo challenge" in page.text()
+    stack.call("DELETE", f"/api/v1/teams/{team}/instances/echo?wait=30")
+
+
+def test_tcp_instance_gets_a_new_host_each_time_and_on_revocation(stack: Stack) -> None:
+    """A TCP instance's SNI name changes with each new instance and with ctfctl revoke."""
+    team = f"echo-tcp-{_RUN}"
+    first = stack.start(team, "nc")
+    assert tls_echo(stack, host_of(first["url"]), b"one\n") == b"one\n"
+    stack.call("DELETE", f"/api/v1/teams/{team}/instances/nc?wait=30")
+    second = stack.start(team, "nc")
+    assert host_of(second["url"]) != host_of(first["url"])
+    assert tls_echo(stack, host_of(second["url"]), b"two\n") == b"two\n"
+    assert tls_echo(stack, host_of(first["url"]), b"old\n") != b"old\n"
+    # The organisers' command line revokes too (and prints the new token).
+    done = subprocess.run([str(ROOT / ".venv" / "bin" / "ctfctl"), "revoke", team, "--json"],
+                          env={**os.environ, **stack.env}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    new_token = json.loads(done.stdout)["token"]
+    third = wait_for(lambda: moved(stack, team, new_token, second["url"], "nc"), 30, 0.2,
+                     "the TCP instance to move to a new host")
+    wait_for(lambda: tls_echo(stack, host_of(third["url"]), b"three\n") == b"three\n", 10, 0.1,
+             "the new host to reach the instance")
+    assert tls_echo(stack, host_of(second["url"]), b"old\n") != b"old\n"
+    stack.call("DELETE", f"/api/v1/teams/{team}/instances/nc?wait=30")
+
+
+def test_forwarded_proto_is_ignored_without_trusted_proxies(stack: Stack,
+                                                            alpha: dict[str, Any]) -> None:
+    """By default a client's X-Forwarded-Proto: https changes nothing: http://, plain cookie."""
+    answer = stack.web(host_of(alpha["url"]), path_of(alpha["access_url"]),
+                       {"X-Forwarded-Proto": "https"})
+    assert answer.status == 302 and answer.headers["location"].startswith("http://")
+    name, attrs = cookie_parts(answer.set_cookies[0])
+    assert name == tokens.COOKIE_NAME and "secure" not in attrs
+
+
+PROXIED_POOL = "10.235.0.0/16"
+
+
+def test_trusted_front_proxy_gets_https_redirect_and_host_cookie(
+    docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """Behind a trusted TLS proxy: https:// and a Secure __Host- cookie; others' header ignored."""
+    label = private_label("ingress-proxy")
+    # The front proxy is 127.0.0.1; any other loopback address (127.0.0.2) is a stranger.
+    with running_stack(docker_client, tmp_path, label, catalog(ingress_images(docker_client,
+                                                                              label)),
+                       PROXIED_POOL, CTF_INGRESS_TRUSTED_PROXIES="127.0.0.1/32") as proxied:
+        team = f"proxied-{_RUN}"
+        proxied.start(team, "quick")
+        inst = as_team(proxied, team, "quick")
+        host = host_of(inst["url"])
+        forwarded = {"Host": host, "X-Forwarded-Proto": "https"}  # as the proxy sends it
+        via_proxy = proxied.web(host, path_of(inst["access_url"]), forwarded)
+        assert via_proxy.status == 302, via_proxy.text()
+        assert via_proxy.headers["location"] == f"https://{host}/"
+        name, attrs = cookie_parts(via_proxy.set_cookies[0])
+        assert name == "__Host-ctf_ingress_access" and {"secure", "path=/"} <= set(attrs)
+        cookie = via_proxy.set_cookies[0].split(";", 1)[0]
+        page = proxied.web(host, "/cgi-bin/echo", {**forwarded, "Cookie": f"a=1; {cookie}"})
+        assert page.status == 200 and "HTTP_COOKIE=a=1\n" in page.text()
+        # The same header from a client that is not the proxy: plain HTTP's answer.
+        stranger = proxied.web(host, path_of(as_team(proxied, team, "quick")["access_url"]),
+                               forwarded, source="127.0.0.2")
+        assert stranger.status == 302
+        assert stranger.headers["location"] == f"http://{host}/"
+        name, attrs = cookie_parts(stranger.set_cookies[0])
+        assert name == tokens.COOKIE_NAME and "secure" not in attrs

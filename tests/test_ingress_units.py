@@ -18,6 +18,7 @@ from celery_app.ingress.setup import PLUGIN_SOURCE, prepare
 from celery_app.settings import load_settings
 
 SECRET = "unit-test-flag-secret-0123456789abcdefgh"
+STARTED = "2026-12-03T13:00:00Z"
 
 
 def test_label_is_stable_80_bits_and_depends_on_secret_challenge_and_team() -> None:
@@ -28,6 +29,22 @@ def test_label_is_stable_80_bits_and_depends_on_secret_challenge_and_team() -> N
     others = {instance_label(SECRET + "x", "web", "alpha"), instance_label(SECRET, "web2", "alpha"),
               instance_label(SECRET, "web", "alphb"), instance_label(SECRET, "we", "balpha")}
     assert label not in others and len(others) == 4
+
+
+def test_label_moves_with_the_generation_and_a_tcp_instances_start() -> None:
+    """A revocation (generation) moves every label; a TCP instance's also moves per instance."""
+    http = Ingress(load_settings(flag_secret=SECRET, admin_token="a" * 40))
+    assert http.label("web", "alpha", "http", STARTED) == instance_label(SECRET, "web", "alpha")
+    assert http.label("web", "alpha", "http", "2026-12-03T14:00:00Z") \
+        == http.label("web", "alpha", "http", STARTED)  # HTTP: the same on every start
+    first = http.label("nc", "alpha", "tcp", STARTED)
+    assert first != http.label("nc", "alpha", "tcp", "2026-12-03T14:00:00Z")
+    revoked = Ingress(http.settings, lambda team: 1 if team == "alpha" else 0)
+    assert revoked.label("web", "alpha", "http", STARTED) \
+        != http.label("web", "alpha", "http", STARTED)
+    assert revoked.label("nc", "alpha", "tcp", STARTED) != first
+    assert revoked.label("web", "bravo", "http", STARTED) \
+        == http.label("web", "bravo", "http", STARTED)
 
 
 def test_label_of_host_drops_port_and_case() -> None:
@@ -55,6 +72,9 @@ def test_split_cookies_keeps_every_other_cookie_as_sent() -> None:
     ours, others = split_cookies([b"a=1; ctf_ingress_access=XYZ;b=two words", b"c=3"])
     assert ours == ["XYZ"]
     assert others == [b"a=1", b"b=two words", b"c=3"]
+    # The HTTPS name (__Host-) is ours too, and taken out the same way.
+    ours, others = split_cookies([b"a=1; __Host-ctf_ingress_access=H; ctf_ingress_access=P"])
+    assert ours == ["H", "P"] and others == [b"a=1"]
 
 
 def test_urls_name_the_entry_points(tmp_path: Path) -> None:
@@ -64,11 +84,12 @@ def test_urls_name_the_entry_points(tmp_path: Path) -> None:
                              ingress_https_bind="0.0.0.0:443", instance_domain="Ctf.Example.ORG")
     ing = Ingress(settings)
     host = f"{instance_label(SECRET, 'web', 'alpha')}.ctf.example.org"
-    assert ing.url("web", "alpha", "http") == f"http://{host}/"
-    assert ing.url("web", "alpha", "tcp") == f"tls://{host}:443"
-    link = ing.access_url(ing.url("web", "alpha", "http"), "alpha")
+    tcp_host = f"{instance_label(SECRET, 'web', 'alpha', nonce=STARTED)}.ctf.example.org"
+    assert ing.url("web", "alpha", "http", started_at=STARTED) == f"http://{host}/"
+    assert ing.url("web", "alpha", "tcp", started_at=STARTED) == f"tls://{tcp_host}:443"
+    link = ing.access_url(ing.url("web", "alpha", "http", started_at=STARTED), "alpha")
     assert link is not None and link.startswith(f"http://{host}/_ctf/access/alpha.")
-    assert ing.access_url(ing.url("web", "alpha", "tcp"), "alpha") is None
+    assert ing.access_url(ing.url("web", "alpha", "tcp", started_at=STARTED), "alpha") is None
 
 
 def test_self_signed_certificate_covers_the_wildcard(tmp_path: Path) -> None:
@@ -110,11 +131,11 @@ def test_without_the_gate_the_route_has_no_middleware_and_access_url_is_the_url(
     settings = load_settings(flag_secret=SECRET, admin_token="a" * 40, data_dir=tmp_path,
                              ingress="traefik", ingress_auth="none")
     ing = Ingress(settings)
-    ing.add_route("ctf-web-alpha", "web", "alpha", "http", "10.0.0.2", 8080)
+    ing.add_route("ctf-web-alpha", "web", "alpha", "http", "10.0.0.2", 8080, started_at=STARTED)
     config = yaml.safe_load(ing.route_file("ctf-web-alpha").read_text())
     routers = config["http"]["routers"]
     assert all(r["middlewares"] == [] for r in routers.values())
-    url = ing.url("web", "alpha", "http")
+    url = ing.url("web", "alpha", "http", started_at=STARTED)
     shown = ing.with_access({"status": "running", "url": url, "team_id": "alpha"})
     assert shown["access_url"] == url
 
@@ -138,11 +159,11 @@ def test_a_gated_route_carries_its_own_plugin_with_its_hosts_key(tmp_path: Path)
     settings = load_settings(flag_secret=SECRET, admin_token="a" * 40, data_dir=tmp_path,
                              ingress="traefik")
     ing = Ingress(settings)
-    ing.add_route("ctf-web-alpha", "web", "alpha", "http", "10.0.0.2", 8080)
+    ing.add_route("ctf-web-alpha", "web", "alpha", "http", "10.0.0.2", 8080, started_at=STARTED)
     path = ing.route_file("ctf-web-alpha")
     assert path.stat().st_mode & 0o777 == 0o600
     config = yaml.safe_load(path.read_text())["http"]
-    label = ing.label("web", "alpha")
+    label = ing.label("web", "alpha", "http", STARTED)
     name = f"{routes.GATE_MIDDLEWARE}-{label}"
     assert all(r["middlewares"] == [name] for r in config["routers"].values())
     plugin = config["middlewares"][name]["plugin"][routes.PLUGIN_NAME]
@@ -150,7 +171,8 @@ def test_a_gated_route_carries_its_own_plugin_with_its_hosts_key(tmp_path: Path)
     assert plugin["key"] == tokens.encode_key(tokens.host_key(key, label))
     assert plugin["gate"] == routes.gate_url(settings) and plugin["label"] == label
     assert tokens.encode_key(key) not in path.read_text() and SECRET not in path.read_text()
-    assert tokens.host_key(key, label) != tokens.host_key(key, ing.label("web", "bravo"))
+    bravo = ing.label("web", "bravo", "http", STARTED)
+    assert tokens.host_key(key, label) != tokens.host_key(key, bravo)
 
 
 def test_forwardauth_setting_uses_the_shared_gate_and_no_plugin(tmp_path: Path) -> None:
@@ -160,7 +182,7 @@ def test_forwardauth_setting_uses_the_shared_gate_and_no_plugin(tmp_path: Path) 
     static = yaml.safe_load(prepare(settings).read_text())
     assert "experimental" not in static
     ing = Ingress(settings)
-    ing.add_route("ctf-web-alpha", "web", "alpha", "http", "10.0.0.2", 8080)
+    ing.add_route("ctf-web-alpha", "web", "alpha", "http", "10.0.0.2", 8080, started_at=STARTED)
     config = yaml.safe_load(ing.route_file("ctf-web-alpha").read_text())["http"]
     assert "middlewares" not in config
     assert all(r["middlewares"] == [routes.GATE_MIDDLEWARE] for r in config["routers"].values())

@@ -9,6 +9,7 @@ body), answers ``{"error": code, "detail": text}``; the only 5xx is 503.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import threading
@@ -30,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
-from celery_app.api.auth import Principal, principal_for, team_token
+from celery_app.api.auth import Principal, claimed_team, principal_for
 from celery_app.api.client import AsyncWaiter, Dispatcher, TaskView
 from celery_app.api.metrics import ApiMetrics
 from celery_app.core.flags import check_flag, check_in_app_flag
@@ -45,6 +46,7 @@ from celery_app.errors import (
     InvalidTeamId,
     RateLimited,
     TaskNotFound,
+    Unauthorized,
 )
 from celery_app.hosts.metrics import HostCollector
 from celery_app.ingress import Ingress
@@ -58,6 +60,9 @@ STATIC_DIR = FsPath(__file__).resolve().parent / "static"
 MAX_BODY = 64 * 1024
 EXTEND_WAIT = 10.0
 HEALTH_TTL = 2.0
+# Seconds an API process trusts a team's access generation it read (the process that
+# revokes knows the new one at once; others within this long).
+GENERATION_TTL = 1.0
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -407,12 +412,58 @@ Wait = Annotated[float | None, Query(
 _bearer = HTTPBearer(auto_error=False, description="the admin token or a team token")
 
 
+class AccessGenerations:
+    """Teams' access generations, as team tokens are checked against them (issue 22).
+
+    One Redis read per team and ``GENERATION_TTL`` at most, on the event loop.
+
+    Args:
+        disp: the dispatcher (its index, or its store before the index is open).
+        ttl: seconds a generation read is trusted.
+    """
+
+    MAX_TEAMS = 10_000
+
+    def __init__(self, disp: Dispatcher, ttl: float = GENERATION_TTL) -> None:
+        self.disp = disp
+        self.ttl = ttl
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    async def get(self, team_id: str) -> int:
+        """Return the team's access generation (read again after ``ttl`` seconds)."""
+        now = time.monotonic()
+        hit = self._seen.get(team_id)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        if self.disp.index.is_open:
+            generation = await self.disp.index.access_generation(team_id)
+        else:
+            generation = await run_in_threadpool(self.disp.store.access_generation, team_id)
+        self.note(team_id, generation, now)
+        return generation
+
+    def note(self, team_id: str, generation: int, now: float | None = None) -> None:
+        """Remember a generation just read or just raised (a revocation here)."""
+        now = time.monotonic() if now is None else now
+        known = self._seen.get(team_id)
+        if known is not None and now - known[0] < self.ttl:
+            # Generations only go up: a read that started before a revocation here must not
+            # bring the old one back.
+            generation = max(generation, known[1])
+        if len(self._seen) >= self.MAX_TEAMS:
+            self._seen.clear()  # tokens naming made-up teams must not grow it without end
+        self._seen[team_id] = (now, generation)
+
+
 async def _who(
     request: Request,
     creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> Principal:
     """Return who the request's bearer token belongs to (401 when nobody)."""
-    return principal_for(request.app.state.admin_token, creds.credentials if creds else None)
+    token = creds.credentials if creds else None
+    team = claimed_team(token) if token else None
+    generation = await request.app.state.generations.get(team) if team else 0
+    return principal_for(request.app.state.admin_token, token, generation)
 
 
 Who = Annotated[Principal, Depends(_who)]
@@ -510,12 +561,14 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     )
     app.state.admin_token = settings.admin_token_value()
     app.state.dispatcher = disp
+    app.state.generations = AccessGenerations(disp)
     app.state.metrics = metrics
     _install_error_handlers(app)
     app.add_middleware(GuardMiddleware, metrics=metrics)
     _instance_routes(app, disp, metrics, waiter, slots)
     _admin_routes(app, disp)
-    _operations_routes(app, health, metrics)
+    _team_access_routes(app, disp)
+    _operations_routes(app, health, metrics, settings)
     # SPEC §11: the team gate (Traefik's forwardAuth), answered ahead of everything else.
     gate = Gate(settings, app.state.admin_token)
     app.include_router(build_gate_router(gate))
@@ -666,12 +719,6 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
         """Return the catalog: id, name, protocol, ttl and maximum lifetime of each challenge."""
         return {"challenges": [ch.public_view() for ch in disp.catalog]}
 
-    @app.get("/api/v1/teams/{team_id}/token", responses=_ERRORS, tags=["admin"])
-    def issue_team_token(team_id: TeamId, who: Who, request: Request) -> dict[str, str]:
-        """Issue the team's token (admin only); it acts on that team's routes only."""
-        who.require_admin()
-        return {"team_id": team_id, "token": team_token(request.app.state.admin_token, team_id)}
-
     @app.post("/api/v1/teams/{team_id}/flags/{challenge}", responses=_ERRORS, tags=["admin"])
     def check_team_flag(
         team_id: TeamId, challenge: ChallengeId, body: FlagSubmission, who: Who
@@ -770,8 +817,44 @@ def _admin_routes(app: FastAPI, disp: Dispatcher) -> None:
         return disp.view(task_id).public()
 
 
-def _operations_routes(app: FastAPI, health: Health, metrics: ApiMetrics) -> None:
-    """Register ``/healthz`` and ``/metrics`` (no token: load balancers and Prometheus)."""
+def _team_access_routes(app: FastAPI, disp: Dispatcher) -> None:
+    """Register the team token and its revocation (admin only)."""
+
+    @app.get("/api/v1/teams/{team_id}/token", responses=_ERRORS, tags=["admin"])
+    def issue_team_token(team_id: TeamId, who: Who) -> dict[str, str]:
+        """Issue the team's token (admin only); it acts on that team's routes only."""
+        who.require_admin()
+        return {"team_id": team_id, "token": disp.team_token(team_id)}
+
+    @app.post("/api/v1/teams/{team_id}/revoke", responses=_ERRORS, tags=["admin"])
+    def revoke_team_access(team_id: TeamId, who: Who, request: Request) -> dict[str, Any]:
+        """Revoke the team's token, access links and cookies (admin only).
+
+        For a member who left or a link that leaked: the old token is refused at once (the
+        answer carries the new one), and within ``hosts_move_within_s`` seconds every
+        running instance of the team moves to a new host name (HTTP and TCP): the old name
+        answers 404 and the old cookies and links open nothing. The team opens its
+        instances again from the dashboard (a fresh ``access_url``).
+        """
+        who.require_admin()
+        revoked = disp.revoke_access(team_id)
+        request.app.state.generations.note(revoked["team_id"], revoked["generation"])
+        log.warning("access of team %s revoked (generation %d)", revoked["team_id"],
+                    revoked["generation"])
+        return revoked
+
+
+def _operations_routes(app: FastAPI, health: Health, metrics: ApiMetrics,
+                       settings: Settings) -> None:
+    """Register ``/healthz`` and ``/metrics`` (no token: load balancers and Prometheus).
+
+    With ``CTF_METRICS_TOKEN`` set, ``/metrics`` asks for it (or the admin token) as a bearer
+    token.
+    """
+    allowed: list[bytes] = []
+    if settings.metrics_token is not None:
+        allowed = [settings.metrics_token.get_secret_value().encode(),
+                   app.state.admin_token.encode()]
 
     @app.get("/healthz", tags=["operations"],
              responses={503: {"description": "Redis down or no worker answers"}})
@@ -782,9 +865,22 @@ def _operations_routes(app: FastAPI, health: Health, metrics: ApiMetrics) -> Non
             health.snapshot)
         return JSONResponse(body, status_code=200 if usable else 503)
 
-    @app.get("/metrics", tags=["operations"], response_class=Response)
-    def prometheus_metrics() -> Response:
-        """Expose instances, requests, tasks and start durations in Prometheus text format."""
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             responses={401: {"model": ErrorBody}})
+    def prometheus_metrics(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    ) -> Response:
+        """Expose instances, requests, tasks and start durations in Prometheus text format.
+
+        Counts, not one series per instance; the Redis-backed ones are read at most every
+        two seconds. With ``CTF_METRICS_TOKEN`` set, it needs that bearer token (or the
+        admin token).
+        """
+        if allowed:
+            given = (creds.credentials if creds else "").encode("utf-8", "surrogateescape")
+            if not any(hmac.compare_digest(given, a) for a in allowed):
+                raise Unauthorized("/metrics needs 'Authorization: Bearer <CTF_METRICS_TOKEN>' "
+                                   "(or the admin token); configure your Prometheus with it")
         data, content_type = metrics.render()
         return Response(content=data, media_type=content_type)
 

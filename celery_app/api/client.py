@@ -25,6 +25,7 @@ from redis.retry import Retry
 from starlette.concurrency import run_in_threadpool
 
 from celery_app import errors
+from celery_app.api.auth import team_token
 from celery_app.core.catalog import Catalog, Challenge, load_catalog
 from celery_app.core.models import Instance, iso
 from celery_app.core.naming import check_team_id
@@ -488,6 +489,38 @@ class Dispatcher:
                       task_id=task_id)
 
         return self._coalesced("extend", "extend", challenge, team_id, send)[0]
+
+    # -- team tokens and their revocation (issue 22) ------------------------------------------
+
+    def team_token(self, team_id: str) -> str:
+        """Return the team's current API token (its access generation's).
+
+        Raises:
+            InvalidTeamId: the team id is not valid.
+            RedisUnavailable: Redis cannot be reached.
+        """
+        team = check_team_id(team_id)
+        return team_token(self.settings.admin_token_value(), team,
+                          self.store.access_generation(team))
+
+    def revoke_access(self, team_id: str) -> dict[str, Any]:
+        """Revoke the team's token, access links and cookies, and move its instances' hosts.
+
+        The team's access generation goes up by one: its token is refused from now on (a
+        new one is returned), and each host's worker gives the team's running instances a
+        new host name on its next janitor pass (``CTF_JANITOR_INTERVAL``, 5 s by default):
+        the old name answers 404, cookies and links of the old name open nothing, and the
+        instances' ``url``/``access_url`` name the new host.
+
+        Raises:
+            InvalidTeamId: the team id is not valid.
+            RedisUnavailable: Redis cannot be reached.
+        """
+        team = check_team_id(team_id)
+        generation = self.store.revoke_access(team)
+        return {"team_id": team, "generation": generation,
+                "token": team_token(self.settings.admin_token_value(), team, generation),
+                "hosts_move_within_s": self.settings.janitor_interval}
 
     def owner_of(self, task_id: str) -> str | None:
         """Return who sent a task through us (a team id or ``ADMIN_OWNER``), or ``None``."""

@@ -1,13 +1,18 @@
 """Prometheus metrics of the API (``GET /metrics``), with prometheus-client.
 
 Each app gets its own registry, so several apps in one process (tests) do not collide.
-Instance counts are computed from Redis on each scrape by a custom collector: they are
-always current and need no bookkeeping in the request paths.
+Instance counts are computed from Redis by a custom collector, so they need no bookkeeping in
+the request paths. Reading them walks every instance record: :class:`CachedCollector` does
+it at most once per ``STATE_TTL`` seconds however often (and by however many) ``/metrics`` is
+scraped (issue 22), and the series are counts per challenge and status, never per instance.
+``CTF_METRICS_TOKEN`` makes ``/metrics`` ask for a bearer token (see the API).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
@@ -23,6 +28,37 @@ from celery_app.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
+# Seconds a collection of the Redis-backed metrics is served again before it is read anew.
+STATE_TTL = 2.0
+
+
+class CachedCollector(Collector):
+    """Serves another collector's metrics, collected at most once per ``ttl`` seconds.
+
+    Args:
+        inner: the collector that reads Redis.
+        ttl: seconds one collection is served.
+    """
+
+    def __init__(self, inner: Collector, ttl: float = STATE_TTL) -> None:
+        self.inner = inner
+        self.ttl = ttl
+        self._lock = threading.Lock()  # concurrent scrapes share one collection
+        self._at = -float("inf")
+        self._metrics: list[Metric] = []
+
+    def describe(self) -> list[Metric]:
+        """Describe nothing: the registry then reads no Redis when the API is built."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the inner collector's metrics as of at most ``ttl`` seconds ago."""
+        with self._lock:
+            if time.monotonic() - self._at >= self.ttl:
+                self._metrics = list(self.inner.collect())
+                self._at = time.monotonic()
+            metrics = self._metrics
+        yield from metrics
 
 
 class StateCollector(Collector):
@@ -103,11 +139,11 @@ class ApiMetrics:
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
             registry=self.registry,
         )
-        self.registry.register(StateCollector(store, catalog))
+        self.registry.register(CachedCollector(StateCollector(store, catalog)))
         if hosts is not None:  # warm pools (issue 14)
-            self.registry.register(PoolCollector(store.pools, catalog, hosts))
+            self.registry.register(CachedCollector(PoolCollector(store.pools, catalog, hosts)))
         if host_collector is not None:  # per-host liveness and capacity (issue 28's alerts)
-            self.registry.register(host_collector)
+            self.registry.register(CachedCollector(host_collector))
 
     def render(self) -> tuple[bytes, str]:
         """Return the Prometheus text exposition and its content type."""

@@ -208,6 +208,7 @@ class Reconciler:
         for name in self.ingress.route_names() - set(running):
             if self.ingress.route_age(name) >= self.settings.orphan_grace:
                 self.ingress.remove_route(name)
+        generations: dict[str, int] = {}  # one read per team and pass (revocations)
         for name, (ch, c) in running.items():
             # Only for a live instance: a stop marks its record "stopping" before it removes
             # the route, and must not see the route come back before the container goes.
@@ -217,7 +218,33 @@ class Reconciler:
                 continue
             with contextlib.suppress(CTFError):
                 port = self.specs.container_port(ch)
-                self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip), port)
+                if c.team_id not in generations:
+                    generations[c.team_id] = self.store.access_generation(c.team_id)
+                generation = generations[c.team_id]
+                self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip), port,
+                                       started_at=record.started_at, generation=generation)
+                self._follow_label(ch, record, generation)
+
+    def _follow_label(self, ch: Challenge, record: Instance, generation: int) -> None:
+        """Give a running instance's record the URL of its current label (issue 22).
+
+        A revocation (``ctfctl revoke``) raises the team's access generation: the route just
+        rewritten names the new host, and the record (what the API shows, and what
+        ``access_url`` is built from) must name it too. Done under the instance's lock on a
+        fresh read; an instance busy in another operation gets it next pass.
+        """
+        url = self.ingress.url(ch.id, record.team_id, ch.protocol,
+                               started_at=record.started_at, generation=generation)
+        if record.status != "running" or record.url == url:
+            return
+        with self.service.locked(ch.id, record.team_id, hold=LOCK_HOLD, wait=BUSY_WAIT):
+            fresh = self.store.get(ch.id, record.team_id)
+            if fresh is None or fresh.status != "running" \
+                    or fresh.container_id != record.container_id or fresh.url == url:
+                return
+            self.store.put(fresh.model_copy(update={"url": url}))
+            log.info("ingress: %s of team %s moved to %s (access revoked)", ch.id,
+                     record.team_id, url)
 
     # -- one container's news: the event follower and the janitor's dead containers --------
 

@@ -64,7 +64,8 @@ class InstanceService:
         self.host_max = host_max
         self.egress = egress or EgressGuard(None, driver, "not configured")
         # SPEC §11: with CTF_INGRESS=traefik instances sit behind this host's Traefik.
-        self.ingress = Ingress(settings)
+        # Labels follow each team's access generation (a revocation moves its hosts).
+        self.ingress = Ingress(settings, store.access_generation)
         if self.ingress.enabled and not driver.is_local:
             log.warning("CTF_INGRESS=traefik with the remote engine of host %s: Traefik must run "
                         "on the Docker host to reach its containers; run this worker there", host)

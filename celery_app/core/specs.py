@@ -185,7 +185,8 @@ class InstanceSpecs:
             # Docker creates and starts the container, not after.
             ip = self.driver.free_address(network_name(team))
             if ip is not None:
-                self.ingress.add_route(inst.container_name, ch.id, team, ch.protocol, ip, port)
+                self.ingress.add_route(inst.container_name, ch.id, team, ch.protocol, ip, port,
+                                       started_at=inst.started_at)
         return self.container_spec(ch, inst.container_name, team, labels, env, port, ip)
 
     def container_spec(
@@ -251,10 +252,10 @@ class InstanceSpecs:
 
     # -- the instance as users see it -------------------------------------------------------
 
-    def url(self, ch: Challenge, team: str, host_port: int | None) -> str | None:
+    def url(self, ch: Challenge, team: str, host_port: int | None, started_at: str) -> str | None:
         """The URL players use: the ingress's, or the published port on the public host."""
         if self.ingress.enabled:
-            return self.ingress.url(ch.id, team, ch.protocol)
+            return self.ingress.url(ch.id, team, ch.protocol, started_at=started_at)
         if host_port is None:
             return None
         scheme = "http" if ch.protocol == "http" else "tcp"
@@ -266,11 +267,12 @@ class InstanceSpecs:
         """Return ``inst`` with the container's id, published ports and URL (and its route)."""
         if self.ingress.enabled and info.ip:
             # Unchanged when spec() already wrote it; written for an adopted container.
-            self.ingress.add_route(info.name, ch.id, inst.team_id, ch.protocol, info.ip, port)
+            self.ingress.add_route(info.name, ch.id, inst.team_id, ch.protocol, info.ip, port,
+                                   started_at=inst.started_at)
         return inst.model_copy(update={
             "container_id": info.id,
             "ports": info.ports,
-            "url": self.url(ch, inst.team_id, info.ports.get(f"{port}/tcp")),
+            "url": self.url(ch, inst.team_id, info.ports.get(f"{port}/tcp"), inst.started_at),
         })
 
     def from_container(self, ch: Challenge, info: ContainerInfo, status: str) -> Instance:
@@ -289,7 +291,7 @@ class InstanceSpecs:
         return Instance(
             team_id=info.team_id, challenge=ch.id, status=status,
             container_name=info.name, container_id=info.id, host=self.host, ports=info.ports,
-            url=self.url(ch, info.team_id, info.ports.get(f"{port}/tcp")),
+            url=self.url(ch, info.team_id, info.ports.get(f"{port}/tcp"), iso(started)),
             started_at=iso(started),
             expires_at=iso(expires),
         )
@@ -297,12 +299,16 @@ class InstanceSpecs:
     # -- readiness --------------------------------------------------------------------------
 
     def probe_target(
-        self, ch: Challenge, info: ContainerInfo, port: int
+        self, ch: Challenge, info: ContainerInfo, port: int, started_at: str
     ) -> Callable[[float], bool] | None:
-        """Return the readiness check of the container: ``check(timeout) -> answered``."""
+        """Return the readiness check of the container: ``check(timeout) -> answered``.
+
+        ``started_at`` is the instance's (a TCP instance's host name is derived from it).
+        """
         if self.ingress.enabled:
             # Through Traefik, the instance's route and the gate: what players will use.
-            return self.ingress.probe(ch.id, info.team_id, ch.protocol, ch.health_path)
+            return self.ingress.probe(ch.id, info.team_id, ch.protocol, ch.health_path,
+                                      started_at=started_at)
         # On the engine's own machine the container's address is routable and probing it
         # avoids docker-proxy, which accepts TCP connections even when nothing listens.
         if self.driver.is_local and info.ip:
@@ -327,7 +333,7 @@ class InstanceSpecs:
             StartFailed: it exited or never answered: it is removed (with its route) and a
                 failed record with why and its last output stays ``FAILED_RECORD_TTL`` s.
         """
-        target = self.probe_target(ch, info, port)
+        target = self.probe_target(ch, info, port, inst.started_at)
 
         def alive() -> bool:
             # Called every few polls: renew our lock while we are demonstrably working.
@@ -369,5 +375,6 @@ class InstanceSpecs:
 
     def answers(self, ch: Challenge, info: ContainerInfo) -> bool:
         """Whether the container answers its probe now (one try, 1 s)."""
-        target = self.probe_target(ch, info, self.container_port(ch))
+        target = self.probe_target(ch, info, self.container_port(ch),
+                                   info.labels.get(LABEL_STARTED_AT, ""))
         return target is not None and target(1.0)

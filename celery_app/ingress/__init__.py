@@ -22,15 +22,23 @@ from celery_app.ingress.labels import instance_host, instance_label
 from celery_app.settings import Settings
 
 
+def _no_revocations(_team_id: str) -> int:
+    return 0
+
+
 @dataclass
 class Ingress:
     """One process's view of the ingress, built from the settings.
 
     Args:
         settings: the settings (``load_settings()``: the flag secret must be set).
+        generation: returns a team's access generation (the workers pass the state
+            store's): labels change with it, which revokes the team's links and cookies.
+            The API only reads hosts from instances' ``url`` and needs none.
     """
 
     settings: Settings
+    generation: Callable[[str], int] = _no_revocations
 
     @property
     def enabled(self) -> bool:
@@ -55,17 +63,30 @@ class Ingress:
     def _secret(self) -> str:
         return self.settings.flag_secret_value()
 
-    def label(self, challenge: str, team_id: str) -> str:
-        """Return the instance's host label (stable, unguessable)."""
-        return instance_label(self._secret(), challenge, team_id)
+    def label(self, challenge: str, team_id: str, protocol: str, started_at: str,
+              generation: int | None = None) -> str:
+        """Return the instance's host label (unguessable).
 
-    def host(self, challenge: str, team_id: str) -> str:
+        An HTTP instance's is the same for its (challenge, team) until the team's access is
+        revoked; a TCP instance's also changes with each new instance (``started_at``): its
+        name is its only gate (see :mod:`.labels`). ``generation``: the team's access
+        generation when the caller has read it already (else it is read now).
+        """
+        if generation is None:
+            generation = self.generation(team_id)
+        return instance_label(self._secret(), challenge, team_id, generation,
+                              started_at if protocol == "tcp" else "")
+
+    def host(self, challenge: str, team_id: str, protocol: str, started_at: str,
+             generation: int | None = None) -> str:
         """Return ``<label>.<CTF_INSTANCE_DOMAIN>``."""
-        return instance_host(self.label(challenge, team_id), self.settings.instance_domain)
+        return instance_host(self.label(challenge, team_id, protocol, started_at, generation),
+                             self.settings.instance_domain)
 
-    def url(self, challenge: str, team_id: str, protocol: str) -> str:
+    def url(self, challenge: str, team_id: str, protocol: str, *, started_at: str,
+            generation: int | None = None) -> str:
         """Return the instance's ``url``: ``http(s)://host[:port]/`` or ``tls://host:port``."""
-        host = self.host(challenge, team_id)
+        host = self.host(challenge, team_id, protocol, started_at, generation)
         _, https_port = routes.bind_parts(self.settings.ingress_https_bind)
         if protocol == "tcp":
             return f"tls://{host}:{https_port}"
@@ -83,14 +104,22 @@ class Ingress:
         return self.dynamic_dir / f"{container_name}.yml"
 
     def add_route(self, container_name: str, challenge: str, team_id: str, protocol: str,
-                  address: str, port: int) -> None:
-        """Write (or replace) the instance's route; Traefik loads it within a moment."""
-        label = self.label(challenge, team_id)
+                  address: str, port: int, *, started_at: str,
+                  generation: int | None = None) -> bool:
+        """Write (or replace) the instance's route; Traefik loads it within a moment.
+
+        The file is named after the container: a new label (a revocation) replaces the old
+        host's route, whose host then answers 404.
+
+        Returns:
+            Whether the file changed.
+        """
+        label = self.label(challenge, team_id, protocol, started_at, generation)
         plugin = routes.plugin_config(self.settings, label) \
             if routes.uses_plugin(self.settings) else None
-        config = routes.route_config(label, self.host(challenge, team_id), protocol, address,
-                                     port, self.gated, plugin)
-        routes.write_atomically(self.route_file(container_name), config)
+        config = routes.route_config(label, instance_host(label, self.settings.instance_domain),
+                                     protocol, address, port, self.gated, plugin)
+        return routes.write_atomically(self.route_file(container_name), config)
 
     def remove_route(self, container_name: str) -> bool:
         """Remove the instance's route: its host answers 404 once Traefik reloads."""
@@ -110,10 +139,10 @@ class Ingress:
             return 0.0
 
     def probe(self, challenge: str, team_id: str, protocol: str,
-              health_path: str) -> Callable[[float], bool]:
+              health_path: str, *, started_at: str) -> Callable[[float], bool]:
         """Return a readiness check that goes through Traefik, the route and the gate."""
-        label = self.label(challenge, team_id)
-        host = self.host(challenge, team_id)
+        label = self.label(challenge, team_id, protocol, started_at)
+        host = instance_host(label, self.settings.instance_domain)
         status_host, status_port = routes.bind_parts(self.settings.ingress_status_bind)
         router = routes.router_name(label)
 
@@ -132,7 +161,7 @@ class Ingress:
             if self.gated:
                 token = tokens.issue(tokens.gate_key(self._secret()), "cookie", label,
                                      tokens.ORGANISER, 60)
-                cookie = f"{tokens.COOKIE_NAME}={token}"
+                cookie = f"{tokens.COOKIE_NAME}={token}"  # plain HTTP: the plain name
             return probe.http_through(web_host, web_port, host, health_path, cookie, timeout) \
                 and probe.route_loaded(status_host, status_port, router, "http", timeout)
 

@@ -1,8 +1,17 @@
 """Instance host names under ``CTF_INSTANCE_DOMAIN`` (SPEC §11).
 
 An instance's label is an HMAC of its (challenge, team) under a key derived from the flag
-secret: 80 bits, stable for the pair, unguessable without the secret, and computable by any
-process that shares the secret (the workers write routes, the API's gate checks cookies).
+secret: 80 bits, unguessable without the secret, and computable by any process that shares
+the secret (the workers write routes, the API's gate checks cookies). Two more inputs make it
+change (issue 22):
+
+- the team's access generation, raised by each revocation (``ctfctl revoke``): every host of
+  the team moves, so the access cookies and links of the old host (signed under the old
+  host's key) and the old name itself are worth nothing;
+- for a TCP instance, a nonce of the instance (its ``started_at``): a TCP instance has no gate
+  but its name, which travels in cleartext SNI, so each new instance gets a new name.
+
+An HTTP instance keeps its host for one (challenge, team) until a revocation (SPEC §11).
 """
 
 from __future__ import annotations
@@ -22,18 +31,27 @@ def label_key(secret: str) -> bytes:
     return hmac.new(secret.encode(), _LABEL_CONTEXT, hashlib.sha256).digest()
 
 
-def instance_label(secret: str, challenge: str, team_id: str) -> str:
+def instance_label(secret: str, challenge: str, team_id: str, generation: int = 0,
+                   nonce: str = "") -> str:
     """Return the host label of one (challenge, team).
 
     Args:
         secret: the flag secret (shared by the workers and the API).
         challenge: a catalog id.
         team_id: a valid team id.
+        generation: the team's access generation (0: the label from before revocations).
+        nonce: the instance's own nonce (TCP instances: their ``started_at``); empty for
+            a label that stays the same across instances.
 
     Returns:
         16 lowercase base32 characters (80 bits).
     """
-    digest = hmac.new(label_key(secret), f"{challenge}/{team_id}".encode(), hashlib.sha256)
+    message = f"{challenge}/{team_id}"
+    if generation:
+        message += f"/g{generation}"
+    if nonce:
+        message += f"/n{nonce}"
+    digest = hmac.new(label_key(secret), message.encode(), hashlib.sha256)
     return base64.b32encode(digest.digest()).decode().lower()[:LABEL_CHARS]
 
 

@@ -59,11 +59,16 @@ def static_config(settings: Settings, dynamic_dir: Path, log_file: Path | None) 
     # No tracing, metrics or access logs on the players' entry points: none is configured,
     # and Traefik wraps every request in their middlewares otherwise.
     quiet = {"accessLogs": False, "tracing": False, "metrics": False}
+    # X-Forwarded-* headers are believed only from CTF_INGRESS_TRUSTED_PROXIES (a front proxy
+    # that terminates TLS); Traefik replaces anyone else's with what it saw itself.
+    forwarded = {"forwardedHeaders": {"trustedIPs": settings.ingress_trusted_networks}} \
+        if settings.ingress_trusted_networks else {}
     config: dict[str, Any] = {
         "global": {"checkNewVersion": False, "sendAnonymousUsage": False},
         "entryPoints": {
-            "web": {"address": settings.ingress_http_bind, "observability": quiet},
-            "websecure": {"address": settings.ingress_https_bind, "observability": quiet},
+            "web": {"address": settings.ingress_http_bind, "observability": quiet, **forwarded},
+            "websecure": {"address": settings.ingress_https_bind, "observability": quiet,
+                          **forwarded},
             # Traefik's API and ping: loopback only, for route checks and start-up.
             "traefik": {"address": settings.ingress_status_bind},
         },
@@ -111,8 +116,14 @@ def plugin_config(settings: Settings, label: str) -> dict[str, Any]:
     this host only; the gate key that signs every host's tokens stays in our processes.
     """
     key = tokens.host_key(tokens.gate_key(settings.flag_secret_value()), label)
-    return {"label": label, "key": tokens.encode_key(key), "cookie": tokens.COOKIE_NAME,
-            "linkPrefix": tokens.LINK_PREFIX, "gate": gate_url(settings)}
+    config: dict[str, Any] = {
+        "label": label, "key": tokens.encode_key(key), "cookie": tokens.COOKIE_NAME,
+        "secureCookie": tokens.SECURE_COOKIE_NAME, "linkPrefix": tokens.LINK_PREFIX,
+        "gate": gate_url(settings),
+    }
+    if settings.ingress_trusted_networks:
+        config["trustedProxies"] = settings.ingress_trusted_networks
+    return config
 
 
 def router_name(label: str) -> str:

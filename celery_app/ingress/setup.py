@@ -19,6 +19,7 @@ _MANIFEST = {
     "import": routes.PLUGIN_MODULE,
     "summary": "Checks the instance's access cookie and strips it; asks the API about the rest",
     "testData": {"label": "example", "key": "A" * 43, "cookie": "ctf_ingress_access",
+                 "secureCookie": "__Host-ctf_ingress_access",
                  "linkPrefix": "/_ctf/access/", "gate": "http://127.0.0.1:8000/_ingress/gate"},
 }
 

@@ -27,7 +27,12 @@ from celery_app.core.naming import TEAM_ID_RE
 ORGANISER = "_organiser"
 _KEY_CONTEXT = b"ctf-instancer ingress gate key v1"
 LINK_PREFIX = "/_ctf/access/"
+# The access cookie's name over plain HTTP, and over HTTPS: there the ``__Host-`` prefix makes
+# browsers refuse it unless it is Secure, has Path=/ and no Domain, so no sibling host (another
+# team's instance under the same domain) can plant or shadow it (SPEC §11). The gate reads both.
 COOKIE_NAME = "ctf_ingress_access"
+SECURE_COOKIE_NAME = f"__Host-{COOKIE_NAME}"
+COOKIE_NAMES = (COOKIE_NAME, SECURE_COOKIE_NAME)
 
 
 def gate_key(secret: str) -> bytes:

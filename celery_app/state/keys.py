@@ -44,6 +44,7 @@ TABLE: Final[dict[str, str]] = {
     "ctf:metrics:janitor": "hash: what the janitors removed, by kind",
     "ctf:egresskeeper:<engine>:<pool>": "a firewall keeper's heartbeat: the egress rules hold "
                                         "that engine's containers (30 s or more)",
+    "ctf:access:<team>": "the team's access generation: revocations of its token, links, hosts",
 }
 
 
@@ -115,3 +116,8 @@ def egresskeeper(engine: str, pool: str) -> str:
 def epoch(host: str) -> str:
     """Set by a host's reconcile: its index is complete."""
     return f"{PREFIX}epoch:{host}"
+
+
+def access(team: str) -> str:
+    """A team's access generation (raised by each revocation; absent: 0)."""
+    return f"{PREFIX}access:{team}"

@@ -19,6 +19,7 @@ import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 
 from celery_app.core.models import Instance
+from celery_app.state import keys
 from celery_app.state.store import (
     TEAM_VIEW,
     Beats,
@@ -94,6 +95,17 @@ class AsyncIndex:
                 beats |= dict(zip(unread, await client.mget(hostbeat_keys(unread)),
                                   strict=True))
         return found, beats
+
+    async def access_generation(self, team_id: str) -> int:
+        """:meth:`StateStore.access_generation` on the event loop.
+
+        Raises:
+            RedisUnavailable: Redis cannot be reached.
+
+        """
+        with map_redis_errors("read access generation"):
+            raw = await self._redis().get(keys.access(team_id))
+        return int(raw or 0)
 
 
 __all__ = ["AsyncIndex"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,6 +36,8 @@ from celery_app.state import keys
 
 if TYPE_CHECKING:
     from celery_app.state.pool_keys import PoolKeys
+
+log = logging.getLogger(__name__)
 
 # Seconds a (challenge, team) lock lives without renewal: how long a killed worker blocks it.
 LOCK_HOLD: Final = 30.0
@@ -117,11 +120,17 @@ def decode_view(
 
 @contextlib.contextmanager
 def map_redis_errors(what: str) -> Iterator[None]:
-    """Translate redis-py connection failures into :class:`RedisUnavailable` (retryable)."""
+    """Translate redis-py connection failures into :class:`RedisUnavailable` (retryable).
+
+    The error's detail reaches teams (the API's 503, a task's error): it names no address.
+    redis-py's own message (with the host and port) goes to this process's log instead.
+    """
     try:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise RedisUnavailable(f"{what}: cannot reach Redis ({exc}); is redis-server running?") \
+        log.warning("%s: cannot reach Redis: %s", what, exc)
+        raise RedisUnavailable(f"{what}: cannot reach Redis (the state store); is "
+                               "redis-server running? This process's log has the address") \
             from exc
     except redis.exceptions.BusyLoadingError as exc:
         raise RedisUnavailable(f"{what}: Redis is loading its data; retry shortly") from exc
@@ -580,6 +589,23 @@ class StateStore:
         """Return the janitors' removal counters, by kind."""
         with map_redis_errors("read janitor counters"):
             return dict(self.redis.hgetall(keys.JANITOR_COUNTS) or {})
+
+    # -- access generations: revocation of a team's token, links, cookies and hosts -------
+
+    def access_generation(self, team_id: str) -> int:
+        """Return the team's access generation (0 until its first revocation)."""
+        with map_redis_errors("read access generation"):
+            raw = self.redis.get(keys.access(team_id))
+        return int(raw or 0)
+
+    def revoke_access(self, team_id: str) -> int:
+        """Raise the team's access generation by one; return the new one.
+
+        Kept for good (no expiry): a generation that fell back to an older value would make
+        revoked tokens valid again.
+        """
+        with map_redis_errors("revoke access"):
+            return int(self.redis.incr(keys.access(team_id)))
 
     # -- tasks: who sent them, and the pending one of each instance (the dispatcher) ------
 

@@ -8,6 +8,11 @@
 // round trip. Everything else (access links, which set the cookie; denials, whose pages the
 // API renders; requests carrying what looks like our bearer token, which only the API can
 // check) goes to the API's gate exactly as Traefik's forwardAuth would send it.
+//
+// The access cookie has two names: the plain one over HTTP and the "__Host-" one over HTTPS
+// (Secure, Path=/, no Domain). Both are read, and both are removed before the challenge. The
+// scheme told to the gate is https when Traefik got TLS, or when the connection comes from a
+// front proxy of trustedProxies that says X-Forwarded-Proto: https; nobody else's is believed.
 package ctfgate
 
 import (
@@ -17,6 +22,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -26,16 +32,19 @@ import (
 
 // Config is the middleware's configuration (one per instance host).
 type Config struct {
-	Label      string `json:"label,omitempty"`
-	Key        string `json:"key,omitempty"`
-	Cookie     string `json:"cookie,omitempty"`
-	LinkPrefix string `json:"linkPrefix,omitempty"`
-	Gate       string `json:"gate,omitempty"`
+	Label          string   `json:"label,omitempty"`
+	Key            string   `json:"key,omitempty"`
+	Cookie         string   `json:"cookie,omitempty"`
+	SecureCookie   string   `json:"secureCookie,omitempty"`
+	LinkPrefix     string   `json:"linkPrefix,omitempty"`
+	Gate           string   `json:"gate,omitempty"`
+	TrustedProxies []string `json:"trustedProxies,omitempty"`
 }
 
 // CreateConfig returns the default configuration.
 func CreateConfig() *Config {
-	return &Config{Cookie: "ctf_ingress_access", LinkPrefix: "/_ctf/access/"}
+	return &Config{Cookie: "ctf_ingress_access", SecureCookie: "__Host-ctf_ingress_access",
+		LinkPrefix: "/_ctf/access/"}
 }
 
 // maxGateBody bounds what is read of the API gate's answer (its pages are small).
@@ -63,13 +72,15 @@ type teamGate struct {
 	mu sync.Mutex
 	// Cookie values already checked, with their expiry: a browser sends the same one again
 	// and again, and in Yaegi the HMAC's library calls cost more than the lookup.
-	seen       map[string]int64
-	next       http.Handler
-	label      string
-	key        []byte
-	cookie     string
-	linkPrefix string
-	gate       string
+	seen         map[string]int64
+	next         http.Handler
+	label        string
+	key          []byte
+	cookie       string
+	secureCookie string
+	linkPrefix   string
+	gate         string
+	trusted      []*net.IPNet
 }
 
 // New returns the middleware of one instance host.
@@ -78,11 +89,45 @@ func New(_ context.Context, next http.Handler, config *Config, _ string) (http.H
 	if err != nil || len(key) < 32 {
 		return nil, errors.New("ctfgate: key must be 32 bytes or more, base64url without padding")
 	}
-	if config.Label == "" || config.Gate == "" || config.Cookie == "" || config.LinkPrefix == "" {
-		return nil, errors.New("ctfgate: label, gate, cookie and linkPrefix are required")
+	if config.Label == "" || config.Gate == "" || config.Cookie == "" ||
+		config.SecureCookie == "" || config.LinkPrefix == "" {
+		return nil, errors.New("ctfgate: label, gate, cookie, secureCookie and linkPrefix are required")
+	}
+	var trusted []*net.IPNet
+	for _, cidr := range config.TrustedProxies {
+		_, network, parseErr := net.ParseCIDR(cidr)
+		if parseErr != nil {
+			return nil, errors.New("ctfgate: trustedProxies must be CIDRs, got " + cidr)
+		}
+		trusted = append(trusted, network)
 	}
 	return &teamGate{seen: map[string]int64{}, next: next, label: config.Label, key: key,
-		cookie: config.Cookie, linkPrefix: config.LinkPrefix, gate: config.Gate}, nil
+		cookie: config.Cookie, secureCookie: config.SecureCookie, linkPrefix: config.LinkPrefix,
+		gate: config.Gate, trusted: trusted}, nil
+}
+
+// scheme returns https when Traefik got TLS, or when a trusted front proxy says so.
+func (g *teamGate) scheme(req *http.Request) string {
+	if req.TLS != nil {
+		return "https"
+	}
+	if len(g.trusted) == 0 || req.Header.Get("X-Forwarded-Proto") != "https" {
+		return "http"
+	}
+	host, _, splitErr := net.SplitHostPort(req.RemoteAddr)
+	if splitErr != nil {
+		host = req.RemoteAddr
+	}
+	ip := net.ParseIP(host)
+	if ip == nil {
+		return "http"
+	}
+	for _, network := range g.trusted {
+		if network.Contains(ip) {
+			return "https"
+		}
+	}
+	return "http"
 }
 
 func (g *teamGate) ServeHTTP(rw http.ResponseWriter, req *http.Request) {
@@ -151,7 +196,8 @@ func (g *teamGate) admit(values []string) (string, bool) {
 				continue
 			}
 			name, cookie, _ := strings.Cut(pair, "=")
-			if strings.Trim(name, cookieSpace) != g.cookie {
+			name = strings.Trim(name, cookieSpace)
+			if name != g.cookie && name != g.secureCookie {
 				others = append(others, pair)
 				continue
 			}
@@ -202,10 +248,7 @@ func (g *teamGate) ask(rw http.ResponseWriter, req *http.Request) {
 		http.Error(rw, "team gate misconfigured", http.StatusInternalServerError)
 		return
 	}
-	proto := "http"
-	if req.TLS != nil {
-		proto = "https"
-	}
+	proto := g.scheme(req)
 	question.Header.Set("X-Forwarded-Host", req.Host)
 	question.Header.Set("X-Forwarded-Uri", req.URL.RequestURI())
 	question.Header.Set("X-Forwarded-Proto", proto)
