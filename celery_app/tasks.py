@@ -4,7 +4,9 @@ Permanent errors (bad input, limits) fail at once; transient ones (Docker or Red
 unreachable, Docker 5xx) are retried with exponential backoff and jitter, a bounded number of
 times. An instance busy with another operation does not park a worker thread: the task
 retries a little later, for up to ``CTF_LOCK_WAIT`` seconds in all. Every task is idempotent,
-so a redelivery after a worker died does no harm.
+so a redelivery after a worker died does no harm: start, stop and extend pass their task id
+to the service, which writes each one's answer in the same step as its effect and answers a
+redelivered copy with it (none is done twice, SPEC §10).
 
 Any worker may take a task sent by name to the default queue (SPEC §10). A task about an
 instance that lives on another Docker host, or a new start placed on another host, is handed
@@ -196,7 +198,7 @@ def start_container(
         self, "start_container", challenge, team_id, {"intent": intent, "hops": hops},
         lambda ctx: ctx.service.ingress.with_access(ctx.service.start(
             challenge, team_id, progress=self.report, intent=intent,
-            rate_limit=not counted_already, lock_wait=BUSY_LOCK_WAIT,
+            rate_limit=not counted_already, lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id,
         ).public()),
         placing=True,
     )
@@ -215,7 +217,8 @@ def stop_container(
     return _on_instance(
         self, "stop_container", challenge, team_id, {"intent": intent, "hops": hops},
         lambda ctx: ctx.service.stop(challenge, team_id, intent=intent,
-                                     rate_limit=not counted_already, lock_wait=BUSY_LOCK_WAIT),
+                                     rate_limit=not counted_already, lock_wait=BUSY_LOCK_WAIT,
+                                     task_id=self.request.id),
     )
 
 
@@ -290,7 +293,8 @@ def extend_container(
     return _on_instance(
         self, "extend_container", challenge, team_id, {"hops": hops},
         lambda ctx: ctx.service.ingress.with_access(
-            ctx.service.extend(challenge, team_id, lock_wait=BUSY_LOCK_WAIT).public()),
+            ctx.service.extend(challenge, team_id, lock_wait=BUSY_LOCK_WAIT,
+                               task_id=self.request.id).public()),
     )
 
 

@@ -28,10 +28,13 @@ class Worker:
         tag: the start of its node name.
         prefix: a command it runs under (``nsenter --net=…``: a worker on another machine's
             network, next to that machine's engine).
+        app: the Celery app it runs (``-A``); a fault test may set another one before a
+            start (``ctf_testkit.pause_points.PAUSE_APP``).
     """
 
     def __init__(self, env: dict[str, str], logfile: Path, *, concurrency: int = 8,
-                 src: Path = ROOT, tag: str = "test", prefix: tuple[str, ...] = ()) -> None:
+                 src: Path = ROOT, tag: str = "test", prefix: tuple[str, ...] = (),
+                 app: str = "celery_app.celery_app:app") -> None:
         self.env = env
         self.host = env.get("CTF_HOST", "local")
         self.logfile = logfile
@@ -39,6 +42,7 @@ class Worker:
         self.src = src
         self.tag = tag
         self.prefix = prefix
+        self.app = app
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -49,7 +53,7 @@ class Worker:
         mark = self.logfile.stat().st_size if self.logfile.exists() else 0
         with self.logfile.open("ab") as log:
             self.proc = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "celery", "-A", "celery_app.celery_app:app",
+                [*self.prefix, sys.executable, "-m", "celery", "-A", self.app,
                  "worker",
                  "-B", "--pool", "threads", "--concurrency", str(self.concurrency),
                  "--loglevel", "INFO",

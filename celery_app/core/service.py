@@ -7,6 +7,7 @@ Docker (read through labels) is the source of truth; Redis is the index and lock
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
@@ -30,7 +31,7 @@ from celery_app.errors import (
 )
 from celery_app.ingress import Ingress
 from celery_app.settings import Settings
-from celery_app.state.store import LOCK_HOLD, Beats, StateStore
+from celery_app.state.store import LOCK_HOLD, Beats, Done, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,11 @@ class InstanceService:
             raise Superseded(f"a {other} of {ch.id} for team {team} was requested after this "
                              f"{op}; {op} it again if it is {still} wanted")
 
+    @staticmethod
+    def _done(task_id: str | None, answer: str) -> Done | None:
+        """The answer to record with a task's effect (none outside a task)."""
+        return (task_id, answer) if task_id else None
+
     def _count_rate(self, team: str) -> None:
         self.store.hit_rate(team, self.settings.rate_limit_count, self.settings.rate_limit_window)
 
@@ -126,6 +132,7 @@ class InstanceService:
     def start(
         self, challenge: str, team_id: str, progress: ProgressFn | None = None,
         intent: int | None = None, *, rate_limit: bool = True, lock_wait: float | None = None,
+        task_id: str | None = None,
     ) -> Instance:
         """Start the team's instance of a challenge; return it ``running`` once it answers.
 
@@ -134,6 +141,9 @@ class InstanceService:
         (``StateStore.register_intent``; taken now when ``None``), superseded by a later
         stop; ``rate_limit=False`` when the dispatcher counted the request before queueing
         it; ``lock_wait`` (the settings' by default) bounds the wait for another operation.
+        ``task_id`` (the Celery task's) makes the start take effect once: a redelivered copy
+        of a start that already answered ``running`` returns that answer and does nothing,
+        even if the instance was stopped since (SPEC §10: none is done twice).
 
         Raises:
             InvalidTeamId, UnknownChallenge: bad input (nothing was touched).
@@ -147,6 +157,10 @@ class InstanceService:
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
         report = progress or (lambda _event: None)
+        # A copy of a start that took effect answers as it did: before the intent and the rate
+        # count, so that it neither counts again nor outranks a stop requested after it.
+        if (done := self.store.applied(task_id)) is not None:
+            return Instance.model_validate_json(done)
         if intent is None:
             intent = self.store.register_intent(ch.id, team, "start")
         # 0. rate limit before any work: only a start that makes a new instance counts (one
@@ -178,12 +192,16 @@ class InstanceService:
             if existing is not None and existing.state == "running":
                 if record is not None and record.status == "running" \
                         and record.container_id == existing.id:
+                    # Nothing to do, but this is the task's answer: a copy of it redelivered
+                    # after a later stop must not start the instance again.
+                    if task_id:
+                        self.store.remember(task_id, record.model_dump_json())
                     return record
                 # A redelivered start (its worker died) or a lost record: adopt the container,
                 # taking its id and port from Docker, not from a reservation made before it.
                 inst = record or self.specs.from_container(ch, existing, "starting")
                 inst = self.specs.with_container(ch, inst, existing, port)
-                return self.specs.await_ready(ch, existing, inst, port, report, lock)
+                return self.specs.await_ready(ch, existing, inst, port, report, lock, task_id)
             if existing is not None:
                 # Exited, dead or created-but-never-started: start over from scratch.
                 self.driver.remove_container(existing.id)
@@ -209,13 +227,14 @@ class InstanceService:
             self.store.put(inst)
             # 9. running only once the port answers.
             report({"phase": "starting", "container": name})
-            return self.specs.await_ready(ch, info, inst, port, report, lock)
+            return self.specs.await_ready(ch, info, inst, port, report, lock, task_id)
 
     # -- stop -------------------------------------------------------------------------------
 
     def stop(
         self, challenge: str, team_id: str, *, rate_limit: bool = True,
         lock_wait: float | None = None, intent: int | None = None, keep_network: bool = False,
+        task_id: str | None = None,
     ) -> dict[str, str]:
         """Stop and remove the team's instance, and the team network if it was the last.
 
@@ -223,6 +242,9 @@ class InstanceService:
         janitor, which acts whatever users asked). ``keep_network`` leaves an emptied team
         network to the janitor's network pass: the engine removes networks one at a time
         (about 0.2 s each), so the janitor removes every expired container first.
+        ``task_id`` (the Celery task's) makes the stop take effect once: a redelivered copy of
+        a stop that removed the instance answers ``stopped`` again and leaves alone an instance
+        started since.
 
         Returns:
             ``{"team_id", "challenge", "status": "stopped"}``.
@@ -235,6 +257,11 @@ class InstanceService:
         """
         ch, team = self._validate(challenge, team_id)
         name = container_name(ch.id, team)
+        answer = {"team_id": team, "challenge": ch.id, "status": "stopped"}
+        # A copy of a stop that took effect answers as it did (before the intent and the rate
+        # count: it must not outrank, or undo, a start requested after it).
+        if self.store.applied(task_id) is not None:
+            return answer
         if intent is None:
             intent = self.store.register_intent(ch.id, team, "stop")
         # 0. rate limit before any work (the janitor is not limited; a stop of nothing is free)
@@ -242,6 +269,9 @@ class InstanceService:
             self._count_rate(team)
         # 1. lock (challenge, team)
         with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
+            # A copy of this very task (redelivered while it ran) may have done it meanwhile.
+            if self.store.applied(task_id) is not None:
+                return answer
             # 2. the latest request wins: a start sent after this stop cancels it.
             self._latest("stop", ch, team, intent)
             # 3. is there anything to stop, here? Another host's instance is its worker's:
@@ -258,11 +288,13 @@ class InstanceService:
             if existing is not None:
                 self.egress.release(existing)  # before its address is free for another
                 self.driver.remove_container(existing.id)
-            self.store.delete(ch.id, team, self.host)
+            # The record goes with this task's answer, in one step: done once.
+            self.store.delete(ch.id, team, self.host,
+                              done=self._done(task_id, json.dumps(answer)))
         # 5. the team's network goes with its last instance.
         if not keep_network:
             self.remove_network_if_unused(team)
-        return {"team_id": team, "challenge": ch.id, "status": "stopped"}
+        return answer
 
     def remove_network_if_unused(self, team_id: str, network: str | None = None) -> bool:
         """Remove the team's network when no container is left on it (see ``specs``)."""
@@ -270,8 +302,13 @@ class InstanceService:
 
     # -- extend -----------------------------------------------------------------------------
 
-    def extend(self, challenge: str, team_id: str, *, lock_wait: float | None = None) -> Instance:
+    def extend(self, challenge: str, team_id: str, *, lock_wait: float | None = None,
+               task_id: str | None = None) -> Instance:
         """Push the expiry out by the challenge's ttl, never past its maximum lifetime.
+
+        ``task_id`` (the Celery task's) makes the extend take effect once: the new expiry is
+        written together with the task's answer, and a redelivered copy (its worker died
+        before Celery stored the answer) returns that answer without extending again.
 
         Raises:
             InstanceNotFound: there is no such instance.
@@ -282,6 +319,9 @@ class InstanceService:
         ch, team = self._validate(challenge, team_id)
         assert ch.ttl is not None and ch.max_lifetime is not None
         with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
+            # Checked under the lock: two copies of one task never both extend.
+            if (done := self.store.applied(task_id)) is not None:
+                return Instance.model_validate_json(done)
             inst = self._here(ch, team)
             if inst is None or inst.status not in ("running", "starting"):
                 raise InstanceNotFound(f"team {team} has no running instance of {ch.id}")
@@ -294,7 +334,7 @@ class InstanceService:
                 )
             new = min(max(current, utcnow()) + timedelta(seconds=ch.ttl), ceiling)
             inst = inst.model_copy(update={"expires_at": iso(new)})
-            self.store.put(inst)
+            self.store.put(inst, done=self._done(task_id, inst.model_dump_json()))
             return inst
 
     # -- read -------------------------------------------------------------------------------

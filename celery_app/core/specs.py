@@ -323,11 +323,13 @@ class InstanceSpecs:
                                           timeout=timeout)
 
     def await_ready(self, ch: Challenge, info: ContainerInfo, inst: Instance, port: int,
-                    report: Callable[[dict[str, Any]], None], lock: Lock) -> Instance:
+                    report: Callable[[dict[str, Any]], None], lock: Lock,
+                    task_id: str | None = None) -> Instance:
         """Wait until the container answers (start step 9); record it ``running``.
 
         The start timeout counts from ``started_at``; ``lock`` (the instance's) is renewed
-        every few polls while the container is alive.
+        every few polls while the container is alive. The ``running`` record is written
+        together with the answer of the start task ``task_id`` (``StateStore.applied``).
 
         Raises:
             StartFailed: it exited or never answered: it is removed (with its route) and a
@@ -347,7 +349,7 @@ class InstanceSpecs:
         if target is not None and wait_until(target, remaining, still_alive=alive):
             inst = inst.model_copy(update={"status": "running", "error": None, "exit_code": None,
                                            "oom": None, "logs": None})
-            self.store.put(inst)
+            self.store.put(inst, done=(task_id, inst.model_dump_json()) if task_id else None)
             report({"phase": "running", "url": inst.url})
             return inst
         # It died or never answered: say why, remove it, leave a short-lived failed record.

@@ -38,6 +38,7 @@ TABLE: Final[dict[str, str]] = {
     "ctf:placing:<host>": "zset: starts placed on the host not yet reserved there (30 s)",
     "ctf:pending:<kind>:<instance>": "the latest `run` (start/stop) or `extend` task (10 min)",
     "ctf:task:<task_id>": "who sent a task, for the API's access rule (a day)",
+    "ctf:done:<task_id>": "the answer of a start/stop/extend whose effect is applied (a day)",
     "ctf:janitor:<host>": "lock: one janitor pass at a time per host",
     "ctf:hostbeat:<host>": "the host's worker is alive and its engine answers",
     "ctf:epoch:<host>": "set by reconcile: this host's index is complete",
@@ -96,6 +97,15 @@ def pending(kind: str, instance: str) -> str:
 def task(task_id: str) -> str:
     """Who sent a task."""
     return f"{PREFIX}task:{task_id}"
+
+
+def done(task_id: str) -> str:
+    """The answer of a start, stop or extend task whose effect is applied.
+
+    Written in the same step as the effect, so a redelivered copy of the task answers it again
+    instead of applying the effect twice.
+    """
+    return f"{PREFIX}done:{task_id}"
 
 
 def janitor(host: str) -> str:

@@ -42,6 +42,12 @@ log = logging.getLogger(__name__)
 # Seconds a (challenge, team) lock lives without renewal: how long a killed worker blocks it.
 LOCK_HOLD: Final = 30.0
 NETWORK_LOCK_HOLD: Final = 20.0
+# Seconds the answer of an applied start, stop or extend is kept (``ctf:done:<task_id>``): as
+# long as Celery keeps its result, far beyond any redelivery (the visibility timeout, retries).
+DONE_TTL: Final = 86400
+
+# A task's effect and its answer, written together: ``(task id, answer JSON)``.
+Done = tuple[str, str]
 
 # Reserve a slot for a new instance atomically: the quota checks and the write are one step,
 # so two starts of different challenges of one team cannot both pass a full quota.
@@ -215,6 +221,13 @@ def placing_key(host: str) -> str:
 _key = keys.instance
 
 
+def _mark_done(pipe: Any, done: Done | None) -> None:
+    """Queue the write of a task's answer (``ctf:done:<task_id>``) on a MULTI pipeline."""
+    if done is not None:
+        task_id, answer = done
+        pipe.set(keys.done(task_id), answer, ex=DONE_TTL)
+
+
 @contextlib.contextmanager
 def one_at_a_time(lock: Lock, what: str) -> Iterator[bool]:
     """Try ``lock`` once: yield whether it is ours (a pass another holds is skipped).
@@ -378,18 +391,24 @@ class StateStore:
                 f"host {inst.host} runs {host_max} instances, its max_instances; use another host"
             )
 
-    def put(self, inst: Instance) -> None:
-        """Write (or overwrite) an instance and its index entries."""
+    def put(self, inst: Instance, done: Done | None = None) -> None:
+        """Write (or overwrite) an instance and its index entries.
+
+        ``done`` (task id, answer) records, in the same MULTI step, that this write is that
+        task's effect (:meth:`applied`).
+        """
         with map_redis_errors("write instance"):
             pipe = self.redis.pipeline()
             pipe.set(_key(inst.key), inst.model_dump_json())
             pipe.sadd(keys.team(inst.team_id), inst.key)
             pipe.sadd(keys.host(inst.host), inst.key)
             pipe.zadd(keys.EXPIRY, {inst.key: inst.expires.timestamp()})
+            _mark_done(pipe, done)
             pipe.execute()
 
-    def delete(self, challenge: str, team_id: str, host: str | None = None) -> None:
-        """Forget an instance (no error when it was not recorded)."""
+    def delete(self, challenge: str, team_id: str, host: str | None = None,
+               done: Done | None = None) -> None:
+        """Forget an instance (no error when it was not recorded); ``done`` as for :meth:`put`."""
         key = instance_key(challenge, team_id)
         with map_redis_errors("delete instance"):
             if host is None:
@@ -400,7 +419,26 @@ class StateStore:
             pipe.srem(keys.team(team_id), key)
             pipe.srem(keys.host(host), key)
             pipe.zrem(keys.EXPIRY, key)
+            _mark_done(pipe, done)
             pipe.execute()
+
+    def remember(self, task_id: str, answer: str) -> None:
+        """Record a task's answer when it had nothing to apply (see :meth:`applied`)."""
+        with map_redis_errors("record task answer"):
+            self.redis.set(keys.done(task_id), answer, ex=DONE_TTL)
+
+    def applied(self, task_id: str | None) -> str | None:
+        """Return the answer of a task whose effect is applied (``put``/``delete`` ``done``).
+
+        ``None`` when it is not (or ``task_id`` is ``None``: a call outside any task). A
+        redelivered start, stop or extend (its worker died after the effect, before Celery
+        stored the answer) answers this instead of applying its effect a second time.
+        """
+        if not task_id:
+            return None
+        with map_redis_errors("read task answer"):
+            raw = self.redis.get(keys.done(task_id))
+        return str(raw) if raw else None
 
     def _load(self, members: Iterable[str]) -> builtins.list[Instance]:
         members = sorted(members)

@@ -141,3 +141,21 @@ def test_extend_pushes_expiry_up_to_the_maximum_lifetime(svc: InstanceService,
                                           "expires_at": iso(started + timedelta(seconds=1800))}))
     with pytest.raises(MaxLifetimeReached):
         svc.extend("web", "team1")
+
+
+def test_a_task_id_takes_effect_once(svc: InstanceService, driver: FakeDriver) -> None:
+    """A start, extend or stop run again under its task id answers as before and does nothing."""
+    first = svc.start("web", "team1", task_id="t-start")
+    grown = svc.extend("web", "team1", task_id="t-extend")
+    assert svc.extend("web", "team1", task_id="t-extend") == grown  # not extended twice
+    assert svc.store.get("web", "team1") == grown
+    assert svc.stop("web", "team1", task_id="t-stop")["status"] == "stopped"
+    # A copy of the start after the stop starts nothing; it answers what it did.
+    assert svc.start("web", "team1", task_id="t-start") == first
+    assert svc.store.get("web", "team1") is None
+    assert driver.get_container(first.container_name) is None
+    # A copy of the stop after a later start leaves that instance running.
+    again = svc.start("web", "team1", task_id="t-start-2")
+    assert svc.stop("web", "team1", task_id="t-stop")["status"] == "stopped"
+    assert svc.store.get("web", "team1") == again
+    assert driver.get_container(again.container_name) is not None
