@@ -31,23 +31,19 @@ export CELERY_RESULT_BACKEND="${CELERY_RESULT_BACKEND:-redis://localhost:6379/1}
 # password, generated into the data folder; it is added to the URLs of this machine's Redis.
 add_redis_password
 
-started=()
+# Only what this run started is stopped (STARTED, scripts/lib.sh): a pid file an earlier run
+# left in the data folder names nothing of ours, whatever process has that pid now.
 cleanup() {
     trap - INT TERM EXIT
     say "stopping"
-    local name
-    for name in api worker "${started[@]}"; do stop_started "$name"; done
+    stop_all_started
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
 ensure_redis "$CELERY_BROKER_URL"
-[ -f "$CTF_RUN_DIR/redis.pid" ] && started+=(redis)
-if [ -z "${CTF_HOSTS_FILE:-}" ]; then
-    ensure_docker
-    [ -f "$CTF_RUN_DIR/dockerd.pid" ] && started+=(dockerd)
-fi
+if [ -z "${CTF_HOSTS_FILE:-}" ]; then ensure_docker; fi
 
 # Fail fast on a bad catalog or settings, before anything else starts.
 "$VENV/bin/python" -m celery_app.cli check >&2 || exit 1
@@ -60,8 +56,7 @@ if [ "${CTF_INGRESS:-ports}" = traefik ]; then
     # In the ingress folder: Traefik loads the team gate plugin from ./plugins-local there.
     (cd "$(dirname "$config")" && exec "$VENV/bin/traefik" --configfile="$config") \
         >>"$traefik_log" 2>&1 &
-    echo $! >"$CTF_RUN_DIR/traefik.pid"
-    started+=(traefik)
+    record_started traefik $!
     "$VENV/bin/python" -m celery_app.ingress wait || exit 1
 fi
 
@@ -71,11 +66,11 @@ say "worker for host '$host' (queues: $queues); logs below"
     --pool threads --concurrency "${CTF_WORKER_CONCURRENCY:-16}" \
     --loglevel "${CTF_LOG_LEVEL:-INFO}" -n "ctf-$host@%h" -Q "$queues" \
     -s "$CTF_RUN_DIR/celerybeat-schedule-$host" "${extra[@]}" &
-echo $! >"$CTF_RUN_DIR/worker.pid"
+record_started worker $!
 
 if [ -n "$api" ]; then
     "$VENV/bin/python" -m celery_app.cli api &
-    echo $! >"$CTF_RUN_DIR/api.pid"
+    record_started api $!
 fi
 
 # Stop everything when any part stops.

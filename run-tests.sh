@@ -20,7 +20,7 @@ fi
 "$HERE/setup-celery.sh" --dev
 mkdir -p "$CTF_RUN_DIR"
 ensure_docker
-trap 'stop_started dockerd' EXIT
+trap stop_all_started EXIT
 
 cd "$HERE"
 if [ $# -eq 0 ]; then

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -72,6 +73,9 @@ class Settings(BaseSettings):
     team_subnet_prefix: int = Field(28, ge=16, le=29)
     default_ttl: int = Field(7200, gt=0)
     default_max_lifetime: int = Field(14400, gt=0)
+    # The bound of a writable instance's root filesystem (catalog ``disk``), on every engine:
+    # the janitor measures each running instance's writable layer and stops one over it.
+    default_disk: str = "1g"
     max_instances_per_team: int = Field(3, gt=0)
     max_instances: int = Field(500, gt=0)
     rate_limit_count: int = Field(10, gt=0)
@@ -183,6 +187,17 @@ class Settings(BaseSettings):
                         f"by commas (the front proxies that terminate TLS), got {part!r}"
                     ) from None
         return value
+
+    @field_validator("default_disk")
+    @classmethod
+    def _check_default_disk(cls, value: str) -> str:
+        text = str(value).strip().lower()
+        match = re.fullmatch(r"(\d+)([kmg]?)", text)
+        units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+        if not match or int(match.group(1)) * units[match.group(2)] < 16 * 1024**2:
+            raise ValueError(f"CTF_DEFAULT_DISK must be a size of at least 16m, like 512m or "
+                             f"2g, got {value!r}")
+        return text
 
     @field_validator("egress_deny")
     @classmethod

@@ -28,6 +28,7 @@ from celery_app.engine.driver import (
     ContainerSpec,
     NetworkInfo,
     ProgressFn,
+    WritableLayer,
     check_ours,
 )
 from celery_app.errors import (
@@ -87,6 +88,8 @@ class FakeDriver:
         self.networks: dict[str, NetworkInfo] = {}  # by id
         self.attached: dict[str, set[str]] = {}  # container id -> ids of its networks
         self.logs: dict[str, str] = {}
+        self.written: dict[str, int] = {}  # container id -> bytes in its writable layer
+        self.users: dict[str, str | None] = {}  # container id -> the user it runs as
         self.down = False
         self.calls: list[str] = []
         self._is_local = is_local
@@ -113,6 +116,13 @@ class FakeDriver:
         if oom:
             self._emit("oom", info)
         self._emit("die", info, exit_code=code)
+
+    def write(self, name_or_id: str, size: int) -> None:
+        """Make a container's writable layer hold ``size`` bytes (as its process would)."""
+        with self._lock:
+            info = self._find(name_or_id)
+            assert info is not None, f"no container {name_or_id}"
+            self.written[info.id] = size
 
     def set_health(self, name_or_id: str, health: str) -> None:
         """Give a container a health state (``healthy``, ``unhealthy``)."""
@@ -212,6 +222,7 @@ class FakeDriver:
                 created=str(int(time.time())),
             )
             self.containers[info.id] = info
+            self.users[info.id] = spec.user
             self.attached[info.id] = {net.id}
             self.networks[net.id] = replace(net, containers=net.containers + 1)
         self._emit("start", info)
@@ -233,6 +244,26 @@ class FakeDriver:
             self._emit("die", info, exit_code=137)
         self._emit("destroy", info)
         return True
+
+    def kill_container(self, name_or_id: str) -> bool:
+        """Stop a running container at once (exit code 137), keeping it."""
+        self._call("kill_container")
+        with self._lock:
+            info = self._find(name_or_id)
+            if info is None or info.state != "running":
+                return False
+            self.containers[info.id] = replace(info, state="exited", exit_code=137)
+        self._emit("die", info, exit_code=137)
+        return True
+
+    def writable_layers(self, labels: dict[str, str], key: str) -> list[WritableLayer]:
+        """The writable-layer size of each running container with ``labels`` and ``key``."""
+        self._call("writable_layers")
+        with self._lock:
+            return [WritableLayer(c.id, c.name, dict(c.labels), self.written.get(c.id, 0))
+                    for c in self.containers.values()
+                    if c.state == "running" and key in c.labels
+                    and all(c.labels.get(k) == v for k, v in labels.items())]
 
     def container_logs(self, name_or_id: str, tail: int = 20) -> str:
         """The last ``tail`` lines of a container's output (``""`` when it is gone)."""

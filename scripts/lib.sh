@@ -1,5 +1,6 @@
 # Shared shell functions of setup-celery.sh, run-celery-worker.sh and run-tests.sh.
-# Source it; it never kills what it did not start (it keeps pid files in $CTF_RUN_DIR).
+# Source it; it never kills what it did not start (record_started keeps pid files in
+# $CTF_RUN_DIR with each process's start time; stop_started checks both).
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -71,24 +72,62 @@ ensure_docker() {
     if ! docker_up; then
         say "starting dockerd (log: $CTF_RUN_DIR/dockerd.log)"
         nohup dockerd --pidfile /var/run/docker.pid >"$CTF_RUN_DIR/dockerd.log" 2>&1 &
-        echo $! >"$CTF_RUN_DIR/dockerd.pid"
+        record_started dockerd $!
     fi
     local i
     for i in $(seq 1 120); do docker_up && return 0; sleep 0.5; done
     die "dockerd did not come up within 60 s; see $CTF_RUN_DIR/dockerd.log"
 }
 
-# stop_started NAME: stop a process we started (pid file in $CTF_RUN_DIR), and wait for it.
+# Processes this shell started, by name (record_started); stop_all_started stops them.
+STARTED=()
+
+# proc_start_time PID: when process PID started (clock ticks after boot, field 22 of
+# /proc/PID/stat); prints nothing when there is no such process. A pid alone is not enough to
+# name a process: once ours exits, the kernel may give its pid to any other.
+proc_start_time() {
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+    # After the command name, which may hold spaces and parentheses: fields 3 onwards.
+    stat="${stat##*) }"
+    # shellcheck disable=SC2086  # split into fields on purpose
+    set -- $stat
+    printf '%s\n' "${20:-}"
+}
+
+# record_started NAME PID: remember that this shell started PID as NAME: a pid file in
+# $CTF_RUN_DIR holding the pid and its start time, and NAME in STARTED.
+record_started() {
+    mkdir -p "$CTF_RUN_DIR"
+    printf '%s %s\n' "$2" "$(proc_start_time "$2")" >"$CTF_RUN_DIR/$1.pid"
+    STARTED+=("$1")
+}
+
+# stop_started NAME: stop the process recorded as NAME, and wait for it. It is signalled only
+# while it is still the very process that was recorded (same pid and start time): a pid file
+# left by an earlier run, whose pid now names another process, is removed and nothing killed.
 stop_started() {
-    local pidfile="$CTF_RUN_DIR/$1.pid" pid i
+    local pidfile="$CTF_RUN_DIR/$1.pid" pid start i
     [ -f "$pidfile" ] || return 0
-    pid="$(cat "$pidfile")"
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    read -r pid start <"$pidfile" || true
+    if [ -n "$pid" ] && [ -n "${start:-}" ] && [ "$(proc_start_time "$pid")" = "$start" ]; then
         kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+        for i in $(seq 1 100); do
+            [ "$(proc_start_time "$pid")" = "$start" ] || break
+            sleep 0.2
+        done
+        [ "$(proc_start_time "$pid")" = "$start" ] && kill -KILL "$pid" 2>/dev/null || true
+    elif [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        warn "not stopping pid $pid named by $pidfile: it is not the process recorded there"
     fi
     rm -f "$pidfile"
+}
+
+# stop_all_started: stop what this shell started (record_started), the last started first.
+stop_all_started() {
+    local i
+    for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do stop_started "${STARTED[$i]}"; done
+    STARTED=()
 }
 
 # url_host_port URL: print "host port" of a redis:// URL.
@@ -225,7 +264,7 @@ ensure_redis() {
     redis-server "${auth[@]}" --bind ${CTF_REDIS_BIND:-127.0.0.1} --port "$port" --dir "$DATA_DIR/redis" --appendonly yes \
         --maxmemory "${CTF_REDIS_MAXMEMORY:-1gb}" --maxmemory-policy noeviction \
         --daemonize no --logfile "$CTF_RUN_DIR/redis.log" &
-    echo $! >"$CTF_RUN_DIR/redis.pid"
+    record_started redis $!
     local i
     for i in $(seq 1 50); do redis_up "$1" && return 0; sleep 0.1; done
     die "redis-server did not come up; see $CTF_RUN_DIR/redis.log"

@@ -56,25 +56,80 @@ def check_response(response: Any) -> None:
             assert set(body) == {"error", "detail"}, body
 
 
+# The test catalog's challenges (tests/conftest.py): valid requests name these, so that the
+# fuzz run reaches real starts, stops and extends, not only the unknown-challenge refusal.
+REAL = ["web", "exposed", "slow", "crash", "short"]
+FUZZ_TEAM = "fuzzteam"
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 @pytest.mark.parametrize("who", ["admin", "team"])
-def test_fuzz_every_operation(fuzz_app: FastAPI, who: str, mode: GenerationMode) -> None:
+def test_fuzz_every_operation(fuzz_app: FastAPI, who: str, mode: GenerationMode,
+                              docker_client: Any) -> None:
     """Generated requests to every operation never get a 5xx other than 503."""
-    headers = ADMIN if who == "admin" else team_headers("fuzzteam")
+    headers = ADMIN if who == "admin" else team_headers(FUZZ_TEAM)
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 9
-    for operation in operations:
-        if mode is GenerationMode.NEGATIVE and not operation.path_parameters \
-                and not operation.query:
-            continue  # nothing to make invalid
+    task_ids: set[str] = set()
+    starts: list[int] = []
+    # One client (one event loop) for the whole run, as a server has: schemathesis's own
+    # case.call() runs a fresh app lifespan for each request.
+    with TestClient(fuzz_app) as client:
+        for operation in operations:
+            if mode is GenerationMode.NEGATIVE and not operation.path_parameters \
+                    and not operation.query:
+                continue  # nothing to make invalid
 
-        @FUZZ
-        @given(case=operation.as_strategy(generation_mode=mode))
-        def run(case: Any) -> None:
-            check_response(case.call(headers=headers))
+            @FUZZ
+            @given(case=operation.as_strategy(generation_mode=mode), data=st.data())
+            def run(case: Any, data: st.DataObject) -> None:
+                if mode is GenerationMode.POSITIVE:
+                    name_real_ones(case, data)
+                response = send(client, case, headers)
+                check_response(response)
+                body = response.json() if response.content[:1] == b"{" else None
+                if isinstance(body, dict) and "task_id" in body:
+                    task_ids.add(body["task_id"])
+                    if case.method.upper() == "PUT":
+                        starts.append(response.status_code)
 
-        run()
+            run()
+        if mode is GenerationMode.POSITIVE:
+            # Valid requests reached real starts (a task sent to the worker), not only refusals.
+            assert starts, "no generated start reached the worker"
+        if task_ids:
+            _drain(client, task_ids, docker_client)
+
+
+def name_real_ones(case: Any, data: st.DataObject) -> None:
+    """Make a valid case name a real challenge and the fuzzing team, mostly.
+
+    The schema's random ids would only ever meet 404 (no such challenge) and 403 (another
+    team); a start with ``?wait`` is bounded to 2 s so that the run keeps its time.
+    """
+    params = case.path_parameters or {}
+    if "challenge" in params:
+        params["challenge"] = data.draw(st.sampled_from([*REAL, params["challenge"]]))
+    if "team_id" in params:
+        params["team_id"] = data.draw(st.sampled_from([FUZZ_TEAM, params["team_id"]]))
+    if case.query and isinstance(case.query.get("wait"), int | float):
+        case.query["wait"] = min(case.query["wait"], 2)
+
+
+def send(client: TestClient, case: Any, headers: dict[str, str]) -> Any:
+    """Send a generated case through ``client`` (body, query and headers as generated)."""
+    kwargs = case.as_transport_kwargs(base_url=str(client.base_url), headers=headers)
+    sent = dict(kwargs["headers"])
+    if kwargs.get("cookies"):
+        sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in kwargs["cookies"].items())
+    extra: dict[str, Any] = {}
+    if "json" in kwargs:
+        extra["json"] = kwargs["json"]
+    if "data" in kwargs:
+        extra["content"] = kwargs["data"]
+    return client.request(kwargs["method"], kwargs["url"], headers=sent,
+                          params=kwargs.get("params") or None, **extra)
 
 
 @FUZZ
@@ -101,21 +156,25 @@ OPS = st.tuples(
 
 
 def _drain(client: TestClient, task_ids: set[str], docker_client: Any) -> None:
-    """Let every task sent finish, stop what runs, and check nothing is left in Docker."""
+    """Let every task sent finish, stop every instance, and check nothing is left."""
     def finished() -> bool:
         states = [client.get(f"/api/v1/tasks/{t}", headers=ADMIN).json().get("state")
                   for t in task_ids]
         return all(state in ("SUCCESS", "FAILURE", "REVOKED") for state in states)
 
     wait_for(finished, 120, 0.2, "every task the fuzz run sent to finish")
-    for team in TEAMS:
-        listed = client.get(f"/api/v1/teams/{team}/instances", headers=ADMIN).json()
-        for inst in listed["instances"]:
-            r = client.delete(f"/api/v1/teams/{team}/instances/{inst['challenge']}?wait=60",
-                              headers=ADMIN)
-            assert r.status_code in (200, 404), r.text
-    wait_for(lambda: our_containers(docker_client) == [], 60, 0.2,
-             "no container of the fuzz run left")
+    # Every team's: the fuzz run's random team ids start instances too.
+    for inst in client.get("/api/v1/instances", headers=ADMIN).json()["instances"]:
+        path = f"/api/v1/teams/{inst['team_id']}/instances/{inst['challenge']}?wait=60"
+        r = client.delete(path, headers=ADMIN)
+        assert r.status_code in (200, 404), r.text
+    try:
+        wait_for(lambda: our_containers(docker_client) == [], 60, 0.2,
+                 "no container of the fuzz run left")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {[c.name for c in our_containers(docker_client)]}, "
+                             f"instances {client.get('/api/v1/instances', headers=ADMIN).text}"
+                             ) from None
     nets = docker_client.networks.list(filters={"label": [f"ctf.test={RUN_ID}"]})
     assert [n.name for n in nets if n.name.startswith("ctf-team-fuzz-")] == []
 

@@ -26,6 +26,12 @@ def _settings(tmp_path: Path, **fields: object) -> Settings:
      r"challenge 'web', field 'max_lifetime'"),
     ("challenges: [web\n", r"is not valid YAML"),
     ("challenges: {}\n", r"add at least one challenge"),
+    ("challenges:\n  web:\n    image: x\n    disk: 1g\n",
+     r"challenge 'web', field .*'disk' bounds a writable root filesystem: set read_only: false"),
+    ("challenges:\n  web:\n    image: x\n    read_only: false\n    disk: lots\n",
+     r"challenge 'web', field 'disk': .*at least 16m"),
+    ("challenges:\n  web:\n    image: x\n    user: 'root; rm -rf /'\n",
+     r"challenge 'web', field 'user': .*uid, uid:gid or user name"),
 ])
 def test_catalog_mistakes_name_challenge_and_field(tmp_path: Path, body: str,
                                                    expected: str) -> None:
@@ -49,6 +55,27 @@ def test_default_catalog_has_the_two_spec_challenges(tmp_path: Path) -> None:
     assert catalog.get("todo-app").port == 8080
     shop = catalog.get("juice-shop")
     assert (shop.port, shop.flag_env, shop.env["NODE_ENV"]) == (3000, "CTF_KEY", "ctf")
+
+
+def test_every_writable_challenge_gets_a_disk_bound(tmp_path: Path) -> None:
+    """Both shipped challenges write (read_only: false) and get CTF_DEFAULT_DISK (1g)."""
+    catalog = load_catalog(_settings(tmp_path))
+    for challenge in catalog:
+        assert not challenge.read_only
+        assert challenge.disk_bytes == 1024**3
+    path = tmp_path / "challenges.yaml"
+    path.write_text("challenges:\n  w: {image: x, read_only: false}\n"
+                    "  own: {image: x, read_only: false, disk: 200m}\n  ro: {image: x}\n")
+    custom = load_catalog(_settings(tmp_path, challenges_file=path, default_disk="512m"))
+    assert custom.get("w").disk_bytes == 512 * 1024**2
+    assert custom.get("own").disk_bytes == 200 * 1024**2
+    assert custom.get("ro").disk_bytes is None  # read-only: its tmpfs sizes bound it
+
+
+def test_bad_default_disk_is_refused(tmp_path: Path) -> None:
+    """CTF_DEFAULT_DISK that is not a size of at least 16m is refused, naming the variable."""
+    with pytest.raises(ValueError, match="CTF_DEFAULT_DISK must be a size"):
+        _settings(tmp_path, default_disk="huge")
 
 
 def _catalog_of(tmp_path: Path, *ids: str) -> Catalog:

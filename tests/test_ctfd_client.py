@@ -56,7 +56,8 @@ def test_environment_wins_over_the_admin_page(
     for name in ("CTF_INSTANCER_URL", "CTF_INSTANCER_ADMIN_TOKEN",
                  "CTF_INSTANCER_ADMIN_TOKEN_FILE", "CTF_INSTANCER_TEAM_PREFIX"):
         monkeypatch.delenv(name, raising=False)
-    stored = {"url": "http://saved:8000/", "token": "saved-token", "prefix": "event1"}
+    stored = {"url": "http://saved:8000/", "token": "saved-token",
+              "token_url": "http://saved:8000", "prefix": "event1"}
     conn = client.resolve(stored)
     assert (conn.url, conn.admin_token, conn.prefix) == ("http://saved:8000", "saved-token",
                                                           "event1")
@@ -73,13 +74,38 @@ def test_environment_wins_over_the_admin_page(
     assert client.resolve(stored).admin_token == "env-token"
 
 
+def test_a_saved_token_is_sealed_and_used_only_with_its_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The saved token opens only with CTFd's key, unchanged, and goes only to its own URL."""
+    for name in ("CTF_INSTANCER_URL", "CTF_INSTANCER_ADMIN_TOKEN",
+                 "CTF_INSTANCER_ADMIN_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    key, token = b"ctfd-secret-key", "the-instancer-admin-token-0123456789"
+    sealed = client.seal_token(key, "http://instancer:8000/", token)
+    assert token not in sealed
+    assert client.open_token(key, sealed) == ("http://instancer:8000", token)
+    assert client.open_token(b"another-ctfd-key", sealed) is None
+    flipped = sealed[:-3] + ("A" if sealed[-3] != "A" else "B") + sealed[-2:]
+    assert client.open_token(key, flipped) is None
+    assert client.open_token(key, token) is None  # a plain-text token of an older version
+    own = {"url": "http://instancer:8000", "token": token, "token_url": "http://instancer:8000"}
+    assert client.resolve(own).admin_token == token
+    moved = client.resolve({**own, "url": "http://attacker.example"})
+    assert moved.admin_token is None
+    assert "saved for another URL" in moved.token_source
+    with pytest.raises(client.NotConfigured, match="admin token is not set"):
+        client.InstancerClient(moved)
+
+
 def test_missing_settings_and_a_dead_instancer_say_what_to_do() -> None:
     """No URL or token, or nobody listening: a typed error whose words a player can read."""
     with pytest.raises(client.NotConfigured, match="URL is not set"):
         client.InstancerClient(client.resolve({"token": "t"}))
     with pytest.raises(client.NotConfigured, match="admin token is not set"):
         client.InstancerClient(client.resolve({"url": "http://127.0.0.1:9"}))
-    dead = client.InstancerClient(client.resolve({"url": "http://127.0.0.1:9", "token": "t"}))
+    dead = client.InstancerClient(client.resolve({"url": "http://127.0.0.1:9", "token": "t",
+                                                  "token_url": "http://127.0.0.1:9"}))
     with pytest.raises(client.InstancerError, match=re.escape(client.UNREACHABLE)) as err:
         dead.instance("ctfd-t1", "web")
     assert err.value.status == 503

@@ -10,6 +10,8 @@ Set ``CTF_DASHBOARD_SCREENSHOTS=1`` to write the screenshots into ``docs/``.
 
 from __future__ import annotations
 
+import http.server
+import io
 import json
 import os
 import re
@@ -17,6 +19,8 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -475,3 +479,87 @@ def test_organiser_and_two_teams_through_ctfd(
 
     for context in (org_ctx, one_ctx, two_ctx):
         context.close()
+
+
+class _Recorder:
+    """An HTTP server that answers everything with ``{}`` and records each request's headers."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        seen = self.seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                seen.append(f"{self.command} {self.path} {dict(self.headers)}")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            do_GET = do_POST = do_PUT = do_DELETE = _answer  # noqa: N815  # http.server's names
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_admin_token_goes_only_to_its_url_and_not_into_backups(
+    ctfd: str, stack: Stack, browser: Browser,
+) -> None:
+    """Another URL saved without the token gets no token; CTFd's backup holds no token."""
+    recorder = _Recorder()
+    org_ctx, org = new_page(browser, ctfd)
+    try:
+        log_in(org, ADMIN_NAME, ADMIN_PASSWORD)
+        org.goto("/admin/ctf_instancer/settings")
+        org.fill("#ctfi-url", stack.api)
+        org.fill("#ctfi-token", stack.token)
+        org.get_by_role("button", name="Save").click()
+        expect(org.locator(".ctfi-catalog-list")).to_contain_text("flagweb")
+        # An admin who does not know the token points CTFd at a server of theirs.
+        org.goto("/admin/ctf_instancer/settings")
+        org.fill("#ctfi-url", recorder.url)
+        org.get_by_role("button", name="Save").click()
+        expect(org.locator("[role=status]").first).to_contain_text("enter it again")
+        expect(org.locator(".ctfi-token-source")).to_contain_text("saved for another URL")
+        # Every page that calls the instancer, and a player-facing route, send nothing there.
+        org.goto("/admin/ctf_instancer")
+        org.goto("/admin/ctf_instancer/settings")
+        org.request.get("/admin/ctf_instancer/api/catalog")
+        assert not [r for r in recorder.seen if stack.token in r], recorder.seen
+        assert not [r for r in recorder.seen if "Authorization" in r], recorder.seen
+        # CTFd's backup export (every table, the plugin's too) holds no usable token.
+        backup = org.request.get("/admin/export")
+        assert backup.status == 200
+        with zipfile.ZipFile(io.BytesIO(backup.body())) as archive:
+            tables = {name: archive.read(name) for name in archive.namelist()}
+        assert "db/ctf_instancer_settings.json" in tables
+        assert not [name for name, body in tables.items() if stack.token.encode() in body]
+        # Back to the instancer's URL: the token saved for it works again, unchanged.
+        org.goto("/admin/ctf_instancer/settings")
+        org.fill("#ctfi-url", stack.api)
+        org.get_by_role("button", name="Save").click()
+        expect(org.locator(".ctfi-catalog-list")).to_contain_text("flagweb")
+        expect(org.locator(".ctfi-token-source")).to_contain_text("from the admin page")
+        # A new URL with the token typed again is the organiser's choice: it is used there.
+        org.fill("#ctfi-url", recorder.url)
+        org.fill("#ctfi-token", stack.token)
+        org.get_by_role("button", name="Save").click()
+        expect(org.locator(".ctfi-token-source")).to_contain_text("from the admin page")
+        assert [r for r in recorder.seen if stack.token in r]
+    finally:
+        # Leave the connection as the other tests expect it.
+        org.goto("/admin/ctf_instancer/settings")
+        org.fill("#ctfi-url", stack.api)
+        org.fill("#ctfi-token", stack.token)
+        org.get_by_role("button", name="Save").click()
+        org_ctx.close()
+        recorder.close()

@@ -51,10 +51,16 @@ DBS = (3, 4, 5)  # broker, results, state: on the session's Redis, apart from it
 BOOT = 20  # seconds the "slower" challenge takes to answer (the issue's took 40)
 # Ten challenges that start at once: ten start requests that each do real work.
 TEN = ["web", "exposed", "other", "fourth", "lasting", "brief", "e1", "e2", "e3", "e4"]
+# Thirty different challenges that each take BOOT s to answer: a by-name flood (issue 22).
+THIRTY_SLOW = [f"slow{i:02d}" for i in range(30)]
 
 
 def flood_catalog(images: dict[str, str]) -> str:
     """The stand-in web challenge, one that takes BOOT s to answer, one that never answers."""
+    slow_entries = "".join(
+        f"  {cid}:\n    image: {images['http']}\n    port: 8080\n    start_timeout: 90\n"
+        f"    command: [\"sh\", \"-c\", \"/bin/busybox sleep {BOOT} && "
+        f"exec /bin/busybox httpd -f -p 8080 -h /www\"]\n" for cid in THIRTY_SLOW)
     return f"""
 challenges:
   web:
@@ -93,6 +99,7 @@ challenges:
     port: 8080
     command: ["sh", "-c", "/bin/busybox sleep {BOOT} && exec /bin/busybox httpd -f -p 8080 -h /www"]
     start_timeout: 90
+{slow_entries}
   markup:
     image: {images['http']}
     port: 8080
@@ -407,6 +414,45 @@ def test_limits_fail_tasks_sent_by_name(fresh: Stack) -> None:
         assert refused("start_container", "e5", t("byname")) == "RateLimited"
     finally:
         close_platform_client(client)
+
+
+def test_a_by_name_flood_of_slow_starts_does_not_delay_another_team(
+    fresh: Stack, docker_client: docker.DockerClient
+) -> None:
+    """30 by-name starts of 30 slow challenges by one team; another team's start takes <= 5 s."""
+    client = platform_client(fresh.env["CELERY_BROKER_URL"], fresh.env["CELERY_RESULT_BACKEND"])
+
+    def start(challenge: str, team: str) -> Any:
+        return client.send_task("celery_app.tasks.start_container", args=[challenge, team])
+
+    try:
+        flood = [start(challenge, t("flooder")) for challenge in THIRTY_SLOW]
+        # The flood is being worked on: its first instances boot (BOOT s each).
+        wait_for(lambda: containers_of(docker_client, FLOOD_LABEL,
+                                       **{"ctf.team": t("flooder")}), 60, 0.1,
+                 "the flood's first instance to be created")
+        began = time.monotonic()
+        other = start("web", t("timed")).get(timeout=60)
+        took = time.monotonic() - began
+        assert other["status"] == "running"
+        # The flood's starts were still booting all along: the other team did not wait for them.
+        booting = [r for r in flood if not r.ready()]
+        outcomes: dict[str, int] = {}
+        for result in flood:
+            try:
+                state = result.get(timeout=180)["status"]
+            except Exception as exc:  # noqa: BLE001  # the class is what is counted
+                state = type(exc).__name__
+            outcomes[state] = outcomes.get(state, 0) + 1
+    finally:
+        close_platform_client(client)
+    print(f"\nFLOOD another team's start by name during 30 slow starts by name: {took:.2f} s "
+          f"(the flood's outcomes: {outcomes})")
+    assert booting, "the flood had finished before the other team's start: nothing was measured"
+    assert took <= 5, f"another team's start took {took:.1f} s"
+    # Every flood start ended: running, or refused by a limit with its typed error.
+    assert set(outcomes) <= {"running", "TeamQuotaExceeded", "RateLimited"}, outcomes
+    assert outcomes.get("running", 0) >= 1
 
 
 def test_capacity_exhausted_answers_503_through_the_api(

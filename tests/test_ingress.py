@@ -751,7 +751,7 @@ def test_run_script_starts_traefik_and_stops_it_with_everything(
         wait_for(lambda: b"ready." in log.read_bytes() or proc.poll() is not None, 120, 0.2,
                  "the worker to be ready")
         assert proc.poll() is None, log.read_text()[-3000:]
-        traefik_pid = int(pidfile.read_text())
+        traefik_pid = int(pidfile.read_text().split()[0])
         answer = get("127.0.0.1", http_port, "/", {"Host": f"nothing.{DOMAIN}"})
         assert answer.status == 404  # Traefik answers: no such instance
         assert (data / "ingress" / "selfsigned.crt").is_file()

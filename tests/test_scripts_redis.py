@@ -91,7 +91,7 @@ def test_shipped_redis_never_evicts(tmp_path: Path) -> None:
         client.close()
     finally:
         if pidfile.exists():
-            pid = int(pidfile.read_text())
+            pid = int(pidfile.read_text().split()[0])
             os.kill(pid, signal.SIGTERM)
             wait_for(lambda: not Path(f"/proc/{pid}").exists()
                      or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(),

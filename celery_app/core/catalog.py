@@ -23,6 +23,8 @@ from celery_app.settings import Settings
 
 _MEMORY_RE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+# docker run --user: a uid or name, optionally ":" and a gid or group name.
+_USER_RE = re.compile(r"^(\d{1,10}|[a-z_][a-z0-9_.-]{0,31})(:(\d{1,10}|[a-z_][a-z0-9_.-]{0,31}))?$")
 
 
 def _size_bytes(value: str) -> int:
@@ -70,6 +72,11 @@ class Challenge(BaseModel):
     read_only: bool = True
     tmpfs: dict[str, str] = Field(default_factory=lambda: {"/tmp": "64m"})  # noqa: S108
     storage: str | None = None
+    # The bound of a writable root filesystem on every engine (read_only: false; the default
+    # is CTF_DEFAULT_DISK): the janitor stops an instance whose writable layer grew past it.
+    disk: str | None = None
+    # The user the process runs as: "uid", "uid:gid" or a user (and group) name of the image.
+    user: str | None = None
     # Instances kept booted, unclaimed, on each host; a start claims one (issue 14, pool.py).
     pool: int = Field(0, ge=0, le=250)
 
@@ -97,11 +104,32 @@ class Challenge(BaseModel):
     def _check_storage(cls, value: str | None) -> str | None:
         return None if value is None else _check_size(value, "storage", 64 * 1024**2)
 
+    @field_validator("disk")
+    @classmethod
+    def _check_disk(cls, value: str | None) -> str | None:
+        return None if value is None else _check_size(value, "disk", 16 * 1024**2)
+
+    @field_validator("user")
+    @classmethod
+    def _check_user(cls, value: str | None) -> str | None:
+        if value is not None and not _USER_RE.fullmatch(str(value)):
+            raise ValueError("must be a uid, uid:gid or user name (like 1000, 1000:1000 or "
+                             "node), as docker run --user takes it")
+        return None if value is None else str(value)
+
     @model_validator(mode="after")
     def _check_writable(self) -> Challenge:
         if self.storage is not None and self.read_only:
             raise ValueError("'storage' limits a writable root filesystem: set read_only: false")
+        if self.disk is not None and self.read_only:
+            raise ValueError("'disk' bounds a writable root filesystem: set read_only: false "
+                             "(a read-only one writes only to its tmpfs sizes)")
         return self
+
+    @property
+    def disk_bytes(self) -> int | None:
+        """The bound of the writable root filesystem in bytes (``None``: read-only)."""
+        return None if self.disk is None or self.read_only else _size_bytes(self.disk)
 
     @property
     def tmpfs_bytes(self) -> dict[str, int]:
@@ -242,9 +270,11 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> C
                 f"{source}: challenge {cid!r}, field 'max_lifetime': {max_lifetime} is shorter "
                 f"than ttl {ttl}; make it at least the ttl"
             )
-        challenges[cid] = challenge.model_copy(
-            update={"name": challenge.name or cid, "ttl": ttl, "max_lifetime": max_lifetime}
-        )
+        update: dict[str, Any] = {"name": challenge.name or cid, "ttl": ttl,
+                                  "max_lifetime": max_lifetime}
+        if not challenge.read_only and challenge.disk is None:
+            update["disk"] = settings.default_disk  # every writable instance is bounded
+        challenges[cid] = challenge.model_copy(update=update)
     _check_names_unambiguous(list(challenges), source)
     return Catalog(challenges)
 

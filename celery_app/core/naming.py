@@ -18,6 +18,8 @@ LABEL_STARTED_AT: Final = "ctf.started_at"
 LABEL_EXPIRES_AT: Final = "ctf.expires_at"
 # "internet" or "none": read by the egress firewall (celery_app.engine.firewall) from Docker.
 LABEL_EGRESS: Final = "ctf.egress"
+# The bound in bytes of a writable instance's root filesystem, enforced by the janitor.
+LABEL_DISK: Final = "ctf.disk"
 # -- warm pools (issue 14, celery_app.core.pool) ------------------------------------------------
 # The slot id of a container booted ahead of time for no team yet. Labels cannot change, so a
 # claim writes what it decides where Docker still can: the container's name becomes the

@@ -295,6 +295,32 @@ class Reconciler:
         except InstanceBusy:
             return "busy"
 
+    def fail_over_disk(
+        self, challenge: str, team_id: str, container_id: str, reason: str, *,
+        wait: float = BUSY_WAIT,
+    ) -> str:
+        """Stop a running instance that wrote more than its disk bound; record it ``failed``.
+
+        Under the instance's lock, only while it is ``running`` with that container: the
+        container is killed (kept, so its writable layer stops growing but the team's files
+        remain until the instance expires or is started again) and the record says ``reason``.
+
+        Returns:
+            ``"marked"``, ``"busy"`` (a start or stop holds it) or ``"unchanged"``.
+        """
+        try:
+            with self.service.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait):
+                rec = self.store.get(challenge, team_id)
+                if self._judge(rec, container_id) != "go" or rec is None:
+                    return "unchanged"
+                self.driver.kill_container(container_id)
+                info = self.driver.get_container(container_id)
+                failure = self._failure(rec, info)
+                self.store.put(rec.model_copy(update={**failure, "error": reason}))
+                return "marked"
+        except InstanceBusy:
+            return "busy"
+
     def _judge(self, rec: Instance | None, container_id: str) -> str:
         if rec is None or rec.host != self.host:
             return "unchanged"

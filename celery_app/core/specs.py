@@ -22,6 +22,7 @@ from celery_app.core.flags import team_flag
 from celery_app.core.models import Instance, iso, parse_iso, utcnow
 from celery_app.core.naming import (
     LABEL_CHALLENGE,
+    LABEL_DISK,
     LABEL_EGRESS,
     LABEL_EXPIRES_AT,
     LABEL_HOST,
@@ -194,13 +195,16 @@ class InstanceSpecs:
         env: dict[str, str], port: int, ip: str | None, network: str | None = None,
     ) -> ContainerSpec:
         """The hardened container of ``ch`` (cold starts and warm pools alike)."""
+        if ch.disk_bytes is not None:
+            labels = {**labels, LABEL_DISK: str(ch.disk_bytes)}  # the janitor's bound
         return ContainerSpec(
             name=name, image=ch.image, port=port, team_id=team, labels=labels,
             env=env, memory_bytes=ch.memory_bytes, nano_cpus=int(ch.cpus * 1e9), pids=ch.pids,
             cap_add=ch.cap_add, publish_ip=self.settings.publish_ip,
             port_range=self.settings.port_range, command=ch.command, hostname=ch.id,
-            filesystem=Filesystem(ch.read_only, ch.tmpfs_bytes, ch.storage_bytes),
-            publish=not self.ingress.enabled, ip=ip, network=network,
+            filesystem=Filesystem(ch.read_only, ch.tmpfs_bytes, ch.storage_bytes,
+                                  ch.disk_bytes),
+            publish=not self.ingress.enabled, ip=ip, network=network, user=ch.user,
         )
 
     def create(self, ch: Challenge, team: str, port: int, inst: Instance,

@@ -28,6 +28,7 @@ from celery_app.engine.driver import (
     Filesystem,
     NetworkInfo,
     ProgressFn,
+    WritableLayer,
     carries,
     check_ours,
 )
@@ -481,6 +482,7 @@ class DockerDriver:
                     ports=[(spec.port, "tcp")],
                     host_config=host_config,
                     hostname=spec.hostname,
+                    user=spec.user or None,
                     detach=True,
                     networking_config=api.create_networking_config({
                         network_name(spec.team_id): api.create_endpoint_config(
@@ -520,6 +522,35 @@ class DockerDriver:
                     return True  # someone else is removing it: as good as done
                 raise
         return True
+
+    def kill_container(self, name_or_id: str) -> bool:
+        """Stop a container at once (SIGKILL), keeping it; ``False`` when it was not running."""
+        with map_docker_errors(f"kill container {name_or_id}"):
+            try:
+                self.client.api.kill(name_or_id)
+            except docker.errors.NotFound:
+                return False
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:  # not running (any more)
+                    return False
+                raise
+        return True
+
+    def writable_layers(self, labels: dict[str, str], key: str) -> list[WritableLayer]:
+        """Return the writable-layer size of each running container with ``labels`` and ``key``.
+
+        One list call with ``size=true``: the engine sizes each matching container's layer
+        (SizeRw), whatever its storage driver or backing filesystem.
+        """
+        wanted = [f"{k}={v}" for k, v in labels.items()] + [key]
+        with map_docker_errors("measure writable layers"):
+            listed = self.client.api.containers(
+                filters={"label": wanted, "status": "running"}, size=True)
+        return [
+            WritableLayer(id=c["Id"], name=(c.get("Names") or ["/"])[0].lstrip("/"),
+                          labels=dict(c.get("Labels") or {}), size=int(c.get("SizeRw") or 0))
+            for c in listed
+        ]
 
     def container_logs(self, name_or_id: str, tail: int = 20) -> str:
         """Return the last lines of a container's output (for error messages)."""

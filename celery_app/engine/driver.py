@@ -46,11 +46,15 @@ class Filesystem:
     (path -> size in bytes; tmpfs pages count against the container's memory limit too).
     ``storage_bytes``: a writable-layer size limit (``storage_opt size``), which only some
     engines support (overlay2 on xfs with pquota, btrfs, zfs).
+    ``disk_bytes``: the bound of a writable root filesystem on every engine (catalog
+    ``disk``): the container carries it as its ``ctf.disk`` label, and the janitor stops an
+    instance whose writable layer (:meth:`Driver.writable_layers`) grew past it.
     """
 
     read_only: bool = False
     tmpfs: dict[str, int] = field(default_factory=dict)
     storage_bytes: int | None = None
+    disk_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class ContainerSpec:
     ip: str | None = None
     # Warm pools (issue 14): the network it boots on instead of the team's.
     network: str | None = None
+    # The user the process runs as (catalog ``user``: ``uid[:gid]`` or a name of the image).
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,16 @@ class ContainerInfo:
     def challenge(self) -> str:
         """The challenge label."""
         return self.labels.get("ctf.challenge", "")
+
+
+@dataclass(frozen=True)
+class WritableLayer:
+    """How much a running container has written to its root filesystem (its writable layer)."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+    size: int  # bytes
 
 
 @dataclass(frozen=True)
@@ -193,6 +209,16 @@ class Driver(Protocol):
 
     def remove_container(self, name_or_id: str) -> bool:
         """Force-remove a container; ``False`` when it was already gone (success)."""
+
+    def kill_container(self, name_or_id: str) -> bool:
+        """Stop a container at once (SIGKILL), keeping it; ``False`` when it was not running."""
+
+    def writable_layers(self, labels: dict[str, str], key: str) -> list[WritableLayer]:
+        """Return the size of the writable layer of each running container with ``labels``.
+
+        Only containers that also carry the label ``key`` (any value) are measured: the
+        engine walks each one's writable layer to size it.
+        """
 
     def container_logs(self, name_or_id: str, tail: int = 20) -> str:
         """Return the last lines of a container's output (``""`` when it is gone)."""

@@ -17,7 +17,15 @@ from datetime import datetime
 from typing import Any
 
 from celery_app.core.models import Instance, utcnow
-from celery_app.core.naming import LABEL_POOL, POOL_NAME_PREFIX, split_instance_key
+from celery_app.core.naming import (
+    LABEL_CHALLENGE,
+    LABEL_DISK,
+    LABEL_POOL,
+    LABEL_TEAM,
+    POOL_NAME_PREFIX,
+    read_claim,
+    split_instance_key,
+)
 from celery_app.core.service import NO_INTENT, InstanceService
 from celery_app.engine.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
@@ -42,6 +50,7 @@ class Summary:
     orphan_containers: list[str] = field(default_factory=list)
     orphan_networks: list[str] = field(default_factory=list)
     marked_failed: list[str] = field(default_factory=list)
+    over_disk: list[str] = field(default_factory=list)
     reconciled: bool = False
     skipped: bool = False
     errors: list[str] = field(default_factory=list)
@@ -60,6 +69,7 @@ class Summary:
             "orphan_containers": self.orphan_containers,
             "orphan_networks": self.orphan_networks,
             "marked_failed": self.marked_failed,
+            "over_disk": self.over_disk,
             "reconciled": self.reconciled,
             "skipped": self.skipped,
             "errors": self.errors,
@@ -117,7 +127,8 @@ class Janitor:
                 return summary
             self._pass(now, summary)
         summary.seconds = time.monotonic() - began
-        if summary.removed or summary.errors or summary.reconciled or summary.marked_failed:
+        if summary.removed or summary.errors or summary.reconciled or summary.marked_failed \
+                or summary.over_disk:
             log.info("janitor host=%s %s", self.service.host, summary.as_dict())
             self._count(summary)
         return summary
@@ -129,6 +140,7 @@ class Janitor:
             "orphan_containers": len(summary.orphan_containers),
             "orphan_networks": len(summary.orphan_networks),
             "marked_failed": len(summary.marked_failed),
+            "over_disk": len(summary.over_disk),
         }
         with contextlib.suppress(CTFError):
             self.service.store.count_removals(counts)
@@ -138,16 +150,53 @@ class Janitor:
         if not self.service.index_is_complete():
             self.service.reconcile(now)
             summary.reconciled = True
-        # 2. expired instances
+        # 2. writable instances over their disk bound: stopped before anything slower
+        self._enforce_disk(summary)
+        # 3. expired instances
         began = time.monotonic()
         judged = self._reap_expired(now, summary)
         summary.reap_seconds = time.monotonic() - began
-        # 3. orphan containers
+        # 4. orphan containers
         live_teams = self._remove_orphan_containers(now, summary)
-        # 4. orphan networks
+        # 5. orphan networks
         self._remove_orphan_networks(live_teams, summary, now, judged)
-        # 5. ingress routes (CTF_INGRESS=traefik): none left without its running container.
+        # 6. ingress routes (CTF_INGRESS=traefik): none left without its running container.
         self.service.sync_routes()
+
+    def _enforce_disk(self, summary: Summary) -> None:
+        """Stop each running instance whose writable layer is over its ``ctf.disk`` bound.
+
+        The engine sizes every writable instance's layer (whatever its storage driver), so
+        the bound holds on every engine: an instance is stopped within one janitor interval
+        of crossing it, having written at most what it can write in that time beyond it.
+        An unclaimed warm-pool container over its bound is removed.
+        """
+        svc = self.service
+        for layer in svc.driver.writable_layers(svc.scope_labels, LABEL_DISK):
+            try:
+                bound = int(layer.labels.get(LABEL_DISK, ""))
+            except ValueError:
+                continue
+            if layer.size <= bound:
+                continue
+            reason = (f"the instance wrote {layer.size // 1024**2} MiB to its filesystem, "
+                      f"over its bound of {bound // 1024**2} MiB (the catalog's 'disk', "
+                      "CTF_DEFAULT_DISK by default): it was stopped; start it again for a "
+                      "fresh one")
+            try:
+                # A claimed warm-pool container's team is in its name (read_claim).
+                team = read_claim(layer.labels, layer.name).get(LABEL_TEAM)
+                if team is None:  # an unclaimed warm-pool container: nobody's yet
+                    svc.driver.remove_container(layer.id)
+                    summary.over_disk.append(layer.name)
+                    continue
+                outcome = svc.reconciler.fail_over_disk(
+                    layer.labels.get(LABEL_CHALLENGE, ""), team, layer.id, reason, wait=2.0)
+                if outcome == "marked":
+                    summary.over_disk.append(layer.name)
+                    log.warning("janitor: %s %s", layer.name, reason)
+            except CTFError as exc:
+                summary.errors.append(f"{layer.name}: {exc}")
 
     def _expired_here(
         self, at: float, skip: frozenset[str] | set[str] = frozenset()

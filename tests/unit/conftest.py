@@ -40,6 +40,11 @@ challenges:
   missing:
     image: ctf-test/missing:unit
     port: 8080
+  scratch:
+    image: {IMAGE}
+    port: 8080
+    read_only: false
+    disk: 64m
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,23 @@ def test_celery_config_refuses_what_settings_refuse() -> None:
     done = load_config(CTF_JANITOR_INTERVAL="30")
     assert done.returncode != 0
     assert "CTF_JANITOR_INTERVAL" in done.stderr or "janitor_interval" in done.stderr
+
+
+def test_celery_config_holds_the_spec_section_2_values() -> None:
+    """SPEC §2: Redis db 0 and 1 on localhost, JSON only, results kept one day; URLs overridable."""
+    code = ("import json; from celery_app import celery_config as c; print(json.dumps("
+            "[c.broker_url, c.result_backend, c.task_serializer, c.result_serializer, "
+            "c.accept_content, c.result_accept_content, c.result_expires]))")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CTF_", "CELERY_"))}
+
+    def values(**env: str) -> list[object]:
+        done = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return list(json.loads(done.stdout))
+
+    assert values() == ["redis://localhost:6379/0", "redis://localhost:6379/1", "json", "json",
+                        ["json"], ["json"], 86400]
+    broker, backend = "redis://10.0.0.5:6390/3", "redis://10.0.0.6:6391/4"
+    assert values(CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND=backend)[:2] == [broker,
+                                                                                  backend]

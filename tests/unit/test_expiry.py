@@ -88,3 +88,23 @@ def test_others_containers_are_never_touched(svc: InstanceService, janitor: Jani
     janitor.run_once(later(svc.settings.orphan_grace + 5))
     assert driver.get_container("someone-else") is not None
     assert driver.get_network(network_name(team)) is not None
+
+
+def test_an_instance_over_its_disk_bound_is_stopped_and_failed(svc: InstanceService,
+                                                               janitor: Janitor,
+                                                               driver: FakeDriver) -> None:
+    """A writable layer past the catalog's ``disk`` fails its instance; others are untouched."""
+    big = svc.start("scratch", "team1")
+    small = svc.start("scratch", "team2")
+    driver.write(big.container_id, 65 * 1024**2)
+    driver.write(small.container_id, 64 * 1024**2)  # at the bound, not over it
+    summary = janitor.run_once()
+    assert summary.over_disk == [big.container_name]
+    record = svc.store.get("scratch", "team1")
+    assert record is not None and record.status == "failed"
+    assert record.error is not None and "over its bound of 64 MiB" in record.error
+    container = driver.get_container(big.container_id)
+    assert container is not None and container.state == "exited"  # kept, no longer writing
+    other = svc.store.get("scratch", "team2")
+    assert other is not None and other.status == "running"
+    assert janitor.run_once().over_disk == []  # judged once

@@ -32,16 +32,28 @@ from CTFd.utils.dates import ctf_paused, ctftime
 from CTFd.utils.decorators import admins_only, authed_only, require_verified_emails
 from CTFd.utils.modules import can_access_challenge
 from CTFd.utils.user import get_current_team, get_current_user, is_admin
-from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 
 from .client import (
     PREFIX_RE,
+    SEALED_PREFIX,
     Connection,
     InstancerClient,
     InstancerError,
     link_target,
+    open_token,
     parse_team_id,
     resolve,
+    seal_token,
     team_id_for,
 )
 
@@ -76,9 +88,34 @@ class InstancerSetting(db.Model):
     value = db.Column(db.Text, nullable=False, default="")
 
 
+def _secret() -> bytes:
+    """CTFd's SECRET_KEY, which seals the saved admin token (it is not in the database)."""
+    key = current_app.config["SECRET_KEY"]
+    return key if isinstance(key, bytes) else str(key).encode()
+
+
 def stored_settings() -> dict[str, str]:
-    """Return the values saved on the admin page."""
-    return {row.key: row.value for row in InstancerSetting.query.all()}
+    """Return the values saved on the admin page, the admin token opened.
+
+    The table holds the token sealed (:func:`~.client.seal_token`) with the URL it was saved
+    for; ``token`` and ``token_url`` are that token and URL, or absent when there is none or
+    it cannot be opened. A token an older version saved in plain text is removed (it would
+    be in CTFd's backup export): the organiser enters it again.
+    """
+    values = {row.key: row.value for row in InstancerSetting.query.all()}
+    sealed = values.pop("token", "")
+    if sealed:
+        opened = open_token(_secret(), sealed)
+        if opened is not None:
+            values["token_url"], values["token"] = opened
+        elif not sealed.startswith(SEALED_PREFIX):
+            save_setting("token", "")
+    return values
+
+
+def save_token(url: str, token: str) -> None:
+    """Save ``token`` sealed, bound to ``url``: it is sent to that URL only."""
+    save_setting("token", seal_token(_secret(), url, token))
 
 
 def save_setting(key: str, value: str) -> None:
@@ -529,8 +566,13 @@ def admin_settings() -> Any:
             if request.form.get("clear_token"):
                 save_setting("token", "")
             elif token.strip():
-                save_setting("token", token.strip())
+                # Bound to the URL in use now (the environment's wins over the page's).
+                save_token(resolve({"url": url}).url or "", token.strip())
             message = "Saved."
+            if not token.strip() and stored_settings().get("token") \
+                    and connection().admin_token is None:
+                message = ("Saved. The admin token was saved for another URL and is not sent "
+                           "to this one: enter it again.")
     conn = connection()
     health: dict[str, Any] | None = None
     catalog: list[dict[str, Any]] = []

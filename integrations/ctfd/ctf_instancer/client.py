@@ -9,8 +9,13 @@ act on another team's instance.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import os
 import re
+import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +68,63 @@ class Connection:
     prefix_source: str
 
 
+# -- the saved admin token: sealed, and bound to the URL it was saved for --------------------
+
+SEALED_PREFIX = "sealed1:"
+
+
+def _keys(secret: bytes) -> tuple[bytes, bytes]:
+    """The cipher and MAC keys derived from ``secret`` (CTFd's SECRET_KEY)."""
+    return (hmac.new(secret, b"ctf_instancer token cipher", hashlib.sha256).digest(),
+            hmac.new(secret, b"ctf_instancer token mac", hashlib.sha256).digest())
+
+
+def _stream(key: bytes, nonce: bytes, length: int) -> bytes:
+    blocks = (hmac.new(key, nonce + i.to_bytes(4, "big"), hashlib.sha256).digest()
+              for i in range((length + 31) // 32))
+    return b"".join(blocks)[:length]
+
+
+def seal_token(secret: bytes, url: str, token: str) -> str:
+    """Encrypt and authenticate ``token`` together with the ``url`` it may be sent to.
+
+    The sealed value is what the plugin's table holds, so CTFd's backup export (which
+    includes every table) carries no usable token: opening it needs CTFd's SECRET_KEY, which
+    is not in the database. The URL inside cannot be changed without the key either.
+    """
+    cipher, mac = _keys(secret)
+    nonce = secrets.token_bytes(16)
+    plain = json.dumps({"url": url.rstrip("/"), "token": token}).encode()
+    body = bytes(a ^ b for a, b in zip(plain, _stream(cipher, nonce, len(plain)), strict=True))
+    tag = hmac.new(mac, nonce + body, hashlib.sha256).digest()
+    return SEALED_PREFIX + base64.urlsafe_b64encode(nonce + tag + body).decode()
+
+
+def open_token(secret: bytes, sealed: str) -> tuple[str, str] | None:
+    """Return ``(url, token)`` of a value :func:`seal_token` made, or ``None``.
+
+    ``None`` for anything else: another key (a backup restored into another CTFd), a changed
+    value, or a token an older version of the plugin saved in plain text.
+    """
+    if not sealed.startswith(SEALED_PREFIX):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(sealed[len(SEALED_PREFIX):].encode())
+    except ValueError:
+        return None
+    nonce, tag, body = raw[:16], raw[16:48], raw[48:]
+    cipher, mac = _keys(secret)
+    if len(tag) != 32 or not hmac.compare_digest(
+            tag, hmac.new(mac, nonce + body, hashlib.sha256).digest()):
+        return None
+    plain = bytes(a ^ b for a, b in zip(body, _stream(cipher, nonce, len(body)), strict=True))
+    try:
+        value = json.loads(plain)
+        return str(value["url"]), str(value["token"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _env_token() -> tuple[str | None, str]:
     token = os.environ.get("CTF_INSTANCER_ADMIN_TOKEN", "").strip()
     if token:
@@ -80,8 +142,14 @@ def _env_token() -> tuple[str | None, str]:
 def resolve(stored: dict[str, str]) -> Connection:
     """Return the connection: environment variables first, then the admin page's values.
 
+    A token saved on the admin page is used only with the URL it was saved for
+    (``token_url``): saving another URL never sends it anywhere new; the organiser enters the
+    token again for the new URL. A token from the environment is the operator's, and is used
+    with whatever URL is in use.
+
     Args:
-        stored: the values saved on the plugin's admin page (``url``, ``token``, ``prefix``).
+        stored: the values saved on the plugin's admin page (``url``, ``prefix``, and the
+            opened ``token`` with its ``token_url``).
 
     Returns:
         The connection; ``url`` or ``admin_token`` is ``None`` when neither source sets it.
@@ -91,7 +159,11 @@ def resolve(stored: dict[str, str]) -> Connection:
         else (stored.get("url") or None, "the admin page" if stored.get("url") else "")
     token, token_source = _env_token()
     if token is None and stored.get("token"):
-        token, token_source = stored["token"], "the admin page"
+        if (stored.get("token_url") or "").rstrip("/") == (url or "").rstrip("/"):
+            token, token_source = stored["token"], "the admin page"
+        else:
+            token_source = ("the admin page, saved for another URL: enter the token again "  # noqa: S105
+                            "for this one")
     env_prefix = os.environ.get("CTF_INSTANCER_TEAM_PREFIX", "").strip()
     if env_prefix:
         prefix, prefix_source = env_prefix, "the CTF_INSTANCER_TEAM_PREFIX environment variable"
