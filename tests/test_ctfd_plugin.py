@@ -528,6 +528,8 @@ def test_admin_token_goes_only_to_its_url_and_not_into_backups(
         org.goto("/admin/ctf_instancer/settings")
         org.fill("#ctfi-url", recorder.url)
         org.get_by_role("button", name="Save").click()
+        expect(org.locator("[role=status]").first).to_contain_text("Saved")
+        assert not [r for r in recorder.seen if stack.token in r], recorder.seen
         expect(org.locator("[role=status]").first).to_contain_text("enter it again")
         expect(org.locator(".ctfi-token-source")).to_contain_text("saved for another URL")
         # Every page that calls the instancer, and a player-facing route, send nothing there.
