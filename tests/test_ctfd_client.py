@@ -9,13 +9,18 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import ctfd_support
+import httpx
 import pytest
-from conftest import ROOT
+import uvicorn
+from conftest import ROOT, free_port, wait_for
 
+from celery_app.api.app import create_app
 from celery_app.core.naming import TEAM_ID_RE
 
 
@@ -138,3 +143,34 @@ def test_the_link_goes_through_the_ingress_access_url_when_there_is_one() -> Non
     assert client.link_target({"url": url, "access_url": None}) == url
     assert client.link_target({"url": "tls://abc.ctf.example.test:443"}) is None
     assert client.link_target(None) is None
+
+
+def test_after_a_revocation_the_plugin_fetches_the_teams_new_token(
+    make_settings: Any,
+) -> None:
+    """A cached team token refused after `revoke` is fetched anew once, and the call succeeds."""
+    settings = make_settings()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, 0.05, "the API to serve")
+        url = f"http://127.0.0.1:{port}"
+        conn = client.Connection(url=url, admin_token=settings.admin_token_value(), prefix="ctfd",
+                                 url_source="test", token_source="test", prefix_source="test")
+        api = client.InstancerClient(conn)
+        team = client.team_id_for("ctfd", "t", 4242)
+        assert api.instance(team, "web") is None  # caches the team's token
+        old = api.team_token(team)
+        revoked = httpx.post(f"{url}/api/v1/teams/{team}/revoke",
+                             headers={"Authorization": f"Bearer {settings.admin_token_value()}"})
+        assert revoked.status_code == 200
+        assert httpx.get(f"{url}/api/v1/teams/{team}/instances",
+                         headers={"Authorization": f"Bearer {old}"}).status_code == 401
+        assert api.instance(team, "web") is None  # not "refused CTFd's admin token"
+        assert api.team_token(team) == revoked.json()["token"] != old
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -264,9 +264,26 @@ class InstancerClient:
             _TOKENS[key] = token
         return token
 
+    def _forget_team_token(self, team_id: str) -> None:
+        with _TOKENS_LOCK:
+            _TOKENS.pop((self.conn.url, self.conn.admin_token, team_id), None)
+
+    def _as_team(self, method: str, team_id: str, path: str, **kwargs: Any) -> Any:
+        """Call ``path`` with the team's token; after a revocation, fetch the new one once.
+
+        An organiser's ``revoke`` (a member left, a link leaked) makes the cached token
+        answer 401: the plugin then asks the instancer for the team's current token.
+        """
+        try:
+            return self._call(method, path, self.team_token(team_id), **kwargs)
+        except InstancerError as exc:
+            if exc.status != 401:
+                raise
+            self._forget_team_token(team_id)
+            return self._call(method, path, self.team_token(team_id), **kwargs)
+
     def _team(self, method: str, team_id: str, path: str, **kwargs: Any) -> Any:
-        return self._call(method, f"/teams/{quote(team_id)}{path}", self.team_token(team_id),
-                          **kwargs)
+        return self._as_team(method, team_id, f"/teams/{quote(team_id)}{path}", **kwargs)
 
     # -- a team's own instance -------------------------------------------------------------
 
@@ -295,8 +312,7 @@ class InstancerClient:
 
     def task(self, team_id: str, task_id: str) -> dict[str, Any]:
         """Return one of the team's tasks: state, progress, result or error."""
-        return dict(self._call("GET", f"/tasks/{quote(task_id, safe='')}",
-                               self.team_token(team_id)))
+        return dict(self._as_team("GET", team_id, f"/tasks/{quote(task_id, safe='')}"))
 
     # -- organisers ------------------------------------------------------------------------
 
