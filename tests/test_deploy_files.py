@@ -22,7 +22,7 @@ from conftest import ADMIN_TOKEN, ROOT
 from celery_app.api.client import make_store
 from celery_app.hosts.placement import Heartbeat
 from celery_app.settings import load_settings
-from ctf_testkit.support import RedisServer
+from ctf_testkit.support import RedisServer, wait_for
 
 DEPLOY = ROOT / "deploy"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
@@ -140,8 +140,13 @@ def test_rules_and_dashboard_use_only_exported_metrics(tmp_path: Path) -> None:
             assert 'ctf_host_up{host="local"} 0.0' in first.text
             assert 'ctf_host_max_instances{host="local"} 500.0' in first.text
             Heartbeat(make_store(settings), "local", 15).beat()
-            exposition = api.get("/metrics").text
-            assert 'ctf_host_up{host="local"} 1.0' in exposition
+
+            def scraped_up() -> str | None:
+                text = api.get("/metrics").text
+                return text if 'ctf_host_up{host="local"} 1.0' in text else None
+
+            # Scrapes read Redis at most every 2 s (api/metrics.py), so the beat shows by then.
+            exposition = wait_for(scraped_up, 10, 0.2, "the heartbeat in /metrics")
     finally:
         redis.stop()
     exported = _exported(exposition) | PROMETHEUS_SERIES
