@@ -51,6 +51,10 @@ def product_image(docker_client: docker.DockerClient) -> Iterator[str]:
     """The product image, built by deploy/build-image.sh and labelled with this run's label."""
     tag = f"ctf-instancer:test-{RUN_ID}"
     label = f"{RUN_ID}-deploy"
+    # build-image.sh keeps the base it debootstraps (when no registry answers) for later
+    # builds; one this run made is this run's to remove.
+    base = "ctf-instancer-base:bookworm-debootstrap"
+    had_base = bool(docker_client.images.list(filters={"reference": base}))
     env = {**_clean_env(), "CTF_IMAGE": tag, "CTF_BUILD_LABEL": label,
            "CTF_IMAGE_LABELS": " ".join(f"{k}={v}" for k, v in TEST_LABEL.items())}
     try:
@@ -65,6 +69,9 @@ def product_image(docker_client: docker.DockerClient) -> Iterator[str]:
             for image in docker_client.images.list(filters=flt):
                 with contextlib.suppress(docker.errors.APIError):
                     docker_client.images.remove(image.id, force=True)
+        if not had_base:
+            with contextlib.suppress(docker.errors.APIError):
+                docker_client.images.remove(base, force=True)
 
 
 @dataclass
