@@ -9,7 +9,12 @@
 #   anything else is run as given.
 # Redis URLs: CELERY_BROKER_URL / CELERY_RESULT_BACKEND / CTF_REDIS_URL when set; otherwise
 # built from CTF_REDIS_ADDR (host:port, default redis:6379) and CTF_REDIS_PASSWORD, so the
-# password is written once, in the organiser's .env.
+# password is written once.
+# Secrets: CTF_ADMIN_TOKEN, CTF_FLAG_SECRET and CTF_REDIS_PASSWORD are read from the files
+# /run/secrets/ctf_admin_token, ctf_flag_secret and ctf_redis_password when present (deploy/
+# compose.yaml mounts them) and exported to this process and its children only: the
+# container's configuration (`docker inspect`) holds none. A variable already set wins.
+# `docker-compose exec api ctf-entrypoint ctfctl status` runs ctfctl with them.
 set -euo pipefail
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -46,6 +51,24 @@ while True:
 PY
 }
 
+# load_secrets: each secret file of $CTF_SECRETS_PATH (default /run/secrets) into its variable.
+load_secrets() {
+    local dir="${CTF_SECRETS_PATH:-/run/secrets}" name var file value
+    for name in admin_token flag_secret redis_password; do
+        var="CTF_${name^^}"
+        file="$dir/ctf_$name"
+        [ -z "${!var:-}" ] || continue
+        [ -e "$file" ] || continue
+        # Docker makes a missing bind-mount source into an empty folder.
+        [ -f "$file" ] || die "$file is not a file: the secret file on the host is missing (run deploy/make-secrets.sh; CTF_SECRETS_DIR names its folder)"
+        [ -r "$file" ] || die "cannot read $file as uid $(id -u): deploy/make-secrets.sh gives each secret file owner 10001, group 0, mode 0440"
+        value="$(cat "$file")"
+        [ -n "$value" ] || die "$file is empty: write the secret into it, or delete it and run deploy/make-secrets.sh"
+        export "$var=$value"
+    done
+}
+load_secrets
+
 # Compose passes every optional setting; an empty one means "not set" (the product's default).
 [ -n "${CTF_EXTRA_LABELS:-}" ] || unset CTF_EXTRA_LABELS
 
@@ -78,12 +101,15 @@ case "$role" in
         exec traefik --configfile="$config" "$@"
         ;;
     redis)
-        [ -n "${CTF_REDIS_PASSWORD:-}" ] || die "set CTF_REDIS_PASSWORD (in deploy/.env)"
+        [ -n "${CTF_REDIS_PASSWORD:-}" ] || die "no Redis password: run deploy/make-secrets.sh (compose) or set CTF_REDIS_PASSWORD"
         dir="${CTF_REDIS_DIR:-/var/lib/ctf/redis}"
         mkdir -p "$dir"
         # requirepass from a file of mode 0600, not the command line (ps would show it).
         conf="$(mktemp /tmp/redis-auth.XXXXXX)"
         printf 'requirepass "%s"\n' "$CTF_REDIS_PASSWORD" >"$conf"
+        # Not in redis-server's environment either (its INFO/CONFIG never shows it, but a
+        # child process would inherit it).
+        unset CTF_REDIS_PASSWORD
         # noeviction: a full Redis refuses writes and never drops the index or a lock (docs/
         # DEPLOYMENT.md, "What to firewall"); AOF every second: a restart loses nothing.
         # CTF_REDIS_BIND: 0.0.0.0 in its container (compose publishes the port); on a bare

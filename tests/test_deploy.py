@@ -14,10 +14,10 @@ import contextlib
 import http.server
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import docker
 import httpx
 import pytest
+import redis
 from ci import unavailable
 from conftest import ROOT, RUN_ID, TEST_LABEL, free_port, private_label, wait_for
 
@@ -81,6 +82,7 @@ class Stack:
     project: str
     env_file: Path
     values: dict[str, str]
+    secrets: dict[str, str]  # CTF_ADMIN_TOKEN, ... -> the value in its file
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run ``docker-compose -p <project> --env-file <ours> -f deploy/compose.yaml args``."""
@@ -107,7 +109,7 @@ class Stack:
 
     def team_headers(self, team: str = TEAM) -> dict[str, str]:
         """The team's Authorization header."""
-        return {"Authorization": f"Bearer {team_token(self.values['CTF_ADMIN_TOKEN'], team)}"}
+        return {"Authorization": f"Bearer {team_token(self.secrets['CTF_ADMIN_TOKEN'], team)}"}
 
     def web(self, host: str, path: str, cookie: str | None = None) -> httpx.Response:
         """GET through Traefik's HTTP entry point for ``host``."""
@@ -159,11 +161,18 @@ def stack(
     _write_catalog(catalog, images["http"])
     label = private_label("deploy")
     api, redis_port = free_port(), free_port()
+    # The secrets as organisers make them: files from deploy/make-secrets.sh.
+    secrets_dir = work / "secrets"
+    made = subprocess.run([str(DEPLOY / "make-secrets.sh")],
+                          env={**_clean_env(), "CTF_SECRETS_DIR": str(secrets_dir)},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert made.returncode == 0, made.stderr
+    files = {f"CTF_{name.upper()}": secrets_dir / name
+             for name in ("admin_token", "flag_secret", "redis_password")}
+    assert all(f.stat().st_mode & 0o777 == 0o440 for f in files.values())
     values = {
         "CTF_IMAGE": product_image,
-        "CTF_ADMIN_TOKEN": secrets.token_urlsafe(32),
-        "CTF_FLAG_SECRET": secrets.token_urlsafe(32),
-        "CTF_REDIS_PASSWORD": secrets.token_urlsafe(24),
+        "CTF_SECRETS_DIR": str(secrets_dir),
         "CTF_CHALLENGES_FILE": str(catalog),
         "CTF_API_PUBLISH": f"127.0.0.1:{api}",
         "CTF_REDIS_PUBLISH": f"127.0.0.1:{redis_port}",
@@ -180,7 +189,8 @@ def stack(
     env_file = work / "test.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     env_file.chmod(0o600)
-    s = Stack(f"ctfdeploy{RUN_ID.replace('-', '')}", env_file, values)
+    s = Stack(f"ctfdeploy{RUN_ID.replace('-', '')}", env_file, values,
+              {name: f.read_text().strip() for name, f in files.items()})
     try:
         s.compose("up", "-d")
         try:
@@ -224,6 +234,12 @@ def _host_of(inst: dict[str, Any]) -> str:
     return str(inst["url"].split("://", 1)[1].split("/", 1)[0].split(":", 1)[0])
 
 
+def _secret_forms(stack: Stack) -> list[str]:
+    """Every secret value, and the Redis password as it appears in a URL."""
+    values = list(stack.secrets.values())
+    return [*values, urllib.parse.quote(stack.secrets["CTF_REDIS_PASSWORD"], safe="")]
+
+
 def test_image_is_non_root_and_holds_no_secret(stack: Stack,
                                               docker_client: docker.DockerClient) -> None:
     """The built image runs as a non-root user and no secret is in its history or config."""
@@ -231,10 +247,10 @@ def test_image_is_non_root_and_holds_no_secret(stack: Stack,
     assert image.attrs["Config"]["User"] == "ctf"
     history = subprocess.run(["docker", "history", "--no-trunc", stack.values["CTF_IMAGE"]],
                              capture_output=True, text=True, check=True).stdout
-    config = str(image.attrs)
-    for name in ("CTF_ADMIN_TOKEN", "CTF_FLAG_SECRET", "CTF_REDIS_PASSWORD"):
-        assert stack.values[name] not in history
-        assert stack.values[name] not in config
+    config = json.dumps(image.attrs)
+    for value in _secret_forms(stack):
+        assert value not in history
+        assert value not in config
     # The API container runs as that user; the worker keeps NET_ADMIN alone.
     api = docker_client.containers.get(f"{stack.project}_api_1")
     assert api.attrs["Config"]["User"] in ("", "ctf")
@@ -242,6 +258,35 @@ def test_image_is_non_root_and_holds_no_secret(stack: Stack,
     assert worker.attrs["HostConfig"]["CapAdd"] == ["NET_ADMIN"]
     assert worker.attrs["HostConfig"]["CapDrop"] == ["ALL"]
     assert not worker.attrs["HostConfig"]["Privileged"]
+
+
+def test_no_secret_in_docker_inspect_of_any_container(
+    stack: Stack, docker_client: docker.DockerClient,
+) -> None:
+    """No container of the stack shows a secret in ``docker inspect``; the secrets are in use."""
+    project = {"label": [f"com.docker.compose.project={stack.project}"]}
+    containers = docker_client.containers.list(all=True, filters=project)
+    assert {c.labels["com.docker.compose.service"] for c in containers} == {
+        "redis", "api", "worker", "traefik"}
+    for container in containers:
+        inspected = subprocess.run(["docker", "inspect", container.id], capture_output=True,
+                                   text=True, check=True).stdout
+        config = json.loads(inspected)[0]["Config"]
+        parts = {key: json.dumps(config.get(key)) for key in ("Env", "Cmd", "Entrypoint", "Labels")}
+        for value in _secret_forms(stack):
+            assert value not in inspected, f"a secret in docker inspect of {container.name}"
+            assert all(value not in part for part in parts.values())
+    # The files are what the stack runs with: Redis wants their password, and a team token
+    # made from the admin token's file is accepted (the other tests start instances with it).
+    redis_url = f"redis://{stack.values['CTF_REDIS_PUBLISH']}/0"
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(redis_url, socket_timeout=5).ping()
+    client = redis.Redis.from_url(redis_url, password=stack.secrets["CTF_REDIS_PASSWORD"],
+                                  socket_timeout=5)
+    assert client.ping()
+    client.close()
+    answer = stack.get(f"/api/v1/teams/{TEAM}/instances", headers=stack.team_headers())
+    assert answer.status_code == 200, answer.text
 
 
 def test_start_is_served_through_the_ingress_to_its_team_only(stack: Stack) -> None:

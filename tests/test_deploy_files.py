@@ -181,3 +181,58 @@ def test_wheel_carries_the_dashboard_and_the_gate_plugin(tmp_path: Path) -> None
             "celery_app/ingress/plugin/ctfgate/go.mod"} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "ctfctl = celery_app.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+@pytest.mark.slow
+def test_build_makes_an_sdist_and_a_wheel_that_install_a_working_ctfctl(
+    tmp_path: Path,
+) -> None:
+    """``python -m build`` makes both; the wheel installs in a clean venv; ``ctfctl check`` runs."""
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import tarfile  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CTF_", "CELERY_", "PYTHON", "VIRTUAL_ENV"))}
+    dist = tmp_path / "dist"
+    # The sdist first, then the wheel built from it (build's default): what the index gets, and
+    # proof the sdist alone is enough to make the wheel. Not from the tree's cwd (its build/).
+    built = subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)],
+                           capture_output=True, text=True, check=False, timeout=600,
+                           cwd=str(tmp_path), env=env)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (sdist,) = dist.glob("ctf_instancer-*.tar.gz")
+    (wheel,) = dist.glob("ctf_instancer-*.whl")
+    with tarfile.open(sdist) as tar:
+        in_sdist = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    carried = {"celery_app/api/static/index.html", "celery_app/api/static/app.js",
+               "celery_app/ingress/plugin/ctfgate/ctfgate.go",
+               "celery_app/ingress/plugin/ctfgate/go.mod", "celery_app/cli.py"}
+    assert carried | {"pyproject.toml", "README.md"} <= in_sdist
+    in_wheel = set(zipfile.ZipFile(wheel).namelist())
+    assert carried <= in_wheel
+    assert not any(n.startswith(("tests/", "deploy/", "build/")) for n in in_wheel)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=env)
+    # The wheel with its dependencies from the package index (pip's cache keeps reruns short).
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
+                                "--disable-pip-version-check", str(wheel)],
+                               capture_output=True, text=True, check=False, timeout=900,
+                               cwd=str(tmp_path), env=env)
+    assert installed.returncode == 0, installed.stderr[-4000:]
+    # ctfctl from the venv, away from the source tree, with no Redis and no Docker: settings
+    # and the default catalog (its secrets are generated into CTF_DATA_DIR).
+    checked = subprocess.run(
+        [str(venv / "bin" / "ctfctl"), "check"], capture_output=True, text=True, check=False,
+        timeout=120, cwd=str(tmp_path),
+        env={**env, "CTF_DATA_DIR": str(tmp_path / "data"), "CTF_EGRESS_FIREWALL": "off"},
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "ok: " in checked.stderr and "challenge(s) from the default catalog" in checked.stderr
+    where = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import celery_app; print(celery_app.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=str(tmp_path),
+                           env=env).stdout
+    assert where.startswith(str(venv)), where
