@@ -23,6 +23,7 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from ctfd_support import CtfdInstall, CtfdServer, CtfdUnavailable, install_plugi
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from celery_app.core.flags import in_app_flag, team_flag
+from celery_app.engine.firewall import table_name
 from ctf_testkit.support import RedisServer, stop_process
 
 pytestmark = [pytest.mark.browser, pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
@@ -168,6 +170,10 @@ challenges:
         worker.stop()
         for c in containers_of(docker_client, LABEL):
             c.remove(force=True)
+        # The worker installed its pool's egress table (the firewall is on by default) and
+        # leaves it in place by design: it is this test's to remove.
+        subprocess.run(["nft", "delete", "table", "inet", table_name(IPv4Network(POOL))],
+                       capture_output=True, check=False)
         redis_server.stop()
 
 

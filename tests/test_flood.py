@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from conftest import ROOT, RUN_ID, TEST_POOL, Worker, cleanup_docker, containers
 
 from celery_app.api.client import NOOP_TTL
 from celery_app.core.models import parse_iso
+from celery_app.engine.firewall import table_name
 from ctf_testkit.support import (
     RedisServer,
     close_platform_client,
@@ -198,6 +200,9 @@ def stack(
         for db in DBS:
             redis.Redis.from_url(f"{url}/{db}").flushdb()
         cleanup_docker(docker_client, FLOOD_LABEL)
+        # The worker installed its pool's egress table (on by default) and leaves it by design.
+        subprocess.run(["nft", "delete", "table", "inet", table_name(IPv4Network(FLOOD_POOL))],
+                       capture_output=True, check=False)
 
 
 @pytest.fixture
