@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -23,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from celery_app.core.limits import check_size
 
 PullPolicy = Literal["if-not-present", "always", "never"]
 # Shorter secrets can be brute-forced offline from one team token or flag (HMAC keys).
@@ -191,13 +192,7 @@ class Settings(BaseSettings):
     @field_validator("default_disk")
     @classmethod
     def _check_default_disk(cls, value: str) -> str:
-        text = str(value).strip().lower()
-        match = re.fullmatch(r"(\d+)([kmg]?)", text)
-        units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-        if not match or int(match.group(1)) * units[match.group(2)] < 16 * 1024**2:
-            raise ValueError(f"CTF_DEFAULT_DISK must be a size of at least 16m, like 512m or "
-                             f"2g, got {value!r}")
-        return text
+        return check_size(value, "CTF_DEFAULT_DISK", 16 * 1024**2)
 
     @field_validator("egress_deny")
     @classmethod

@@ -16,31 +16,14 @@ from pydantic import (
 )
 
 from celery_app.core.config_files import describe, read_yaml
-from celery_app.core.limits import ALLOWED_CAPS
+from celery_app.core.limits import ALLOWED_CAPS, CATALOG_SIZE_RE, check_size
+from celery_app.core.limits import catalog_size_bytes as _size_bytes
 from celery_app.core.naming import CHALLENGE_ID_RE
 from celery_app.errors import CatalogError, UnknownChallenge
 from celery_app.settings import Settings
 
-_MEMORY_RE = re.compile(r"^(\d+)([bkmg]?)$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 # docker run --user: a uid or name, optionally ":" and a gid or group name.
 _USER_RE = re.compile(r"^(\d{1,10}|[a-z_][a-z0-9_.-]{0,31})(:(\d{1,10}|[a-z_][a-z0-9_.-]{0,31}))?$")
-
-
-def _size_bytes(value: str) -> int:
-    match = _MEMORY_RE.match(value)
-    assert match is not None
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
-
-
-def _check_size(value: object, what: str, minimum: int) -> str:
-    """Return ``value`` normalised when it is a size (like 64m) of at least ``minimum``."""
-    text = str(value).strip().lower()
-    match = _MEMORY_RE.match(text)
-    if not match or int(match.group(1)) * _UNITS[match.group(2).lower()] < minimum:
-        raise ValueError(f"{what} must be a size of at least {minimum // 1024**2}m, like 64m "
-                         "or 1g")
-    return text
 
 
 class Challenge(BaseModel):
@@ -83,10 +66,10 @@ class Challenge(BaseModel):
     @field_validator("memory")
     @classmethod
     def _check_memory(cls, value: str) -> str:
-        match = _MEMORY_RE.match(str(value).strip())
-        if not match or int(match.group(1)) * _UNITS[match.group(2).lower()] < 6 * 1024**2:
+        text = str(value).strip().lower()
+        if not CATALOG_SIZE_RE.match(text) or _size_bytes(text) < 6 * 1024**2:
             raise ValueError("must be a size of at least 6m, like 256m or 1g")
-        return str(value).strip().lower()
+        return text
 
     @field_validator("tmpfs")
     @classmethod
@@ -96,18 +79,18 @@ class Challenge(BaseModel):
             if not path.startswith("/") or path == "/" or ".." in path.split("/") \
                     or "," in path or ":" in path:
                 raise ValueError(f"{path!r} must be an absolute path below / (like /tmp)")
-            checked[path] = _check_size(size, f"size of {path}", 1024**2)
+            checked[path] = check_size(size, f"size of {path}", 1024**2)
         return checked
 
     @field_validator("storage")
     @classmethod
     def _check_storage(cls, value: str | None) -> str | None:
-        return None if value is None else _check_size(value, "storage", 64 * 1024**2)
+        return None if value is None else check_size(value, "storage", 64 * 1024**2)
 
     @field_validator("disk")
     @classmethod
     def _check_disk(cls, value: str | None) -> str | None:
-        return None if value is None else _check_size(value, "disk", 16 * 1024**2)
+        return None if value is None else check_size(value, "disk", 16 * 1024**2)
 
     @field_validator("user")
     @classmethod
@@ -160,9 +143,7 @@ class Challenge(BaseModel):
     @property
     def memory_bytes(self) -> int:
         """The memory limit in bytes."""
-        match = _MEMORY_RE.match(self.memory)
-        assert match is not None
-        return int(match.group(1)) * _UNITS[match.group(2).lower()]
+        return _size_bytes(self.memory)
 
     def public_view(self) -> dict[str, Any]:
         """Return what players may see of the challenge: id, name, protocol, ttl."""
