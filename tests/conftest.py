@@ -61,6 +61,11 @@ def private_label(purpose: str) -> dict[str, str]:
     return label
 
 
+def default_setting(field: str) -> str:
+    """A setting's default, as the environment spells it (what a user gets)."""
+    return str(Settings.model_fields[field].default)
+
+
 def janitor_pass(ctx: Context, now: Any = None) -> Any:
     """Run one janitor pass, waiting out a pass the session's worker may be running."""
 

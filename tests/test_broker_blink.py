@@ -28,6 +28,7 @@ from conftest import (
     cleanup_docker,
     close_platform_client,
     containers_of,
+    default_setting,
     platform_client,
     private_label,
     wait_for,
@@ -94,7 +95,8 @@ def test_a_start_waiting_on_a_busy_instance_survives_a_redis_restart(
     env = {**base_env(server, catalog_file, tmp_path / "data"),
            "CTF_EXTRA_LABELS": json.dumps(own_label),
            # The janitor's pace and orphan grace a user gets (the suite's are 1 s and 2 s).
-           "CTF_JANITOR_INTERVAL": "5", "CTF_ORPHAN_GRACE": "30"}
+           "CTF_JANITOR_INTERVAL": default_setting("janitor_interval"),
+           "CTF_ORPHAN_GRACE": default_setting("orphan_grace")}
     assert "CTF_VISIBILITY_TIMEOUT" not in env  # the default (30 s)
     worker = Worker(env, tmp_path / "worker.log")
     client = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
@@ -179,7 +181,8 @@ def test_a_worker_with_a_skewed_clock_neither_loses_nor_steals_messages(
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     env = {**base_env(server, sluggish_catalog, tmp_path / "data"),
            "CTF_EXTRA_LABELS": json.dumps(own_label),
-           "CTF_JANITOR_INTERVAL": "5", "CTF_ORPHAN_GRACE": "30",
+           "CTF_JANITOR_INTERVAL": default_setting("janitor_interval"),
+           "CTF_ORPHAN_GRACE": default_setting("orphan_grace"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH"))
                                          if p)}
 
@@ -229,7 +232,8 @@ def test_messages_held_longer_than_the_visibility_timeout_are_not_handed_out_aga
     server.start()
     env = {**base_env(server, sluggish_catalog, tmp_path / "data"),
            "CTF_EXTRA_LABELS": json.dumps(own_label),
-           "CTF_JANITOR_INTERVAL": "5", "CTF_ORPHAN_GRACE": "30"}
+           "CTF_JANITOR_INTERVAL": default_setting("janitor_interval"),
+           "CTF_ORPHAN_GRACE": default_setting("orphan_grace")}
     worker = Worker(env, tmp_path / "worker.log")
     client = platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
     teams = [f"h{uuid.uuid4().hex[:5]}{i}" for i in range(2)]

@@ -30,6 +30,7 @@ from conftest import (
     cleanup_docker,
     close_platform_client,
     containers_of,
+    default_setting,
     platform_client,
     private_label,
     wait_for,
@@ -41,7 +42,7 @@ from celery_app.api.app import create_app
 from celery_app.api.client import Dispatcher
 from celery_app.context import Context
 from celery_app.errors import InstanceNotFound, Superseded
-from celery_app.settings import Settings, load_settings
+from celery_app.settings import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
@@ -54,11 +55,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # SPEC §10: a killed worker's requests are done within a minute of a worker for its host
 # being back, with default settings.
 PROMISED_DELAY = 60.0
-
-
-def _default(field: str) -> str:
-    """A setting's default, as the environment spells it (what a user gets)."""
-    return str(Settings.model_fields[field].default)
 
 
 def _results_within(results: list[Any], seconds: float) -> list[dict[str, Any]]:
@@ -406,8 +402,8 @@ def test_worker_killed_mid_burst_on_two_hosts(
         env = {**base_env(server, catalog_file, tmp_path / "data"),
                "CTF_HOSTS_FILE": str(hosts_file), "CTF_EXTRA_LABELS": json.dumps(label),
                "CTF_TEAM_SUBNET_POOL": "10.223.0.0/16", "CTF_MAX_INSTANCES": "100",
-               "CTF_JANITOR_INTERVAL": _default("janitor_interval"),
-               "CTF_ORPHAN_GRACE": _default("orphan_grace")}
+               "CTF_JANITOR_INTERVAL": default_setting("janitor_interval"),
+               "CTF_ORPHAN_GRACE": default_setting("orphan_grace")}
         workers = {
             h: Worker({**env, "CTF_HOST": h, "CTF_DATA_DIR": str(tmp_path / f"data-{h}")},
                       tmp_path / f"worker-{h}.log")
