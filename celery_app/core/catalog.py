@@ -16,11 +16,11 @@ from pydantic import (
 )
 
 from celery_app.core.config_files import describe, read_yaml
-from celery_app.core.limits import ALLOWED_CAPS, CATALOG_SIZE_RE, check_size
-from celery_app.core.limits import catalog_size_bytes as _size_bytes
-from celery_app.core.naming import CHALLENGE_ID_RE
 from celery_app.errors import CatalogError, UnknownChallenge
 from celery_app.settings import Settings
+from celery_app.vocab.limits import ALLOWED_CAPS, CATALOG_SIZE_RE, check_size
+from celery_app.vocab.limits import catalog_size_bytes as _size_bytes
+from celery_app.vocab.naming import CHALLENGE_ID_RE
 
 # docker run --user: a uid or name, optionally ":" and a gid or group name.
 _USER_RE = re.compile(r"^(\d{1,10}|[a-z_][a-z0-9_.-]{0,31})(:(\d{1,10}|[a-z_][a-z0-9_.-]{0,31}))?$")
