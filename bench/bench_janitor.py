@@ -35,8 +35,8 @@ from typing import Any
 
 from _common import bench_run, emit, machine
 
-from celery_app.core.models import iso, utcnow
-from celery_app.core.naming import container_name
+from celery_app.vocab.models import iso, utcnow
+from celery_app.vocab.naming import container_name
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

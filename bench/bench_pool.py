@@ -45,8 +45,8 @@ from _common import (
     wait_for,
 )
 
-from celery_app.core.naming import network_name
 from celery_app.core.readiness import wait_ready
+from celery_app.vocab.naming import network_name
 
 SUBNETS = "10.241.0.0/16"  # this benchmark's own team subnets (issue 14)
 POOL_SIZE = 40

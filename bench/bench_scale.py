@@ -60,8 +60,8 @@ from bench_burst import burst_celery, extra_catalog, plan_of
 from bench_janitor import dockerd_pid, proc_cpu
 from bench_latency import ADMIN, api_process, rss_kib
 
-from celery_app.core.models import Instance, iso, utcnow
 from celery_app.state.store import StateStore
+from celery_app.vocab.models import Instance, iso, utcnow
 
 
 def memory(pids: dict[str, int]) -> dict[str, float]:

@@ -40,8 +40,8 @@ from _common import (
     summary_ms,
 )
 
-from celery_app.core.naming import network_name
 from celery_app.core.readiness import wait_ready
+from celery_app.vocab.naming import network_name
 
 TEAM = "benchteam"
 CHALLENGE = "web"

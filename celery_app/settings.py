@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from celery_app.core.limits import check_size
+from celery_app.vocab.limits import check_size
 
 PullPolicy = Literal["if-not-present", "always", "never"]
 # Shorter secrets can be brute-forced offline from one team token or flag (HMAC keys).

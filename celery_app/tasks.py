@@ -27,11 +27,11 @@ from celery.exceptions import Ignore
 
 from celery_app.celery_app import app
 from celery_app.context import Context, get_context
-from celery_app.core.naming import check_team_id, instance_key
 from celery_app.errors import CTFError, InstanceBusy, OnOtherHost, TransientError
 from celery_app.hosts.placement import host_of, parse_beats, present, present_with
 from celery_app.hosts.routing import host_queue
 from celery_app.loops.events import index_is_live
+from celery_app.vocab.naming import check_team_id, instance_key
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")

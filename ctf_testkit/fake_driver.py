@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from celery_app.core.naming import LABEL_MANAGED, network_name
 from celery_app.engine.driver import (
     ContainerEvent,
     ContainerInfo,
@@ -38,6 +37,7 @@ from celery_app.errors import (
     ImagePullFailed,
     InvalidRequest,
 )
+from celery_app.vocab.naming import LABEL_MANAGED, network_name
 
 _END = object()
 

@@ -98,7 +98,8 @@ class RedisServer:
         protected = "yes" if self.bind == "127.0.0.1" else "no"
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", self.bind, "--save", "",
-             "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir), "--protected-mode", protected],
+             "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir),
+             "--protected-mode", protected],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(host=self.bind, port=self.port)

@@ -7,7 +7,7 @@ from typing import Any
 import docker
 from conftest import ADMIN_TOKEN, TEST_LABEL
 
-from celery_app.api.auth import team_token
+from celery_app.vocab.team_tokens import team_token
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -18,12 +18,12 @@ from fastapi.testclient import TestClient
 from celery_app import errors
 from celery_app.api import app as api_module
 from celery_app.api.app import create_app
-from celery_app.api.auth import principal_for, team_token
 from celery_app.api.client import rebuild_error
 from celery_app.api.metrics import STATE_TTL
-from celery_app.core.models import parse_iso
 from celery_app.errors import TaskFailed, Unauthorized
 from celery_app.settings import Settings
+from celery_app.vocab.models import parse_iso
+from celery_app.vocab.team_tokens import principal_for, team_token
 from ctf_testkit.support import RedisServer
 
 pytest_plugins = ["api_fixtures"]

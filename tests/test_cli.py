@@ -13,8 +13,8 @@ from api_helpers import ADMIN_TOKEN, our_containers
 from conftest import ROOT
 from typer.testing import CliRunner
 
-from celery_app.api.auth import team_token
 from celery_app.cli import app
+from celery_app.vocab.team_tokens import team_token
 
 pytest_plugins = ["api_fixtures"]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from celery_app.core.catalog import Catalog, load_catalog, name_clash
-from celery_app.core.naming import TEAM_ID_RE, container_name
 from celery_app.errors import CatalogError, HostsFileError
 from celery_app.hosts.placement import load_hosts
 from celery_app.settings import Settings
+from celery_app.vocab.naming import TEAM_ID_RE, container_name
 
 
 def _settings(tmp_path: Path, **fields: object) -> Settings:

@@ -21,7 +21,7 @@ import uvicorn
 from conftest import ROOT, free_port, wait_for
 
 from celery_app.api.app import create_app
-from celery_app.core.naming import TEAM_ID_RE
+from celery_app.vocab.naming import TEAM_ID_RE
 
 
 def _load() -> ModuleType:

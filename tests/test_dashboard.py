@@ -26,8 +26,8 @@ from conftest import ROOT, free_port, wait_for
 from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
 
 from celery_app.api.app import create_app
-from celery_app.api.auth import team_token
 from celery_app.settings import Settings
+from celery_app.vocab.team_tokens import team_token
 
 pytest_plugins = ["api_fixtures"]
 pytestmark = [pytest.mark.browser, pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]

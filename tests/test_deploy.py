@@ -30,7 +30,7 @@ import redis
 from ci import unavailable
 from conftest import ROOT, RUN_ID, TEST_LABEL, free_port, private_label, wait_for
 
-from celery_app.api.auth import team_token
+from celery_app.vocab.team_tokens import team_token
 from ctf_testkit.docker_sweep import sweep
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from conftest import private_label
 
-from celery_app.core.naming import LABEL_CHALLENGE, LABEL_MANAGED, LABEL_TEAM, network_name
 from celery_app.engine.docker_driver import DockerDriver
 from celery_app.engine.driver import ContainerEvent, ContainerSpec, Driver
 from celery_app.errors import ImageNotFound, InvalidRequest
+from celery_app.vocab.naming import LABEL_CHALLENGE, LABEL_MANAGED, LABEL_TEAM, network_name
 from ctf_testkit.fake_driver import FakeDriver
 from ctf_testkit.support import wait_for
 

@@ -33,8 +33,8 @@ from api_helpers import ADMIN, ADMIN_TOKEN, team_headers
 from conftest import ROOT, RUN_ID, TEST_POOL, Worker, cleanup_docker, containers_of, private_label
 
 from celery_app.api.client import NOOP_TTL
-from celery_app.core.models import parse_iso
 from celery_app.engine.firewall import table_name
+from celery_app.vocab.models import parse_iso
 from ctf_testkit.support import (
     RedisServer,
     close_platform_client,

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from celery_app.core.models import Instance, iso, utcnow
 from celery_app.errors import RedisUnavailable
 from celery_app.hosts.placement import Heartbeat, parse_beats, present, present_with
 from celery_app.settings import Settings
 from celery_app.state.reads import AsyncIndex
 from celery_app.state.store import StateStore
+from celery_app.vocab.models import Instance, iso, utcnow
 
 pytestmark = [pytest.mark.redis]
 

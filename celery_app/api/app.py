@@ -31,12 +31,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
-from celery_app.api.auth import Principal, claimed_team, principal_for
 from celery_app.api.client import AsyncWaiter, Dispatcher, TaskView
 from celery_app.api.metrics import ApiMetrics
 from celery_app.core.flags import check_flag, check_in_app_flag
-from celery_app.core.models import Status
-from celery_app.core.naming import TEAM_ID_RE
 from celery_app.core.pool import flag_held, pool_status
 from celery_app.engine.docker_driver import DockerDriver
 from celery_app.errors import (
@@ -53,6 +50,9 @@ from celery_app.ingress import Ingress
 from celery_app.ingress.gate import Gate, GateFastPath
 from celery_app.ingress.gate import build_router as build_gate_router
 from celery_app.settings import Settings
+from celery_app.vocab.models import Status
+from celery_app.vocab.naming import TEAM_ID_RE
+from celery_app.vocab.team_tokens import Principal, claimed_team, principal_for
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,7 @@ from redis.retry import Retry
 from starlette.concurrency import run_in_threadpool
 
 from celery_app import errors
-from celery_app.api.auth import team_token
 from celery_app.core.catalog import Catalog, Challenge, load_catalog
-from celery_app.core.models import Instance, iso
-from celery_app.core.naming import check_team_id
 from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached, TaskFailed
 from celery_app.hosts.placement import (
     HostLoad,
@@ -45,6 +42,9 @@ from celery_app.ingress import Ingress
 from celery_app.settings import Settings
 from celery_app.state.reads import AsyncIndex
 from celery_app.state.store import StateStore, map_redis_errors
+from celery_app.vocab.models import Instance, iso
+from celery_app.vocab.naming import check_team_id
+from celery_app.vocab.team_tokens import team_token
 
 TASK_PREFIX = "celery_app.tasks."
 # Who sent a task: kept as long as Celery keeps results (celery_config.result_expires).

@@ -21,10 +21,10 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from celery_app.core.catalog import Catalog
-from celery_app.core.models import STATUSES
 from celery_app.core.pool import PoolCollector
 from celery_app.errors import CTFError
 from celery_app.state.store import StateStore
+from celery_app.vocab.models import STATUSES
 
 log = logging.getLogger(__name__)
 

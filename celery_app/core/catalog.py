@@ -16,11 +16,12 @@ from pydantic import (
 )
 
 from celery_app.core.config_files import describe, read_yaml
-from celery_app.core.limits import ALLOWED_CAPS, CATALOG_SIZE_RE, check_size
-from celery_app.core.limits import catalog_size_bytes as _size_bytes
-from celery_app.core.naming import CHALLENGE_ID_RE
 from celery_app.errors import CatalogError, UnknownChallenge
 from celery_app.settings import Settings
+from celery_app.vocab.limits import ALLOWED_CAPS, CATALOG_SIZE_RE, check_size
+from celery_app.vocab.limits import catalog_size_bytes as _size_bytes
+from celery_app.vocab.models import InstanceKey
+from celery_app.vocab.naming import CHALLENGE_ID_RE, check_team_id
 
 # docker run --user: a uid or name, optionally ":" and a gid or group name.
 _USER_RE = re.compile(r"^(\d{1,10}|[a-z_][a-z0-9_.-]{0,31})(:(\d{1,10}|[a-z_][a-z0-9_.-]{0,31}))?$")
@@ -211,6 +212,23 @@ class Catalog:
         raise UnknownChallenge(
             f"challenge {str(challenge)[:80]!r} is not in the catalog; known challenges: {known}"
         )
+
+    def key(self, challenge: object, team_id: object) -> InstanceKey:
+        """Validate a request's team and challenge into the key every layer below accepts.
+
+        Args:
+            challenge: the challenge id the caller sent.
+            team_id: the team id the caller sent.
+
+        Returns:
+            The instance's key.
+
+        Raises:
+            InvalidTeamId: the team id breaks SPEC §3's rule (checked first).
+            UnknownChallenge: the catalog has no such challenge.
+        """
+        team = check_team_id(team_id)
+        return InstanceKey(self.get(challenge).id, team)
 
 
 def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> Catalog:

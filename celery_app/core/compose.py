@@ -26,8 +26,8 @@ import yaml
 from compose_spec import PyOptions, parse_duration
 from pydantic import BaseModel, ConfigDict
 
-from celery_app.core.limits import ALLOWED_CAPS, size_bytes
 from celery_app.errors import CatalogError
+from celery_app.vocab.limits import ALLOWED_CAPS, size_bytes
 
 VARIABLES: Final = frozenset({"CTF_FLAG", "CTF_TEAM"})
 SERVICE_KEYS: Final = frozenset(

@@ -23,7 +23,7 @@ claimed by nobody. The life of one pool container:
    driver options, then renamed ``ctf-<challenge>-<team>``. From then on it is an instance
    like any other (the start records, admits and probes it as a cold one). Labels cannot
    change, so the name and the endpoint options are what tell Docker's truth after a Redis
-   loss (:func:`celery_app.core.naming.read_claim`).
+   loss (:func:`celery_app.vocab.naming.read_claim`).
 
 Redis keys: :mod:`celery_app.state.pool_keys` (part of the state; it lists them).
 """
@@ -50,8 +50,13 @@ from prometheus_client.registry import Collector
 
 from celery_app.core.catalog import Catalog, Challenge
 from celery_app.core.flags import in_app_flag, team_flag
-from celery_app.core.models import Instance
-from celery_app.core.naming import (
+from celery_app.core.readiness import probe_once
+from celery_app.engine.docker_driver import ContainerInfo, ContainerSpec, NetworkInfo, carries
+from celery_app.errors import CTFError, DockerUnavailable
+from celery_app.state.pool_keys import LATENCY_BUCKETS, PoolKeys
+from celery_app.state.store import one_at_a_time
+from celery_app.vocab.models import Instance
+from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_EGRESS,
     LABEL_EXPIRES_AT,
@@ -61,11 +66,6 @@ from celery_app.core.naming import (
     POOL_NAME_PREFIX,
     pool_container_name,
 )
-from celery_app.core.readiness import probe_once
-from celery_app.engine.docker_driver import ContainerInfo, ContainerSpec, NetworkInfo, carries
-from celery_app.errors import CTFError, DockerUnavailable
-from celery_app.state.pool_keys import LATENCY_BUCKETS, PoolKeys
-from celery_app.state.store import one_at_a_time
 
 if TYPE_CHECKING:
 

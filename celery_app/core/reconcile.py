@@ -19,11 +19,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery_app.core.catalog import Challenge
-from celery_app.core.models import Instance, utcnow
-from celery_app.core.naming import check_team_id, container_name
 from celery_app.engine.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceBusy, InvalidRequest
 from celery_app.state.store import LOCK_HOLD
+from celery_app.vocab.models import Instance, utcnow
+from celery_app.vocab.naming import check_team_id, container_name
 
 if TYPE_CHECKING:
     from celery_app.core.service import InstanceService

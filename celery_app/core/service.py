@@ -15,8 +15,6 @@ from datetime import datetime, timedelta
 from redis.lock import Lock
 
 from celery_app.core.catalog import Catalog, Challenge
-from celery_app.core.models import Instance, iso, utcnow
-from celery_app.core.naming import check_team_id, container_name
 from celery_app.core.pool import Pool
 from celery_app.core.reconcile import BUSY_WAIT, Reconciler, ReconcileSummary
 from celery_app.core.specs import InstanceSpecs
@@ -32,6 +30,8 @@ from celery_app.errors import (
 from celery_app.ingress import Ingress
 from celery_app.settings import Settings
 from celery_app.state.store import LOCK_HOLD, Beats, Done, StateStore
+from celery_app.vocab.models import Instance, iso, utcnow
+from celery_app.vocab.naming import check_team_id, container_name
 
 log = logging.getLogger(__name__)
 

@@ -19,19 +19,6 @@ from redis.lock import Lock
 
 from celery_app.core.catalog import Challenge
 from celery_app.core.flags import team_flag
-from celery_app.core.models import Instance, iso, parse_iso, utcnow
-from celery_app.core.naming import (
-    LABEL_CHALLENGE,
-    LABEL_DISK,
-    LABEL_EGRESS,
-    LABEL_EXPIRES_AT,
-    LABEL_HOST,
-    LABEL_MANAGED,
-    LABEL_STARTED_AT,
-    LABEL_TEAM,
-    container_name,
-    network_name,
-)
 from celery_app.core.readiness import probe_once, wait_until
 from celery_app.engine.driver import (
     ContainerInfo,
@@ -47,6 +34,19 @@ from celery_app.errors import CatalogError, CTFError, ImageNotFound, StartFailed
 from celery_app.ingress import Ingress
 from celery_app.settings import Settings
 from celery_app.state.store import StateStore, map_redis_errors
+from celery_app.vocab.models import Instance, iso, parse_iso, utcnow
+from celery_app.vocab.naming import (
+    LABEL_CHALLENGE,
+    LABEL_DISK,
+    LABEL_EGRESS,
+    LABEL_EXPIRES_AT,
+    LABEL_HOST,
+    LABEL_MANAGED,
+    LABEL_STARTED_AT,
+    LABEL_TEAM,
+    container_name,
+    network_name,
+)
 
 if TYPE_CHECKING:  # the pool builds on the service, which builds on these specs
     from celery_app.core.pool import Pool

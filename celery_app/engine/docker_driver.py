@@ -19,7 +19,6 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from celery_app.core.naming import LABEL_MANAGED, network_name, read_claim
 from celery_app.engine.driver import (
     ContainerEvent,
     ContainerInfo,
@@ -41,6 +40,7 @@ from celery_app.errors import (
     ImagePullFailed,
     InvalidRequest,
 )
+from celery_app.vocab.naming import LABEL_MANAGED, network_name, read_claim
 
 # The data classes live in celery_app.engine.driver; they are re-exported for older imports.
 __all__ = [

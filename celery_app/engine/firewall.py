@@ -62,11 +62,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from celery_app.core.naming import LABEL_EGRESS, LABEL_MANAGED
 from celery_app.engine.driver import ContainerInfo, Driver, NetworkInfo
 from celery_app.errors import CTFError, EgressUnprotected, FirewallRefused
 from celery_app.settings import Settings
 from celery_app.state.egress import BEACON_TTL, KeeperBeacon
+from celery_app.vocab.naming import LABEL_EGRESS, LABEL_MANAGED
 
 __all__ = ["BEACON_TTL", "EgressFirewall", "EgressGuard", "EgressKeeper", "KeeperBeacon",
            "Policy", "engine_place", "host_addresses", "table_name"]

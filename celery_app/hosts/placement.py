@@ -34,13 +34,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from celery_app.core.config_files import describe, read_yaml
-from celery_app.core.models import Instance
-from celery_app.core.naming import TEAM_ID_RE
 from celery_app.errors import BackendUnavailable, CapacityExhausted, HostsFileError
 from celery_app.hosts.routing import host_queue
 from celery_app.settings import Settings
 from celery_app.state.pool_keys import PoolKeys
 from celery_app.state.store import StateStore
+from celery_app.vocab.models import Instance
+from celery_app.vocab.naming import TEAM_ID_RE
 
 log = logging.getLogger(__name__)
 

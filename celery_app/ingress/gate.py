@@ -37,12 +37,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from celery_app.api.auth import looks_like_team_token
 from celery_app.ingress import tokens
 from celery_app.ingress.labels import label_of_host
 from celery_app.ingress.probe import GATE_HEADER
 from celery_app.ingress.routes import GATE_PATH, bind_parts
 from celery_app.settings import Settings
+from celery_app.vocab.team_tokens import looks_like_team_token
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
-from celery_app.core.naming import TEAM_ID_RE
+from celery_app.vocab.naming import TEAM_ID_RE
 
 ORGANISER = "_organiser"
 _KEY_CONTEXT = b"ctf-instancer ingress gate key v1"

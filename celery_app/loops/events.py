@@ -35,10 +35,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from celery_app.core.naming import LABEL_CHALLENGE, LABEL_TEAM, check_team_id, container_name
 from celery_app.core.service import InstanceService
 from celery_app.engine.driver import ContainerEvent, EventStream
 from celery_app.errors import CTFError
+from celery_app.vocab.naming import LABEL_CHALLENGE, LABEL_TEAM, check_team_id, container_name
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from celery_app.core.models import Instance, utcnow
-from celery_app.core.naming import (
+from celery_app.core.service import NO_INTENT, InstanceService
+from celery_app.engine.driver import ContainerInfo
+from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
+from celery_app.state.store import one_at_a_time
+from celery_app.vocab.models import Instance, utcnow
+from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_DISK,
     LABEL_POOL,
@@ -26,10 +30,6 @@ from celery_app.core.naming import (
     read_claim,
     split_instance_key,
 )
-from celery_app.core.service import NO_INTENT, InstanceService
-from celery_app.engine.driver import ContainerInfo
-from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
-from celery_app.state.store import one_at_a_time
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Only the state package uses these (:mod:`celery_app.state.store`, and
 :mod:`celery_app.state.reads` for the API's reads): every other module goes through the
 store's methods. Lua scripts get the keys (or, for keys they derive, the prefixes) passed in.
-``<instance>`` is ``<challenge>/<team>`` (:func:`celery_app.core.naming.instance_key`).
+``<instance>`` is ``<challenge>/<team>`` (:func:`celery_app.vocab.naming.instance_key`).
 
 :data:`TABLE` is the keyspace as ARCHITECTURE.md lists it (``tests/test_keys.py`` checks that
 the two agree, and that every builder here yields one of its patterns).

@@ -23,10 +23,10 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Final, cast
 
-from celery_app.core.naming import instance_key
 from celery_app.errors import CTFError
 from celery_app.state.keys import POOL_PREFIX as P
 from celery_app.state.store import map_redis_errors
+from celery_app.vocab.naming import instance_key
 
 # Buckets of the claim-latency histogram (seconds).
 LATENCY_BUCKETS: Final = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)

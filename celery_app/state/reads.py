@@ -18,7 +18,6 @@ import redis.asyncio
 import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 
-from celery_app.core.models import Instance
 from celery_app.state import keys
 from celery_app.state.store import (
     TEAM_VIEW,
@@ -29,6 +28,7 @@ from celery_app.state.store import (
     queue_one_view,
     team_view_keys,
 )
+from celery_app.vocab.models import Instance
 
 
 class AsyncIndex:

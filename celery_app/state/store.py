@@ -22,8 +22,6 @@ import redis.exceptions
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from celery_app.core.models import Instance
-from celery_app.core.naming import instance_key
 from celery_app.errors import (
     CapacityExhausted,
     InstanceBusy,
@@ -33,6 +31,8 @@ from celery_app.errors import (
     TeamQuotaExceeded,
 )
 from celery_app.state import keys
+from celery_app.vocab.models import Instance
+from celery_app.vocab.naming import instance_key
 
 if TYPE_CHECKING:
     from celery_app.state.pool_keys import PoolKeys

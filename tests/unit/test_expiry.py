@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from celery_app.core.models import utcnow
-from celery_app.core.naming import LABEL_CHALLENGE, LABEL_MANAGED, LABEL_TEAM, network_name
 from celery_app.core.service import InstanceService
 from celery_app.engine.driver import ContainerSpec
 from celery_app.loops.janitor import Janitor
+from celery_app.vocab.models import utcnow
+from celery_app.vocab.naming import LABEL_CHALLENGE, LABEL_MANAGED, LABEL_TEAM, network_name
 from ctf_testkit.fake_driver import FakeDriver
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from celery_app.core.models import iso, utcnow
 from celery_app.core.service import InstanceService
 from celery_app.state.store import StateStore
+from celery_app.vocab.models import iso, utcnow
 from ctf_testkit.fake_driver import FakeDriver
 
 

@@ -6,8 +6,6 @@ from datetime import timedelta
 
 import pytest
 
-from celery_app.core.models import iso, utcnow
-from celery_app.core.naming import network_name
 from celery_app.core.service import InstanceService
 from celery_app.errors import (
     ImageNotFound,
@@ -21,6 +19,8 @@ from celery_app.errors import (
     UnknownChallenge,
 )
 from celery_app.state.store import StateStore
+from celery_app.vocab.models import iso, utcnow
+from celery_app.vocab.naming import network_name
 from ctf_testkit.fake_driver import FakeDriver
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -26,6 +27,22 @@ def iso(moment: datetime) -> str:
 def parse_iso(text: str) -> datetime:
     """Parse what :func:`iso` wrote."""
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceKey:
+    """One team's instance of one challenge: the request, validated once at the edge.
+
+    Build it with :meth:`celery_app.core.catalog.Catalog.key`, which checks the team id and the
+    challenge; the layers below take it as valid and never check again.
+    """
+
+    challenge: str
+    team: str
+
+    def __str__(self) -> str:
+        """``<challenge>/<team>``, the instance's key in Redis."""
+        return f"{self.challenge}/{self.team}"
 
 
 class Instance(BaseModel):

@@ -16,8 +16,8 @@ import hmac
 import re
 from dataclasses import dataclass
 
-from celery_app.core.naming import TEAM_ID_RE
 from celery_app.errors import Forbidden, Unauthorized
+from celery_app.vocab.naming import TEAM_ID_RE
 
 # Domain separation: the team-token key is never the admin token itself.
 # The two errors live in celery_app.errors; they are re-exported for the ingress gate.
