@@ -8,18 +8,23 @@ B  ``docker.containers.run(...)`` with the same network, port publishing and lim
    ``InstanceSpecs.probe_target`` does on a local engine).
 C  (``--breakdown``) ``InstanceService.start`` in this process: the instancer without Celery,
    to split A - B into "Celery" and "service" parts.
+A' (``--compare-src DIR``) A again, through a second worker that runs another checkout (the code
+   before a change: ``git worktree add /tmp/old <rev>``), with a Redis and team of its own, so
+   old and new are measured side by side in one run on the same engine.
 
 The team's network already exists: challenge ``keep`` of the team stays up for the whole run,
 so the measured start of ``web`` never creates or removes it. Every instance is stopped
 (``stop_container`` task) and every raw container removed between iterations, untimed.
 The order alternates (A B, B A, …) so neither side always runs on a warmer engine.
 
-Usage: .venv/bin/python bench/bench_start.py [-n 20] [--warmup 2] [--breakdown] [--json FILE]
+Usage: .venv/bin/python bench/bench_start.py [-n 20] [--warmup 2] [--breakdown]
+       [--compare-src DIR] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import statistics
 import sys
@@ -37,6 +42,8 @@ from _common import (
     close_celery_client,
     emit,
     machine,
+    side_bench,
+    side_labels,
     summary_ms,
 )
 
@@ -44,24 +51,25 @@ from celery_app.core.readiness import wait_ready
 from celery_app.vocab.naming import network_name
 
 TEAM = "benchteam"
+ALT_TEAM = "benchteamalt"  # the compared checkout's team: its own network, no name clash
 CHALLENGE = "web"
 TASK_TIMEOUT = 60
 
 
-def start_via_celery(client: Any) -> float:
+def start_via_celery(client: Any, team: str = TEAM) -> float:
     """A: submit start_container and wait for the running instance; return seconds."""
     began = time.perf_counter()
     inst = client.send_task("celery_app.tasks.start_container",
-                            args=[CHALLENGE, TEAM]).get(timeout=TASK_TIMEOUT)
+                            args=[CHALLENGE, team]).get(timeout=TASK_TIMEOUT)
     elapsed = time.perf_counter() - began
     if inst.get("status") != "running":
         raise RuntimeError(f"start_container returned {inst}")
     return elapsed
 
 
-def stop_via_celery(client: Any) -> None:
+def stop_via_celery(client: Any, team: str = TEAM) -> None:
     client.send_task("celery_app.tasks.stop_container",
-                     args=[CHALLENGE, TEAM]).get(timeout=TASK_TIMEOUT)
+                     args=[CHALLENGE, team]).get(timeout=TASK_TIMEOUT)
 
 
 def start_raw(bench: Bench, index: int) -> tuple[float, str]:
@@ -118,27 +126,54 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time InstanceService.start in-process (C)")
+    parser.add_argument("--compare-src", type=Path,
+                        help="also start through a worker running this checkout (A')")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     args = parser.parse_args()
 
-    with bench_run() as bench:
-        worker = bench_worker(bench)
+    with bench_run() as bench, contextlib.ExitStack() as stack:
+        # Side by side, each worker's janitor must leave the other's objects alone.
+        main_env = {"CTF_EXTRA_LABELS": side_labels("main")} if args.compare_src else {}
+        worker = bench_worker(bench, **main_env)
         worker.start()
+        stack.callback(worker.stop)
         client = celery_client(bench)
+        alt_client = None
+        if args.compare_src:
+            alt = stack.enter_context(side_bench(bench))
+            alt_worker = bench_worker(alt, src=args.compare_src,
+                                      CTF_EXTRA_LABELS=side_labels("alt"))
+            alt_worker.start()
+            stack.callback(alt_worker.stop)
+            alt_client = celery_client(alt)
+            stack.callback(close_celery_client, alt_client)
         ctx = bench.context() if args.breakdown else None
-        samples: dict[str, list[float]] = {"celery": [], "raw": [], "inprocess": []}
+        samples: dict[str, list[float]] = {"celery": [], "celery_alt": [], "raw": [],
+                                           "inprocess": []}
         raw_ids: list[str] = []
         try:
             # The team network exists for the whole run: another challenge of the team stays up.
             client.send_task("celery_app.tasks.start_container",
                              args=["keep", TEAM]).get(timeout=TASK_TIMEOUT)
-            kinds = ["celery", "raw"] + (["inprocess"] if ctx else [])
+            if alt_client is not None:
+                alt_client.send_task("celery_app.tasks.start_container",
+                                     args=["keep", ALT_TEAM]).get(timeout=TASK_TIMEOUT)
+            kinds = (["celery", "raw"] + (["celery_alt"] if alt_client else [])
+                     + (["inprocess"] if ctx else []))
             for rnd in range(args.warmup + args.n):
-                order = kinds if rnd % 2 == 0 else list(reversed(kinds))
+                # Rotated and reversed: no side always runs first, or on a warmer engine.
+                shift = (rnd // 2) % len(kinds)
+                order = kinds[shift:] + kinds[:shift]
+                if rnd % 2 == 1:
+                    order.reverse()
                 for kind in order:
                     if kind == "celery":
                         took = start_via_celery(client)
                         stop_via_celery(client)
+                    elif kind == "celery_alt":
+                        assert alt_client is not None
+                        took = start_via_celery(alt_client, ALT_TEAM)
+                        stop_via_celery(alt_client, ALT_TEAM)
                     elif kind == "raw":
                         took, cid = start_raw(bench, rnd)
                         raw_ids.append(cid)
@@ -156,14 +191,16 @@ def main() -> int:
                       file=sys.stderr)
             client.send_task("celery_app.tasks.stop_container",
                              args=["keep", TEAM]).get(timeout=TASK_TIMEOUT)
+            if alt_client is not None:
+                alt_client.send_task("celery_app.tasks.stop_container",
+                                     args=["keep", ALT_TEAM]).get(timeout=TASK_TIMEOUT)
         finally:
             for cid in raw_ids:
                 bench.docker.api.remove_container(cid, force=True, v=True)
             if ctx is not None:
                 ctx.driver.close()
             close_celery_client(client)
-            worker.stop()
-            log = worker.log()
+        log = worker.log()
 
     in_worker = worker_durations(log)[args.warmup:]
     result: dict[str, Any] = {
@@ -176,6 +213,14 @@ def main() -> int:
                               / statistics.median(samples["raw"]), 3),
         "target_ratio": 1.10,
     }
+    if samples["celery_alt"]:
+        result["compare_src"] = str(args.compare_src)
+        result["celery_alt"] = summary_ms(samples["celery_alt"])
+        result["median_ratio_alt"] = round(statistics.median(samples["celery_alt"])
+                                           / statistics.median(samples["raw"]), 3)
+        # Below 1: this checkout starts faster than the compared one.
+        result["new_vs_compared"] = round(statistics.median(samples["celery"])
+                                          / statistics.median(samples["celery_alt"]), 3)
     if in_worker:
         result["celery_task_body"] = summary_ms(in_worker)
     if samples["inprocess"]:
