@@ -33,7 +33,8 @@ from celery_app.engine.firewall import EgressGuard
 from celery_app.errors import CatalogError, CTFError, ImageNotFound, StartFailed
 from celery_app.ingress import Ingress
 from celery_app.settings import Settings
-from celery_app.state.store import StateStore, map_redis_errors
+from celery_app.state.redis_errors import map_redis_errors
+from celery_app.state.store import StateStore
 from celery_app.vocab.models import Instance, iso, parse_iso, utcnow
 from celery_app.vocab.naming import (
     LABEL_CHALLENGE,

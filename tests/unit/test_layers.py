@@ -26,7 +26,6 @@ FLOORS = {"state": 1, "engine": 1, "core": 2, "hosts": 2, "ingress": 2, "loops":
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_RINGS = [
     {"core.pool", "core.reconcile", "core.service", "core.specs"},
-    {"state.pool_keys", "state.store"},
 ]
 
 
