@@ -31,7 +31,7 @@ from celery_app.errors import CTFError, InstanceBusy, OnOtherHost, TransientErro
 from celery_app.hosts.placement import host_of, parse_beats, present, present_with
 from celery_app.hosts.routing import host_queue
 from celery_app.loops.events import index_is_live
-from celery_app.vocab.naming import check_team_id, instance_key
+from celery_app.vocab.naming import check_team_id, container_name, instance_key
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")
@@ -114,7 +114,7 @@ def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[
     A success is logged at ``level``; a refusal at WARNING and a crash at ERROR, always.
     """
     began = time.monotonic()
-    container = f"ctf-{challenge}-{team_id}" if challenge and team_id else "-"
+    container = container_name(challenge, team_id) if challenge and team_id else "-"
     try:
         result = fn()
     except (OnOtherHost, InstanceBusy, Ignore):

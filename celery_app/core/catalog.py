@@ -21,7 +21,7 @@ from celery_app.settings import Settings
 from celery_app.vocab.limits import ALLOWED_CAPS, CATALOG_SIZE_RE, check_size
 from celery_app.vocab.limits import catalog_size_bytes as _size_bytes
 from celery_app.vocab.models import InstanceKey
-from celery_app.vocab.naming import CHALLENGE_ID_RE, check_team_id
+from celery_app.vocab.naming import CHALLENGE_ID_RE, check_team_id, container_name
 
 # docker run --user: a uid or name, optionally ":" and a gid or group name.
 _USER_RE = re.compile(r"^(\d{1,10}|[a-z_][a-z0-9_.-]{0,31})(:(\d{1,10}|[a-z_][a-z0-9_.-]{0,31}))?$")
@@ -317,7 +317,8 @@ def _check_names_unambiguous(ids: list[str], source: str) -> None:
                 raise CatalogError(
                     f"{source}: challenge ids {short!r} and {long!r} can give two instances one "
                     f"container name: team {team!r}'s {short} and team 'x''s {long} would both "
-                    f"be ctf-{short}-{team}; rename one of them (e.g. {long.replace('-', '_')!r})"
+                    f"be {container_name(short, team)}; rename one of them "
+                    f"(e.g. {long.replace('-', '_')!r})"
                 )
 
 

@@ -6,7 +6,7 @@ claimed by nobody. The life of one pool container:
 1. **Boot** (:meth:`Pool.run_once`, the ``refill_pools`` task): created like a cold start's
    container (same hardening, same image, ports published as a cold one's), but named
    ``ctfpool-<challenge>-<slot>`` and labelled ``ctf.pool=<slot>`` with *no* ``ctf.team``,
-   on the host's holding network ``ctf-pool-<host>``: an internal bridge (no route out of
+   on the host's holding network ``ctf-pool-<host>-<digest>``: an internal bridge (no route out of
    its subnet) with inter-container traffic off, its subnet from ``CTF_TEAM_SUBNET_POOL``
    (so the egress firewall's drop of that range towards the host holds for it too). A
    published port has no host binding while the container sits on an internal network.
@@ -26,6 +26,10 @@ claimed by nobody. The life of one pool container:
    loss (:func:`celery_app.vocab.naming.read_claim`).
 
 Redis keys: :mod:`celery_app.state.pool_keys` (part of the state; it lists them).
+
+:class:`Pool` is handed the parts it uses (settings, catalog, driver, store, the host's
+:class:`~celery_app.core.specs.InstanceSpecs` and egress guard), never the service: the
+service builds it and hands it to ``InstanceSpecs.create`` as its warm pool.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -51,10 +55,13 @@ from prometheus_client.registry import Collector
 from celery_app.core.catalog import Catalog, Challenge
 from celery_app.core.flags import in_app_flag, team_flag
 from celery_app.core.readiness import probe_once
-from celery_app.engine.docker_driver import ContainerInfo, ContainerSpec, NetworkInfo, carries
+from celery_app.core.specs import InstanceSpecs
+from celery_app.engine.driver import ContainerInfo, ContainerSpec, Driver, NetworkInfo, carries
+from celery_app.engine.firewall import EgressGuard
 from celery_app.errors import CTFError, DockerUnavailable
+from celery_app.settings import Settings
 from celery_app.state.pool_keys import LATENCY_BUCKETS, PoolKeys
-from celery_app.state.store import one_at_a_time
+from celery_app.state.store import StateStore, one_at_a_time
 from celery_app.vocab.models import Instance
 from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
@@ -64,12 +71,9 @@ from celery_app.vocab.naming import (
     LABEL_POOL,
     LABEL_STARTED_AT,
     POOL_NAME_PREFIX,
+    holding_network_name,
     pool_container_name,
 )
-
-if TYPE_CHECKING:
-
-    from celery_app.core.service import InstanceService
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,7 @@ def holding_network(host: str, scope: dict[str, str], subnets: str) -> str:
     range), so a new pool gets a new holding network rather than reusing one outside it.
     """
     key = repr((subnets, sorted(scope.items())))
-    return f"ctf-pool-{host}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return holding_network_name(host, hashlib.sha256(key.encode()).hexdigest()[:8])
 
 
 def flag_held(
@@ -145,27 +149,42 @@ class Pool:
     """The warm pools of one host: claims for starts, and the pass that keeps them full.
 
     Args:
-        service: the host's instance service (its driver, store, settings and catalog).
+        settings: the service settings (subnets, flags, the global instance limit).
+        catalog: the challenges (which are pooled, and how many).
+        driver: the host's engine.
+        store: the state store (its ``pools`` keys, and the instance counts).
+        specs: the host's instance specs (hardening, port rule, image policy, scope labels).
+        egress: the host's egress firewall (admit at boot, release at removal).
+        host: the host's name.
+        host_max: the host's ``max_instances`` (0: no per-host limit).
     """
 
-    def __init__(self, service: InstanceService) -> None:
-        self.svc = service
-        self.keys = service.store.pools
-        self.host = service.host
-        self.network = holding_network(service.host, service.scope_labels,
-                                       service.settings.team_subnet_pool)
+    def __init__(self, settings: Settings, catalog: Catalog, driver: Driver, store: StateStore,
+                 specs: InstanceSpecs, egress: EgressGuard, host: str,
+                 host_max: int = 0) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.driver = driver
+        self.store = store
+        self.specs = specs
+        self.egress = egress
+        self.host = host
+        self.host_max = host_max
+        self.keys = store.pools
+        self.scope_labels = specs.scope_labels
+        self.network = holding_network(host, self.scope_labels, settings.team_subnet_pool)
 
     @property
     def usable(self) -> bool:
         """Pools need the engine's own machine: the readiness probe uses container addresses."""
-        return self.svc.driver.is_local
+        return self.driver.is_local
 
     def has_ready(self, ch: Challenge) -> bool:
         """Whether a start of ``ch`` here would likely claim (a ready container, one Redis call)."""
         return ch.pool > 0 and self.usable and self.keys.ready_count(self.host, ch.id) > 0
 
     def _pool_labels(self, ch: Challenge, slot: str) -> dict[str, str]:
-        return {**self.svc.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: ch.id,
+        return {**self.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: ch.id,
                 LABEL_POOL: slot, LABEL_EGRESS: ch.egress}
 
     # -- claim (InstanceService.start, step 7) ----------------------------------------------
@@ -195,7 +214,7 @@ class Pool:
                 self.keys.count(self.host, ch.id, "misses")
                 return None
             # 2. ours, alive, unclaimed
-            info = self.svc.driver.get_container(pool_container_name(ch.id, slot))
+            info = self.driver.get_container(pool_container_name(ch.id, slot))
             if info is None or info.state != "running" \
                     or not carries(info.labels, self._pool_labels(ch, slot)):
                 self._remove(info)
@@ -205,14 +224,14 @@ class Pool:
                 self.keys.bind(ch.id, team, slot)
                 # 4. the team network, where a cold start would be; never the holding one
                 if self.network in self._networks(info):
-                    self.svc.driver.disconnect_network(info.id, self.network)
-                self.svc.driver.connect_network(
+                    self.driver.disconnect_network(info.id, self.network)
+                self.driver.connect_network(
                     info.id, net.name, ip=spec.ip,
                     options={LABEL_STARTED_AT: inst.started_at,
                              LABEL_EXPIRES_AT: inst.expires_at})
                 # 5. the instance's name: Docker's record of which team holds it
-                self.svc.driver.rename_container(info.id, spec.name)
-                claimed = self.svc.driver.get_container(info.id)
+                self.driver.rename_container(info.id, spec.name)
+                claimed = self.driver.get_container(info.id)
                 if claimed is None:
                     raise DockerUnavailable(f"pool container {info.name} vanished at its claim")
             except CTFError as exc:
@@ -228,19 +247,18 @@ class Pool:
         if info is None:
             return
         with contextlib.suppress(CTFError):
-            self.svc.egress.release(info)
-            self.svc.driver.remove_container(info.id)
+            self.egress.release(info)
+            self.driver.remove_container(info.id)
 
     # -- capacity ---------------------------------------------------------------------------
 
     def _overflow(self) -> int:
         """How many containers this host (or the service) holds beyond its limit."""
-        svc = self.svc
         members = self.keys.members()
         here = sum(1 for k in members if k.startswith(f"{self.host}/"))
-        over = svc.store.count() + len(members) - svc.settings.max_instances
-        if svc.host_max:
-            over = max(over, svc.store.count(self.host) + here - svc.host_max)
+        over = self.store.count() + len(members) - self.settings.max_instances
+        if self.host_max:
+            over = max(over, self.store.count(self.host) + here - self.host_max)
         return min(over, here)
 
     def make_room(self) -> list[str]:
@@ -262,7 +280,7 @@ class Pool:
             if len(removed) >= over:
                 break
             if self.keys.withdraw(self.host, challenge, slot):
-                self._remove(self.svc.driver.get_container(pool_container_name(challenge, slot)))
+                self._remove(self.driver.get_container(pool_container_name(challenge, slot)))
                 removed.append(pool_container_name(challenge, slot))
         if removed:
             log.info("pool: host=%s gave way to a start: removed %s", self.host, removed)
@@ -292,14 +310,12 @@ class Pool:
         return summary
 
     def _pass(self, now: float, summary: PoolSummary) -> None:
-        svc = self.svc
-        catalog: Catalog = svc.catalog
-        pooled = {ch.id: ch for ch in catalog if ch.pool > 0} if self.usable else {}
+        pooled = {ch.id: ch for ch in self.catalog if ch.pool > 0} if self.usable else {}
         if not pooled:
             return  # nothing to keep; leftovers of a pool set to 0 are the janitor's orphans
         # 2. Docker is the truth
         unclaimed: dict[str, list[ContainerInfo]] = {ch: [] for ch in pooled}
-        for c in svc.driver.list_containers({**svc.scope_labels, LABEL_HOST: self.host}):
+        for c in self.driver.list_containers({**self.scope_labels, LABEL_HOST: self.host}):
             slot = c.labels.get(LABEL_POOL)
             if not slot:
                 continue
@@ -338,7 +354,7 @@ class Pool:
 
     def _user_starting(self) -> bool:
         """Whether a user's start is in flight on this host (it comes first)."""
-        return any(r.status == "starting" for r in self.svc.store.list(host=self.host))
+        return any(r.status == "starting" for r in self.store.list(host=self.host))
 
     def _judge(
         self, ch: Challenge | None, found: list[ContainerInfo], now: float,
@@ -376,8 +392,8 @@ class Pool:
             elif slot not in ready and self._answers(ch, c):
                 # parked: off the holding network, on none at all, until a claim
                 try:
-                    self.svc.egress.release(c)  # its holding address is given up
-                    self.svc.driver.disconnect_network(c.id, self.network)
+                    self.egress.release(c)  # its holding address is given up
+                    self.driver.disconnect_network(c.id, self.network)
                 except CTFError as exc:
                     summary.errors.append(f"{c.name}: {exc}")
                     keep.append(c)
@@ -396,36 +412,35 @@ class Pool:
         """The cold start's readiness probe, on the container's holding address."""
         if not c.ip:
             return False
-        port = self.svc.specs.container_port(ch)  # the service's port rule
+        port = self.specs.container_port(ch)  # a cold start's port rule
         return probe_once(c.ip, port, ch.protocol, ch.health_path, timeout=1.0)
 
     def _boot(self, ch: Challenge) -> str:
         """Boot one pool container of ``ch`` on the holding network; return its name."""
-        svc = self.svc
-        svc.ensure_image(ch)
-        svc.egress.require()  # fail closed, as a cold start
-        port = svc.specs.container_port(ch)
-        net = svc.driver.ensure_named_network(
-            self.network, {**svc.scope_labels, LABEL_HOST: self.host, LABEL_POOL: "holding"},
-            svc.settings.team_subnet_pool, svc.settings.team_subnet_prefix,
+        self.specs.ensure_image(ch)
+        self.egress.require()  # fail closed, as a cold start
+        port = self.specs.container_port(ch)
+        net = self.driver.ensure_named_network(
+            self.network, {**self.scope_labels, LABEL_HOST: self.host, LABEL_POOL: "holding"},
+            self.settings.team_subnet_pool, self.settings.team_subnet_prefix,
             internal=True, options=_ICC_OFF,
         )
         slot = secrets.token_hex(6)
         name = pool_container_name(ch.id, slot)
         env = dict(ch.env)
         if ch.flag_env:
-            env[ch.flag_env] = slot_flag(svc.settings.flag_secret_value(), ch.id, slot,
-                                         svc.settings.flag_format)
-        spec = svc.specs.container_spec(  # the cold start's hardening
+            env[ch.flag_env] = slot_flag(self.settings.flag_secret_value(), ch.id, slot,
+                                         self.settings.flag_format)
+        spec = self.specs.container_spec(  # the cold start's hardening
             ch, name, "", self._pool_labels(ch, slot), env, port, ip=None, network=self.network)
         self.keys.add_member(self.host, slot, ch.id)  # counted before it exists
         try:
-            info = svc.driver.run_container(spec)
-            svc.egress.admit(info, net)
+            info = self.driver.run_container(spec)
+            self.egress.admit(info, net)
         except BaseException:
             self.keys.withdraw(self.host, ch.id, slot)
             with contextlib.suppress(CTFError):
-                svc.driver.remove_container(name)
+                self.driver.remove_container(name)
             raise
         return name
 
@@ -433,7 +448,7 @@ class Pool:
 
     def drain(self, challenge: str) -> None:
         """Remove the challenge's unclaimed containers now (before an image update)."""
-        self.svc.catalog.get(challenge)
+        self.catalog.get(challenge)
         self.keys.drain(challenge)
         self.run_once()
 

@@ -1,32 +1,36 @@
 """Reconcile: keep the Redis index true to the engine's containers.
 
-:class:`Reconciler` is built on a service, like the janitor. It rebuilds a host's index from
-Docker labels (:meth:`Reconciler.run`, at worker start, on demand and when the index was
-lost), brings one instance in line (:meth:`Reconciler.adopt`), judges one container's news
-(:meth:`Reconciler.mark_failed`, :meth:`Reconciler.forget_removed`: the event follower and
-the janitor's safety net) and repairs ingress routes (:meth:`Reconciler.sync_routes`). Every
-change is decided under the instance's lock on a fresh look; an instance busy in another
-operation is left to it. :class:`~celery_app.core.service.InstanceService` keeps the public
-names (``reconcile``, ``adopt``, ``mark_failed``, ``forget_removed``, ``sync_routes``).
+:class:`Reconciler` is handed the parts it uses (settings, catalog, driver, store and the
+host's :class:`~celery_app.core.specs.InstanceSpecs`), never the service, which builds it.
+It rebuilds a host's index from Docker labels (:meth:`Reconciler.run`, at worker start, on
+demand and when the index was lost), brings one instance in line (:meth:`Reconciler.adopt`),
+judges one container's news (:meth:`Reconciler.mark_failed`,
+:meth:`Reconciler.forget_removed`: the event follower and the janitor's safety net) and
+repairs ingress routes (:meth:`Reconciler.sync_routes`). Every change is decided under the
+instance's lock on a fresh look; an instance busy in another operation is left to it.
+:class:`~celery_app.core.service.InstanceService` keeps the public names (``reconcile``,
+``adopt``, ``mark_failed``, ``forget_removed``, ``sync_routes``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from celery_app.core.catalog import Challenge
-from celery_app.engine.driver import ContainerInfo
+from redis.lock import Lock
+
+from celery_app.core.catalog import Catalog, Challenge
+from celery_app.core.specs import InstanceSpecs
+from celery_app.engine.driver import ContainerInfo, Driver
 from celery_app.errors import CTFError, InstanceBusy, InvalidRequest
-from celery_app.state.store import LOCK_HOLD
+from celery_app.settings import Settings
+from celery_app.state.store import LOCK_HOLD, StateStore
 from celery_app.vocab.models import Instance, utcnow
-from celery_app.vocab.naming import check_team_id, container_name
-
-if TYPE_CHECKING:
-    from celery_app.core.service import InstanceService
+from celery_app.vocab.naming import check_team_id, instance_key, split_instance_key
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +66,32 @@ class Reconciler:
     """Keeps one host's index true to its engine (see the module docstring).
 
     Args:
-        service: the host's instance service (its store, driver, catalog, specs and locks).
+        settings: the service settings (the orphan grace).
+        catalog: the challenges.
+        driver: the host's engine.
+        store: the state store (records and the instances' locks).
+        specs: the host's instance specs (names, labels, adoption, probes, flags, its ingress,
+            the team network's removal).
+        host: the host's name.
     """
 
-    def __init__(self, service: InstanceService) -> None:
-        self.service = service
-        self.settings = service.settings
-        self.catalog = service.catalog
-        self.driver = service.driver
-        self.store = service.store
-        self.specs = service.specs
-        self.ingress = service.ingress
-        self.host = service.host
+    def __init__(self, settings: Settings, catalog: Catalog, driver: Driver, store: StateStore,
+                 specs: InstanceSpecs, host: str) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.driver = driver
+        self.store = store
+        self.specs = specs
+        self.ingress = specs.ingress
+        self.host = host
+
+    def _locked(self, challenge: str, team_id: str, wait: float) -> AbstractContextManager[Lock]:
+        """Hold the instance's lock, waiting at most ``wait`` s (``InstanceBusy`` after)."""
+        return self.store.holding(challenge, team_id, LOCK_HOLD, wait)
+
+    def _main(self, challenge: str, team_id: str) -> str:
+        """The name of the instance's container players reach (``InstanceSpecs.layout``)."""
+        return self.specs.layout(challenge, team_id).main
 
     def run(self, now: datetime | None = None) -> ReconcileSummary:
         """Rebuild this host's Redis index from Docker labels.
@@ -100,9 +118,9 @@ class Reconciler:
             except CTFError:
                 log.info("reconcile: %s is not an instance; left to the janitor", c.name)
                 continue
-            if c.name != container_name(ch.id, c.team_id):
+            if c.name != self._main(ch.id, c.team_id):
                 continue
-            key = f"{ch.id}/{c.team_id}"
+            key = instance_key(ch.id, c.team_id)
             rec = records.pop(key, None)
             if rec is None or (rec.status == "running" and c.state != "running"):
                 suspects[key] = ch
@@ -115,7 +133,7 @@ class Reconciler:
                 self.store.delete(rec.challenge, rec.team_id, self.host)
                 summary.forgotten.append(key)
         for key, ch in suspects.items():
-            self._reconcile_one(ch, key.split("/", 1)[1], now, summary)
+            self._reconcile_one(ch, split_instance_key(key)[1], now, summary)
         self.sync_routes()
         self.store.mark_reconciled(self.host)
         log.info("reconcile host=%s %s", self.host, summary.as_dict())
@@ -150,7 +168,7 @@ class Reconciler:
         """Bring one instance's record in line with its container, under its lock."""
         # 1. lock (challenge, team); a start or stop holding it knows better than we do.
         try:
-            with self.service.locked(ch.id, team, hold=LOCK_HOLD, wait=BUSY_WAIT):
+            with self._locked(ch.id, team, BUSY_WAIT):
                 self._bring_in_line(ch, team, now, summary)
         except InstanceBusy:
             log.info("reconcile: %s/%s is busy; left to the operation in progress", ch.id, team)
@@ -158,13 +176,13 @@ class Reconciler:
     def _bring_in_line(
         self, ch: Challenge, team: str, now: datetime, summary: ReconcileSummary
     ) -> None:
-        key = f"{ch.id}/{team}"
+        key = instance_key(ch.id, team)
         # 2. look again: the listings may be out of date by now.
         rec = self.store.get(ch.id, team)
         if rec is not None and rec.host != self.host:
             return  # recorded on another host: that host's reconcile owns it
         try:
-            info = self.specs.own_container(container_name(ch.id, team), ch.id, team)
+            info = self.specs.own_container(self._main(ch.id, team), ch.id, team)
         except InvalidRequest:
             info = None  # not ours after all
         # 3. the container is gone: forget the record, unless a start is young.
@@ -203,7 +221,7 @@ class Reconciler:
             if c.state == "running" and c.ip:
                 with contextlib.suppress(CTFError):
                     ch = self.catalog.get(c.challenge)
-                    if c.name == container_name(ch.id, c.team_id):
+                    if c.name == self._main(ch.id, c.team_id):
                         running[c.name] = (ch, c)
         for name in self.ingress.route_names() - set(running):
             if self.ingress.route_age(name) >= self.settings.orphan_grace:
@@ -237,7 +255,7 @@ class Reconciler:
                                started_at=record.started_at, generation=generation)
         if record.status != "running" or record.url == url:
             return
-        with self.service.locked(ch.id, record.team_id, hold=LOCK_HOLD, wait=BUSY_WAIT):
+        with self._locked(ch.id, record.team_id, BUSY_WAIT):
             fresh = self.store.get(ch.id, record.team_id)
             if fresh is None or fresh.status != "running" \
                     or fresh.container_id != record.container_id or fresh.url == url:
@@ -280,7 +298,7 @@ class Reconciler:
             return verdict
         # 2. lock the instance; a start or stop holding it knows better.
         try:
-            with self.service.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait):
+            with self._locked(challenge, team_id, wait):
                 # 3. look again under the lock, at the record and at the container itself.
                 rec = self.store.get(challenge, team_id)
                 verdict = self._judge(rec, container_id)
@@ -309,7 +327,7 @@ class Reconciler:
             ``"marked"``, ``"busy"`` (a start or stop holds it) or ``"unchanged"``.
         """
         try:
-            with self.service.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait):
+            with self._locked(challenge, team_id, wait):
                 rec = self.store.get(challenge, team_id)
                 if self._judge(rec, container_id) != "go" or rec is None:
                     return "unchanged"
@@ -346,7 +364,8 @@ class Reconciler:
         with contextlib.suppress(CTFError):
             logs = self.driver.container_logs(info.id, tail=FAILED_LOG_LINES).strip()
         with contextlib.suppress(CTFError):
-            logs = logs.replace(self.service.flag_for(rec.challenge, rec.team_id), "[flag]")
+            key = self.catalog.key(rec.challenge, rec.team_id)
+            logs = logs.replace(self.specs.flag(key.challenge, key.team), "[flag]")
         return {"status": "failed", "error": why, "exit_code": info.exit_code,
                 "oom": info.oom_killed, "logs": logs[-FAILED_LOG_CHARS:] or None}
 
@@ -370,7 +389,7 @@ class Reconciler:
         if verdict != "go":
             return verdict
         try:
-            with self.service.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait):
+            with self._locked(challenge, team_id, wait):
                 rec = self.store.get(challenge, team_id)
                 verdict = self._judge_removal(rec, container_id)
                 if verdict != "go" or rec is None:
@@ -381,7 +400,7 @@ class Reconciler:
         except InstanceBusy:
             return "busy"
         with contextlib.suppress(CTFError):
-            self.service.remove_network_if_unused(team_id)
+            self.specs.remove_network_if_unused(team_id)
         return "forgotten"
 
     def _judge_removal(self, rec: Instance | None, container_id: str) -> str:

@@ -42,6 +42,11 @@ NO_INTENT = -1
 class InstanceService:
     """Starts, stops, extends and lists the instances of one Docker host.
 
+    It builds the parts below it and hands each what it uses, never itself: the
+    :class:`InstanceSpecs` (settings, driver, store, ingress, host), then the
+    :class:`Reconciler` and the :class:`Pool` (those parts and the specs; the pool also the
+    egress guard and ``host_max``). The pool reaches the specs' creation as its warm pool.
+
     Args:
         settings: the service settings.
         catalog: the challenges.
@@ -73,9 +78,11 @@ class InstanceService:
         self.specs = InstanceSpecs(settings, driver, store, self.ingress, host, self.public_host)
         # Only what carries all these labels is ours (tests add a run label here).
         self.scope_labels = self.specs.scope_labels
-        self.reconciler = Reconciler(self)
+        # The parts below the service get what they use, never the service itself.
+        self.reconciler = Reconciler(settings, catalog, driver, store, self.specs, host)
         # Warm pools (issue 14): containers booted ahead, claimed in start's step 7.
-        self.pool = Pool(self)
+        self.pool = Pool(settings, catalog, driver, store, self.specs, self.egress, host,
+                         host_max)
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -4,6 +4,11 @@
 creates (hardening is the driver's; what and where is decided here), makes it on the team's
 network, reads an instance back from a container's labels, and probes it until it answers.
 The rules of when to create, reuse or remove are :mod:`celery_app.core.service`'s.
+
+An instance is a group of containers on a network (:class:`InstanceLayout`, from
+:meth:`InstanceSpecs.layout`): one container today; a Compose challenge's services join the
+group there. The specs sit below the pool and reconcile and import neither: a creation that
+may claim a warm container is handed the host's pool as a :class:`WarmPool`.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redis.exceptions import LockError
 from redis.lock import Lock
@@ -25,6 +31,7 @@ from celery_app.engine.driver import (
     ContainerSpec,
     Driver,
     Filesystem,
+    NetworkInfo,
     ProgressFn,
     carries,
     check_ours,
@@ -33,7 +40,8 @@ from celery_app.engine.firewall import EgressGuard
 from celery_app.errors import CatalogError, CTFError, ImageNotFound, StartFailed
 from celery_app.ingress import Ingress
 from celery_app.settings import Settings
-from celery_app.state.store import StateStore, map_redis_errors
+from celery_app.state.redis_errors import map_redis_errors
+from celery_app.state.store import StateStore
 from celery_app.vocab.models import Instance, iso, parse_iso, utcnow
 from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
@@ -48,15 +56,44 @@ from celery_app.vocab.naming import (
     network_name,
 )
 
-if TYPE_CHECKING:  # the pool builds on the service, which builds on these specs
-    from celery_app.core.pool import Pool
-
 log = logging.getLogger(__name__)
 
 # After Redis lost an instance, an adopted one past its recorded expiry gets this much grace.
 ADOPT_GRACE = 60
 # A failed start stays visible (status "failed" with its error) this long, then is reaped.
 FAILED_RECORD_TTL = 120
+
+
+@dataclass(frozen=True)
+class InstanceLayout:
+    """Where one instance lives on its engine: its network and the names of its containers.
+
+    An instance is a group of containers on a network. Today the group has one member, the
+    challenge's container (:attr:`main`), on the team's network. Compose challenges (the next
+    issue, SPEC §12) add one member per service, each named by
+    :mod:`celery_app.vocab.naming`; everything that creates or names an instance's parts
+    asks :meth:`InstanceSpecs.layout` for them.
+    """
+
+    network: str
+    containers: tuple[str, ...]
+
+    @property
+    def main(self) -> str:
+        """The container players reach: routed, probed, recorded as ``container_name``."""
+        return self.containers[0]
+
+
+class WarmPool(Protocol):
+    """What a creation asks of the host's warm pools (:class:`celery_app.core.pool.Pool`)."""
+
+    def claim(
+        self, ch: Challenge, team: str, net: NetworkInfo, spec: ContainerSpec, inst: Instance
+    ) -> ContainerInfo | None:
+        """Hand a ready pool container to ``team`` as ``spec``; ``None`` when none is ready."""
+
+    def make_room(self) -> list[str]:
+        """Remove unclaimed containers while the host is over its limit; return their names."""
 
 
 class InstanceSpecs:
@@ -84,6 +121,11 @@ class InstanceSpecs:
         self._exposed_port_cache: dict[str, int] = {}
 
     # -- labels and names -------------------------------------------------------------------
+
+    def layout(self, challenge: str, team_id: str) -> InstanceLayout:
+        """The network and container names of the team's instance of ``challenge``."""
+        return InstanceLayout(network=network_name(team_id),
+                              containers=(container_name(challenge, team_id),))
 
     def labels(self, team_id: str, challenge: str | None = None) -> dict[str, str]:
         """The labels of a team's network (and, with ``challenge``, of its container)."""
@@ -162,7 +204,7 @@ class InstanceSpecs:
         assert ch.ttl is not None
         return Instance(
             team_id=team, challenge=ch.id, status="starting",
-            container_name=container_name(ch.id, team), host=self.host, started_at=iso(now),
+            container_name=self.layout(ch.id, team).main, host=self.host, started_at=iso(now),
             expires_at=iso(now + timedelta(seconds=ch.ttl)),
         )
 
@@ -179,16 +221,18 @@ class InstanceSpecs:
         labels[LABEL_STARTED_AT] = inst.started_at
         labels[LABEL_EXPIRES_AT] = inst.expires_at
         labels[LABEL_EGRESS] = ch.egress
+        network = self.layout(ch.id, team).network
         ip = None
         if self.ingress.enabled:
             # The route is written before the container exists, with the address the
             # container will get (we hold the team's network lock): Traefik loads it while
             # Docker creates and starts the container, not after.
-            ip = self.driver.free_address(network_name(team))
+            ip = self.driver.free_address(network)
             if ip is not None:
                 self.ingress.add_route(inst.container_name, ch.id, team, ch.protocol, ip, port,
                                        started_at=inst.started_at)
-        return self.container_spec(ch, inst.container_name, team, labels, env, port, ip)
+        return self.container_spec(ch, inst.container_name, team, labels, env, port, ip,
+                                   network=network)
 
     def container_spec(
         self, ch: Challenge, name: str, team: str, labels: dict[str, str],
@@ -208,7 +252,7 @@ class InstanceSpecs:
         )
 
     def create(self, ch: Challenge, team: str, port: int, inst: Instance,
-               egress: EgressGuard, pool: Pool | None = None, *,
+               egress: EgressGuard, pool: WarmPool | None = None, *,
                image_checked: bool = True) -> ContainerInfo:
         """Make the team's network (if needed) and ``inst``'s container, admitted by ``egress``.
 
@@ -220,9 +264,9 @@ class InstanceSpecs:
         container was ready; a cold start after a missed claim checks (or pulls) it here.
         """
         with self.store.holding_network(team):
-            net = self.driver.ensure_network(
-                team, self.labels(team), self.settings.team_subnet_pool,
-                self.settings.team_subnet_prefix,
+            net = self.driver.ensure_named_network(
+                self.layout(ch.id, team).network, self.labels(team),
+                self.settings.team_subnet_pool, self.settings.team_subnet_prefix,
             )
             spec = self.spec(ch, team, port, inst)
             info = pool.claim(ch, team, net, spec, inst) if pool and ch.pool else None

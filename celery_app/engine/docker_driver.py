@@ -451,10 +451,11 @@ class DockerDriver:
         """
         api = self.client.api
         port_key = f"{spec.port}/tcp"
+        network = spec.network or network_name(spec.team_id)
         host_config = api.create_host_config(
             port_bindings={port_key: (spec.publish_ip, spec.port_range or "")}
             if spec.publish else None,
-            network_mode=spec.network or network_name(spec.team_id),
+            network_mode=network,
             cap_drop=["ALL"],
             cap_add=spec.cap_add or None,
             security_opt=["no-new-privileges:true"],
@@ -485,7 +486,7 @@ class DockerDriver:
                     user=spec.user or None,
                     detach=True,
                     networking_config=api.create_networking_config({
-                        network_name(spec.team_id): api.create_endpoint_config(
+                        network: api.create_endpoint_config(
                             ipv4_address=spec.ip),
                     }) if spec.ip else None,
                 )

@@ -79,7 +79,8 @@ class ContainerSpec:
     # The ingress (SPEC §11): no host port at all, and the address the route points to.
     publish: bool = True
     ip: str | None = None
-    # Warm pools (issue 14): the network it boots on instead of the team's.
+    # The network it joins: the instance's (InstanceSpecs.layout), a warm pool's holding one
+    # (issue 14); the team's when unset.
     network: str | None = None
     # The user the process runs as (catalog ``user``: ``uid[:gid]`` or a name of the image).
     user: str | None = None

@@ -20,6 +20,7 @@ from typing import Any
 from celery_app.ingress import probe, routes, tokens
 from celery_app.ingress.labels import instance_host, instance_label
 from celery_app.settings import Settings
+from celery_app.vocab.naming import CONTAINER_NAME_PREFIX
 
 
 def _no_revocations(_team_id: str) -> int:
@@ -129,7 +130,7 @@ class Ingress:
         """Return the container names that have a route file."""
         if not self.dynamic_dir.is_dir():
             return set()
-        return {p.stem for p in self.dynamic_dir.glob("ctf-*.yml")}
+        return {p.stem for p in self.dynamic_dir.glob(f"{CONTAINER_NAME_PREFIX}*.yml")}
 
     def route_age(self, container_name: str) -> float:
         """Return how many seconds ago the route file was written (0 when there is none)."""

@@ -1,7 +1,9 @@
 """The warm pools' Redis keys and their atomic steps (issue 14): the only code that spells them.
 
 Part of the state: :class:`~celery_app.state.store.StateStore` builds it (``store.pools``); the pool
-rules (:mod:`celery_app.core.pool`), placement, the API and metrics go through it.
+rules (:mod:`celery_app.core.pool`), placement, the API and metrics go through it. The store
+imports this module, never the reverse: both take ``map_redis_errors`` from
+:mod:`celery_app.state.redis_errors`, below them.
 
 Redis keys (rebuildable from Docker by the next pass, except the flag bindings, which
 reconcile rebuilds from living claimed containers and AOF keeps)::
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from celery_app.errors import CTFError
 from celery_app.state.keys import POOL_PREFIX as P
-from celery_app.state.store import map_redis_errors
+from celery_app.state.redis_errors import map_redis_errors
 from celery_app.vocab.naming import instance_key
 
 # Buckets of the claim-latency histogram (seconds).

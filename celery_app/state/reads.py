@@ -19,12 +19,12 @@ import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 
 from celery_app.state import keys
+from celery_app.state.redis_errors import map_redis_errors
 from celery_app.state.store import (
     TEAM_VIEW,
     Beats,
     decode_view,
     hostbeat_keys,
-    map_redis_errors,
     queue_one_view,
     team_view_keys,
 )

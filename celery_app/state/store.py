@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
 import redis
 import redis.exceptions
@@ -27,15 +27,15 @@ from celery_app.errors import (
     InstanceBusy,
     OnOtherHost,
     RateLimited,
-    RedisUnavailable,
     TeamQuotaExceeded,
 )
 from celery_app.state import keys
+from celery_app.state.pool_keys import PoolKeys
+from celery_app.state.redis_errors import (  # re-exported: the Dispatcher imports it from here
+    map_redis_errors as map_redis_errors,  # noqa: PLC0414
+)
 from celery_app.vocab.models import Instance
 from celery_app.vocab.naming import instance_key
-
-if TYPE_CHECKING:
-    from celery_app.state.pool_keys import PoolKeys
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +122,6 @@ def decode_view(
     found = sorted((Instance.model_validate_json(d) for d in docs if d), key=lambda i: i.key)
     beats: Beats = dict(zip(hosts, raw_beats, strict=True))
     return found, beats, sorted({i.host for i in found} - beats.keys())
-
-
-@contextlib.contextmanager
-def map_redis_errors(what: str) -> Iterator[None]:
-    """Translate redis-py connection failures into :class:`RedisUnavailable` (retryable).
-
-    The error's detail reaches teams (the API's 503, a task's error): it names no address.
-    redis-py's own message (with the host and port) goes to this process's log instead.
-    """
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        log.warning("%s: cannot reach Redis: %s", what, exc)
-        raise RedisUnavailable(f"{what}: cannot reach Redis (the state store); is "
-                               "redis-server running? This process's log has the address") \
-            from exc
-    except redis.exceptions.BusyLoadingError as exc:
-        raise RedisUnavailable(f"{what}: Redis is loading its data; retry shortly") from exc
 
 
 # Sliding-window rate limit: drop entries older than the window, count, admit or say how
@@ -266,8 +248,6 @@ class StateStore:
     def pools(self) -> PoolKeys:
         """The warm pools' keys and atomic steps (issue 14), on this store's client."""
         if self._pools is None:
-            from celery_app.state.pool_keys import PoolKeys  # noqa: PLC0415  # builds on us
-
             self._pools = PoolKeys(self.redis)
         return self._pools
 

@@ -26,6 +26,8 @@ LABEL_DISK: Final = "ctf.disk"
 # instance name (the team), and the team-network endpoint's driver options carry the claim's
 # started_at / expires_at. :func:`read_claim` folds both back into the labels as read.
 LABEL_POOL: Final = "ctf.pool"
+# Every instance container's name starts so (an ingress route file is named after it).
+CONTAINER_NAME_PREFIX: Final = "ctf-"
 POOL_NAME_PREFIX: Final = "ctfpool-"  # never an instance name, which starts "ctf-"
 
 
@@ -53,7 +55,7 @@ def check_team_id(team_id: object) -> str:
 
 def container_name(challenge: str, team_id: str) -> str:
     """Return the container name of an instance: ``ctf-<challenge>-<team_id>``."""
-    return f"ctf-{challenge}-{team_id}"
+    return f"{CONTAINER_NAME_PREFIX}{challenge}-{team_id}"
 
 
 def network_name(team_id: str) -> str:
@@ -70,6 +72,15 @@ def split_instance_key(key: str) -> tuple[str, str]:
     """Invert :func:`instance_key`: return ``(challenge, team_id)``."""
     challenge, _, team_id = key.partition("/")
     return challenge, team_id
+
+
+def holding_network_name(host: str, digest: str) -> str:
+    """Return the name of a host's warm-pool holding network: ``ctf-pool-<host>-<digest>``.
+
+    ``digest`` tells apart the holding networks of different subnet pools and deployments
+    (:func:`celery_app.core.pool.holding_network` computes it).
+    """
+    return f"ctf-pool-{host}-{digest}"
 
 
 def pool_container_name(challenge: str, slot: str) -> str:
