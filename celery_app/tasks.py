@@ -27,11 +27,13 @@ from celery.exceptions import Ignore
 
 from celery_app.celery_app import app
 from celery_app.context import Context, get_context
-from celery_app.errors import CTFError, InstanceBusy, OnOtherHost, TransientError
+from celery_app.errors import CTFError, InstanceBusy, TransientError
 from celery_app.hosts.placement import host_of, parse_beats, present, present_with
 from celery_app.hosts.routing import host_queue
 from celery_app.loops.events import index_is_live
+from celery_app.vocab import signals
 from celery_app.vocab.naming import check_team_id, instance_key
+from celery_app.vocab.signals import ControlSignal, OnOtherHost
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")
@@ -52,6 +54,7 @@ class InstancerTask(Task):  # type: ignore[misc]
 
     abstract = True
     autoretry_for = (TransientError,)
+    # the error a busy request ends with: its own retries (retry_when_free) are used up
     dont_autoretry_for = (InstanceBusy,)
     max_retries = MAX_RETRIES
     retry_backoff = 1
@@ -75,16 +78,17 @@ class InstancerTask(Task):  # type: ignore[misc]
         self._last_report = now
         self.update_state(state="PROGRESS", meta=event)
 
-    def retry_when_free(self, ctx: Context, exc: InstanceBusy) -> NoReturn:
+    def retry_when_free(self, ctx: Context, busy: signals.InstanceBusy) -> NoReturn:
         """Retry later, without holding a thread, while the instance is busy.
 
-        The delays grow to ``BUSY_DELAY_MAX`` seconds; the request gives up (with
+        The delays grow to ``BUSY_DELAY_MAX`` seconds; the request gives up (with the error
         ``InstanceBusy``) once it has waited about ``CTF_LOCK_WAIT`` seconds in all.
         """
         tries = int(self.request.retries or 0)
         budget = int(ctx.settings.lock_wait / BUSY_DELAY_MAX) + MAX_RETRIES
         delay = min(BUSY_DELAY_MAX, 0.25 * 2 ** tries) * random.uniform(0.8, 1.2)  # noqa: S311
-        raise self.retry(exc=exc, countdown=delay, max_retries=budget)
+        # The signal becomes the error only if this was the last try (Celery raises ``exc``).
+        raise self.retry(exc=InstanceBusy(busy.detail), countdown=delay, max_retries=budget)
 
     def hand_over(self, host: str, args: list[Any], kwargs: dict[str, Any]) -> NoReturn:
         """Send this very request to ``host``'s queue under the same task id; drop this copy.
@@ -117,7 +121,7 @@ def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[
     container = f"ctf-{challenge}-{team_id}" if challenge and team_id else "-"
     try:
         result = fn()
-    except (OnOtherHost, InstanceBusy, Ignore):
+    except (ControlSignal, Ignore):
         raise  # not an outcome: the request goes on elsewhere or later
     except CTFError as exc:
         log.warning(
@@ -175,7 +179,7 @@ def _on_instance(
         return _logged(name, challenge, team_id, lambda: act(ctx))
     except OnOtherHost as moved:  # it moved (or was placed elsewhere) meanwhile
         task.hand_over(moved.host, args, kwargs)
-    except InstanceBusy as busy:
+    except signals.InstanceBusy as busy:
         task.retry_when_free(ctx, busy)
 
 

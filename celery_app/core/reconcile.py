@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from celery_app.core.catalog import Challenge
 from celery_app.engine.driver import ContainerInfo
-from celery_app.errors import CTFError, InstanceBusy, InvalidRequest
+from celery_app.errors import CTFError, InvalidRequest
 from celery_app.state.store import LOCK_HOLD
 from celery_app.vocab.models import Instance, utcnow
 from celery_app.vocab.naming import check_team_id, container_name
+from celery_app.vocab.signals import ControlSignal, InstanceBusy
 
 if TYPE_CHECKING:
     from celery_app.core.service import InstanceService
@@ -380,7 +381,7 @@ class Reconciler:
                 self.store.delete(challenge, team_id, self.host)
         except InstanceBusy:
             return "busy"
-        with contextlib.suppress(CTFError):
+        with contextlib.suppress(CTFError, ControlSignal):  # a busy network: the janitor's
             self.service.remove_network_if_unused(team_id)
         return "forgotten"
 

@@ -24,7 +24,6 @@ from celery_app.errors import (
     CTFError,
     InstanceNotFound,
     MaxLifetimeReached,
-    OnOtherHost,
     Superseded,
 )
 from celery_app.ingress import Ingress
@@ -32,6 +31,7 @@ from celery_app.settings import Settings
 from celery_app.state.store import LOCK_HOLD, Beats, Done, StateStore
 from celery_app.vocab.models import Instance, iso, utcnow
 from celery_app.vocab.naming import check_team_id, container_name
+from celery_app.vocab.signals import ControlSignal, OnOtherHost
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class InstanceService:
                 # Nothing half-made: the reservation, and a network made only for this
                 # instance, go with the failed creation.
                 self.store.delete(ch.id, team, self.host)
-                with contextlib.suppress(CTFError):
+                with contextlib.suppress(CTFError, ControlSignal):
                     self.remove_network_if_unused(team)
                 raise
             # 8. record the container and its port.

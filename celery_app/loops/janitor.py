@@ -18,7 +18,7 @@ from typing import Any
 
 from celery_app.core.service import NO_INTENT, InstanceService
 from celery_app.engine.driver import ContainerInfo
-from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
+from celery_app.errors import CTFError, InstanceNotFound
 from celery_app.state.store import one_at_a_time
 from celery_app.vocab.models import Instance, utcnow
 from celery_app.vocab.naming import (
@@ -30,6 +30,7 @@ from celery_app.vocab.naming import (
     read_claim,
     split_instance_key,
 )
+from celery_app.vocab.signals import ControlSignal, InstanceBusy
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class Janitor:
                 if outcome == "marked":
                     summary.over_disk.append(layer.name)
                     log.warning("janitor: %s %s", layer.name, reason)
-            except CTFError as exc:
+            except (CTFError, ControlSignal) as exc:
                 summary.errors.append(f"{layer.name}: {exc}")
 
     def _expired_here(
@@ -240,7 +241,7 @@ class Janitor:
             svc.store.delete(challenge, team, svc.host)  # already gone: done
         except InstanceBusy:
             return key, ""  # a user is acting on it; the next pass sees it again
-        except CTFError as exc:
+        except (CTFError, ControlSignal) as exc:  # e.g. it moved to another host meanwhile
             return key, str(exc)
         return key, "removed"
 
@@ -324,5 +325,5 @@ class Janitor:
             try:
                 if svc.remove_network_if_unused(team, net.id):
                     summary.orphan_networks.append(net.name)
-            except CTFError as exc:
+            except (CTFError, ControlSignal) as exc:  # a busy network lock: the next pass
                 summary.errors.append(f"{net.name}: {exc}")

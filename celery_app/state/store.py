@@ -24,8 +24,6 @@ from redis.lock import Lock
 
 from celery_app.errors import (
     CapacityExhausted,
-    InstanceBusy,
-    OnOtherHost,
     RateLimited,
     RedisUnavailable,
     TeamQuotaExceeded,
@@ -33,6 +31,7 @@ from celery_app.errors import (
 from celery_app.state import keys
 from celery_app.vocab.models import Instance
 from celery_app.vocab.naming import instance_key
+from celery_app.vocab.signals import InstanceBusy, OnOtherHost
 
 if TYPE_CHECKING:
     from celery_app.state.pool_keys import PoolKeys

@@ -12,7 +12,6 @@ from celery_app.errors import (
     InstanceNotFound,
     InvalidTeamId,
     MaxLifetimeReached,
-    OnOtherHost,
     StartFailed,
     Superseded,
     TeamQuotaExceeded,
@@ -21,6 +20,7 @@ from celery_app.errors import (
 from celery_app.state.store import StateStore
 from celery_app.vocab.models import iso, utcnow
 from celery_app.vocab.naming import network_name
+from celery_app.vocab.signals import OnOtherHost
 from ctf_testkit.fake_driver import FakeDriver
 
 
