@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.exceptions import LockError
 from redis.lock import Lock
@@ -25,6 +25,7 @@ from celery_app.engine.driver import (
     ContainerSpec,
     Driver,
     Filesystem,
+    NetworkInfo,
     ProgressFn,
     carries,
     check_ours,
@@ -47,9 +48,6 @@ from celery_app.vocab.naming import (
     container_name,
     network_name,
 )
-
-if TYPE_CHECKING:  # the pool builds on the service, which builds on these specs
-    from celery_app.core.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -208,16 +206,15 @@ class InstanceSpecs:
         )
 
     def create(self, ch: Challenge, team: str, port: int, inst: Instance,
-               egress: EgressGuard, pool: Pool | None = None, *,
-               image_checked: bool = True) -> ContainerInfo:
+               egress: EgressGuard,
+               make: Callable[[NetworkInfo, ContainerSpec], ContainerInfo] | None = None,
+               ) -> ContainerInfo:
         """Make the team's network (if needed) and ``inst``'s container, admitted by ``egress``.
 
         Under the team's network lock: a stop of the team's last instance must not remove
         the network this container joins. A container the egress guard refuses is removed.
-        The container is a claimed warm-pool one when ``pool`` has one ready (issue 14);
-        before a cold one, the pools give way when the host is full, so no start is refused
-        for their sake. ``image_checked=False``: the start skipped the image because a pool
-        container was ready; a cold start after a missed claim checks (or pulls) it here.
+        ``make`` turns the network and the cold start's spec into the container (the
+        service's choice between a warm-pool claim and a cold start); a cold start by default.
         """
         with self.store.holding_network(team):
             net = self.driver.ensure_network(
@@ -225,13 +222,7 @@ class InstanceSpecs:
                 self.settings.team_subnet_prefix,
             )
             spec = self.spec(ch, team, port, inst)
-            info = pool.claim(ch, team, net, spec, inst) if pool and ch.pool else None
-            if info is None:
-                if not image_checked:
-                    self.ensure_image(ch)  # the ready one was taken meanwhile (rare)
-                if pool is not None:
-                    pool.make_room()
-                info = self.driver.run_container(spec)
+            info = (make or (lambda _net, cold: self.driver.run_container(cold)))(net, spec)
             try:
                 egress.admit(info, net)  # its bridge known, internet or not
             except CTFError:

@@ -29,14 +29,11 @@ class OnOtherHost(ControlSignal):
     Args:
         detail: what was found, for the log.
         host: the host whose worker acts on the instance.
-        counted: whether this request's rate-limit count was already taken (the host that
-            takes the request over must not count it again).
     """
 
-    def __init__(self, detail: str, host: str = "", counted: bool = False) -> None:
+    def __init__(self, detail: str, host: str = "") -> None:
         super().__init__(detail)
         self.host = host
-        self.counted = counted
 
 
 class InstanceBusy(ControlSignal):

@@ -42,8 +42,8 @@ def test_control_signals_are_not_errors() -> None:
         assert issubclass(signal, signals.ControlSignal)
         assert not issubclass(signal, CTFError)
     assert not hasattr(errors, "OnOtherHost")
-    moved = signals.OnOtherHost("on b", host="b", counted=True)
-    assert (moved.host, moved.counted, moved.detail) == ("b", True, "on b")
+    moved = signals.OnOtherHost("on b", host="b")
+    assert (moved.host, moved.detail) == ("b", "on b")
 
 
 def test_a_request_that_gives_up_busy_keeps_its_wire_code() -> None:
