@@ -22,7 +22,7 @@ from celery_app.core.catalog import Challenge
 from celery_app.engine.driver import ContainerInfo
 from celery_app.errors import CTFError, InvalidRequest
 from celery_app.state.store import LOCK_HOLD
-from celery_app.vocab.models import Instance, utcnow
+from celery_app.vocab.models import Instance, InstanceKey, utcnow
 from celery_app.vocab.naming import check_team_id, container_name
 from celery_app.vocab.signals import ControlSignal, InstanceBusy
 
@@ -347,7 +347,8 @@ class Reconciler:
         with contextlib.suppress(CTFError):
             logs = self.driver.container_logs(info.id, tail=FAILED_LOG_LINES).strip()
         with contextlib.suppress(CTFError):
-            logs = logs.replace(self.service.flag_for(rec.challenge, rec.team_id), "[flag]")
+            logs = logs.replace(self.service.flag_for(InstanceKey(rec.challenge, rec.team_id)),
+                                "[flag]")
         return {"status": "failed", "error": why, "exit_code": info.exit_code,
                 "oom": info.oom_killed, "logs": logs[-FAILED_LOG_CHARS:] or None}
 

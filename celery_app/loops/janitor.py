@@ -20,7 +20,7 @@ from celery_app.core.service import NO_INTENT, InstanceService
 from celery_app.engine.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceNotFound
 from celery_app.state.store import one_at_a_time
-from celery_app.vocab.models import Instance, utcnow
+from celery_app.vocab.models import Instance, InstanceKey, utcnow
 from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_DISK,
@@ -235,8 +235,8 @@ class Janitor:
     def _reap_one(self, key: str, challenge: str, team: str) -> tuple[str, str]:
         svc = self.service
         try:
-            svc.stop(challenge, team, rate_limit=False, lock_wait=2.0, intent=NO_INTENT,
-                     keep_network=True)
+            svc.stop(InstanceKey(challenge, team), count_rate=False, lock_wait=2.0,
+                     intent=NO_INTENT, keep_network=True)
         except InstanceNotFound:
             svc.store.delete(challenge, team, svc.host)  # already gone: done
         except InstanceBusy:

@@ -25,7 +25,7 @@ GROUND = {"errors", "settings"}
 FLOORS = {"state": 1, "engine": 1, "core": 2, "hosts": 2, "ingress": 2, "loops": 3}
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_RINGS = [
-    {"core.pool", "core.reconcile", "core.service", "core.specs"},
+    {"core.pool", "core.reconcile", "core.service"},  # specs left it: the service chooses
     {"state.pool_keys", "state.store"},
 ]
 
