@@ -40,13 +40,13 @@ EXTRA = """  open:
 def one_round(ctx: Any, team: str) -> tuple[float, float]:
     """Start web for a new team, then open on its network; stop both; return both times."""
     began = time.perf_counter()
-    ctx.service.start("web", team)
+    ctx.service.start(ctx.service.catalog.key("web", team))
     new_team = time.perf_counter() - began
     began = time.perf_counter()
-    ctx.service.start("open", team)
+    ctx.service.start(ctx.service.catalog.key("open", team))
     same_team = time.perf_counter() - began
-    ctx.service.stop("open", team, rate_limit=False)
-    ctx.service.stop("web", team, rate_limit=False)
+    ctx.service.stop(ctx.service.catalog.key("open", team), count_rate=False)
+    ctx.service.stop(ctx.service.catalog.key("web", team), count_rate=False)
     return new_team, same_team
 
 

@@ -152,7 +152,7 @@ def main() -> int:  # one linear script: set-up, two measurements, figures
                                       "load": os.getloadavg()[0]}
 
             # -- latency -----------------------------------------------------------------
-            inst = ing.service.start("web", "latteam")
+            inst = ing.service.start(ing.service.catalog.key("web", "latteam"))
             info = ing.driver.get_container(inst.container_name)
             assert info is not None and info.ip
             label = ing.service.ingress.label("web", "latteam", "http", inst.started_at)
@@ -236,8 +236,8 @@ def main() -> int:  # one linear script: set-up, two measurements, figures
                 result["load_after"] = os.getloadavg()[0]
                 emit(result, args.json)
                 return 0
-            ing.service.start("keep", "ingteam")
-            plain.service.start("keep", "portteam")
+            ing.service.start(ing.service.catalog.key("keep", "ingteam"))
+            plain.service.start(plain.service.catalog.key("keep", "portteam"))
             starts: dict[str, list[float]] = {"ingress": [], "ports": []}
             sides = {"ingress": (ing, "ingteam"), "ports": (plain, "portteam")}
             for rnd in range(args.n + 1):  # the first round warms up
@@ -245,12 +245,12 @@ def main() -> int:  # one linear script: set-up, two measurements, figures
                 for side in order:
                     ctx, team = sides[side]
                     began = time.perf_counter()
-                    got = ctx.service.start("web", team)
+                    got = ctx.service.start(ctx.service.catalog.key("web", team))
                     took = time.perf_counter() - began
                     assert got.status == "running", got
                     if rnd:
                         starts[side].append(took)
-                    ctx.service.stop("web", team, rate_limit=False)
+                    ctx.service.stop(ctx.service.catalog.key("web", team), count_rate=False)
             med = {k: statistics.median(v) for k, v in starts.items()}
             result["start"] = {
                 "n": args.n,

@@ -134,7 +134,7 @@ def start_api(http: httpx.Client) -> None:
 
 
 def start_dispatcher(disp: Dispatcher) -> None:
-    task_id, _ = disp.start("web3", TEAM, None)
+    task_id, _ = disp.start(disp.key("web3", TEAM))
     view = disp.wait(task_id, 30)
     if not view.ready or view.error is not None:
         raise RuntimeError(f"dispatcher start: {view.public()}")

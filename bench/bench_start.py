@@ -104,7 +104,7 @@ def start_raw(bench: Bench, index: int) -> tuple[float, str]:
 def start_in_process(svc: Any) -> float:
     """C: the service without Celery."""
     began = time.perf_counter()
-    inst = svc.start(CHALLENGE, TEAM)
+    inst = svc.start(svc.catalog.key(CHALLENGE, TEAM))
     elapsed = time.perf_counter() - began
     if inst.status != "running":
         raise RuntimeError(f"in-process start returned {inst}")
@@ -182,7 +182,7 @@ def main() -> int:
                     else:
                         assert ctx is not None
                         took = start_in_process(ctx.service)
-                        ctx.service.stop(CHALLENGE, TEAM)
+                        ctx.service.stop(ctx.service.catalog.key(CHALLENGE, TEAM))
                     if rnd >= args.warmup:
                         samples[kind].append(took)
                 print(f"round {rnd + 1}/{args.warmup + args.n}: "

@@ -94,12 +94,12 @@ def main() -> int:
         ctx = bench.context()
         svc = ctx.service
         try:
-            svc.start("keep", TEAM)  # the team network exists from here on
+            svc.start(svc.catalog.key("keep", TEAM))  # the team network exists from here on
             for rnd in range(args.n + 1):
                 spent.clear()
                 calls.clear()
                 began = time.perf_counter()
-                inst = svc.start("web", TEAM)
+                inst = svc.start(svc.catalog.key("web", TEAM))
                 total = time.perf_counter() - began
                 if rnd:  # the first one warms caches
                     totals.append(total)
@@ -108,7 +108,7 @@ def main() -> int:
                     for key, value in calls.items():
                         per_calls[key].append(value)
                 assert inst.status == "running"
-                svc.stop("web", TEAM)
+                svc.stop(svc.catalog.key("web", TEAM))
                 # the same container start, seen by a 2 ms poll instead of the back-off
                 info = _raw_start(ctx, bench.image)
                 t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def main() -> int:
                 if rnd:
                     tight.append(info[0] + time.perf_counter() - t0)
                 ctx.driver.client.api.remove_container(info[2], force=True)
-            svc.stop("keep", TEAM)
+            svc.stop(svc.catalog.key("keep", TEAM))
         finally:
             ctx.driver.close()
     med_total = statistics.median(totals)

@@ -216,7 +216,7 @@ def start(
     """Start TEAM's instance of CHALLENGE (idempotent) and show it once it runs."""
     disp = _dispatcher()
     with _errors():
-        task_id, so_far = disp.start(challenge, team, None)
+        task_id, so_far = disp.start(disp.key(challenge, team))
         if not wait:
             _show({"task_id": task_id, **so_far}, as_json)
             return
@@ -233,7 +233,7 @@ def stop(
     """Stop and remove TEAM's instance of CHALLENGE."""
     disp = _dispatcher()
     with _errors():
-        task_id, so_far = disp.stop(challenge, team, None)
+        task_id, so_far = disp.stop(disp.key(challenge, team))
         if not wait:
             _show({"task_id": task_id, **so_far}, as_json)
             return
@@ -251,7 +251,7 @@ def extend(challenge: str, team: str, as_json: JsonOpt = False) -> None:
     """Push the expiry of TEAM's instance out by the challenge's ttl (up to its maximum)."""
     disp = _dispatcher()
     with _errors():
-        task_id = disp.extend(challenge, team, None)
+        task_id = disp.extend(disp.key(challenge, team))
         view = disp.wait(task_id, 30)
     _show(_finish(view, task_id, as_json), as_json, "extended")
 

@@ -15,21 +15,27 @@ CTFError                        base: has an API ``code``, an HTTP ``status`` an
 │   ├── MaxLifetimeReached      max_lifetime_reached  409
 │   ├── RateLimited             rate_limited          429
 │   ├── CapacityExhausted       capacity_exhausted    503
-│   ├── CatalogError            invalid_request       422  (bad catalog file, at start-up)
-│   ├── HostsFileError          invalid_request       422  (bad CTF_HOSTS_FILE or CTF_HOST)
-│   ├── ImageNotFound           invalid_request       422
+│   ├── CatalogError            catalog_error         422  (bad catalog file, at start-up)
+│   ├── HostsFileError          hosts_file_error      422  (bad CTF_HOSTS_FILE or CTF_HOST)
+│   ├── ImageNotFound           image_not_found       422
 │   │   └── ImagePullFailed     image_pull_failed     422  (registry unreachable or refused)
 │   ├── Superseded              superseded            409  (a later stop/start replaced it)
 │   ├── StartFailed             start_failed          503  (exited or never answered)
-│   ├── OnOtherHost             on_other_host         409  (handed to its host's worker)
 │   └── EgressUnprotected       egress_unprotected    503  (the egress firewall is not in place)
 │       └── FirewallRefused     egress_unprotected    503  (nft refused a command)
 └── TransientError              retry with backoff; may work a moment later
-    ├── InstanceBusy            instance_busy         409  (another operation holds its lock)
+    ├── InstanceBusy            instance_busy         409  (gave up: its lock stayed held)
     └── BackendUnavailable      backend_unavailable   503
         ├── DockerUnavailable   the engine cannot be reached or answered 5xx
         └── RedisUnavailable    Redis cannot be reached
 ```
+
+Every class has a code of its own (``tests/unit/test_error_codes.py``): a client tells the
+kinds apart by code alone.
+
+"Not on this host" and "busy, try later" are control signals, not errors
+(:mod:`celery_app.vocab.signals`): the tasks carry such a request on. Only a request that can no
+longer be carried on (its waits or hand-overs ran out) ends with ``InstanceBusy`` here.
 
 The classes take a single message argument so Celery's JSON result backend can carry them
 to any client and rebuild them there.
@@ -146,21 +152,21 @@ class CapacityExhausted(PermanentError):
 class CatalogError(PermanentError):
     """Raised when the challenge catalog file has a mistake (names challenge and field)."""
 
-    code = "invalid_request"
+    code = "catalog_error"
     status = 422
 
 
 class HostsFileError(PermanentError):
     """Raised when ``CTF_HOSTS_FILE`` has a mistake (names host and field) or lacks CTF_HOST."""
 
-    code = "invalid_request"
+    code = "hosts_file_error"
     status = 422
 
 
 class ImageNotFound(PermanentError):
     """Raised when a challenge image is missing and cannot (or may not) be pulled."""
 
-    code = "invalid_request"
+    code = "image_not_found"
     status = 422
 
 
@@ -187,18 +193,6 @@ class StartFailed(PermanentError):
     status = 503
 
 
-class OnOtherHost(PermanentError):
-    """Raised when an instance lives on another Docker host than the worker asked to act.
-
-    Tasks catch it and hand the request to that host's queue (SPEC §10); ``host`` names it.
-    """
-
-    code = "on_other_host"
-    status = 409
-
-    def __init__(self, detail: str, host: str = "") -> None:
-        super().__init__(detail)
-        self.host = host
 class EgressUnprotected(PermanentError):
     """Raised when the egress firewall cannot be installed, so instances would reach our hosts."""
 
@@ -217,7 +211,12 @@ class TransientError(CTFError):
 
 
 class InstanceBusy(TransientError):
-    """Raised when another start/stop of the same instance holds its lock too long."""
+    """Raised when a request gave up waiting for an instance another operation holds.
+
+    The wait itself is a control signal (:class:`celery_app.vocab.signals.InstanceBusy`,
+    retried later by the tasks); this error ends the request once the retries, or the
+    hand-overs between hosts, are used up. It keeps the name and code clients know.
+    """
 
     code = "instance_busy"
     status = 409

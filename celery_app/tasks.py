@@ -27,11 +27,14 @@ from celery.exceptions import Ignore
 
 from celery_app.celery_app import app
 from celery_app.context import Context, get_context
-from celery_app.errors import CTFError, InstanceBusy, OnOtherHost, TransientError
+from celery_app.errors import CTFError, InstanceBusy, TransientError
 from celery_app.hosts.placement import host_of, parse_beats, present, present_with
 from celery_app.hosts.routing import host_queue
 from celery_app.loops.events import index_is_live
-from celery_app.vocab.naming import check_team_id, container_name, instance_key
+from celery_app.vocab import signals
+from celery_app.vocab.models import InstanceKey
+from celery_app.vocab.naming import container_name
+from celery_app.vocab.signals import ControlSignal, OnOtherHost
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")
@@ -45,6 +48,9 @@ BUSY_DELAY_MAX = 5.0
 STATUS_RESULT_TTL = 600
 # A request handed from host to host this often (the instance kept moving) gives up.
 MAX_HOPS = 3
+# The keyword that says a start's or stop's rate-limit count was taken already (explicit,
+# set by whoever counted it: the dispatcher, or this task when it sends the request on).
+COUNTED = "counted"
 
 
 class InstancerTask(Task):  # type: ignore[misc]
@@ -52,6 +58,7 @@ class InstancerTask(Task):  # type: ignore[misc]
 
     abstract = True
     autoretry_for = (TransientError,)
+    # the error a busy request ends with: its own retries (retry_when_free) are used up
     dont_autoretry_for = (InstanceBusy,)
     max_retries = MAX_RETRIES
     retry_backoff = 1
@@ -60,6 +67,21 @@ class InstancerTask(Task):  # type: ignore[misc]
     acks_late = True
 
     _last_report = 0.0
+    # A task whose request counts against the team's rate limit takes the ``counted`` flag.
+    counts_rate = False
+
+    def retry(self, args: Any = None, kwargs: Any = None, *more: Any,
+              **options: Any) -> Any:
+        """Celery's retry; a copy of a request that counts goes out marked ``counted``.
+
+        Every retry (Celery's own of a transient error, or :meth:`retry_when_free`) comes
+        after the first try reached the service's rate-limit step or failed before the work
+        it guards: the copy must not be counted again.
+        """
+        if self.counts_rate:
+            sent = (self.request.kwargs or {}) if kwargs is None else kwargs
+            kwargs = {**sent, COUNTED: True}
+        return super().retry(args, kwargs, *more, **options)
 
     def report(self, event: dict[str, Any]) -> None:
         """Publish progress as the task's ``PROGRESS`` state (at most ~4 times a second)."""
@@ -75,16 +97,17 @@ class InstancerTask(Task):  # type: ignore[misc]
         self._last_report = now
         self.update_state(state="PROGRESS", meta=event)
 
-    def retry_when_free(self, ctx: Context, exc: InstanceBusy) -> NoReturn:
+    def retry_when_free(self, ctx: Context, busy: signals.InstanceBusy) -> NoReturn:
         """Retry later, without holding a thread, while the instance is busy.
 
-        The delays grow to ``BUSY_DELAY_MAX`` seconds; the request gives up (with
+        The delays grow to ``BUSY_DELAY_MAX`` seconds; the request gives up (with the error
         ``InstanceBusy``) once it has waited about ``CTF_LOCK_WAIT`` seconds in all.
         """
         tries = int(self.request.retries or 0)
         budget = int(ctx.settings.lock_wait / BUSY_DELAY_MAX) + MAX_RETRIES
         delay = min(BUSY_DELAY_MAX, 0.25 * 2 ** tries) * random.uniform(0.8, 1.2)  # noqa: S311
-        raise self.retry(exc=exc, countdown=delay, max_retries=budget)
+        # The signal becomes the error only if this was the last try (Celery raises ``exc``).
+        raise self.retry(exc=InstanceBusy(busy.detail), countdown=delay, max_retries=budget)
 
     def hand_over(self, host: str, args: list[Any], kwargs: dict[str, Any]) -> NoReturn:
         """Send this very request to ``host``'s queue under the same task id; drop this copy.
@@ -117,7 +140,7 @@ def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[
     container = container_name(challenge, team_id) if challenge and team_id else "-"
     try:
         result = fn()
-    except (OnOtherHost, InstanceBusy, Ignore):
+    except (ControlSignal, Ignore):
         raise  # not an outcome: the request goes on elsewhere or later
     except CTFError as exc:
         log.warning(
@@ -140,85 +163,110 @@ def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[
     return result
 
 
+def _route(
+    task: InstancerTask, ctx: Context, key: InstanceKey, kwargs: dict[str, Any], placing: bool,
+) -> None:
+    """Hand the request to the host that must act on it, when that is not this one.
+
+    Routing only, with the dispatcher's helper (:func:`host_of`): whether this host owns the
+    instance is decided by the service, under the instance lock (``OnOtherHost``).
+    """
+    here = ctx.service.host
+    record = ctx.store.get(key.challenge, key.team)
+    # A start that reached this host's own queue was placed here already (by the
+    # dispatcher, or by the worker that handed it over): placing it again would count it
+    # twice and could send it back and forth.
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    if record is not None or (placing and queue != host_queue(here)):
+        host = host_of(ctx.hosts, ctx.store, record, str(key))
+        if host != here:
+            task.hand_over(host, [key.challenge, key.team], kwargs)
+
+
 def _on_instance(
     task: InstancerTask, name: str, challenge: str, team_id: str, kwargs: dict[str, Any],
-    act: Callable[[Context], T], *, placing: bool = False,
+    act: Callable[[Context, InstanceKey], T], *, placing: bool = False,
 ) -> T:
-    """Run ``act`` on this worker's host, or hand the request to the instance's host.
+    """Validate the request into its key, then run ``act`` here or hand it to its host.
+
+    The task edge (SPEC §5: callers send plain strings by name): the team and the challenge
+    are checked once, here (:meth:`Catalog.key`, the team first); the layers below take the
+    key as valid.
 
     Args:
         task: the running task.
         name: the task's short name, for the log.
-        challenge: the challenge id.
-        team_id: the team.
-        kwargs: the task's keyword arguments (passed on when handing over).
-        act: what to do on the right host.
+        challenge: the challenge id, as sent.
+        team_id: the team, as sent.
+        kwargs: the task's keyword arguments (passed on when handing over or retrying).
+        act: what to do on the right host, with the validated key.
         placing: a start: an instance without a record is placed like the dispatcher does.
 
     """
     ctx = get_context()
     args = [challenge, team_id]
-    here = ctx.service.host
-    if len(ctx.hosts) > 1:
-        ctx.catalog.get(challenge)  # bad input fails here, before any placement
-        check_team_id(team_id)
-        record = ctx.store.get(challenge, team_id)
-        # A start that reached this host's own queue was placed here already (by the
-        # dispatcher, or by the worker that handed it over): placing it again would count it
-        # twice and could send it back and forth.
-        queue = (task.request.delivery_info or {}).get("routing_key")
-        if record is not None or (placing and queue != host_queue(here)):
-            host = host_of(ctx.hosts, ctx.store, record, instance_key(challenge, team_id))
-            if host != here:
-                task.hand_over(host, args, kwargs)
+
+    def validated_here() -> T:
+        key = ctx.catalog.key(challenge, team_id)  # bad input fails here, before placement
+        if len(ctx.hosts) > 1:
+            _route(task, ctx, key, kwargs, placing)
+        return act(ctx, key)
+
     try:
-        return _logged(name, challenge, team_id, lambda: act(ctx))
+        return _logged(name, challenge, team_id, validated_here)
     except OnOtherHost as moved:  # it moved (or was placed elsewhere) meanwhile
-        task.hand_over(moved.host, args, kwargs)
-    except InstanceBusy as busy:
+        # The service decides this under the instance lock, after its rate-limit step: the
+        # host that takes the request over must not count it again.
+        task.hand_over(moved.host, args, {**kwargs, "counted": True} if COUNTED in kwargs
+                       else kwargs)
+    except signals.InstanceBusy as busy:
         task.retry_when_free(ctx, busy)
 
 
-@app.task(name="celery_app.tasks.start_container", bind=True, base=InstancerTask)
+@app.task(name="celery_app.tasks.start_container", bind=True, base=InstancerTask,
+          counts_rate=True)
 def start_container(
     self: InstancerTask, challenge: str, team_id: str, intent: int | None = None,
-    hops: int = 0,
+    hops: int = 0, counted: bool = False,
 ) -> dict[str, Any]:
     """Start the team's instance and return it once ``running`` (idempotent).
 
     With the ingress on (SPEC §11) the instance carries ``access_url``, a short-lived link
     for the team's browser.
 
-    ``intent`` is the request's place in line (the API and ctfctl pass it, and count the
-    request against the team's rate limit themselves); a stop of the same instance requested
-    later supersedes this start. ``hops`` counts hand-overs between hosts.
+    ``intent`` is the request's place in line (the API and ctfctl pass it); a stop of the
+    same instance requested later supersedes this start. ``counted``: the request was counted
+    against the team's rate limit already (the API and ctfctl count before they send; a
+    retried or handed-over copy carries it); a plain call by name is counted here. ``hops``
+    counts hand-overs between hosts.
     """
-    counted_already = intent is not None or self.request.retries
     return _on_instance(
-        self, "start_container", challenge, team_id, {"intent": intent, "hops": hops},
-        lambda ctx: ctx.service.ingress.with_access(ctx.service.start(
-            challenge, team_id, progress=self.report, intent=intent,
-            rate_limit=not counted_already, lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id,
+        self, "start_container", challenge, team_id,
+        {"intent": intent, "hops": hops, COUNTED: counted},
+        lambda ctx, key: ctx.service.ingress.with_access(ctx.service.start(
+            key, progress=self.report, intent=intent,
+            count_rate=not counted, lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id,
         ).public()),
         placing=True,
     )
 
 
-@app.task(name="celery_app.tasks.stop_container", bind=True, base=InstancerTask)
+@app.task(name="celery_app.tasks.stop_container", bind=True, base=InstancerTask,
+          counts_rate=True)
 def stop_container(
     self: InstancerTask, challenge: str, team_id: str, intent: int | None = None,
-    hops: int = 0,
+    hops: int = 0, counted: bool = False,
 ) -> dict[str, str]:
     """Stop and remove the team's instance; return ``{"team_id", "challenge", "status"}``.
 
     Answers only once the container is gone from the engine of the instance's host.
+    ``intent``, ``counted`` and ``hops`` as for :func:`start_container`.
     """
-    counted_already = intent is not None or self.request.retries
     return _on_instance(
-        self, "stop_container", challenge, team_id, {"intent": intent, "hops": hops},
-        lambda ctx: ctx.service.stop(challenge, team_id, intent=intent,
-                                     rate_limit=not counted_already, lock_wait=BUSY_LOCK_WAIT,
-                                     task_id=self.request.id),
+        self, "stop_container", challenge, team_id,
+        {"intent": intent, "hops": hops, COUNTED: counted},
+        lambda ctx, key: ctx.service.stop(key, intent=intent, count_rate=not counted,
+                                          lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id),
     )
 
 
@@ -292,9 +340,8 @@ def extend_container(
     """Push the instance's expiry out by its ttl, up to its maximum lifetime."""
     return _on_instance(
         self, "extend_container", challenge, team_id, {"hops": hops},
-        lambda ctx: ctx.service.ingress.with_access(
-            ctx.service.extend(challenge, team_id, lock_wait=BUSY_LOCK_WAIT,
-                               task_id=self.request.id).public()),
+        lambda ctx, key: ctx.service.ingress.with_access(ctx.service.extend(
+            key, lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id).public()),
     )
 
 

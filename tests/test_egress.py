@@ -362,7 +362,8 @@ def egress_context(make_ctx: Callable[..., Context], images: dict[str, str], tmp
         with contextlib.suppress(Exception):
             for inst in ctx.service.status():
                 with contextlib.suppress(Exception):
-                    ctx.service.stop(inst.challenge, inst.team_id, rate_limit=False)
+                    ctx.service.stop(ctx.service.catalog.key(inst.challenge, inst.team_id),
+                                     count_rate=False)
         # make_ctx sweeps TEST_LABEL only: what a failed stop left under this private label
         # would otherwise run on into the next test, its address still in the internet set.
         with contextlib.closing(docker.from_env()) as client:
@@ -396,9 +397,9 @@ def test_an_instance_reaches_its_team_and_only_allowed_internet(
         other_port = stack.enter_context(listener(marker, netns=other_host.name))
         net_port = stack.enter_context(listener(f"internet-{marker}", netns=internet.name))
         # Readiness probe under the rules: start returns only once the port answered.
-        closed = ctx.service.start("closed", "eg1")
-        opened = ctx.service.start("open", "eg1")
-        quiet = ctx.service.start("quiet", "eg1")
+        closed = ctx.service.start(ctx.service.catalog.key("closed", "eg1"))
+        opened = ctx.service.start(ctx.service.catalog.key("open", "eg1"))
+        quiet = ctx.service.start(ctx.service.catalog.key("quiet", "eg1"))
         assert {closed.status, opened.status, quiet.status} == {"running"}
         cc, co, cq = (docker_client.containers.get(i.container_id)
                       for i in (closed, opened, quiet))
@@ -446,7 +447,7 @@ def test_an_instance_reaches_its_team_and_only_allowed_internet(
         assert state.current and state.internet == {(bridge_of(docker_client, co), ip_of(co))}
 
         # Stopping the internet instance takes its address out before it is reused.
-        ctx.service.stop("open", "eg1")
+        ctx.service.stop(ctx.service.catalog.key("open", "eg1"))
         assert ctx.egress.firewall.state().internet == set()  # type: ignore[union-attr]
 
 
@@ -477,8 +478,9 @@ def test_no_instance_reaches_metadata_a_host_redis_other_teams_or_denied_address
         ctx = stack.enter_context(egress_context(make_ctx, images, tmp_path,
                                                  egress_deny=f"{denied.peer_ip}/32"))
         assert ctx.egress is not None
-        a_open, a_closed = ctx.service.start("open", "pa1"), ctx.service.start("closed", "pa1")
-        b_open, b_closed = ctx.service.start("open", "pb1"), ctx.service.start("closed", "pb1")
+        key, start = ctx.service.catalog.key, ctx.service.start
+        a_open, a_closed = start(key("open", "pa1")), start(key("closed", "pa1"))
+        b_open, b_closed = start(key("open", "pb1")), start(key("closed", "pb1"))
         ca_open, ca_closed, cb_open, cb_closed = (
             docker_client.containers.get(i.container_id)
             for i in (a_open, a_closed, b_open, b_closed))
@@ -517,8 +519,9 @@ def test_a_forged_internet_address_from_another_bridge_is_dropped(
     k = random.randint(1, 62)
     with netns_host(f"ctfeg{TAG}f", f"203.0.113.{4 * k + 1}", f"203.0.113.{4 * k + 2}") as net, \
             udp_listener(net.name) as (port, received):
-        a = docker_client.containers.get(ctx.service.start("open", "fa1").container_id)
-        b = docker_client.containers.get(ctx.service.start("closed", "fb1").container_id)
+        key = ctx.service.catalog.key
+        a = docker_client.containers.get(ctx.service.start(key("open", "fa1")).container_id)
+        b = docker_client.containers.get(ctx.service.start(key("closed", "fb1")).container_id)
         assert ctx.egress is not None and ctx.egress.firewall is not None
         state = ctx.egress.firewall.state()
         assert state.internet == {(bridge_of(docker_client, a), ip_of(a))}
@@ -542,7 +545,7 @@ def test_a_neighbour_routing_the_pool_via_the_host_reaches_only_published_ports(
             egress_context(make_ctx, images, tmp_path, publish_ip=neighbour.host_ip) as ctx:
         # The neighbour's default route (via this machine) covers the pool, as a LAN host's
         # or a peered network's route to 10.213.0.0/16 would.
-        inst = ctx.service.start("closed", "nb1")
+        inst = ctx.service.start(ctx.service.catalog.key("closed", "nb1"))
         address = ip_of(docker_client.containers.get(inst.container_id))
         published = inst.ports["8080/tcp"]
         assert netns_http(neighbour.name, neighbour.host_ip, published) == 200  # CTF_PUBLISH_IP
@@ -576,7 +579,7 @@ def test_a_loopback_tcp_engine_is_refused_without_the_firewall_and_guarded_with_
             bare = stack.enter_context(egress_context(make_ctx, images, tmp_path,
                                                       docker_host=url))
         with pytest.raises(EgressUnprotected, match=r"nftables.*CTF_EGRESS_FIREWALL=off"):
-            bare.service.start("closed", "lb1")
+            bare.service.start(bare.service.catalog.key("closed", "lb1"))
         # Nothing of the refused start is left (the label is shared with earlier tests'
         # contexts, whose containers the run's sweep removes: look at this instance's only).
         label = {**bare.settings.extra_labels, "ctf.team": "lb1", "ctf.challenge": "closed"}
@@ -585,8 +588,9 @@ def test_a_loopback_tcp_engine_is_refused_without_the_firewall_and_guarded_with_
         assert bare.store.get("closed", "lb1") is None
 
         ctx = stack.enter_context(egress_context(make_ctx, images, tmp_path, docker_host=url))
-        opened = docker_client.containers.get(ctx.service.start("open", "lb1").container_id)
-        closed = docker_client.containers.get(ctx.service.start("closed", "lb1").container_id)
+        key = ctx.service.catalog.key
+        opened = docker_client.containers.get(ctx.service.start(key("open", "lb1")).container_id)
+        closed = docker_client.containers.get(ctx.service.start(key("closed", "lb1")).container_id)
         ours = [gateway_of(closed), host_address(), *filter(None, [docker0_address()])]
         for address in ours:
             assert host_reaches(address, host_port, marker), f"control: host at {address}"
@@ -742,7 +746,7 @@ def test_a_remote_engine_starts_only_while_its_machines_keeper_reports(
         # No keeper there: refused, saying what to do, before anything is made.
         with pytest.raises(EgressUnprotected,
                            match=r"ctfctl firewall keep.*CTF_EGRESS_FIREWALL=off"):
-            ctx.service.start("closed", "eg2")
+            ctx.service.start(ctx.service.catalog.key("closed", "eg2"))
         assert engine.client.containers.list(all=True) == []
         assert ctx.store.get("closed", "eg2") is None
 
@@ -780,7 +784,8 @@ def test_a_remote_engine_starts_only_while_its_machines_keeper_reports(
         port = stack.enter_context(listener(marker, netns=engine.netns))
         # The control: with the firewall off (the organiser's explicit choice) a start goes
         # ahead, and its instance reaches the engine's machine.
-        inst = engine_ctx("off").service.start("closed", "eg2")
+        off = engine_ctx("off").service
+        inst = off.start(off.catalog.key("closed", "eg2"))
         c = engine.client.containers.get(inst.container_id)
         gateway = gateway_of(c)
         docker0 = f"172.31.{engine.subnet}.1"
@@ -798,17 +803,17 @@ def test_a_remote_engine_starts_only_while_its_machines_keeper_reports(
         stack.callback(beats.close)
         wait_for(lambda: beats.exists(key), 30, 0.2, "the keeper's heartbeat")
         assert 0 < beats.pttl(key) <= 30_000
-        inst = ctx.service.start("closed", "eg3")
+        inst = ctx.service.start(ctx.service.catalog.key("closed", "eg3"))
         c3 = engine.client.containers.get(inst.container_id)
         assert not reaches(c3, gateway_of(c3), port, marker)
-        ctx.service.stop("closed", "eg3")
+        ctx.service.stop(ctx.service.catalog.key("closed", "eg3"))
 
         # The engine restarts (rewriting its own chains); our table is untouched.
         engine.stop_daemon()
         engine.start_daemon()
         assert engine.client is not None
         assert in_place() and tables() == 1
-        inst = ctx.service.start("closed", "eg2")  # its old container died
+        inst = ctx.service.start(ctx.service.catalog.key("closed", "eg2"))  # its old container died
         c = engine.client.containers.get(inst.container_id)
         gateway = gateway_of(c)
         for address in (gateway, docker0, engine.address):
@@ -829,7 +834,7 @@ def test_a_remote_engine_starts_only_while_its_machines_keeper_reports(
         wait_for(lambda: b"keeping" in (tmp_path / "keeper.log").read_bytes(), 30, 0.2,
                  "the second keeper to start")
         assert in_place() and tables() == 1
-        ctx.service.stop("closed", "eg2")
+        ctx.service.stop(ctx.service.catalog.key("closed", "eg2"))
 
 
 class _Engine:
@@ -945,7 +950,7 @@ def test_starts_fail_closed_when_the_rules_cannot_be_installed(
     assert ctx.egress is not None and ctx.egress.firewall is not None
     ctx.egress.firewall.nft.binary = None  # as on a host without nftables
     with pytest.raises(EgressUnprotected, match=r"nftables.*CTF_EGRESS_FIREWALL=off"):
-        ctx.service.start("closed", "eg3")
+        ctx.service.start(ctx.service.catalog.key("closed", "eg3"))
     assert docker_client.containers.list(all=True, filters={
         "label": [f"ctf.test={label['ctf.test']}"]}) == []
     assert ctx.store.get("closed", "eg3") is None

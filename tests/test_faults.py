@@ -268,11 +268,11 @@ def test_interleaved_starts_and_stops_end_as_the_last_request(
     disp = Dispatcher(settings)
     team = f"flip{uuid.uuid4().hex[:5]}"
     try:
-        disp.wait(disp.start("web", team, None)[0], 60)
+        disp.wait(disp.start(disp.key("web", team))[0], 60)
 
         def request(i: int) -> str | None:
             try:
-                task_id, _ = (disp.start if i % 2 else disp.stop)("web", team, None)
+                task_id, _ = (disp.start if i % 2 else disp.stop)(disp.key("web", team))
             except InstanceNotFound:
                 return None  # a stop when nothing runs is refused at once: no request made
             return task_id
@@ -306,12 +306,13 @@ def test_a_later_stop_supersedes_an_earlier_start(ctx: Context) -> None:
     first = ctx.store.register_intent("web", "sup", "start")
     ctx.store.register_intent("web", "sup", "stop")
     with pytest.raises(Superseded, match="requested after this start"):
-        ctx.service.start("web", "sup", intent=first)
+        ctx.service.start(ctx.service.catalog.key("web", "sup"), intent=first)
     assert ctx.service.status(team_id="sup") == []
     # Repeated starts are not superseded by each other: they are the same request.
     again = ctx.store.register_intent("web", "sup", "start")
     ctx.store.register_intent("web", "sup", "start")
-    assert ctx.service.start("web", "sup", intent=again).status == "running"
+    assert ctx.service.start(ctx.service.catalog.key("web", "sup"),
+                             intent=again).status == "running"
 
 
 

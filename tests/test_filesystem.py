@@ -26,7 +26,7 @@ def sh(container: Any, script: str) -> tuple[int, str]:
 
 def test_default_root_is_read_only_and_tmp_is_limited(ctx: Context, docker_client: Any) -> None:
     """By default the root filesystem refuses writes and /tmp stops at 64 MiB."""
-    inst = ctx.service.start("exposed", "fs1")
+    inst = ctx.service.start(ctx.service.catalog.key("exposed", "fs1"))
     container = docker_client.containers.get(inst.container_id)
     host_config = container.attrs["HostConfig"]
     assert host_config["ReadonlyRootfs"] is True
@@ -40,7 +40,7 @@ def test_default_root_is_read_only_and_tmp_is_limited(ctx: Context, docker_clien
     _, size = sh(container, "/bin/busybox stat -c %s /tmp/big")
     assert 0 < int(size.strip()) <= 64 * MIB
     # the challenge still serves: read-only does not break the stand-in server
-    assert ctx.service.get("exposed", "fs1").status == "running"
+    assert ctx.service.get(ctx.service.catalog.key("exposed", "fs1")).status == "running"
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_image_volumes_are_size_limited_too(
     catalog.write_text(f"challenges:\n  vol:\n    image: {volume_image}\n    port: 8080\n"
                        "    tmpfs: {/tmp: 16m}\n")
     ctx = make_ctx(challenges_file=catalog)
-    inst = ctx.service.start("vol", "fs2")
+    inst = ctx.service.start(ctx.service.catalog.key("vol", "fs2"))
     container = docker_client.containers.get(inst.container_id)
     assert container.attrs["HostConfig"]["Tmpfs"] == {
         "/tmp": f"rw,nosuid,nodev,size={16 * MIB}", "/data": f"rw,nosuid,nodev,size={64 * MIB}"}
@@ -79,7 +79,7 @@ def test_storage_on_an_engine_without_quotas_is_refused_cleanly(
                        "    read_only: false\n    storage: 1g\n")
     ctx = make_ctx(challenges_file=catalog)
     with pytest.raises(CatalogError, match=r"field 'storage'.*read_only"):
-        ctx.service.start("big", "fs3")
+        ctx.service.start(ctx.service.catalog.key("big", "fs3"))
     assert containers_of(docker_client, **{"ctf.team": "fs3"}) == []
     assert ctx.store.get("big", "fs3") is None
 

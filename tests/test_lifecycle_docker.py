@@ -71,21 +71,21 @@ def test_beat_reaps_an_instance_when_its_ttl_passes(
 
 def test_extend_pushes_expiry_up_to_max_lifetime(ctx: Context) -> None:
     """Extend adds the ttl to the expiry and stops at started_at + max_lifetime."""
-    inst = ctx.service.start("short", "ext")  # ttl 3, max_lifetime 8
+    inst = ctx.service.start(ctx.service.catalog.key("short", "ext"))  # ttl 3, max_lifetime 8
     assert inst.expires - inst.started == timedelta(seconds=3)
-    first = ctx.service.extend("short", "ext")
+    first = ctx.service.extend(ctx.service.catalog.key("short", "ext"))
     assert first.expires > inst.expires
-    second = ctx.service.extend("short", "ext")
+    second = ctx.service.extend(ctx.service.catalog.key("short", "ext"))
     assert second.expires == inst.started + timedelta(seconds=8)
     with pytest.raises(MaxLifetimeReached, match="maximum lifetime"):
-        ctx.service.extend("short", "ext")
-    assert ctx.service.get("short", "ext").expires_at == second.expires_at
+        ctx.service.extend(ctx.service.catalog.key("short", "ext"))
+    assert ctx.service.get(ctx.service.catalog.key("short", "ext")).expires_at == second.expires_at
 
 
 def test_janitor_removes_expired_instances(ctx: Context, docker_client: Any) -> None:
     """A janitor pass after the expiry removes the container and the record."""
-    ctx.service.start("web", "old")
-    ctx.service.start("web", "young")
+    ctx.service.start(ctx.service.catalog.key("web", "old"))
+    ctx.service.start(ctx.service.catalog.key("web", "young"))
     summary = janitor_pass(ctx, utcnow() + timedelta(seconds=601))
     assert sorted(summary.expired) == ["web/old", "web/young"]
     assert _containers(docker_client) == []
@@ -148,7 +148,7 @@ def test_janitor_removes_expired_containers_before_their_networks(
     ctx = own_janitor_ctx
     teams = ["nb1", "nb2", "nb3"]
     for team in teams:
-        ctx.service.start("web", team)
+        ctx.service.start(ctx.service.catalog.key("web", team))
     removed = _record_removals(ctx, monkeypatch)
     later = utcnow() + timedelta(seconds=601)
 
@@ -171,8 +171,8 @@ def _three_expiring_and_one_later(ctx: Context, prefix: str) -> tuple[Instance, 
     The moment is ten minutes on, when the three have expired; <prefix>4 expires a day later.
     """
     for i in (1, 2, 3):
-        ctx.service.start("web", f"{prefix}{i}")
-    late = ctx.service.start("exposed", f"{prefix}4")
+        ctx.service.start(ctx.service.catalog.key("web", f"{prefix}{i}"))
+    late = ctx.service.start(ctx.service.catalog.key("exposed", f"{prefix}4"))
     later = utcnow() + timedelta(seconds=601)
     late = late.model_copy(update={"expires_at": iso(later + timedelta(days=1))})
     ctx.store.put(late)
@@ -228,7 +228,7 @@ def test_an_instance_the_janitor_cannot_remove_does_not_stall_network_removal(
     """An expired instance whose lock someone holds is skipped, and emptied networks still go."""
     ctx = own_janitor_ctx
     for team in ("ns1", "ns2"):
-        ctx.service.start("web", team)
+        ctx.service.start(ctx.service.catalog.key("web", team))
     lock = ctx.store.instance_lock("web", "ns2", timeout=60)
     assert lock.acquire(blocking=False)
     try:
@@ -263,7 +263,7 @@ def test_janitor_removes_orphan_container_and_network(ctx: Context, docker_clien
     net_name = f"ctf-team-lonely-{RUN_ID}"
     docker_client.api.create_network(net_name, labels={**TEST_LABEL, "ctf.managed": "true",
                                                        "ctf.team": "lonely"})
-    kept = ctx.service.start("web", "alive")
+    kept = ctx.service.start(ctx.service.catalog.key("web", "alive"))
     summary = janitor_pass(ctx, utcnow() + timedelta(seconds=60))
     # The session's worker runs a janitor too: whichever gets there first removes them.
     assert set(summary.orphan_containers) <= {f"stray-{RUN_ID}"}
@@ -277,8 +277,8 @@ def test_janitor_removes_orphan_container_and_network(ctx: Context, docker_clien
 
 def test_flushall_then_reconcile_restores_everything(ctx: Context, redis_server: Any) -> None:
     """After Redis loses everything, reconcile rebuilds status and expiry from Docker labels."""
-    a = ctx.service.start("web", "keep1")
-    b = ctx.service.start("exposed", "keep2")
+    a = ctx.service.start(ctx.service.catalog.key("web", "keep1"))
+    b = ctx.service.start(ctx.service.catalog.key("exposed", "keep2"))
     redis.Redis.from_url(f"{redis_server.url}/2").flushall()
     assert ctx.service.status() == []
     summary = ctx.service.reconcile()
@@ -294,7 +294,7 @@ def test_flushall_then_reconcile_restores_everything(ctx: Context, redis_server:
 def test_janitor_after_flushall_adopts_instead_of_deleting(ctx: Context, redis_server: Any,
                                                           docker_client: Any) -> None:
     """A janitor pass on an emptied Redis reconciles first: nothing running is removed."""
-    inst = ctx.service.start("web", "survivor")
+    inst = ctx.service.start(ctx.service.catalog.key("web", "survivor"))
     redis.Redis.from_url(f"{redis_server.url}/2").flushall()
     summary = janitor_pass(ctx, utcnow() + timedelta(seconds=30))
     assert summary.reconciled
@@ -308,7 +308,7 @@ def test_reconcile_leaves_an_instance_busy_in_another_operation(own_janitor_ctx:
     # Out of the session worker's reach: its janitor would adopt the container the moment
     # the lock is released, before this test's own reconcile looks.
     ctx = own_janitor_ctx
-    inst = ctx.service.start("web", "inflight")
+    inst = ctx.service.start(ctx.service.catalog.key("web", "inflight"))
     redis.Redis.from_url(f"{redis_server.url}/3").flushdb()
     lock = ctx.service.store.instance_lock("web", "inflight", timeout=30)
     assert lock.acquire(blocking=False)
@@ -326,12 +326,13 @@ def test_reconcile_does_not_record_a_container_removed_after_the_listing(
     ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A container removed between reconcile's listing and its decision gets no record."""
-    ctx.service.start("web", "vanish")
+    ctx.service.start(ctx.service.catalog.key("web", "vanish"))
     listing = ctx.driver.list_containers
 
     def list_then_remove(labels: Any = None) -> Any:
         found = listing(labels)
-        ctx.service.stop("web", "vanish")  # its container and record go meanwhile
+        # its container and record go meanwhile
+        ctx.service.stop(ctx.service.catalog.key("web", "vanish"))
         return found
 
     monkeypatch.setattr(ctx.driver, "list_containers", list_then_remove)
@@ -348,7 +349,7 @@ def test_reconcile_keeps_a_record_whose_container_appeared_after_the_listing(
 
     def list_then_start(labels: Any = None) -> Any:
         found = listing(labels)
-        ctx.service.start("web", "late")
+        ctx.service.start(ctx.service.catalog.key("web", "late"))
         return found
 
     monkeypatch.setattr(ctx.driver, "list_containers", list_then_start)
@@ -364,9 +365,9 @@ def test_reconcile_keeps_a_record_whose_container_appeared_after_the_listing(
 def test_team_quota(make_ctx: Callable[..., Context], docker_client: Any) -> None:
     """A team at CTF_MAX_INSTANCES_PER_TEAM gets team_quota_exceeded and nothing more runs."""
     ctx = make_ctx(max_instances_per_team=1)
-    ctx.service.start("web", "greedy")
+    ctx.service.start(ctx.service.catalog.key("web", "greedy"))
     with pytest.raises(TeamQuotaExceeded, match="stop one"):
-        ctx.service.start("exposed", "greedy")
+        ctx.service.start(ctx.service.catalog.key("exposed", "greedy"))
     assert len(_containers(docker_client, **{"ctf.team": "greedy"})) == 1
     assert [i.challenge for i in ctx.service.status(team_id="greedy")] == ["web"]
 
@@ -374,10 +375,10 @@ def test_team_quota(make_ctx: Callable[..., Context], docker_client: Any) -> Non
 def test_global_limit(make_ctx: Callable[..., Context], docker_client: Any) -> None:
     """At CTF_MAX_INSTANCES the next start gets capacity_exhausted; nothing is left half-made."""
     ctx = make_ctx(max_instances=2)
-    ctx.service.start("web", "g1")
-    ctx.service.start("web", "g2")
+    ctx.service.start(ctx.service.catalog.key("web", "g1"))
+    ctx.service.start(ctx.service.catalog.key("web", "g2"))
     with pytest.raises(CapacityExhausted, match="CTF_MAX_INSTANCES"):
-        ctx.service.start("web", "g3")
+        ctx.service.start(ctx.service.catalog.key("web", "g3"))
     assert len(_containers(docker_client)) == 2
     assert not docker_client.networks.list(names=["ctf-team-g3"])
 
@@ -385,13 +386,13 @@ def test_global_limit(make_ctx: Callable[..., Context], docker_client: Any) -> N
 def test_rate_limit_on_start_stop_loop(make_ctx: Callable[..., Context]) -> None:
     """A start/stop loop is cut off by the per-team rate limit with a clear wait time."""
     ctx = make_ctx(rate_limit_count=3, rate_limit_window=60)
-    ctx.service.start("web", "loop")
-    ctx.service.stop("web", "loop")
-    ctx.service.start("web", "loop")
+    ctx.service.start(ctx.service.catalog.key("web", "loop"))
+    ctx.service.stop(ctx.service.catalog.key("web", "loop"))
+    ctx.service.start(ctx.service.catalog.key("web", "loop"))
     with pytest.raises(RateLimited, match=r"wait \d+ s"):
-        ctx.service.stop("web", "loop")
+        ctx.service.stop(ctx.service.catalog.key("web", "loop"))
     # Another team is not affected.
-    assert ctx.service.start("web", "calm").status == "running"
+    assert ctx.service.start(ctx.service.catalog.key("web", "calm")).status == "running"
 
 
 def _two_free_ports() -> str:
@@ -411,11 +412,11 @@ def test_port_range_exhausted(make_ctx: Callable[..., Context], docker_client: A
     port_range = _two_free_ports()
     ctx = make_ctx(port_range=port_range)
     lo, hi = (int(p) for p in port_range.split("-"))
-    a = ctx.service.start("web", "p1")
-    b = ctx.service.start("web", "p2")
+    a = ctx.service.start(ctx.service.catalog.key("web", "p1"))
+    b = ctx.service.start(ctx.service.catalog.key("web", "p2"))
     assert {a.ports["8080/tcp"], b.ports["8080/tcp"]} == {lo, hi}
     with pytest.raises(CapacityExhausted, match="CTF_PORT_RANGE"):
-        ctx.service.start("web", "p3")
+        ctx.service.start(ctx.service.catalog.key("web", "p3"))
     assert not _containers(docker_client, **{"ctf.team": "p3"})
     assert not docker_client.networks.list(names=["ctf-team-p3"])
     assert ctx.service.store.get("web", "p3") is None
@@ -424,9 +425,9 @@ def test_port_range_exhausted(make_ctx: Callable[..., Context], docker_client: A
 def test_subnet_pool_exhausted(make_ctx: Callable[..., Context], docker_client: Any) -> None:
     """A pool with room for one team network refuses the second team clearly."""
     ctx = make_ctx(team_subnet_pool="10.214.250.0/28", team_subnet_prefix=28)
-    ctx.service.start("web", "first")
+    ctx.service.start(ctx.service.catalog.key("web", "first"))
     with pytest.raises(CapacityExhausted, match="CTF_TEAM_SUBNET_POOL"):
-        ctx.service.start("web", "second")
+        ctx.service.start(ctx.service.catalog.key("web", "second"))
     assert not _containers(docker_client, **{"ctf.team": "second"})
     assert ctx.service.store.get("web", "second") is None
 
@@ -436,7 +437,8 @@ def test_subnet_pool_exhausted(make_ctx: Callable[..., Context], docker_client: 
 
 def test_containers_are_hardened(ctx: Context, docker_client: Any) -> None:
     """Docker inspect shows caps dropped, no-new-privileges, memory/CPU/pids limits, loopback."""
-    inst = ctx.service.start("web", "hard")  # memory 64m, cpus 0.5, pids 64
+    # memory 64m, cpus 0.5, pids 64
+    inst = ctx.service.start(ctx.service.catalog.key("web", "hard"))
     hc = docker_client.api.inspect_container(inst.container_id)["HostConfig"]
     assert hc["CapDrop"] == ["ALL"]
     assert not hc["CapAdd"]
@@ -456,13 +458,13 @@ def test_flags_differ_per_team_and_survive_restart(ctx: Context, docker_client: 
         env = docker_client.api.inspect_container(inst.container_id)["Config"]["Env"]
         return next(e.split("=", 1)[1] for e in env if e.startswith("FLAG="))
 
-    a = ctx.service.start("web", "fa")
-    b = ctx.service.start("web", "fb")
+    a = ctx.service.start(ctx.service.catalog.key("web", "fa"))
+    b = ctx.service.start(ctx.service.catalog.key("web", "fb"))
     flag_a, flag_b = flag_in(a), flag_in(b)
     assert flag_a != flag_b
     assert flag_a.startswith("CTF{")
-    ctx.service.stop("web", "fa")
-    assert flag_in(ctx.service.start("web", "fa")) == flag_a
+    ctx.service.stop(ctx.service.catalog.key("web", "fa"))
+    assert flag_in(ctx.service.start(ctx.service.catalog.key("web", "fa"))) == flag_a
     secret = ctx.settings.flag_secret_value()
     assert flag_a == team_flag(secret, "web", "fa")
     assert check_flag(secret, "web", "fa", flag_a)
@@ -519,7 +521,8 @@ def test_pull_from_registry_reports_progress(
     ctx = make_ctx(challenges_file=catalog)
     events: list[dict[str, Any]] = []
     try:
-        inst = ctx.service.start("pulled", "puller", progress=events.append)
+        inst = ctx.service.start(ctx.service.catalog.key("pulled", "puller"),
+                                 progress=events.append)
         assert inst.status == "running"
         pulls = [e for e in events if e.get("phase") == "pulling"]
         assert pulls, events
@@ -528,7 +531,7 @@ def test_pull_from_registry_reports_progress(
         assert pulls[-1]["bytes_done"] > 0
         assert [e["phase"] for e in events][-1] == "running"
     finally:
-        ctx.service.stop("pulled", "puller", rate_limit=False)
+        ctx.service.stop(ctx.service.catalog.key("pulled", "puller"), count_rate=False)
         docker_client.images.remove(remote, force=True)
 
 
@@ -539,7 +542,7 @@ def test_pull_policy_never_refuses_missing_image(make_ctx: Callable[..., Context
     catalog.write_text("challenges:\n  gone:\n    image: ctf-test/absent:nope\n    port: 80\n")
     ctx = make_ctx(challenges_file=catalog, pull_policy="never")
     with pytest.raises(ImageNotFound, match="CTF_PULL_POLICY"):
-        ctx.service.start("gone", "team1")
+        ctx.service.start(ctx.service.catalog.key("gone", "team1"))
 
 
 def test_unknown_image_in_registry_is_permanent(make_ctx: Callable[..., Context],
@@ -549,10 +552,10 @@ def test_unknown_image_in_registry_is_permanent(make_ctx: Callable[..., Context]
     catalog.write_text(f"challenges:\n  nope:\n    image: {registry}/no/such:img\n    port: 80\n")
     ctx = make_ctx(challenges_file=catalog)
     with pytest.raises(ImageNotFound):
-        ctx.service.start("nope", "team1")
+        ctx.service.start(ctx.service.catalog.key("nope", "team1"))
 
 
 def test_started_at_and_expiry_are_consistent(ctx: Context) -> None:
     """expires_at is started_at plus the challenge ttl."""
-    inst = ctx.service.start("web", "times")
+    inst = ctx.service.start(ctx.service.catalog.key("web", "times"))
     assert parse_iso(inst.expires_at) - parse_iso(inst.started_at) == timedelta(seconds=600)

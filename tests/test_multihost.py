@@ -128,14 +128,14 @@ def cluster(
 
 
 def _start(c: Cluster, challenge: str, team: str) -> dict[str, Any]:
-    task_id, _ = c.disp.start(challenge, team, None)
+    task_id, _ = c.disp.start(c.disp.key(challenge, team))
     view = c.disp.wait(task_id, 90)
     assert view.ready and view.error is None, (view.state, view.error)
     return dict(view.result)
 
 
 def _run_task(c: Cluster, task: str, challenge: str, team: str) -> Any:
-    record = c.disp.instance(challenge, team)
+    record = c.disp.instance(c.disp.key(challenge, team))
     task_id = c.disp.send(task, [challenge, team], None, c.disp.queue_for(record))
     view = c.disp.wait(task_id, 60)
     assert view.ready and view.error is None, (view.state, view.error)
@@ -296,7 +296,7 @@ def test_a_host_without_worker_is_skipped_and_comes_back(cluster: Cluster) -> No
     # Alpha is now full (4/4): with beta gone there is no room anywhere.
     _start(c, "web", "failover2")
     with pytest.raises(CapacityExhausted, match="no Docker host with a live worker has room"):
-        c.disp.start("web", "failover3", None)
+        c.disp.start(c.disp.key("web", "failover3"))
     # The worker comes back: the same containers, running again, still reachable.
     c.workers["beta"].start()
     wait_for(lambda: {h.name: h for h in c.disp.host_loads()}["beta"].alive, 30, 0.1,

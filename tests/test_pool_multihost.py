@@ -153,7 +153,7 @@ def test_each_host_keeps_its_pool_and_a_start_claims_on_the_host_with_a_ready_on
     assert _unclaimed(c.engines["alpha"], "beta-only") == []
     (waiting,) = _unclaimed(c.engines["beta"], "beta-only")
     # alpha has twice beta's room, yet the start goes where a container is ready
-    task_id, _ = c.disp.start("beta-only", "plmh1", None)
+    task_id, _ = c.disp.start(c.disp.key("beta-only", "plmh1"))
     view = c.disp.wait(task_id, 90)
     assert view.ready and view.error is None, (view.state, view.error)
     inst = dict(view.result)
@@ -169,6 +169,6 @@ def test_each_host_keeps_its_pool_and_a_start_claims_on_the_host_with_a_ready_on
     # beta refills its own pool; alpha's is untouched
     wait_for(lambda: _ready(c)[("beta", "beta-only")] == 1, 60, 0.2, "beta's pool to refill")
     assert _ready(c)[("alpha", "everywhere")] == 1
-    task_id, _ = c.disp.stop("beta-only", "plmh1", None)
+    task_id, _ = c.disp.stop(c.disp.key("beta-only", "plmh1"))
     view = c.disp.wait(task_id, 60)
     assert view.ready and view.error is None, (view.state, view.error)

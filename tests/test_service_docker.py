@@ -41,7 +41,7 @@ def _reaches(container: Any, ip: str) -> bool:
 
 def test_start_runs_instance_and_its_url_answers(ctx: Context, docker_client: Any) -> None:
     """A started instance is running, labelled and named per the spec, and its URL answers."""
-    inst = ctx.service.start("web", "team1")
+    inst = ctx.service.start(ctx.service.catalog.key("web", "team1"))
     assert inst.status == "running"
     assert inst.container_name == "ctf-web-team1"
     c = docker_client.containers.get(inst.container_id)
@@ -62,8 +62,8 @@ def test_start_runs_instance_and_its_url_answers(ctx: Context, docker_client: An
 
 def test_start_is_idempotent(ctx: Context, docker_client: Any) -> None:
     """Starting an instance that already runs returns it unchanged: same container."""
-    first = ctx.service.start("web", "team1")
-    second = ctx.service.start("web", "team1")
+    first = ctx.service.start(ctx.service.catalog.key("web", "team1"))
+    second = ctx.service.start(ctx.service.catalog.key("web", "team1"))
     assert second.container_id == first.container_id
     assert second.expires_at == first.expires_at
     assert len(_ours(docker_client, **{"ctf.team": "team1"})) == 1
@@ -72,21 +72,22 @@ def test_start_is_idempotent(ctx: Context, docker_client: Any) -> None:
 def test_concurrent_starts_in_threads_make_one_container(ctx: Context, docker_client: Any) -> None:
     """Twenty concurrent starts of one (challenge, team) create exactly one container."""
     with ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(lambda _: ctx.service.start("web", "race"), range(20)))
+        race = ctx.service.catalog.key("web", "race")
+        results = list(pool.map(lambda _: ctx.service.start(race), range(20)))
     assert {r.container_id for r in results} == {results[0].container_id}
     assert len(_ours(docker_client, **{"ctf.team": "race"})) == 1
 
 
 def test_stop_removes_container_and_last_network(ctx: Context, docker_client: Any) -> None:
     """Stop removes the container; the team network goes with the team's last instance."""
-    ctx.service.start("web", "t-stop")
-    ctx.service.start("exposed", "t-stop")
-    ctx.service.stop("web", "t-stop")
+    ctx.service.start(ctx.service.catalog.key("web", "t-stop"))
+    ctx.service.start(ctx.service.catalog.key("exposed", "t-stop"))
+    ctx.service.stop(ctx.service.catalog.key("web", "t-stop"))
     assert [c.name for c in _ours(docker_client, **{"ctf.team": "t-stop"})] == [
         "ctf-exposed-t-stop"
     ]
     assert docker_client.networks.list(names=["ctf-team-t-stop"])
-    ctx.service.stop("exposed", "t-stop")
+    ctx.service.stop(ctx.service.catalog.key("exposed", "t-stop"))
     assert _ours(docker_client, **{"ctf.team": "t-stop"}) == []
     assert docker_client.networks.list(names=["ctf-team-t-stop"]) == []
     assert ctx.service.status(team_id="t-stop") == []
@@ -112,9 +113,9 @@ def test_teams_are_isolated_on_the_network(firewalled_ctx: Context, docker_clien
     """A container of team A cannot reach team B's container; same-team containers can."""
     ctx = firewalled_ctx
     assert ctx.egress is not None and ctx.egress.enforced
-    a_web = ctx.service.start("web", "alpha")
-    a_other = ctx.service.start("exposed", "alpha")
-    b_web = ctx.service.start("web", "bravo")
+    a_web = ctx.service.start(ctx.service.catalog.key("web", "alpha"))
+    a_other = ctx.service.start(ctx.service.catalog.key("exposed", "alpha"))
+    b_web = ctx.service.start(ctx.service.catalog.key("web", "bravo"))
     ca = docker_client.containers.get(a_web.container_id)
 
     def ip(inst: Any) -> str:
@@ -129,7 +130,7 @@ def test_teams_are_isolated_on_the_network(firewalled_ctx: Context, docker_clien
 def test_invalid_team_ids_create_nothing(ctx: Context, docker_client: Any, team: str) -> None:
     """Invalid team ids are refused with InvalidTeamId before Docker is touched."""
     with pytest.raises(InvalidTeamId, match="team id"):
-        ctx.service.start("web", team)
+        ctx.service.start(ctx.service.catalog.key("web", team))
     assert _ours(docker_client) == []
     assert docker_client.networks.list(filters={"label": [f"ctf.test={TEST_LABEL['ctf.test']}"]}) \
         == []
@@ -144,9 +145,9 @@ def test_a_foreign_container_with_our_name_is_never_adopted_or_removed(
                                            name="ctf-web-squatter")
     try:
         with pytest.raises(InvalidRequest, match="not managed by this instancer"):
-            ctx.service.start("web", "squatter")
+            ctx.service.start(ctx.service.catalog.key("web", "squatter"))
         with pytest.raises(InvalidRequest, match="not managed by this instancer"):
-            ctx.service.stop("web", "squatter")
+            ctx.service.stop(ctx.service.catalog.key("web", "squatter"))
         foreign.reload()
         assert foreign.status == "running"
         assert ctx.service.status(team_id="squatter") == []
@@ -157,14 +158,14 @@ def test_a_foreign_container_with_our_name_is_never_adopted_or_removed(
 def test_unknown_challenge_creates_nothing(ctx: Context, docker_client: Any) -> None:
     """An unknown challenge is refused with a message listing the known ones."""
     with pytest.raises(UnknownChallenge, match="known challenges: web"):
-        ctx.service.start("nope", "team1")
+        ctx.service.start(ctx.service.catalog.key("nope", "team1"))
     assert _ours(docker_client) == []
 
 
 def test_slow_service_is_running_only_once_it_answers(ctx: Context) -> None:
     """A container whose port answers after 2 s is reported running only after that."""
     began = time.monotonic()
-    inst = ctx.service.start("slow", "sloth")
+    inst = ctx.service.start(ctx.service.catalog.key("slow", "sloth"))
     assert time.monotonic() - began >= 1.5
     assert inst.status == "running"
     port = inst.ports["8080/tcp"]
@@ -176,7 +177,7 @@ def test_crashing_container_fails_clearly_and_leaves_nothing(
 ) -> None:
     """A container that exits fails the start with its exit code and output; none is left."""
     with pytest.raises(StartFailed, match=r"exited with code 3.*boom"):
-        ctx.service.start("crash", "team1")
+        ctx.service.start(ctx.service.catalog.key("crash", "team1"))
     assert _ours(docker_client, **{"ctf.challenge": "crash"}) == []
     [record] = ctx.service.status(team_id="team1")
     assert record.status == "failed"
@@ -185,7 +186,7 @@ def test_crashing_container_fails_clearly_and_leaves_nothing(
 
 def test_port_comes_from_image_expose_when_catalog_omits_it(ctx: Context) -> None:
     """A challenge without ``port`` uses the image's first EXPOSEd port."""
-    inst = ctx.service.start("exposed", "team1")
+    inst = ctx.service.start(ctx.service.catalog.key("exposed", "team1"))
     assert list(inst.ports) == ["8080/tcp"]
     assert inst.url is not None
     assert inst.url.startswith("tcp://localhost:")

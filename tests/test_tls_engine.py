@@ -69,7 +69,7 @@ def test_a_host_without_docker_url_reaches_its_engine_through_the_tls_environmen
         # Remote: instances are probed on the host's public address, not on container IPs
         # (which only its own machine can route to).
         assert not ctx.driver.is_local
-        inst = ctx.service.start("web", "tls1")
+        inst = ctx.service.start(ctx.service.catalog.key("web", "tls1"))
         assert inst.status == "running" and inst.host == "beta"
         port = inst.ports["8080/tcp"]
         assert inst.url == f"http://{addr}:{port}"
@@ -78,7 +78,7 @@ def test_a_host_without_docker_url_reaches_its_engine_through_the_tls_environmen
         on_engine = engine.containers.get("ctf-web-tls1")
         assert on_engine.labels["ctf.host"] == "beta"
 
-        ctx.service.stop("web", "tls1")
+        ctx.service.stop(ctx.service.catalog.key("web", "tls1"))
         assert engine.containers.list(all=True, filters={"name": "ctf-web-tls1"}) == []
         assert engine.networks.list(names=["ctf-team-tls1"]) == []
     finally:

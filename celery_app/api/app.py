@@ -46,7 +46,6 @@ from celery_app.errors import (
     Unauthorized,
 )
 from celery_app.hosts.metrics import HostCollector
-from celery_app.ingress import Ingress
 from celery_app.ingress.gate import Gate, GateFastPath
 from celery_app.ingress.gate import build_router as build_gate_router
 from celery_app.settings import Settings
@@ -632,7 +631,7 @@ def _instance_routes(
         who.require_team(team_id)
         began = time.monotonic()
         task_id, so_far, view = await _send_then_wait(
-            slots, waiter, team_id, wait, lambda: disp.start(challenge, team_id, who.team_id))
+            slots, waiter, team_id, wait, lambda: disp.start(disp.key(challenge, team_id)))
         metrics.tasks_sent.labels("start_container", challenge).inc()
         if view is None:
             return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
@@ -643,7 +642,7 @@ def _instance_routes(
             current = record.public() if record else so_far
             return JSONResponse({"task_id": task_id, **current}, status_code=202)
         metrics.start_duration.labels(challenge).observe(time.monotonic() - began)
-        return JSONResponse(Ingress(disp.settings).with_access(view.result), status_code=200)
+        return JSONResponse(view.result, status_code=200)  # with access_url (the task's)
 
     # The platform's polling lands here: read on the event loop in one Redis round trip,
     # answered as a ready JSONResponse (PERFORMANCE.md §8).
@@ -673,7 +672,7 @@ def _instance_routes(
         """Stop and remove the instance: 202, or 200 with ``?wait=N``; 404 when there is none."""
         who.require_team(team_id)
         task_id, so_far, view = await _send_then_wait(
-            slots, waiter, team_id, wait, lambda: disp.stop(challenge, team_id, who.team_id))
+            slots, waiter, team_id, wait, lambda: disp.stop(disp.key(challenge, team_id)))
         metrics.tasks_sent.labels("stop_container", challenge).inc()
         if view is None:
             return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
@@ -695,11 +694,11 @@ def _instance_routes(
             slots.take(team_id)
         except CTFError:
             # No slot to wait in: the extend is still sent, and followed through its task.
-            task_id = await run_in_threadpool(disp.extend, challenge, team_id, who.team_id)
+            task_id = await run_in_threadpool(lambda: disp.extend(disp.key(challenge, team_id)))
             metrics.tasks_sent.labels("extend_container", challenge).inc()
             return JSONResponse({"task_id": task_id, "state": "PENDING"}, status_code=202)
         try:
-            task_id = await run_in_threadpool(disp.extend, challenge, team_id, who.team_id)
+            task_id = await run_in_threadpool(lambda: disp.extend(disp.key(challenge, team_id)))
             metrics.tasks_sent.labels("extend_container", challenge).inc()
             view = await waiter.wait(task_id, EXTEND_WAIT)
         finally:

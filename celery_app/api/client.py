@@ -25,7 +25,7 @@ from redis.retry import Retry
 from starlette.concurrency import run_in_threadpool
 
 from celery_app import errors
-from celery_app.core.catalog import Catalog, Challenge, load_catalog
+from celery_app.core.catalog import Catalog, load_catalog
 from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached, TaskFailed
 from celery_app.hosts.placement import (
     HostLoad,
@@ -42,7 +42,7 @@ from celery_app.ingress import Ingress
 from celery_app.settings import Settings
 from celery_app.state.reads import AsyncIndex
 from celery_app.state.store import StateStore, map_redis_errors
-from celery_app.vocab.models import Instance, iso
+from celery_app.vocab.models import Instance, InstanceKey, iso
 from celery_app.vocab.naming import check_team_id
 from celery_app.vocab.team_tokens import team_token
 
@@ -201,28 +201,29 @@ class Dispatcher:
 
     # -- validation and reads ---------------------------------------------------------------
 
-    def validate(self, challenge: str, team_id: str) -> Challenge:
-        """Refuse a bad team id or an unknown challenge before anything is sent.
+    def key(self, challenge: str, team_id: str) -> InstanceKey:
+        """Validate a request into the key :meth:`start`, :meth:`stop` and :meth:`extend` take.
+
+        The API's and ctfctl's edge: nothing is sent or read before this passes, and nothing
+        after it checks the team or the challenge again.
 
         Raises:
-            InvalidTeamId: the team id does not match the SPEC's rule.
+            InvalidTeamId: the team id does not match the SPEC's rule (checked first).
             UnknownChallenge: the catalog has no such challenge.
 
         """
-        check_team_id(team_id)
-        return self.catalog.get(challenge)
+        return self.catalog.key(challenge, team_id)
 
-    def instance(self, challenge: str, team_id: str) -> Instance:
+    def instance(self, key: InstanceKey) -> Instance:
         """Return the recorded instance.
 
         Raises:
             InstanceNotFound: there is none.
 
         """
-        self.validate(challenge, team_id)
-        inst = self.store.get(challenge, team_id)
+        inst = self.store.get(key.challenge, key.team)
         if inst is None:
-            raise _not_found(challenge, team_id)
+            raise _not_found(key.challenge, key.team)
         return inst
 
     # -- tasks ------------------------------------------------------------------------------
@@ -277,12 +278,12 @@ class Dispatcher:
         pool) when it is not, e.g. in an app run without its lifespan.
 
         Raises:
-            InvalidTeamId, UnknownChallenge: see :meth:`validate`.
+            InvalidTeamId, UnknownChallenge: see :meth:`key`.
             InstanceNotFound: there is none.
             RedisUnavailable: Redis cannot be reached.
 
         """
-        self.validate(challenge, team_id)
+        self.key(challenge, team_id)
         shown = await self._shown_view(team_id, challenge)
         if not shown:
             raise _not_found(challenge, team_id)
@@ -316,7 +317,12 @@ class Dispatcher:
         return self._with_access(present(instances, self.store, self.hosts))
 
     def _with_access(self, shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        ingress = Ingress(self.settings)  # access_url: a fresh short-lived link (SPEC §11)
+        """Add ``access_url``, a fresh short-lived link (SPEC §11), with ``Ingress.with_access``.
+
+        With the tasks' results (the workers add it there), the one place it is added: what
+        the dispatcher returns carries it already, and callers add nothing.
+        """
+        ingress = Ingress(self.settings)
         return [ingress.with_access(d) for d in shown]
 
     # -- coalescing: one pending task per instance and kind ---------------------------------
@@ -392,23 +398,26 @@ class Dispatcher:
         backend = self.celery.backend
         self.store.set_task_owner(task_id, json.dumps({"owner": record.team_id,
                                                        "task": "start_container"}), NOOP_TTL)
+        # The answer a start task gives: the instance with its access_url.
+        answer = self._with_access([record.public()])[0]
         with map_redis_errors("answer start"):
-            backend.store_result(task_id, record.public(), "SUCCESS")
+            backend.store_result(task_id, answer, "SUCCESS")
             backend.client.expire(backend.get_key_for_task(task_id), NOOP_TTL)
         return task_id
 
-    def start(self, challenge: str, team_id: str, owner: str | None) -> tuple[str, dict[str, Any]]:
+    def start(self, key: InstanceKey) -> tuple[str, dict[str, Any]]:
         """Start the instance; return the task id and the instance so far.
 
         A start while another start of it is pending answers that task; a start of an
         instance that runs (on a live host, with no stop pending) sends nothing and answers
-        it at once. Only a start that will do work counts against the rate limit.
+        it at once. Only a start that will do work counts against the rate limit, here,
+        before it is queued; the task is told so (``counted``). Requests coalesce, so the
+        task belongs to the instance's team whoever asked: that team and the admin may read
+        it. The task's result (:meth:`view`, :meth:`wait`) is the instance with its
+        ``access_url`` already.
 
         Args:
-            challenge: a catalog id.
-            team_id: the team.
-            owner: who asked (``None``: the admin). Requests coalesce, so the task belongs
-                to the instance's team whoever asked: that team and the admin may read it.
+            key: the instance (:meth:`key`).
 
         Returns:
             The task id and the instance so far.
@@ -417,7 +426,7 @@ class Dispatcher:
             RateLimited: the team made too many starts/stops lately (nothing was sent).
 
         """
-        self.validate(challenge, team_id)
+        challenge, team_id = key.challenge, key.team
         record = self.store.get(challenge, team_id)
         if record is not None and record.status == "running" and record.container_id:
             _raw, marker = self._pending("run", challenge, team_id)
@@ -431,7 +440,7 @@ class Dispatcher:
             # of one instance race, the one that arrived last wins (InstanceService.start).
             intent = self.store.register_intent(challenge, team_id, "start")
             self.send("start_container", [challenge, team_id], team_id,
-                      self.queue_for(record, f"{challenge}/{team_id}"), {"intent": intent},
+                      self.queue_for(record, str(key)), {"intent": intent, "counted": True},
                       task_id=task_id)
 
         task_id, _sent = self._coalesced("run", "start", challenge, team_id, send)
@@ -441,41 +450,44 @@ class Dispatcher:
             so_far = {"team_id": team_id, "challenge": challenge, "status": "starting"}
         return task_id, so_far
 
-    def stop(self, challenge: str, team_id: str, owner: str | None) -> tuple[str, dict[str, Any]]:
+    def stop(self, key: InstanceKey) -> tuple[str, dict[str, Any]]:
         """Send a stop of an existing instance; return the task id and the instance so far.
 
-        A stop while another stop of it is pending answers that task; ``owner`` as for
-        :meth:`start`.
+        A stop while another stop of it is pending answers that task; counted and owned as
+        for :meth:`start`.
 
         Raises:
             InstanceNotFound: Redis has no record of it (nothing is sent).
             RateLimited: the team made too many starts/stops lately (nothing was sent).
 
         """
-        record = self.instance(challenge, team_id)
+        challenge, team_id = key.challenge, key.team
+        record = self.instance(key)
 
         def send(task_id: str) -> None:
             self._rate_limit(team_id)
             intent = self.store.register_intent(challenge, team_id, "stop")
             self.send("stop_container", [challenge, team_id], team_id, self.queue_for(record),
-                      {"intent": intent}, task_id=task_id)
+                      {"intent": intent, "counted": True}, task_id=task_id)
 
         task_id, _sent = self._coalesced("run", "stop", challenge, team_id, send)
         return task_id, {**record.public(), "status": "stopping"}
 
-    def extend(self, challenge: str, team_id: str, owner: str | None) -> str:
+    def extend(self, key: InstanceKey) -> str:
         """Send an extend of an existing instance; return the task id.
 
         An extend while another is pending answers that task; one already at its maximum
-        lifetime is refused here, without a task; ``owner`` as for :meth:`start`.
+        lifetime is refused here, without a task; owned as for :meth:`start`. The task's
+        result is the instance with its ``access_url``.
 
         Raises:
             InstanceNotFound: Redis has no record of it (nothing is sent).
             MaxLifetimeReached: it already lives until its maximum lifetime.
 
         """
+        challenge, team_id = key.challenge, key.team
         ch = self.catalog.get(challenge)
-        record = self.instance(challenge, team_id)
+        record = self.instance(key)
         assert ch.max_lifetime is not None
         ceiling = record.started.timestamp() + ch.max_lifetime
         if record.expires.timestamp() >= ceiling:

@@ -26,11 +26,12 @@ from redis.lock import Lock
 from celery_app.core.catalog import Catalog, Challenge
 from celery_app.core.specs import InstanceSpecs
 from celery_app.engine.driver import ContainerInfo, Driver
-from celery_app.errors import CTFError, InstanceBusy, InvalidRequest
+from celery_app.errors import CTFError, InvalidRequest
 from celery_app.settings import Settings
 from celery_app.state.store import LOCK_HOLD, StateStore
 from celery_app.vocab.models import Instance, utcnow
 from celery_app.vocab.naming import check_team_id, instance_key, split_instance_key
+from celery_app.vocab.signals import ControlSignal, InstanceBusy
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +400,7 @@ class Reconciler:
                 self.store.delete(challenge, team_id, self.host)
         except InstanceBusy:
             return "busy"
-        with contextlib.suppress(CTFError):
+        with contextlib.suppress(CTFError, ControlSignal):  # a busy network: the janitor's
             self.specs.remove_network_if_unused(team_id)
         return "forgotten"
 

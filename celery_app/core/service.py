@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 
@@ -18,20 +19,20 @@ from celery_app.core.catalog import Catalog, Challenge
 from celery_app.core.pool import Pool
 from celery_app.core.reconcile import BUSY_WAIT, Reconciler, ReconcileSummary
 from celery_app.core.specs import InstanceSpecs
-from celery_app.engine.driver import Driver, ProgressFn
+from celery_app.engine.driver import ContainerInfo, ContainerSpec, Driver, NetworkInfo, ProgressFn
 from celery_app.engine.firewall import EgressGuard
 from celery_app.errors import (
     CTFError,
     InstanceNotFound,
     MaxLifetimeReached,
-    OnOtherHost,
     Superseded,
 )
 from celery_app.ingress import Ingress
 from celery_app.settings import Settings
 from celery_app.state.store import LOCK_HOLD, Beats, Done, StateStore
-from celery_app.vocab.models import Instance, iso, utcnow
+from celery_app.vocab.models import Instance, InstanceKey, iso, utcnow
 from celery_app.vocab.naming import check_team_id, container_name
+from celery_app.vocab.signals import ControlSignal, OnOtherHost
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,9 @@ class InstanceService:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _validate(self, challenge: object, team_id: object) -> tuple[Challenge, str]:
-        """Refuse bad input before Docker or Redis is touched."""
-        team = check_team_id(team_id)
-        return self.catalog.get(challenge), team
+    def _challenge(self, key: InstanceKey) -> Challenge:
+        """The key's challenge: a look-up, not a check (the edge validated the key)."""
+        return self.catalog.get(key.challenge)
 
     def _elsewhere(self, record: Instance) -> OnOtherHost:
         return OnOtherHost(
@@ -97,9 +97,14 @@ class InstanceService:
             f"its worker (queue ctf.host.{record.host}) acts on it", host=record.host,
         )
 
-    def _here(self, ch: Challenge, team: str) -> Instance | None:
-        """The instance's record; one of another host is that host's (``OnOtherHost``)."""
-        record = self.store.get(ch.id, team)
+    def _here(self, key: InstanceKey) -> Instance | None:
+        """The instance's record; one of another host is that host's (``OnOtherHost``).
+
+        The one place the service decides which host owns an instance: called under the
+        instance lock, which every host takes in the same Redis, so the answer holds until
+        the operation ends. The edges only route (``celery_app.hosts.placement.host_of``).
+        """
+        record = self.store.get(key.challenge, key.team)
         if record is not None and record.host != self.host:
             raise self._elsewhere(record)
         return record
@@ -125,10 +130,9 @@ class InstanceService:
         return self.store.holding(challenge, team_id, hold,
                                   self.settings.lock_wait if wait is None else wait)
 
-    def flag_for(self, challenge: str, team_id: str) -> str:
+    def flag_for(self, key: InstanceKey) -> str:
         """Return the team's flag for a challenge (see :mod:`celery_app.core.flags`)."""
-        ch, team = self._validate(challenge, team_id)
-        return self.specs.flag(ch.id, team)
+        return self.specs.flag(key.challenge, key.team)
 
     def ensure_image(self, ch: Challenge, progress: ProgressFn | None = None) -> None:
         """Make the challenge image present, following ``CTF_PULL_POLICY``."""
@@ -137,8 +141,8 @@ class InstanceService:
     # -- start ------------------------------------------------------------------------------
 
     def start(
-        self, challenge: str, team_id: str, progress: ProgressFn | None = None,
-        intent: int | None = None, *, rate_limit: bool = True, lock_wait: float | None = None,
+        self, key: InstanceKey, progress: ProgressFn | None = None,
+        intent: int | None = None, *, count_rate: bool = True, lock_wait: float | None = None,
         task_id: str | None = None,
     ) -> Instance:
         """Start the team's instance of a challenge; return it ``running`` once it answers.
@@ -146,14 +150,17 @@ class InstanceService:
         Idempotent: an instance that already runs is returned unchanged (same container).
         ``progress`` gets ``{"phase": …}`` dicts; ``intent`` is the request's sequence number
         (``StateStore.register_intent``; taken now when ``None``), superseded by a later
-        stop; ``rate_limit=False`` when the dispatcher counted the request before queueing
-        it; ``lock_wait`` (the settings' by default) bounds the wait for another operation.
+        stop; ``count_rate=False`` when the request was counted against the team's rate
+        limit already (the dispatcher did before queueing it, or an earlier copy of the task
+        passed this step); ``lock_wait`` (the settings' by default) bounds the wait for
+        another operation.
         ``task_id`` (the Celery task's) makes the start take effect once: a redelivered copy
         of a start that already answered ``running`` returns that answer and does nothing,
         even if the instance was stopped since (SPEC §10: none is done twice).
 
+        ``key`` was validated at the edge (:meth:`Catalog.key`): it is not checked again.
+
         Raises:
-            InvalidTeamId, UnknownChallenge: bad input (nothing was touched).
             TeamQuotaExceeded, CapacityExhausted, RateLimited: a limit was hit.
             StartFailed: the container exited or never answered.
             Superseded: a later stop of this instance was requested meanwhile.
@@ -161,7 +168,7 @@ class InstanceService:
             InstanceBusy: another operation held the instance for ``lock_wait`` seconds.
             BackendUnavailable: Docker or Redis trouble (retryable).
         """
-        ch, team = self._validate(challenge, team_id)
+        ch, team = self._challenge(key), key.team
         name = container_name(ch.id, team)
         report = progress or (lambda _event: None)
         # A copy of a start that took effect answers as it did: before the intent and the rate
@@ -172,14 +179,13 @@ class InstanceService:
             intent = self.store.register_intent(ch.id, team, "start")
         # 0. rate limit before any work: only a start that makes a new instance counts (one
         #    that already runs, or is being started, is returned and costs nothing).
-        seen = self.store.get(ch.id, team)
-        if rate_limit and (seen is None or seen.status == "failed"):
-            self._count_rate(team)
-        if seen is not None and seen.host != self.host:
-            raise self._elsewhere(seen)
+        if count_rate:
+            seen = self.store.get(ch.id, team)
+            if seen is None or seen.status == "failed":
+                self._count_rate(team)
         # 1. the image: pulls can be long and need no lock. A start that will claim a warm
         #    pool container (one is ready on this host) needs no image at all; it is checked
-        #    (one Docker call saved) only if the claim then misses (specs.create).
+        #    (one Docker call saved) only if the claim then misses (step 7).
         report({"phase": "image", "image": ch.image})
         image_checked = not self.pool.has_ready(ch)
         if image_checked:
@@ -192,8 +198,9 @@ class InstanceService:
             # 3. the latest request wins: a stop sent after this start cancels it.
             self._latest("start", ch, team, intent)
             # 4. an instance recorded on another host is that host's to start (one container
-            #    per instance across all hosts); its worker takes the request over.
-            record = self._here(ch, team)
+            #    per instance across all hosts); its worker takes the request over. Decided
+            #    here only, under the lock.
+            record = self._here(key)
             # 5. an existing container is reused (idempotency, redelivered tasks).
             existing = self.specs.own_container(name, ch.id, team)
             if existing is not None and existing.state == "running":
@@ -218,15 +225,16 @@ class InstanceService:
                                self.settings.max_instances, self.host_max)
             try:
                 # 7. network and container, under the team's network lock (a stop of the
-                #    team's last instance must not remove the network we are joining).
+                #    team's last instance must not remove the network we are joining): a
+                #    warm-pool claim, or a cold start (_claim_or_cold).
                 report({"phase": "creating"})
-                info = self.specs.create(ch, team, port, inst, self.egress, self.pool,
-                                         image_checked=image_checked)
+                info = self.specs.create(ch, team, port, inst, self.egress,
+                                         self._claim_or_cold(ch, team, inst, image_checked))
             except BaseException:
                 # Nothing half-made: the reservation, and a network made only for this
                 # instance, go with the failed creation.
                 self.store.delete(ch.id, team, self.host)
-                with contextlib.suppress(CTFError):
+                with contextlib.suppress(CTFError, ControlSignal):
                     self.remove_network_if_unused(team)
                 raise
             # 8. record the container and its port.
@@ -236,16 +244,39 @@ class InstanceService:
             report({"phase": "starting", "container": name})
             return self.specs.await_ready(ch, info, inst, port, report, lock, task_id)
 
+    def _claim_or_cold(
+        self, ch: Challenge, team: str, inst: Instance, image_checked: bool,
+    ) -> Callable[[NetworkInfo, ContainerSpec], ContainerInfo]:
+        """Step 7's one choice: claim a ready warm-pool container, else start one cold.
+
+        Returned as what :meth:`InstanceSpecs.create` calls under the team's network lock,
+        with the team network and the cold start's spec. ``image_checked=False``: step 1
+        skipped the image because a pool container was ready; a cold start after a missed
+        claim checks (or pulls) it first. Before a cold start the pools give way when the
+        host is full, so no start is refused for their sake.
+        """
+
+        def make(net: NetworkInfo, spec: ContainerSpec) -> ContainerInfo:
+            claimed = self.pool.claim(ch, team, net, spec, inst) if ch.pool else None
+            if claimed is not None:
+                return claimed
+            if not image_checked:
+                self.specs.ensure_image(ch)  # the ready one was taken meanwhile (rare)
+            self.pool.make_room()
+            return self.driver.run_container(spec)
+
+        return make
+
     # -- stop -------------------------------------------------------------------------------
 
     def stop(
-        self, challenge: str, team_id: str, *, rate_limit: bool = True,
+        self, key: InstanceKey, *, count_rate: bool = True,
         lock_wait: float | None = None, intent: int | None = None, keep_network: bool = False,
         task_id: str | None = None,
     ) -> dict[str, str]:
         """Stop and remove the team's instance, and the team network if it was the last.
 
-        ``rate_limit``, ``lock_wait`` and ``intent`` as for :meth:`start` (``NO_INTENT``: the
+        ``count_rate``, ``lock_wait`` and ``intent`` as for :meth:`start` (``NO_INTENT``: the
         janitor, which acts whatever users asked). ``keep_network`` leaves an emptied team
         network to the janitor's network pass: the engine removes networks one at a time
         (about 0.2 s each), so the janitor removes every expired container first.
@@ -262,7 +293,7 @@ class InstanceService:
             Superseded: a later start of this instance was requested meanwhile.
             OnOtherHost: the instance lives on another Docker host (hand the request there).
         """
-        ch, team = self._validate(challenge, team_id)
+        ch, team = self._challenge(key), key.team
         name = container_name(ch.id, team)
         answer = {"team_id": team, "challenge": ch.id, "status": "stopped"}
         # A copy of a stop that took effect answers as it did (before the intent and the rate
@@ -272,7 +303,7 @@ class InstanceService:
         if intent is None:
             intent = self.store.register_intent(ch.id, team, "stop")
         # 0. rate limit before any work (the janitor is not limited; a stop of nothing is free)
-        if rate_limit and self.store.get(ch.id, team) is not None:
+        if count_rate and self.store.get(ch.id, team) is not None:
             self._count_rate(team)
         # 1. lock (challenge, team)
         with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
@@ -283,7 +314,7 @@ class InstanceService:
             self._latest("stop", ch, team, intent)
             # 3. is there anything to stop, here? Another host's instance is its worker's:
             #    "stopped" is said only once the container is gone from its own engine.
-            record = self._here(ch, team)
+            record = self._here(key)
             existing = self.specs.own_container(name, ch.id, team)
             if record is None and existing is None:
                 raise InstanceNotFound(f"team {team} has no instance of {ch.id}; start one first")
@@ -309,7 +340,7 @@ class InstanceService:
 
     # -- extend -----------------------------------------------------------------------------
 
-    def extend(self, challenge: str, team_id: str, *, lock_wait: float | None = None,
+    def extend(self, key: InstanceKey, *, lock_wait: float | None = None,
                task_id: str | None = None) -> Instance:
         """Push the expiry out by the challenge's ttl, never past its maximum lifetime.
 
@@ -323,13 +354,13 @@ class InstanceService:
             OnOtherHost: the instance lives on another Docker host.
             InstanceBusy: another operation held the instance for ``lock_wait`` seconds.
         """
-        ch, team = self._validate(challenge, team_id)
+        ch, team = self._challenge(key), key.team
         assert ch.ttl is not None and ch.max_lifetime is not None
         with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
             # Checked under the lock: two copies of one task never both extend.
             if (done := self.store.applied(task_id)) is not None:
                 return Instance.model_validate_json(done)
-            inst = self._here(ch, team)
+            inst = self._here(key)
             if inst is None or inst.status not in ("running", "starting"):
                 raise InstanceNotFound(f"team {team} has no running instance of {ch.id}")
             ceiling = inst.started + timedelta(seconds=ch.max_lifetime)
@@ -346,12 +377,11 @@ class InstanceService:
 
     # -- read -------------------------------------------------------------------------------
 
-    def get(self, challenge: str, team_id: str) -> Instance:
+    def get(self, key: InstanceKey) -> Instance:
         """Return one instance from the index (``InstanceNotFound`` when there is none)."""
-        ch, team = self._validate(challenge, team_id)
-        inst = self.store.get(ch.id, team)
+        inst = self.store.get(key.challenge, key.team)
         if inst is None:
-            raise InstanceNotFound(f"team {team} has no instance of {ch.id}")
+            raise InstanceNotFound(f"team {key.team} has no instance of {key.challenge}")
         return inst
 
     def status(

@@ -7,8 +7,8 @@ The rules of when to create, reuse or remove are :mod:`celery_app.core.service`'
 
 An instance is a group of containers on a network (:class:`InstanceLayout`, from
 :meth:`InstanceSpecs.layout`): one container today; a Compose challenge's services join the
-group there. The specs sit below the pool and reconcile and import neither: a creation that
-may claim a warm container is handed the host's pool as a :class:`WarmPool`.
+group there. The specs sit below the pool and reconcile and import neither: the service hands
+a creation its choice between a warm-pool claim and a cold start (``make``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from redis.exceptions import LockError
 from redis.lock import Lock
@@ -82,18 +82,6 @@ class InstanceLayout:
     def main(self) -> str:
         """The container players reach: routed, probed, recorded as ``container_name``."""
         return self.containers[0]
-
-
-class WarmPool(Protocol):
-    """What a creation asks of the host's warm pools (:class:`celery_app.core.pool.Pool`)."""
-
-    def claim(
-        self, ch: Challenge, team: str, net: NetworkInfo, spec: ContainerSpec, inst: Instance
-    ) -> ContainerInfo | None:
-        """Hand a ready pool container to ``team`` as ``spec``; ``None`` when none is ready."""
-
-    def make_room(self) -> list[str]:
-        """Remove unclaimed containers while the host is over its limit; return their names."""
 
 
 class InstanceSpecs:
@@ -252,16 +240,15 @@ class InstanceSpecs:
         )
 
     def create(self, ch: Challenge, team: str, port: int, inst: Instance,
-               egress: EgressGuard, pool: WarmPool | None = None, *,
-               image_checked: bool = True) -> ContainerInfo:
+               egress: EgressGuard,
+               make: Callable[[NetworkInfo, ContainerSpec], ContainerInfo] | None = None,
+               ) -> ContainerInfo:
         """Make the team's network (if needed) and ``inst``'s container, admitted by ``egress``.
 
         Under the team's network lock: a stop of the team's last instance must not remove
         the network this container joins. A container the egress guard refuses is removed.
-        The container is a claimed warm-pool one when ``pool`` has one ready (issue 14);
-        before a cold one, the pools give way when the host is full, so no start is refused
-        for their sake. ``image_checked=False``: the start skipped the image because a pool
-        container was ready; a cold start after a missed claim checks (or pulls) it here.
+        ``make`` turns the network and the cold start's spec into the container (the
+        service's choice between a warm-pool claim and a cold start); a cold start by default.
         """
         with self.store.holding_network(team):
             net = self.driver.ensure_named_network(
@@ -269,13 +256,7 @@ class InstanceSpecs:
                 self.settings.team_subnet_pool, self.settings.team_subnet_prefix,
             )
             spec = self.spec(ch, team, port, inst)
-            info = pool.claim(ch, team, net, spec, inst) if pool and ch.pool else None
-            if info is None:
-                if not image_checked:
-                    self.ensure_image(ch)  # the ready one was taken meanwhile (rare)
-                if pool is not None:
-                    pool.make_room()
-                info = self.driver.run_container(spec)
+            info = (make or (lambda _net, cold: self.driver.run_container(cold)))(net, spec)
             try:
                 egress.admit(info, net)  # its bridge known, internet or not
             except CTFError:

@@ -18,9 +18,9 @@ from typing import Any
 
 from celery_app.core.service import NO_INTENT, InstanceService
 from celery_app.engine.driver import ContainerInfo
-from celery_app.errors import CTFError, InstanceBusy, InstanceNotFound
+from celery_app.errors import CTFError, InstanceNotFound
 from celery_app.state.store import one_at_a_time
-from celery_app.vocab.models import Instance, utcnow
+from celery_app.vocab.models import Instance, InstanceKey, utcnow
 from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_DISK,
@@ -30,6 +30,7 @@ from celery_app.vocab.naming import (
     read_claim,
     split_instance_key,
 )
+from celery_app.vocab.signals import ControlSignal, InstanceBusy
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class Janitor:
                 if outcome == "marked":
                     summary.over_disk.append(layer.name)
                     log.warning("janitor: %s %s", layer.name, reason)
-            except CTFError as exc:
+            except (CTFError, ControlSignal) as exc:
                 summary.errors.append(f"{layer.name}: {exc}")
 
     def _expired_here(
@@ -234,13 +235,13 @@ class Janitor:
     def _reap_one(self, key: str, challenge: str, team: str) -> tuple[str, str]:
         svc = self.service
         try:
-            svc.stop(challenge, team, rate_limit=False, lock_wait=2.0, intent=NO_INTENT,
-                     keep_network=True)
+            svc.stop(InstanceKey(challenge, team), count_rate=False, lock_wait=2.0,
+                     intent=NO_INTENT, keep_network=True)
         except InstanceNotFound:
             svc.store.delete(challenge, team, svc.host)  # already gone: done
         except InstanceBusy:
             return key, ""  # a user is acting on it; the next pass sees it again
-        except CTFError as exc:
+        except (CTFError, ControlSignal) as exc:  # e.g. it moved to another host meanwhile
             return key, str(exc)
         return key, "removed"
 
@@ -324,5 +325,5 @@ class Janitor:
             try:
                 if svc.remove_network_if_unused(team, net.id):
                     summary.orphan_networks.append(net.name)
-            except CTFError as exc:
+            except (CTFError, ControlSignal) as exc:  # a busy network lock: the next pass
                 summary.errors.append(f"{net.name}: {exc}")

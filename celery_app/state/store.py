@@ -24,8 +24,6 @@ from redis.lock import Lock
 
 from celery_app.errors import (
     CapacityExhausted,
-    InstanceBusy,
-    OnOtherHost,
     RateLimited,
     TeamQuotaExceeded,
 )
@@ -36,6 +34,7 @@ from celery_app.state.redis_errors import (  # re-exported: the Dispatcher impor
 )
 from celery_app.vocab.models import Instance
 from celery_app.vocab.naming import instance_key
+from celery_app.vocab.signals import InstanceBusy, OnOtherHost
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ def test_an_expired_instance_is_removed_with_its_network(svc: InstanceService,
                                                          janitor: Janitor,
                                                          driver: FakeDriver) -> None:
     """Past its expiry an instance's container, record and team network are removed."""
-    inst = svc.start("web", "team1")
+    inst = svc.start(svc.catalog.key("web", "team1"))
     summary = janitor.run_once(inst.expires + timedelta(seconds=1))
     assert summary.expired == [inst.key]
     assert driver.get_container(inst.container_name) is None
@@ -32,7 +32,7 @@ def test_an_expired_instance_is_removed_with_its_network(svc: InstanceService,
 def test_an_instance_before_its_expiry_stays(svc: InstanceService, janitor: Janitor,
                                              driver: FakeDriver) -> None:
     """A pass before the expiry removes nothing."""
-    inst = svc.start("web", "team1")
+    inst = svc.start(svc.catalog.key("web", "team1"))
     summary = janitor.run_once(inst.expires - timedelta(seconds=5))
     assert summary.removed == 0
     assert driver.get_container(inst.container_name) is not None
@@ -42,7 +42,7 @@ def test_an_old_orphan_container_is_removed_a_young_one_kept(svc: InstanceServic
                                                              janitor: Janitor,
                                                              driver: FakeDriver) -> None:
     """A labelled container with no record goes once older than the orphan grace."""
-    inst = svc.start("web", "team1")
+    inst = svc.start(svc.catalog.key("web", "team1"))
     svc.store.delete("web", "team1", svc.host)
     assert janitor.run_once().orphan_containers == []  # younger than CTF_ORPHAN_GRACE
     summary = janitor.run_once(later(svc.settings.orphan_grace + 5))
@@ -53,7 +53,7 @@ def test_an_old_orphan_container_is_removed_a_young_one_kept(svc: InstanceServic
 def test_a_dead_container_is_marked_failed(svc: InstanceService, janitor: Janitor,
                                            driver: FakeDriver) -> None:
     """A running instance whose container died is marked failed with its exit code and OOM."""
-    inst = svc.start("web", "team1")
+    inst = svc.start(svc.catalog.key("web", "team1"))
     driver.exit(inst.container_id, 137, oom=True, output="killed\n")
     summary = janitor.run_once()
     assert summary.marked_failed == [inst.key]
@@ -67,7 +67,7 @@ def test_a_flushed_index_is_rebuilt_before_judging_orphans(svc: InstanceService,
                                                            janitor: Janitor,
                                                            driver: FakeDriver) -> None:
     """After Redis lost everything, a pass reconciles first: a running instance is adopted."""
-    inst = svc.start("web", "team1")
+    inst = svc.start(svc.catalog.key("web", "team1"))
     svc.store.redis.flushdb()
     summary = janitor.run_once(later(svc.settings.orphan_grace + 5))
     assert summary.reconciled and summary.orphan_containers == []
@@ -94,8 +94,8 @@ def test_an_instance_over_its_disk_bound_is_stopped_and_failed(svc: InstanceServ
                                                                janitor: Janitor,
                                                                driver: FakeDriver) -> None:
     """A writable layer past the catalog's ``disk`` fails its instance; others are untouched."""
-    big = svc.start("scratch", "team1")
-    small = svc.start("scratch", "team2")
+    big = svc.start(svc.catalog.key("scratch", "team1"))
+    small = svc.start(svc.catalog.key("scratch", "team2"))
     driver.write(big.container_id, 65 * 1024**2)
     driver.write(small.container_id, 64 * 1024**2)  # at the bound, not over it
     summary = janitor.run_once()

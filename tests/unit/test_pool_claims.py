@@ -43,7 +43,7 @@ def test_a_start_that_claims_asks_no_image_check(warm: InstanceService,
     warm.pool.run_once()  # answered: parked and offered
     assert warm.pool.has_ready(warm.catalog.get("warm"))
     driver.calls.clear()
-    inst = warm.start("warm", "t1")
+    inst = warm.start(warm.catalog.key("warm", "t1"))
     claimed = driver.get_container(inst.container_name)
     assert claimed is not None and "ctf.pool" in claimed.labels
     assert "image_present" not in driver.calls and "pull" not in driver.calls
@@ -55,7 +55,7 @@ def test_a_claim_that_misses_checks_the_image_before_the_cold_start(
     """A ready slot whose container is gone: the start goes cold, image checked first."""
     warm.store.pools.offer("local", "warm", "0123456789ab")  # no such container
     driver.calls.clear()
-    inst = warm.start("warm", "t2")
+    inst = warm.start(warm.catalog.key("warm", "t2"))
     cold = driver.get_container(inst.container_name)
     assert inst.status == "running" and cold is not None and "ctf.pool" not in cold.labels
     assert driver.calls.count("image_present") == 1
