@@ -1,0 +1,7 @@
+"""The worker wing: what a worker process runs beside its tasks.
+
+The loop base (``loop.py``) and the four loops on it (the host's heartbeat, the egress
+firewall keeper, the event follower, the in-flight keeper), the broker transport
+(``broker.py``), the worker's long-lived objects (``context.py``) and the one place that
+starts and stops the loops of a worker process (``machinery.py``).
+"""
