@@ -64,7 +64,7 @@ def _start_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
     """Say in Redis that this worker's Docker host is served (see celery_app.hosts.placement)."""
     global _heartbeat  # noqa: PLW0603  # one per worker process
     from celery_app.context import get_context  # noqa: PLC0415  # only inside the worker
-    from celery_app.hosts.placement import Heartbeat  # noqa: PLC0415
+    from celery_app.worker.heartbeat import Heartbeat  # noqa: PLC0415
 
     try:
         ctx = get_context()

@@ -28,7 +28,9 @@ from celery.exceptions import Ignore
 from celery_app.celery_app import app
 from celery_app.context import Context, get_context
 from celery_app.errors import CTFError, InstanceBusy, OnOtherHost, TransientError
-from celery_app.hosts.placement import host_of, parse_beats, present, present_with
+from celery_app.hosts.liveness import parse_beats
+from celery_app.hosts.placement import host_of
+from celery_app.hosts.present import present, present_with
 from celery_app.hosts.routing import host_queue
 from celery_app.loops.events import index_is_live
 from celery_app.vocab.naming import check_team_id, instance_key
