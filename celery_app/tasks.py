@@ -32,8 +32,8 @@ from celery_app.hosts.liveness import parse_beats
 from celery_app.hosts.placement import host_of
 from celery_app.hosts.present import present, present_with
 from celery_app.hosts.routing import host_queue
-from celery_app.loops.events import index_is_live
 from celery_app.vocab.naming import check_team_id, instance_key
+from celery_app.worker.events import index_is_live
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")

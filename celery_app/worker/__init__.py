@@ -2,6 +2,7 @@
 
 The loop base (``loop.py``) and the four loops on it (the host's heartbeat, the egress
 firewall keeper, the event follower, the in-flight keeper), the broker transport
-(``broker.py``), the worker's long-lived objects (``context.py``) and the one place that
-starts and stops the loops of a worker process (``machinery.py``).
+(``broker.py``), its quiet log (``logs.py``) and the one place that starts and stops the loops
+of a worker process (``machinery.py``), which is handed the worker's context
+(:mod:`celery_app.context`, an entry point above this floor).
 """
