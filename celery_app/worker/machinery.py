@@ -93,10 +93,16 @@ class WorkerMachinery:
 
     def _keep_inflight(self) -> None:
         """Refresh what Celery still holds; redeliver what nobody holds."""
-        timeout = float(self.app.conf.broker_transport_options.get("visibility_timeout", 3600))
         consumer = self.consumer
-        self.inflight = InflightKeeper(self.app, timeout, held=lambda: held_by_worker(consumer))
-        self.inflight.start()
+        try:
+            timeout = float(self.app.conf.broker_transport_options.get("visibility_timeout",
+                                                                       3600))
+            self.inflight = InflightKeeper(self.app, timeout,
+                                           held=lambda: held_by_worker(consumer))
+            self.inflight.start()
+        except Exception:
+            log.exception("cannot start the in-flight keeper; a dead worker's messages come "
+                          "back only by kombu's own restore")
 
     def _beat(self) -> None:
         """Say in Redis that this worker's Docker host is served."""
