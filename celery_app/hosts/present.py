@@ -36,7 +36,7 @@ def present(
 def present_with(
     found: Iterable[Instance], beats: Mapping[str, dict[str, Any] | None]
 ) -> list[dict[str, Any]]:
-    """:func:`present`, with the heartbeats already read (:func:`parse_beats`).
+    """:func:`present`, with the heartbeats already read (:func:`~.liveness.parse_beats`).
 
     ``beats`` must hold every configured host and every host the instances name.
     """
