@@ -58,7 +58,7 @@ from bench_janitor import dockerd_pid, proc_cpu
 from bench_latency import ADMIN, api_process
 from bench_scale import memory, ours, reap_all
 
-from celery_app.hosts.placement import present
+from celery_app.hosts.present import present
 from celery_app.state.store import StateStore
 
 STATUS = "celery_app.tasks.get_container_status"

@@ -11,7 +11,7 @@ worker (SPEC §10).
 
 from celery_app.hosts.routing import host_queue
 from celery_app.settings import Settings
-from celery_app.state.broker import transport_for
+from celery_app.worker.broker import transport_for
 
 # Built from the environment when Celery loads this module; no secret is read or created here.
 _settings = Settings()
@@ -19,7 +19,7 @@ _settings = Settings()
 broker_url = _settings.broker_url
 # Our Redis transport (same URL, password and TLS options): it consumes without the instant in
 # which kombu's has popped a message but not yet recorded it, so a killed worker loses none
-# (celery_app.state.broker). Publishing is kombu's, unchanged.
+# (celery_app.worker.broker). Publishing is kombu's, unchanged.
 broker_transport = transport_for(broker_url)
 result_backend = _settings.result_backend
 
@@ -44,8 +44,8 @@ broker_connection_retry_on_startup = True
 # and before acknowledging) is not run again: the stored result stands.
 worker_deduplicate_successful_tasks = True
 # Unacknowledged messages of a dead worker come back after this long. Kombu's Redis transport
-# looks for them only every ~100 s on its own; celery_app.loops.inflight looks every few seconds and
-# keeps the messages of live workers fresh, so a short timeout never redelivers running work.
+# looks for them only every ~100 s on its own; celery_app.worker.inflight looks every few seconds
+# and keeps the messages of live workers fresh, so a short timeout never redelivers running work.
 broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
 result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 

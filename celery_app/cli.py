@@ -38,7 +38,7 @@ from rich.table import Table
 from celery_app.api.client import Dispatcher, TaskView
 from celery_app.core.catalog import load_catalog
 from celery_app.errors import CatalogError, CTFError, HostsFileError
-from celery_app.hosts.placement import load_hosts
+from celery_app.hosts.hostsfile import load_hosts
 from celery_app.hosts.routing import DEFAULT_QUEUE, host_queue, queues_for
 from celery_app.settings import Settings, load_settings
 from celery_app.vocab.models import Instance, parse_iso

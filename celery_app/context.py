@@ -10,7 +10,7 @@ from celery_app.core.service import InstanceService
 from celery_app.engine.docker_driver import DockerDriver
 from celery_app.engine.driver import Driver
 from celery_app.engine.firewall import EgressGuard, host_addresses
-from celery_app.hosts.placement import Hosts, load_hosts
+from celery_app.hosts.hostsfile import Hosts, load_hosts
 from celery_app.loops.janitor import Janitor
 from celery_app.settings import Settings, load_settings
 from celery_app.state.store import StateStore

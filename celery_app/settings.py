@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     # retries meanwhile instead of parking a worker thread).
     lock_wait: float = Field(240.0, gt=0)
     # A task message taken by a worker that died comes back after this long. Live workers keep
-    # the messages they hold fresh (celery_app.loops.inflight), so no long task is ever redelivered
+    # the messages they hold fresh (celery_app.worker.inflight), so no long task is ever redelivered
     # while it runs, and a killed worker's requests are redone within about this long.
     visibility_timeout: float = Field(30.0, ge=10, le=3600)
     # Celery task events (task-received, -started, -succeeded): two broker publishes on every

@@ -28,13 +28,15 @@ from celery.exceptions import Ignore
 from celery_app.celery_app import app
 from celery_app.context import Context, get_context
 from celery_app.errors import CTFError, InstanceBusy, TransientError
-from celery_app.hosts.placement import host_of, parse_beats, present, present_with
+from celery_app.hosts.liveness import parse_beats
+from celery_app.hosts.placement import host_of
+from celery_app.hosts.present import present, present_with
 from celery_app.hosts.routing import host_queue
-from celery_app.loops.events import index_is_live
 from celery_app.vocab import signals
 from celery_app.vocab.models import InstanceKey
 from celery_app.vocab.naming import container_name
 from celery_app.vocab.signals import ControlSignal, OnOtherHost
+from celery_app.worker.events import index_is_live
 
 log = logging.getLogger("celery_app.tasks")
 T = TypeVar("T")
@@ -302,7 +304,7 @@ def get_container_status(
 ) -> dict[str, Any]:
     """Return ``{"instances": [...]}``, from the index, filtered by what is given.
 
-    The index follows each engine's events (celery_app.loops.events); while this worker's
+    The index follows each engine's events (celery_app.worker.events); while this worker's
     follower is not connected or is behind, this host's instances are checked against its
     engine instead. One instance (team and challenge given) is answered by its own host's
     worker. Instances whose host has no live worker are not shown as running (``host_up``).

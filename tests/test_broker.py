@@ -1,4 +1,4 @@
-"""The worker's broker transport (celery_app.state.broker) against a real Redis, no Docker.
+"""The worker's broker transport (celery_app.worker.broker) against a real Redis, no Docker.
 
 A message is always in its queue or recorded as unacknowledged: the take step pops and records
 in one Lua step, and waiting for a message pops nothing, so a consumer killed at any instant
@@ -26,7 +26,7 @@ from celery import Celery
 from conftest import RedisServer, wait_for
 from kombu import Connection, Consumer, Producer, Queue
 
-from celery_app.state.broker import Channel, Transport, transport_for
+from celery_app.worker.broker import Channel, Transport, transport_for
 
 pytestmark = [pytest.mark.redis]
 
@@ -132,7 +132,7 @@ def test_a_message_on_any_consumed_list_is_taken_at_once(broker_url: str) -> Non
 CONSUMER = textwrap.dedent("""
     import sys, threading
     from kombu import Connection, Consumer, Queue
-    from celery_app.state.broker import transport_for
+    from celery_app.worker.broker import transport_for
     url = sys.argv[1]
     held = []
     def on_message(body, message):

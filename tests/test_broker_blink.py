@@ -2,7 +2,7 @@
 
 Real Redis, real Docker engine, real workers (``celery worker -B --pool threads``), and a
 plain Celery client sending ``celery_app.tasks.start_container`` by name, with the default
-``CTF_VISIBILITY_TIMEOUT``. See celery_app/loops/inflight.py and celery_app/state/broker.py.
+``CTF_VISIBILITY_TIMEOUT``. See celery_app/worker/inflight.py and celery_app/worker/broker.py.
 """
 
 from __future__ import annotations

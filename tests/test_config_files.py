@@ -8,7 +8,7 @@ import pytest
 
 from celery_app.core.catalog import Catalog, load_catalog, name_clash
 from celery_app.errors import CatalogError, HostsFileError
-from celery_app.hosts.placement import load_hosts
+from celery_app.hosts.hostsfile import load_hosts
 from celery_app.settings import Settings
 from celery_app.vocab.naming import TEAM_ID_RE, container_name
 

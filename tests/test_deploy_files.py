@@ -20,8 +20,8 @@ from ci import unavailable
 from conftest import ADMIN_TOKEN, ROOT
 
 from celery_app.api.client import make_store
-from celery_app.hosts.placement import Heartbeat
 from celery_app.settings import load_settings
+from celery_app.worker.heartbeat import Heartbeat
 from ctf_testkit.support import RedisServer, wait_for
 
 DEPLOY = ROOT / "deploy"

@@ -40,7 +40,7 @@ from engines import second_engine
 from fastapi.testclient import TestClient
 
 from celery_app.engine.docker_driver import _container_event
-from celery_app.loops.events import MAX_LAG, EventFollower, _Pending
+from celery_app.worker.events import MAX_LAG, EventFollower, _Pending
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 

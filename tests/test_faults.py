@@ -116,7 +116,8 @@ def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
 ) -> None:
     """Kill -9 during 30 starts by name, restart: all done within 60 s, each exactly once."""
     # Default timeouts: the killed worker's messages come back because nobody keeps them
-    # fresh any more (celery_app.loops.inflight), not because a test shortened the broker's timeout.
+    # fresh any more (celery_app.worker.inflight), not because a test shortened the
+    # broker's timeout.
     # The janitor's pace and orphan grace a user gets (the suite's are 1 s and 2 s): the
     # promise must not lean on a janitor that sweeps half-made containers within seconds.
     worker, client, env = own_worker(CTF_MAX_INSTANCES="100", CTF_JANITOR_INTERVAL="5",
@@ -154,7 +155,7 @@ def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
 TAKE_AND_DIE = """
 import os, sys
 from kombu import Connection
-from celery_app.state.broker import transport_for
+from celery_app.worker.broker import transport_for
 url = sys.argv[1]
 conn = Connection(url, transport=transport_for(url))
 queue, item = conn.default_channel.take(["celery"])

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from celery_app.errors import BackendUnavailable, CapacityExhausted
-from celery_app.hosts.placement import Heartbeat, Hosts, load_hosts, pick_host
+from celery_app.hosts.hostsfile import Hosts, load_hosts
+from celery_app.hosts.placement import pick_host
 from celery_app.settings import Settings
 from celery_app.state.store import StateStore
 from celery_app.vocab.models import Instance, Status, iso, utcnow
+from celery_app.worker.heartbeat import Heartbeat
 
 pytestmark = [pytest.mark.redis]
 

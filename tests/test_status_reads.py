@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 
 from celery_app.errors import RedisUnavailable
-from celery_app.hosts.placement import Heartbeat, parse_beats, present, present_with
+from celery_app.hosts.liveness import parse_beats
+from celery_app.hosts.present import present, present_with
 from celery_app.settings import Settings
 from celery_app.state.reads import AsyncIndex
 from celery_app.state.store import StateStore
 from celery_app.vocab.models import Instance, iso, utcnow
+from celery_app.worker.heartbeat import Heartbeat
 
 pytestmark = [pytest.mark.redis]
 

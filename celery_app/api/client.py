@@ -27,16 +27,10 @@ from starlette.concurrency import run_in_threadpool
 from celery_app import errors
 from celery_app.core.catalog import Catalog, load_catalog
 from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached, TaskFailed
-from celery_app.hosts.placement import (
-    HostLoad,
-    Hosts,
-    host_loads,
-    host_of,
-    load_hosts,
-    parse_beats,
-    present,
-    present_with,
-)
+from celery_app.hosts.hostsfile import Hosts, load_hosts
+from celery_app.hosts.liveness import parse_beats
+from celery_app.hosts.placement import HostLoad, host_loads, host_of
+from celery_app.hosts.present import present, present_with
 from celery_app.hosts.routing import host_queue
 from celery_app.ingress import Ingress
 from celery_app.settings import Settings

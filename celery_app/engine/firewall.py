@@ -68,7 +68,7 @@ from celery_app.settings import Settings
 from celery_app.state.egress import BEACON_TTL, KeeperBeacon
 from celery_app.vocab.naming import LABEL_EGRESS, LABEL_MANAGED
 
-__all__ = ["BEACON_TTL", "EgressFirewall", "EgressGuard", "EgressKeeper", "KeeperBeacon",
+__all__ = ["BEACON_TTL", "EgressFirewall", "EgressGuard", "KeeperBeacon",
            "Policy", "engine_place", "host_addresses", "table_name"]
 
 log = logging.getLogger(__name__)
@@ -657,41 +657,3 @@ def _within(address: str, pool: ipaddress.IPv4Network) -> bool:
     except (ValueError, TypeError):
         return False
 
-
-class EgressKeeper:
-    """A daemon thread that runs :meth:`EgressGuard.keep` every :data:`KEEP_INTERVAL` s."""
-
-    def __init__(self, guard: EgressGuard, interval: float = KEEP_INTERVAL) -> None:
-        self.guard = guard
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="egress-keeper", daemon=True)
-
-    def start(self) -> None:
-        """Install now (logging why not, when it cannot), then keep it in the background."""
-        if not self.guard.enforced:
-            log.warning("egress firewall not kept by this worker: %s", self.guard.why_not)
-            return
-        self._pass()
-        self._thread.start()
-        fw = self.guard.firewall
-        assert fw is not None
-        log.info("egress firewall: keeping table inet %s for pool %s (checked every %g s)",
-                 fw.table, fw.policy.pool, self.interval)
-
-    def stop(self) -> None:
-        """Stop keeping (the rules stay: they must outlive the worker)."""
-        self._stop.set()
-        with contextlib.suppress(RuntimeError):
-            self._thread.join(5)
-
-    def _pass(self) -> None:
-        try:
-            self.guard.keep()
-        except CTFError as exc:
-            log.error(  # noqa: TRY400  # the detail says it all; no traceback
-                "egress firewall not in place; starts are refused until it is: %s", exc.detail)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._pass()

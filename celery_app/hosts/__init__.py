@@ -1,1 +1,1 @@
-"""Several Docker hosts: the hosts file, heartbeats, placement and their queues."""
+"""Several Docker hosts: the hosts file, liveness, placement, presentation and queues."""

@@ -14,7 +14,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from celery_app.errors import CTFError
-from celery_app.hosts.placement import Hosts, heartbeats
+from celery_app.hosts.hostsfile import Hosts
+from celery_app.hosts.liveness import heartbeats
 from celery_app.state.store import StateStore
 
 log = logging.getLogger(__name__)

@@ -1,1 +1,1 @@
-"""What a worker runs beside its tasks: the janitor, the event follower, inflight."""
+"""The passes the worker's beat runs as tasks: the janitor (its threads are in ``worker/``)."""

@@ -50,8 +50,8 @@ def test_no_other_module_spells_a_key_or_touches_redis() -> None:
     offenders = []
     # The warm pools' keys are listed in their own module's docstring, beside their steps.
     ours = {Path(state.__file__), Path(pool_keys.__file__)}
-    # The state package is where Redis is touched (the store, and the broker transport's
-    # consuming side, celery_app.state.broker); only the store and the pools spell ctf: keys.
+    # The state package is where the store touches Redis (the broker transport, in
+    # celery_app.worker.broker, has its own client); only the store and the pools spell ctf: keys.
     state_package = Path(state.__file__).parent
     for path in sorted(PACKAGE.rglob("*")):
         if path.suffix not in (".py", ".js", ".html") or path == Path(keys.__file__):

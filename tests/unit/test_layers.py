@@ -6,7 +6,8 @@ Floors, lowest first (a module may import its own floor's and lower floors' modu
    models, limits, team tokens), which every layer may use;
 1. ``state`` (Redis) and ``engine`` (Docker, nftables): the parts that talk to the outside;
 2. ``core``: the rules; ``hosts``: placement; ``ingress``: host labels, links, route files;
-3. ``loops``: the worker's machinery;
+3. ``loops`` (the janitor's pass) and ``worker`` (the worker wing: its loops, broker transport
+   and signal wiring): the worker's machinery;
 4. the entry points: ``api``, ``tasks``, ``cli``, ``context``, ``celery_app``, ``celery_config``.
 
 ``KNOWN_UPWARD`` and ``KNOWN_RINGS`` list what the code does today against that rule; issue 23
@@ -22,7 +23,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "celery_app"
 GROUND = {"errors", "settings"}
-FLOORS = {"state": 1, "engine": 1, "core": 2, "hosts": 2, "ingress": 2, "loops": 3}
+FLOORS = {"state": 1, "engine": 1, "core": 2, "hosts": 2, "ingress": 2, "loops": 3, "worker": 3}
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 KNOWN_RINGS: list[set[str]] = []
 

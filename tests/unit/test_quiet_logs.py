@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from celery_app.celery_app import _QuietRoutineTasks
+from celery_app.worker.logs import QuietRoutineTasks as _QuietRoutineTasks
 
 TRACE = "Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s"
 

@@ -21,8 +21,9 @@ the follower reconnects with backoff and then reconciles, which covers the gap. 
 not connected, or is behind by more than ``MAX_LAG`` seconds, :meth:`EventFollower.live` is
 false and status reads check against Docker as before. The janitor stays as the safety net.
 
-Three daemon threads: the reader (the stream), the handler (one event at a time, in order)
-and the watchdog (pings the engine; closes a stream whose engine went quiet).
+Three daemon threads, each a :class:`~celery_app.worker.loop.Loop`: the reader (one stream
+per pass, reconnecting with backoff), the handler (one event at a time, in order) and the
+watchdog (pings the engine; closes a stream whose engine went quiet).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from celery_app.core.service import InstanceService
 from celery_app.engine.driver import ContainerEvent, EventStream
 from celery_app.errors import CTFError
 from celery_app.vocab.naming import LABEL_CHALLENGE, LABEL_TEAM, check_team_id, container_name
+from celery_app.worker.loop import Loop
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,11 @@ class EventFollower:
         self.on_change = on_change or (lambda: None)
         self._queue: queue.Queue[_Pending] = queue.Queue()
         self._retry: dict[str, _Pending] = {}
-        self._stop = threading.Event()
         self._connected = threading.Event()
         self._stream_lock = threading.Lock()
         self._stream: EventStream | None = None
         self._busy_since: float | None = None  # receipt time of the event being handled
-        self._threads: list[threading.Thread] = []
+        self._parts: list[Loop] = []
         self.connects = 0  # how many times the stream was opened (tests, metrics)
 
     # -- what status reads ask --------------------------------------------------------------
@@ -105,20 +106,25 @@ class EventFollower:
 
     def start(self) -> None:
         """Start following the engine (reader, handler and watchdog threads)."""
-        for target, name in ((self._read, "events-reader"), (self._handle_all, "events-handler"),
-                             (self._watch, "events-watchdog")):
-            thread = threading.Thread(target=target, name=f"{name}-{self.service.host}",
-                                      daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        host = self.service.host
+        self._parts = [
+            # The reader reconnects after a delay doubling from BACKOFF_FIRST to BACKOFF_MAX.
+            _Backoff(self._read, BACKOFF_FIRST, f"events-reader-{host}"),
+            # No wait between the handler's passes: each waits for its event.
+            _Part(self._handle_next, 0.0, f"events-handler-{host}"),
+            _Part(self._watch, PING_INTERVAL, f"events-watchdog-{host}", at_once=False),
+        ]
+        for part in self._parts:
+            part.start()
 
     def stop(self) -> None:
         """Stop following; the threads end within a second or two."""
-        self._stop.set()
+        for part in self._parts:
+            part.request_stop()
         self._connected.clear()
         self._close_stream()
-        for thread in self._threads:
-            thread.join(5)
+        for part in self._parts:
+            part.join(5)
 
     def _close_stream(self) -> None:
         with self._stream_lock:
@@ -126,66 +132,65 @@ class EventFollower:
         if stream is not None:
             stream.close()
 
-    def _read(self) -> None:
-        """Open the stream, reconcile to cover what happened before, then read events."""
+    def _read(self, reader: Loop) -> None:
+        """Open the stream, reconcile to cover what happened before, then read its events.
+
+        One stream per pass of the reader; when it breaks, the next pass reconnects after
+        ``reader.interval`` (back to :data:`BACKOFF_FIRST` once connected).
+        """
         svc = self.service
-        delay = BACKOFF_FIRST
-        while not self._stop.is_set():
-            try:
-                stream = svc.driver.events(svc.scope_labels)
-                with self._stream_lock:
-                    self._stream = stream
-                self.connects += 1
-                # Opened first, reconciled second: nothing that happens from now on is missed,
-                # and what happened while we were away is read from Docker's labels.
-                summary = svc.reconcile()
-                self._connected.set()
-                self.on_change()
-                log.info("events: following host %s (connection %d); reconciled %s", svc.host,
-                         self.connects, summary.as_dict())
-                delay = BACKOFF_FIRST
-                for event in stream:
-                    self._queue.put(_Pending(event, time.monotonic()))
-                    if self._stop.is_set():
-                        break
-            except CTFError as exc:
-                log.warning("events: host %s: %s", svc.host, exc)
-            except Exception:  # the follower must outlive any surprise; the janitor backs it up
-                log.exception("events: host %s: unexpected error", svc.host)
+        try:
+            stream = svc.driver.events(svc.scope_labels)
+            with self._stream_lock:
+                self._stream = stream
+            self.connects += 1
+            # Opened first, reconciled second: nothing that happens from now on is missed,
+            # and what happened while we were away is read from Docker's labels.
+            summary = svc.reconcile()
+            self._connected.set()
+            self.on_change()
+            log.info("events: following host %s (connection %d); reconciled %s", svc.host,
+                     self.connects, summary.as_dict())
+            reader.interval = BACKOFF_FIRST
+            for event in stream:
+                self._queue.put(_Pending(event, time.monotonic()))
+                if reader.stopping:
+                    break
+        except CTFError as exc:
+            log.warning("events: host %s: %s", svc.host, exc)
+        except Exception:  # the follower must outlive any surprise; the janitor backs it up
+            log.exception("events: host %s: unexpected error", svc.host)
+        self._connected.clear()
+        self._close_stream()
+        if reader.stopping:
+            return
+        self.on_change()
+        log.warning("events: stream of host %s broken; reconnecting in %.2f s",
+                    svc.host, reader.interval)
+
+    def _watch(self, _watchdog: Loop) -> None:
+        """Close the stream when the engine stops answering (a silent network loss)."""
+        if self._connected.is_set() and not self.service.driver.ping():
+            log.warning("events: host %s does not answer pings; dropping its stream",
+                        self.service.host)
             self._connected.clear()
             self._close_stream()
-            if self._stop.is_set():
-                break
-            self.on_change()
-            log.warning("events: stream of host %s broken; reconnecting in %.2f s",
-                        svc.host, delay)
-            self._stop.wait(delay)
-            delay = min(BACKOFF_MAX, delay * 2)
 
-    def _watch(self) -> None:
-        """Close the stream when the engine stops answering (a silent network loss)."""
-        while not self._stop.wait(PING_INTERVAL):
-            if self._connected.is_set() and not self.service.driver.ping():
-                log.warning("events: host %s does not answer pings; dropping its stream",
-                            self.service.host)
-                self._connected.clear()
-                self._close_stream()
-
-    def _handle_all(self) -> None:
-        while not self._stop.is_set():
-            try:
-                item = self._queue.get(timeout=RETRY_INTERVAL)
-            except queue.Empty:
-                item = None
-            try:
-                if item is not None:
-                    self._busy_since = item.received
-                    self._handle(item)
-                self._retry_due()
-            except Exception:  # one bad event must not stop the others; reconcile backs it
-                log.exception("events: host %s: cannot handle an event", self.service.host)
-            finally:
-                self._busy_since = None
+    def _handle_next(self, _handler: Loop) -> None:
+        """Handle the next event (waiting up to RETRY_INTERVAL for one), then due retries."""
+        try:
+            item = self._queue.get(timeout=RETRY_INTERVAL)
+        except queue.Empty:
+            item = None
+        try:
+            if item is not None:
+                self._busy_since = item.received
+                self._handle(item)
+            self._retry_due()
+        except Exception:  # one bad event must not stop the others; reconcile backs it
+            log.exception("events: host %s: cannot handle an event", self.service.host)
+        finally:
+            self._busy_since = None
 
     def _retry_due(self) -> None:
         """Look again at the news about instances a start was holding."""
@@ -243,6 +248,28 @@ class EventFollower:
             if event.name == container_name(ch.id, team):
                 return ch.id, team
         return None
+
+
+class _Part(Loop):
+    """One of the follower's threads: its pass is one of the follower's steps."""
+
+    def __init__(self, step: Callable[[Loop], None], interval: float, name: str,
+                 at_once: bool = True) -> None:
+        super().__init__(interval, name=name, at_once=at_once)
+        self.step = step
+
+    def run_once(self, now: float) -> None:
+        """Run the step (it gets this part: its ``stopping`` and ``interval``)."""
+        self.step(self)
+
+
+class _Backoff(_Part):
+    """The reader's part: the wait between passes doubles up to :data:`BACKOFF_MAX`."""
+
+    def pause(self) -> None:
+        """Wait the reconnection delay, and double it for the next time."""
+        super().pause()
+        self.interval = min(BACKOFF_MAX, self.interval * 2)
 
 
 _follower: EventFollower | None = None

@@ -26,7 +26,7 @@ counts on the broker to hand them out again; kombu's restore of them fails while
 Refreshing every message the worker ever received would keep those alive in ``unacked`` and
 lose them for good; left alone, they come back after the visibility timeout.
 
-Both steps judge time by Redis's clock (the scripts of :mod:`celery_app.state.broker`), never
+Both steps judge time by Redis's clock (the scripts of :mod:`celery_app.worker.broker`), never
 this worker's: a worker whose clock is behind does not see its messages taken by others, and
 one whose clock is ahead does not take others' fresh ones.
 
@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from celery_app.worker.loop import Loop
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def held_by_worker(consumer: Any) -> set[str]:
     return tags
 
 
-class InflightKeeper:
+class InflightKeeper(Loop):
     """Keeps this worker's task messages fresh and brings dead workers' messages back.
 
     Args:
@@ -104,12 +105,11 @@ class InflightKeeper:
         self, app: Any, visibility_timeout: float,
         held: Callable[[], Iterable[str]] | None = None, interval: float | None = None,
     ) -> None:
+        super().__init__(interval or max(1.0, min(10.0, visibility_timeout / 6)),
+                         name="inflight-keeper")
         self.app = app
         self.visibility_timeout = visibility_timeout
         self.held = held or (lambda: ())
-        self.interval = interval or max(1.0, min(10.0, visibility_timeout / 6))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._conn: Any = None
 
     # -- one pass ---------------------------------------------------------------------------
@@ -164,29 +164,21 @@ class InflightKeeper:
                         self.visibility_timeout)
         return restored
 
-    # -- the thread -------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                # Acknowledgements lost with the broker first (they must never be handed out
-                # again), then refresh: a slow pass must not let our messages look abandoned.
-                self.finish_acks_once()
-                self.refresh_once()
-                self.reclaim_once()
-            except Exception as exc:  # noqa: BLE001  # keep going once the broker is back
-                log.warning("in-flight keeper: %s", exc)
-                self._drop_connection()
-            self._stop.wait(self.interval)
+    def run_once(self, now: float) -> None:
+        """One pass: finish lost acknowledgements, refresh what we hold, reclaim the rest."""
+        # Acknowledgements lost with the broker first (they must never be handed out
+        # again), then refresh: a slow pass must not let our messages look abandoned.
+        self.finish_acks_once()
+        self.refresh_once()
+        self.reclaim_once()
 
-    def start(self) -> None:
-        """Run passes every ``interval`` seconds in a daemon thread."""
-        self._thread = threading.Thread(target=self._run, name="inflight-keeper", daemon=True)
-        self._thread.start()
+    def failed(self, exc: Exception) -> None:
+        """Keep going once the broker is back, on a fresh connection."""
+        log.warning("in-flight keeper: %s", exc)
+        self._drop_connection()
 
-    def stop(self) -> None:
-        """Stop the passes (messages still held are restored by kombu at shutdown)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+    def stopped(self) -> None:
+        """Let go of the connection (messages still held are restored by kombu at shutdown)."""
         self._drop_connection()

@@ -4,7 +4,7 @@ Kombu's Redis transport takes a message with ``BRPOP`` and only in a later round
 (``QoS.append``: ``ZADD unacked_index`` + ``HSET unacked``) records it as unacknowledged. A worker
 killed between the two (which includes the time the ``BRPOP`` reply sits unread in its socket
 while the worker is busy) loses the message for good: it is in no list and in no ``unacked``
-entry, so the in-flight keeper (:mod:`celery_app.loops.inflight`) cannot bring it back.
+entry, so the in-flight keeper (:mod:`celery_app.worker.inflight`) cannot bring it back.
 
 :class:`Transport` keeps kombu's publishing, acknowledging and restoring as they are (a plain
 Celery client's ``LPUSH`` to ``celery`` is what it consumes) and replaces only how a message is
@@ -283,7 +283,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._wait_pool: Any = None
         super().__init__(*args, **kwargs)
         if not self.ack_emulation:  # pragma: no cover  # kombu's own QoS: nothing to record
-            raise ValueError("celery_app.state.broker needs ack_emulation (the default)")
+            raise ValueError("celery_app.worker.broker needs ack_emulation (the default)")
         # Unprefixed client on the channel's pool: the scripts get fully prefixed keys.
         raw = self._raw = redis_py.Redis(connection_pool=self.pool)
         self._take_script = raw.register_script(TAKE)
@@ -344,7 +344,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     def _prefix(self) -> str:
         return str(self.global_keyprefix or "")
 
-    # -- keeping in-flight messages (celery_app.loops.inflight) ------------------------------
+    # -- keeping in-flight messages (celery_app.worker.inflight) ------------------------------
 
     def refresh(self, tags: list[str]) -> list[bool]:
         """Score ``tags`` "now" by Redis's clock; say for each whether it is still unacked.
