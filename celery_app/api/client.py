@@ -306,7 +306,7 @@ class Dispatcher:
         """Return instances as listings show them, with ``host_up``.
 
         None is shown as running on a host whose worker is gone (see
-        :func:`celery_app.hosts.placement.present`).
+        :func:`celery_app.hosts.present.present`).
         """
         return self._with_access(present(instances, self.store, self.hosts))
 
