@@ -22,8 +22,8 @@ It needs no Redis or Docker: links and cookies are HMACs bound to the host's lab
 
 Every request to an instance pays for this round trip, so :class:`GateFastPath` answers
 ``/_ingress/gate`` in front of the rest of the API (no routing, no per-request metrics);
-the router of :func:`build_router` gives the same answers where the fast path is not
-installed, and documents the route.
+the plain ``router`` here (which finds the :class:`Gate` on ``app.state.gate``) gives the
+same answers where the fast path is not installed.
 """
 
 from __future__ import annotations
@@ -228,17 +228,15 @@ class GateFastPath:
         await send({"type": "http.response.body", "body": body})
 
 
-def build_router(gate: Gate) -> APIRouter:
-    """Return the gate's router (``/_ingress/gate``, any method, as forwardAuth calls it)."""
-    router = APIRouter(tags=["ingress"])
+router = APIRouter(tags=["ingress"])
 
-    @router.api_route(GATE_PATH, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH",
-                                          "OPTIONS"], include_in_schema=False)
-    async def gate_route(request: Request) -> Response:
-        """Decide one request to an instance (Traefik forwardAuth)."""
-        status, headers, body = gate.decide(list(request.scope.get("headers") or []))
-        response = Response(body, status_code=status)
-        response.raw_headers = headers
-        return response
 
-    return router
+@router.api_route(GATE_PATH, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"],
+                  include_in_schema=False)
+async def gate_route(request: Request) -> Response:
+    """Decide one request to an instance (Traefik forwardAuth), by the app's ``state.gate``."""
+    gate: Gate = request.app.state.gate
+    status, headers, body = gate.decide(list(request.scope.get("headers") or []))
+    response = Response(body, status_code=status)
+    response.raw_headers = headers
+    return response
