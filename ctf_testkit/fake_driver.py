@@ -90,6 +90,7 @@ class FakeDriver:
         self.logs: dict[str, str] = {}
         self.written: dict[str, int] = {}  # container id -> bytes in its writable layer
         self.users: dict[str, str | None] = {}  # container id -> the user it runs as
+        self.specs: dict[str, ContainerSpec] = {}  # container id -> what it was made of
         self.down = False
         self.calls: list[str] = []
         self._is_local = is_local
@@ -214,14 +215,18 @@ class FakeDriver:
             ip = spec.ip or self._free_ip(net)
             ports = {}
             if spec.publish:
-                self._next_port += 1
-                ports[f"{spec.port}/tcp"] = self._next_port
+                for port in (spec.port, *spec.extra_ports):
+                    if port is not None:
+                        self._next_port += 1
+                        ports[f"{port}/tcp"] = self._next_port
+            checked = spec.healthcheck is not None and spec.healthcheck.test[:1] != ("NONE",)
             info = ContainerInfo(
                 id=uuid.uuid4().hex + uuid.uuid4().hex, name=spec.name, state="running",
                 labels=dict(spec.labels), ports=ports, ip=ip,
-                created=str(int(time.time())),
+                created=str(int(time.time())), health="starting" if checked else None,
             )
             self.containers[info.id] = info
+            self.specs[info.id] = spec
             self.users[info.id] = spec.user
             self.attached[info.id] = {net.id}
             self.networks[net.id] = replace(net, containers=net.containers + 1)

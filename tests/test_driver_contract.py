@@ -6,6 +6,7 @@ unit tests rely on cannot drift from Docker's behaviour.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import threading
 import uuid
@@ -190,3 +191,16 @@ def test_engine_id_is_the_engines_own_and_stable(engine: Engine) -> None:
     assert first and engine.driver.engine_id() == first
     if isinstance(engine.driver, DockerDriver):
         assert first == engine.driver.client.info()["ID"]
+
+
+def test_a_group_service_publishes_each_port_and_one_without_ports_none(engine: Engine) -> None:
+    """extra_ports are published beside the port; a service with no port gets no host port."""
+    d = engine.driver
+    team = engine.team()
+    engine.network(team)
+    both = d.run_container(dataclasses.replace(engine.spec(team), extra_ports=(9090,),
+                                               aliases=("web",)))
+    assert set(both.ports) == {"8080/tcp", "9090/tcp"} and all(both.ports.values())
+    hidden = d.run_container(dataclasses.replace(engine.spec(team), name=f"{both.name}-db",
+                                                 port=None, aliases=("db",)))
+    assert hidden.state == "running" and hidden.ports == {}

@@ -25,6 +25,7 @@ from celery_app.engine.driver import (
     ContainerSpec,
     Driver,
     Filesystem,
+    Healthcheck,
     NetworkInfo,
     ProgressFn,
     WritableLayer,
@@ -115,6 +116,20 @@ def map_docker_errors(what: str) -> Iterator[None]:
 # A tmpfs the image's own VOLUMEs get when the root filesystem is read-only, so they cannot
 # grow without bound on the host's disk either.
 VOLUME_TMPFS_BYTES = 64 * 1024**2
+
+
+def _healthcheck(check: Healthcheck | None) -> dict[str, Any] | None:
+    """Docker's ``Healthcheck`` of a container's own check (durations in nanoseconds)."""
+    if check is None:
+        return None
+
+    def ns(seconds: float | None) -> int | None:
+        return None if seconds is None else int(seconds * 1e9)
+
+    found = {"test": list(check.test), "interval": ns(check.interval),
+             "timeout": ns(check.timeout), "retries": check.retries,
+             "start_period": ns(check.start_period)}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
@@ -450,11 +465,11 @@ class DockerDriver:
 
         """
         api = self.client.api
-        port_key = f"{spec.port}/tcp"
+        ports = [p for p in (spec.port, *spec.extra_ports) if p is not None]
         network = spec.network or network_name(spec.team_id)
         host_config = api.create_host_config(
-            port_bindings={port_key: (spec.publish_ip, spec.port_range or "")}
-            if spec.publish else None,
+            port_bindings={f"{p}/tcp": (spec.publish_ip, spec.port_range or "") for p in ports}
+            if spec.publish and ports else None,
             network_mode=network,
             cap_drop=["ALL"],
             cap_add=spec.cap_add or None,
@@ -478,17 +493,20 @@ class DockerDriver:
                     image=spec.image,
                     name=spec.name,
                     command=spec.command,
+                    entrypoint=spec.entrypoint,
+                    working_dir=spec.working_dir,
                     environment=spec.env,
                     labels=spec.labels,
-                    ports=[(spec.port, "tcp")],
+                    ports=[(p, "tcp") for p in ports] or None,
                     host_config=host_config,
                     hostname=spec.hostname,
                     user=spec.user or None,
                     detach=True,
+                    healthcheck=_healthcheck(spec.healthcheck),
                     networking_config=api.create_networking_config({
                         network: api.create_endpoint_config(
-                            ipv4_address=spec.ip),
-                    }) if spec.ip else None,
+                            ipv4_address=spec.ip, aliases=list(spec.aliases) or None),
+                    }) if spec.ip or spec.aliases else None,
                 )
             except docker.errors.APIError as exc:
                 if spec.filesystem.storage_bytes and "storage-opt" in str(exc.explanation):

@@ -58,12 +58,23 @@ class Filesystem:
 
 
 @dataclass(frozen=True)
+class Healthcheck:
+    """A container's own health check (a Compose service's ``healthcheck``), in seconds."""
+
+    test: tuple[str, ...]  # ("CMD", ...), ("CMD-SHELL", "..."), or ("NONE",)
+    interval: float | None = None
+    timeout: float | None = None
+    retries: int | None = None
+    start_period: float | None = None
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """Everything needed to create one hardened instance container."""
 
     name: str
     image: str
-    port: int
+    port: int | None  # the published (or routed) container port; None: reached by no one
     team_id: str
     labels: dict[str, str]
     env: dict[str, str]
@@ -84,6 +95,13 @@ class ContainerSpec:
     network: str | None = None
     # The user the process runs as (catalog ``user``: ``uid[:gid]`` or a name of the image).
     user: str | None = None
+    # A service of a group (SPEC §12): its other container ports, the names it is reached by
+    # on the instance's network (its service name), and what its Compose file sets.
+    extra_ports: tuple[int, ...] = ()
+    aliases: tuple[str, ...] = ()
+    entrypoint: list[str] | None = None
+    working_dir: str | None = None
+    healthcheck: Healthcheck | None = None
 
 
 @dataclass(frozen=True)
