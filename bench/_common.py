@@ -28,8 +28,8 @@ from typing import Any
 import docker
 import docker.errors
 
-from celery_app.context import Context, build_context
 from celery_app.settings import Settings
+from celery_app.worker.context import Context, build_context
 from ctf_testkit import support
 from ctf_testkit.docker_sweep import sweep
 from ctf_testkit.env import RunConfig

@@ -14,7 +14,7 @@ from celery_app.worker.logs import quiet_routine_tasks
 from celery_app.worker.machinery import wire
 
 if TYPE_CHECKING:
-    from celery_app.context import Context
+    from celery_app.worker.context import Context
 
 app = Celery("ctf_instancer", include=["celery_app.tasks"])
 app.config_from_object("celery_app.celery_config")
@@ -22,7 +22,7 @@ app.config_from_object("celery_app.celery_config")
 
 def _context() -> Context:
     """Return the process's context, built once the worker is ready (never at import)."""
-    from celery_app.context import get_context  # noqa: PLC0415  # only inside the worker
+    from celery_app.worker.context import get_context  # noqa: PLC0415  # only inside the worker
 
     return get_context()
 

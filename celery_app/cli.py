@@ -417,7 +417,7 @@ def janitor(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove expired instances and orphans on this machine's Docker host."""
-    from celery_app.context import build_context  # noqa: PLC0415  # needs Docker
+    from celery_app.worker.context import build_context  # noqa: PLC0415  # needs Docker
 
     settings = _settings()
     with _errors():

@@ -26,7 +26,6 @@ from celery import Task
 from celery.exceptions import Ignore
 
 from celery_app.celery_app import app
-from celery_app.context import Context, get_context
 from celery_app.errors import CTFError, InstanceBusy, TransientError
 from celery_app.hosts.liveness import parse_beats
 from celery_app.hosts.placement import host_of
@@ -36,6 +35,7 @@ from celery_app.vocab import signals
 from celery_app.vocab.models import InstanceKey
 from celery_app.vocab.naming import container_name
 from celery_app.vocab.signals import ControlSignal, OnOtherHost
+from celery_app.worker.context import Context, get_context
 from celery_app.worker.events import index_is_live
 
 log = logging.getLogger("celery_app.tasks")

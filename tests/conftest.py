@@ -17,8 +17,8 @@ import docker
 import pytest
 import redis
 
-from celery_app.context import Context, build_context, set_context
 from celery_app.settings import Settings, load_settings
+from celery_app.worker.context import Context, build_context, set_context
 from ctf_testkit import support
 from ctf_testkit.docker_sweep import sweep as cleanup_docker
 from ctf_testkit.env import RunConfig

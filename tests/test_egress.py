@@ -34,10 +34,10 @@ from ci import unavailable
 from conftest import ROOT, RedisServer, cleanup_docker, private_label, wait_for
 from engines import second_engine
 
-from celery_app.context import Context
 from celery_app.core.catalog import Challenge, build_catalog
 from celery_app.engine.firewall import METADATA_ADDRESS, table_name
 from celery_app.errors import CatalogError
+from celery_app.worker.context import Context
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 

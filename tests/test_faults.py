@@ -40,9 +40,9 @@ from fastapi.testclient import TestClient
 
 from celery_app.api.app import create_app
 from celery_app.api.client import Dispatcher
-from celery_app.context import Context
 from celery_app.errors import InstanceNotFound, Superseded
 from celery_app.settings import load_settings
+from celery_app.worker.context import Context
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 

@@ -10,8 +10,8 @@ import docker
 import pytest
 from conftest import BUSYBOX, HTTP_DOCKERFILE, RUN_ID, build_image, containers_of
 
-from celery_app.context import Context
 from celery_app.errors import CatalogError
+from celery_app.worker.context import Context
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 

@@ -39,13 +39,13 @@ import yaml
 from conftest import ROOT, Worker, build_image, cleanup_docker, private_label
 
 from celery_app.api.app import create_app
-from celery_app.context import build_context
 from celery_app.engine.firewall import table_name
 from celery_app.errors import StartFailed
 from celery_app.ingress import probe, routes, tokens
 from celery_app.ingress.labels import label_of_host
 from celery_app.settings import Settings, load_settings
 from celery_app.vocab.team_tokens import team_token
+from celery_app.worker.context import build_context
 from ctf_testkit.ingress import DOCKERFILES, JUICE_VERSION, Answer, Traefik, get, image_files
 from ctf_testkit.support import (
     RedisServer,

@@ -31,7 +31,6 @@ from conftest import (
 from fastapi.testclient import TestClient
 
 from celery_app.api.app import create_app
-from celery_app.context import Context
 from celery_app.core.flags import check_flag, team_flag
 from celery_app.errors import (
     CapacityExhausted,
@@ -42,6 +41,7 @@ from celery_app.errors import (
 )
 from celery_app.loops import janitor as janitor_module
 from celery_app.vocab.models import Instance, iso, parse_iso, utcnow
+from celery_app.worker.context import Context
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 

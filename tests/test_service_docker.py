@@ -13,7 +13,6 @@ import pytest
 from conftest import TEST_LABEL, TEST_POOL, cleanup_docker, containers_of, private_label
 from test_egress import firewall_tools, nft
 
-from celery_app.context import Context
 from celery_app.engine.firewall import table_name
 from celery_app.errors import (
     InvalidRequest,
@@ -21,6 +20,7 @@ from celery_app.errors import (
     StartFailed,
     UnknownChallenge,
 )
+from celery_app.worker.context import Context
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 

@@ -13,8 +13,8 @@ import requests
 from conftest import RedisServer, private_label
 from engines import SecondEngine, second_engine
 
-from celery_app.context import build_context
 from celery_app.settings import Settings
+from celery_app.worker.context import build_context
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 

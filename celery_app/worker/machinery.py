@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 class WorkerParts(Protocol):
-    """What the loops are built from: the worker's context (:class:`celery_app.context.Context`)."""
+    """What the loops are built from: the worker's context (``worker.context.Context``)."""
 
     settings: Settings
     driver: Driver
@@ -165,7 +165,7 @@ def wire(app: Any, context: Callable[[], WorkerParts]) -> None:
 
     Args:
         app: the Celery application.
-        context: returns this process's context (:func:`celery_app.context.get_context`),
+        context: returns this process's context (:func:`celery_app.worker.context.get_context`),
             called only once the worker is ready.
 
     """
