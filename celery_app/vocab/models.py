@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from celery_app.vocab.naming import instance_key
+
 Status = Literal["starting", "running", "stopping", "failed"]
 STATUSES: tuple[Status, ...] = ("starting", "running", "stopping", "failed")
 # Fields shown only when set: why an instance failed (SPEC §4's shape otherwise).
@@ -42,7 +44,7 @@ class InstanceKey:
 
     def __str__(self) -> str:
         """``<challenge>/<team>``, the instance's key in Redis."""
-        return f"{self.challenge}/{self.team}"
+        return instance_key(self.challenge, self.team)
 
 
 class Instance(BaseModel):
@@ -70,7 +72,7 @@ class Instance(BaseModel):
     @property
     def key(self) -> str:
         """``<challenge>/<team_id>``, the instance's key in Redis."""
-        return f"{self.challenge}/{self.team_id}"
+        return instance_key(self.challenge, self.team_id)
 
     @property
     def expires(self) -> datetime:
