@@ -25,8 +25,10 @@ from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_DISK,
     LABEL_POOL,
+    LABEL_SERVICE,
     LABEL_TEAM,
     POOL_NAME_PREFIX,
+    instance_key,
     read_claim,
     split_instance_key,
 )
@@ -249,6 +251,7 @@ class Janitor:
         """Remove unaccounted containers; return the teams that still have something."""
         svc = self.service
         records = {i.container_name: i for i in svc.store.list(host=svc.host)}
+        keys = {i.key for i in records.values()}
         live_teams = {i.team_id for i in records.values()}
         containers = svc.driver.list_containers(svc.scope_labels)
         self._mark_dead(records, {c.name: c for c in containers}, summary)
@@ -256,6 +259,8 @@ class Janitor:
             rec = records.get(c.name)
             if rec is not None and rec.container_id in ("", c.id):
                 continue  # an instance (or a start in flight)
+            if LABEL_SERVICE in c.labels and instance_key(c.challenge, c.team_id) in keys:
+                continue  # another service of a Compose instance (SPEC §12): its group's
             if LABEL_POOL in c.labels and c.name.startswith(POOL_NAME_PREFIX) \
                     and self._pooled(c.challenge):
                 continue  # unclaimed, in a warm pool: the pool pass keeps those (pool.py)

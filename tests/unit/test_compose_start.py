@@ -1,0 +1,142 @@
+"""A Compose challenge's instance (SPEC §12) on the fake engine: a group on its own network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from celery_app.core.service import InstanceService
+from celery_app.errors import ImageNotFound
+from celery_app.loops.janitor import Janitor
+from ctf_testkit.fake_driver import FakeDriver
+from tests.unit.conftest import CATALOG, LABELS
+
+COMPOSE = """
+services:
+  web:
+    image: ctf-test/shop-web:unit
+    ports: ["8080"]
+    depends_on: [db]
+    environment: {TEAM: "${CTF_TEAM}"}
+  db:
+    image: ctf-test/shop-db:unit
+    environment: {FLAG: "${CTF_FLAG}"}
+    mem_limit: 32m
+  bot:
+    image: ctf-test/shop-bot:unit
+    depends_on: [web]
+    x-ctf-egress: internet
+"""
+
+
+@pytest.fixture
+def shop(make_service: Callable[..., InstanceService], driver: FakeDriver,
+         tmp_path: Path) -> InstanceService:
+    """The service with the unit catalog plus ``shop``, a three-service Compose challenge."""
+    folder = tmp_path / "shop-catalog"
+    folder.mkdir()
+    (folder / "compose.yaml").write_text(COMPOSE)
+    catalog = folder / "challenges.yaml"
+    catalog.write_text(CATALOG + "  shop:\n    compose: compose.yaml\n    memory: 96m\n"
+                                 "    start_timeout: 5\n")
+    for service in ("web", "db", "bot"):
+        driver.add_image(f"ctf-test/shop-{service}:unit", None)
+    return make_service(challenges_file=catalog)
+
+
+def ours(driver: FakeDriver, **labels: str) -> list[Any]:
+    return driver.list_containers({**LABELS, **labels})
+
+
+def test_a_compose_instance_is_its_services_on_a_network_of_its_own(
+        shop: InstanceService, driver: FakeDriver) -> None:
+    """Every service runs, named and labelled per SPEC §12, on the instance's network."""
+    inst = shop.start(shop.catalog.key("shop", "team1"))
+    assert inst.status == "running"
+    assert inst.container_name == "ctf-shop-team1"
+    found = {c.labels["ctf.service"]: c for c in ours(driver, **{"ctf.team": "team1"})}
+    assert {s: c.name for s, c in found.items()} == {
+        "web": "ctf-shop-team1", "db": "ctf-shop-team1.db", "bot": "ctf-shop-team1.bot"}
+    assert inst.container_id == found["web"].id
+    assert [(e.service, e.port, e.protocol) for e in inst.endpoints or []] == [
+        ("web", 8080, "http")]
+    assert inst.url == f"http://localhost:{found['web'].ports['8080/tcp']}"
+    assert inst.public()["endpoints"][0]["url"] == inst.url
+    specs = {spec.aliases: spec for spec in driver.specs.values()}
+    db, bot, web = specs[("db",)], specs[("bot",)], specs[("web",)]
+    assert db.network == "ctf-inst-shop.team1"
+    assert db.env["FLAG"] == shop.flag_for(shop.catalog.key("shop", "team1"))
+    assert web.env["TEAM"] == "team1"
+    assert db.memory_bytes == 32 << 20 and web.memory_bytes == 96 << 20  # own, or default
+    assert web.filesystem.read_only and db.cap_add == []
+    assert bot.labels["ctf.egress"] == "internet" and web.labels["ctf.egress"] == "none"
+    net = driver.get_network("ctf-inst-shop.team1")
+    assert net is not None and net.labels["ctf.challenge"] == "shop"
+    assert net.labels["ctf.team"] == "team1"
+
+
+def test_a_single_image_instance_shows_no_endpoints(svc: InstanceService) -> None:
+    """One image's instance keeps SPEC §4's shape: no ``endpoints`` key."""
+    inst = svc.start(svc.catalog.key("web", "team1"))
+    assert "endpoints" not in inst.public()
+
+
+def test_starting_a_running_group_again_returns_it(shop: InstanceService,
+                                                   driver: FakeDriver) -> None:
+    """A second start of a running group is the same group (idempotent)."""
+    first = shop.start(shop.catalog.key("shop", "team1"))
+    second = shop.start(shop.catalog.key("shop", "team1"))
+    assert second.container_id == first.container_id
+    assert len(ours(driver, **{"ctf.team": "team1"})) == 3
+
+
+def test_stop_removes_every_service_and_the_network(shop: InstanceService,
+                                                    driver: FakeDriver) -> None:
+    """Stop leaves no container of the group and no instance network."""
+    shop.start(shop.catalog.key("shop", "team1"))
+    shop.stop(shop.catalog.key("shop", "team1"))
+    assert ours(driver, **{"ctf.team": "team1"}) == []
+    assert driver.get_network("ctf-inst-shop.team1") is None
+    assert shop.store.get("shop", "team1") is None
+
+
+def test_a_missing_image_names_the_service_and_leaves_nothing(
+        shop: InstanceService, driver: FakeDriver) -> None:
+    """A service whose image cannot be had is named; no container, network or record stays."""
+    driver.images.pop("ctf-test/shop-bot:unit")
+    with pytest.raises(ImageNotFound, match="'bot'"):
+        shop.start(shop.catalog.key("shop", "team1"))
+    assert ours(driver) == []
+    assert driver.get_network("ctf-inst-shop.team1") is None
+    assert shop.store.get("shop", "team1") is None
+
+
+def test_the_janitor_keeps_a_live_groups_services(shop: InstanceService,
+                                                  driver: FakeDriver) -> None:
+    """A running group's other services are no orphans, past the orphan grace too."""
+    shop.start(shop.catalog.key("shop", "team1"))
+    shop.reconcile()
+    summary = Janitor(shop).run_once()
+    assert summary.orphan_containers == []
+    assert len(ours(driver, **{"ctf.team": "team1"})) == 3
+
+
+def test_two_teams_groups_do_not_share_a_network(shop: InstanceService,
+                                                 driver: FakeDriver) -> None:
+    """Each team's instance has its own network; names never collide across teams."""
+    shop.start(shop.catalog.key("shop", "t1"))
+    shop.start(shop.catalog.key("shop", "t1-x"))
+    assert {s.network for s in driver.specs.values() if s.aliases} == {
+        "ctf-inst-shop.t1", "ctf-inst-shop.t1-x"}
+
+
+def test_the_layout_lists_the_primary_service_first(shop: InstanceService) -> None:
+    """The layout names the instance network and every container, the primary one first."""
+    layout = shop.specs.layout("shop", "team1", shop.catalog.get("shop").app)
+    assert layout.network == "ctf-inst-shop.team1"
+    assert layout.containers == ("ctf-shop-team1", "ctf-shop-team1.db", "ctf-shop-team1.bot")
+    assert layout.main == "ctf-shop-team1" and layout.of("db") == "ctf-shop-team1.db"
+    assert shop.specs.layout("web", "team1").network == "ctf-team-team1"  # one image: as before
