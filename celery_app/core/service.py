@@ -261,8 +261,8 @@ class InstanceService:
         """
         team = key.team
         # 1. every service's image (pulls can be long and need no lock)
-        report({"phase": "image", "images": [s.image for s in ch.app.services]}
-               if ch.app else {"phase": "image"})
+        images = [s.image for s in ch.app.services] if ch.app else []
+        report({"phase": "image", "image": ", ".join(images)})
         self.specs.ensure_image(ch, progress)
         self.egress.require()
         # 2. lock (challenge, team)
