@@ -294,12 +294,31 @@ class Janitor:
         svc = self.service
         for name, rec in records.items():
             c = containers.get(name)
+            if rec.status == "running" and c is not None and c.state == "running":
+                c = self._dead_member(rec, containers) or c  # a group's other services too
             if rec.status != "running" or (c is not None and c.state == "running"):
+                continue
+            if c is not None and c.id != rec.container_id:
+                if svc.mark_failed(rec.challenge, rec.team_id, c.id) == "marked":
+                    summary.marked_failed.append(rec.key)
                 continue
             # Judged again under the instance's lock, as the event follower does; one that is
             # being started or stopped is left to that operation (next pass).
             if svc.mark_failed(rec.challenge, rec.team_id, rec.container_id) == "marked":
                 summary.marked_failed.append(rec.key)
+
+    def _dead_member(self, rec: Instance,
+                     containers: dict[str, ContainerInfo]) -> ContainerInfo | None:
+        """A Compose instance's other service that is there but not running, if any."""
+        with contextlib.suppress(CTFError):
+            ch = self.service.catalog.get(rec.challenge)
+            if ch.app is not None:
+                layout = self.service.specs.layout(ch.id, rec.team_id, ch.app)
+                for name in layout.containers[1:]:
+                    c = containers.get(name)
+                    if c is not None and c.state != "running":
+                        return c
+        return None
 
     def _remove_orphan_networks(
         self, live_teams: set[str], summary: Summary, now: datetime, judged: set[str]

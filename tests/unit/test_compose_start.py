@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,8 +10,10 @@ from typing import Any
 import pytest
 
 from celery_app.core.service import InstanceService
+from celery_app.engine.driver import ContainerEvent
 from celery_app.errors import ImageNotFound
 from celery_app.loops.janitor import Janitor
+from celery_app.worker.events import EventFollower, _Pending
 from ctf_testkit.fake_driver import FakeDriver
 from tests.unit.conftest import CATALOG, LABELS
 
@@ -140,3 +143,55 @@ def test_the_layout_lists_the_primary_service_first(shop: InstanceService) -> No
     assert layout.containers == ("ctf-shop-team1", "ctf-shop-team1.db", "ctf-shop-team1.bot")
     assert layout.main == "ctf-shop-team1" and layout.of("db") == "ctf-shop-team1.db"
     assert shop.specs.layout("web", "team1").network == "ctf-team-team1"  # one image: as before
+
+
+def test_a_service_that_dies_makes_the_group_failed(shop: InstanceService,
+                                                    driver: FakeDriver) -> None:
+    """Db dying (news of its container) makes the instance failed, naming db (SPEC §12)."""
+    inst = shop.start(shop.catalog.key("shop", "team1"))
+    db = next(c for c in ours(driver, **{"ctf.service": "db"}))
+    driver.exit(db.id, 137, output="killed\n")
+    assert shop.mark_failed("shop", "team1", db.id) == "marked"
+    rec = shop.store.get("shop", "team1")
+    assert rec is not None and rec.status == "failed"
+    assert rec.error is not None and rec.error.startswith("service db: ")
+    assert rec.exit_code == 137 and rec.container_id == inst.container_id
+
+
+def test_news_of_an_earlier_group_changes_nothing(shop: InstanceService,
+                                                  driver: FakeDriver) -> None:
+    """A dead service of another instance (not this group's) does not fail this one."""
+    shop.start(shop.catalog.key("shop", "team1"))
+    shop.start(shop.catalog.key("shop", "team2"))
+    other = next(c for c in ours(driver, **{"ctf.service": "db", "ctf.team": "team2"}))
+    driver.exit(other.id, 1)
+    assert shop.mark_failed("shop", "team1", other.id) == "unchanged"
+    rec = shop.store.get("shop", "team1")
+    assert rec is not None and rec.status == "running"
+
+
+def test_the_event_follower_fails_the_group_when_a_service_dies(
+        shop: InstanceService, driver: FakeDriver) -> None:
+    """A ``die`` of the bot's container reaches the instance through the follower."""
+    shop.start(shop.catalog.key("shop", "team1"))
+    bot = next(c for c in ours(driver, **{"ctf.service": "bot"}))
+    driver.exit(bot.id, 2)
+    follower = EventFollower(shop)
+    follower._handle(_Pending(ContainerEvent("die", bot.id, bot.name, bot.labels, 2),
+                              time.monotonic()))
+    rec = shop.store.get("shop", "team1")
+    assert rec is not None and rec.status == "failed"
+    assert rec.error is not None and "service bot" in rec.error
+
+
+def test_the_janitor_fails_the_group_whose_service_died(shop: InstanceService,
+                                                        driver: FakeDriver) -> None:
+    """The janitor's safety net sees a dead service of a running group, as the follower does."""
+    shop.start(shop.catalog.key("shop", "team1"))
+    shop.reconcile()
+    db = next(c for c in ours(driver, **{"ctf.service": "db"}))
+    driver.exit(db.id, 1)
+    summary = Janitor(shop).run_once()
+    assert summary.marked_failed == ["shop/team1"]
+    rec = shop.store.get("shop", "team1")
+    assert rec is not None and rec.status == "failed" and "service db" in (rec.error or "")
