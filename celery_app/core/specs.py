@@ -369,13 +369,19 @@ class InstanceSpecs:
             expires = min(now + timedelta(seconds=ADOPT_GRACE),
                           started + timedelta(seconds=ch.max_lifetime))
         port = self.container_port(ch)
-        return Instance(
+        inst = Instance(
             team_id=info.team_id, challenge=ch.id, status=status,
             container_name=info.name, container_id=info.id, host=self.host, ports=info.ports,
             url=self.url(ch, info.team_id, info.ports.get(f"{port}/tcp"), iso(started)),
             started_at=iso(started),
             expires_at=iso(expires),
         )
+        if ch.app is None:
+            return inst
+        # A Compose instance: its endpoints from its services' containers (SPEC §12).
+        members = {c.labels[LABEL_SERVICE]: c for c in self.group_of(ch.id, info.team_id)
+                   if LABEL_SERVICE in c.labels}
+        return self.with_group(ch, inst, {**members, ch.app.primary.service: info})
 
     # -- readiness --------------------------------------------------------------------------
 
@@ -458,6 +464,8 @@ class InstanceSpecs:
 
     def answers(self, ch: Challenge, info: ContainerInfo) -> bool:
         """Whether the container answers its probe now (one try, 1 s)."""
+        if ch.app is not None:  # a Compose instance's primary container: its endpoint's probe
+            return self._endpoint_probe(ch.app.primary, info)(1.0)
         target = self.probe_target(ch, info, self.container_port(ch),
                                    info.labels.get(LABEL_STARTED_AT, ""))
         return target is not None and target(1.0)
@@ -566,7 +574,8 @@ class InstanceSpecs:
         assert ch.app is not None
         endpoints = []
         for ep in ch.app.endpoints:
-            host_port = made[ep.service].ports.get(f"{ep.port}/tcp")
+            member = made.get(ep.service)
+            host_port = None if member is None else member.ports.get(f"{ep.port}/tcp")
             scheme = "http" if ep.protocol == "http" else "tcp"
             endpoints.append(EndpointView(
                 service=ep.service, port=ep.port, protocol=ep.protocol,

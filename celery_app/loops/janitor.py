@@ -333,11 +333,23 @@ class Janitor:
             return bool(self._expired_here(at, skip=judged))
 
         tried = 0
+        live_keys: set[str] | None = None
         for net in svc.driver.list_networks(svc.scope_labels):
             team = net.labels.get("ctf.team", "")
             if LABEL_POOL in net.labels:
                 continue  # a warm pool's holding network (pool.py)
-            if net.containers or team in live_teams:
+            if net.containers:
+                continue
+            challenge = net.labels.get(LABEL_CHALLENGE)
+            if challenge:
+                # A Compose instance's own network (SPEC §12): kept while its instance is
+                # recorded (a start reserves before it makes the network), whatever the team's
+                # other instances.
+                if live_keys is None:
+                    live_keys = {i.key for i in svc.store.list(host=svc.host)}
+                if instance_key(challenge, team) in live_keys:
+                    continue
+            elif team in live_teams:
                 continue
             # Out of time, or (past the minimum) an instance expired meanwhile: the next pass
             # takes the rest, expired instances first.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,31 @@ def test_the_janitor_fails_the_group_whose_service_died(shop: InstanceService,
     assert summary.marked_failed == ["shop/team1"]
     rec = shop.store.get("shop", "team1")
     assert rec is not None and rec.status == "failed" and "service db" in (rec.error or "")
+
+
+def test_reconcile_after_a_redis_loss_adopts_the_group_with_its_endpoints(
+        shop: InstanceService, driver: FakeDriver) -> None:
+    """After the index is lost, the janitor's reconcile adopts the group and keeps its services."""
+    inst = shop.start(shop.catalog.key("shop", "team1"))
+    shop.store.redis.flushdb()
+    summary = Janitor(shop).run_once(datetime.now(UTC) + timedelta(seconds=30))
+    assert summary.reconciled and summary.orphan_containers == []
+    rec = shop.store.get("shop", "team1")
+    assert rec is not None and rec.status == "running"
+    assert rec.container_id == inst.container_id and rec.endpoints == inst.endpoints
+    assert len(ours(driver, **{"ctf.team": "team1"})) == 3
+
+
+def test_the_janitor_removes_a_half_group_and_its_network(
+        shop: InstanceService, driver: FakeDriver) -> None:
+    """A group without a record (a killed start) goes whole, network too, team's others stay."""
+    shop.start(shop.catalog.key("web", "team1"))
+    shop.start(shop.catalog.key("shop", "team1"))
+    shop.reconcile()
+    main = shop.specs.layout("shop", "team1", shop.catalog.get("shop").app).main
+    driver.remove_container(main)
+    shop.store.delete("shop", "team1", shop.host)
+    Janitor(shop).run_once(datetime.now(UTC) + timedelta(seconds=30))
+    assert ours(driver, **{"ctf.challenge": "shop"}) == []
+    assert driver.get_network("ctf-inst-shop.team1") is None
+    assert driver.get_network("ctf-team-team1") is not None  # web's, still in use
