@@ -107,3 +107,12 @@ def test_the_challenge_defaults_reach_the_services(tmp_path: Path) -> None:
     assert app is not None
     assert [(e.service, e.protocol) for e in app.endpoints] == [("a", "tcp"), ("b", "http")]
     assert app.endpoints[1].health_path == "/ok"
+
+
+def test_a_compose_challenge_behind_the_ingress_is_refused_for_now(tmp_path: Path) -> None:
+    """With CTF_INGRESS=traefik a Compose challenge is refused, not published ungated."""
+    (tmp_path / "compose.yaml").write_text(SHOP.read_text())
+    with pytest.raises(CatalogError, match="CTF_INGRESS=ports") as caught:
+        build_catalog({"challenges": {"shop": {"compose": "compose.yaml"}}},
+                      Settings(ingress="traefik"), "cat.yaml", tmp_path)
+    assert "'shop'" in str(caught.value)
