@@ -12,6 +12,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,8 +38,8 @@ class Challenge(BaseModel):
     id: str = ""
     name: str = ""
     # One image (SPEC §8), or a Compose file of several services (SPEC §12): exactly one.
-    image: str = ""
     compose: str | None = Field(None, min_length=1)
+    image: str = Field("", validate_default=True)
     # The Compose file as read at start-up (build_catalog fills it in; never from the YAML).
     app: ComposeApp | None = None
     port: int | None = Field(None, ge=1, le=65535)
@@ -107,14 +108,20 @@ class Challenge(BaseModel):
                              "node), as docker run --user takes it")
         return None if value is None else str(value)
 
-    @model_validator(mode="after")
-    def _check_kind(self) -> Challenge:
-        if self.compose is not None and self.image:
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str, info: ValidationInfo) -> str:
+        compose = info.data.get("compose")  # validated first: declared before image
+        if compose is not None and value:
             raise ValueError("set either 'image' (one container) or 'compose' (a Compose file "
                              "of several services), not both")
-        if self.compose is None and not self.image:
+        if compose is None and not value:
             raise ValueError("set 'image' (the challenge's image) or 'compose' (a Compose file, "
                              "relative to the catalog file)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Challenge:
         if self.compose is not None and self.pool > 0:
             raise ValueError("warm pools of Compose challenges are not supported yet; "
                              "set pool: 0 (or leave it out)")
