@@ -128,6 +128,12 @@ class Challenge(BaseModel):
         if self.compose is not None and self.port is not None:
             raise ValueError("a Compose challenge's ports are its services' 'ports:' in the "
                              "Compose file; remove 'port'")
+        if self.compose is not None and self.command is not None:
+            raise ValueError("a Compose challenge's commands are its services' 'command:' in "
+                             "the Compose file; remove 'command'")
+        if self.compose is not None and self.storage is not None:
+            raise ValueError("'storage' is not applied to Compose services yet; use 'disk' "
+                             "(with read_only: false) or the services' read_only and tmpfs")
         return self
 
     @property

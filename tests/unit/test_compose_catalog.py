@@ -116,3 +116,10 @@ def test_a_compose_challenge_behind_the_ingress_is_refused_for_now(tmp_path: Pat
         build_catalog({"challenges": {"shop": {"compose": "compose.yaml"}}},
                       Settings(ingress="traefik"), "cat.yaml", tmp_path)
     assert "'shop'" in str(caught.value)
+
+
+def test_command_and_storage_on_a_compose_challenge_are_refused(tmp_path: Path) -> None:
+    """Keys that mean one container (command) or are not applied yet (storage) are refused."""
+    assert "'command'" in refusal({"compose": "compose.yaml", "command": ["sh"]}, tmp_path)
+    assert "'storage'" in refusal({"compose": "compose.yaml", "read_only": False,
+                                   "storage": "1g"}, tmp_path)
