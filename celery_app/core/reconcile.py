@@ -361,21 +361,24 @@ class Reconciler:
 
         SPEC §12: any service of a Compose instance that dies makes the instance ``failed``.
         It must carry our labels, the instance's team, challenge and ``started_at`` (news of
-        an earlier group of the same instance is not judged by it), and ``ctf.service``.
+        an earlier group of the same instance is not judged by it), and ``ctf.service``; a
+        one-shot service that exited 0 did its work and is no death.
         """
         if rec is None or not container_id or container_id == rec.container_id:
             return None
         try:
-            if not self.catalog.get(rec.challenge).is_group:
-                return None
+            app = self.catalog.get(rec.challenge).app
         except CTFError:
             return None
-        info = self.driver.get_container(container_id)
-        if info is None or LABEL_SERVICE not in info.labels:
+        if app is None:
             return None
+        info = self.driver.get_container(container_id)
         wanted = {**self.specs.scope_here(), LABEL_TEAM: rec.team_id,
                   LABEL_CHALLENGE: rec.challenge, LABEL_STARTED_AT: rec.started_at}
-        return info if carries(info.labels, wanted) else None
+        ours = info is not None and LABEL_SERVICE in info.labels \
+            and carries(info.labels, wanted) \
+            and not app.done(info.labels[LABEL_SERVICE], info.state, info.exit_code)
+        return info if ours else None
 
     def _judge(self, rec: Instance | None, container_id: str) -> str:
         if rec is None or rec.host != self.host:

@@ -260,8 +260,10 @@ class InstanceService:
         every endpoint answers.
         """
         team = key.team
+        assert ch.app is not None
+        primary = ch.app.primary.service
         # 1. every service's image (pulls can be long and need no lock)
-        images = [s.image for s in ch.app.services] if ch.app else []
+        images = [s.image for s in ch.app.services]
         report({"phase": "image", "image": ", ".join(images)})
         self.specs.ensure_image(ch, progress)
         self.egress.require()
@@ -278,8 +280,17 @@ class InstanceService:
                 if task_id:
                     self.store.remember(task_id, record.model_dump_json())
                 return record
-            # Anything else of it (a half group, a failed one, one without a record) goes:
-            # a group is made whole, never patched up.
+            # A whole group already up (a redelivered start whose worker died while it
+            # waited for the endpoints, or a lost record) is adopted and awaited.
+            whole = self.specs.whole_group(ch, team, main)
+            if whole is not None and (record is None or record.status == "starting"):
+                inst = self.specs.with_group(
+                    ch, record or self.specs.from_container(ch, whole[primary], "starting"),
+                    whole)
+                return self.specs.await_group_ready(ch, whole, inst, report, lock, self.egress,
+                                                    task_id)
+            # Anything else of it (a half group, a failed one) goes: a group is made whole,
+            # never patched up.
             self.specs.remove_group(ch.id, team, self.egress)
             # 6. reserve a slot: quotas are checked and the record written in one step.
             inst = self.specs.new_instance(ch, team)

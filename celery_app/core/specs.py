@@ -495,10 +495,13 @@ class InstanceSpecs:
             if disk is not None:
                 labels[LABEL_DISK] = str(disk)  # the janitor's bound, as for one image
             health = svc.healthcheck
+            env = {**ch.env, **svc.environment}
+            if ch.flag_env:  # the catalog's flag_env, like env, applies to every service
+                env[ch.flag_env] = flag
             spec = ContainerSpec(
                 name=layout.of(svc.name), image=svc.image,
                 port=svc.ports[0] if svc.ports else None, extra_ports=svc.ports[1:],
-                team_id=team, labels=labels, env={**ch.env, **svc.environment},
+                team_id=team, labels=labels, env=env,
                 memory_bytes=svc.memory_bytes or ch.memory_bytes,
                 nano_cpus=int((svc.cpus or ch.cpus) * 1e9), pids=svc.pids or ch.pids,
                 cap_add=list(svc.cap_add or ch.cap_add), publish_ip=self.settings.publish_ip,
@@ -552,6 +555,26 @@ class InstanceSpecs:
         """Every container of the team's instance of ``challenge`` on this host (by labels)."""
         return self.driver.list_containers(
             {**self.scope_here(), LABEL_TEAM: team, LABEL_CHALLENGE: challenge})
+
+    def whole_group(self, ch: Challenge, team: str, main: ContainerInfo | None,
+                    ) -> dict[str, ContainerInfo] | None:
+        """The team's group of ``ch`` when every service is there and up, made together.
+
+        Returns:
+            Each service's container (keyed by service), or ``None`` when one is missing,
+            not running (a one-shot: not done), or of another start (``started_at``).
+        """
+        if ch.app is None or main is None or main.state != "running":
+            return None
+        started = main.labels.get(LABEL_STARTED_AT)
+        found = {c.labels.get(LABEL_SERVICE, ""): c for c in self.group_of(ch.id, team)
+                 if c.labels.get(LABEL_STARTED_AT) == started}
+        for service in ch.app.services:
+            c = found.get(service.name)
+            if c is None or not (c.state == "running"
+                                 or ch.app.done(service.name, c.state, c.exit_code)):
+                return None
+        return {s.name: found[s.name] for s in ch.app.services}
 
     def remove_group(self, challenge: str, team: str, egress: EgressGuard) -> bool:
         """Remove every container of a Compose instance, then its network.
@@ -621,11 +644,7 @@ class InstanceSpecs:
         def alive() -> bool:
             with contextlib.suppress(LockError), map_redis_errors("renew lock"):
                 lock.reacquire()
-            for info in made.values():
-                current = self.driver.get_container(info.id)
-                if current is None or current.state not in ("running", "created", "restarting"):
-                    return False
-            return True
+            return all(self._up(ch, service, info) for service, info in made.items())
 
         started = parse_iso(inst.started_at)
         remaining = max(1.0, ch.start_timeout - (utcnow() - started).total_seconds())
@@ -634,7 +653,7 @@ class InstanceSpecs:
             self.store.put(inst, done=(task_id, inst.model_dump_json()) if task_id else None)
             report({"phase": "running", "url": inst.url})
             return inst
-        why = self._group_failure(made, pending[0] if pending else ch.app.primary,
+        why = self._group_failure(ch, made, pending[0] if pending else ch.app.primary,
                                   ch.start_timeout)
         detail = f"instance {inst.container_name} of {ch.id} for team {inst.team_id}: {why}"
         self.store.put(inst.model_copy(update={
@@ -644,12 +663,20 @@ class InstanceSpecs:
         self.remove_group(ch.id, inst.team_id, egress)
         raise StartFailed(detail)
 
-    def _group_failure(self, made: dict[str, ContainerInfo], waiting: Endpoint,
+    def _up(self, ch: Challenge, service: str, info: ContainerInfo) -> bool:
+        """Whether a group's service still runs (or, a one-shot, finished its work)."""
+        current = self.driver.get_container(info.id)
+        if current is None:
+            return False
+        return current.state in ("running", "created", "restarting") or (
+            ch.app is not None and ch.app.done(service, current.state, current.exit_code))
+
+    def _group_failure(self, ch: Challenge, made: dict[str, ContainerInfo], waiting: Endpoint,
                        timeout: float) -> str:
         """Why a group never became ready: the first service that died, or the endpoint."""
         for service, info in made.items():
-            current = self.driver.get_container(info.id)
-            if current is None or current.state not in ("running", "created", "restarting"):
+            if not self._up(ch, service, info):
+                current = self.driver.get_container(info.id)
                 code = "" if current is None else f" with code {current.exit_code}"
                 logs = self.driver.container_logs(info.id, tail=10).strip() if current else ""
                 return (f"service {service} exited{code}"

@@ -314,9 +314,11 @@ class Janitor:
             ch = self.service.catalog.get(rec.challenge)
             if ch.app is not None:
                 layout = self.service.specs.layout(ch.id, rec.team_id, ch.app)
-                for name in layout.containers[1:]:
+                for service, name in zip(layout.services[1:], layout.containers[1:],
+                                         strict=True):
                     c = containers.get(name)
-                    if c is not None and c.state != "running":
+                    if c is not None and c.state != "running" \
+                            and not ch.app.done(service, c.state, c.exit_code):
                         return c
         return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
+from celery_app.cli import _instance_table
 from celery_app.core.service import InstanceService
 from celery_app.engine.driver import ContainerEvent
 from celery_app.errors import ImageNotFound
@@ -224,3 +227,108 @@ def test_the_janitor_removes_a_half_group_and_its_network(
     assert ours(driver, **{"ctf.challenge": "shop"}) == []
     assert driver.get_network("ctf-inst-shop.team1") is None
     assert driver.get_network("ctf-team-team1") is not None  # web's, still in use
+
+
+def test_the_catalogs_env_and_flag_env_reach_every_service(
+        make_service: Callable[..., InstanceService], driver: FakeDriver,
+        tmp_path: Path) -> None:
+    """Section 8's env and flag_env apply to the instance as a whole: every service gets them."""
+    (tmp_path / "compose.yaml").write_text(COMPOSE)
+    catalog = tmp_path / "challenges.yaml"
+    catalog.write_text(CATALOG + "  shop:\n    compose: compose.yaml\n    flag_env: KEY\n"
+                                 "    env: {MODE: ctf}\n")
+    for service in ("web", "db", "bot"):
+        driver.add_image(f"ctf-test/shop-{service}:unit", None)
+    svc = make_service(challenges_file=catalog)
+    svc.start(svc.catalog.key("shop", "team1"))
+    flag = svc.flag_for(svc.catalog.key("shop", "team1"))
+    envs = [spec.env for spec in driver.specs.values() if spec.aliases]
+    assert len(envs) == 3
+    assert all(env["KEY"] == flag and env["MODE"] == "ctf" for env in envs)
+
+
+ONE_SHOT = """
+services:
+  migrate:
+    image: ctf-test/shop-db:unit
+  web:
+    image: ctf-test/shop-web:unit
+    ports: ["8080"]
+    depends_on:
+      migrate: {condition: service_completed_successfully}
+"""
+
+
+def test_a_one_shot_service_that_exits_0_is_done_not_dead(
+        make_service: Callable[..., InstanceService], driver: FakeDriver,
+        tmp_path: Path) -> None:
+    """A service others wait to complete: its exit 0 neither fails the start nor the group."""
+    (tmp_path / "compose.yaml").write_text(ONE_SHOT)
+    catalog = tmp_path / "challenges.yaml"
+    catalog.write_text(CATALOG + "  setup:\n    compose: compose.yaml\n    start_timeout: 10\n")
+    for service in ("web", "db"):
+        driver.add_image(f"ctf-test/shop-{service}:unit", None)
+    svc = make_service(challenges_file=catalog)
+
+    def finish_migrate() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            found = ours(driver, **{"ctf.service": "migrate"})
+            if found:
+                driver.exit(found[0].id, 0)
+                return
+            time.sleep(0.01)
+
+    helper = threading.Thread(target=finish_migrate)
+    helper.start()
+    inst = svc.start(svc.catalog.key("setup", "team1"))
+    helper.join()
+    assert inst.status == "running"
+    migrate = ours(driver, **{"ctf.service": "migrate"})[0]
+    assert migrate.state == "exited"
+    assert svc.mark_failed("setup", "team1", migrate.id) == "unchanged"
+    svc.reconcile()
+    assert Janitor(svc).run_once().marked_failed == []
+    rec = svc.store.get("setup", "team1")
+    assert rec is not None and rec.status == "running"
+
+
+def test_ctfctl_lists_every_endpoint_of_a_compose_instance() -> None:
+    """Ctfctl's table shows each endpoint with its service when there are several."""
+    console = Console(record=True, width=200)
+    console.print(_instance_table([{
+        "team_id": "t1", "challenge": "shop", "status": "running", "host": "local",
+        "url": "http://localhost:1", "endpoints": [
+            {"service": "web", "port": 8080, "protocol": "http", "url": "http://localhost:1"},
+            {"service": "admin", "port": 1337, "protocol": "tcp", "url": "tcp://localhost:2"}],
+    }, {"team_id": "t1", "challenge": "web", "status": "running", "host": "local",
+        "url": "http://localhost:3"}]))
+    text = console.export_text()
+    assert "web:8080 http://localhost:1" in text and "admin:1337 tcp://localhost:2" in text
+    assert "http://localhost:3" in text
+
+
+def test_a_redelivered_start_adopts_a_whole_group(shop: InstanceService,
+                                                  driver: FakeDriver) -> None:
+    """A start finding the whole group up (its worker died, or the record was lost) adopts it."""
+    first = shop.start(shop.catalog.key("shop", "team1"))
+    ids = {c.id for c in ours(driver, **{"ctf.team": "team1"})}
+    shop.store.put(first.model_copy(update={"status": "starting"}))  # died while it waited
+    again = shop.start(shop.catalog.key("shop", "team1"))
+    assert again.status == "running" and again.container_id == first.container_id
+    shop.store.delete("shop", "team1", shop.host)  # the record lost
+    adopted = shop.start(shop.catalog.key("shop", "team1"))
+    assert adopted.status == "running" and adopted.endpoints == first.endpoints
+    assert {c.id for c in ours(driver, **{"ctf.team": "team1"})} == ids
+
+
+def test_a_start_finding_half_a_group_makes_it_again(shop: InstanceService,
+                                                     driver: FakeDriver) -> None:
+    """A group with a service missing is removed and made whole again."""
+    first = shop.start(shop.catalog.key("shop", "team1"))
+    bot = ours(driver, **{"ctf.service": "bot"})[0]
+    driver.remove_container(bot.id)
+    shop.store.put(first.model_copy(update={"status": "starting"}))
+    again = shop.start(shop.catalog.key("shop", "team1"))
+    assert again.status == "running" and again.container_id != first.container_id
+    assert len(ours(driver, **{"ctf.team": "team1"})) == 3
