@@ -25,6 +25,7 @@ from conftest import (
     catalog_yaml,
     cleanup_docker,
     private_label,
+    wait_for,
     worker_and_api,
 )
 from test_group_docker import _files
@@ -39,6 +40,7 @@ POOL = "10.249.0.0/16"  # this file's team and instance networks, away from ever
 SHOP = ROOT / "examples" / "shop"
 START = "celery_app.tasks.start_container"
 STOP = "celery_app.tasks.stop_container"
+STATUS = "celery_app.tasks.get_container_status"
 BROKEN_CHECK = """["CMD", "/bin/busybox", "false"]"""
 
 
@@ -50,6 +52,7 @@ class Setup:
     api: Any
     secret: str
     docker: docker.DockerClient
+    redis_url: str
 
     def start(self, challenge: str, team: str) -> dict[str, Any]:
         """Send start_container by name, as a platform does; return its result."""
@@ -62,6 +65,11 @@ class Setup:
         result: dict[str, Any] = self.platform.send_task(STOP, args=[challenge, team]).get(
             timeout=120)
         return result
+
+    def status(self, team: str) -> list[dict[str, Any]]:
+        """The team's instances, as get_container_status sent by name answers."""
+        answer = self.platform.send_task(STATUS, kwargs={"team_id": team}).get(timeout=30)
+        return list(answer["instances"])
 
     def containers(self, challenge: str, team: str) -> list[Any]:
         """The run's containers of the team's instance of ``challenge``."""
@@ -136,7 +144,8 @@ def setup(compose_redis: RedisServer, compose_catalog: Path, docker_client: dock
     try:
         with worker_and_api(env, compose_catalog, workdir) as (_worker, platform, api):
             settings = load_settings(data_dir=Path(env["CTF_DATA_DIR"]))
-            yield Setup(platform, api, settings.flag_secret_value(), docker_client)
+            yield Setup(platform, api, settings.flag_secret_value(), docker_client,
+                        env["CTF_REDIS_URL"])
     finally:
         cleanup_docker(docker_client, LABEL)
 
@@ -202,3 +211,26 @@ def test_a_service_never_healthy_leaves_nothing_and_is_named(setup: Setup) -> No
     assert type(failure.value).__name__ == "StartFailed"
     assert setup.containers("broken", "cd") == []
     assert setup.network("broken", "cd") is None
+
+
+def test_a_killed_service_makes_the_instance_failed(setup: Setup) -> None:
+    """Db killed behind our back: the worker's event follower marks the instance failed."""
+    setup.start("shop", "ce")
+    db = next(c for c in setup.containers("shop", "ce") if c.labels["ctf.service"] == "db")
+    db.kill()
+    failed = wait_for(lambda: next((i for i in setup.status("ce") if i["status"] == "failed"),
+                                   None), timeout=30, message="the instance failed")
+    assert failed["error"].startswith("service db: "), failed
+    setup.stop("shop", "ce")
+    assert setup.containers("shop", "ce") == []
+
+
+def test_a_redis_loss_is_reconciled_with_the_whole_group(setup: Setup) -> None:
+    """After the index is flushed the janitor adopts the group: running, endpoints, 3 services."""
+    inst = setup.start("shop", "cf")
+    redis.Redis.from_url(setup.redis_url).flushdb()
+    adopted = wait_for(lambda: next((i for i in setup.status("cf") if i["status"] == "running"),
+                                    None), timeout=30, message="the instance adopted")
+    assert adopted["container_id"] == inst["container_id"]
+    assert adopted["endpoints"] == inst["endpoints"]
+    assert len(setup.containers("shop", "cf")) == 3
