@@ -138,10 +138,19 @@ def _instance_table(instances: list[dict[str, Any]], title: str | None = None) -
             escape(str(inst.get("host", "")))
             + ("" if inst.get("host_up", True) else " [red](down)[/]"),
             # A failed instance may keep the url it had: why it failed is what to show.
-            escape(str((status == "failed" and inst.get("error")) or inst.get("url")
+            escape(str((status == "failed" and inst.get("error")) or _urls(inst)
                        or inst.get("error") or "-")),
         )
     return table
+
+
+def _urls(inst: dict[str, Any]) -> str | None:
+    """The instance's URL; a Compose instance of several endpoints: each, with its service."""
+    endpoints = inst.get("endpoints") or []
+    if len(endpoints) < 2:  # one endpoint is the url itself
+        return inst.get("url")
+    return "\n".join(f"{e.get('service')}:{e.get('port')} {e.get('url') or '-'}"
+                     for e in endpoints)
 
 
 def _show(data: dict[str, Any], as_json: bool, title: str | None = None) -> None:

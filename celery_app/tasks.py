@@ -381,7 +381,7 @@ def prefetch_images(self: InstancerTask) -> dict[str, Any]:
         done = []
         for ch in ctx.catalog:
             ctx.service.ensure_image(ch, self.report)
-            done.append(ch.image)
+            done.extend([s.image for s in ch.app.services] if ch.app else [ch.image])
         return {"images": done, "status": "ok"}
 
     return _logged("prefetch_images", None, None, pull_all)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -11,10 +12,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from celery_app.core.compose import ComposeApp, load_compose
 from celery_app.core.config_files import describe, read_yaml
 from celery_app.errors import CatalogError, UnknownChallenge
 from celery_app.settings import Settings
@@ -34,7 +37,11 @@ class Challenge(BaseModel):
 
     id: str = ""
     name: str = ""
-    image: str = Field(min_length=1)
+    # One image (SPEC §8), or a Compose file of several services (SPEC §12): exactly one.
+    compose: str | None = Field(None, min_length=1)
+    image: str = Field("", validate_default=True)
+    # The Compose file as read at start-up (build_catalog fills it in; never from the YAML).
+    app: ComposeApp | None = None
     port: int | None = Field(None, ge=1, le=65535)
     protocol: Literal["http", "tcp"] = "http"
     health_path: str = "/"
@@ -100,6 +107,39 @@ class Challenge(BaseModel):
             raise ValueError("must be a uid, uid:gid or user name (like 1000, 1000:1000 or "
                              "node), as docker run --user takes it")
         return None if value is None else str(value)
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str, info: ValidationInfo) -> str:
+        compose = info.data.get("compose")  # validated first: declared before image
+        if compose is not None and value:
+            raise ValueError("set either 'image' (one container) or 'compose' (a Compose file "
+                             "of several services), not both")
+        if compose is None and not value:
+            raise ValueError("set 'image' (the challenge's image) or 'compose' (a Compose file, "
+                             "relative to the catalog file)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Challenge:
+        if self.compose is not None and self.pool > 0:
+            raise ValueError("warm pools of Compose challenges are not supported yet; "
+                             "set pool: 0 (or leave it out)")
+        if self.compose is not None and self.port is not None:
+            raise ValueError("a Compose challenge's ports are its services' 'ports:' in the "
+                             "Compose file; remove 'port'")
+        if self.compose is not None and self.command is not None:
+            raise ValueError("a Compose challenge's commands are its services' 'command:' in "
+                             "the Compose file; remove 'command'")
+        if self.compose is not None and self.storage is not None:
+            raise ValueError("'storage' is not applied to Compose services yet; use 'disk' "
+                             "(with read_only: false) or the services' read_only and tmpfs")
+        return self
+
+    @property
+    def is_group(self) -> bool:
+        """Whether an instance is several services (a Compose file, SPEC §12)."""
+        return self.app is not None
 
     @model_validator(mode="after")
     def _check_writable(self) -> Challenge:
@@ -231,13 +271,16 @@ class Catalog:
         return InstanceKey(self.get(challenge).id, team)
 
 
-def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> Catalog:
+def build_catalog(raw: object, settings: Settings, source: str = "catalog",
+                  base: Path | None = None) -> Catalog:
     """Validate a raw ``{"challenges": {...}}`` mapping and fill in the defaults.
 
     Args:
         raw: the parsed YAML document.
         settings: supplies the default ttl and max lifetime.
         source: names the file in error messages.
+        base: the folder ``compose:`` paths are relative to (the catalog file's; the
+            current directory by default).
 
     Returns:
         The catalog.
@@ -258,6 +301,9 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> C
             )
         if not isinstance(entry, dict):
             raise CatalogError(f"{source}: challenge {cid!r} must be a mapping of fields")
+        if "app" in entry:
+            raise CatalogError(f"{source}: challenge {cid!r}, field 'app': unknown field; "
+                               "name a Compose file with 'compose:'")
         try:
             challenge = Challenge.model_validate({**entry, "id": cid})
         except ValidationError as exc:
@@ -273,6 +319,17 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog") -> C
                                   "max_lifetime": max_lifetime}
         if not challenge.read_only and challenge.disk is None:
             update["disk"] = settings.default_disk  # every writable instance is bounded
+        if challenge.compose is not None and settings.ingress != "ports":
+            raise CatalogError(
+                f"{source}: challenge {cid!r}, field 'compose': Compose challenges are not "
+                "routed by the ingress yet (CTF_INGRESS=traefik); serve them with published "
+                "ports (CTF_INGRESS=ports) or remove the challenge"
+            )
+        if challenge.compose is not None:
+            # Read now, at start-up: a mistake in the file is refused before any team starts.
+            path = (base or Path.cwd()) / challenge.compose
+            update["app"] = load_compose(path, cid, protocol=challenge.protocol,
+                                         health_path=challenge.health_path)
         challenges[cid] = challenge.model_copy(update=update)
     _check_names_unambiguous(list(challenges), source)
     return Catalog(challenges)
@@ -332,4 +389,4 @@ def load_catalog(settings: Settings) -> Catalog:
     if path is None:
         return build_catalog({"challenges": DEFAULT_CATALOG}, settings, "default catalog")
     raw = read_yaml(path, "CTF_CHALLENGES_FILE", CatalogError)
-    return build_catalog(raw, settings, str(path))
+    return build_catalog(raw, settings, str(path), Path(path).resolve().parent)

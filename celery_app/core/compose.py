@@ -173,6 +173,16 @@ class ComposeApp(BaseModel):
         raise KeyError(name)
 
     @property
+    def one_shots(self) -> frozenset[str]:
+        """Services another waits to complete: once they exit 0 they are done, not dead."""
+        return frozenset(dep for s in self.services for dep, cond in s.depends_on.items()
+                         if cond == "service_completed_successfully")
+
+    def done(self, service: str, state: str, exit_code: int | None) -> bool:
+        """Whether a service whose container is in ``state`` finished its work (a one-shot)."""
+        return service in self.one_shots and state == "exited" and exit_code == 0
+
+    @property
     def primary(self) -> Endpoint:
         """The first endpoint in file order: the instance's ``url`` and ``ports``."""
         return self.endpoints[0]

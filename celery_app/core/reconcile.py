@@ -25,12 +25,20 @@ from redis.lock import Lock
 
 from celery_app.core.catalog import Catalog, Challenge
 from celery_app.core.specs import InstanceSpecs
-from celery_app.engine.driver import ContainerInfo, Driver
+from celery_app.engine.driver import ContainerInfo, Driver, carries
 from celery_app.errors import CTFError, InvalidRequest
 from celery_app.settings import Settings
 from celery_app.state.store import LOCK_HOLD, StateStore
 from celery_app.vocab.models import Instance, utcnow
-from celery_app.vocab.naming import check_team_id, instance_key, split_instance_key
+from celery_app.vocab.naming import (
+    LABEL_CHALLENGE,
+    LABEL_SERVICE,
+    LABEL_STARTED_AT,
+    LABEL_TEAM,
+    check_team_id,
+    instance_key,
+    split_instance_key,
+)
 from celery_app.vocab.signals import ControlSignal, InstanceBusy
 
 log = logging.getLogger(__name__)
@@ -294,22 +302,30 @@ class Reconciler:
         """
         # 1. a cheap look first: most news is about instances that are not running here.
         seen = self.store.get(challenge, team_id)
-        verdict = self._judge(seen, container_id)
+        member = self._group_member(seen, container_id)
+        verdict = self._judge(seen, seen.container_id if member and seen else container_id)
         if verdict != "go":
             return verdict
         # 2. lock the instance; a start or stop holding it knows better.
         try:
             with self._locked(challenge, team_id, wait):
-                # 3. look again under the lock, at the record and at the container itself.
+                # 3. look again under the lock, at the record and at the container itself
+                #    (another service of a Compose instance stands for the whole group).
                 rec = self.store.get(challenge, team_id)
-                verdict = self._judge(rec, container_id)
+                member = self._group_member(rec, container_id)
+                verdict = self._judge(rec, rec.container_id if member and rec else container_id)
                 if verdict != "go" or rec is None:
                     return verdict
-                info = self.driver.get_container(rec.container_id or rec.container_name)
+                info = member or self.driver.get_container(rec.container_id
+                                                           or rec.container_name)
                 if info is not None and info.state == "running" and info.health != "unhealthy":
                     return "unchanged"  # alive after all (an old event, an OOM of a child)
-                # 4. the failed record, with why.
-                self.store.put(rec.model_copy(update=self._failure(rec, info)))
+                # 4. the failed record, with why (and which service, in a group).
+                failure = self._failure(rec, info)
+                if member is not None:
+                    failure["error"] = f"service {member.labels[LABEL_SERVICE]}: " \
+                                       f"{failure['error']}"
+                self.store.put(rec.model_copy(update=failure))
                 return "marked"
         except InstanceBusy:
             return "busy"
@@ -339,6 +355,30 @@ class Reconciler:
                 return "marked"
         except InstanceBusy:
             return "busy"
+
+    def _group_member(self, rec: Instance | None, container_id: str) -> ContainerInfo | None:
+        """The container ``container_id`` when it is another service of ``rec``'s group.
+
+        SPEC §12: any service of a Compose instance that dies makes the instance ``failed``.
+        It must carry our labels, the instance's team, challenge and ``started_at`` (news of
+        an earlier group of the same instance is not judged by it), and ``ctf.service``; a
+        one-shot service that exited 0 did its work and is no death.
+        """
+        if rec is None or not container_id or container_id == rec.container_id:
+            return None
+        try:
+            app = self.catalog.get(rec.challenge).app
+        except CTFError:
+            return None
+        if app is None:
+            return None
+        info = self.driver.get_container(container_id)
+        wanted = {**self.specs.scope_here(), LABEL_TEAM: rec.team_id,
+                  LABEL_CHALLENGE: rec.challenge, LABEL_STARTED_AT: rec.started_at}
+        ours = info is not None and LABEL_SERVICE in info.labels \
+            and carries(info.labels, wanted) \
+            and not app.done(info.labels[LABEL_SERVICE], info.state, info.exit_code)
+        return info if ours else None
 
     def _judge(self, rec: Instance | None, container_id: str) -> str:
         if rec is None or rec.host != self.host:

@@ -183,6 +183,8 @@ class InstanceService:
             seen = self.store.get(ch.id, team)
             if seen is None or seen.status == "failed":
                 self._count_rate(team)
+        if ch.is_group:  # a Compose challenge (SPEC §12): its services, all or nothing
+            return self._start_group(key, ch, report, progress, intent, lock_wait, task_id)
         # 1. the image: pulls can be long and need no lock. A start that will claim a warm
         #    pool container (one is ready on this host) needs no image at all; it is checked
         #    (one Docker call saved) only if the claim then misses (step 7).
@@ -243,6 +245,71 @@ class InstanceService:
             # 9. running only once the port answers.
             report({"phase": "starting", "container": name})
             return self.specs.await_ready(ch, info, inst, port, report, lock, task_id)
+
+    def _start_group(
+        self, key: InstanceKey, ch: Challenge, report: ProgressFn,
+        progress: ProgressFn | None, intent: int, lock_wait: float | None,
+        task_id: str | None,
+    ) -> Instance:
+        """:meth:`start`'s steps 1-9 for a Compose challenge: one instance, several services.
+
+        The images of every service first (no lock); then under the instance lock a running
+        group is returned as it is, anything else of it (half made, failed, unrecorded) is
+        removed and the group made again on a network of its own (``InstanceSpecs``:
+        ``create_group``, all or nothing), recorded with its endpoints, and ``running`` once
+        every endpoint answers.
+        """
+        team = key.team
+        assert ch.app is not None
+        primary = ch.app.primary.service
+        # 1. every service's image (pulls can be long and need no lock)
+        images = [s.image for s in ch.app.services]
+        report({"phase": "image", "image": ", ".join(images)})
+        self.specs.ensure_image(ch, progress)
+        self.egress.require()
+        # 2. lock (challenge, team)
+        with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait) as lock:
+            # 3. the latest request wins; 4. another host's instance is that host's.
+            self._latest("start", ch, team, intent)
+            record = self._here(key)
+            # 5. a running group is reused (idempotency): its primary container is the record's
+            main = self.specs.own_container(self.specs.layout(ch.id, team, ch.app).main,
+                                            ch.id, team)
+            if main is not None and main.state == "running" and record is not None \
+                    and record.status == "running" and record.container_id == main.id:
+                if task_id:
+                    self.store.remember(task_id, record.model_dump_json())
+                return record
+            # A whole group already up (a redelivered start whose worker died while it
+            # waited for the endpoints, or a lost record) is adopted and awaited.
+            whole = self.specs.whole_group(ch, team, main)
+            if whole is not None and (record is None or record.status == "starting"):
+                inst = self.specs.with_group(
+                    ch, record or self.specs.from_container(ch, whole[primary], "starting"),
+                    whole)
+                return self.specs.await_group_ready(ch, whole, inst, report, lock, self.egress,
+                                                    task_id)
+            # Anything else of it (a half group, a failed one) goes: a group is made whole,
+            # never patched up.
+            self.specs.remove_group(ch.id, team, self.egress)
+            # 6. reserve a slot: quotas are checked and the record written in one step.
+            inst = self.specs.new_instance(ch, team)
+            self.store.reserve(inst, self.settings.max_instances_per_team,
+                               self.settings.max_instances, self.host_max)
+            try:
+                # 7. the instance's network and its services, in depends_on order
+                report({"phase": "creating"})
+                made = self.specs.create_group(ch, team, inst, self.egress)
+            except BaseException:
+                self.store.delete(ch.id, team, self.host)  # create_group removed its parts
+                raise
+            # 8. record the containers and the endpoints
+            inst = self.specs.with_group(ch, inst, made)
+            self.store.put(inst)
+            # 9. running only once every endpoint answers
+            report({"phase": "starting", "container": inst.container_name})
+            return self.specs.await_group_ready(ch, made, inst, report, lock, self.egress,
+                                                task_id)
 
     def _claim_or_cold(
         self, ch: Challenge, team: str, inst: Instance, image_checked: bool,
@@ -316,14 +383,17 @@ class InstanceService:
             #    "stopped" is said only once the container is gone from its own engine.
             record = self._here(key)
             existing = self.specs.own_container(name, ch.id, team)
-            if record is None and existing is None:
+            group = self.specs.group_of(ch.id, team) if ch.is_group else []
+            if record is None and existing is None and not group:
                 raise InstanceNotFound(f"team {team} has no instance of {ch.id}; start one first")
             if record is not None:
                 self.store.put(record.model_copy(update={"status": "stopping"}))
             # 4. route, container, then record: a crash in between leaves a record the
             #    janitor drops (and a route reconcile drops); the host answers 404 at once.
             self.ingress.remove_route(name)
-            if existing is not None:
+            if ch.is_group:  # every service's container, then the instance's network
+                self.specs.remove_group(ch.id, team, self.egress)
+            elif existing is not None:
                 self.egress.release(existing)  # before its address is free for another
                 self.driver.remove_container(existing.id)
             # The record goes with this task's answer, in one step: done once.

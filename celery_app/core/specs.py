@@ -24,13 +24,16 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from celery_app.core.catalog import Challenge
+from celery_app.core.compose import ComposeApp, Endpoint
 from celery_app.core.flags import team_flag
+from celery_app.core.group import Member, start_group
 from celery_app.core.readiness import probe_once, wait_until
 from celery_app.engine.driver import (
     ContainerInfo,
     ContainerSpec,
     Driver,
     Filesystem,
+    Healthcheck,
     NetworkInfo,
     ProgressFn,
     carries,
@@ -42,7 +45,8 @@ from celery_app.ingress import Ingress
 from celery_app.settings import Settings
 from celery_app.state.redis_errors import map_redis_errors
 from celery_app.state.store import StateStore
-from celery_app.vocab.models import Instance, iso, parse_iso, utcnow
+from celery_app.vocab.limits import catalog_size_bytes
+from celery_app.vocab.models import EndpointView, Instance, iso, parse_iso, utcnow
 from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_DISK,
@@ -50,10 +54,13 @@ from celery_app.vocab.naming import (
     LABEL_EXPIRES_AT,
     LABEL_HOST,
     LABEL_MANAGED,
+    LABEL_SERVICE,
     LABEL_STARTED_AT,
     LABEL_TEAM,
     container_name,
+    instance_network_name,
     network_name,
+    service_container_name,
 )
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,16 @@ class InstanceLayout:
 
     network: str
     containers: tuple[str, ...]
+    # A Compose instance's services, one per container in the same order (empty: one image).
+    services: tuple[str, ...] = ()
+
+    def of(self, service: str) -> str:
+        """The container name of ``service`` (a Compose instance's).
+
+        Raises:
+            KeyError: the instance has no such service.
+        """
+        return dict(zip(self.services, self.containers, strict=True))[service]
 
     @property
     def main(self) -> str:
@@ -110,10 +127,26 @@ class InstanceSpecs:
 
     # -- labels and names -------------------------------------------------------------------
 
-    def layout(self, challenge: str, team_id: str) -> InstanceLayout:
-        """The network and container names of the team's instance of ``challenge``."""
-        return InstanceLayout(network=network_name(team_id),
-                              containers=(container_name(challenge, team_id),))
+    def layout(self, challenge: str, team_id: str, app: ComposeApp | None = None,
+               ) -> InstanceLayout:
+        """The network and container names of the team's instance of ``challenge``.
+
+        With ``app`` (a Compose challenge, SPEC §12) the instance has a network of its own and
+        one container per service: the primary endpoint's service first, under the instance's
+        name (SPEC §4's), then the others in start order, ``<name>.<service>``.
+        """
+        if app is None:
+            return InstanceLayout(network=network_name(team_id),
+                                  containers=(container_name(challenge, team_id),))
+        main = app.primary.service
+        services = (main, *(s.name for s in app.services if s.name != main))
+        return InstanceLayout(
+            network=instance_network_name(challenge, team_id),
+            containers=tuple(container_name(challenge, team_id) if s == main
+                             else service_container_name(challenge, team_id, s)
+                             for s in services),
+            services=services,
+        )
 
     def labels(self, team_id: str, challenge: str | None = None) -> dict[str, str]:
         """The labels of a team's network (and, with ``challenge``, of its container)."""
@@ -149,16 +182,32 @@ class InstanceSpecs:
         Raises:
             ImageNotFound: missing with policy ``never``, or the registry has no such image.
         """
+        if ch.app is None:
+            self._ensure(ch.image, ch.id, None, progress)
+            return
+        for service in ch.app.services:  # a Compose challenge: every service's image
+            try:
+                self._ensure(service.image, ch.id, service.name, progress)
+            except ImageNotFound as exc:
+                if f"service {service.name!r}" in str(exc):
+                    raise
+                raise type(exc)(f"service {service.name!r} of challenge {ch.id!r}: "
+                                f"{exc}") from None
+
+    def _ensure(self, image: str, challenge: str, service: str | None,
+                progress: ProgressFn | None) -> None:
         policy = self.settings.pull_policy
         if policy == "always" or (policy == "if-not-present" and not self.driver.image_present(
-            ch.image
+            image
         )):
-            log.info("pulling image=%s challenge=%s", ch.image, ch.id)
-            self.driver.pull(ch.image, progress)
-        elif policy == "never" and not self.driver.image_present(ch.image):
+            log.info("pulling image=%s challenge=%s%s", image, challenge,
+                     f" service={service}" if service else "")
+            self.driver.pull(image, progress)
+        elif policy == "never" and not self.driver.image_present(image):
+            of_service = f"service {service!r} of " if service else ""
             raise ImageNotFound(
-                f"image {ch.image!r} of challenge {ch.id!r} is not present and CTF_PULL_POLICY "
-                "is 'never'; load it (docker load/pull) or change the policy"
+                f"image {image!r} of {of_service}challenge {challenge!r} is not present and "
+                "CTF_PULL_POLICY is 'never'; load it (docker load/pull) or change the policy"
             )
 
     def container_port(self, ch: Challenge) -> int:
@@ -169,6 +218,8 @@ class InstanceSpecs:
         """
         if ch.port is not None:
             return ch.port
+        if ch.app is not None:
+            return ch.app.primary.port  # a Compose challenge: its primary endpoint's
         if ch.image not in self._exposed_port_cache:
             port = self.driver.image_exposed_port(ch.image)
             if port is None:
@@ -192,7 +243,8 @@ class InstanceSpecs:
         assert ch.ttl is not None
         return Instance(
             team_id=team, challenge=ch.id, status="starting",
-            container_name=self.layout(ch.id, team).main, host=self.host, started_at=iso(now),
+            container_name=self.layout(ch.id, team, ch.app).main, host=self.host,
+            started_at=iso(now),
             expires_at=iso(now + timedelta(seconds=ch.ttl)),
         )
 
@@ -317,13 +369,19 @@ class InstanceSpecs:
             expires = min(now + timedelta(seconds=ADOPT_GRACE),
                           started + timedelta(seconds=ch.max_lifetime))
         port = self.container_port(ch)
-        return Instance(
+        inst = Instance(
             team_id=info.team_id, challenge=ch.id, status=status,
             container_name=info.name, container_id=info.id, host=self.host, ports=info.ports,
             url=self.url(ch, info.team_id, info.ports.get(f"{port}/tcp"), iso(started)),
             started_at=iso(started),
             expires_at=iso(expires),
         )
+        if ch.app is None:
+            return inst
+        # A Compose instance: its endpoints from its services' containers (SPEC §12).
+        members = {c.labels[LABEL_SERVICE]: c for c in self.group_of(ch.id, info.team_id)
+                   if LABEL_SERVICE in c.labels}
+        return self.with_group(ch, inst, {**members, ch.app.primary.service: info})
 
     # -- readiness --------------------------------------------------------------------------
 
@@ -406,6 +464,222 @@ class InstanceSpecs:
 
     def answers(self, ch: Challenge, info: ContainerInfo) -> bool:
         """Whether the container answers its probe now (one try, 1 s)."""
+        if ch.app is not None:  # a Compose instance's primary container: its endpoint's probe
+            return self._endpoint_probe(ch.app.primary, info)(1.0)
         target = self.probe_target(ch, info, self.container_port(ch),
                                    info.labels.get(LABEL_STARTED_AT, ""))
         return target is not None and target(1.0)
+
+    # -- a Compose instance (SPEC §12): a group of containers on a network of its own -------
+
+    def group_members(self, ch: Challenge, team: str, inst: Instance) -> list[Member]:
+        """One hardened container per service of ``ch``'s Compose file, in start order.
+
+        Each carries every instance's labels plus ``ctf.service`` and its own egress; section
+        7's limits are the service's own, or the challenge's (section 8) where it sets none;
+        ``${CTF_FLAG}`` and ``${CTF_TEAM}`` are the team's. Endpoint ports are published
+        as section 4 publishes an instance's port.
+        """
+        assert ch.app is not None
+        layout = self.layout(ch.id, team, ch.app)
+        flag = self.flag(ch.id, team)
+        members = []
+        for service in ch.app.services:
+            svc = service.for_team(flag, team)
+            labels = {**self.labels(team, ch.id), LABEL_STARTED_AT: inst.started_at,
+                      LABEL_EXPIRES_AT: inst.expires_at, LABEL_EGRESS: svc.egress,
+                      LABEL_SERVICE: svc.name}
+            read_only = ch.read_only if svc.read_only is None else svc.read_only
+            disk = None if read_only else (ch.disk_bytes
+                                           or catalog_size_bytes(self.settings.default_disk))
+            if disk is not None:
+                labels[LABEL_DISK] = str(disk)  # the janitor's bound, as for one image
+            health = svc.healthcheck
+            env = {**ch.env, **svc.environment}
+            if ch.flag_env:  # the catalog's flag_env, like env, applies to every service
+                env[ch.flag_env] = flag
+            spec = ContainerSpec(
+                name=layout.of(svc.name), image=svc.image,
+                port=svc.ports[0] if svc.ports else None, extra_ports=svc.ports[1:],
+                team_id=team, labels=labels, env=env,
+                memory_bytes=svc.memory_bytes or ch.memory_bytes,
+                nano_cpus=int((svc.cpus or ch.cpus) * 1e9), pids=svc.pids or ch.pids,
+                cap_add=list(svc.cap_add or ch.cap_add), publish_ip=self.settings.publish_ip,
+                port_range=self.settings.port_range,
+                command=None if svc.command is None else list(svc.command),
+                entrypoint=None if svc.entrypoint is None else list(svc.entrypoint),
+                working_dir=svc.working_dir, hostname=svc.name,
+                filesystem=Filesystem(read_only, dict(svc.tmpfs) or ch.tmpfs_bytes, None, disk),
+                publish=True, network=layout.network, user=svc.user or ch.user,
+                aliases=(svc.name,),
+                healthcheck=None if health is None else Healthcheck(
+                    test=health.test, interval=health.interval, timeout=health.timeout,
+                    retries=health.retries, start_period=health.start_period),
+            )
+            members.append(Member(svc.name, spec, dict(svc.depends_on)))
+        return members
+
+    def create_group(self, ch: Challenge, team: str, inst: Instance, egress: EgressGuard,
+                     ) -> dict[str, ContainerInfo]:
+        """Make the instance's network and start its services; all of them, or nothing.
+
+        The network comes from the team subnet pool and carries ``ctf.challenge``; the
+        services start in ``depends_on`` order (:func:`start_group`) and each is admitted by
+        ``egress``. On any failure what was made (containers, network) is removed first.
+
+        Returns:
+            Each service's container, in start order.
+
+        Raises:
+            StartFailed: a service did not come up; the message names it and why.
+            CTFError: the engine or the egress guard refused.
+        """
+        assert ch.app is not None
+        layout = self.layout(ch.id, team, ch.app)
+        net = self.driver.ensure_named_network(
+            layout.network, self.labels(team, ch.id),
+            self.settings.team_subnet_pool, self.settings.team_subnet_prefix,
+        )
+        made: dict[str, ContainerInfo] = {}
+        try:
+            made = start_group(self.driver, self.group_members(ch, team, inst),
+                               timeout=ch.start_timeout, what=f"{ch.id} for team {team}")
+            for info in made.values():
+                egress.admit(info, net)  # its bridge known; internet only where it asks
+        except BaseException:
+            self.remove_group(ch.id, team, egress)
+            raise
+        return made
+
+    def group_of(self, challenge: str, team: str) -> list[ContainerInfo]:
+        """Every container of the team's instance of ``challenge`` on this host (by labels)."""
+        return self.driver.list_containers(
+            {**self.scope_here(), LABEL_TEAM: team, LABEL_CHALLENGE: challenge})
+
+    def whole_group(self, ch: Challenge, team: str, main: ContainerInfo | None,
+                    ) -> dict[str, ContainerInfo] | None:
+        """The team's group of ``ch`` when every service is there and up, made together.
+
+        Returns:
+            Each service's container (keyed by service), or ``None`` when one is missing,
+            not running (a one-shot: not done), or of another start (``started_at``).
+        """
+        if ch.app is None or main is None or main.state != "running":
+            return None
+        started = main.labels.get(LABEL_STARTED_AT)
+        found = {c.labels.get(LABEL_SERVICE, ""): c for c in self.group_of(ch.id, team)
+                 if c.labels.get(LABEL_STARTED_AT) == started}
+        for service in ch.app.services:
+            c = found.get(service.name)
+            if c is None or not (c.state == "running"
+                                 or ch.app.done(service.name, c.state, c.exit_code)):
+                return None
+        return {s.name: found[s.name] for s in ch.app.services}
+
+    def remove_group(self, challenge: str, team: str, egress: EgressGuard) -> bool:
+        """Remove every container of a Compose instance, then its network.
+
+        Returns:
+            Whether there was a container to remove.
+        """
+        found = self.group_of(challenge, team)
+        for info in found:
+            egress.release(info)  # before its address is free for another
+            self.driver.remove_container(info.id)
+        net = self.driver.get_network(instance_network_name(challenge, team))
+        if net is not None and carries(net.labels, self.scope_labels):
+            self.driver.remove_network(net.id)
+        return bool(found)
+
+    def with_group(self, ch: Challenge, inst: Instance, made: dict[str, ContainerInfo],
+                   ) -> Instance:
+        """Return ``inst`` with its primary service's container and every endpoint's URL."""
+        assert ch.app is not None
+        endpoints = []
+        for ep in ch.app.endpoints:
+            member = made.get(ep.service)
+            host_port = None if member is None else member.ports.get(f"{ep.port}/tcp")
+            scheme = "http" if ep.protocol == "http" else "tcp"
+            endpoints.append(EndpointView(
+                service=ep.service, port=ep.port, protocol=ep.protocol,
+                url=None if host_port is None else f"{scheme}://{self.public_host}:{host_port}"))
+        main = made[ch.app.primary.service]
+        return inst.model_copy(update={"container_id": main.id, "ports": main.ports,
+                                       "url": endpoints[0].url, "endpoints": endpoints})
+
+    def _endpoint_probe(self, ep: Endpoint, info: ContainerInfo) -> Callable[[float], bool]:
+        """One try at an endpoint, as :meth:`probe_target` reaches one image's port."""
+        if self.driver.is_local and info.ip:
+            host, port = info.ip, ep.port
+        else:
+            host_port = info.ports.get(f"{ep.port}/tcp")
+            if host_port is None:
+                return lambda _timeout: False
+            host = self.settings.probe_host if self.driver.is_local else self.public_host
+            port = host_port
+        return lambda timeout: probe_once(host, port, ep.protocol, ep.health_path,
+                                          timeout=timeout)
+
+    def await_group_ready(self, ch: Challenge, made: dict[str, ContainerInfo], inst: Instance,
+                          report: Callable[[dict[str, Any]], None], lock: Lock,
+                          egress: EgressGuard, task_id: str | None = None) -> Instance:
+        """Wait until every endpoint answers (SPEC §12); record the instance ``running``.
+
+        Raises:
+            StartFailed: a service died or an endpoint never answered within the start
+                timeout: the group is removed, and a failed record naming the service stays
+                ``FAILED_RECORD_TTL`` s.
+        """
+        assert ch.app is not None
+        pending = list(ch.app.endpoints)
+
+        def check(timeout: float) -> bool:
+            while pending:  # endpoints answer once: only the rest are tried again
+                ep = pending[0]
+                if not self._endpoint_probe(ep, made[ep.service])(timeout):
+                    return False
+                pending.pop(0)
+            return True
+
+        def alive() -> bool:
+            with contextlib.suppress(LockError), map_redis_errors("renew lock"):
+                lock.reacquire()
+            return all(self._up(ch, service, info) for service, info in made.items())
+
+        started = parse_iso(inst.started_at)
+        remaining = max(1.0, ch.start_timeout - (utcnow() - started).total_seconds())
+        if wait_until(check, remaining, still_alive=alive):
+            inst = inst.model_copy(update={"status": "running", "error": None})
+            self.store.put(inst, done=(task_id, inst.model_dump_json()) if task_id else None)
+            report({"phase": "running", "url": inst.url})
+            return inst
+        why = self._group_failure(ch, made, pending[0] if pending else ch.app.primary,
+                                  ch.start_timeout)
+        detail = f"instance {inst.container_name} of {ch.id} for team {inst.team_id}: {why}"
+        self.store.put(inst.model_copy(update={
+            "status": "failed", "error": detail,
+            "expires_at": iso(utcnow() + timedelta(seconds=FAILED_RECORD_TTL)),
+        }))
+        self.remove_group(ch.id, inst.team_id, egress)
+        raise StartFailed(detail)
+
+    def _up(self, ch: Challenge, service: str, info: ContainerInfo) -> bool:
+        """Whether a group's service still runs (or, a one-shot, finished its work)."""
+        current = self.driver.get_container(info.id)
+        if current is None:
+            return False
+        return current.state in ("running", "created", "restarting") or (
+            ch.app is not None and ch.app.done(service, current.state, current.exit_code))
+
+    def _group_failure(self, ch: Challenge, made: dict[str, ContainerInfo], waiting: Endpoint,
+                       timeout: float) -> str:
+        """Why a group never became ready: the first service that died, or the endpoint."""
+        for service, info in made.items():
+            if not self._up(ch, service, info):
+                current = self.driver.get_container(info.id)
+                code = "" if current is None else f" with code {current.exit_code}"
+                logs = self.driver.container_logs(info.id, tail=10).strip() if current else ""
+                return (f"service {service} exited{code}"
+                        + (f"; its last output: {logs[-500:]}" if logs else ""))
+        return (f"service {waiting.service} did not answer on port {waiting.port} within "
+                f"{timeout:.0f} s; check its x-ctf-protocol and x-ctf-health-path")

@@ -25,8 +25,10 @@ from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_DISK,
     LABEL_POOL,
+    LABEL_SERVICE,
     LABEL_TEAM,
     POOL_NAME_PREFIX,
+    instance_key,
     read_claim,
     split_instance_key,
 )
@@ -249,6 +251,7 @@ class Janitor:
         """Remove unaccounted containers; return the teams that still have something."""
         svc = self.service
         records = {i.container_name: i for i in svc.store.list(host=svc.host)}
+        keys = {i.key for i in records.values()}
         live_teams = {i.team_id for i in records.values()}
         containers = svc.driver.list_containers(svc.scope_labels)
         self._mark_dead(records, {c.name: c for c in containers}, summary)
@@ -256,6 +259,8 @@ class Janitor:
             rec = records.get(c.name)
             if rec is not None and rec.container_id in ("", c.id):
                 continue  # an instance (or a start in flight)
+            if LABEL_SERVICE in c.labels and instance_key(c.challenge, c.team_id) in keys:
+                continue  # another service of a Compose instance (SPEC §12): its group's
             if LABEL_POOL in c.labels and c.name.startswith(POOL_NAME_PREFIX) \
                     and self._pooled(c.challenge):
                 continue  # unclaimed, in a warm pool: the pool pass keeps those (pool.py)
@@ -289,12 +294,33 @@ class Janitor:
         svc = self.service
         for name, rec in records.items():
             c = containers.get(name)
+            if rec.status == "running" and c is not None and c.state == "running":
+                c = self._dead_member(rec, containers) or c  # a group's other services too
             if rec.status != "running" or (c is not None and c.state == "running"):
+                continue
+            if c is not None and c.id != rec.container_id:
+                if svc.mark_failed(rec.challenge, rec.team_id, c.id) == "marked":
+                    summary.marked_failed.append(rec.key)
                 continue
             # Judged again under the instance's lock, as the event follower does; one that is
             # being started or stopped is left to that operation (next pass).
             if svc.mark_failed(rec.challenge, rec.team_id, rec.container_id) == "marked":
                 summary.marked_failed.append(rec.key)
+
+    def _dead_member(self, rec: Instance,
+                     containers: dict[str, ContainerInfo]) -> ContainerInfo | None:
+        """A Compose instance's other service that is there but not running, if any."""
+        with contextlib.suppress(CTFError):
+            ch = self.service.catalog.get(rec.challenge)
+            if ch.app is not None:
+                layout = self.service.specs.layout(ch.id, rec.team_id, ch.app)
+                for service, name in zip(layout.services[1:], layout.containers[1:],
+                                         strict=True):
+                    c = containers.get(name)
+                    if c is not None and c.state != "running" \
+                            and not ch.app.done(service, c.state, c.exit_code):
+                        return c
+        return None
 
     def _remove_orphan_networks(
         self, live_teams: set[str], summary: Summary, now: datetime, judged: set[str]
@@ -309,11 +335,23 @@ class Janitor:
             return bool(self._expired_here(at, skip=judged))
 
         tried = 0
+        live_keys: set[str] | None = None
         for net in svc.driver.list_networks(svc.scope_labels):
             team = net.labels.get("ctf.team", "")
             if LABEL_POOL in net.labels:
                 continue  # a warm pool's holding network (pool.py)
-            if net.containers or team in live_teams:
+            if net.containers:
+                continue
+            challenge = net.labels.get(LABEL_CHALLENGE)
+            if challenge:
+                # A Compose instance's own network (SPEC §12): kept while its instance is
+                # recorded (a start reserves before it makes the network), whatever the team's
+                # other instances.
+                if live_keys is None:
+                    live_keys = {i.key for i in svc.store.list(host=svc.host)}
+                if instance_key(challenge, team) in live_keys:
+                    continue
+            elif team in live_teams:
                 continue
             # Out of time, or (past the minimum) an instance expired meanwhile: the next pass
             # takes the rest, expired instances first.

@@ -14,6 +14,8 @@ Status = Literal["starting", "running", "stopping", "failed"]
 STATUSES: tuple[Status, ...] = ("starting", "running", "stopping", "failed")
 # Fields shown only when set: why an instance failed (SPEC §4's shape otherwise).
 FAILURE_FIELDS = ("error", "exit_code", "oom", "logs")
+# Fields shown only when set: a Compose instance's endpoints (SPEC §12).
+OPTIONAL_FIELDS = (*FAILURE_FIELDS, "endpoints")
 
 
 def utcnow() -> datetime:
@@ -47,6 +49,17 @@ class InstanceKey:
         return instance_key(self.challenge, self.team)
 
 
+class EndpointView(BaseModel):
+    """One endpoint of a Compose instance as users see it (SPEC §12): service, port, URL."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    service: str
+    port: int  # the container port
+    protocol: Literal["http", "tcp"]
+    url: str | None = None
+
+
 class Instance(BaseModel):
     """One container of one challenge for one team."""
 
@@ -68,6 +81,8 @@ class Instance(BaseModel):
     exit_code: int | None = None
     oom: bool | None = None
     logs: str | None = None
+    # A Compose instance's endpoints, the primary first (SPEC §12); unset for one image.
+    endpoints: list[EndpointView] | None = None
 
     @property
     def key(self) -> str:
@@ -85,9 +100,9 @@ class Instance(BaseModel):
         return parse_iso(self.started_at)
 
     def public(self) -> dict[str, Any]:
-        """Return the JSON shape of SPEC §4 (``error`` and the failure details only when set)."""
+        """Return SPEC §4's JSON shape (failure details and §12's ``endpoints`` only when set)."""
         data = self.model_dump()
-        for extra in FAILURE_FIELDS:
+        for extra in OPTIONAL_FIELDS:
             if data.get(extra) is None:
                 data.pop(extra, None)
         return data

@@ -20,6 +20,8 @@ LABEL_EXPIRES_AT: Final = "ctf.expires_at"
 LABEL_EGRESS: Final = "ctf.egress"
 # The bound in bytes of a writable instance's root filesystem, enforced by the janitor.
 LABEL_DISK: Final = "ctf.disk"
+# The Compose service a container of a group instance runs (SPEC §12).
+LABEL_SERVICE: Final = "ctf.service"
 # -- warm pools (issue 14, celery_app.core.pool) ------------------------------------------------
 # The slot id of a container booted ahead of time for no team yet. Labels cannot change, so a
 # claim writes what it decides where Docker still can: the container's name becomes the
@@ -61,6 +63,22 @@ def container_name(challenge: str, team_id: str) -> str:
 def network_name(team_id: str) -> str:
     """Return the name of a team's bridge network: ``ctf-team-<team_id>``."""
     return f"ctf-team-{team_id}"
+
+
+def instance_network_name(challenge: str, team_id: str) -> str:
+    """Return the network of one Compose instance (SPEC §12): ``ctf-inst-<challenge>.<team>``.
+
+    Ids never hold a ``.``, so two instances never share the name (unlike a ``-``).
+    """
+    return f"ctf-inst-{challenge}.{team_id}"
+
+
+def service_container_name(challenge: str, team_id: str, service: str) -> str:
+    """Return the container of a Compose instance's service: ``ctf-<challenge>-<team>.<service>``.
+
+    The primary endpoint's service keeps the instance's name (:func:`container_name`).
+    """
+    return f"{container_name(challenge, team_id)}.{service}"
 
 
 def instance_key(challenge: str, team_id: str) -> str:

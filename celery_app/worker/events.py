@@ -39,7 +39,14 @@ from dataclasses import dataclass
 from celery_app.core.service import InstanceService
 from celery_app.engine.driver import ContainerEvent, EventStream
 from celery_app.errors import CTFError
-from celery_app.vocab.naming import LABEL_CHALLENGE, LABEL_TEAM, check_team_id, container_name
+from celery_app.vocab.naming import (
+    LABEL_CHALLENGE,
+    LABEL_SERVICE,
+    LABEL_TEAM,
+    check_team_id,
+    container_name,
+    service_container_name,
+)
 from celery_app.worker.loop import Loop
 
 log = logging.getLogger(__name__)
@@ -246,6 +253,11 @@ class EventFollower:
             ch = self.service.catalog.get(challenge)
             check_team_id(team)
             if event.name == container_name(ch.id, team):
+                return ch.id, team
+            # Another service of a Compose instance (SPEC §12): its death fails the group.
+            service = event.labels.get(LABEL_SERVICE, "")
+            if ch.is_group and service and event.action in _FAILED \
+                    and event.name == service_container_name(ch.id, team, service):
                 return ch.id, team
         return None
 
