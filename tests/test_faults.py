@@ -120,8 +120,9 @@ def test_worker_killed_mid_burst_leaves_exactly_one_instance_each(
     # broker's timeout.
     # The janitor's pace and orphan grace a user gets (the suite's are 1 s and 2 s): the
     # promise must not lean on a janitor that sweeps half-made containers within seconds.
-    worker, client, env = own_worker(CTF_MAX_INSTANCES="100", CTF_JANITOR_INTERVAL="5",
-                                     CTF_ORPHAN_GRACE="30")
+    worker, client, env = own_worker(CTF_MAX_INSTANCES="100",
+                                     CTF_JANITOR_INTERVAL=default_setting("janitor_interval"),
+                                     CTF_ORPHAN_GRACE=default_setting("orphan_grace"))
     worker.start()
     teams = [f"k{uuid.uuid4().hex[:5]}{i}" for i in range(30)]
     results = [client.send_task("celery_app.tasks.start_container", args=["web", t])
@@ -168,7 +169,9 @@ def test_a_message_taken_by_a_worker_killed_before_it_began_is_done_within_60_s(
     own_worker: Callable[..., tuple[Worker, Celery, dict[str, str]]], docker_client: Any
 ) -> None:
     """A start by name taken by a process killed -9 before running it is done once within 60 s."""
-    worker, client, env = own_worker(CTF_JANITOR_INTERVAL="5", CTF_ORPHAN_GRACE="30")
+    # The defaults a user gets (the suite's own janitor is faster): read, not spelled.
+    worker, client, env = own_worker(CTF_JANITOR_INTERVAL=default_setting("janitor_interval"),
+                                     CTF_ORPHAN_GRACE=default_setting("orphan_grace"))
     team = f"w{uuid.uuid4().hex[:6]}"
     result = client.send_task("celery_app.tasks.start_container", args=["web", team])
     died = subprocess.run([sys.executable, "-c", TAKE_AND_DIE, env["CELERY_BROKER_URL"]],
