@@ -41,6 +41,7 @@ SHOP = ROOT / "examples" / "shop"
 START = "celery_app.tasks.start_container"
 STOP = "celery_app.tasks.stop_container"
 STATUS = "celery_app.tasks.get_container_status"
+ABSENT = "127.0.0.1:9/ctf-test/absent:1"  # port 9 ("discard"): no registry answers there
 BROKEN_CHECK = """["CMD", "/bin/busybox", "false"]"""
 
 
@@ -107,6 +108,7 @@ def compose_catalog(images: dict[str, str], shop_images: dict[str, str],
     broken = text[:start] + f"test: {BROKEN_CHECK}" + text[text.index("\n", start):]
     broken = broken.replace("retries: 30", "retries: 1")  # unhealthy at its first failure
     (folder / "broken.yaml").write_text(broken)
+    (folder / "ghost.yaml").write_text(text.replace(shop_images["bot"], ABSENT))
     path = folder / "challenges.yaml"
     path.write_text(catalog_yaml(images) + """
   shop:
@@ -118,6 +120,8 @@ def compose_catalog(images: dict[str, str], shop_images: dict[str, str],
   broken:
     compose: broken.yaml
     start_timeout: 60
+  ghost:
+    compose: ghost.yaml
 """)
     return path
 
@@ -234,3 +238,14 @@ def test_a_redis_loss_is_reconciled_with_the_whole_group(setup: Setup) -> None:
     assert adopted["container_id"] == inst["container_id"]
     assert adopted["endpoints"] == inst["endpoints"]
     assert len(setup.containers("shop", "cf")) == 3
+
+
+def test_a_missing_image_names_its_service_and_leaves_nothing(setup: Setup) -> None:
+    """A service whose image no registry serves: the error names the service and the image."""
+    with pytest.raises(Exception, match="service 'bot'") as failure:
+        setup.start("ghost", "cg")
+    assert type(failure.value).__name__ == "ImagePullFailed"
+    assert ABSENT in str(failure.value)
+    assert setup.containers("ghost", "cg") == []
+    assert setup.network("ghost", "cg") is None
+    assert setup.status("cg") == []
