@@ -5,6 +5,9 @@ network, where each service is reached by its name. :func:`start_group` starts t
 the order given (``depends_on`` order, see :mod:`celery_app.core.compose`), waits before each
 one until its dependencies meet their condition, then until every service runs (healthy, where
 it has a health check; a one-shot service others wait to complete is done once it exits 0).
+A wait wakes on the engine's own events of the group's containers (a health check's result, a
+start, a death), so a service seen healthy is seen at once, not at the next look; a look every
+``POLL`` seconds remains the floor, should the event stream be late or unavailable.
 
 When any service fails, every container the call made is removed and :class:`StartFailed`
 names the service and why, with its last output lines: nothing half-made is left behind. The
@@ -13,16 +16,21 @@ network is the caller's (it outlives a failed start when the instance had one be
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from celery_app.engine.driver import ContainerInfo, ContainerSpec, Driver
-from celery_app.errors import StartFailed
+from celery_app.errors import CTFError, StartFailed
+
+log = logging.getLogger(__name__)
 
 Condition = Literal["service_started", "service_healthy", "service_completed_successfully"]
-POLL = 0.2  # seconds between two looks at a container that is not there yet
+POLL = 0.2  # at most this many seconds between two looks at a container that is not there yet
 LOG_LINES = 10
 
 
@@ -43,9 +51,55 @@ class _Failed(Exception):
         self.service, self.reason = service, reason
 
 
+class _Changes:
+    """Wakes a wait as soon as the engine reports an event of the group's containers.
+
+    A thread follows the engine's event stream (filtered on the labels every member carries)
+    and sets a flag on each event; :meth:`pause` returns when the flag is set or after the
+    given seconds, whichever comes first. Without a stream (the engine refused it) it is a
+    plain sleep: the waits fall back to looking every ``POLL`` s.
+    """
+
+    def __init__(self, driver: Driver, labels: dict[str, str]) -> None:
+        self._changed = threading.Event()
+        self._stream = None
+        try:
+            self._stream = driver.events(labels)
+        except CTFError as exc:
+            log.info("no event stream for a group start (%s): polling", exc)
+            return
+        threading.Thread(target=self._follow, name="group-events", daemon=True).start()
+
+    def _follow(self) -> None:
+        assert self._stream is not None
+        with contextlib.suppress(Exception):  # a broken stream: the waits poll
+            for _event in self._stream:
+                self._changed.set()
+
+    def pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if an event came since the last pause."""
+        self._changed.wait(seconds)
+        self._changed.clear()
+
+    def close(self) -> None:
+        """Stop following the engine's events."""
+        if self._stream is not None:
+            self._stream.close()
+
+
+def _common_labels(members: Sequence[Member]) -> dict[str, str]:
+    """The labels every member carries (the instance's: team, challenge, start time)."""
+    if not members:
+        return {}
+    shared = set(members[0].spec.labels.items())
+    for member in members[1:]:
+        shared &= set(member.spec.labels.items())
+    return dict(shared)
+
+
 def start_group(
     driver: Driver, members: Sequence[Member], *, timeout: float, what: str,
-    clock: Callable[[], float] = time.monotonic, pause: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic, pause: Callable[[float], None] | None = None,
 ) -> dict[str, ContainerInfo]:
     """Start a group's containers in order; all of them run on return, or none is left.
 
@@ -55,7 +109,8 @@ def start_group(
         timeout: seconds the whole group may take to run (and be healthy).
         what: the instance, for messages (``"shop for team t1"``).
         clock: monotonic seconds (tests pass their own).
-        pause: sleeps between looks (tests pass their own).
+        pause: sleeps between looks (tests pass their own); by default a look follows each
+            engine event of the group's containers, and at least one every ``POLL`` s.
 
     Returns:
         Each service's container as last seen, in start order.
@@ -66,6 +121,14 @@ def start_group(
         CTFError: the engine refused (a name in use, no port left, engine trouble); the
             containers made so far are removed first.
     """
+    if pause is None:
+        # Subscribed before the first container exists: no event of the group is missed.
+        changes = _Changes(driver, _common_labels(members))
+        try:
+            return start_group(driver, members, timeout=timeout, what=what, clock=clock,
+                               pause=changes.pause)
+        finally:
+            changes.close()
     deadline = clock() + timeout
     made: dict[str, ContainerInfo] = {}
     one_shots = {dep for m in members for dep, cond in m.depends_on.items()

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
 
+from celery_app.core import group
 from celery_app.core.group import Condition, Member, start_group
 from celery_app.engine.driver import ContainerSpec, Healthcheck
 from celery_app.errors import InvalidRequest, StartFailed
 from ctf_testkit.fake_driver import FakeDriver
+from ctf_testkit.support import wait_for
 
 NET = "ctf-inst-shop-t1"
 CHECK = Healthcheck(test=("CMD", "true"), interval=1)
@@ -165,3 +169,26 @@ def test_waiting_for_health_of_a_service_without_a_healthcheck_is_refused(
         start_group(driver, [member("db"), member("web", db="service_healthy")], timeout=30,
                     what="shop", clock=clock, pause=pause)
     assert driver.containers == {}
+
+
+def test_a_health_wait_wakes_on_the_engines_event_not_the_next_look(
+        driver: FakeDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default db's health event wakes the wait at once; the event follower ends after."""
+    monkeypatch.setattr(group, "POLL", 60.0)  # a look would come only after a minute
+
+    def make_db_healthy() -> None:
+        wait_for(lambda: any(s.aliases == ("db",) for s in driver.specs.values()), 10,
+                 message="db was never made")
+        driver.set_health(by_service(driver, "db"), "healthy")
+
+    helper = threading.Thread(target=make_db_healthy)
+    began = time.monotonic()
+    helper.start()
+    made = start_group(driver, [member("db", healthcheck=CHECK),
+                                member("web", db="service_healthy")],
+                       timeout=120, what="shop for team t1")
+    helper.join()
+    assert time.monotonic() - began < 30
+    assert list(made) == ["db", "web"]
+    wait_for(lambda: not any(t.name == "group-events" for t in threading.enumerate()), 10,
+             message="the group's event follower still runs")
