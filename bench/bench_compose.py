@@ -24,16 +24,22 @@ C  docker-compose: Debian's ``docker-compose`` 1.29 (installed with apt-get when
    default network's subnet from this run's pool. A peer figure: Compose applies only the
    file's own limits.
 
+A' (``--compare-src DIR``) A again, through a second worker that runs another checkout (the code
+   before a change: ``git archive <rev> | tar -x -C DIR``), with a Redis and team of its own,
+   so old and new are measured side by side in one run on the same engine.
+
 Everything carries ``ctf.test=bench-<pid>`` and is removed in a ``finally``; every network
 comes from 10.250.0.0/16 (the instancer's from 10.250.0.0/17, raw and Compose a fixed /28 each
 above it).
 
-Usage: .venv/bin/python bench/bench_compose.py [-n 15] [--warmup 1] [--json FILE]
+Usage: .venv/bin/python bench/bench_compose.py [-n 15] [--warmup 1] [--compare-src DIR]
+       [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -60,6 +66,8 @@ from _common import (
     emit,
     machine,
     pct,
+    side_bench,
+    side_labels,
     summary_ms,
 )
 
@@ -75,6 +83,7 @@ COMPOSE_SUBNET = "10.250.255.16/28"
 SHOP = ROOT / "examples" / "shop"
 SERVICES = ("web", "db", "bot")
 TEAM = "cbench"
+ALT_TEAM = "cbenchalt"  # the compared checkout's team: its own instance network
 CHALLENGE = "shop"
 TASK_TIMEOUT = 120
 PROBE_TIMEOUT = 60
@@ -163,20 +172,20 @@ def load_db_healthcheck(text: str) -> dict[str, Any]:
 # -- A: ours -----------------------------------------------------------------------------------
 
 
-def start_ours(client: Any) -> float:
+def start_ours(client: Any, team: str = TEAM) -> float:
     """A: send start_container by name and wait for the running instance; return seconds."""
     began = time.perf_counter()
     inst = client.send_task("celery_app.tasks.start_container",
-                            args=[CHALLENGE, TEAM]).get(timeout=TASK_TIMEOUT)
+                            args=[CHALLENGE, team]).get(timeout=TASK_TIMEOUT)
     elapsed = time.perf_counter() - began
     if inst.get("status") != "running" or len(inst.get("endpoints") or []) != 1:
         raise RuntimeError(f"start_container returned {inst}")
     return elapsed
 
 
-def stop_ours(client: Any) -> None:
+def stop_ours(client: Any, team: str = TEAM) -> None:
     client.send_task("celery_app.tasks.stop_container",
-                     args=[CHALLENGE, TEAM]).get(timeout=TASK_TIMEOUT)
+                     args=[CHALLENGE, team]).get(timeout=TASK_TIMEOUT)
 
 
 # -- B: raw SDK --------------------------------------------------------------------------------
@@ -271,6 +280,16 @@ class Raw:
 # -- C: docker-compose -------------------------------------------------------------------------
 
 
+def timed_step(name: str, fn: Any, *args: Any) -> Any:
+    """Run ``fn(*args)``, printing how long it took when ``CTF_BENCH_VERBOSE`` is set."""
+    began = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        if os.environ.get("CTF_BENCH_VERBOSE"):
+            print(f"  {name}: {time.perf_counter() - began:.2f}s", file=sys.stderr)
+
+
 class Compose:
     """``docker-compose up -d`` of the file, then the probe (C), and ``down``."""
 
@@ -306,7 +325,7 @@ class Compose:
         return time.perf_counter() - began
 
     def down(self) -> None:
-        subprocess.run([*self.cmd, "down", "-t", "1"], env=self.env, capture_output=True,
+        subprocess.run([*self.cmd, "down", "-t", "0"], env=self.env, capture_output=True,
                        check=False, timeout=PROBE_TIMEOUT * 2)
 
 
@@ -317,14 +336,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=15, help="measured starts of each kind")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    parser.add_argument("--compare-src", type=Path,
+                        help="also start through a worker running this checkout (A')")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     args = parser.parse_args()
     compose_cmd = ensure_docker_compose()
     version = subprocess.run([compose_cmd, "version", "--short"], capture_output=True,
                              text=True, check=False).stdout.strip()
 
-    samples: dict[str, list[float]] = {"ours": [], "raw": [], "compose": []}
-    with bench_run(extra_catalog=CATALOG_ENTRY) as bench:
+    samples: dict[str, list[float]] = {"ours": [], "raw": [], "compose": [], "ours_alt": []}
+    with bench_run(extra_catalog=CATALOG_ENTRY) as bench, contextlib.ExitStack() as stack:
         images = shop_images(bench.docker)
         text = shop_file(images)
         (bench.workdir / "shop").mkdir()
@@ -336,42 +357,58 @@ def main() -> int:
         flag = team_flag(settings.flag_secret_value(), CHALLENGE, TEAM, settings.flag_format)
         raw = Raw(bench, images, load_db_healthcheck(text), flag)
         peer = Compose(bench, compose_cmd, peer_path, flag)
-        worker = bench_worker(bench)
+        # Side by side, each worker's janitor must leave the other's objects alone.
+        main_env = {"CTF_EXTRA_LABELS": side_labels("main")} if args.compare_src else {}
+        worker = bench_worker(bench, **main_env)
         worker.start()
+        stack.callback(worker.stop)
         client = celery_client(bench)
+        stack.callback(close_celery_client, client)
+        alt_client = None
+        if args.compare_src:
+            alt = stack.enter_context(side_bench(bench))
+            alt_worker = bench_worker(alt, src=args.compare_src,
+                                      CTF_EXTRA_LABELS=side_labels("alt"))
+            alt_worker.start()
+            stack.callback(alt_worker.stop)
+            alt_client = celery_client(alt)
+            stack.callback(close_celery_client, alt_client)
         try:
-            kinds = ["ours", "raw", "compose"]
+            kinds = ["ours", "raw", "compose"] + (["ours_alt"] if alt_client else [])
             for rnd in range(args.warmup + args.n):
                 shift = (rnd // 2) % len(kinds)
                 order = kinds[shift:] + kinds[:shift]
                 if rnd % 2 == 1:
                     order.reverse()
                 took: dict[str, float] = {}
+                round_began = time.perf_counter()
                 for kind in order:
                     if kind == "ours":
                         took[kind] = start_ours(client)
-                        stop_ours(client)
+                        timed_step("stop ours", stop_ours, client)
+                    elif kind == "ours_alt":
+                        took[kind] = start_ours(alt_client, ALT_TEAM)
+                        stop_ours(alt_client, ALT_TEAM)
                     elif kind == "raw":
                         try:
                             took[kind] = raw.start()
                         finally:
-                            raw.remove()
+                            timed_step("remove raw", raw.remove)
                     else:
                         try:
                             took[kind] = peer.start()
                         finally:
-                            peer.down()
+                            timed_step("compose down", peer.down)
                 if rnd >= args.warmup:
                     for kind, value in took.items():
                         samples[kind].append(value)
                 print(f"round {rnd + 1}/{args.warmup + args.n} ({' '.join(order)}): "
-                      + " ".join(f"{k}={took[k] * 1000:.0f}ms" for k in kinds),
+                      + " ".join(f"{k}={took[k] * 1000:.0f}ms" for k in kinds)
+                      + f" (round with clean-ups {time.perf_counter() - round_began:.1f}s)",
                       file=sys.stderr)
         finally:
             raw.remove()
             peer.down()
-            close_celery_client(client)
-            worker.stop()
 
     def med(kind: str) -> float:
         return statistics.median(samples[kind])
@@ -389,8 +426,15 @@ def main() -> int:
         "ratio_ours_raw_p90": round(pct(samples["ours"], 0.9) / pct(samples["raw"], 0.9), 3),
         "ratio_ours_compose": round(med("ours") / med("compose"), 3),
         "target_ratio_ours_raw": 1.10,
-        "samples_ms": {k: [round(v * 1000, 1) for v in vals] for k, vals in samples.items()},
     }
+    if samples["ours_alt"]:
+        result["compare_src"] = str(args.compare_src)
+        result["ours_alt"] = summary_ms(samples["ours_alt"])
+        result["ratio_ours_alt_raw"] = round(med("ours_alt") / med("raw"), 3)
+        # Below 1: this checkout starts the shop faster than the compared one.
+        result["ratio_ours_ours_alt"] = round(med("ours") / med("ours_alt"), 3)
+    result["samples_ms"] = {k: [round(v * 1000, 1) for v in vals]
+                            for k, vals in samples.items() if vals}
     emit(result, args.json)
     return 0
 
