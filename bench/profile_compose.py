@@ -1,9 +1,9 @@
 """Where the time of one Compose start goes: ``InstanceService.start`` of the shop, in-process.
 
-Wraps (in this process only) every Docker driver call, Redis store call, lock, pause and probe
-with a timer, starts and stops the shop ``-n`` times, and prints the median timeline of one
-start: when each call began and how long it took, in start order, and the median total per
-kind of step.
+Wraps (in this process only) every Docker driver call, Redis store call, egress call, lock and
+probe with a timer (the waits between looks are the gaps between them), starts and stops the
+shop ``-n`` times, and prints the median time per kind of call and the timeline of the median
+start: when each call began and how long it took.
 
 Usage: .venv/bin/python bench/profile_compose.py [-n 10]
 """
@@ -24,7 +24,6 @@ import bench_compose  # noqa: F401  # sets this bench's subnet pool first
 from _common import bench_run
 from bench_compose import CATALOG_ENTRY, CHALLENGE, TEAM, shop_file, shop_images
 
-import celery_app.core.group as group_mod
 import celery_app.core.readiness as readiness
 import celery_app.core.specs as specs_mod
 from celery_app.engine.docker_driver import DockerDriver
@@ -70,13 +69,6 @@ def instrument() -> None:
         setattr(StateStore, lock_name, make(original, lock_name))
     specs_mod.probe_once = timed("probe_once", readiness.probe_once)
     specs_mod.wait_until = timed("wait_until", readiness.wait_until)
-    original_sleep = time.sleep
-    group_mod.time = type("T", (), {"monotonic": staticmethod(time.monotonic),
-                                    "sleep": staticmethod(timed("group.pause",
-                                                                original_sleep))})
-    readiness.time = type("T", (), {"monotonic": staticmethod(time.monotonic),
-                                    "sleep": staticmethod(timed("probe.pause",
-                                                                original_sleep))})
 
 
 def main() -> int:
