@@ -46,6 +46,7 @@ class _Failed(Exception):
 def start_group(
     driver: Driver, members: Sequence[Member], *, timeout: float, what: str,
     clock: Callable[[], float] = time.monotonic, pause: Callable[[float], None] = time.sleep,
+    started: Callable[[ContainerInfo], None] | None = None,
 ) -> dict[str, ContainerInfo]:
     """Start a group's containers in order; all of them run on return, or none is left.
 
@@ -56,6 +57,9 @@ def start_group(
         what: the instance, for messages (``"shop for team t1"``).
         clock: monotonic seconds (tests pass their own).
         pause: sleeps between looks (tests pass their own).
+        started: called with each container right after it starts, before the next service
+            (the egress guard's admission: a service allowed the internet has it while the
+            services after it wait for its health).
 
     Returns:
         Each service's container as last seen, in start order.
@@ -77,6 +81,8 @@ def start_group(
                 _wait(driver, made[dep], dep, condition, deadline, clock, pause)
             # 2. make and start the service's container
             made[member.service] = driver.run_container(member.spec)
+            if started is not None:
+                started(made[member.service])
         # 3. every service runs: healthy where checked, one-shots done
         for member in members:
             goal: Condition = ("service_completed_successfully"

@@ -525,7 +525,9 @@ class InstanceSpecs:
 
         The network comes from the team subnet pool and carries ``ctf.challenge``; the
         services start in ``depends_on`` order (:func:`start_group`) and each is admitted by
-        ``egress``. On any failure what was made (containers, network) is removed first.
+        ``egress`` right after it starts: ``x-ctf-egress: internet`` opens the internet to
+        that service's container alone, its siblings stay ``none``. On any failure what was
+        made (containers, network) is removed first.
 
         Returns:
             Each service's container, in start order.
@@ -542,10 +544,11 @@ class InstanceSpecs:
         )
         made: dict[str, ContainerInfo] = {}
         try:
+            # Each container is admitted as soon as it starts (its bridge known; the internet
+            # only for a service with x-ctf-egress: internet), before the services after it.
             made = start_group(self.driver, self.group_members(ch, team, inst),
-                               timeout=ch.start_timeout, what=f"{ch.id} for team {team}")
-            for info in made.values():
-                egress.admit(info, net)  # its bridge known; internet only where it asks
+                               timeout=ch.start_timeout, what=f"{ch.id} for team {team}",
+                               started=lambda info: egress.admit(info, net))
         except BaseException:
             self.remove_group(ch.id, team, egress)
             raise
