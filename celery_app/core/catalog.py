@@ -147,6 +147,15 @@ class Challenge(BaseModel):
         """Whether an instance is several services (a Compose file, SPEC §12)."""
         return self.app is not None
 
+    @property
+    def containers(self) -> int:
+        """How many containers one instance is: what it uses of the capacity limits.
+
+        One per service of a Compose file (a one-shot service too: it runs, if briefly, and
+        its container stays until the instance goes); one for a single image.
+        """
+        return 1 if self.app is None else len(self.app.services)
+
     @model_validator(mode="after")
     def _check_writable(self) -> Challenge:
         if self.storage is not None and self.read_only:

@@ -296,8 +296,10 @@ class InstanceService:
             self.store.reserve(inst, self.settings.max_instances_per_team,
                                self.settings.max_instances, self.host_max)
             try:
-                # 7. the instance's network and its services, in depends_on order
+                # 7. the instance's network and its services, in depends_on order; the
+                #    pools give way first when the host is over its limit (as a cold start's)
                 report({"phase": "creating"})
+                self.pool.make_room()
                 made = self.specs.create_group(ch, team, inst, self.egress)
             except BaseException:
                 self.store.delete(ch.id, team, self.host)  # create_group removed its parts

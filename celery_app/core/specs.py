@@ -246,6 +246,7 @@ class InstanceSpecs:
             container_name=self.layout(ch.id, team, ch.app).main, host=self.host,
             started_at=iso(now),
             expires_at=iso(now + timedelta(seconds=ch.ttl)),
+            containers=ch.containers,
         )
 
     def spec(self, ch: Challenge, team: str, port: int, inst: Instance) -> ContainerSpec:
@@ -375,6 +376,7 @@ class InstanceSpecs:
             url=self.url(ch, info.team_id, info.ports.get(f"{port}/tcp"), iso(started)),
             started_at=iso(started),
             expires_at=iso(expires),
+            containers=ch.containers,
         )
         if ch.app is None:
             return inst
