@@ -89,6 +89,7 @@ end
 return 'ok'
 """
 
+
 # A team's records and the hosts' heartbeats in one round trip: the busiest read (a platform
 # polls every team's instances). KEYS[1] the team's set, KEYS[2..] the heartbeats; ARGV[1]
 # the record prefix. A missing record or heartbeat comes back as nil.
