@@ -180,7 +180,8 @@ def _route(
     # twice and could send it back and forth.
     queue = (task.request.delivery_info or {}).get("routing_key")
     if record is not None or (placing and queue != host_queue(here)):
-        host = host_of(ctx.hosts, ctx.store, record, str(key))
+        host = host_of(ctx.hosts, ctx.store, record, str(key),
+                       ctx.catalog.get(key.challenge).containers)
         if host != here:
             task.hand_over(host, [key.challenge, key.team], kwargs)
 

@@ -249,17 +249,20 @@ class Dispatcher:
                               queue=queue)
         return task_id
 
-    def queue_for(self, record: Instance | None, instance: str | None = None) -> str:
+    def queue_for(self, record: Instance | None, instance: str | None = None,
+                  containers: int = 1) -> str:
         """Return the queue of the worker that owns ``record``'s Docker host.
 
         An existing instance's tasks go to its host's worker (SPEC §10); a new one goes to
-        the live host with the most room (:func:`celery_app.hosts.placement.pick_host`).
+        the live host with room for its ``containers`` and the most room
+        (:func:`celery_app.hosts.placement.pick_host`).
 
         Raises:
             CapacityExhausted: a new instance, and no live host has room.
 
         """
-        return host_queue(host_of(self.hosts, self.store, record, instance or uuid.uuid4().hex))
+        return host_queue(host_of(self.hosts, self.store, record, instance or uuid.uuid4().hex,
+                                  containers))
 
     def host_loads(self) -> list[HostLoad]:
         """Return every Docker host's used/max instances and whether its worker is alive."""
@@ -434,7 +437,8 @@ class Dispatcher:
             # of one instance race, the one that arrived last wins (InstanceService.start).
             intent = self.store.register_intent(challenge, team_id, "start")
             self.send("start_container", [challenge, team_id], team_id,
-                      self.queue_for(record, str(key)), {"intent": intent, "counted": True},
+                      self.queue_for(record, str(key), self.catalog.get(challenge).containers),
+                      {"intent": intent, "counted": True},
                       task_id=task_id)
 
         task_id, _sent = self._coalesced("run", "start", challenge, team_id, send)

@@ -131,6 +131,12 @@ class Challenge(BaseModel):
         if self.compose is not None and self.command is not None:
             raise ValueError("a Compose challenge's commands are its services' 'command:' in "
                              "the Compose file; remove 'command'")
+        if self.compose is not None and self.egress != "none":
+            # Never the whole group: a database or a bot beside the service that needs the
+            # internet must not get it by the way (SPEC §12).
+            raise ValueError("a Compose challenge's egress is chosen per service: put "
+                             "'x-ctf-egress: internet' on the service that needs the internet "
+                             "in the Compose file, and remove 'egress'")
         if self.compose is not None and self.storage is not None:
             raise ValueError("'storage' is not applied to Compose services yet; use 'disk' "
                              "(with read_only: false) or the services' read_only and tmpfs")
@@ -140,6 +146,15 @@ class Challenge(BaseModel):
     def is_group(self) -> bool:
         """Whether an instance is several services (a Compose file, SPEC §12)."""
         return self.app is not None
+
+    @property
+    def containers(self) -> int:
+        """How many containers one instance is: what it uses of the capacity limits.
+
+        One per service of a Compose file (a one-shot service too: it runs, if briefly, and
+        its container stays until the instance goes); one for a single image.
+        """
+        return 1 if self.app is None else len(self.app.services)
 
     @model_validator(mode="after")
     def _check_writable(self) -> Challenge:

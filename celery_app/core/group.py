@@ -100,6 +100,7 @@ def _common_labels(members: Sequence[Member]) -> dict[str, str]:
 def start_group(
     driver: Driver, members: Sequence[Member], *, timeout: float, what: str,
     clock: Callable[[], float] = time.monotonic, pause: Callable[[float], None] | None = None,
+    started: Callable[[ContainerInfo], None] | None = None,
 ) -> dict[str, ContainerInfo]:
     """Start a group's containers in order; all of them run on return, or none is left.
 
@@ -111,6 +112,9 @@ def start_group(
         clock: monotonic seconds (tests pass their own).
         pause: sleeps between looks (tests pass their own); by default a look follows each
             engine event of the group's containers, and at least one every ``POLL`` s.
+        started: called with each container right after it starts, before the next service
+            (the egress guard's admission: a service allowed the internet has it while the
+            services after it wait for its health).
 
     Returns:
         Each service's container as last seen, in start order.
@@ -126,7 +130,7 @@ def start_group(
         changes = _Changes(driver, _common_labels(members))
         try:
             return start_group(driver, members, timeout=timeout, what=what, clock=clock,
-                               pause=changes.pause)
+                               pause=changes.pause, started=started)
         finally:
             changes.close()
     deadline = clock() + timeout
@@ -140,6 +144,8 @@ def start_group(
                 _wait(driver, made[dep], dep, condition, deadline, clock, pause)
             # 2. make and start the service's container
             made[member.service] = driver.run_container(member.spec)
+            if started is not None:
+                started(made[member.service])
         # 3. every service runs: healthy where checked, one-shots done
         for member in members:
             goal: Condition = ("service_completed_successfully"

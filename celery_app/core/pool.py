@@ -253,7 +253,11 @@ class Pool:
     # -- capacity ---------------------------------------------------------------------------
 
     def _overflow(self) -> int:
-        """How many containers this host (or the service) holds beyond its limit."""
+        """How many containers this host (or the service) holds beyond its limit.
+
+        The instances' containers (``StateStore.count``: k for a Compose instance of k
+        services) plus the pool containers, against the limits that count containers.
+        """
         members = self.keys.members()
         here = sum(1 for k in members if k.startswith(f"{self.host}/"))
         over = self.store.count() + len(members) - self.settings.max_instances
@@ -264,8 +268,9 @@ class Pool:
     def make_room(self) -> list[str]:
         """Remove unclaimed containers while the host is over its limit (a cold start made it).
 
-        Starts are never refused for the pools' sake: the reservation counts instances only,
-        and the pools give way here, before the start creates its container.
+        Starts are never refused for the pools' sake: the reservation counts the instances'
+        containers only, and the pools give way here, before the start creates its
+        container(s) (a Compose instance's start calls it too, for its k containers).
         """
         removed: list[str] = []
         if not self.keys.members(self.host):

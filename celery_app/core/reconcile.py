@@ -39,7 +39,7 @@ from celery_app.vocab.naming import (
     instance_key,
     split_instance_key,
 )
-from celery_app.vocab.signals import ControlSignal, InstanceBusy
+from celery_app.vocab.signals import ERROR_OR_SIGNAL, InstanceBusy
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ class Reconciler:
                 self.store.delete(challenge, team_id, self.host)
         except InstanceBusy:
             return "busy"
-        with contextlib.suppress(CTFError, ControlSignal):  # a busy network: the janitor's
+        with contextlib.suppress(*ERROR_OR_SIGNAL):  # a busy network: the janitor's
             self.specs.remove_network_if_unused(team_id)
         return "forgotten"
 

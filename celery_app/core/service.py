@@ -22,7 +22,6 @@ from celery_app.core.specs import InstanceSpecs
 from celery_app.engine.driver import ContainerInfo, ContainerSpec, Driver, NetworkInfo, ProgressFn
 from celery_app.engine.firewall import EgressGuard
 from celery_app.errors import (
-    CTFError,
     InstanceNotFound,
     MaxLifetimeReached,
     Superseded,
@@ -32,7 +31,7 @@ from celery_app.settings import Settings
 from celery_app.state.store import LOCK_HOLD, Beats, Done, StateStore
 from celery_app.vocab.models import Instance, InstanceKey, iso, utcnow
 from celery_app.vocab.naming import check_team_id, container_name
-from celery_app.vocab.signals import ControlSignal, OnOtherHost
+from celery_app.vocab.signals import ERROR_OR_SIGNAL, OnOtherHost
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +235,7 @@ class InstanceService:
                 # Nothing half-made: the reservation, and a network made only for this
                 # instance, go with the failed creation.
                 self.store.delete(ch.id, team, self.host)
-                with contextlib.suppress(CTFError, ControlSignal):
+                with contextlib.suppress(*ERROR_OR_SIGNAL):
                     self.remove_network_if_unused(team)
                 raise
             # 8. record the container and its port.
@@ -297,8 +296,10 @@ class InstanceService:
             self.store.reserve(inst, self.settings.max_instances_per_team,
                                self.settings.max_instances, self.host_max)
             try:
-                # 7. the instance's network and its services, in depends_on order
+                # 7. the instance's network and its services, in depends_on order; the
+                #    pools give way first when the host is over its limit (as a cold start's)
                 report({"phase": "creating"})
+                self.pool.make_room()
                 made = self.specs.create_group(ch, team, inst, self.egress)
             except BaseException:
                 self.store.delete(ch.id, team, self.host)  # create_group removed its parts

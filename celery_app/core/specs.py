@@ -246,6 +246,7 @@ class InstanceSpecs:
             container_name=self.layout(ch.id, team, ch.app).main, host=self.host,
             started_at=iso(now),
             expires_at=iso(now + timedelta(seconds=ch.ttl)),
+            containers=ch.containers,
         )
 
     def spec(self, ch: Challenge, team: str, port: int, inst: Instance) -> ContainerSpec:
@@ -375,6 +376,7 @@ class InstanceSpecs:
             url=self.url(ch, info.team_id, info.ports.get(f"{port}/tcp"), iso(started)),
             started_at=iso(started),
             expires_at=iso(expires),
+            containers=ch.containers,
         )
         if ch.app is None:
             return inst
@@ -525,7 +527,9 @@ class InstanceSpecs:
 
         The network comes from the team subnet pool and carries ``ctf.challenge``; the
         services start in ``depends_on`` order (:func:`start_group`) and each is admitted by
-        ``egress``. On any failure what was made (containers, network) is removed first.
+        ``egress`` right after it starts: ``x-ctf-egress: internet`` opens the internet to
+        that service's container alone, its siblings stay ``none``. On any failure what was
+        made (containers, network) is removed first.
 
         Returns:
             Each service's container, in start order.
@@ -542,10 +546,11 @@ class InstanceSpecs:
         )
         made: dict[str, ContainerInfo] = {}
         try:
+            # Each container is admitted as soon as it starts (its bridge known; the internet
+            # only for a service with x-ctf-egress: internet), before the services after it.
             made = start_group(self.driver, self.group_members(ch, team, inst),
-                               timeout=ch.start_timeout, what=f"{ch.id} for team {team}")
-            for info in made.values():
-                egress.admit(info, net)  # its bridge known; internet only where it asks
+                               timeout=ch.start_timeout, what=f"{ch.id} for team {team}",
+                               started=lambda info: egress.admit(info, net))
         except BaseException:
             self.remove_group(ch.id, team, egress)
             raise

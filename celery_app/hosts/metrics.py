@@ -48,7 +48,10 @@ class HostCollector(Collector):
         up = GaugeMetricFamily(
             "ctf_host_up", "Whether the host's worker sends heartbeats and its engine answers",
             labels=["host"])
-        instances = GaugeMetricFamily("ctf_host_instances", "Instances recorded on the host",
+        instances = GaugeMetricFamily("ctf_host_instances",
+                                      "Instance containers recorded on the host (what "
+                                      "max_instances counts: k for a Compose instance of k "
+                                      "services)",
                                       labels=["host"])
         limit = GaugeMetricFamily("ctf_host_max_instances",
                                   "The host's max_instances (CTF_MAX_INSTANCES by default)",

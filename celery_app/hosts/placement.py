@@ -36,7 +36,7 @@ class HostLoad:
 
     @property
     def room(self) -> int:
-        """How many more instances fit on it."""
+        """How many more containers fit on it (an instance of k services takes k)."""
         return max(0, self.max - self.used)
 
     def as_dict(self) -> dict[str, Any]:
@@ -68,8 +68,13 @@ PLACING_WINDOW = 30.0
 
 
 
-def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> str:
+def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None,
+              containers: int = 1) -> str:
     """Return the live host with the most room for a new instance (ties: at random).
+
+    Room counts containers, as the reservation does: a host has room for the instance when
+    ``containers`` (its count: one per service of a Compose file) more fit under its
+    ``max_instances``.
 
     A host with a ready warm-pool container of the instance's challenge (issue 14) is
     preferred to one with more room and none.
@@ -81,6 +86,7 @@ def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> s
         hosts: the configured hosts.
         store: the Redis state store.
         instance: ``<challenge>/<team>`` of the new instance (one placement per instance).
+        containers: how many containers the new instance is (its challenge's).
 
     Raises:
         BackendUnavailable: no host is usable at all (workers gone or engines down).
@@ -95,7 +101,7 @@ def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> s
                         for h in loads)
             + "; try again shortly, or start the workers (./run-celery-worker.sh --host NAME)"
         )
-    candidates = [h for h in loads if h.alive and h.room > 0]
+    candidates = [h for h in loads if h.alive and h.room >= containers]
     if not candidates:
         seen = ", ".join(f"{h.name} {h.used}/{h.max}{'' if h.alive else ' (no worker)'}"
                          for h in loads)
@@ -110,7 +116,8 @@ def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> s
     challenge = (instance or "").partition("/")[0]
     chosen = store.place([(h.name, h.max) for h in candidates], instance or uuid.uuid4().hex,
                          time.time(), PLACING_WINDOW,
-                         [PoolKeys.ready_key(h.name, challenge) for h in candidates])
+                         [PoolKeys.ready_key(h.name, challenge) for h in candidates],
+                         containers)
     if not chosen:
         raise CapacityExhausted(
             "every Docker host with a live worker is full once the starts already on their way "
@@ -119,7 +126,8 @@ def pick_host(hosts: Hosts, store: StateStore, instance: str | None = None) -> s
     return chosen
 
 
-def host_of(hosts: Hosts, store: StateStore, record: Instance | None, instance: str) -> str:
+def host_of(hosts: Hosts, store: StateStore, record: Instance | None, instance: str,
+            containers: int = 1) -> str:
     """Return the Docker host that must act on an instance (SPEC §10).
 
     An instance that has a record lives on its recorded host; a new one is placed on the live
@@ -132,6 +140,7 @@ def host_of(hosts: Hosts, store: StateStore, record: Instance | None, instance: 
         store: the Redis state store.
         record: the instance's record, or ``None`` when it has none.
         instance: ``<challenge>/<team>``.
+        containers: how many containers a new instance of it is (its challenge's).
 
     Raises:
         BackendUnavailable: a new instance, and no host is usable at all.
@@ -140,4 +149,4 @@ def host_of(hosts: Hosts, store: StateStore, record: Instance | None, instance: 
     """
     if record is not None:
         return record.host
-    return pick_host(hosts, store, instance)
+    return pick_host(hosts, store, instance, containers)

@@ -32,7 +32,7 @@ from celery_app.vocab.naming import (
     read_claim,
     split_instance_key,
 )
-from celery_app.vocab.signals import ControlSignal, InstanceBusy
+from celery_app.vocab.signals import ERROR_OR_SIGNAL, InstanceBusy
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Janitor:
                 if outcome == "marked":
                     summary.over_disk.append(layer.name)
                     log.warning("janitor: %s %s", layer.name, reason)
-            except (CTFError, ControlSignal) as exc:
+            except ERROR_OR_SIGNAL as exc:
                 summary.errors.append(f"{layer.name}: {exc}")
 
     def _expired_here(
@@ -243,7 +243,7 @@ class Janitor:
             svc.store.delete(challenge, team, svc.host)  # already gone: done
         except InstanceBusy:
             return key, ""  # a user is acting on it; the next pass sees it again
-        except (CTFError, ControlSignal) as exc:  # e.g. it moved to another host meanwhile
+        except ERROR_OR_SIGNAL as exc:  # e.g. it moved to another host meanwhile
             return key, str(exc)
         return key, "removed"
 
@@ -363,5 +363,5 @@ class Janitor:
             try:
                 if svc.remove_network_if_unused(team, net.id):
                     summary.orphan_networks.append(net.name)
-            except (CTFError, ControlSignal) as exc:  # a busy network lock: the next pass
+            except ERROR_OR_SIGNAL as exc:  # a busy network lock: the next pass
                 summary.errors.append(f"{net.name}: {exc}")

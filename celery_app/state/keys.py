@@ -21,6 +21,7 @@ HOST_PREFIX: Final = f"{PREFIX}host:"
 POOL_PREFIX: Final = f"{PREFIX}pool:"
 
 EXPIRY: Final = f"{PREFIX}expiry"
+EXTRA: Final = f"{PREFIX}extra"
 INTENT_SEQ: Final = f"{PREFIX}intentseq"
 JANITOR_COUNTS: Final = f"{PREFIX}metrics:janitor"
 
@@ -30,6 +31,8 @@ TABLE: Final[dict[str, str]] = {
     "ctf:expiry": "zset: every instance by expiry (epoch s)",
     "ctf:team:<team>": "set: the team's instances",
     "ctf:host:<host>": "set: the host's instances",
+    "ctf:extra": "hash: instance -> its containers beyond the first (Compose instances only)",
+    "ctf:hostextra:<host>": "hash: the same, of the host's instances",
     "ctf:lock:<instance>": "lock around start/stop/extend of one instance (30 s, renewed)",
     "ctf:netlock:<team>": "lock around a team's network and container creation",
     "ctf:rate:<team>": "zset: the team's start/stop actions in the sliding window",
@@ -62,6 +65,11 @@ def team(team: str) -> str:
 def host(host: str) -> str:
     """The set of a host's instances."""
     return f"{HOST_PREFIX}{host}"
+
+
+def hostextra(host: str) -> str:
+    """The hash of the containers beyond the first of a host's Compose instances."""
+    return f"{PREFIX}hostextra:{host}"
 
 
 def lock(instance: str) -> str:

@@ -49,13 +49,20 @@ DONE_TTL: Final = 86400
 Done = tuple[str, str]
 
 # Reserve a slot for a new instance atomically: the quota checks and the write are one step,
-# so two starts of different challenges of one team cannot both pass a full quota.
+# so two starts of different challenges of one team cannot both pass a full quota. The global
+# and host limits count containers (an instance of k services uses k; KEYS[6] and KEYS[7]
+# hold the containers beyond the first of each such instance); the team's counts instances.
 _RESERVE = """
 local key, team, host = ARGV[1], ARGV[2], ARGV[3]
 local per_team, global_max = tonumber(ARGV[4]), tonumber(ARGV[5])
 local host_max, expiry, doc = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local size = tonumber(ARGV[9])
+local function used(count, extra)
+  for _, n in ipairs(redis.call('HVALS', extra)) do count = count + tonumber(n) end
+  return count
+end
 -- the placement of this start (if the dispatcher made one) has arrived: it stops counting
-redis.call('ZREM', KEYS[5], key)
+redis.call('ZREM', KEYS[5], key, key .. '#' .. size)
 local old = redis.call('GET', KEYS[1])
 if old then
   -- one instance, one host: a record of another host is never taken over here
@@ -65,12 +72,20 @@ if old then
   return 'ok'
 end
 if redis.call('SCARD', KEYS[2]) >= per_team then return 'team' end
-if redis.call('ZCARD', KEYS[3]) >= global_max then return 'global' end
-if host_max > 0 and redis.call('SCARD', KEYS[4]) >= host_max then return 'host' end
+local everywhere = used(redis.call('ZCARD', KEYS[3]), KEYS[6])
+if everywhere + size > global_max then return 'global:' .. everywhere end
+if host_max > 0 then
+  local here = used(redis.call('SCARD', KEYS[4]), KEYS[7])
+  if here + size > host_max then return 'host:' .. here end
+end
 redis.call('SET', KEYS[1], doc)
 redis.call('SADD', KEYS[2], key)
 redis.call('SADD', KEYS[4], key)
 redis.call('ZADD', KEYS[3], expiry, key)
+if size > 1 then
+  redis.call('HSET', KEYS[6], key, size - 1)
+  redis.call('HSET', KEYS[7], key, size - 1)
+end
 return 'ok'
 """
 
@@ -152,10 +167,16 @@ return false
 # Choose the host with the most room and record the choice, in one step (see
 # celery_app.hosts.placement.pick_host). KEYS: each candidate's placing zset; ARGV: now, window, the
 # instance, the instance-record and host-set prefixes, then (name, max) per candidate, then
-# each candidate's set of ready warm-pool slots of the challenge (issue 14; "" for none).
+# each candidate's set of ready warm-pool slots of the challenge (issue 14; "" for none), then
+# the containers the new instance needs and the prefix of the hosts' extra-container hashes.
+# Room counts containers, as the reservation does; a placement on its way counts its own:
+# one whose instance is k > 1 containers is the member ``<instance>#<k>``.
 _PLACE = """
-local now, window, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local inst_prefix, host_prefix = ARGV[4], ARGV[5]
+local size, extra_prefix = tonumber(ARGV[6 + 3 * #KEYS]), ARGV[7 + 3 * #KEYS]
+local member = ARGV[3]
+if size > 1 then member = member .. '#' .. size end
 local best, best_room, best_key, best_ready = '', 0, nil, false
 for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
@@ -165,17 +186,22 @@ for i, key in ipairs(KEYS) do
     redis.call('ZADD', key, now, member)
     return name
   end
+  local used = redis.call('SCARD', host_prefix .. name)
   for _, placed in ipairs(redis.call('ZRANGE', key, 0, -1)) do
-    if redis.call('EXISTS', inst_prefix .. placed) == 1 then redis.call('ZREM', key, placed) end
+    local inst, weight = string.match(placed, '^(.*)#(%d+)$')
+    if not inst then inst, weight = placed, 1 end
+    if redis.call('EXISTS', inst_prefix .. inst) == 1 then redis.call('ZREM', key, placed)
+    else used = used + tonumber(weight) end
   end
   -- room counted here, in the same step: an instance reserved meanwhile left the placements
   -- and joined the host's instances, and is counted once either way
-  local used = redis.call('SCARD', host_prefix .. name) + redis.call('ZCARD', key)
+  for _, n in ipairs(redis.call('HVALS', extra_prefix .. name)) do used = used + tonumber(n) end
   local room = tonumber(ARGV[5 + 2 * i]) - used
   -- warm pools (issue 14): a host with a ready pool container of the challenge comes first
   local ready_key = ARGV[5 + 2 * #KEYS + i]
   local ready = ready_key ~= '' and redis.call('SCARD', ready_key) > 0
-  if room > 0 and ((ready and not best_ready) or (ready == best_ready and room > best_room)) then
+  local better = (ready and not best_ready) or (ready == best_ready and room > best_room)
+  if room >= size and better then
     best, best_room, best_key, best_ready = name, room, key, ready
   end
 end
@@ -345,9 +371,10 @@ class StateStore:
         with map_redis_errors("reserve instance"):
             result = self._reserve(
                 keys=[_key(inst.key), keys.team(inst.team_id), keys.EXPIRY,
-                      keys.host(inst.host), placing_key(inst.host)],
+                      keys.host(inst.host), placing_key(inst.host), keys.EXTRA,
+                      keys.hostextra(inst.host)],
                 args=[inst.key, inst.team_id, inst.host, per_team, global_max, host_max,
-                      inst.expires.timestamp(), inst.model_dump_json()],
+                      inst.expires.timestamp(), inst.model_dump_json(), inst.containers],
             )
         if str(result).startswith("elsewhere:"):
             owner = str(result).partition(":")[2]
@@ -360,14 +387,19 @@ class StateStore:
                 f"team {inst.team_id} already runs {per_team} instance(s), the per-team maximum "
                 "(CTF_MAX_INSTANCES_PER_TEAM); stop one before starting another"
             )
-        if result == "global":
+        verdict, _, used = str(result).partition(":")
+        needs = (f"; this instance is {inst.containers} containers"
+                 if inst.containers > 1 else "")
+        if verdict == "global":
             raise CapacityExhausted(
-                f"the service runs {global_max} instances, its maximum (CTF_MAX_INSTANCES); "
-                "try again when some have expired, or raise the limit"
+                f"the service runs {used} of its {global_max} containers (CTF_MAX_INSTANCES: "
+                f"an instance of k services counts k){needs}; try again when some have "
+                "expired, or raise the limit"
             )
-        if result == "host":
+        if verdict == "host":
             raise CapacityExhausted(
-                f"host {inst.host} runs {host_max} instances, its max_instances; use another host"
+                f"host {inst.host} runs {used} of its {host_max} containers (max_instances: "
+                f"an instance of k services counts k){needs}; use another host"
             )
 
     def put(self, inst: Instance, done: Done | None = None) -> None:
@@ -382,6 +414,9 @@ class StateStore:
             pipe.sadd(keys.team(inst.team_id), inst.key)
             pipe.sadd(keys.host(inst.host), inst.key)
             pipe.zadd(keys.EXPIRY, {inst.key: inst.expires.timestamp()})
+            if inst.containers > 1:  # what the limits count (reconcile re-adds it here)
+                pipe.hset(keys.EXTRA, inst.key, inst.containers - 1)
+                pipe.hset(keys.hostextra(inst.host), inst.key, inst.containers - 1)
             _mark_done(pipe, done)
             pipe.execute()
 
@@ -398,6 +433,8 @@ class StateStore:
             pipe.srem(keys.team(team_id), key)
             pipe.srem(keys.host(host), key)
             pipe.zrem(keys.EXPIRY, key)
+            pipe.hdel(keys.EXTRA, key)
+            pipe.hdel(keys.hostextra(host), key)
             _mark_done(pipe, done)
             pipe.execute()
 
@@ -480,11 +517,21 @@ class StateStore:
         return found, beats
 
     def count(self, host: str | None = None) -> int:
-        """Return how many instances are recorded (on ``host`` when given)."""
+        """Return how many containers the recorded instances use (on ``host`` when given).
+
+        What ``CTF_MAX_INSTANCES`` and a host's ``max_instances`` count: one per instance of
+        one image, k per instance of a Compose file of k services.
+        """
         with map_redis_errors("count instances"):
+            pipe = self.redis.pipeline(transaction=False)
             if host is None:
-                return int(self.redis.zcard(keys.EXPIRY))
-            return int(self.redis.scard(keys.host(host)))
+                pipe.zcard(keys.EXPIRY)
+                pipe.hvals(keys.EXTRA)
+            else:
+                pipe.scard(keys.host(host))
+                pipe.hvals(keys.hostextra(host))
+            records, extra = pipe.execute()
+        return int(records) + sum(int(n) for n in extra)
 
     def expired(self, now: float) -> builtins.list[str]:
         """Return the keys of instances whose expiry is at or before ``now`` (epoch s)."""
@@ -533,11 +580,13 @@ class StateStore:
     # -- placement (used by the hosts module) ---------------------------------------------
 
     def place(self, candidates: Sequence[tuple[str, int]], member: str, now: float,
-              window: float, ready_keys: Sequence[str] | None = None) -> str:
+              window: float, ready_keys: Sequence[str] | None = None,
+              containers: int = 1) -> str:
         """Choose the candidate ``(host, max)`` with the most room and record the choice.
 
-        Room is ``max`` minus the host's instances and its placements younger than
-        ``window`` s, counted in the same step that records the choice; a placement of
+        Room is ``max`` minus the containers of the host's instances and its placements
+        younger than ``window`` s (one each), counted in the same step that records the
+        choice; a host needs room for ``containers`` (the new instance's). A placement of
         ``member`` already on its way keeps its host. A candidate whose set in
         ``ready_keys`` (one per candidate) holds a ready warm-pool slot comes first.
 
@@ -549,6 +598,7 @@ class StateStore:
         for name, most in candidates:
             args += [name, most]
         args += list(ready_keys) if ready_keys else [""] * len(candidates)
+        args += [containers, keys.hostextra("")]
         with map_redis_errors("place instance"):
             return str(self._place(keys=[placing_key(name) for name, _ in candidates],
                                    args=args) or "")

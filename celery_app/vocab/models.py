@@ -16,6 +16,8 @@ STATUSES: tuple[Status, ...] = ("starting", "running", "stopping", "failed")
 FAILURE_FIELDS = ("error", "exit_code", "oom", "logs")
 # Fields shown only when set: a Compose instance's endpoints (SPEC §12).
 OPTIONAL_FIELDS = (*FAILURE_FIELDS, "endpoints")
+# Fields of the record never shown: what the limits count (SPEC §4's shape is unchanged).
+INTERNAL_FIELDS = ("containers",)
 
 
 def utcnow() -> datetime:
@@ -83,6 +85,9 @@ class Instance(BaseModel):
     logs: str | None = None
     # A Compose instance's endpoints, the primary first (SPEC §12); unset for one image.
     endpoints: list[EndpointView] | None = None
+    # How many containers the instance is (a Compose instance: one per service): what it
+    # uses of CTF_MAX_INSTANCES and of its host's max_instances. Internal: never shown.
+    containers: int = 1
 
     @property
     def key(self) -> str:
@@ -101,7 +106,7 @@ class Instance(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """Return SPEC §4's JSON shape (failure details and §12's ``endpoints`` only when set)."""
-        data = self.model_dump()
+        data = self.model_dump(exclude=set(INTERNAL_FIELDS))
         for extra in OPTIONAL_FIELDS:
             if data.get(extra) is None:
                 data.pop(extra, None)

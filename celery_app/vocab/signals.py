@@ -12,6 +12,8 @@ them, the service and the loops raise and catch them, the tasks catch them.
 
 from __future__ import annotations
 
+from celery_app.errors import CTFError
+
 
 class ControlSignal(Exception):
     """Base of the control signals: the request goes on elsewhere or later, it did not fail."""
@@ -38,3 +40,9 @@ class OnOtherHost(ControlSignal):
 
 class InstanceBusy(ControlSignal):
     """Another operation holds the instance's (or the team network's) lock: try again later."""
+
+
+# What a step that may fail or be told "not here / not now" raises, caught in one place where
+# either only means "leave it for the next pass" (the janitor, reconcile, a failed start's
+# clean-up): an error of the one error tree, or a control signal.
+ERROR_OR_SIGNAL: tuple[type[Exception], ...] = (CTFError, ControlSignal)

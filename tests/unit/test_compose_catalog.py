@@ -123,3 +123,11 @@ def test_command_and_storage_on_a_compose_challenge_are_refused(tmp_path: Path) 
     assert "'command'" in refusal({"compose": "compose.yaml", "command": ["sh"]}, tmp_path)
     assert "'storage'" in refusal({"compose": "compose.yaml", "read_only": False,
                                    "storage": "1g"}, tmp_path)
+
+
+def test_egress_internet_for_the_whole_group_is_refused(tmp_path: Path) -> None:
+    """The catalog's egress cannot open a whole group: the message names x-ctf-egress."""
+    message = refusal({"compose": "compose.yaml", "egress": "internet"}, tmp_path)
+    assert "'shop'" in message and "x-ctf-egress: internet" in message
+    assert build_catalog({"challenges": {"shop": {"compose": "compose.yaml", "egress": "none"}}},
+                         Settings(), "cat.yaml", tmp_path).get("shop").egress == "none"

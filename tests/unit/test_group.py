@@ -192,3 +192,37 @@ def test_a_health_wait_wakes_on_the_engines_event_not_the_next_look(
     assert list(made) == ["db", "web"]
     wait_for(lambda: not any(t.name == "group-events" for t in threading.enumerate()), 10,
              message="the group's event follower still runs")
+
+
+def test_each_service_is_admitted_as_it_starts_before_the_next_waits(
+        driver: FakeDriver) -> None:
+    """The ``started`` hook (the egress admission) sees each container before the next starts."""
+    events: list[str] = []
+    real_run = driver.run_container
+
+    def run(spec: ContainerSpec) -> object:
+        events.append(f"run {spec.aliases[0]}")
+        return real_run(spec)
+
+    driver.run_container = run  # type: ignore[method-assign]
+
+    def on_pause(_n: int) -> None:
+        driver.set_health(by_service(driver, "fetcher"), "healthy")
+
+    clock, pause = clock_and_pause(on_pause)
+    start_group(driver, [member("fetcher", healthcheck=CHECK),
+                         member("web", fetcher="service_healthy")],
+                timeout=60, what="shop for team t1", clock=clock, pause=pause,
+                started=lambda info: events.append(f"admit {info.labels['ctf.service']}"))
+    assert events == ["run fetcher", "admit fetcher", "run web", "admit web"]
+
+
+def test_a_refused_admission_leaves_nothing(driver: FakeDriver) -> None:
+    """When the egress guard refuses a container, every container made so far is removed."""
+    def refuse(info: object) -> None:
+        raise InvalidRequest("nft refused")
+
+    with pytest.raises(InvalidRequest):
+        start_group(driver, [member("db"), member("web")], timeout=60,
+                    what="shop for team t1", started=refuse)
+    assert driver.containers == {}

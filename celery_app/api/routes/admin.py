@@ -117,7 +117,7 @@ def capacity(who: Who, disp: Disp) -> dict[str, Any]:
     who.require_admin()
     per_host: dict[str, int] = {}
     for inst in disp.store.list():
-        per_host[inst.host] = per_host.get(inst.host, 0) + 1
+        per_host[inst.host] = per_host.get(inst.host, 0) + inst.containers
     hosts = []
     for load in disp.host_loads():
         per_host.pop(load.name, None)
