@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,9 @@ import pytest
 from celery_app.core import pool as pool_module
 from celery_app.core.pool import flag_held, slot_flag
 from celery_app.core.service import InstanceService
+from celery_app.engine.driver import ContainerEvent
+from celery_app.loops.janitor import Janitor
+from celery_app.worker.events import EventFollower, _Pending
 from ctf_testkit.fake_driver import FakeDriver
 from tests.unit.conftest import CATALOG, LABELS
 
@@ -150,3 +155,37 @@ def test_make_room_removes_a_whole_unclaimed_group(
     pooled.settings.max_instances = 2  # the two unclaimed groups fill the host
     pooled.start(pooled.catalog.key("web", "t9"))  # a cold single-image start
     assert len(slots(driver)) == 1 and all(len(m) == 3 for m in slots(driver).values())
+
+
+def test_a_dead_service_of_a_claimed_group_fails_the_instance_through_the_follower(
+        pooled: InstanceService, driver: FakeDriver) -> None:
+    """The db of a claimed group dies: the follower's news marks the instance failed (db)."""
+    pooled.pool.run_once()
+    pooled.start(pooled.catalog.key("shop", "t1"))
+    db = driver.get_container("ctf-shop-t1.db")
+    assert db is not None and db.team_id == "t1"  # read from its name: no team label
+    driver.exit(db.id, 137)
+    follower = EventFollower(pooled)
+    follower._handle(_Pending(ContainerEvent("die", db.id, db.name, db.labels, 137),
+                              time.monotonic()))
+    rec = pooled.store.get("shop", "t1")
+    assert rec is not None and rec.status == "failed"
+    assert rec.error is not None and rec.error.startswith("service db: ")
+
+
+def test_a_redis_loss_adopts_the_claimed_group_and_the_janitor_keeps_it(
+        pooled: InstanceService, driver: FakeDriver) -> None:
+    """After a flush the janitor's reconcile adopts the claimed group whole; nothing is orphaned."""
+    pooled.pool.run_once()
+    inst = pooled.start(pooled.catalog.key("shop", "t1"))
+    pooled.store.redis.flushdb()
+    summary = Janitor(pooled).run_once(datetime.now(UTC) + timedelta(seconds=60))
+    assert summary.reconciled and summary.orphan_containers == []
+    assert summary.orphan_networks == []
+    rec = pooled.store.get("shop", "t1")
+    assert rec is not None and rec.status == "running"
+    assert rec.container_id == inst.container_id and rec.endpoints == inst.endpoints
+    assert rec.started <= inst.started  # counted from the boot: never later than the claim
+    pooled.pool.run_once()  # the pass re-binds the slot's flag to the team
+    slot = driver.get_container("ctf-shop-t1").labels["ctf.pool"]  # type: ignore[union-attr]
+    assert slot in pooled.store.pools.held("shop", "t1")
