@@ -25,6 +25,16 @@ claimed by nobody. The life of one pool container:
    change, so the name and the endpoint options are what tell Docker's truth after a Redis
    loss (:func:`celery_app.vocab.naming.read_claim`).
 
+A Compose challenge's slot (SPEC §12, issue 24) is a whole group: every service booted by
+:func:`~celery_app.core.group.start_group` in ``depends_on`` order on the slot's own network
+``ctfpool-<challenge>-<slot>`` (from ``CTF_TEAM_SUBNET_POOL``, labelled ``ctf.pool=<slot>``),
+named ``ctfpool-<challenge>-<slot>`` (the primary endpoint's service) and ``…<slot>.<service>``,
+its ``${CTF_FLAG}`` the slot's flag, offered once every endpoint answers. A claim
+(:meth:`Pool.claim_group`) binds the slot and renames the services for the team, the primary
+last; it makes no network call: the slot's network stays the instance's. A file that uses
+``${CTF_TEAM}`` cannot be pooled (the catalog refuses it). The pass judges, removes and gives
+way with groups whole.
+
 Redis keys: :mod:`celery_app.state.pool_keys` (part of the state; it lists them).
 
 :class:`Pool` is handed the parts it uses (settings, catalog, driver, store, the host's
