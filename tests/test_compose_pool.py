@@ -10,6 +10,7 @@ HTTP API.
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -180,7 +181,9 @@ def test_a_start_by_name_claims_a_whole_group_with_the_teams_flag(setup: Setup) 
     """Claimed: every service runs under the team's names, db answers by name, flags bound."""
     groups = setup.full()
     claims = int(setup.pool().get("claims", 0))
+    began = time.time()
     inst = setup.start("ga")
+    until = int(time.time()) + 1
     assert inst["status"] == "running" and inst["container_name"] == "ctf-gshop-ga"
     members = {c.labels["ctf.service"]: c for c in setup.group("ga")}
     assert {s: c.name for s, c in members.items()} == {
@@ -188,6 +191,20 @@ def test_a_start_by_name_claims_a_whole_group_with_the_teams_flag(setup: Setup) 
     assert all(c.status == "running" for c in members.values())
     slot = members["web"].labels["ctf.pool"]
     assert slot in groups and inst["container_id"] == members["web"].id  # claimed, not cold
+    # No network operation on the claim: the engine's own events say none touched its
+    # containers, and no network was made for the team or the instance.
+    ids = {c.id for c in members.values()}
+    network_events = [e for e in setup.docker.api.events(
+        since=int(began) - 1, until=until, decode=True, filters={"type": "network"})
+        if e["timeNano"] >= began * 1e9]
+    assert not [e for e in network_events if e["Actor"]["Attributes"].get("container") in ids]
+    at_boot = [e for e in setup.docker.api.events(
+        since=int(began) - 600, until=int(began), decode=True, filters={"type": "network"})
+        if e["Actor"]["Attributes"].get("container") in ids]
+    assert {e["Action"] for e in at_boot} == {"connect"}  # the engine does report them
+    assert not [e for e in network_events if e["Action"] == "create"
+                and e["Actor"]["Attributes"].get("name", "").endswith(("-ga", ".ga"))]
+    assert not setup.docker.networks.list(names=["ctf-team-ga", "ctf-inst-gshop.ga"])
     assert int(setup.pool()["claims"]) == claims + 1
     assert inst["endpoints"][0]["url"] == inst["url"]
     flag = _flag_in(_stock(inst))  # web reached db by its service name

@@ -189,3 +189,24 @@ def test_a_redis_loss_adopts_the_claimed_group_and_the_janitor_keeps_it(
     pooled.pool.run_once()  # the pass re-binds the slot's flag to the team
     slot = driver.get_container("ctf-shop-t1").labels["ctf.pool"]  # type: ignore[union-attr]
     assert slot in pooled.store.pools.held("shop", "t1")
+
+
+def test_a_boot_killed_half_way_leaves_nothing_after_the_next_pass(
+        pooled: InstanceService, driver: FakeDriver) -> None:
+    """A worker killed mid-boot left a slot network and its db alone: the next pass removes both."""
+    labels = {**LABELS, "ctf.managed": "true", "ctf.host": "local", "ctf.challenge": "shop"}
+    settings = pooled.settings
+    driver.ensure_named_network("ctfpool-shop-dead00000001", {**labels, "ctf.pool": "dead00000001"},
+                                settings.team_subnet_pool, settings.team_subnet_prefix)
+    driver.ensure_named_network("ctfpool-shop-dead00000002", {**labels, "ctf.pool": "dead00000002"},
+                                settings.team_subnet_pool, settings.team_subnet_prefix)
+    layout = pooled.specs.pool_layout(pooled.catalog.get("shop"), "dead00000002")
+    members = pooled.specs.members_of(pooled.catalog.get("shop"), layout,
+                                      {**labels, "ctf.pool": "dead00000002"}, "CTF{x}", "")
+    driver.run_container(members[0].spec)  # db only: the boot died before web and bot
+    summary = pooled.pool.run_once()
+    assert "ctfpool-shop-dead00000002" in summary.removed
+    assert not {"dead00000001", "dead00000002"} & set(slots(driver))
+    assert driver.get_network("ctfpool-shop-dead00000001") is None
+    assert driver.get_network("ctfpool-shop-dead00000002") is None
+    assert len(slots(driver)) == 2  # and the pool refilled with whole groups
