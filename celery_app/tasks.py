@@ -358,7 +358,9 @@ def reap_expired(self: InstancerTask) -> dict[str, Any]:
 
 
 # Warm pools (issue 14): the beat runs it on each host's queue, like the janitor; the pass
-# boots a few containers and returns (it never waits for one to boot), so it holds no thread.
+# boots a few containers and returns (it never waits for one to boot). Pooled Compose groups
+# (issue 24) boot inside the pass, side by side (their services wait on each other's health),
+# so a pass that refills them holds its thread for one group's boot (seconds).
 @app.task(name="celery_app.tasks.refill_pools", bind=True, base=InstancerTask, max_retries=0,
           ignore_result=True)
 def refill_pools(self: InstancerTask) -> dict[str, Any]:

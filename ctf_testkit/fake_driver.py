@@ -37,7 +37,7 @@ from celery_app.errors import (
     ImagePullFailed,
     InvalidRequest,
 )
-from celery_app.vocab.naming import LABEL_MANAGED, network_name
+from celery_app.vocab.naming import LABEL_MANAGED, network_name, read_claim
 
 _END = object()
 
@@ -69,6 +69,16 @@ class FakeEvents:
     def close(self) -> None:
         """End the stream; a thread iterating it stops."""
         self._queue.put(_END)
+
+
+def _as_read(info: ContainerInfo) -> ContainerInfo:
+    """The container as the Docker driver reads it: a claimed pool container's team folded in.
+
+    Labels cannot change after creation; the real driver reads a claimed warm-pool
+    container's team from its name (:func:`read_claim`), and so does the fake.
+    """
+    folded = read_claim(info.labels, info.name)
+    return info if folded is info.labels else replace(info, labels=folded)
 
 
 class FakeDriver:
@@ -187,14 +197,15 @@ class FakeDriver:
         """The container named (or with id) ``name_or_id``, or ``None``."""
         self._call("get_container")
         with self._lock:
-            return self._find(name_or_id)
+            found = self._find(name_or_id)
+            return None if found is None else _as_read(found)
 
     def list_containers(self, labels: dict[str, str] | None = None) -> list[ContainerInfo]:
         """Every container carrying all of ``labels`` (``ctf.managed=true`` by default)."""
         self._call("list_containers")
         wanted = labels or {LABEL_MANAGED: "true"}
-        with self._lock:
-            return [c for c in self.containers.values()
+        with self._lock:  # filtered on the labels as made (the engine's), read as ours
+            return [_as_read(c) for c in self.containers.values()
                     if all(c.labels.get(k) == v for k, v in wanted.items())]
 
     def run_container(self, spec: ContainerSpec) -> ContainerInfo:

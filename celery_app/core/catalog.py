@@ -122,9 +122,6 @@ class Challenge(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> Challenge:
-        if self.compose is not None and self.pool > 0:
-            raise ValueError("warm pools of Compose challenges are not supported yet; "
-                             "set pool: 0 (or leave it out)")
         if self.compose is not None and self.port is not None:
             raise ValueError("a Compose challenge's ports are its services' 'ports:' in the "
                              "Compose file; remove 'port'")
@@ -345,9 +342,28 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog",
             path = (base or Path.cwd()) / challenge.compose
             update["app"] = load_compose(path, cid, protocol=challenge.protocol,
                                          health_path=challenge.health_path)
+            if challenge.pool > 0:
+                _check_poolable(update["app"], cid, source)
         challenges[cid] = challenge.model_copy(update=update)
     _check_names_unambiguous(list(challenges), source)
     return Catalog(challenges)
+
+
+def _check_poolable(app: ComposeApp, cid: str, source: str) -> None:
+    """Refuse ``pool: N`` for a Compose file that uses ``${CTF_TEAM}`` (a pooled group's team).
+
+    A pooled group boots before any team claims it, and a claim changes no container's
+    environment or command: the team id cannot be filled in. (``${CTF_FLAG}`` can: a pooled
+    group boots with its slot's flag, bound to the team at the claim.)
+    """
+    for service in app.services:
+        keys = service.keys_using("CTF_TEAM")
+        if keys:
+            raise CatalogError(
+                f"{source}: challenge {cid!r}, service {service.name!r}, key {keys[0]!r}: "
+                "uses ${CTF_TEAM}, which a warm pool cannot fill in (its groups boot before "
+                "any team claims them); set pool: 0, or drop ${CTF_TEAM} from the Compose file"
+            )
 
 
 def name_clash(short: str, long: str) -> str | None:

@@ -152,6 +152,22 @@ class ComposeService(BaseModel):
         return any("CTF_FLAG" in string.Template(text).get_identifiers()
                    for text in _strings(self.model_dump()))
 
+    def keys_using(self, variable: str) -> list[str]:
+        """The service's keys whose value uses ``${variable}`` (``environment.TEAM``, ``command``).
+
+        Args:
+            variable: ``CTF_FLAG`` or ``CTF_TEAM``.
+        """
+        found = []
+        for key, value in self.model_dump().items():
+            if isinstance(value, Mapping) and key == "environment":
+                found += [f"environment.{name}" for name, text in value.items()
+                          if variable in string.Template(text).get_identifiers()]
+            elif any(variable in string.Template(text).get_identifiers()
+                     for text in _strings(value)):
+                found.append(key)
+        return found
+
 
 class ComposeApp(BaseModel):
     """A Compose challenge: its services in start order and its endpoints in file order."""

@@ -25,6 +25,16 @@ claimed by nobody. The life of one pool container:
    change, so the name and the endpoint options are what tell Docker's truth after a Redis
    loss (:func:`celery_app.vocab.naming.read_claim`).
 
+A Compose challenge's slot (SPEC §12, issue 24) is a whole group: every service booted by
+:func:`~celery_app.core.group.start_group` in ``depends_on`` order on the slot's own network
+``ctfpool-<challenge>-<slot>`` (from ``CTF_TEAM_SUBNET_POOL``, labelled ``ctf.pool=<slot>``),
+named ``ctfpool-<challenge>-<slot>`` (the primary endpoint's service) and ``…<slot>.<service>``,
+its ``${CTF_FLAG}`` the slot's flag, offered once every endpoint answers. A claim
+(:meth:`Pool.claim_group`) binds the slot and renames the services for the team, the primary
+last; it makes no network call: the slot's network stays the instance's. A file that uses
+``${CTF_TEAM}`` cannot be pooled (the catalog refuses it). The pass judges, removes and gives
+way with groups whole.
+
 Redis keys: :mod:`celery_app.state.pool_keys` (part of the state; it lists them).
 
 :class:`Pool` is handed the parts it uses (settings, catalog, driver, store, the host's
@@ -41,7 +51,8 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from prometheus_client.core import (
@@ -54,6 +65,7 @@ from prometheus_client.registry import Collector
 
 from celery_app.core.catalog import Catalog, Challenge
 from celery_app.core.flags import in_app_flag, team_flag
+from celery_app.core.group import start_group
 from celery_app.core.readiness import probe_once
 from celery_app.core.specs import InstanceSpecs
 from celery_app.engine.driver import ContainerInfo, ContainerSpec, Driver, NetworkInfo, carries
@@ -69,10 +81,12 @@ from celery_app.vocab.naming import (
     LABEL_EXPIRES_AT,
     LABEL_HOST,
     LABEL_POOL,
+    LABEL_SERVICE,
     LABEL_STARTED_AT,
     POOL_NAME_PREFIX,
     holding_network_name,
     pool_container_name,
+    pool_network_name,
 )
 
 log = logging.getLogger(__name__)
@@ -82,6 +96,8 @@ BOOT_AT_ONCE: Final = 4
 # Seconds after which a claim (or removal) that owns a slot but never finished is undone.
 STALE_CLAIM: Final = 120.0
 _ICC_OFF: Final = {"com.docker.network.bridge.enable_icc": "false"}
+# Seconds one pooled Compose group may take to boot inside a pass (the pass lock lasts 120 s).
+GROUP_BOOT_LIMIT: Final = 90.0
 
 def slot_flag(secret: str, challenge: str, slot: str, fmt: str = "CTF{{{digest}}}") -> str:
     """Return the flag a pool container of ``slot`` boots with (before any team holds it).
@@ -250,6 +266,132 @@ class Pool:
             self.egress.release(info)
             self.driver.remove_container(info.id)
 
+    # -- pooled Compose groups (SPEC §12): a slot is a whole group on a network of its own -----
+
+    def claim_group(self, ch: Challenge, team: str,
+                    inst: Instance) -> dict[str, ContainerInfo] | None:
+        """Hand a ready pooled group of ``ch`` to ``team``; ``None`` (a miss) when none is ready.
+
+        The caller holds the (challenge, team) lock and has reserved ``inst``; it records and
+        probes what this returns as it does a cold group (each service's container, in start
+        order). No network call: the group already sits on a network of its own, which stays
+        its network. Steps: 1. take a ready slot (one Redis step); 2. list its containers
+        (one call): every service there, up, unclaimed; 3. bind the slot to the team (its
+        flags); 4. rename the other services, then the primary one, to the instance's names
+        (the primary's name is Docker's record that the claim is whole). A group that fails a
+        step is removed whole and the next ready one tried.
+        """
+        if ch.pool <= 0 or not self.usable or ch.app is None:
+            return None
+        began = time.perf_counter()
+        layout = self.specs.layout(ch.id, team, ch.app)
+        while True:
+            slot = self.keys.take(self.host, ch.id)
+            if slot is None:
+                self.keys.count(self.host, ch.id, "misses")
+                return None
+            members = self._group_of_slot(ch.id, slot)
+            if not self._whole(ch, slot, members):
+                self._remove_group(ch.id, slot)
+                continue
+            try:
+                self.keys.bind(ch.id, team, slot)
+                for service in reversed(layout.services):  # the primary last
+                    self.driver.rename_container(members[service].id, layout.of(service))
+            except CTFError as exc:
+                log.warning("pool: claim of group %s of %s for team %s failed (%s); trying "
+                            "the next", slot, ch.id, team, exc)
+                self._remove_group(ch.id, slot)
+                continue
+            self.keys.count(self.host, ch.id, "claims", time.perf_counter() - began)
+            log.info("pool: team=%s claimed group %s of %s", team, slot, ch.id)
+            return {s.name: replace(members[s.name], name=layout.of(s.name))
+                    for s in ch.app.services}
+
+    def _group_of_slot(self, challenge: str, slot: str) -> dict[str, ContainerInfo]:
+        """The containers of one pooled group, by service (one list call)."""
+        found = self.driver.list_containers(
+            {**self.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: challenge,
+             LABEL_POOL: slot})
+        return {c.labels.get(LABEL_SERVICE, ""): c for c in found}
+
+    def _whole(self, ch: Challenge, slot: str, members: dict[str, ContainerInfo]) -> bool:
+        """Whether every service of the slot's group is there, unclaimed and up (or done)."""
+        assert ch.app is not None
+        names = self.specs.pool_layout(ch, slot)
+        for service in ch.app.services:
+            c = members.get(service.name)
+            if c is None or c.name != names.of(service.name):
+                return False
+            if c.state != "running":
+                seen = self.driver.get_container(c.id)  # a list has no exit code
+                if seen is None or not ch.app.done(service.name, seen.state, seen.exit_code):
+                    return False
+        return True
+
+    def _remove_group(self, challenge: str, slot: str) -> None:
+        """Remove a pooled group whole: its containers, then its network (gone is fine)."""
+        with contextlib.suppress(CTFError):
+            for c in self._group_of_slot(challenge, slot).values():
+                self._remove(c)
+            net = self.driver.get_network(pool_network_name(challenge, slot))
+            if net is not None and carries(net.labels, self.scope_labels):
+                self.driver.remove_network(net.id)
+
+    def _remove_slot(self, challenge: str, slot: str) -> None:
+        """Remove an unclaimed slot's container, or its whole group (a Compose challenge)."""
+        if self._is_group(challenge):
+            self._remove_group(challenge, slot)
+        else:
+            self._remove(self.driver.get_container(pool_container_name(challenge, slot)))
+
+    def _is_group(self, challenge: str) -> bool:
+        with contextlib.suppress(CTFError):
+            return self.catalog.get(challenge).is_group
+        return False
+
+    def _group_answers(self, ch: Challenge, members: dict[str, ContainerInfo]) -> bool:
+        """Every endpoint of the group answers the cold start's probe (one try each)."""
+        assert ch.app is not None
+        for ep in ch.app.endpoints:
+            ip = members[ep.service].ip if ep.service in members else None
+            if not ip or not probe_once(ip, ep.port, ep.protocol, ep.health_path, timeout=1.0):
+                return False
+        return True
+
+    def _boot_group(self, ch: Challenge, slot: str) -> tuple[str, bool]:
+        """Boot one pooled group of ``ch`` (counted already); return its name and readiness.
+
+        Its services start in ``depends_on`` order on a network of its own (from the team
+        subnet pool, labelled with the slot), with the slot's flag; all or nothing: a
+        service that fails leaves no container and no network. A group whose endpoints
+        answer at once is offered to claims now; otherwise a later pass probes it.
+        """
+        assert ch.app is not None
+        name = pool_container_name(ch.id, slot)
+        try:
+            self.specs.ensure_image(ch)
+            self.egress.require()  # fail closed, as a cold start
+            layout = self.specs.pool_layout(ch, slot)
+            labels = {**self.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: ch.id,
+                      LABEL_POOL: slot}
+            net = self.driver.ensure_named_network(
+                layout.network, labels, self.settings.team_subnet_pool,
+                self.settings.team_subnet_prefix)
+            flag = slot_flag(self.settings.flag_secret_value(), ch.id, slot,
+                             self.settings.flag_format)
+            made = start_group(self.driver, self.specs.members_of(ch, layout, labels, flag, ""),
+                               timeout=min(ch.start_timeout, GROUP_BOOT_LIMIT),
+                               what=f"warm-pool group {name} of {ch.id}")
+            for info in made.values():
+                self.egress.admit(info, net)
+        except BaseException:
+            self.keys.withdraw(self.host, ch.id, slot)
+            self._remove_group(ch.id, slot)
+            raise
+        ready = self._group_answers(ch, made) and self.keys.offer(self.host, ch.id, slot)
+        return name, ready
+
     # -- capacity ---------------------------------------------------------------------------
 
     def _overflow(self) -> int:
@@ -285,7 +427,7 @@ class Pool:
             if len(removed) >= over:
                 break
             if self.keys.withdraw(self.host, challenge, slot):
-                self._remove(self.driver.get_container(pool_container_name(challenge, slot)))
+                self._remove_slot(challenge, slot)
                 removed.append(pool_container_name(challenge, slot))
         if removed:
             log.info("pool: host=%s gave way to a start: removed %s", self.host, removed)
@@ -319,10 +461,16 @@ class Pool:
         if not pooled:
             return  # nothing to keep; leftovers of a pool set to 0 are the janitor's orphans
         # 2. Docker is the truth
-        unclaimed: dict[str, list[ContainerInfo]] = {ch: [] for ch in pooled}
+        unclaimed: dict[str, list[ContainerInfo]] = {
+            ch.id: [] for ch in pooled.values() if not ch.is_group}
+        groups: dict[str, dict[str, list[ContainerInfo]]] = {
+            ch.id: {} for ch in pooled.values() if ch.is_group}
         for c in self.driver.list_containers({**self.scope_labels, LABEL_HOST: self.host}):
             slot = c.labels.get(LABEL_POOL)
             if not slot:
+                continue
+            if LABEL_SERVICE in c.labels:  # a member of a pooled Compose group: judged whole
+                groups.setdefault(c.challenge, {}).setdefault(slot, []).append(c)
                 continue
             if not c.name.startswith(POOL_NAME_PREFIX):
                 if c.team_id:  # claimed: its flags stay its team's (Redis may have lost it)
@@ -338,6 +486,7 @@ class Pool:
             kept[challenge] = len(keep)
             booting += sum(1 for c in keep if c.labels[LABEL_POOL] not in ready)
             live.update({c.labels[LABEL_POOL]: challenge for c in keep})
+        booting += self._keep_groups(pooled, groups, now, summary, kept, live)
         self.keys.set_members(self.host, live)
         # 3b. the host is over capacity (instances grew): the pools give way
         for _ in range(max(0, self._overflow())):
@@ -346,7 +495,7 @@ class Pool:
             if not gone:
                 break
         # 4. refill, gently: one boot at a time, none while a user's start is in flight here
-        for ch in pooled.values():
+        for ch in [c for c in pooled.values() if not c.is_group]:
             while kept.get(ch.id, 0) < ch.pool and booting < BOOT_AT_ONCE \
                     and self._overflow() < 0 and not self._user_starting():
                 try:
@@ -356,6 +505,121 @@ class Pool:
                     break
                 kept[ch.id] = kept.get(ch.id, 0) + 1
                 booting += 1
+        self._refill_groups([ch for ch in pooled.values() if ch.is_group], kept, booting,
+                            summary)
+
+    def _refill_groups(self, pooled: list[Challenge], kept: dict[str, int], booting: int,
+                       summary: PoolSummary) -> None:
+        """Boot the missing pooled groups, side by side (at most ``BOOT_AT_ONCE`` booting).
+
+        A group's services start in ``depends_on`` order, waiting for health checks, so a
+        group boots within the pass (each counted first, as a member, so capacity holds).
+        """
+        boots: list[tuple[Challenge, str]] = []
+        for ch in pooled:
+            while kept.get(ch.id, 0) < ch.pool and booting + len(boots) < BOOT_AT_ONCE \
+                    and self._overflow() < 0 and not self._user_starting():
+                slot = secrets.token_hex(6)
+                self.keys.add_member(self.host, slot, ch.id)  # counted before it exists
+                boots.append((ch, slot))
+                kept[ch.id] = kept.get(ch.id, 0) + 1
+        if not boots:
+            return
+
+        def boot(item: tuple[Challenge, str]) -> tuple[str, bool] | str:
+            try:
+                return self._boot_group(*item)
+            except CTFError as exc:
+                return f"{item[0].id}: {exc}"
+
+        with ThreadPoolExecutor(len(boots), thread_name_prefix="pool-boot") as threads:
+            for outcome in threads.map(boot, boots):
+                if isinstance(outcome, str):
+                    summary.errors.append(outcome)
+                    continue
+                summary.booted.append(outcome[0])
+                if outcome[1]:
+                    summary.ready.append(outcome[0])
+
+    def _keep_groups(
+        self, pooled: dict[str, Challenge], groups: dict[str, dict[str, list[ContainerInfo]]],
+        now: float, summary: PoolSummary, kept: dict[str, int], live: dict[str, str],
+    ) -> int:
+        """Judge every pooled group (:meth:`_judge_groups`); return how many still boot."""
+        booting = 0
+        for challenge, slots in groups.items():
+            kept_slots = self._judge_groups(pooled.get(challenge), challenge, slots, now,
+                                            summary)
+            ready = self.keys.ready(self.host, challenge)
+            kept[challenge] = len(kept_slots)
+            booting += sum(1 for slot in kept_slots if slot not in ready)
+            live.update(dict.fromkeys(kept_slots, challenge))
+        self._sweep_group_networks(groups)
+        return booting
+
+    def _judge_groups(
+        self, ch: Challenge | None, challenge: str, slots: dict[str, list[ContainerInfo]],
+        now: float, summary: PoolSummary,
+    ) -> list[str]:
+        """Judge one challenge's pooled groups as :meth:`_judge` does containers.
+
+        Claimed groups re-bind their flags to their team; an unclaimed group with a member
+        missing, dead or renamed (a claim that died half-way), drained, stale or past the
+        pool's size goes whole. Returns the unclaimed slots kept.
+        """
+        drained = self.keys.drained_at(challenge)
+        ready = self.keys.ready(self.host, challenge)
+        target = ch.pool if ch is not None else 0
+        unclaimed: dict[str, list[ContainerInfo]] = {}
+        for slot, found in slots.items():
+            primary = next((c for c in found if ch is not None and ch.app is not None
+                            and c.labels.get(LABEL_SERVICE) == ch.app.primary.service), None)
+            if primary is not None and not primary.name.startswith(POOL_NAME_PREFIX):
+                if primary.team_id:  # claimed: its flags stay its team's (Redis may have lost it)
+                    self.keys.bind(challenge, primary.team_id, slot)
+                continue
+            unclaimed[slot] = found
+
+        def made_at(found: list[ContainerInfo]) -> float:
+            return min(float(c.created) if c.created.isdigit() else now for c in found)
+
+        keep: list[str] = []
+        for slot, found in sorted(unclaimed.items(),
+                                  key=lambda item: (item[0] not in ready, made_at(item[1]))):
+            taken = self.keys.taken_at(slot)
+            if taken is not None:
+                if now - taken > STALE_CLAIM:  # a claim (or removal) that died half-way
+                    self._remove_group(challenge, slot)
+                    summary.removed.append(pool_container_name(challenge, slot))
+                continue
+            made = made_at(found)
+            members = {c.labels.get(LABEL_SERVICE, ""): c for c in found}
+            if ch is None or made < drained or len(keep) >= target \
+                    or not self._whole(ch, slot, members) \
+                    or (slot not in ready and now - made > ch.start_timeout):
+                if self.keys.withdraw(self.host, challenge, slot):
+                    self._remove_group(challenge, slot)
+                    summary.removed.append(pool_container_name(challenge, slot))
+                continue
+            if slot not in ready and self._group_answers(ch, members) \
+                    and self.keys.offer(self.host, challenge, slot):
+                summary.ready.append(pool_container_name(challenge, slot))
+                ready.add(slot)
+            keep.append(slot)
+        return keep
+
+    def _sweep_group_networks(self, groups: dict[str, dict[str, list[ContainerInfo]]]) -> None:
+        """Remove pooled groups' networks left without any container (a boot that died)."""
+        for challenge, slots in groups.items():
+            members = self.keys.members(self.host)
+            for net in self.driver.list_networks(
+                    {**self.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: challenge}):
+                slot = net.labels.get(LABEL_POOL)
+                if not slot or slot in slots or slot in members \
+                        or net.name != pool_network_name(challenge, slot):
+                    continue
+                with contextlib.suppress(CTFError):
+                    self.driver.remove_network(net.id)  # refused while a container is on it
 
     def _user_starting(self) -> bool:
         """Whether a user's start is in flight on this host (it comes first)."""

@@ -32,6 +32,7 @@ from celery_app.state.store import LOCK_HOLD, StateStore
 from celery_app.vocab.models import Instance, utcnow
 from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
+    LABEL_POOL,
     LABEL_SERVICE,
     LABEL_STARTED_AT,
     LABEL_TEAM,
@@ -375,6 +376,12 @@ class Reconciler:
         info = self.driver.get_container(container_id)
         wanted = {**self.specs.scope_here(), LABEL_TEAM: rec.team_id,
                   LABEL_CHALLENGE: rec.challenge, LABEL_STARTED_AT: rec.started_at}
+        if info is not None and info.labels.get(LABEL_POOL):
+            # A group claimed from a warm pool: no started_at label, its slot tells the group
+            # (the same as the instance's primary container's).
+            main = self.driver.get_container(rec.container_id or rec.container_name)
+            wanted.pop(LABEL_STARTED_AT)
+            wanted[LABEL_POOL] = "" if main is None else main.labels.get(LABEL_POOL, "")
         ours = info is not None and LABEL_SERVICE in info.labels \
             and carries(info.labels, wanted) \
             and not app.done(info.labels[LABEL_SERVICE], info.state, info.exit_code)

@@ -261,10 +261,13 @@ class InstanceService:
         team = key.team
         assert ch.app is not None
         primary = ch.app.primary.service
-        # 1. every service's image (pulls can be long and need no lock)
+        # 1. every service's image (pulls can be long and need no lock); a start that will
+        #    claim a pooled group (one is ready here) needs none: checked if the claim misses.
         images = [s.image for s in ch.app.services]
         report({"phase": "image", "image": ", ".join(images)})
-        self.specs.ensure_image(ch, progress)
+        pooled = self.pool.has_ready(ch)
+        if not pooled:
+            self.specs.ensure_image(ch, progress)
         self.egress.require()
         # 2. lock (challenge, team)
         with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait) as lock:
@@ -289,18 +292,18 @@ class InstanceService:
                 return self.specs.await_group_ready(ch, whole, inst, report, lock, self.egress,
                                                     task_id)
             # Anything else of it (a half group, a failed one) goes: a group is made whole,
-            # never patched up.
-            self.specs.remove_group(ch.id, team, self.egress)
+            # never patched up. (Before a claim, its network is looked for only if a
+            # container was found: a claim makes no network call.)
+            self.specs.remove_group(ch.id, team, self.egress, network=not pooled)
             # 6. reserve a slot: quotas are checked and the record written in one step.
             inst = self.specs.new_instance(ch, team)
             self.store.reserve(inst, self.settings.max_instances_per_team,
                                self.settings.max_instances, self.host_max)
             try:
-                # 7. the instance's network and its services, in depends_on order; the
-                #    pools give way first when the host is over its limit (as a cold start's)
+                # 7. a ready pooled group, claimed whole; else the instance's network and its
+                #    services, in depends_on order
                 report({"phase": "creating"})
-                self.pool.make_room()
-                made = self.specs.create_group(ch, team, inst, self.egress)
+                made = self._claim_or_cold_group(ch, team, inst, pooled)
             except BaseException:
                 self.store.delete(ch.id, team, self.host)  # create_group removed its parts
                 raise
@@ -311,6 +314,22 @@ class InstanceService:
             report({"phase": "starting", "container": inst.container_name})
             return self.specs.await_group_ready(ch, made, inst, report, lock, self.egress,
                                                 task_id)
+
+    def _claim_or_cold_group(self, ch: Challenge, team: str, inst: Instance,
+                             image_skipped: bool) -> dict[str, ContainerInfo]:
+        """Step 7 of a Compose start: claim a ready pooled group, else make the group cold.
+
+        ``image_skipped``: step 1 skipped the images because a group was ready; a cold
+        start after a missed claim checks (or pulls) them first. Before a cold start the
+        pools give way when the host is full, as for one image.
+        """
+        claimed = self.pool.claim_group(ch, team, inst) if ch.pool else None
+        if claimed is not None:
+            return claimed
+        if image_skipped:
+            self.specs.ensure_image(ch)  # the ready one was taken meanwhile (rare)
+        self.pool.make_room()
+        return self.specs.create_group(ch, team, inst, self.egress)
 
     def _claim_or_cold(
         self, ch: Challenge, team: str, inst: Instance, image_checked: bool,

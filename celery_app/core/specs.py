@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from redis.exceptions import LockError
@@ -54,12 +54,16 @@ from celery_app.vocab.naming import (
     LABEL_EXPIRES_AT,
     LABEL_HOST,
     LABEL_MANAGED,
+    LABEL_POOL,
     LABEL_SERVICE,
     LABEL_STARTED_AT,
     LABEL_TEAM,
     container_name,
     instance_network_name,
     network_name,
+    pool_container_name,
+    pool_network_name,
+    pool_service_container_name,
     service_container_name,
 )
 
@@ -69,6 +73,15 @@ log = logging.getLogger(__name__)
 ADOPT_GRACE = 60
 # A failed start stays visible (status "failed" with its error) this long, then is reaped.
 FAILED_RECORD_TTL = 120
+
+
+def _created(raw: str) -> datetime | None:
+    """A container's creation time from list (epoch s) or inspect (ISO) output."""
+    with contextlib.suppress(ValueError):
+        if raw.isdigit():
+            return datetime.fromtimestamp(float(raw), tz=UTC)
+        return datetime.fromisoformat(raw[:26].rstrip("Z") + "+00:00")
+    return None
 
 
 @dataclass(frozen=True)
@@ -365,6 +378,15 @@ class InstanceSpecs:
             expires = parse_iso(info.labels[LABEL_EXPIRES_AT])
         except (KeyError, ValueError):
             started, expires = now, now + timedelta(seconds=ch.ttl or 0)
+            if LABEL_POOL in info.labels and ch.app is not None:
+                # A claimed pooled group: no endpoint options hold its claim's times (a
+                # claim makes no network call), so it counts from its boot, before the claim:
+                # never later than the truth for the lifetime ceiling.
+                assert ch.max_lifetime is not None
+                started = min(now, _created(info.created) or now)
+                expires = min(now + timedelta(seconds=ch.ttl or 0),
+                              max(started + timedelta(seconds=ch.max_lifetime),
+                                  now + timedelta(seconds=ADOPT_GRACE)))
         assert ch.max_lifetime is not None
         if expires <= now:
             expires = min(now + timedelta(seconds=ADOPT_GRACE),
@@ -483,19 +505,44 @@ class InstanceSpecs:
         as section 4 publishes an instance's port.
         """
         assert ch.app is not None
-        layout = self.layout(ch.id, team, ch.app)
-        flag = self.flag(ch.id, team)
+        labels = {**self.labels(team, ch.id), LABEL_STARTED_AT: inst.started_at,
+                  LABEL_EXPIRES_AT: inst.expires_at}
+        return self.members_of(ch, self.layout(ch.id, team, ch.app), labels,
+                               self.flag(ch.id, team), team)
+
+    def pool_layout(self, ch: Challenge, slot: str) -> InstanceLayout:
+        """Where an unclaimed pooled Compose group lives: its slot's network and names."""
+        assert ch.app is not None
+        team_layout = self.layout(ch.id, "x", ch.app)
+        return InstanceLayout(
+            network=pool_network_name(ch.id, slot),
+            containers=tuple(pool_container_name(ch.id, slot) if s == team_layout.services[0]
+                             else pool_service_container_name(ch.id, slot, s)
+                             for s in team_layout.services),
+            services=team_layout.services,
+        )
+
+    def members_of(self, ch: Challenge, layout: InstanceLayout, labels: dict[str, str],
+                   flag: str, team: str) -> list[Member]:
+        """The services of ``ch`` as ``layout`` names them, with ``labels`` and ``flag``.
+
+        Args:
+            ch: a Compose challenge.
+            layout: the names and network (a team's instance, or a warm pool's slot).
+            labels: what every container carries (``ctf.service`` and ``ctf.egress`` added).
+            flag: what ``${CTF_FLAG}`` (and ``flag_env``) hold.
+            team: what ``${CTF_TEAM}`` holds ("" for a pool slot, whose file uses none).
+        """
+        assert ch.app is not None
         members = []
         for service in ch.app.services:
             svc = service.for_team(flag, team)
-            labels = {**self.labels(team, ch.id), LABEL_STARTED_AT: inst.started_at,
-                      LABEL_EXPIRES_AT: inst.expires_at, LABEL_EGRESS: svc.egress,
-                      LABEL_SERVICE: svc.name}
+            own = {**labels, LABEL_EGRESS: svc.egress, LABEL_SERVICE: svc.name}
             read_only = ch.read_only if svc.read_only is None else svc.read_only
             disk = None if read_only else (ch.disk_bytes
                                            or catalog_size_bytes(self.settings.default_disk))
             if disk is not None:
-                labels[LABEL_DISK] = str(disk)  # the janitor's bound, as for one image
+                own[LABEL_DISK] = str(disk)  # the janitor's bound, as for one image
             health = svc.healthcheck
             env = {**ch.env, **svc.environment}
             if ch.flag_env:  # the catalog's flag_env, like env, applies to every service
@@ -503,7 +550,7 @@ class InstanceSpecs:
             spec = ContainerSpec(
                 name=layout.of(svc.name), image=svc.image,
                 port=svc.ports[0] if svc.ports else None, extra_ports=svc.ports[1:],
-                team_id=team, labels=labels, env=env,
+                team_id=team, labels=own, env=env,
                 memory_bytes=svc.memory_bytes or ch.memory_bytes,
                 nano_cpus=int((svc.cpus or ch.cpus) * 1e9), pids=svc.pids or ch.pids,
                 cap_add=list(svc.cap_add or ch.cap_add), publish_ip=self.settings.publish_ip,
@@ -557,9 +604,25 @@ class InstanceSpecs:
         return made
 
     def group_of(self, challenge: str, team: str) -> list[ContainerInfo]:
-        """Every container of the team's instance of ``challenge`` on this host (by labels)."""
-        return self.driver.list_containers(
+        """Every container of the team's instance of ``challenge`` on this host (by labels).
+
+        A group claimed from a warm pool carries no ``ctf.team`` (labels cannot change): its
+        primary container's name tells the team, and its ``ctf.pool`` slot finds the others,
+        each named for the team too (a half-made claim's members are the pool's to remove).
+        """
+        found = self.driver.list_containers(
             {**self.scope_here(), LABEL_TEAM: team, LABEL_CHALLENGE: challenge})
+        main = container_name(challenge, team)
+        if any(c.name == main for c in found):
+            return found
+        info = self.driver.get_container(main)
+        slot = None if info is None else info.labels.get(LABEL_POOL)
+        if info is None or not slot or info.labels.get(LABEL_CHALLENGE) != challenge \
+                or not carries(info.labels, self.scope_here()):
+            return found
+        pooled = self.driver.list_containers(
+            {**self.scope_here(), LABEL_CHALLENGE: challenge, LABEL_POOL: slot})
+        return found + [c for c in pooled if c.name == main or c.name.startswith(f"{main}.")]
 
     def whole_group(self, ch: Challenge, team: str, main: ContainerInfo | None,
                     ) -> dict[str, ContainerInfo] | None:
@@ -581,8 +644,12 @@ class InstanceSpecs:
                 return None
         return {s.name: found[s.name] for s in ch.app.services}
 
-    def remove_group(self, challenge: str, team: str, egress: EgressGuard) -> bool:
+    def remove_group(self, challenge: str, team: str, egress: EgressGuard,
+                     network: bool = True) -> bool:
         """Remove every container of a Compose instance, then its network.
+
+        ``network=False`` (a start about to claim a pooled group) looks for the instance's own
+        network only when a container of it was found: a claim makes no network call.
 
         Returns:
             Whether there was a container to remove.
@@ -591,9 +658,15 @@ class InstanceSpecs:
         for info in found:
             egress.release(info)  # before its address is free for another
             self.driver.remove_container(info.id)
-        net = self.driver.get_network(instance_network_name(challenge, team))
-        if net is not None and carries(net.labels, self.scope_labels):
-            self.driver.remove_network(net.id)
+        # A group claimed from a warm pool sits on its slot's network (pool_network_name).
+        networks = {pool_network_name(challenge, c.labels[LABEL_POOL]) for c in found
+                    if c.labels.get(LABEL_POOL)}
+        if network or found:
+            networks.add(instance_network_name(challenge, team))
+        for name in sorted(networks):
+            net = self.driver.get_network(name)
+            if net is not None and carries(net.labels, self.scope_labels):
+                self.driver.remove_network(net.id)
         return bool(found)
 
     def with_group(self, ch: Challenge, inst: Instance, made: dict[str, ContainerInfo],

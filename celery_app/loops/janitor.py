@@ -338,8 +338,10 @@ class Janitor:
         live_keys: set[str] | None = None
         for net in svc.driver.list_networks(svc.scope_labels):
             team = net.labels.get("ctf.team", "")
-            if LABEL_POOL in net.labels:
-                continue  # a warm pool's holding network (pool.py)
+            if LABEL_POOL in net.labels and (net.labels[LABEL_POOL] == "holding"
+                                              or self._pooled(net.labels.get(LABEL_CHALLENGE,
+                                                                             ""))):
+                continue  # a warm pool's holding network, or a pooled group's (pool.py)
             if net.containers:
                 continue
             challenge = net.labels.get(LABEL_CHALLENGE)

@@ -106,13 +106,32 @@ def pool_container_name(challenge: str, slot: str) -> str:
     return f"{POOL_NAME_PREFIX}{challenge}-{slot}"
 
 
+def pool_service_container_name(challenge: str, slot: str, service: str) -> str:
+    """Return an unclaimed pooled Compose group's service: ``ctfpool-<challenge>-<slot>.<service>``.
+
+    The primary endpoint's service is :func:`pool_container_name`; a claim renames each to
+    its instance name (:func:`container_name`, :func:`service_container_name`).
+    """
+    return f"{pool_container_name(challenge, slot)}.{service}"
+
+
+def pool_network_name(challenge: str, slot: str) -> str:
+    """Return the network of one pooled Compose group: ``ctfpool-<challenge>-<slot>``.
+
+    Made at the group's boot and never renamed: a claim leaves it as it is (no network
+    operation), and the claimed instance's network is found by its ``ctf.pool`` label.
+    """
+    return pool_container_name(challenge, slot)
+
+
 def read_claim(
     labels: dict[str, str], name: str, endpoint_options: dict[str, str] | None = None
 ) -> dict[str, str]:
     """Return a container's labels as the instancer reads them (warm pools, issue 14).
 
     A claimed pool container (``ctf.pool`` label, no ``ctf.team``) is named
-    ``ctf-<challenge>-<team>``: its team is read from that name, and its claim's
+    ``ctf-<challenge>-<team>`` (``.<service>`` after it: another service of a pooled Compose
+    group, SPEC §12): its team is read from that name, and its claim's
     ``ctf.started_at`` / ``ctf.expires_at`` from its team-network endpoint's driver options.
     Any other container's labels are returned unchanged.
     """
@@ -121,6 +140,9 @@ def read_claim(
         return labels
     prefix = container_name(challenge, "")
     team = name[len(prefix):] if name.startswith(prefix) else ""
+    service = labels.get(LABEL_SERVICE)
+    if service and team.endswith(f".{service}"):  # a pooled Compose group's other service
+        team = team[: -len(service) - 1]
     if not TEAM_ID_RE.fullmatch(team):
         return labels  # unclaimed (or not a name we gave): no team
     claimed = {**labels, LABEL_TEAM: team}

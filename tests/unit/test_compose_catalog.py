@@ -60,10 +60,20 @@ def test_neither_image_nor_compose_is_refused(tmp_path: Path) -> None:
     assert "'shop'" in message and "'image'" in message and "'compose'" in message
 
 
-def test_a_pool_of_a_compose_challenge_is_refused_for_now(tmp_path: Path) -> None:
-    """Warm pools of groups are not made yet: ``pool: 2`` is refused, saying so."""
+def test_a_pool_of_a_compose_file_that_uses_the_team_id_is_refused(tmp_path: Path) -> None:
+    """The shop's bot reads ${CTF_TEAM}: ``pool: 2`` is refused, naming service and key."""
     message = refusal({"compose": "compose.yaml", "pool": 2}, tmp_path)
     assert "'shop'" in message and "pool: 0" in message
+    assert "'bot'" in message and "'environment.TEAM'" in message and "CTF_TEAM" in message
+
+
+def test_a_pool_of_a_compose_file_without_the_team_id_is_accepted(tmp_path: Path) -> None:
+    """Without ${CTF_TEAM} a Compose challenge may have a warm pool of whole groups."""
+    (tmp_path / "compose.yaml").write_text(
+        SHOP.read_text().replace("TEAM: ${CTF_TEAM}", "TEAM: nobody"))
+    catalog = build_catalog({"challenges": {"shop": {"compose": "compose.yaml", "pool": 2}}},
+                            Settings(), "cat.yaml", tmp_path)
+    assert catalog.get("shop").pool == 2 and catalog.get("shop").is_group
 
 
 def test_a_port_on_a_compose_challenge_is_refused(tmp_path: Path) -> None:
