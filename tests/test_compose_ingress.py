@@ -9,8 +9,10 @@ instance only). A platform starts and stops it by sending the tasks by name.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -235,6 +237,27 @@ def test_a_service_without_ports_has_no_route_and_nothing_is_published(
     folder = stack.settings.data_dir / "ingress" / "dynamic"
     routed = "".join(p.read_text() for p in folder.glob("*.yml"))
     assert db_ip and f"{db_ip}:" not in routed
+
+
+def test_the_janitor_rebuilds_a_lost_endpoint_route_and_sweeps_a_stale_one(
+        stack: Stack, alpha: dict[str, Any]) -> None:
+    """A route file a crash lost comes back within a janitor pass; one of no endpoint goes."""
+    folder = stack.settings.data_dir / "ingress" / "dynamic"
+    lost = folder / f"ctf-shop-{ALPHA}.admin@8080.yml"
+    text = lost.read_text()
+    lost.unlink()
+    stale = folder / f"ctf-shop-{ALPHA}.admin@9999.yml"
+    stale.write_text("{}\n")
+    old = time.time() - stack.settings.orphan_grace - 5
+    os.utime(stale, (old, old))
+    host = host_of(endpoint(alpha, "admin")["url"])
+    wait_for(lambda: lost.exists() and not stale.exists(), 30, 0.1,
+             "the janitor's route repair")
+    assert lost.read_text() == text
+    wait_for(lambda: stack.web(host).status == 401, 10, 0.05,
+             "Traefik to load the rebuilt admin route (its gate answers)")
+    cookie = open_link(stack, endpoint(alpha, "admin"))
+    assert stack.web(host, "/cgi-bin/echo", {"Cookie": cookie}).status == 200
 
 
 def test_after_stop_every_host_answers_404_and_no_route_file_remains(

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from celery_app.core.service import InstanceService
+from celery_app.errors import StartFailed
 from celery_app.ingress import Ingress, routes, tokens
 from celery_app.ingress.labels import endpoint_key, instance_label, label_of_host
 from celery_app.vocab.naming import endpoint_route_name, route_container
@@ -171,3 +172,49 @@ def test_route_repair_rebuilds_lost_endpoint_routes_and_sweeps_stale_ones(
     assert not stale.exists()
     assert sorted(ingress.route_names()) == [
         "ctf-shop-alpha", "ctf-shop-alpha.api@9000", "ctf-shop-alpha.api@9001"]
+
+
+def test_a_revocation_moves_every_endpoints_host_and_route(shop: InstanceService) -> None:
+    """After ctfctl revoke the route repair moves each endpoint's route and URL to a new host."""
+    inst = shop.start(shop.catalog.key("shop", "alpha"))
+    before = {(e.service, e.port): e.url for e in inst.endpoints or []}
+    shop.store.revoke_access("alpha")
+    shop.sync_routes()
+    moved = shop.get(shop.catalog.key("shop", "alpha"))
+    after = {(e.service, e.port): e.url for e in moved.endpoints or []}
+    assert set(after) == set(before)
+    assert all(after[k] != before[k] for k in before)
+    assert moved.url == after[("web", 8080)]
+    for url in after.values():
+        assert url is not None
+        label = label_of_host(url.split("://", 1)[1])
+        assert _routed_address(shop.ingress, label) is not None  # the new host is routed
+    for url in before.values():
+        assert url is not None
+        assert _routed_address(shop.ingress, label_of_host(url.split("://", 1)[1])) is None
+
+
+def test_a_failed_start_leaves_no_route(shop: InstanceService, driver: FakeDriver,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An endpoint whose service dies during the start takes every route of the group along."""
+    real_probe = Ingress.probe
+
+    def dying(self: Ingress, challenge: str, team_id: str, protocol: str, health_path: str,
+              *, started_at: str, endpoint: str = "") -> Callable[[float], bool]:
+        check = real_probe(self, challenge, team_id, protocol, health_path,
+                           started_at=started_at, endpoint=endpoint)
+        if not endpoint.startswith("api:"):
+            return check
+
+        def never(_timeout: float) -> bool:
+            for c in driver.list_containers({**LABELS, "ctf.service": "api"}):
+                if c.state == "running":
+                    driver.exit(c.id, 2, output="api crashed\n")
+            return False
+
+        return never
+
+    monkeypatch.setattr(Ingress, "probe", dying)
+    with pytest.raises(StartFailed, match="service api"):
+        shop.start(shop.catalog.key("shop", "alpha"))
+    assert list(shop.ingress.dynamic_dir.glob("*.yml")) == []
