@@ -331,12 +331,6 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog",
                                   "max_lifetime": max_lifetime}
         if not challenge.read_only and challenge.disk is None:
             update["disk"] = settings.default_disk  # every writable instance is bounded
-        if challenge.compose is not None and settings.ingress != "ports":
-            raise CatalogError(
-                f"{source}: challenge {cid!r}, field 'compose': Compose challenges are not "
-                "routed by the ingress yet (CTF_INGRESS=traefik); serve them with published "
-                "ports (CTF_INGRESS=ports) or remove the challenge"
-            )
         if challenge.compose is not None:
             # Read now, at start-up: a mistake in the file is refused before any team starts.
             path = (base or Path.cwd()) / challenge.compose

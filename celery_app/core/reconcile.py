@@ -24,6 +24,7 @@ from typing import Any
 from redis.lock import Lock
 
 from celery_app.core.catalog import Catalog, Challenge
+from celery_app.core.compose import Endpoint
 from celery_app.core.specs import InstanceSpecs
 from celery_app.engine.driver import ContainerInfo, Driver, carries
 from celery_app.errors import CTFError, InvalidRequest
@@ -221,37 +222,69 @@ class Reconciler:
 
         Routes are written and removed by start and stop; this repairs what a crash in
         between left behind: a route for every running container of ours, none for the rest.
-        A route younger than ``CTF_ORPHAN_GRACE`` is left alone: a start writes its route
-        before its container exists.
+        A Compose instance (SPEC §12) has one route per endpoint, each on the container of
+        its service (:meth:`InstanceSpecs.endpoint_route`). A route younger than
+        ``CTF_ORPHAN_GRACE`` is left alone: a start writes its route before its container
+        exists.
         """
         if not self.ingress.enabled:
             return
-        running = {}
-        for c in self.driver.list_containers(self.specs.scope_here()):
-            if c.state == "running" and c.ip:
-                with contextlib.suppress(CTFError):
-                    ch = self.catalog.get(c.challenge)
-                    if c.name == self._main(ch.id, c.team_id):
-                        running[c.name] = (ch, c)
+        running = self._routed()
         for name in self.ingress.route_names() - set(running):
             if self.ingress.route_age(name) >= self.settings.orphan_grace:
                 self.ingress.remove_route(name)
         generations: dict[str, int] = {}  # one read per team and pass (revocations)
-        for name, (ch, c) in running.items():
+        for name, (ch, c, point) in running.items():
             # Only for a live instance: a stop marks its record "stopping" before it removes
             # the route, and must not see the route come back before the container goes.
             record = self.store.get(ch.id, c.team_id)
-            if record is None or record.status not in ("running", "starting") \
-                    or record.container_id not in ("", c.id):
+            if record is None or record.status not in ("running", "starting"):
                 continue
+            if point is None and record.container_id not in ("", c.id):
+                continue
+            if point is not None and c.labels.get(LABEL_STARTED_AT) != record.started_at:
+                continue  # a service of another start of the group
             with contextlib.suppress(CTFError):
-                port = self.specs.container_port(ch)
                 if c.team_id not in generations:
                     generations[c.team_id] = self.store.access_generation(c.team_id)
                 generation = generations[c.team_id]
-                self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip), port,
-                                       started_at=record.started_at, generation=generation)
-                self._follow_label(ch, record, generation)
+                if point is None:
+                    port = self.specs.container_port(ch)
+                    self.ingress.add_route(name, ch.id, c.team_id, ch.protocol, str(c.ip),
+                                           port, started_at=record.started_at,
+                                           generation=generation)
+                    self._follow_label(ch, record, generation)
+                    continue
+                _, key = self.specs.endpoint_route(ch, c.team_id, point)
+                self.ingress.add_route(name, ch.id, c.team_id, point.protocol, str(c.ip),
+                                       point.port, started_at=record.started_at,
+                                       generation=generation, endpoint=key)
+                if ch.app is not None and point == ch.app.primary:
+                    self._follow_label(ch, record, generation)
+
+    def _routed(self) -> dict[str, tuple[Challenge, ContainerInfo, Endpoint | None]]:
+        """The routes this host's running containers should have, by route name.
+
+        Each maps to its challenge, its container and its endpoint (``None``: a single
+        image's one route, named after its container).
+        """
+        routed: dict[str, tuple[Challenge, ContainerInfo, Endpoint | None]] = {}
+        for c in self.driver.list_containers(self.specs.scope_here()):
+            if c.state != "running" or not c.ip:
+                continue
+            with contextlib.suppress(CTFError, KeyError):
+                ch = self.catalog.get(c.challenge)
+                if ch.app is None:
+                    if c.name == self._main(ch.id, c.team_id):
+                        routed[c.name] = (ch, c, None)
+                    continue
+                service = c.labels.get(LABEL_SERVICE, "")
+                if c.name != self.specs.layout(ch.id, c.team_id, ch.app).of(service):
+                    continue  # not a name this group's service has
+                for ep in ch.app.endpoints:
+                    if ep.service == service:
+                        routed[self.specs.endpoint_route(ch, c.team_id, ep)[0]] = (ch, c, ep)
+        return routed
 
     def _follow_label(self, ch: Challenge, record: Instance, generation: int) -> None:
         """Give a running instance's record the URL of its current label (issue 22).
@@ -259,20 +292,36 @@ class Reconciler:
         A revocation (``ctfctl revoke``) raises the team's access generation: the route just
         rewritten names the new host, and the record (what the API shows, and what
         ``access_url`` is built from) must name it too. Done under the instance's lock on a
-        fresh read; an instance busy in another operation gets it next pass.
+        fresh read; an instance busy in another operation gets it next pass. A Compose
+        instance's endpoints follow with it (each has a host of its own).
         """
-        url = self.ingress.url(ch.id, record.team_id, ch.protocol,
-                               started_at=record.started_at, generation=generation)
-        if record.status != "running" or record.url == url:
+        update = self._current_urls(ch, record, generation)
+        if record.status != "running" or not update:
             return
         with self._locked(ch.id, record.team_id, BUSY_WAIT):
             fresh = self.store.get(ch.id, record.team_id)
             if fresh is None or fresh.status != "running" \
-                    or fresh.container_id != record.container_id or fresh.url == url:
+                    or fresh.container_id != record.container_id:
                 return
-            self.store.put(fresh.model_copy(update={"url": url}))
+            update = self._current_urls(ch, fresh, generation)
+            if not update:
+                return
+            self.store.put(fresh.model_copy(update=update))
             log.info("ingress: %s of team %s moved to %s (access revoked)", ch.id,
-                     record.team_id, url)
+                     record.team_id, update["url"])
+
+    def _current_urls(self, ch: Challenge, record: Instance, generation: int,
+                      ) -> dict[str, Any]:
+        """What of ``record`` names an old label: its ``url`` (and ``endpoints``), or nothing."""
+        if ch.app is None:
+            url = self.ingress.url(ch.id, record.team_id, ch.protocol,
+                                   started_at=record.started_at, generation=generation)
+            return {} if record.url == url else {"url": url}
+        endpoints = self.specs.endpoint_views(ch, record.team_id, record.started_at, {},
+                                              generation)
+        if record.url == endpoints[0].url and record.endpoints == endpoints:
+            return {}
+        return {"url": endpoints[0].url, "endpoints": endpoints}
 
     # -- one container's news: the event follower and the janitor's dead containers --------
 

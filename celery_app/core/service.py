@@ -289,6 +289,7 @@ class InstanceService:
                 inst = self.specs.with_group(
                     ch, record or self.specs.from_container(ch, whole[primary], "starting"),
                     whole)
+                self.specs.route_group(ch, team, inst.started_at, whole)
                 return self.specs.await_group_ready(ch, whole, inst, report, lock, self.egress,
                                                     task_id)
             # Anything else of it (a half group, a failed one) goes: a group is made whole,
@@ -307,9 +308,16 @@ class InstanceService:
             except BaseException:
                 self.store.delete(ch.id, team, self.host)  # create_group removed its parts
                 raise
-            # 8. record the containers and the endpoints
+            # 8. record the containers and the endpoints (behind the ingress: one route each,
+            #    written before the instance is probed through them)
             inst = self.specs.with_group(ch, inst, made)
             self.store.put(inst)
+            try:
+                self.specs.route_group(ch, team, inst.started_at, made)
+            except BaseException:
+                self.specs.remove_group(ch.id, team, self.egress)
+                self.store.delete(ch.id, team, self.host)
+                raise
             # 9. running only once every endpoint answers
             report({"phase": "starting", "container": inst.container_name})
             return self.specs.await_group_ready(ch, made, inst, report, lock, self.egress,

@@ -42,6 +42,7 @@ from celery_app.engine.driver import (
 from celery_app.engine.firewall import EgressGuard
 from celery_app.errors import CatalogError, CTFError, ImageNotFound, StartFailed
 from celery_app.ingress import Ingress
+from celery_app.ingress.labels import endpoint_key
 from celery_app.settings import Settings
 from celery_app.state.redis_errors import map_redis_errors
 from celery_app.state.store import StateStore
@@ -59,6 +60,7 @@ from celery_app.vocab.naming import (
     LABEL_STARTED_AT,
     LABEL_TEAM,
     container_name,
+    endpoint_route_name,
     instance_network_name,
     network_name,
     pool_container_name,
@@ -489,7 +491,8 @@ class InstanceSpecs:
     def answers(self, ch: Challenge, info: ContainerInfo) -> bool:
         """Whether the container answers its probe now (one try, 1 s)."""
         if ch.app is not None:  # a Compose instance's primary container: its endpoint's probe
-            return self._endpoint_probe(ch.app.primary, info)(1.0)
+            return self._endpoint_probe(ch, ch.app.primary, info,
+                                        info.labels.get(LABEL_STARTED_AT, ""))(1.0)
         target = self.probe_target(ch, info, self.container_port(ch),
                                    info.labels.get(LABEL_STARTED_AT, ""))
         return target is not None and target(1.0)
@@ -559,7 +562,8 @@ class InstanceSpecs:
                 entrypoint=None if svc.entrypoint is None else list(svc.entrypoint),
                 working_dir=svc.working_dir, hostname=svc.name,
                 filesystem=Filesystem(read_only, dict(svc.tmpfs) or ch.tmpfs_bytes, None, disk),
-                publish=True, network=layout.network, user=svc.user or ch.user,
+                # Behind the ingress the endpoints are reached through Traefik (SPEC §11).
+                publish=not self.ingress.enabled, network=layout.network, user=svc.user or ch.user,
                 aliases=(svc.name,),
                 healthcheck=None if health is None else Healthcheck(
                     test=health.test, interval=health.interval, timeout=health.timeout,
@@ -646,7 +650,7 @@ class InstanceSpecs:
 
     def remove_group(self, challenge: str, team: str, egress: EgressGuard,
                      network: bool = True) -> bool:
-        """Remove every container of a Compose instance, then its network.
+        """Remove every container of a Compose instance (and its routes), then its network.
 
         ``network=False`` (a start about to claim a pooled group) looks for the instance's own
         network only when a container of it was found: a claim makes no network call.
@@ -656,6 +660,8 @@ class InstanceSpecs:
         """
         found = self.group_of(challenge, team)
         for info in found:
+            # Routes first: the endpoint's host answers 404 before its container goes.
+            self.ingress.remove_routes(info.name)
             egress.release(info)  # before its address is free for another
             self.driver.remove_container(info.id)
         # A group claimed from a warm pool sits on its slot's network (pool_network_name).
@@ -669,24 +675,90 @@ class InstanceSpecs:
                 self.driver.remove_network(net.id)
         return bool(found)
 
+    def endpoint_route(self, ch: Challenge, team: str, ep: Endpoint) -> tuple[str, str]:
+        """The ingress route name and endpoint key of a Compose instance's endpoint.
+
+        The primary endpoint's are the instance's own: its container's name and no key (so
+        its host is the one a single image of this (challenge, team) would have); every
+        other endpoint's are ``<container>@<port>`` and ``<service>:<port>`` (a host of
+        its own, see :mod:`celery_app.ingress.labels`).
+        """
+        assert ch.app is not None
+        layout = self.layout(ch.id, team, ch.app)
+        if ep == ch.app.primary:
+            return layout.main, ""
+        return (endpoint_route_name(layout.of(ep.service), ep.port),
+                endpoint_key(ep.service, ep.port))
+
+    def route_group(self, ch: Challenge, team: str, started_at: str,
+                    made: dict[str, ContainerInfo], generation: int | None = None) -> None:
+        """Write the ingress route of every endpoint of a Compose instance (ingress on).
+
+        Written once the services run (their addresses known) and before the instance is
+        probed: the routes exist before it is ``running`` (SPEC §11). Unchanged routes are
+        not rewritten (an adopted group's).
+        """
+        if not self.ingress.enabled:
+            return
+        assert ch.app is not None
+        if generation is None:
+            generation = self.ingress.generation(team)
+        for ep in ch.app.endpoints:
+            info = made.get(ep.service)
+            if info is None or not info.ip:
+                continue  # not reachable: its probe fails and says so
+            route, key = self.endpoint_route(ch, team, ep)
+            self.ingress.add_route(route, ch.id, team, ep.protocol, info.ip, ep.port,
+                                   started_at=started_at, generation=generation, endpoint=key)
+
+    def endpoint_views(self, ch: Challenge, team: str, started_at: str,
+                       made: dict[str, ContainerInfo], generation: int | None = None,
+                       ) -> list[EndpointView]:
+        """Every endpoint of a Compose instance as users see it, with its ``url``.
+
+        Behind the ingress each endpoint's URL names its own host; with published ports,
+        the public host and the endpoint's host port (``None`` when it has none).
+        """
+        assert ch.app is not None
+        if self.ingress.enabled and generation is None:
+            generation = self.ingress.generation(team)
+        endpoints = []
+        for ep in ch.app.endpoints:
+            url: str | None
+            if self.ingress.enabled:
+                _, key = self.endpoint_route(ch, team, ep)
+                url = self.ingress.url(ch.id, team, ep.protocol, started_at=started_at,
+                                       generation=generation, endpoint=key)
+            else:
+                member = made.get(ep.service)
+                host_port = None if member is None else member.ports.get(f"{ep.port}/tcp")
+                scheme = "http" if ep.protocol == "http" else "tcp"
+                url = None if host_port is None else \
+                    f"{scheme}://{self.public_host}:{host_port}"
+            endpoints.append(EndpointView(service=ep.service, port=ep.port,
+                                          protocol=ep.protocol, url=url))
+        return endpoints
+
     def with_group(self, ch: Challenge, inst: Instance, made: dict[str, ContainerInfo],
                    ) -> Instance:
         """Return ``inst`` with its primary service's container and every endpoint's URL."""
         assert ch.app is not None
-        endpoints = []
-        for ep in ch.app.endpoints:
-            member = made.get(ep.service)
-            host_port = None if member is None else member.ports.get(f"{ep.port}/tcp")
-            scheme = "http" if ep.protocol == "http" else "tcp"
-            endpoints.append(EndpointView(
-                service=ep.service, port=ep.port, protocol=ep.protocol,
-                url=None if host_port is None else f"{scheme}://{self.public_host}:{host_port}"))
+        endpoints = self.endpoint_views(ch, inst.team_id, inst.started_at, made)
         main = made[ch.app.primary.service]
         return inst.model_copy(update={"container_id": main.id, "ports": main.ports,
                                        "url": endpoints[0].url, "endpoints": endpoints})
 
-    def _endpoint_probe(self, ep: Endpoint, info: ContainerInfo) -> Callable[[float], bool]:
-        """One try at an endpoint, as :meth:`probe_target` reaches one image's port."""
+    def _endpoint_probe(self, ch: Challenge, ep: Endpoint, info: ContainerInfo,
+                        started_at: str) -> Callable[[float], bool]:
+        """One try at an endpoint, as :meth:`probe_target` reaches one image's port.
+
+        Behind the ingress: through Traefik, the endpoint's route and the gate, as players
+        reach it (``started_at``: the instance's, a TCP endpoint's host depends on it).
+        """
+        if self.ingress.enabled:
+            _, key = self.endpoint_route(ch, info.team_id, ep)
+            return self.ingress.probe(ch.id, info.team_id, ep.protocol, ep.health_path,
+                                      started_at=started_at, endpoint=key)
         if self.driver.is_local and info.ip:
             host, port = info.ip, ep.port
         else:
@@ -710,11 +782,12 @@ class InstanceSpecs:
         """
         assert ch.app is not None
         pending = list(ch.app.endpoints)
+        probes = {ep: self._endpoint_probe(ch, ep, made[ep.service], inst.started_at)
+                  for ep in pending}
 
         def check(timeout: float) -> bool:
             while pending:  # endpoints answer once: only the rest are tried again
-                ep = pending[0]
-                if not self._endpoint_probe(ep, made[ep.service])(timeout):
+                if not probes[pending[0]](timeout):
                     return False
                 pending.pop(0)
             return True
@@ -760,4 +833,6 @@ class InstanceSpecs:
                 return (f"service {service} exited{code}"
                         + (f"; its last output: {logs[-500:]}" if logs else ""))
         return (f"service {waiting.service} did not answer on port {waiting.port} within "
-                f"{timeout:.0f} s; check its x-ctf-protocol and x-ctf-health-path")
+                f"{timeout:.0f} s"
+                + (self.ingress.probe_hint() if self.ingress.enabled else "")
+                + "; check its x-ctf-protocol and x-ctf-health-path")

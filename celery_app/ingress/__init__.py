@@ -20,7 +20,7 @@ from typing import Any
 from celery_app.ingress import probe, routes, tokens
 from celery_app.ingress.labels import instance_host, instance_label
 from celery_app.settings import Settings
-from celery_app.vocab.naming import CONTAINER_NAME_PREFIX
+from celery_app.vocab.naming import CONTAINER_NAME_PREFIX, ROUTE_PORT_SEP
 
 
 def _no_revocations(_team_id: str) -> int:
@@ -65,29 +65,36 @@ class Ingress:
         return self.settings.flag_secret_value()
 
     def label(self, challenge: str, team_id: str, protocol: str, started_at: str,
-              generation: int | None = None) -> str:
+              generation: int | None = None, endpoint: str = "") -> str:
         """Return the instance's host label (unguessable).
 
         An HTTP instance's is the same for its (challenge, team) until the team's access is
         revoked; a TCP instance's also changes with each new instance (``started_at``): its
         name is its only gate (see :mod:`.labels`). ``generation``: the team's access
         generation when the caller has read it already (else it is read now).
+        ``endpoint``: a Compose instance's endpoint other than its primary one
+        (:func:`~celery_app.ingress.labels.endpoint_key`), which has a host of its own.
         """
         if generation is None:
             generation = self.generation(team_id)
         return instance_label(self._secret(), challenge, team_id, generation,
-                              started_at if protocol == "tcp" else "")
+                              started_at if protocol == "tcp" else "", endpoint)
 
     def host(self, challenge: str, team_id: str, protocol: str, started_at: str,
-             generation: int | None = None) -> str:
+             generation: int | None = None, endpoint: str = "") -> str:
         """Return ``<label>.<CTF_INSTANCE_DOMAIN>``."""
-        return instance_host(self.label(challenge, team_id, protocol, started_at, generation),
-                             self.settings.instance_domain)
+        return instance_host(
+            self.label(challenge, team_id, protocol, started_at, generation, endpoint),
+            self.settings.instance_domain)
 
     def url(self, challenge: str, team_id: str, protocol: str, *, started_at: str,
-            generation: int | None = None) -> str:
-        """Return the instance's ``url``: ``http(s)://host[:port]/`` or ``tls://host:port``."""
-        host = self.host(challenge, team_id, protocol, started_at, generation)
+            generation: int | None = None, endpoint: str = "") -> str:
+        """Return the instance's ``url``: ``http(s)://host[:port]/`` or ``tls://host:port``.
+
+        ``endpoint``: a Compose instance's non-primary endpoint (its own host, see
+        :meth:`label`).
+        """
+        host = self.host(challenge, team_id, protocol, started_at, generation, endpoint)
         _, https_port = routes.bind_parts(self.settings.ingress_https_bind)
         if protocol == "tcp":
             return f"tls://{host}:{https_port}"
@@ -101,21 +108,26 @@ class Ingress:
     # -- routes (the worker on the Docker host) ----------------------------------------------
 
     def route_file(self, container_name: str) -> Path:
-        """Return the route file of an instance's container."""
+        """Return the route file of an instance's container (or of an endpoint's route).
+
+        ``container_name``: a container's name, or an endpoint's route name
+        (:func:`~celery_app.vocab.naming.endpoint_route_name`).
+        """
         return self.dynamic_dir / f"{container_name}.yml"
 
     def add_route(self, container_name: str, challenge: str, team_id: str, protocol: str,
                   address: str, port: int, *, started_at: str,
-                  generation: int | None = None) -> bool:
+                  generation: int | None = None, endpoint: str = "") -> bool:
         """Write (or replace) the instance's route; Traefik loads it within a moment.
 
         The file is named after the container: a new label (a revocation) replaces the old
-        host's route, whose host then answers 404.
+        host's route, whose host then answers 404. A Compose instance's other endpoints
+        pass their route name (``<container>@<port>``) and ``endpoint`` (their own host).
 
         Returns:
             Whether the file changed.
         """
-        label = self.label(challenge, team_id, protocol, started_at, generation)
+        label = self.label(challenge, team_id, protocol, started_at, generation, endpoint)
         plugin = routes.plugin_config(self.settings, label) \
             if routes.uses_plugin(self.settings) else None
         config = routes.route_config(label, instance_host(label, self.settings.instance_domain),
@@ -126,8 +138,23 @@ class Ingress:
         """Remove the instance's route: its host answers 404 once Traefik reloads."""
         return routes.remove(self.route_file(container_name))
 
+    def remove_routes(self, container_name: str) -> bool:
+        """Remove every route of a container: its own and its endpoints' (``<name>@<port>``).
+
+        Returns:
+            Whether there was one.
+        """
+        removed = self.remove_route(container_name)
+        if self.dynamic_dir.is_dir():
+            for path in self.dynamic_dir.glob(f"{container_name}{ROUTE_PORT_SEP}*.yml"):
+                removed = routes.remove(path) or removed
+        return removed
+
     def route_names(self) -> set[str]:
-        """Return the container names that have a route file."""
+        """Return the route names that have a route file.
+
+        Container names, and ``<container>@<port>`` for a Compose instance's other endpoints.
+        """
         if not self.dynamic_dir.is_dir():
             return set()
         return {p.stem for p in self.dynamic_dir.glob(f"{CONTAINER_NAME_PREFIX}*.yml")}
@@ -140,9 +167,13 @@ class Ingress:
             return 0.0
 
     def probe(self, challenge: str, team_id: str, protocol: str,
-              health_path: str, *, started_at: str) -> Callable[[float], bool]:
-        """Return a readiness check that goes through Traefik, the route and the gate."""
-        label = self.label(challenge, team_id, protocol, started_at)
+              health_path: str, *, started_at: str, endpoint: str = "",
+              ) -> Callable[[float], bool]:
+        """Return a readiness check that goes through Traefik, the route and the gate.
+
+        ``endpoint``: a Compose instance's non-primary endpoint (its own host and route).
+        """
+        label = self.label(challenge, team_id, protocol, started_at, endpoint=endpoint)
         host = instance_host(label, self.settings.instance_domain)
         status_host, status_port = routes.bind_parts(self.settings.ingress_status_bind)
         router = routes.router_name(label)
@@ -197,11 +228,25 @@ class Ingress:
         return f"{origin}{tokens.LINK_PREFIX}{token}"
 
     def with_access(self, data: dict[str, Any], principal: str | None = None) -> dict[str, Any]:
-        """Return an instance's JSON with ``access_url`` added (ingress on, HTTP instance)."""
+        """Return an instance's JSON with ``access_url`` added (ingress on, HTTP instance).
+
+        A Compose instance's ``endpoints`` get theirs too: each HTTP endpoint has a host of
+        its own, and a link opens one host only.
+        """
         if not self.enabled or data.get("status") not in ("running", "starting"):
             return data
-        link = self.access_url(data.get("url"), str(data.get("team_id", "")), principal)
-        return {**data, "access_url": link} if link else data
+        team = str(data.get("team_id", ""))
+        link = self.access_url(data.get("url"), team, principal)
+        shown = {**data, "access_url": link} if link else dict(data)
+        endpoints = data.get("endpoints")
+        if isinstance(endpoints, list) and endpoints:
+            with_links = []
+            for ep in endpoints:
+                ep_link = self.access_url(ep.get("url"), team, principal) \
+                    if isinstance(ep, dict) else None
+                with_links.append({**ep, "access_url": ep_link} if ep_link else ep)
+            shown["endpoints"] = with_links
+        return shown
 
 
 __all__ = ["Ingress"]

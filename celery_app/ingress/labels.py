@@ -12,6 +12,11 @@ change (issue 22):
   but its name, which travels in cleartext SNI, so each new instance gets a new name.
 
 An HTTP instance keeps its host for one (challenge, team) until a revocation (SPEC §11).
+
+A Compose instance (SPEC §12) has a host per endpoint: its primary endpoint's is exactly the
+label above (the instance's ``url`` is the one a single image would have), every other
+endpoint's adds the endpoint (service and container port) to the HMAC input, so each is as
+unguessable, and stays the same for one (challenge, team, service, port).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def label_key(secret: str) -> bytes:
 
 
 def instance_label(secret: str, challenge: str, team_id: str, generation: int = 0,
-                   nonce: str = "") -> str:
+                   nonce: str = "", endpoint: str = "") -> str:
     """Return the host label of one (challenge, team).
 
     Args:
@@ -42,6 +47,8 @@ def instance_label(secret: str, challenge: str, team_id: str, generation: int = 
         generation: the team's access generation (0: the label from before revocations).
         nonce: the instance's own nonce (TCP instances: their ``started_at``); empty for
             a label that stays the same across instances.
+        endpoint: a Compose instance's other endpoint (:func:`endpoint_key`); empty for
+            the instance's own (primary) host.
 
     Returns:
         16 lowercase base32 characters (80 bits).
@@ -51,8 +58,15 @@ def instance_label(secret: str, challenge: str, team_id: str, generation: int = 
         message += f"/g{generation}"
     if nonce:
         message += f"/n{nonce}"
+    if endpoint:
+        message += f"/e{endpoint}"
     digest = hmac.new(label_key(secret), message.encode(), hashlib.sha256)
     return base64.b32encode(digest.digest()).decode().lower()[:LABEL_CHARS]
+
+
+def endpoint_key(service: str, port: int) -> str:
+    """Return the name of a Compose endpoint in its label's input: ``<service>:<port>``."""
+    return f"{service}:{port}"
 
 
 def instance_host(label: str, domain: str) -> str:

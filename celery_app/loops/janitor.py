@@ -268,7 +268,7 @@ class Janitor:
                 live_teams.add(c.team_id)
                 continue
             try:
-                svc.ingress.remove_route(c.name)
+                svc.ingress.remove_routes(c.name)  # and its endpoints' (Compose)
                 svc.driver.remove_container(c.id)
                 summary.orphan_containers.append(c.name)
             except CTFError as exc:

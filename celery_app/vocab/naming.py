@@ -30,6 +30,8 @@ LABEL_SERVICE: Final = "ctf.service"
 LABEL_POOL: Final = "ctf.pool"
 # Every instance container's name starts so (an ingress route file is named after it).
 CONTAINER_NAME_PREFIX: Final = "ctf-"
+# Between a container's name and an endpoint's port in a route file's name (Compose, SPEC §12).
+ROUTE_PORT_SEP: Final = "@"
 POOL_NAME_PREFIX: Final = "ctfpool-"  # never an instance name, which starts "ctf-"
 
 
@@ -79,6 +81,21 @@ def service_container_name(challenge: str, team_id: str, service: str) -> str:
     The primary endpoint's service keeps the instance's name (:func:`container_name`).
     """
     return f"{container_name(challenge, team_id)}.{service}"
+
+
+def endpoint_route_name(container: str, port: int | None = None) -> str:
+    """Return the name of an ingress route (its file's stem) of a container's endpoint.
+
+    An instance's own (primary) endpoint's route is named after its container, as a single
+    image's is; every other endpoint of a Compose instance (SPEC §12) is
+    ``<container>@<port>`` (no container name holds a ``@``).
+    """
+    return container if port is None else f"{container}{ROUTE_PORT_SEP}{port}"
+
+
+def route_container(route: str) -> str:
+    """Invert :func:`endpoint_route_name`: the container a route's endpoint belongs to."""
+    return route.split(ROUTE_PORT_SEP, 1)[0]
 
 
 def instance_key(challenge: str, team_id: str) -> str:

@@ -119,13 +119,13 @@ def test_the_challenge_defaults_reach_the_services(tmp_path: Path) -> None:
     assert app.endpoints[1].health_path == "/ok"
 
 
-def test_a_compose_challenge_behind_the_ingress_is_refused_for_now(tmp_path: Path) -> None:
-    """With CTF_INGRESS=traefik a Compose challenge is refused, not published ungated."""
+def test_a_compose_challenge_behind_the_ingress_is_accepted(tmp_path: Path) -> None:
+    """With CTF_INGRESS=traefik a Compose challenge loads: its endpoints get hosts (SPEC §12)."""
     (tmp_path / "compose.yaml").write_text(SHOP.read_text())
-    with pytest.raises(CatalogError, match="CTF_INGRESS=ports") as caught:
-        build_catalog({"challenges": {"shop": {"compose": "compose.yaml"}}},
-                      Settings(ingress="traefik"), "cat.yaml", tmp_path)
-    assert "'shop'" in str(caught.value)
+    catalog = build_catalog({"challenges": {"shop": {"compose": "compose.yaml"}}},
+                            Settings(ingress="traefik"), "cat.yaml", tmp_path)
+    app = catalog.get("shop").app
+    assert app is not None and [e.service for e in app.endpoints] == ["web"]
 
 
 def test_command_and_storage_on_a_compose_challenge_are_refused(tmp_path: Path) -> None:
