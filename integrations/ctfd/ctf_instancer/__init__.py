@@ -374,10 +374,9 @@ def player_view(chal: InstancedChallenge, inst: dict[str, Any] | None) -> dict[s
     # A Compose instance (SPEC §12): every endpoint with its own link (web) or address (tcp).
     links = endpoint_links(inst)
     if len(links) > 1:
+        # (The query is spelled out: url_for's own first parameter is called ``endpoint``.)
         view["endpoints"] = [
-            {**link, "open_url": url_for(f"{PLUGIN}_player.open_instance",
-                                         challenge_id=chal.id, endpoint=i) if link["web"]
-             else None}
+            {**link, "open_url": f"{view['open_url']}?endpoint={i}" if link["web"] else None}
             for i, link in enumerate(links)]
     if inst.get("host_up") is False:
         view["status_note"] = "Its server is unreachable right now; it is not lost."
