@@ -239,14 +239,12 @@ def test_ctfctl_status_shows_every_endpoint(setup: Setup) -> None:
 
 
 def test_verify_reports_a_group_without_its_db_as_failed(setup: Setup) -> None:
-    """The verified status of a group whose db was removed behind our back is failed, naming db.
-
-    ``status(verify=True)`` is what the status task answers while the worker's event follower
-    is not live, i.e. exactly when the index may have missed such news. To keep the worker's
-    follower and janitor from recording the death first, this group is made by an in-process
-    service of its own scope (labels, Redis databases, half of this file's pool), on the
-    same engine and catalog, which no worker watches.
-    """
+    """The verified status of a group whose db was removed behind our back is failed, naming db."""
+    # status(verify=True) is what the status task answers while the worker's event follower
+    # is not live, i.e. exactly when the index may have missed such news. To keep the worker's
+    # follower and janitor from recording the death first, this group is made by an in-process
+    # service of its own scope (labels, Redis databases, half of this file's pool), on the
+    # same engine and catalog, which no worker watches.
     run = RunConfig(setup.run.redis_url, setup.run.catalog_file,
                     setup.run.data_dir.parent / "verify-data", VERIFY_LABEL, VERIFY_POOL,
                     TEST_FIELDS, dbs=(3, 4, 5))
