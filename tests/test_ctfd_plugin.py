@@ -70,6 +70,22 @@ CMD ["echo \\"<h1>Stand-in challenge</h1><p>Your flag: <code id=flag>$FLAG</code
 > /www/index.html && exec /bin/busybox httpd -f -p 8080 -h /www"]
 """
 
+DUO_DOCKERFILE = """FROM scratch
+COPY busybox /bin/busybox
+COPY www /www
+ENTRYPOINT ["/bin/busybox"]
+"""
+DUO_COMPOSE = """
+services:
+  web:
+    image: {image}
+    command: ["httpd", "-f", "-p", "8080", "-h", "/www/web"]
+    ports: ["8080"]
+  admin:
+    image: {image}
+    command: ["httpd", "-f", "-p", "9090", "-h", "/www/admin"]
+    ports: ["9090"]
+"""
 
 # -- the stack: Redis, worker, API process, CTFd ---------------------------------------------
 
@@ -103,9 +119,20 @@ def stack(
     work = tmp_path_factory.mktemp("ctfd-stack")
     image = build_image(docker_client, f"ctf-test/flagweb:{work.name}", FLAG_DOCKERFILE,
                         {"busybox": BUSYBOX, "index.html": b"starting\n"})
+    # A Compose challenge of two endpoints (SPEC §12): web and admin, each a page of its own.
+    duo = build_image(docker_client, f"ctf-test/ctfd-duo:{work.name}", DUO_DOCKERFILE, {
+        "busybox": BUSYBOX, "www/web/index.html": b"<h1>the web page</h1>\n",
+        "www/admin/index.html": b"<h1>the admin page</h1>\n"})
+    (work / "duo.yaml").write_text(DUO_COMPOSE.format(image=duo))
     catalog = work / "challenges.yaml"
     catalog.write_text(f"""
 challenges:
+  duo:
+    name: Web and admin
+    compose: duo.yaml
+    ttl: 600
+    memory: 64m
+    start_timeout: 120
   flagweb:
     name: Stand-in web challenge
     image: {image}
@@ -571,3 +598,53 @@ def test_admin_token_goes_only_to_its_url_and_not_into_backups(
         org.get_by_role("button", name="Save").click()
         org_ctx.close()
         recorder.close()
+
+
+@pytest.mark.timeout(600)
+def test_the_modal_links_every_endpoint_of_a_compose_instance(
+    ctfd: str, stack: Stack, browser: Browser, docker_client: docker.DockerClient,
+) -> None:
+    """A team's modal of a two-endpoint Compose challenge links web and admin, each opening."""
+    org_ctx, org = new_page(browser, ctfd)
+    log_in(org, ADMIN_NAME, ADMIN_PASSWORD)
+    org.goto("/admin/ctf_instancer/settings")
+    org.fill("#ctfi-url", stack.api)
+    org.fill("#ctfi-token", stack.token)
+    org.get_by_role("button", name="Save").click()
+    expect(org.locator(".ctfi-catalog-list")).to_contain_text("duo")
+    create_challenge(org, {"name": "Two doors", "category": "web", "value": 10,
+                           "description": "Web and admin.", "state": "visible",
+                           "type": "instanced", "instancer_challenge": "duo",
+                           "instancer_flag": "0"}, None)
+    org_ctx.close()
+
+    ctx, team = new_page(browser, ctfd)
+    register_team(team, "carol", "Team Three")
+    team_id = f"{PREFIX}-t" + str(team.request.get("/api/v1/teams/me").json()["data"]["id"])
+    panel = open_challenge(team, "Two doors")
+    expect(panel.locator(".ctfi-endpoints")).to_be_hidden()
+    panel.get_by_role("button", name="Start").click()
+    expect(panel.locator(".ctfi-status")).to_have_text("Running", timeout=90_000)
+    assert len(instance_of(docker_client, team_id, "duo")) == 2
+    items = panel.locator("li.ctfi-endpoint")
+    expect(items).to_have_count(2)
+    expect(panel.locator(".ctfi-address")).to_be_hidden()  # the list replaces the one line
+    for i, (name, text) in enumerate((("web:8080", "the web page"),
+                                      ("admin:9090", "the admin page"))):
+        item = items.nth(i)
+        expect(item).to_contain_text(name)
+        link = item.get_by_role("link")
+        expect(link).to_have_text(re.compile(r"^http://localhost:\d+$"))
+        expect(link).to_have_attribute("href", re.compile(rf"/open/\d+\?endpoint={i}$"))
+        with team.expect_popup() as popup:
+            link.click()
+        page = popup.value
+        expect(page.locator("h1")).to_have_text(text)
+        assert page.url.startswith(link.inner_text())
+        page.close()
+    panel.get_by_role("button", name="Stop").click()
+    expect(panel.locator(".ctfi-status")).to_have_text("Not running")
+    expect(panel.locator(".ctfi-endpoints")).to_be_hidden()
+    wait_for(lambda: not instance_of(docker_client, team_id, "duo"), 30, 0.2,
+             "the group's containers to be removed")
+    ctx.close()

@@ -151,22 +151,48 @@ class Reconciler:
         return summary
 
     def verified(self, found: list[Instance]) -> list[Instance]:
-        """Return ``found`` with this host's running records whose container is not, failed.
+        """Return ``found`` with this host's running records whose containers are not, failed.
 
-        One list call to the engine, so a dead container is never reported as running.
+        One list call to the engine, so a dead container is never reported as running. A
+        Compose instance (SPEC §12) is running only while every service's container is
+        there and running (a one-shot service that exited 0 is done, not dead): one removed
+        or stopped behind our back makes it ``failed``, its ``error`` naming the service.
         """
         live = {c.name: c for c in self.driver.list_containers(self.specs.scope_labels)}
         result = []
         for inst in found:
-            c = live.get(inst.container_name)
-            dead = inst.host == self.host and inst.status == "running" \
-                and (c is None or c.state != "running")
-            result.append(
-                inst.model_copy(update={"status": "failed",
-                                        "error": "the container is no longer running"})
-                if dead else inst
-            )
+            why = None
+            if inst.host == self.host and inst.status == "running":
+                why = self._not_running(inst, live)
+            result.append(inst.model_copy(update={"status": "failed", "error": why})
+                          if why else inst)
         return result
+
+    def _not_running(self, inst: Instance, live: dict[str, ContainerInfo]) -> str | None:
+        """Why a running record's instance does not run, from one listing; ``None`` if it does."""
+        c = live.get(inst.container_name)
+        if c is None or c.state != "running":
+            return "the container is no longer running"
+        try:
+            app = self.catalog.get(inst.challenge).app
+        except CTFError:
+            return None  # left the catalog: its one container is all we know of
+        if app is None:
+            return None
+        layout = self.specs.layout(inst.challenge, inst.team_id, app)
+        for service, name in zip(layout.services[1:], layout.containers[1:], strict=True):
+            member = live.get(name)
+            if member is None:
+                return f"service {service}: the container is gone"
+            if member.state == "running":
+                continue
+            if service in app.one_shots and member.state == "exited":
+                # The list call gives no exit code: ask for this one-shot's (rare).
+                member = self.driver.get_container(member.id) or member
+                if app.done(service, member.state, member.exit_code):
+                    continue
+            return f"service {service}: the container is no longer running"
+        return None
 
     def _starting_recently(self, rec: Instance, now: datetime) -> bool:
         # A start in flight: its container may not exist yet.

@@ -180,6 +180,52 @@
     return safeUrl(inst && inst.access_url) || safeUrl(inst && inst.url);
   }
 
+  // A Compose instance's endpoints (SPEC §12) when it has several; null for one endpoint
+  // (an instance of one image, or a Compose file with one port): its url says it all.
+  function endpointsOf(inst) {
+    const eps = inst && Array.isArray(inst.endpoints) ? inst.endpoints : [];
+    return eps.length > 1 ? eps : null;
+  }
+
+  // One endpoint as a list item: its service and port, then its own link (web; behind the
+  // ingress its access link) or its address to copy (tcp).
+  function endpointItem(ep, short) {
+    const li = document.createElement("li");
+    li.className = "endpoint";
+    li.dataset.service = String(ep.service);
+    li.dataset.port = String(ep.port);
+    const name = document.createElement("span");
+    name.className = "ep-name";
+    name.textContent = `${ep.service}:${ep.port}`;
+    const href = safeUrl(ep.url);
+    let value;
+    if (href) {
+      value = document.createElement("a");
+      value.className = "url";
+      value.target = "_blank";
+      value.rel = "noopener noreferrer";
+      value.href = safeUrl(ep.access_url) || href;
+      value.textContent = (short ? href.replace(/^https?:\/\//, "") : href).replace(/\/$/, "");
+    } else {
+      value = document.createElement("code");
+      value.className = "addr";
+      const tcp = tcpAddress(ep.url);
+      value.textContent = tcp ? (short && !ep.url.startsWith("tls:") ? `${tcp} (tcp)` : tcp)
+        : "not reachable";
+    }
+    li.append(name, " ", value);
+    return li;
+  }
+
+  // Fill a list with the endpoints; untouched when they did not change, so a refresh keeps
+  // a keyboard user's focus on a link.
+  function fillEndpoints(list, eps, short) {
+    const sig = eps ? JSON.stringify(eps) : "";
+    if (list.dataset.sig === sig) return;
+    list.dataset.sig = sig;
+    list.replaceChildren(...(eps || []).map((ep) => endpointItem(ep, short)));
+  }
+
   function setCountdown(el, expiresAt) {
     if (!expiresAt) {
       el.textContent = "";
@@ -379,11 +425,14 @@
     badge.textContent = STATUS_TEXT[status] || status;
 
     const shownInst = inst && inst.status === "running" && !(busy && busy.op === "stop") ? inst : null;
-    const shown = shownInst ? shownInst.url : null;
+    const eps = endpointsOf(shownInst);
+    $(".fact-endpoints", card).hidden = !eps;
+    fillEndpoints($("ul.endpoints", card), eps, false);
+    const shown = shownInst && !eps ? shownInst.url : null;
     const href = safeUrl(shown);
     const tcp = href ? null : tcpAddress(shown);
-    const link = $("a.url", card);
-    const addr = $("code.addr", card);
+    const link = $(".fact-url a.url", card);
+    const addr = $(".fact-url code.addr", card);
     $(".fact-url", card).hidden = !href && !tcp;
     addr.hidden = !tcp;
     addr.textContent = tcp || "";
@@ -669,8 +718,17 @@
     $(".c-host", tr).textContent = inst.host || "";
     const cell = $(".c-url", tr);
     const href = safeUrl(inst.url);
-    if (href) {
-      let a = $("a", cell);
+    const eps = endpointsOf(inst);
+    if (eps) {
+      let list = $("ul.endpoints", cell);
+      if (!list) {
+        list = document.createElement("ul");
+        list.className = "endpoints";
+        cell.replaceChildren(list);
+      }
+      fillEndpoints(list, eps, true);
+    } else if (href) {
+      let a = $(":scope > a", cell);
       if (!a) {
         a = document.createElement("a");
         a.target = "_blank";

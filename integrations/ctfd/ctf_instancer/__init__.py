@@ -49,6 +49,7 @@ from .client import (
     Connection,
     InstancerClient,
     InstancerError,
+    endpoint_links,
     link_target,
     open_token,
     parse_team_id,
@@ -370,6 +371,13 @@ def player_view(chal: InstancedChallenge, inst: dict[str, Any] | None) -> dict[s
         "expires_in": _seconds_left(inst.get("expires_at")),
         "reason": inst.get("reason") or inst.get("error"),
     }
+    # A Compose instance (SPEC §12): every endpoint with its own link (web) or address (tcp).
+    links = endpoint_links(inst)
+    if len(links) > 1:
+        # (The query is spelled out: url_for's own first parameter is called ``endpoint``.)
+        view["endpoints"] = [
+            {**link, "open_url": f"{view['open_url']}?endpoint={i}" if link["web"] else None}
+            for i, link in enumerate(links)]
     if inst.get("host_up") is False:
         view["status_note"] = "Its server is unreachable right now; it is not lost."
     return view
@@ -464,7 +472,8 @@ def open_instance(challenge_id: int) -> Any:
     """Send the player to their instance through a fresh link.
 
     The ingress's ``access_url`` is short-lived, so it is fetched when the player clicks
-    rather than put in a page that may stay open longer than the link lives.
+    rather than put in a page that may stay open longer than the link lives. ``?endpoint=N``
+    opens the instance's N-th endpoint (a Compose instance's, SPEC §12) instead of its primary.
     """
     if not ctftime() and not is_admin():
         abort(403)
@@ -473,7 +482,9 @@ def open_instance(challenge_id: int) -> Any:
         inst = instancer().instance(current_team_id(), chal.instancer_challenge)
     except (InstancerError, NoTeam):
         inst = None
-    target = link_target(inst)
+    wanted = request.args.get("endpoint", "")
+    endpoint = int(wanted) if wanted.isdigit() and len(wanted) < 4 else None
+    target = link_target(inst, endpoint)
     if target is None:
         return redirect(url_for("challenges.listing") + f"#{chal.name}-{chal.id}")
     return redirect(target)

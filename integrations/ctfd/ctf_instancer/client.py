@@ -195,17 +195,54 @@ def parse_team_id(prefix: str, team_id: str) -> tuple[str, int] | None:
     return (match.group(1), int(match.group(2))) if match else None
 
 
-def link_target(inst: dict[str, Any] | None) -> str | None:
+def _web(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def link_target(inst: dict[str, Any] | None, endpoint: int | None = None) -> str | None:
     """Return where a player's click on their instance's link goes.
 
     The ingress's signed ``access_url`` when the instance has one (it sets the team's access
     cookie on the way), else its ``url``; only http(s) addresses (a TCP instance has none).
+    With ``endpoint``, the same for that endpoint of a Compose instance (SPEC §12's
+    ``endpoints``, by position); an instance without that list has its one endpoint, 0.
     """
+    source: Any = inst or {}
+    if endpoint is not None:
+        endpoints = source.get("endpoints") or []
+        if not endpoints:
+            if endpoint != 0:
+                return None
+        elif 0 <= endpoint < len(endpoints) and isinstance(endpoints[endpoint], dict):
+            source = endpoints[endpoint]
+        else:
+            return None
     for key in ("access_url", "url"):
-        value = (inst or {}).get(key)
-        if isinstance(value, str) and value.startswith(("http://", "https://")):
-            return value
+        value = source.get(key)
+        if _web(value):
+            return str(value)
     return None
+
+
+def endpoint_links(inst: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Return a Compose instance's endpoints as the player's modal lists them (SPEC §12).
+
+    One entry per endpoint, in the instance's order (the primary first): its service, port,
+    protocol, the address shown (a web URL, or ``host:port`` to copy for TCP) and whether a
+    browser opens it (``web``). Empty for an instance of one image: its ``url`` is all.
+    No ``access_url`` here: those are short-lived and fetched when the player clicks.
+    """
+    found = []
+    for ep in (inst or {}).get("endpoints") or []:
+        if not isinstance(ep, dict):
+            continue
+        url = ep.get("url")
+        web = _web(url)
+        address = url if web or not isinstance(url, str) else url.removeprefix("tcp://")
+        found.append({"service": str(ep.get("service", "")), "port": ep.get("port"),
+                      "protocol": str(ep.get("protocol", "")), "address": address,
+                      "web": web})
+    return found
 
 
 class InstancerClient:

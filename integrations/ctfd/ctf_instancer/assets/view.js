@@ -83,8 +83,35 @@ CTFd._internal.challenge.render = null;
         $(".progress-bar").style.width = `${pct}%`;
       }
 
+      // A Compose instance (SPEC §12): every endpoint on its own line, each with its link
+      // (through CTFd's open route, which fetches a fresh access link) or its address to copy.
+      const endpoints = Array.isArray(view.endpoints) && status !== "none" ? view.endpoints : [];
+      $(".ctfi-endpoints").hidden = endpoints.length === 0;
+      $(".ctfi-endpoint-list").replaceChildren(...endpoints.map((ep) => {
+        const li = document.createElement("li");
+        li.className = "ctfi-endpoint";
+        li.dataset.service = ep.service;
+        const name = document.createElement("span");
+        name.className = "text-muted me-1";
+        name.textContent = `${ep.service}:${ep.port}`;
+        let value;
+        if (ep.web && ep.open_url) {
+          value = document.createElement("a");
+          value.className = "ctfi-endpoint-link";
+          value.target = "_blank";
+          value.rel = "noopener noreferrer";
+          value.href = root() + ep.open_url;
+        } else {
+          value = document.createElement("code");
+          value.className = "ctfi-endpoint-plain user-select-all";
+        }
+        value.textContent = ep.address || "";
+        li.append(name, value);
+        return li;
+      }));
+
       const address = $(".ctfi-address");
-      address.hidden = !view.address || status === "none";
+      address.hidden = !view.address || status === "none" || endpoints.length > 0;
       if (view.address) {
         const link = $(".ctfi-link"), plain = $(".ctfi-plain");
         link.hidden = !view.web;
