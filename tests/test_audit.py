@@ -37,7 +37,11 @@ from celery_app.settings import load_settings
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
 LABEL = private_label("audit")
-POOL = "10.252.0.0/16"  # this file's team networks, away from every other file's
+# This file's team networks (10.252.0.0/16), away from every other file's: one half for the
+# module's worker, one for the restart test's own.
+POOL = "10.252.0.0/17"
+RESTART_POOL = "10.252.128.0/17"
+RESTART_LABEL = private_label("audit-restart")
 START = "celery_app.tasks.start_container"
 STOP = "celery_app.tasks.stop_container"
 EXTEND = "celery_app.tasks.extend_container"
@@ -254,3 +258,38 @@ def test_the_trail_keeps_the_newest_within_its_bound(setup: Setup) -> None:
     # Redis trims whole blocks of about 100 entries: never more than the bound and one block.
     assert 100 <= len(events) <= 200
     assert (events[0]["team_id"], events[0]["outcome"]) == ("au7", "correct")
+
+
+def test_the_trail_survives_a_restart_of_every_part(
+    catalog_file: Path, docker_client: docker.DockerClient, tmp_path: Path,
+) -> None:
+    """Redis (with AOF, as deployed), the worker and the API restarted: the events are there."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    env = {
+        **base_env(server, catalog_file, tmp_path / "data"),
+        "CTF_EXTRA_LABELS": json.dumps(RESTART_LABEL),
+        "CTF_TEAM_SUBNET_POOL": RESTART_POOL,
+    }
+    team = "au8"
+    try:
+        with worker_and_api(env, catalog_file, tmp_path) as (_worker, platform, api):
+            platform.send_task(START, args=["web", team]).get(timeout=120)
+            platform.send_task(STOP, args=["web", team]).get(timeout=120)
+            before = api.get("/api/v1/audit", params={"team": team}, headers=ADMIN).json()
+        assert _rows(before["events"]) == [("stop", f"team:{team}", "ok"),
+                                           ("start", f"team:{team}", "ok")]
+        server.stop()
+        server.start()
+        with worker_and_api(env, catalog_file, tmp_path) as (_worker, platform, api):
+            after = api.get("/api/v1/audit", params={"team": team}, headers=ADMIN).json()
+            assert after == before
+            # ... and it goes on recording after the restart
+            platform.send_task(START, args=["web", team]).get(timeout=120)
+            platform.send_task(STOP, args=["web", team]).get(timeout=120)
+            events = api.get("/api/v1/audit", params={"team": team}, headers=ADMIN).json()
+        assert len(events["events"]) == 4 and events["events"][2:] == before["events"]
+    finally:
+        server.stop()
+        cleanup_docker(docker_client, RESTART_LABEL)
