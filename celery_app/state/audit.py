@@ -142,7 +142,8 @@ class AuditLog:
         ``kind="flag_shared"`` reads the shared flags' own stream.
         """
         stream = keys.AUDIT_SHARED if kind == "flag_shared" else keys.AUDIT
-        since_ms = None if since is None else int(since.timestamp() * 1000)
+        # Stream ids start at 0: a time before 1970 means the whole trail.
+        since_ms = None if since is None else max(0, int(since.timestamp() * 1000))
         if team is None and challenge is None and kind is None:
             low = "-" if since_ms is None else str(since_ms)
             with map_redis_errors("read audit trail"):
