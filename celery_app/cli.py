@@ -36,11 +36,13 @@ from rich.progress import (
 from rich.table import Table
 
 from celery_app.api.client import Dispatcher, TaskView
+from celery_app.core.audit import ADMIN, MAX_LIMIT
 from celery_app.core.catalog import load_catalog
 from celery_app.errors import CatalogError, CTFError, HostsFileError
 from celery_app.hosts.hostsfile import load_hosts
 from celery_app.hosts.routing import DEFAULT_QUEUE, host_queue, queues_for
 from celery_app.settings import Settings, load_settings
+from celery_app.state.audit import KINDS
 from celery_app.vocab.models import Instance, parse_iso
 from celery_app.vocab.naming import check_team_id
 
@@ -339,6 +341,40 @@ def revoke(team: str, as_json: JsonOpt = False) -> None:
               f"{revoked['generation']}); its instances move to new host names within "
               f"{revoked['hosts_move_within_s']:g} s. New token:")
     print(revoked["token"])
+
+
+_OUTCOME_STYLE = {"ok": "green", "correct": "green", "wrong": "yellow"}
+
+
+@app.command()
+def audit(
+    team: Annotated[str | None, typer.Option(help="Only this team's events.")] = None,
+    challenge: Annotated[str | None, typer.Option(help="Only this challenge's events.")] = None,
+    kind: Annotated[str | None, typer.Option(help=f"Only one kind: {', '.join(KINDS)}.")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="Only events at or after this ISO 8601 UTC time (2026-12-03T18:00:00Z).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT, help="At most this many.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the audit trail, newest first: who started, stopped, extended, checked flags."""
+    disp = _dispatcher()
+    with _errors():
+        events = disp.auditor.read(team=team, challenge=challenge, kind=kind, since=since,
+                                   limit=limit)
+    if as_json:
+        _print_json({"events": events})
+        return
+    table = Table(title=f"{len(events)} event(s), newest first")
+    for column in ("time", "kind", "team", "challenge", "actor", "outcome", "more"):
+        table.add_column(column)
+    for e in events:
+        more = " ".join(f"{k}={e[k]}" for k in ("owner", "action", "name") if e.get(k))
+        outcome = str(e.get("outcome") or "")
+        style = _OUTCOME_STYLE.get(outcome, "red")
+        table.add_row(*(escape(str(e.get(k) or "-")) for k in
+                        ("time", "kind", "team_id", "challenge", "actor")),
+                      f"[{style}]{escape(outcome)}[/]", escape(more))
+    out.print(table)
 
 
 @app.command()
@@ -673,6 +709,7 @@ def pool_drain(
         ch = disp.catalog.get(challenge)
         keys = disp.store.pools
         mark = keys.drain(ch.id)
+        disp.auditor.try_record("admin", None, ch.id, ADMIN, "ok", action="drain")
         # Each host's next pass removes them; the members made before the mark are known by
         # slot only, so wait until none of the slots seen now is left.
         before = {k for k, v in keys.members().items() if v == ch.id}

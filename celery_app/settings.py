@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     max_instances: int = Field(500, gt=0)
     rate_limit_count: int = Field(10, gt=0)
     rate_limit_window: int = Field(60, gt=0)
+    # The audit trail (SPEC §13) keeps about this many newest events (a Redis stream trimmed by
+    # whole blocks, ~100 B each: ~60 MB). Sized for a two-day event: 1,000 teams making ~250
+    # recorded actions each (starts, stops, extends, flag checks) is 250,000.
+    audit_max_events: int = Field(500_000, ge=100)
     pull_policy: PullPolicy = "if-not-present"
     janitor_interval: float = Field(5.0, gt=0, le=10)
     # Expired instances removed at once per pass; Docker's forced removal dominates the time.

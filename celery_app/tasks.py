@@ -26,6 +26,7 @@ from celery import Task
 from celery.exceptions import Ignore
 
 from celery_app.celery_app import app
+from celery_app.core.audit import TASK_KINDS, Auditor, actor_of
 from celery_app.errors import CTFError, InstanceBusy, TransientError
 from celery_app.hosts.liveness import parse_beats
 from celery_app.hosts.placement import host_of
@@ -165,6 +166,26 @@ def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[
     return result
 
 
+def _audited(task: InstancerTask, ctx: Context, name: str, key: InstanceKey,
+             actor: str, run: Callable[[], T]) -> T:
+    """Run a start, stop or extend and record its outcome in the audit trail (SPEC §13).
+
+    ``ok``, or the error's code; a transient error with retries left is no outcome yet (its
+    retry's is), and a control signal (hand-over, busy) is none at all.
+    """
+    if name not in TASK_KINDS:
+        return run()
+    auditor = Auditor(ctx.settings, ctx.store)
+    try:
+        result = run()
+    except CTFError as exc:
+        if not (exc.transient and int(task.request.retries or 0) < task.max_retries):
+            auditor.task_outcome(name, key.challenge, key.team, actor, exc.code, task.request.id)
+        raise
+    auditor.task_outcome(name, key.challenge, key.team, actor, "ok", task.request.id)
+    return result
+
+
 def _route(
     task: InstancerTask, ctx: Context, key: InstanceKey, kwargs: dict[str, Any], placing: bool,
 ) -> None:
@@ -211,9 +232,11 @@ def _on_instance(
 
     def validated_here() -> T:
         key = ctx.catalog.key(challenge, team_id)  # bad input fails here, before placement
+        # Who asked (the API's or ctfctl's caller; by name: the platform, for the team).
+        actor = actor_of(kwargs.get("actor"), key.team)
         if len(ctx.hosts) > 1:
             _route(task, ctx, key, kwargs, placing)
-        return act(ctx, key)
+        return _audited(task, ctx, name, key, actor, lambda: act(ctx, key))
 
     try:
         return _logged(name, challenge, team_id, validated_here)
@@ -230,7 +253,7 @@ def _on_instance(
           counts_rate=True)
 def start_container(
     self: InstancerTask, challenge: str, team_id: str, intent: int | None = None,
-    hops: int = 0, counted: bool = False,
+    hops: int = 0, counted: bool = False, actor: str | None = None,
 ) -> dict[str, Any]:
     """Start the team's instance and return it once ``running`` (idempotent).
 
@@ -241,11 +264,12 @@ def start_container(
     same instance requested later supersedes this start. ``counted``: the request was counted
     against the team's rate limit already (the API and ctfctl count before they send; a
     retried or handed-over copy carries it); a plain call by name is counted here. ``hops``
-    counts hand-overs between hosts.
+    counts hand-overs between hosts. ``actor``: who asked, for the audit trail (``admin`` or
+    ``team:<team_id>``; left out: the platform acting for the team, ``team:<team_id>``).
     """
     return _on_instance(
         self, "start_container", challenge, team_id,
-        {"intent": intent, "hops": hops, COUNTED: counted},
+        {"intent": intent, "hops": hops, COUNTED: counted, "actor": actor},
         lambda ctx, key: ctx.service.ingress.with_access(ctx.service.start(
             key, progress=self.report, intent=intent,
             count_rate=not counted, lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id,
@@ -258,16 +282,16 @@ def start_container(
           counts_rate=True)
 def stop_container(
     self: InstancerTask, challenge: str, team_id: str, intent: int | None = None,
-    hops: int = 0, counted: bool = False,
+    hops: int = 0, counted: bool = False, actor: str | None = None,
 ) -> dict[str, str]:
     """Stop and remove the team's instance; return ``{"team_id", "challenge", "status"}``.
 
     Answers only once the container is gone from the engine of the instance's host.
-    ``intent``, ``counted`` and ``hops`` as for :func:`start_container`.
+    ``intent``, ``counted``, ``hops`` and ``actor`` as for :func:`start_container`.
     """
     return _on_instance(
         self, "stop_container", challenge, team_id,
-        {"intent": intent, "hops": hops, COUNTED: counted},
+        {"intent": intent, "hops": hops, COUNTED: counted, "actor": actor},
         lambda ctx, key: ctx.service.stop(key, intent=intent, count_rate=not counted,
                                           lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id),
     )
@@ -338,11 +362,14 @@ def get_container_status(
 
 @app.task(name="celery_app.tasks.extend_container", bind=True, base=InstancerTask)
 def extend_container(
-    self: InstancerTask, challenge: str, team_id: str, hops: int = 0
+    self: InstancerTask, challenge: str, team_id: str, hops: int = 0, actor: str | None = None,
 ) -> dict[str, Any]:
-    """Push the instance's expiry out by its ttl, up to its maximum lifetime."""
+    """Push the instance's expiry out by its ttl, up to its maximum lifetime.
+
+    ``actor`` as for :func:`start_container`.
+    """
     return _on_instance(
-        self, "extend_container", challenge, team_id, {"hops": hops},
+        self, "extend_container", challenge, team_id, {"hops": hops, "actor": actor},
         lambda ctx, key: ctx.service.ingress.with_access(ctx.service.extend(
             key, lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id).public()),
     )

@@ -266,6 +266,11 @@ def test_admin_filters_issues_a_link_and_stops_another_teams_instance(
     expect(page.locator('[data-health="redis"] .value')).to_have_text("OK")
     expect(page.locator('[data-health="docker"] .value')).to_have_text("OK")
     expect(page.locator('[data-health="workers"] .value')).to_have_text(re.compile(r"^[1-9]\d* "))
+    # The audit trail (SPEC §13): the two starts, newest first, by the teams themselves.
+    starts = page.locator('#audit tbody tr[data-kind="start"]')
+    expect(starts).to_have_count(2)
+    expect(starts.first).to_contain_text("team bystander")
+    expect(starts.last).to_contain_text("team victim")
 
     # Filters: by team, by challenge, by status.
     page.get_by_label("Team", exact=True).fill("vic")

@@ -300,6 +300,22 @@ def test_flags_of_a_claimed_container_are_the_claiming_teams_only(setup: Setup) 
     assert setup.flag_ok(team, booted)
 
 
+def test_a_pooled_flag_submitted_by_another_team_is_recorded_as_shared(setup: Setup) -> None:
+    """A claimed pool container's flag (and in-app flag) from a rival: wrong, flag_shared."""
+    setup.full()
+    team, rival = _team(), _team()
+    inst = setup.start("pooled", team)
+    c = setup.docker.containers.get(inst["container_id"])
+    booted = dict(e.split("=", 1) for e in c.attrs["Config"]["Env"])["FLAG"]
+    assert not setup.flag_ok(rival, booted)
+    assert not setup.flag_ok(rival, in_app_flag(booted, "Score Board"), name="Score Board")
+    r = setup.api.get("/api/v1/flags/shared", params={"team": rival}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert [(e["team_id"], e["owner"], e["challenge"]) for e in r.json()["events"]] == \
+        [(rival, team, "pooled")] * 2
+    setup.client.send_task(STOP, args=["pooled", team]).get(timeout=60)
+
+
 def test_twenty_concurrent_starts_of_one_instance_claim_one_container(setup: Setup) -> None:
     """Twenty start tasks of one (challenge, team) at once end with one claimed container."""
     setup.full()

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
@@ -25,6 +25,7 @@ from redis.retry import Retry
 from starlette.concurrency import run_in_threadpool
 
 from celery_app import errors
+from celery_app.core.audit import ADMIN, Auditor
 from celery_app.core.catalog import Catalog, load_catalog
 from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached, TaskFailed
 from celery_app.hosts.hostsfile import Hosts, load_hosts
@@ -185,6 +186,8 @@ class Dispatcher:
         self.hosts = hosts or load_hosts(settings)
         self.store = store or make_store(settings)
         self.celery = celery or make_celery(settings)
+        # The audit trail (SPEC §13): requests refused here, flag checks, admin actions.
+        self.auditor = Auditor(settings, self.store)
         # The hot reads on the event loop; opened by the API's lifespan.
         self.index = AsyncIndex(settings.state_redis_url)
 
@@ -402,7 +405,7 @@ class Dispatcher:
             backend.client.expire(backend.get_key_for_task(task_id), NOOP_TTL)
         return task_id
 
-    def start(self, key: InstanceKey) -> tuple[str, dict[str, Any]]:
+    def start(self, key: InstanceKey, actor: str = ADMIN) -> tuple[str, dict[str, Any]]:
         """Start the instance; return the task id and the instance so far.
 
         A start while another start of it is pending answers that task; a start of an
@@ -415,6 +418,8 @@ class Dispatcher:
 
         Args:
             key: the instance (:meth:`key`).
+            actor: who asks, for the audit trail (``admin`` or ``team:<team_id>``): a refusal
+                here is recorded, the task records its outcome.
 
         Returns:
             The task id and the instance so far.
@@ -423,6 +428,10 @@ class Dispatcher:
             RateLimited: the team made too many starts/stops lately (nothing was sent).
 
         """
+        return cast(tuple[str, dict[str, Any]], self.auditor.refused(
+            "start", key.challenge, key.team, actor, lambda: self._start(key, actor)))
+
+    def _start(self, key: InstanceKey, actor: str) -> tuple[str, dict[str, Any]]:
         challenge, team_id = key.challenge, key.team
         record = self.store.get(challenge, team_id)
         if record is not None and record.status == "running" and record.container_id:
@@ -438,8 +447,7 @@ class Dispatcher:
             intent = self.store.register_intent(challenge, team_id, "start")
             self.send("start_container", [challenge, team_id], team_id,
                       self.queue_for(record, str(key), self.catalog.get(challenge).containers),
-                      {"intent": intent, "counted": True},
-                      task_id=task_id)
+                      {"intent": intent, "counted": True, "actor": actor}, task_id=task_id)
 
         task_id, _sent = self._coalesced("run", "start", challenge, team_id, send)
         if record is not None and record.status != "failed":
@@ -448,17 +456,21 @@ class Dispatcher:
             so_far = {"team_id": team_id, "challenge": challenge, "status": "starting"}
         return task_id, so_far
 
-    def stop(self, key: InstanceKey) -> tuple[str, dict[str, Any]]:
+    def stop(self, key: InstanceKey, actor: str = ADMIN) -> tuple[str, dict[str, Any]]:
         """Send a stop of an existing instance; return the task id and the instance so far.
 
-        A stop while another stop of it is pending answers that task; counted and owned as
-        for :meth:`start`.
+        A stop while another stop of it is pending answers that task; counted, owned and
+        audited as for :meth:`start`.
 
         Raises:
             InstanceNotFound: Redis has no record of it (nothing is sent).
             RateLimited: the team made too many starts/stops lately (nothing was sent).
 
         """
+        return cast(tuple[str, dict[str, Any]], self.auditor.refused(
+            "stop", key.challenge, key.team, actor, lambda: self._stop(key, actor)))
+
+    def _stop(self, key: InstanceKey, actor: str) -> tuple[str, dict[str, Any]]:
         challenge, team_id = key.challenge, key.team
         record = self.instance(key)
 
@@ -466,23 +478,27 @@ class Dispatcher:
             self._rate_limit(team_id)
             intent = self.store.register_intent(challenge, team_id, "stop")
             self.send("stop_container", [challenge, team_id], team_id, self.queue_for(record),
-                      {"intent": intent, "counted": True}, task_id=task_id)
+                      {"intent": intent, "counted": True, "actor": actor}, task_id=task_id)
 
         task_id, _sent = self._coalesced("run", "stop", challenge, team_id, send)
         return task_id, {**record.public(), "status": "stopping"}
 
-    def extend(self, key: InstanceKey) -> str:
+    def extend(self, key: InstanceKey, actor: str = ADMIN) -> str:
         """Send an extend of an existing instance; return the task id.
 
         An extend while another is pending answers that task; one already at its maximum
-        lifetime is refused here, without a task; owned as for :meth:`start`. The task's
-        result is the instance with its ``access_url``.
+        lifetime is refused here, without a task; owned and audited as for :meth:`start`.
+        The task's result is the instance with its ``access_url``.
 
         Raises:
             InstanceNotFound: Redis has no record of it (nothing is sent).
             MaxLifetimeReached: it already lives until its maximum lifetime.
 
         """
+        return str(self.auditor.refused(
+            "extend", key.challenge, key.team, actor, lambda: self._extend(key, actor)))
+
+    def _extend(self, key: InstanceKey, actor: str) -> str:
         challenge, team_id = key.challenge, key.team
         ch = self.catalog.get(challenge)
         record = self.instance(key)
@@ -496,7 +512,7 @@ class Dispatcher:
 
         def send(task_id: str) -> None:
             self.send("extend_container", [challenge, team_id], team_id, self.queue_for(record),
-                      task_id=task_id)
+                      {"actor": actor}, task_id=task_id)
 
         return self._coalesced("extend", "extend", challenge, team_id, send)[0]
 
@@ -510,8 +526,10 @@ class Dispatcher:
             RedisUnavailable: Redis cannot be reached.
         """
         team = check_team_id(team_id)
-        return team_token(self.settings.admin_token_value(), team,
-                          self.store.access_generation(team))
+        token = team_token(self.settings.admin_token_value(), team,
+                           self.store.access_generation(team))
+        self.auditor.try_record("admin", team, None, ADMIN, "ok", action="token")
+        return token
 
     def revoke_access(self, team_id: str) -> dict[str, Any]:
         """Revoke the team's token, access links and cookies, and move its instances' hosts.
@@ -528,6 +546,7 @@ class Dispatcher:
         """
         team = check_team_id(team_id)
         generation = self.store.revoke_access(team)
+        self.auditor.try_record("admin", team, None, ADMIN, "ok", action="revoke")
         return {"team_id": team, "generation": generation,
                 "token": team_token(self.settings.admin_token_value(), team, generation),
                 "hosts_move_within_s": self.settings.janitor_interval}

@@ -63,6 +63,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from celery_app.core.audit import flag_digest
 from celery_app.core.catalog import Catalog, Challenge
 from celery_app.core.flags import in_app_flag, team_flag
 from celery_app.core.group import start_group
@@ -72,6 +73,7 @@ from celery_app.engine.driver import ContainerInfo, ContainerSpec, Driver, Netwo
 from celery_app.engine.firewall import EgressGuard
 from celery_app.errors import CTFError, DockerUnavailable
 from celery_app.settings import Settings
+from celery_app.state.audit import FlagOwner
 from celery_app.state.pool_keys import LATENCY_BUCKETS, PoolKeys
 from celery_app.state.store import StateStore, one_at_a_time
 from celery_app.vocab.models import Instance
@@ -205,6 +207,12 @@ class Pool:
 
     # -- claim (InstanceService.start, step 7) ----------------------------------------------
 
+    def _owner(self, challenge: str, team: str, slot: str) -> FlagOwner:
+        """The slot's flag as ``team``'s, for the audit trail's flag-sharing check (SPEC §13)."""
+        flag = slot_flag(self.settings.flag_secret_value(), challenge, slot,
+                         self.settings.flag_format)
+        return FlagOwner(challenge, flag_digest(flag), team, f"pool:{slot}")
+
     def claim(
         self, ch: Challenge, team: str, net: NetworkInfo, spec: ContainerSpec, inst: Instance
     ) -> ContainerInfo | None:
@@ -237,7 +245,7 @@ class Pool:
                 continue
             try:
                 # 3. bind: from here the slot's flags are this team's (and no other's)
-                self.keys.bind(ch.id, team, slot)
+                self.keys.bind(ch.id, team, slot, self._owner(ch.id, team, slot))
                 # 4. the team network, where a cold start would be; never the holding one
                 if self.network in self._networks(info):
                     self.driver.disconnect_network(info.id, self.network)
@@ -474,7 +482,8 @@ class Pool:
                 continue
             if not c.name.startswith(POOL_NAME_PREFIX):
                 if c.team_id:  # claimed: its flags stay its team's (Redis may have lost it)
-                    self.keys.bind(c.challenge, c.team_id, slot)
+                    self.keys.bind(c.challenge, c.team_id, slot,
+                                   self._owner(c.challenge, c.team_id, slot))
                 continue
             unclaimed.setdefault(c.challenge, []).append(c)
         live: dict[str, str] = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from celery_app.core.audit import ADMIN, Auditor
 from celery_app.core.service import NO_INTENT, InstanceService
 from celery_app.engine.driver import ContainerInfo
 from celery_app.errors import CTFError, InstanceNotFound
@@ -96,6 +97,7 @@ class Janitor:
 
     def __init__(self, service: InstanceService) -> None:
         self.service = service
+        self.auditor = Auditor(service.settings, service.store)  # each expiry (SPEC §13)
 
     def run_once(self, now: datetime | None = None) -> Summary:
         """Run one pass.
@@ -244,7 +246,11 @@ class Janitor:
         except InstanceBusy:
             return key, ""  # a user is acting on it; the next pass sees it again
         except ERROR_OR_SIGNAL as exc:  # e.g. it moved to another host meanwhile
+            if isinstance(exc, CTFError):
+                self.auditor.try_record("expire", team, challenge, ADMIN, exc.code)
             return key, str(exc)
+        # The organisers' rules applied by the platform: the actor is the admin.
+        self.auditor.try_record("expire", team, challenge, ADMIN, "ok")
         return key, "removed"
 
     def _remove_orphan_containers(self, now: datetime, summary: Summary) -> set[str]:

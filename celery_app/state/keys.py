@@ -24,6 +24,9 @@ EXPIRY: Final = f"{PREFIX}expiry"
 EXTRA: Final = f"{PREFIX}extra"
 INTENT_SEQ: Final = f"{PREFIX}intentseq"
 JANITOR_COUNTS: Final = f"{PREFIX}metrics:janitor"
+# The audit trail (SPEC §13, celery_app.state.audit).
+AUDIT: Final = f"{PREFIX}audit"
+AUDIT_SHARED: Final = f"{PREFIX}audit:shared"
 
 # pattern -> what it holds; the order is ARCHITECTURE.md's.
 TABLE: Final[dict[str, str]] = {
@@ -49,6 +52,10 @@ TABLE: Final[dict[str, str]] = {
     "ctf:egresskeeper:<engine>:<pool>": "a firewall keeper's heartbeat: the egress rules hold "
                                         "that engine's containers (30 s or more)",
     "ctf:access:<team>": "the team's access generation: revocations of its token, links, hosts",
+    "ctf:audit": "stream: the audit trail, newest last, about `CTF_AUDIT_MAX_EVENTS` kept",
+    "ctf:audit:shared": "stream: the `flag_shared` events alone (same bound)",
+    "ctf:flagowner:<challenge>": "hash: sha256(flag) -> `<team> <subject>`: who holds each "
+                                 "flag handed out (never expires)",
 }
 
 
@@ -139,3 +146,8 @@ def epoch(host: str) -> str:
 def access(team: str) -> str:
     """A team's access generation (raised by each revocation; absent: 0)."""
     return f"{PREFIX}access:{team}"
+
+
+def flag_owner(challenge: str) -> str:
+    """Who holds each flag of ``challenge`` handed out: SHA-256 of the flag -> team, subject."""
+    return f"{PREFIX}flagowner:{challenge}"

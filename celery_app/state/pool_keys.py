@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import redis
     from redis.lock import Lock
 
+    from celery_app.state.audit import FlagOwner
+
 # Take a ready slot: out of the ready set and the members in one step, owned by the claim.
 _TAKE = """
 local slot = redis.call('SPOP', KEYS[1])
@@ -157,10 +159,18 @@ class PoolKeys:
                 pipe.hset(self.members_key, f"{host}/{slot}", challenge)
             pipe.execute()
 
-    def bind(self, challenge: str, team: str, slot: str) -> None:
-        """Record that ``team`` holds ``slot``: its flags are that team's from now on."""
+    def bind(self, challenge: str, team: str, slot: str, owner: FlagOwner | None = None) -> None:
+        """Record that ``team`` holds ``slot``: its flags are that team's from now on.
+
+        ``owner``: the slot's flag, recorded as the team's in the same round trip (the audit
+        trail's flag-sharing check, :mod:`celery_app.state.audit`).
+        """
         with map_redis_errors("bind a pool slot"):
-            self.redis.sadd(self.held_key(challenge, team), slot)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.sadd(self.held_key(challenge, team), slot)
+            if owner is not None:
+                owner.queue(pipe)
+            pipe.execute()
 
     def held(self, challenge: str, team: str) -> set[str]:
         """The slots ``team`` has held for ``challenge``."""

@@ -28,6 +28,7 @@ from celery_app.errors import (
     TeamQuotaExceeded,
 )
 from celery_app.state import keys
+from celery_app.state.audit import AuditLog
 from celery_app.state.pool_keys import PoolKeys
 from celery_app.state.redis_errors import (  # re-exported: the Dispatcher imports it from here
     map_redis_errors as map_redis_errors,  # noqa: PLC0414
@@ -268,6 +269,7 @@ class StateStore:
         self._place = client.register_script(_PLACE)
         self._team_view = client.register_script(TEAM_VIEW)
         self._pools: PoolKeys | None = None
+        self.audit = AuditLog(client)  # the audit trail and the flags' owners (SPEC §13)
 
     @property
     def pools(self) -> PoolKeys:

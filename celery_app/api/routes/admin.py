@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from celery_app.api.deps import ERRORS, ChallengeId, Disp, TeamId, Who
+from celery_app.core.audit import principal_actor
 from celery_app.core.flags import check_flag, check_in_app_flag
 from celery_app.core.pool import flag_held, pool_status
 from celery_app.errors import InvalidRequest
@@ -64,6 +65,9 @@ def check_team_flag(
     # Warm pools (issue 14): the flags of the pool containers this team has held.
     correct = flag_held(disp.store.pools, settings.flag_secret_value(), ch.id,
                         team_id, body.flag, settings.flag_format, body.name) or correct
+    # SPEC §13: recorded; another team's flag is recorded as flag_shared, naming its owner.
+    correct = disp.auditor.flag_check(ch.id, team_id, body.flag, body.name, correct,
+                                      principal_actor(who))
     return {"team_id": team_id, "challenge": ch.id, "correct": correct}
 
 
@@ -86,7 +90,9 @@ def drain_pool(challenge: ChallengeId, who: Who, disp: Disp) -> dict[str, Any]:
     """
     who.require_admin()
     ch = disp.catalog.get(challenge)
-    return {"challenge": ch.id, "drained_at": disp.store.pools.drain(ch.id)}
+    drained_at = disp.store.pools.drain(ch.id)
+    disp.auditor.try_record("admin", None, ch.id, principal_actor(who), "ok", action="drain")
+    return {"challenge": ch.id, "drained_at": drained_at}
 
 
 # -- every instance, and the room left --------------------------------------------------------

@@ -21,7 +21,9 @@ from celery_app.api.client import AsyncWaiter, Dispatcher, TaskView
 from celery_app.api.deps import ERRORS, ChallengeId, Disp, Metrics, Slots, TeamId, Wait, Waiter, Who
 from celery_app.api.metrics import ApiMetrics
 from celery_app.api.waits import WaitSlots
+from celery_app.core.audit import principal_actor
 from celery_app.errors import CTFError
+from celery_app.vocab.team_tokens import Principal
 
 EXTEND_WAIT = 10.0
 
@@ -35,19 +37,22 @@ Sent = tuple[str, dict[str, Any]]
 # carries ``access_url`` (the task adds it), so the routes answer it as it is.
 
 
-def _start(disp: Dispatcher, challenge: str, team_id: str) -> Callable[[], Sent]:
+# ``who`` is the request's actor in the audit trail (SPEC §13): the admin or the token's team.
+
+
+def _start(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], Sent]:
     """Return the call that sends the start (run in the thread pool)."""
-    return lambda: disp.start(disp.key(challenge, team_id))
+    return lambda: disp.start(disp.key(challenge, team_id), principal_actor(who))
 
 
-def _stop(disp: Dispatcher, challenge: str, team_id: str) -> Callable[[], Sent]:
+def _stop(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], Sent]:
     """Return the call that sends the stop (run in the thread pool)."""
-    return lambda: disp.stop(disp.key(challenge, team_id))
+    return lambda: disp.stop(disp.key(challenge, team_id), principal_actor(who))
 
 
-def _extend(disp: Dispatcher, challenge: str, team_id: str) -> Callable[[], str]:
+def _extend(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], str]:
     """Return the call that sends the extend (run in the thread pool)."""
-    return lambda: disp.extend(disp.key(challenge, team_id))
+    return lambda: disp.extend(disp.key(challenge, team_id), principal_actor(who))
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -100,7 +105,7 @@ async def start_instance(
     who.require_team(team_id)
     began = time.monotonic()
     task_id, so_far, view = await _send_then_wait(
-        slots, waiter, team_id, wait, _start(disp, challenge, team_id))
+        slots, waiter, team_id, wait, _start(disp, challenge, team_id, who))
     metrics.tasks_sent.labels("start_container", challenge).inc()
     if view is None:
         return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
@@ -152,7 +157,7 @@ async def stop_instance(
     """Stop and remove the instance: 202, or 200 with ``?wait=N``; 404 when there is none."""
     who.require_team(team_id)
     task_id, so_far, view = await _send_then_wait(
-        slots, waiter, team_id, wait, _stop(disp, challenge, team_id))
+        slots, waiter, team_id, wait, _stop(disp, challenge, team_id, who))
     metrics.tasks_sent.labels("stop_container", challenge).inc()
     if view is None:
         return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
@@ -174,7 +179,7 @@ async def extend_instance(
     200 with the instance once extended (it waits a few seconds), else 202 with the task.
     """
     who.require_team(team_id)
-    send = _extend(disp, challenge, team_id)
+    send = _extend(disp, challenge, team_id, who)
     try:
         slots.take(team_id)
     except CTFError:

@@ -6,6 +6,7 @@
 (() => {
   const TOKEN_KEY = "ctf.token";
   const REFRESH_MS = 5000;
+  const AUDIT_ROWS = 50; // the newest events the organiser dashboard shows
   const TASK_POLL_MS = 400;
   const TASK_TIMEOUT_MS = 15 * 60 * 1000; // big images can take a while to pull
 
@@ -602,6 +603,7 @@
       api("GET", "/api/v1/capacity").then(({ body }) => renderCapacity(body)),
       api("GET", "/healthz", { allow: [503] }).then(({ body }) => renderHealth(body)),
       api("GET", "/api/v1/pools").then(({ body }) => renderPools(body.pools || [])),
+      api("GET", `/api/v1/audit?limit=${AUDIT_ROWS}`).then(({ body }) => renderAudit(body.events || [])),
     ];
     const results = await Promise.allSettled(jobs);
     const failed = results.find((r) => r.status === "rejected");
@@ -648,6 +650,36 @@
       li.append(name, n);
       return li;
     }));
+  }
+
+  // The audit trail (SPEC §13): the newest events; a shared flag's row names its owner.
+  const KIND_TEXT = {
+    start: "Start", stop: "Stop", extend: "Extend", restart: "Restart", expire: "Expired",
+    flag: "Flag check", flag_shared: "Shared flag", admin: "Organiser action",
+  };
+
+  function renderAudit(events) {
+    const rows = events.map((e) => {
+      const tr = document.createElement("tr");
+      tr.dataset.kind = e.kind;
+      const detail = e.kind === "flag_shared" ? `flag of team ${e.owner}`
+        : [e.action, e.name].filter(Boolean).join(" · ");
+      const cells = [String(e.time || "").replace("T", " ").replace(/\.\d+Z$/, ""),
+        KIND_TEXT[e.kind] || e.kind, e.team_id || "–", e.challenge || "–",
+        e.actor === "admin" ? "organiser" : String(e.actor || "").replace(/^team:/, "team "),
+        e.outcome, detail];
+      cells.forEach((text, i) => {
+        const td = document.createElement("td");
+        td.textContent = text;
+        if (i === 5) td.dataset.outcome = ["ok", "correct"].includes(e.outcome) ? "ok"
+          : e.outcome === "wrong" ? "wrong" : "error";
+        tr.append(td);
+      });
+      return tr;
+    });
+    $("#audit tbody").replaceChildren(...rows);
+    $("#no-events").hidden = rows.length > 0;
+    $("#audit-count").textContent = rows.length ? `(newest ${rows.length})` : "";
   }
 
   function renderHealth(h) {
