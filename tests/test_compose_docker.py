@@ -6,6 +6,7 @@ its folder for this run, is a catalog entry beside the test catalog; a real work
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -134,24 +135,37 @@ def compose_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
     server.stop()
 
 
+@contextlib.contextmanager
+def compose_world(redis_server: RedisServer, catalog: Path, client: docker.DockerClient,
+                  workdir: Path, label: dict[str, str], pool: str,
+                  kind: type[Setup] = Setup) -> Iterator[Setup]:
+    """A worker (default settings but the test run's), a platform client and the API.
+
+    Its objects carry ``label`` and its networks come from ``pool``; they are removed on the
+    way out, pass or fail.
+    """
+    env = {
+        **base_env(redis_server, catalog, workdir / "data"),
+        "CTF_EXTRA_LABELS": json.dumps(label),
+        "CTF_TEAM_SUBNET_POOL": pool,
+    }
+    redis.Redis.from_url(env["CTF_REDIS_URL"]).flushdb()
+    try:
+        with worker_and_api(env, catalog, workdir) as (_worker, platform, api):
+            settings = load_settings(data_dir=Path(env["CTF_DATA_DIR"]))
+            yield kind(platform, api, settings.flag_secret_value(), client,
+                       env["CTF_REDIS_URL"])
+    finally:
+        cleanup_docker(client, label)
+
+
 @pytest.fixture(scope="module")
 def setup(compose_redis: RedisServer, compose_catalog: Path, docker_client: docker.DockerClient,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     """A worker (default settings but the test run's), a platform client and the API."""
-    workdir = tmp_path_factory.mktemp("compose-run")
-    env = {
-        **base_env(compose_redis, compose_catalog, workdir / "data"),
-        "CTF_EXTRA_LABELS": json.dumps(LABEL),
-        "CTF_TEAM_SUBNET_POOL": POOL,
-    }
-    redis.Redis.from_url(env["CTF_REDIS_URL"]).flushdb()
-    try:
-        with worker_and_api(env, compose_catalog, workdir) as (_worker, platform, api):
-            settings = load_settings(data_dir=Path(env["CTF_DATA_DIR"]))
-            yield Setup(platform, api, settings.flag_secret_value(), docker_client,
-                        env["CTF_REDIS_URL"])
-    finally:
-        cleanup_docker(docker_client, LABEL)
+    with compose_world(compose_redis, compose_catalog, docker_client,
+                       tmp_path_factory.mktemp("compose-run"), LABEL, POOL) as world:
+        yield world
 
 
 def _ask(container: Any, target: str) -> bytes:

@@ -8,7 +8,6 @@ this run, served by a real worker with default settings but the test run's.
 
 from __future__ import annotations
 
-import json
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,17 +17,16 @@ from typing import Any
 
 import docker
 import pytest
-import redis
-from conftest import RedisServer, base_env, cleanup_docker, private_label, worker_and_api
+from conftest import RedisServer, private_label
 from test_compose_docker import (  # noqa: F401  # module fixtures, one instance per module
     Setup,
     compose_catalog,
     compose_redis,
+    compose_world,
     shop_images,
 )
 
 from celery_app.core.flags import team_flag
-from celery_app.settings import load_settings
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -52,20 +50,11 @@ def teams_setup(compose_redis: RedisServer, compose_catalog: Path,  # noqa: F811
                 docker_client: docker.DockerClient,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamsSetup]:
     """A worker (default settings but the test run's), a platform client and the API."""
-    workdir = tmp_path_factory.mktemp("compose-teams")
-    env = {
-        **base_env(compose_redis, compose_catalog, workdir / "data"),
-        "CTF_EXTRA_LABELS": json.dumps(LABEL),
-        "CTF_TEAM_SUBNET_POOL": POOL,
-    }
-    redis.Redis.from_url(env["CTF_REDIS_URL"]).flushdb()
-    try:
-        with worker_and_api(env, compose_catalog, workdir) as (_worker, platform, api):
-            settings = load_settings(data_dir=Path(env["CTF_DATA_DIR"]))
-            yield TeamsSetup(platform, api, settings.flag_secret_value(), docker_client,
-                             env["CTF_REDIS_URL"])
-    finally:
-        cleanup_docker(docker_client, LABEL)
+    with compose_world(compose_redis, compose_catalog, docker_client,
+                       tmp_path_factory.mktemp("compose-teams"), LABEL, POOL,
+                       TeamsSetup) as world:
+        assert isinstance(world, TeamsSetup)
+        yield world
 
 
 def _ip(container: Any) -> str:
