@@ -89,6 +89,7 @@ from celery_app.vocab.naming import (
     holding_network_name,
     pool_container_name,
     pool_network_name,
+    read_claim,
 )
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,11 @@ class Pool:
                 continue
             self.keys.count(self.host, ch.id, "claims", time.perf_counter() - began)
             log.info("pool: team=%s claimed group %s of %s", team, slot, ch.id)
-            return {s.name: replace(members[s.name], name=layout.of(s.name))
+            # As the engine now reads them: the new names, and the team they hold (read_claim;
+            # the start probes each endpoint behind the ingress at its team's host).
+            return {s.name: replace(members[s.name], name=layout.of(s.name),
+                                    labels=read_claim(members[s.name].labels,
+                                                      layout.of(s.name)))
                     for s in ch.app.services}
 
     def _group_of_slot(self, challenge: str, slot: str) -> dict[str, ContainerInfo]:

@@ -98,6 +98,19 @@ def test_a_claim_renames_the_group_and_makes_no_network_call(
     assert pooled.store.pools.ready_count("local", "shop") == 1
 
 
+def test_a_claimed_group_reads_as_its_teams_as_the_engine_then_shows_it(
+        pooled: InstanceService, driver: FakeDriver) -> None:
+    """A claim returns each service under its new name, with the team read from that name."""
+    pooled.pool.run_once()
+    record = pooled.specs.new_instance(pooled.catalog.get("shop"), "t1")
+    made = pooled.pool.claim_group(pooled.catalog.get("shop"), "t1", record)
+    assert made is not None
+    for service, info in made.items():
+        seen = driver.get_container(info.id)
+        assert seen is not None and info.name == seen.name
+        assert info.team_id == "t1" == seen.team_id, service  # no ctf.team label: the name's
+
+
 def test_stop_of_a_claimed_group_removes_its_containers_and_its_network(
         pooled: InstanceService, driver: FakeDriver) -> None:
     """Stop removes every service of the claimed group and the slot's network."""
