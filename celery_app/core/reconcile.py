@@ -474,9 +474,9 @@ class Reconciler:
         """``service`` when it is another service of ``rec``'s group and has no container.
 
         Judged by name (the instance's layout: a claimed pool group's too; a one-shot service
-        is not looked for), so news of a
-        container of an earlier group of the same instance is not judged by it: a group made
-        again has its own container of that name. One call to the engine.
+        is not looked for), so news of a container of an earlier group of the same instance
+        is not judged by it: a group made again has its own container of that name. One call
+        to the engine.
         """
         if rec is None or not service:
             return ""
