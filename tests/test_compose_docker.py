@@ -243,6 +243,20 @@ def test_a_killed_service_makes_the_instance_failed(setup: Setup) -> None:
     assert setup.containers("shop", "ce") == []
 
 
+def test_a_service_removed_by_hand_makes_the_instance_failed(setup: Setup) -> None:
+    """``docker rm -f`` of db: the worker marks the instance failed, naming db; stop clears it."""
+    inst = setup.start("shop", "ch")
+    assert inst["status"] == "running", inst
+    db = next(c for c in setup.containers("shop", "ch") if c.labels["ctf.service"] == "db")
+    db.remove(force=True)
+    failed = wait_for(lambda: next((i for i in setup.status("ch") if i["status"] == "failed"),
+                                   None), timeout=30, message="the instance failed")
+    assert failed["error"].startswith("service db: "), failed
+    assert failed["container_id"] == inst["container_id"]
+    setup.stop("shop", "ch")
+    assert setup.containers("shop", "ch") == [] and setup.network("shop", "ch") is None
+
+
 def test_a_redis_loss_is_reconciled_with_the_whole_group(setup: Setup) -> None:
     """After the index is flushed the janitor adopts the group: running, endpoints, 3 services."""
     inst = setup.start("shop", "cf")

@@ -89,6 +89,7 @@ from celery_app.vocab.naming import (
     holding_network_name,
     pool_container_name,
     pool_network_name,
+    read_claim,
 )
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,11 @@ class Pool:
                 continue
             self.keys.count(self.host, ch.id, "claims", time.perf_counter() - began)
             log.info("pool: team=%s claimed group %s of %s", team, slot, ch.id)
-            return {s.name: replace(members[s.name], name=layout.of(s.name))
+            # As the engine now reads them: the new names, and the team they hold (read_claim;
+            # the start probes each endpoint behind the ingress at its team's host).
+            return {s.name: replace(members[s.name], name=layout.of(s.name),
+                                    labels=read_claim(members[s.name].labels,
+                                                      layout.of(s.name)))
                     for s in ch.app.services}
 
     def _group_of_slot(self, challenge: str, slot: str) -> dict[str, ContainerInfo]:
@@ -402,15 +407,32 @@ class Pool:
 
     # -- capacity ---------------------------------------------------------------------------
 
+    def _weight(self, challenge: str) -> int:
+        """Containers one unclaimed slot of ``challenge`` holds: k for a group of k services.
+
+        A challenge gone from the catalog (its leftovers wait for the pass) counts one.
+        """
+        with contextlib.suppress(CTFError):
+            return self.catalog.get(challenge).containers
+        return 1
+
     def _overflow(self) -> int:
         """How many containers this host (or the service) holds beyond its limit.
 
         The instances' containers (``StateStore.count``: k for a Compose instance of k
-        services) plus the pool containers, against the limits that count containers.
+        services) plus the unclaimed pool containers (k for a pooled group of k services),
+        against the limits that count containers. Never more than the pools hold here.
         """
         members = self.keys.members()
-        here = sum(1 for k in members if k.startswith(f"{self.host}/"))
-        over = self.store.count() + len(members) - self.settings.max_instances
+        weights: dict[str, int] = {}
+        total = here = 0
+        for key, challenge in members.items():
+            if challenge not in weights:
+                weights[challenge] = self._weight(challenge)
+            total += weights[challenge]
+            if key.startswith(f"{self.host}/"):
+                here += weights[challenge]
+        over = self.store.count() + total - self.settings.max_instances
         if self.host_max:
             over = max(over, self.store.count(self.host) + here - self.host_max)
         return min(over, here)
@@ -431,12 +453,14 @@ class Pool:
         members = self.keys.members(self.host)
         by_size = sorted(members.items(),
                          key=lambda item: -sum(1 for c in members.values() if c == item[1]))
+        freed = 0  # containers, not slots: a pooled group frees its k
         for slot, challenge in by_size:
-            if len(removed) >= over:
+            if freed >= over:
                 break
             if self.keys.withdraw(self.host, challenge, slot):
                 self._remove_slot(challenge, slot)
                 removed.append(pool_container_name(challenge, slot))
+                freed += self._weight(challenge)
         if removed:
             log.info("pool: host=%s gave way to a start: removed %s", self.host, removed)
         return removed
@@ -526,8 +550,9 @@ class Pool:
         """
         boots: list[tuple[Challenge, str]] = []
         for ch in pooled:
+            # room for the whole group: its k containers, each counted against the limits
             while kept.get(ch.id, 0) < ch.pool and booting + len(boots) < BOOT_AT_ONCE \
-                    and self._overflow() < 0 and not self._user_starting():
+                    and self._overflow() + ch.containers <= 0 and not self._user_starting():
                 slot = secrets.token_hex(6)
                 self.keys.add_member(self.host, slot, ch.id)  # counted before it exists
                 boots.append((ch, slot))

@@ -353,7 +353,7 @@ class Reconciler:
 
     def mark_failed(
         self, challenge: str, team_id: str, container_id: str = "", *,
-        wait: float = BUSY_WAIT,
+        wait: float = BUSY_WAIT, service: str = "",
     ) -> str:
         """Record that a running instance's container died, OOM-killed or turned unhealthy.
 
@@ -371,6 +371,10 @@ class Reconciler:
             team_id: the team.
             container_id: the container the news is about (a newer one is not judged by it).
             wait: seconds to wait for the instance's lock.
+            service: the Compose service the news is about (its ``ctf.service``), when the
+                container may be gone (a ``destroy``, a ``die`` handled after the removal, a
+                member the janitor did not find): a running group none of whose containers
+                bears that service's name now has lost it, and becomes ``failed`` naming it.
 
         Returns:
             ``"marked"``; ``"busy"`` when a start holds the instance (ask again shortly), or
@@ -379,7 +383,9 @@ class Reconciler:
         # 1. a cheap look first: most news is about instances that are not running here.
         seen = self.store.get(challenge, team_id)
         member = self._group_member(seen, container_id)
-        verdict = self._judge(seen, seen.container_id if member and seen else container_id)
+        missing = self._missing_member(seen, service) if member is None else ""
+        verdict = self._judge(seen, seen.container_id if (member or missing) and seen
+                              else container_id)
         if verdict != "go":
             return verdict
         # 2. lock the instance; a start or stop holding it knows better.
@@ -389,18 +395,20 @@ class Reconciler:
                 #    (another service of a Compose instance stands for the whole group).
                 rec = self.store.get(challenge, team_id)
                 member = self._group_member(rec, container_id)
-                verdict = self._judge(rec, rec.container_id if member and rec else container_id)
+                missing = self._missing_member(rec, service) if member is None else ""
+                verdict = self._judge(rec, rec.container_id if (member or missing) and rec
+                                      else container_id)
                 if verdict != "go" or rec is None:
                     return verdict
-                info = member or self.driver.get_container(rec.container_id
-                                                           or rec.container_name)
+                info = None if missing else member or self.driver.get_container(
+                    rec.container_id or rec.container_name)
                 if info is not None and info.state == "running" and info.health != "unhealthy":
                     return "unchanged"  # alive after all (an old event, an OOM of a child)
                 # 4. the failed record, with why (and which service, in a group).
                 failure = self._failure(rec, info)
-                if member is not None:
-                    failure["error"] = f"service {member.labels[LABEL_SERVICE]}: " \
-                                       f"{failure['error']}"
+                named = member.labels[LABEL_SERVICE] if member is not None else missing
+                if named:
+                    failure["error"] = f"service {named}: {failure['error']}"
                 self.store.put(rec.model_copy(update=failure))
                 return "marked"
         except InstanceBusy:
@@ -461,6 +469,26 @@ class Reconciler:
             and carries(info.labels, wanted) \
             and not app.done(info.labels[LABEL_SERVICE], info.state, info.exit_code)
         return info if ours else None
+
+    def _missing_member(self, rec: Instance | None, service: str) -> str:
+        """``service`` when it is another service of ``rec``'s group and has no container.
+
+        Judged by name (the instance's layout: a claimed pool group's too; a one-shot service
+        is not looked for), so news of a container of an earlier group of the same instance
+        is not judged by it: a group made again has its own container of that name. One call
+        to the engine.
+        """
+        if rec is None or not service:
+            return ""
+        try:
+            app = self.catalog.get(rec.challenge).app
+        except CTFError:
+            return ""
+        if app is None or service == app.primary.service or service in app.one_shots \
+                or service not in {s.name for s in app.services}:
+            return ""  # a one-shot's container is not needed once it ran (SPEC §12)
+        name = self.specs.layout(rec.challenge, rec.team_id, app).of(service)
+        return service if self.driver.get_container(name) is None else ""
 
     def _judge(self, rec: Instance | None, container_id: str) -> str:
         if rec is None or rec.host != self.host:

@@ -530,9 +530,10 @@ class InstanceService:
         self.reconciler.sync_routes()
 
     def mark_failed(self, challenge: str, team_id: str, container_id: str = "", *,
-                    wait: float = BUSY_WAIT) -> str:
+                    wait: float = BUSY_WAIT, service: str = "") -> str:
         """Record that a running instance's container died (:meth:`Reconciler.mark_failed`)."""
-        return self.reconciler.mark_failed(challenge, team_id, container_id, wait=wait)
+        return self.reconciler.mark_failed(challenge, team_id, container_id, wait=wait,
+                                           service=service)
 
     def forget_removed(self, challenge: str, team_id: str, container_id: str, *,
                        wait: float = BUSY_WAIT) -> str:

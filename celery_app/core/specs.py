@@ -491,7 +491,7 @@ class InstanceSpecs:
     def answers(self, ch: Challenge, info: ContainerInfo) -> bool:
         """Whether the container answers its probe now (one try, 1 s)."""
         if ch.app is not None:  # a Compose instance's primary container: its endpoint's probe
-            return self._endpoint_probe(ch, ch.app.primary, info,
+            return self._endpoint_probe(ch, ch.app.primary, info, info.team_id,
                                         info.labels.get(LABEL_STARTED_AT, ""))(1.0)
         target = self.probe_target(ch, info, self.container_port(ch),
                                    info.labels.get(LABEL_STARTED_AT, ""))
@@ -748,16 +748,18 @@ class InstanceSpecs:
         return inst.model_copy(update={"container_id": main.id, "ports": main.ports,
                                        "url": endpoints[0].url, "endpoints": endpoints})
 
-    def _endpoint_probe(self, ch: Challenge, ep: Endpoint, info: ContainerInfo,
+    def _endpoint_probe(self, ch: Challenge, ep: Endpoint, info: ContainerInfo, team: str,
                         started_at: str) -> Callable[[float], bool]:
         """One try at an endpoint, as :meth:`probe_target` reaches one image's port.
 
         Behind the ingress: through Traefik, the endpoint's route and the gate, as players
-        reach it (``started_at``: the instance's, a TCP endpoint's host depends on it).
+        reach it: the instance's team's host (``team``, not the container's label: a group
+        claimed from a warm pool has none), ``started_at`` the instance's (a TCP endpoint's
+        host depends on it).
         """
         if self.ingress.enabled:
-            _, key = self.endpoint_route(ch, info.team_id, ep)
-            return self.ingress.probe(ch.id, info.team_id, ep.protocol, ep.health_path,
+            _, key = self.endpoint_route(ch, team, ep)
+            return self.ingress.probe(ch.id, team, ep.protocol, ep.health_path,
                                       started_at=started_at, endpoint=key)
         if self.driver.is_local and info.ip:
             host, port = info.ip, ep.port
@@ -782,7 +784,8 @@ class InstanceSpecs:
         """
         assert ch.app is not None
         pending = list(ch.app.endpoints)
-        probes = {ep: self._endpoint_probe(ch, ep, made[ep.service], inst.started_at)
+        probes = {ep: self._endpoint_probe(ch, ep, made[ep.service], inst.team_id,
+                                           inst.started_at)
                   for ep in pending}
 
         def check(timeout: float) -> bool:

@@ -301,6 +301,12 @@ class Janitor:
         for name, rec in records.items():
             c = containers.get(name)
             if rec.status == "running" and c is not None and c.state == "running":
+                gone = self._missing_member(rec, containers)
+                if gone:  # a group's service removed by hand: judged by name, under the lock
+                    if svc.mark_failed(rec.challenge, rec.team_id, rec.container_id,
+                                       service=gone) == "marked":
+                        summary.marked_failed.append(rec.key)
+                    continue
                 c = self._dead_member(rec, containers) or c  # a group's other services too
             if rec.status != "running" or (c is not None and c.state == "running"):
                 continue
@@ -327,6 +333,18 @@ class Janitor:
                             and not ch.app.done(service, c.state, c.exit_code):
                         return c
         return None
+
+    def _missing_member(self, rec: Instance, containers: dict[str, ContainerInfo]) -> str:
+        """A Compose instance's other service (not a one-shot) with no container, if any."""
+        with contextlib.suppress(CTFError):
+            ch = self.service.catalog.get(rec.challenge)
+            if ch.app is not None:
+                layout = self.service.specs.layout(ch.id, rec.team_id, ch.app)
+                for service, name in zip(layout.services[1:], layout.containers[1:],
+                                         strict=True):
+                    if name not in containers and service not in ch.app.one_shots:
+                        return service
+        return ""
 
     def _remove_orphan_networks(
         self, live_teams: set[str], summary: Summary, now: datetime, judged: set[str]

@@ -8,7 +8,9 @@ Redis index true within a second, so status reads never need to ask Docker:
   with its exit code, an OOM flag and its last output lines
   (:meth:`~celery_app.core.service.InstanceService.mark_failed`);
 - ``destroy`` (``docker rm -f`` behind our back): the instance vanishes from the index and its
-  team network goes when it was the last (:meth:`~.InstanceService.forget_removed`);
+  team network goes when it was the last (:meth:`~.InstanceService.forget_removed`); the
+  removal of another service of a Compose group makes the instance ``failed`` instead, naming
+  the service (:meth:`~.InstanceService.mark_failed` with ``service``), as its death does;
 - ``start`` of a container with our labels that the index does not know: adopted, as
   reconcile would (:meth:`~.InstanceService.adopt`).
 
@@ -222,10 +224,16 @@ class EventFollower:
         svc = self.service
         outcome = "unchanged"
         try:
+            # Another service of a Compose group (SPEC §12): its death or its removal fails
+            # the instance, naming the service (the container may be gone by now).
+            member = "" if event.name == container_name(challenge, team) \
+                else event.labels.get(LABEL_SERVICE, "")
             if event.action in _FAILED:
                 if event.action == "health_status" and event.health != "unhealthy":
                     return
-                outcome = svc.mark_failed(challenge, team, event.id)
+                outcome = svc.mark_failed(challenge, team, event.id, service=member)
+            elif event.action == "destroy" and member:
+                outcome = svc.mark_failed(challenge, team, event.id, service=member)
             elif event.action == "destroy":
                 outcome = svc.forget_removed(challenge, team, event.id)
             elif event.action == "start":
@@ -254,9 +262,11 @@ class EventFollower:
             check_team_id(team)
             if event.name == container_name(ch.id, team):
                 return ch.id, team
-            # Another service of a Compose instance (SPEC §12): its death fails the group.
+            # Another service of a Compose instance (SPEC §12): its death or its removal
+            # fails the group.
             service = event.labels.get(LABEL_SERVICE, "")
-            if ch.is_group and service and event.action in _FAILED \
+            if ch.is_group and service and (event.action in _FAILED
+                                              or event.action == "destroy") \
                     and event.name == service_container_name(ch.id, team, service):
                 return ch.id, team
         return None

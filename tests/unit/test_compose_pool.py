@@ -98,6 +98,19 @@ def test_a_claim_renames_the_group_and_makes_no_network_call(
     assert pooled.store.pools.ready_count("local", "shop") == 1
 
 
+def test_a_claimed_group_reads_as_its_teams_as_the_engine_then_shows_it(
+        pooled: InstanceService, driver: FakeDriver) -> None:
+    """A claim returns each service under its new name, with the team read from that name."""
+    pooled.pool.run_once()
+    record = pooled.specs.new_instance(pooled.catalog.get("shop"), "t1")
+    made = pooled.pool.claim_group(pooled.catalog.get("shop"), "t1", record)
+    assert made is not None
+    for service, info in made.items():
+        seen = driver.get_container(info.id)
+        assert seen is not None and info.name == seen.name
+        assert info.team_id == "t1" == seen.team_id, service  # no ctf.team label: the name's
+
+
 def test_stop_of_a_claimed_group_removes_its_containers_and_its_network(
         pooled: InstanceService, driver: FakeDriver) -> None:
     """Stop removes every service of the claimed group and the slot's network."""
@@ -152,9 +165,37 @@ def test_make_room_removes_a_whole_unclaimed_group(
         pooled: InstanceService, driver: FakeDriver) -> None:
     """A full host: a cold start makes the pool give one group way, all of its services."""
     pooled.pool.run_once()
-    pooled.settings.max_instances = 2  # the two unclaimed groups fill the host
+    pooled.settings.max_instances = 6  # the two unclaimed groups (3 containers each) fill it
     pooled.start(pooled.catalog.key("web", "t9"))  # a cold single-image start
     assert len(slots(driver)) == 1 and all(len(m) == 3 for m in slots(driver).values())
+
+
+def test_a_pooled_group_weighs_its_containers_when_the_pools_give_way(
+        pooled: InstanceService, driver: FakeDriver) -> None:
+    """Two groups (6 containers), max 5: each cold start of 1 frees a group only when needed."""
+    pooled.pool.run_once()
+    assert len(slots(driver)) == 2
+    pooled.settings.max_instances = 5
+    pooled.start(pooled.catalog.key("web", "t9"))  # 1 + 6 > 5: one group (3) gives way
+    assert len(slots(driver)) == 1 and len(driver.list_containers(LABELS)) == 4
+    pooled.start(pooled.catalog.key("web", "t8"))  # 2 + 3 = 5: fits, nothing goes
+    assert len(slots(driver)) == 1 and len(driver.list_containers(LABELS)) == 5
+    pooled.start(pooled.catalog.key("web", "t7"))  # 3 + 3 > 5: the last group goes
+    assert slots(driver) == {} and pooled.store.pools.members("local") == {}
+    assert len(driver.list_containers(LABELS)) == 3
+    pooled.pool.run_once()  # no refill: a group of 3 beside 3 instances would pass 5
+    assert slots(driver) == {}
+
+
+def test_the_refill_boots_a_group_only_where_all_its_containers_fit(
+        pooled: InstanceService, driver: FakeDriver) -> None:
+    """With a limit of 5, a pool of two 3-service groups boots one; at 6, the second."""
+    pooled.settings.max_instances = 5
+    summary = pooled.pool.run_once()
+    assert len(summary.booted) == 1 and len(slots(driver)) == 1
+    pooled.settings.max_instances = 6
+    pooled.pool.run_once()
+    assert len(slots(driver)) == 2 and len(driver.list_containers(LABELS)) == 6
 
 
 def test_a_dead_service_of_a_claimed_group_fails_the_instance_through_the_follower(

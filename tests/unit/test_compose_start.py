@@ -201,6 +201,54 @@ def test_the_janitor_fails_the_group_whose_service_died(shop: InstanceService,
     assert rec is not None and rec.status == "failed" and "service db" in (rec.error or "")
 
 
+def _follow(shop: InstanceService, action: str, c: Any) -> None:
+    """Hand the follower one engine event about ``c`` (as the stream would)."""
+    EventFollower(shop)._handle(_Pending(ContainerEvent(action, c.id, c.name, c.labels),
+                                         time.monotonic()))
+
+
+@pytest.mark.parametrize("action", ["destroy", "die"])
+def test_a_service_removed_by_hand_fails_the_group_through_the_follower(
+        shop: InstanceService, driver: FakeDriver, action: str) -> None:
+    """``docker rm -f`` of db: its destroy, or a die handled after it, fails the group (db)."""
+    inst = shop.start(shop.catalog.key("shop", "team1"))
+    db = next(c for c in ours(driver, **{"ctf.service": "db"}))
+    driver.remove_container(db.id)
+    _follow(shop, action, db)
+    rec = shop.store.get("shop", "team1")
+    assert rec is not None and rec.status == "failed", rec
+    assert rec.error == "service db: the container is gone"
+    assert rec.container_id == inst.container_id  # still the instance's: stop removes the rest
+
+
+def test_the_janitor_fails_the_group_whose_service_was_removed(
+        shop: InstanceService, driver: FakeDriver) -> None:
+    """A removal the follower missed: the janitor's pass fails the group, naming db."""
+    shop.start(shop.catalog.key("shop", "team1"))
+    driver.remove_container(next(c for c in ours(driver, **{"ctf.service": "db"})).id)
+    summary = Janitor(shop).run_once()
+    assert summary.marked_failed == ["shop/team1"]
+    rec = shop.store.get("shop", "team1")
+    assert rec is not None and rec.status == "failed"
+    assert rec.error == "service db: the container is gone"
+
+
+def test_removal_news_of_an_earlier_group_or_of_a_stop_changes_nothing(
+        shop: InstanceService, driver: FakeDriver) -> None:
+    """A stop's destroys, and an old group's destroy seen after a new start, fail nothing."""
+    key = shop.catalog.key("shop", "team1")
+    shop.start(key)
+    old = next(c for c in ours(driver, **{"ctf.service": "db"}))
+    shop.stop(key)
+    _follow(shop, "destroy", old)  # our own stop: the record is gone already
+    assert shop.store.get("shop", "team1") is None
+    shop.start(key)
+    _follow(shop, "destroy", old)  # news of the earlier group, late
+    rec = shop.store.get("shop", "team1")
+    assert rec is not None and rec.status == "running"
+    assert Janitor(shop).run_once().marked_failed == []
+
+
 def test_reconcile_after_a_redis_loss_adopts_the_group_with_its_endpoints(
         shop: InstanceService, driver: FakeDriver) -> None:
     """After the index is lost, the janitor's reconcile adopts the group and keeps its services."""
