@@ -7,7 +7,9 @@ Redis of this file's own. Each test uses teams of its own.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import uvicorn
 from api_helpers import ADMIN, ADMIN_TOKEN, team_headers
 from ci import unavailable
 from conftest import (
+    ROOT,
     RedisServer,
     base_env,
     cleanup_docker,
@@ -346,4 +349,39 @@ def test_the_dashboards_restart_button_gives_a_fresh_instance(
     assert after is not None and after["status"] == "running"
     assert after["container_id"] != before["container_id"]
     assert setup.gone(before["container_id"])
+    setup.api.delete(f"/api/v1/teams/{team}/instances/web?wait=60", headers=ADMIN)
+
+
+def _plugin_client() -> Any:
+    """The CTFd plugin's server-side client module (it needs no CTFd), loaded on its own."""
+    path = ROOT / "integrations" / "ctfd" / "ctf_instancer" / "client.py"
+    spec = importlib.util.spec_from_file_location("ctf_instancer_client_restart", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ctfd_plugins_restart_call_gives_a_fresh_instance(
+    setup: Setup, live_api: str,
+) -> None:
+    """What the modal's Restart route calls (the plugin's client, a team token) restarts."""
+    plugin = _plugin_client()
+    conn = plugin.Connection(url=live_api, admin_token=ADMIN_TOKEN, prefix="ctfd",
+                             url_source="test", token_source="test", prefix_source="test")
+    api = plugin.InstancerClient(conn)
+    team = plugin.team_id_for("ctfd", "t", 77)
+    before = setup.start("web", team)
+    answer = api.restart(team, "web")
+    assert answer["task_id"] and answer["team_id"] == team
+
+    def fresh() -> dict[str, Any] | None:
+        task = api.task(team, answer["task_id"])
+        return task if task["state"] == "SUCCESS" else None
+
+    result = wait_for(fresh, 60, 0.2, "the plugin's restart task")["result"]
+    assert result["container_id"] != before["container_id"]
+    assert api.instance(team, "web")["container_id"] == result["container_id"]
+    assert [e["actor"] for e in setup.events(team=team, kind="restart")] == [f"team:{team}"]
     setup.api.delete(f"/api/v1/teams/{team}/instances/web?wait=60", headers=ADMIN)

@@ -154,7 +154,11 @@ CTFd._internal.challenge.render = null;
       const body = await call(id, null, query);
       if (!panel.isConnected) return;
       if (body.success) {
-        if (body.data.status !== "starting") state.task = null;
+        // A start's or restart's task still running: the instance is on its way (a restart's
+        // old instance may still be listed as running until the task replaces it).
+        const pending = state.task && body.data.state && !["SUCCESS", "FAILURE", "REVOKED"].includes(body.data.state);
+        if (pending && body.data.status === "running") body.data.status = "starting";
+        if (body.data.status !== "starting" && !pending) state.task = null;
         render(body.data);
       } else {
         showError(body.error && body.error.detail);
@@ -166,7 +170,7 @@ CTFd._internal.challenge.render = null;
       clearTimeout(state.poll);
       const status = state.view && state.view.status;
       // Fast while something is changing; slowly otherwise, to notice expiry and the janitor.
-      const wait = status === "starting" || status === "stopping" ? 1000 : 15000;
+      const wait = state.task || status === "starting" || status === "stopping" ? 1000 : 15000;
       state.poll = setTimeout(() => panel.isConnected && refresh(), wait);
     }
 
