@@ -54,7 +54,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 def catalog(images: dict[str, str]) -> str:
-    """Two stand-in web challenges with per-team flags; ``solve`` stops once solved."""
+    """Stand-in web challenges with per-team flags; ``solve`` stops once solved, ``warm`` pools."""
     entry = f"""
     image: {images['http']}
     port: 8080
@@ -63,7 +63,8 @@ def catalog(images: dict[str, str]) -> str:
     memory: 64m
     flag_env: FLAG
     start_timeout: 20"""
-    return f"challenges:\n  web:{entry}\n  solve:{entry}\n    stop_on_solve: true\n"
+    return (f"challenges:\n  web:{entry}\n  solve:{entry}\n    stop_on_solve: true\n"
+            f"  warm:{entry}\n    pool: 1\n")
 
 
 @dataclass
@@ -179,6 +180,40 @@ def test_restart_gives_fresh_containers_with_the_same_flag_and_a_later_expiry(
     restarts = setup.events(team=team, kind="restart")
     assert [(e["actor"], e["outcome"]) for e in restarts] == [(f"team:{team}", "ok")]
     api.delete(f"/api/v1/teams/{team}/instances/web?wait=60", headers=ADMIN)
+
+
+def test_a_pooled_instance_restarts_fresh_and_every_flag_it_held_stays_correct(
+    setup: Setup,
+) -> None:
+    """A claimed pool container is replaced by a fresh one; the team's flags all still score."""
+    team, api = "rs8", setup.api
+
+    def ready() -> bool:
+        rows = api.get("/api/v1/pools", headers=ADMIN).json()["pools"]
+        return any(r["challenge"] == "warm" and r["ready"] >= 1 for r in rows)
+
+    wait_for(ready, 90, 0.5, "a ready pool container of warm")
+    before = setup.start("warm", team)
+    assert "ctf.pool" in setup.docker.containers.get(before["container_id"]).labels
+    assert _wrote_file(setup, before["container_id"])
+    held = setup.flag_env(before["container_id"])  # the slot's flag, now the team's
+
+    r = api.post(f"/api/v1/teams/{team}/instances/warm/restart?wait=60",
+                 headers=team_headers(team))
+    assert r.status_code == 200, r.text
+    after = r.json()
+    assert after["container_id"] != before["container_id"]
+    assert setup.gone(before["container_id"])
+    fresh = setup.docker.containers.get(after["container_id"])
+    assert fresh.exec_run(["/bin/busybox", "test", "-e", "/tmp/mine"]).exit_code == 1
+    # The fresh one is cold (the team's flag) or another pool container (its slot's flag):
+    # the flag found before the restart and the one shown now both score, for this team only.
+    url = f"/api/v1/teams/{team}/flags/warm"
+    for flag in (held, setup.flag_env(after["container_id"])):
+        assert api.post(url, json={"flag": flag}, headers=ADMIN).json()["correct"] is True
+    other = api.post("/api/v1/teams/rs8x/flags/warm", json={"flag": held}, headers=ADMIN)
+    assert other.json()["correct"] is False
+    api.delete(f"/api/v1/teams/{team}/instances/warm?wait=60", headers=ADMIN)
 
 
 def test_restart_answers_like_a_start_and_404_without_an_instance(setup: Setup) -> None:
