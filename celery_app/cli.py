@@ -258,6 +258,23 @@ def stop(
 
 
 @app.command()
+def restart(
+    challenge: str, team: str, wait: WaitOpt = True, timeout: TimeoutOpt = 300,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace TEAM's instance of CHALLENGE with a fresh one (same flag, new expiry)."""
+    disp = _dispatcher()
+    with _errors():
+        task_id, so_far = disp.restart(disp.key(challenge, team))
+        if not wait:
+            _show({"task_id": task_id, **so_far}, as_json)
+            return
+        view = _wait_with_progress(disp, task_id, timeout,
+                                   f"restarting {challenge} for {team}", as_json)
+    _show(_finish(view, task_id, as_json), as_json, "restarted")
+
+
+@app.command()
 def extend(challenge: str, team: str, as_json: JsonOpt = False) -> None:
     """Push the expiry of TEAM's instance out by the challenge's ttl (up to its maximum)."""
     disp = _dispatcher()

@@ -168,7 +168,7 @@ def _logged(task: str, challenge: str | None, team_id: str | None, fn: Callable[
 
 def _audited(task: InstancerTask, ctx: Context, name: str, key: InstanceKey,
              actor: str, run: Callable[[], T]) -> T:
-    """Run a start, stop or extend and record its outcome in the audit trail (SPEC §13).
+    """Run a start, stop, extend or restart and record its outcome in the audit trail (SPEC §13).
 
     ``ok``, or the error's code; a transient error with retries left is no outcome yet (its
     retry's is), and a control signal (hand-over, busy) is none at all.
@@ -294,6 +294,30 @@ def stop_container(
         {"intent": intent, "hops": hops, COUNTED: counted, "actor": actor},
         lambda ctx, key: ctx.service.stop(key, intent=intent, count_rate=not counted,
                                           lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id),
+    )
+
+
+@app.task(name="celery_app.tasks.restart_container", bind=True, base=InstancerTask,
+          counts_rate=True)
+def restart_container(
+    self: InstancerTask, challenge: str, team_id: str, intent: int | None = None,
+    hops: int = 0, counted: bool = False, actor: str | None = None,
+) -> dict[str, Any]:
+    """Replace the team's instance with a fresh one; return it once ``running`` (SPEC §13).
+
+    New containers (the image's original state), the same flag, an expiry as for a new
+    start; one action for the rate limit. With no instance it starts one (see
+    ``InstanceService.restart``). ``intent``, ``counted``, ``hops`` and ``actor`` as for
+    :func:`start_container`.
+    """
+    return _on_instance(
+        self, "restart_container", challenge, team_id,
+        {"intent": intent, "hops": hops, COUNTED: counted, "actor": actor},
+        lambda ctx, key: ctx.service.ingress.with_access(ctx.service.restart(
+            key, progress=self.report, intent=intent,
+            count_rate=not counted, lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id,
+        ).public()),
+        placing=True,
     )
 
 

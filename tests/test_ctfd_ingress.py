@@ -87,7 +87,7 @@ def browser() -> Iterator[Browser]:
 def start_in_modal(page: Any, name: str) -> Any:
     """Start the team's instance from the challenge's modal; return the modal's link."""
     panel = open_challenge(page, name)
-    panel.get_by_role("button", name="Start").click()
+    panel.get_by_role("button", name="Start", exact=True).click()
     expect(panel.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
     return panel.locator("a.ctfi-link")
 

@@ -410,7 +410,7 @@ def test_organiser_and_two_teams_through_ctfd(
     team_one = f"{PREFIX}-t" + str(one.request.get("/api/v1/teams/me").json()["data"]["id"])
     panel = open_challenge(one, "Web instance")
     expect(panel.locator(".ctfi-status")).to_have_text("Not running")
-    panel.get_by_role("button", name="Start").click()
+    panel.get_by_role("button", name="Start", exact=True).click()
     expect(panel.locator(".ctfi-status")).to_have_text(re.compile("Starting|Running"))
     expect(panel.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
     link = panel.locator("a.ctfi-link")
@@ -427,6 +427,19 @@ def test_organiser_and_two_teams_through_ctfd(
     instance_page.close()
     panel.get_by_role("button", name="Extend").click()  # ttl 600 s more: about 19-20 min
     expect(panel.locator(".ctfi-countdown")).to_have_text(re.compile(r"^(19|20):\d\d$"))
+    # Restart (SPEC §13), after a confirmation: a fresh container, the same flag on its page,
+    # and the expiry of a new start again.
+    old_ids = {c.id for c in instance_of(docker_client, team_one, "flagweb")}
+    one.once("dialog", lambda dialog: dialog.accept())
+    panel.get_by_role("button", name="Restart", exact=True).click()
+    wait_for(lambda: {c.id for c in instance_of(docker_client, team_one, "flagweb")}
+             - old_ids, 60, 0.2, "the modal's restart to make a new container")
+    expect(panel.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
+    expect(panel.locator(".ctfi-countdown")).to_have_text(re.compile(r"^(9|10):\d\d$"))
+    with one.expect_popup() as popup:
+        panel.locator("a.ctfi-link").click()
+    expect(popup.value.locator("#flag")).to_have_text(flag_one)
+    popup.value.close()
 
     # Its own flag scores.
     assert team_score(one) == 0
@@ -443,7 +456,7 @@ def test_organiser_and_two_teams_through_ctfd(
                            "type": "standard"},
                      {"type": "instancer", "content": "Score Board", "data": "shop"})
     shop = open_challenge(one, "Juice Shop")
-    shop.get_by_role("button", name="Start").click()
+    shop.get_by_role("button", name="Start", exact=True).click()
     expect(shop.locator(".ctfi-error")).to_contain_text(
         f"team {team_one} already runs 1 instance(s), the per-team maximum")
     expect(shop.locator(".ctfi-status")).to_have_text("Not running")
@@ -459,7 +472,7 @@ def test_organiser_and_two_teams_through_ctfd(
     expect(panel_two.locator(".ctfi-address")).to_be_hidden()
     expect(submit_flag(two, flag_one)).to_have_text(re.compile("Incorrect"))
     assert team_score(two) == 0
-    panel_two.get_by_role("button", name="Start").click()
+    panel_two.get_by_role("button", name="Start", exact=True).click()
     expect(panel_two.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
     link_two = panel_two.locator("a.ctfi-link").inner_text()
     assert link_two != link.inner_text()
@@ -475,7 +488,7 @@ def test_organiser_and_two_teams_through_ctfd(
 
     # 5b. Now Juice Shop starts; its in-app flag scores for team one, team two's does not.
     shop = open_challenge(one, "Juice Shop")
-    shop.get_by_role("button", name="Start").click()
+    shop.get_by_role("button", name="Start", exact=True).click()
     expect(shop.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
     (container,) = instance_of(docker_client, team_one, "shop")
     env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
@@ -623,7 +636,7 @@ def test_the_modal_links_every_endpoint_of_a_compose_instance(
     team_id = f"{PREFIX}-t" + str(team.request.get("/api/v1/teams/me").json()["data"]["id"])
     panel = open_challenge(team, "Two doors")
     expect(panel.locator(".ctfi-endpoints")).to_be_hidden()
-    panel.get_by_role("button", name="Start").click()
+    panel.get_by_role("button", name="Start", exact=True).click()
     expect(panel.locator(".ctfi-status")).to_have_text("Running", timeout=90_000)
     assert len(instance_of(docker_client, team_id, "duo")) == 2
     items = panel.locator("li.ctfi-endpoint")

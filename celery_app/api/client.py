@@ -483,6 +483,55 @@ class Dispatcher:
         task_id, _sent = self._coalesced("run", "stop", challenge, team_id, send)
         return task_id, {**record.public(), "status": "stopping"}
 
+    def stop_solved(self, key: InstanceKey, actor: str = ADMIN) -> str | None:
+        """Send the stop of a solved instance (``stop_on_solve``, SPEC §13); return its task.
+
+        The normal stop task (audited as a ``stop`` by ``actor``), sent without waiting for
+        it; not counted against the team's rate limit (the organisers' rule, not the team's
+        request, like an expiry). ``None`` when the team has no instance (nothing is sent).
+        """
+        challenge, team_id = key.challenge, key.team
+        record = self.store.get(challenge, team_id)
+        if record is None:
+            return None
+
+        def send(task_id: str) -> None:
+            intent = self.store.register_intent(challenge, team_id, "stop")
+            self.send("stop_container", [challenge, team_id], team_id, self.queue_for(record),
+                      {"intent": intent, "counted": True, "actor": actor}, task_id=task_id)
+
+        return self._coalesced("run", "stop", challenge, team_id, send)[0]
+
+    def restart(self, key: InstanceKey, actor: str = ADMIN) -> tuple[str, dict[str, Any]]:
+        """Send a restart of an existing instance; return the task id and the instance so far.
+
+        A fresh instance replaces it (SPEC §13). A restart while another restart of it is
+        pending answers that task; it counts as one action for the rate limit (always: it
+        does work), here, before it is queued; its place in line is a start's (a stop sent
+        after it wins); owned and audited as for :meth:`start`.
+
+        Raises:
+            InstanceNotFound: Redis has no record of it (nothing is sent): start one.
+            RateLimited: the team made too many starts/stops lately (nothing was sent).
+
+        """
+        return cast(tuple[str, dict[str, Any]], self.auditor.refused(
+            "restart", key.challenge, key.team, actor, lambda: self._restart(key, actor)))
+
+    def _restart(self, key: InstanceKey, actor: str) -> tuple[str, dict[str, Any]]:
+        challenge, team_id = key.challenge, key.team
+        record = self.instance(key)
+
+        def send(task_id: str) -> None:
+            self._rate_limit(team_id)
+            intent = self.store.register_intent(challenge, team_id, "start")
+            self.send("restart_container", [challenge, team_id], team_id,
+                      self.queue_for(record),
+                      {"intent": intent, "counted": True, "actor": actor}, task_id=task_id)
+
+        task_id, _sent = self._coalesced("run", "restart", challenge, team_id, send)
+        return task_id, {**record.public(), "status": "starting"}
+
     def extend(self, key: InstanceKey, actor: str = ADMIN) -> str:
         """Send an extend of an existing instance; return the task id.
 

@@ -70,6 +70,8 @@ class Challenge(BaseModel):
     user: str | None = None
     # Instances kept booted, unclaimed, on each host; a start claims one (issue 14, pool.py).
     pool: int = Field(0, ge=0, le=250)
+    # SPEC §13: a correct flag check stops the team's instance (frees capacity once solved).
+    stop_on_solve: bool = False
 
     @field_validator("memory")
     @classmethod

@@ -129,6 +129,13 @@ class InstanceService:
         return self.store.holding(challenge, team_id, hold,
                                   self.settings.lock_wait if wait is None else wait)
 
+    def _lock_or(self, held: Lock | None, challenge: str, team_id: str,
+                 wait: float | None) -> AbstractContextManager[Lock]:
+        """``held`` as it is (a caller holds the instance lock already), else :meth:`locked`."""
+        if held is not None:
+            return contextlib.nullcontext(held)
+        return self.locked(challenge, team_id, hold=LOCK_HOLD, wait=wait)
+
     def flag_for(self, key: InstanceKey) -> str:
         """Return the team's flag for a challenge (see :mod:`celery_app.core.flags`)."""
         return self.specs.flag(key.challenge, key.team)
@@ -142,7 +149,7 @@ class InstanceService:
     def start(
         self, key: InstanceKey, progress: ProgressFn | None = None,
         intent: int | None = None, *, count_rate: bool = True, lock_wait: float | None = None,
-        task_id: str | None = None,
+        task_id: str | None = None, held: Lock | None = None,
     ) -> Instance:
         """Start the team's instance of a challenge; return it ``running`` once it answers.
 
@@ -155,7 +162,8 @@ class InstanceService:
         another operation.
         ``task_id`` (the Celery task's) makes the start take effect once: a redelivered copy
         of a start that already answered ``running`` returns that answer and does nothing,
-        even if the instance was stopped since (SPEC §10: none is done twice).
+        even if the instance was stopped since (SPEC §10: none is done twice). ``held``: the
+        instance lock, already held by the caller (:meth:`restart`), not taken again.
 
         ``key`` was validated at the edge (:meth:`Catalog.key`): it is not checked again.
 
@@ -183,7 +191,8 @@ class InstanceService:
             if seen is None or seen.status == "failed":
                 self._count_rate(team)
         if ch.is_group:  # a Compose challenge (SPEC §12): its services, all or nothing
-            return self._start_group(key, ch, report, progress, intent, lock_wait, task_id)
+            return self._start_group(key, ch, report, progress, intent, lock_wait, task_id,
+                                     held)
         # 1. the image: pulls can be long and need no lock. A start that will claim a warm
         #    pool container (one is ready on this host) needs no image at all; it is checked
         #    (one Docker call saved) only if the claim then misses (step 7).
@@ -195,7 +204,7 @@ class InstanceService:
         # Fail closed: no instance starts while the egress firewall is not in place.
         self.egress.require()
         # 2. lock (challenge, team): concurrent starts create one container, on every host.
-        with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait) as lock:
+        with self._lock_or(held, ch.id, team, lock_wait) as lock:
             # 3. the latest request wins: a stop sent after this start cancels it.
             self._latest("start", ch, team, intent)
             # 4. an instance recorded on another host is that host's to start (one container
@@ -248,7 +257,7 @@ class InstanceService:
     def _start_group(
         self, key: InstanceKey, ch: Challenge, report: ProgressFn,
         progress: ProgressFn | None, intent: int, lock_wait: float | None,
-        task_id: str | None,
+        task_id: str | None, held: Lock | None = None,
     ) -> Instance:
         """:meth:`start`'s steps 1-9 for a Compose challenge: one instance, several services.
 
@@ -270,7 +279,7 @@ class InstanceService:
             self.specs.ensure_image(ch, progress)
         self.egress.require()
         # 2. lock (challenge, team)
-        with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait) as lock:
+        with self._lock_or(held, ch.id, team, lock_wait) as lock:
             # 3. the latest request wins; 4. another host's instance is that host's.
             self._latest("start", ch, team, intent)
             record = self._here(key)
@@ -367,7 +376,7 @@ class InstanceService:
     def stop(
         self, key: InstanceKey, *, count_rate: bool = True,
         lock_wait: float | None = None, intent: int | None = None, keep_network: bool = False,
-        task_id: str | None = None,
+        task_id: str | None = None, held: Lock | None = None,
     ) -> dict[str, str]:
         """Stop and remove the team's instance, and the team network if it was the last.
 
@@ -377,7 +386,8 @@ class InstanceService:
         (about 0.2 s each), so the janitor removes every expired container first.
         ``task_id`` (the Celery task's) makes the stop take effect once: a redelivered copy of
         a stop that removed the instance answers ``stopped`` again and leaves alone an instance
-        started since.
+        started since. ``held``: the instance lock, already held by the caller
+        (:meth:`restart`), not taken again.
 
         Returns:
             ``{"team_id", "challenge", "status": "stopped"}``.
@@ -401,7 +411,7 @@ class InstanceService:
         if count_rate and self.store.get(ch.id, team) is not None:
             self._count_rate(team)
         # 1. lock (challenge, team)
-        with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait):
+        with self._lock_or(held, ch.id, team, lock_wait):
             # A copy of this very task (redelivered while it ran) may have done it meanwhile.
             if self.store.applied(task_id) is not None:
                 return answer
@@ -435,6 +445,55 @@ class InstanceService:
     def remove_network_if_unused(self, team_id: str, network: str | None = None) -> bool:
         """Remove the team's network when no container is left on it (see ``specs``)."""
         return self.specs.remove_network_if_unused(team_id, network)
+
+    # -- restart (SPEC §13) -------------------------------------------------------------------
+
+    def restart(
+        self, key: InstanceKey, progress: ProgressFn | None = None,
+        intent: int | None = None, *, count_rate: bool = True, lock_wait: float | None = None,
+        task_id: str | None = None,
+    ) -> Instance:
+        """Replace the team's instance with a fresh one; return it ``running``.
+
+        A stop then a start as one operation, under one hold of the instance lock (no other
+        request of this instance runs in between): new containers from the image (a warm
+        pool's, or cold), so nothing the team wrote survives; the same per-team flag; an
+        expiry (and maximum lifetime) counted from now, as for a new start. Single-image,
+        pooled and Compose instances alike. With no instance at all it is a start: a copy of
+        a restart redelivered after its worker died between the stop and the start completes
+        it (the API and ``ctfctl`` answer ``instance_not_found`` before sending one).
+
+        ``intent`` is a start's (a stop requested later supersedes it); ``count_rate``,
+        ``lock_wait`` and ``task_id`` as for :meth:`start`: the restart counts as one action
+        for the team's rate limit, and a redelivered copy of one that answered returns that
+        answer without restarting again.
+
+        Raises:
+            RateLimited, TeamQuotaExceeded, CapacityExhausted: a limit was hit.
+            StartFailed: the new container exited or never answered.
+            Superseded: a later stop of this instance was requested meanwhile.
+            OnOtherHost: the instance lives on another Docker host (hand the request there).
+            InstanceBusy: another operation held the instance for ``lock_wait`` seconds.
+        """
+        ch, team = self._challenge(key), key.team
+        if (done := self.store.applied(task_id)) is not None:
+            return Instance.model_validate_json(done)
+        if intent is None:
+            intent = self.store.register_intent(ch.id, team, "start")
+        # 0. one action for the rate limit, whatever there was to stop.
+        if count_rate:
+            self._count_rate(team)
+        # The images before the lock (pulls can be long); the start checks them again, cheaply.
+        self.specs.ensure_image(ch, progress)
+        with self.locked(ch.id, team, hold=LOCK_HOLD, wait=lock_wait) as lock:
+            self._latest("start", ch, team, intent)
+            self._here(key)  # another host's instance is that host's to restart
+            with contextlib.suppress(InstanceNotFound):  # nothing to stop: a start
+                # The network stays: the start puts the new container on it at once.
+                self.stop(key, count_rate=False, intent=NO_INTENT, keep_network=True,
+                          held=lock)
+            return self.start(key, progress, intent, count_rate=False, task_id=task_id,
+                              held=lock)
 
     # -- extend -----------------------------------------------------------------------------
 

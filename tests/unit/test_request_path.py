@@ -49,10 +49,12 @@ def test_a_retried_copy_of_a_start_or_stop_says_it_was_counted(
         seen.append(dict(kwargs or {}))
 
     monkeypatch.setattr(Task, "retry", fake_retry)
-    for task in (tasks.start_container, tasks.stop_container, tasks.extend_container):
+    for task in (tasks.start_container, tasks.stop_container, tasks.restart_container,
+                 tasks.extend_container):
         task.push_request(args=["web", "t1"], kwargs=dict(sent), retries=0)
         try:
             task.retry(countdown=1)
         finally:
             task.pop_request()
-    assert seen == [{**sent, "counted": True}, {**sent, "counted": True}, {}]
+    assert seen == [{**sent, "counted": True}, {**sent, "counted": True},
+                    {**sent, "counted": True}, {}]

@@ -6,6 +6,7 @@ Every one but the catalog listing asks for the admin token.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -15,9 +16,10 @@ from celery_app.api.deps import ERRORS, ChallengeId, Disp, TeamId, Who
 from celery_app.core.audit import principal_actor
 from celery_app.core.flags import check_flag, check_in_app_flag
 from celery_app.core.pool import flag_held, pool_status
-from celery_app.errors import InvalidRequest
+from celery_app.errors import CTFError, InvalidRequest
 from celery_app.vocab.models import Status
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -46,7 +48,9 @@ def check_team_flag(
 
     With ``name``, the flag is one of the app's own in-app flags (OWASP Juice Shop's):
     the hex HMAC-SHA1 of ``name`` under the key the team's container received in the
-    challenge's ``flag_env`` variable (``CTF_KEY`` for juice-shop).
+    challenge's ``flag_env`` variable (``CTF_KEY`` for juice-shop). A correct flag of a
+    challenge with ``stop_on_solve: true`` also sends the stop of the team's instance
+    (answered without waiting for it).
     """
     who.require_admin()
     ch = disp.catalog.get(challenge)
@@ -68,6 +72,14 @@ def check_team_flag(
     # SPEC §13: recorded; another team's flag is recorded as flag_shared, naming its owner.
     correct = disp.auditor.flag_check(ch.id, team_id, body.flag, body.name, correct,
                                       principal_actor(who))
+    if correct and ch.stop_on_solve:
+        # SPEC §13: solved, so the instance goes (the normal stop task, not waited for). The
+        # check's answer stands whatever the sending does: the stop is the organisers' gain.
+        try:
+            disp.stop_solved(disp.key(ch.id, team_id), principal_actor(who))
+        except CTFError as exc:
+            log.warning("stop_on_solve: could not stop %s of team %s: %s", ch.id, team_id,
+                        exc.detail)
     return {"team_id": team_id, "challenge": ch.id, "correct": correct}
 
 

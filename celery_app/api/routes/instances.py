@@ -1,4 +1,4 @@
-"""One team's instances: start, status, stop, extend (the admin or that team's token).
+"""One team's instances: start, status, stop, restart, extend (the admin or that team's token).
 
 They are coroutines: the quick parts (Redis reads, sending the task) run in the thread pool,
 and a wait runs on the event loop (:class:`~celery_app.api.client.AsyncWaiter`), holding no
@@ -48,6 +48,12 @@ def _start(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Ca
 def _stop(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], Sent]:
     """Return the call that sends the stop (run in the thread pool)."""
     return lambda: disp.stop(disp.key(challenge, team_id), principal_actor(who))
+
+
+def _restart(disp: Dispatcher, challenge: str, team_id: str, who: Principal
+             ) -> Callable[[], Sent]:
+    """Return the call that sends the restart (run in the thread pool)."""
+    return lambda: disp.restart(disp.key(challenge, team_id), principal_actor(who))
 
 
 def _extend(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], str]:
@@ -165,6 +171,36 @@ async def stop_instance(
         raise _failed(metrics, "stop_container", view)
     if not view.ready:
         return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
+    return JSONResponse(view.result, status_code=200)
+
+
+@router.post("/api/v1/teams/{team_id}/instances/{challenge}/restart", status_code=202,
+             responses={**ERRORS, 200: {"description": "the fresh instance (with ?wait)"}},
+             tags=["instances"])
+async def restart_instance(
+    team_id: TeamId, challenge: ChallengeId, who: Who, disp: Disp, metrics: Metrics,
+    waiter: Waiter, slots: Slots, wait: Wait = None,
+) -> JSONResponse:
+    """Replace the instance with a fresh one (SPEC §13); answers like a start.
+
+    New containers from the image (nothing the team wrote survives), the same flag, an
+    expiry as for a new start; one action for the rate limit. 202 with the task id and the
+    instance so far; with ``?wait=N``, 200 with the running instance once it runs, the
+    task's error when it failed, or 202 when it is not done within N seconds. 404
+    ``instance_not_found`` when there is no instance (start one).
+    """
+    who.require_team(team_id)
+    task_id, so_far, view = await _send_then_wait(
+        slots, waiter, team_id, wait, _restart(disp, challenge, team_id, who))
+    metrics.tasks_sent.labels("restart_container", challenge).inc()
+    if view is None:
+        return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
+    if view.error is not None:
+        raise _failed(metrics, "restart_container", view)
+    if not view.ready:
+        record = await run_in_threadpool(disp.store.get, challenge, team_id)
+        current = record.public() if record else so_far
+        return JSONResponse({"task_id": task_id, **current}, status_code=202)
     return JSONResponse(view.result, status_code=200)
 
 

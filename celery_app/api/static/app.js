@@ -463,7 +463,7 @@
         li.classList.toggle("done", at > i);
         li.classList.toggle("current", at === i);
       });
-      $(".steps", progress).hidden = busy.op !== "start";
+      $(".steps", progress).hidden = busy.op !== "start" && busy.op !== "restart";
     }
 
     const message = state.errors.get(ch.id) || (inst && inst.status === "failed" && inst.error
@@ -474,6 +474,7 @@
     btn("start").disabled = !!busy || (inst && inst.status !== "failed");
     btn("stop").disabled = !!busy || !inst || inst.status === "stopping";
     btn("extend").disabled = !!busy || !inst || inst.status !== "running";
+    btn("restart").disabled = !!busy || !inst || inst.status === "stopping";
   }
 
   function progressOf(view, waitedMs) {
@@ -510,14 +511,14 @@
     return `/api/v1/teams/${encodeURIComponent(state.team)}/instances/${encodeURIComponent(id)}`;
   }
 
-  // Run one start/stop/extend for a card: busy state, errors in words, focus kept.
+  // Run one start/stop/restart/extend for a card: busy state, errors in words, focus kept.
   async function runCardOp(id, op, work, focusAfter) {
     const ch = state.challenges.find((c) => c.id === id);
     const card = cardOf(id);
     const hadFocus = card && card.contains(document.activeElement);
     state.errors.delete(id);
     const setBusy = (b) => { state.busy.set(id, { op, ...b }); renderCard(ch); };
-    setBusy(op === "start" ? { phase: "queued", text: "Queued…" }
+    setBusy(op === "start" || op === "restart" ? { phase: "queued", text: "Queued…" }
       : { phase: op, text: op === "stop" ? "Stopping…" : "Extending…" });
     try {
       await work(setBusy);
@@ -564,6 +565,22 @@
       state.instances.delete(id);
       announce(`${nameOf(id)} is stopped.`);
     }, "start");
+  }
+
+  // A fresh instance in place of this one (same flag, new expiry): what the team changed in
+  // it is lost, so ask first.
+  function restart(id) {
+    if (!window.confirm(`Restart ${nameOf(id)}? You get a fresh instance: everything changed in this one is lost.`)) {
+      return Promise.resolve();
+    }
+    return runCardOp(id, "restart", async (setBusy) => {
+      const { body } = await api("POST", `${teamPath(id)}/restart`);
+      state.instances.set(id, { ...body, status: "starting" });
+      const inst = await followTask(body.task_id, (view, waited) => setBusy(progressOf(view, waited)));
+      state.instances.set(id, inst);
+      if (!inst.access_url) await refreshTeam().catch(() => {});
+      announce(`${nameOf(id)} was restarted: a fresh instance runs at ${inst.url}.`);
+    }, "restart");
   }
 
   function extend(id) {
@@ -867,7 +884,7 @@
       const button = e.target.closest("button[data-action]");
       if (!button || button.disabled) return;
       const id = button.closest("article").dataset.challenge;
-      ({ start, stop, extend })[button.dataset.action](id);
+      ({ start, stop, restart, extend })[button.dataset.action](id);
     });
     $("#instances").addEventListener("click", (e) => {
       const button = e.target.closest("button[data-action]");

@@ -3,7 +3,7 @@
 Installed by copying or linking this folder into ``CTFd/plugins/`` (see README.md). It adds:
 
 - the challenge type ``instanced``: the organiser picks one of the instancer's catalog
-  challenges; each team starts, extends and stops its own instance from the challenge's
+  challenges; each team starts, extends, restarts and stops its own instance from the challenge's
   modal, and sees its link and a live countdown to its expiry;
 - the flag type ``instancer``: a submission is checked by the instancer against the
   submitting team's own flag (or, given a Juice Shop challenge name, that team's in-app
@@ -416,6 +416,11 @@ def _player_action(challenge_id: int, action: str) -> Any:
             extra["task_id"] = started.get("task_id")
             inst = client.instance(team_id, catalog_id) or \
                 {k: v for k, v in started.items() if k != "task_id"}
+        elif action == "restart":  # a fresh instance, followed like a start's task
+            restarted = client.restart(team_id, catalog_id)
+            extra["task_id"] = restarted.get("task_id")
+            inst = client.instance(team_id, catalog_id) or \
+                {k: v for k, v in restarted.items() if k != "task_id"}
         elif action == "stop":
             client.stop(team_id, catalog_id)
             inst = None
@@ -455,6 +460,14 @@ def start_instance(challenge_id: int) -> Any:
 def stop_instance(challenge_id: int) -> Any:
     """Stop and remove the player's team's instance."""
     return _player_action(challenge_id, "stop")
+
+
+@player.route("/api/<int:challenge_id>/restart", methods=["POST"])
+@authed_only
+@require_verified_emails
+def restart_instance(challenge_id: int) -> Any:
+    """Replace the team's instance with a fresh one (same flag); answers with a task id."""
+    return _player_action(challenge_id, "restart")
 
 
 @player.route("/api/<int:challenge_id>/extend", methods=["POST"])

@@ -343,6 +343,10 @@ class InstancerClient:
         return dict(self._team("DELETE", team_id, f"/instances/{quote(challenge)}",
                                params={"wait": STOP_WAIT}))
 
+    def restart(self, team_id: str, challenge: str) -> dict[str, Any]:
+        """Replace the team's instance with a fresh one; returns ``{"task_id", …so far}``."""
+        return dict(self._team("POST", team_id, f"/instances/{quote(challenge)}/restart"))
+
     def extend(self, team_id: str, challenge: str) -> dict[str, Any]:
         """Push the instance's expiry out by the challenge's ttl (up to its lifetime)."""
         return dict(self._team("POST", team_id, f"/instances/{quote(challenge)}/extend"))

@@ -137,6 +137,7 @@ CTFd._internal.challenge.render = null;
       $(".ctfi-start").disabled = state.busy || running || status === "stopping";
       $(".ctfi-start").textContent = status === "failed" ? "Restart" : "Start";
       $(".ctfi-extend").disabled = state.busy || status !== "running";
+      $(".ctfi-restart").disabled = state.busy || status !== "running";
       $(".ctfi-stop").disabled = state.busy || status === "none" || status === "stopping";
       if (view.error) showError(view.error);
     }
@@ -153,7 +154,11 @@ CTFd._internal.challenge.render = null;
       const body = await call(id, null, query);
       if (!panel.isConnected) return;
       if (body.success) {
-        if (body.data.status !== "starting") state.task = null;
+        // A start's or restart's task still running: the instance is on its way (a restart's
+        // old instance may still be listed as running until the task replaces it).
+        const pending = state.task && body.data.state && !["SUCCESS", "FAILURE", "REVOKED"].includes(body.data.state);
+        if (pending && body.data.status === "running") body.data.status = "starting";
+        if (body.data.status !== "starting" && !pending) state.task = null;
         render(body.data);
       } else {
         showError(body.error && body.error.detail);
@@ -165,20 +170,27 @@ CTFd._internal.challenge.render = null;
       clearTimeout(state.poll);
       const status = state.view && state.view.status;
       // Fast while something is changing; slowly otherwise, to notice expiry and the janitor.
-      const wait = status === "starting" || status === "stopping" ? 1000 : 15000;
+      const wait = state.task || status === "starting" || status === "stopping" ? 1000 : 15000;
       state.poll = setTimeout(() => panel.isConnected && refresh(), wait);
     }
 
     async function act(action) {
+      // A restart throws away what the team changed in its instance: ask first.
+      if (action === "restart" && !window.confirm("Restart this instance? You get a fresh one with the same flag: everything changed in it is lost.")) {
+        return;
+      }
+      const starts = action === "start" || action === "restart";
       state.busy = true;
       showError("");
       if (state.view) render(state.view);
-      if (action === "start") render({ ...(state.view || {}), status: "starting", progress: {} });
+      if (starts) render({ ...(state.view || {}), status: "starting", progress: {} });
       const body = await call(id, action);
       state.busy = false;
       if (!panel.isConnected) return;
       if (body.success) {
-        if (action === "start") state.task = body.data.task_id || null;
+        if (starts) state.task = body.data.task_id || null;
+        // Until its task runs, a restarted instance still shows the old one as running.
+        if (action === "restart" && body.data.status === "running") body.data.status = "starting";
         render(body.data);
       } else {
         showError(body.error && body.error.detail);
@@ -191,6 +203,7 @@ CTFd._internal.challenge.render = null;
     $(".ctfi-start").addEventListener("click", () => act("start"));
     $(".ctfi-stop").addEventListener("click", () => act("stop"));
     $(".ctfi-extend").addEventListener("click", () => act("extend"));
+    $(".ctfi-restart").addEventListener("click", () => act("restart"));
     const ticker = setInterval(() => {
       if (!panel.isConnected) {
         clearInterval(ticker);
