@@ -392,11 +392,14 @@ class Dispatcher:
         """Answer a start of a running instance without a task; return its (reused) id.
 
         The result is written where Celery keeps task results, under an id derived from
-        the instance and its container, so a loop of such starts rewrites one short-lived
-        entry instead of adding a task and a result per request.
+        the instance and its container (and the asking team, ``owner``, who may read it),
+        so a loop of such starts rewrites one short-lived entry instead of adding a task
+        and a result per request.
         """
-        task_id = str(uuid.uuid5(uuid.NAMESPACE_URL,
-                                 f"ctf-noop-start:{record.key}:{record.container_id}"))
+        name = f"ctf-noop-start:{record.key}:{record.container_id}"
+        if owner != record.team_id:  # a global instance (SPEC §13): one answer per team
+            name += f":{owner}"
+        task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, name))
         backend = self.celery.backend
         self.store.set_task_owner(task_id, json.dumps({"owner": owner,
                                                        "task": "start_container"}), NOOP_TTL)

@@ -206,7 +206,9 @@ class InstanceService:
             intent = self.store.register_intent(ch.id, team, "start")
         # 0. rate limit before any work: only a start that makes a new instance counts (one
         #    that already runs, or is being started, is returned and costs nothing).
-        if count_rate:
+        # A global instance (SPEC §13) is no team's: its start makes one container for
+        # everyone at most, and the janitor's pass would start it anyway.
+        if count_rate and not ch.is_global:
             seen = self.store.get(ch.id, team)
             if seen is None or seen.status == "failed":
                 self._count_rate(team)
