@@ -227,7 +227,7 @@ def start(
     """Start TEAM's instance of CHALLENGE (idempotent) and show it once it runs."""
     disp = _dispatcher()
     with _errors():
-        task_id, so_far = disp.start(disp.key(challenge, team))
+        task_id, so_far = disp.start(disp.key(challenge, team, ADMIN))
         if not wait:
             _show({"task_id": task_id, **so_far}, as_json)
             return
@@ -244,7 +244,7 @@ def stop(
     """Stop and remove TEAM's instance of CHALLENGE."""
     disp = _dispatcher()
     with _errors():
-        task_id, so_far = disp.stop(disp.key(challenge, team))
+        task_id, so_far = disp.stop(disp.key(challenge, team, ADMIN))
         if not wait:
             _show({"task_id": task_id, **so_far}, as_json)
             return
@@ -279,7 +279,7 @@ def extend(challenge: str, team: str, as_json: JsonOpt = False) -> None:
     """Push the expiry of TEAM's instance out by the challenge's ttl (up to its maximum)."""
     disp = _dispatcher()
     with _errors():
-        task_id = disp.extend(disp.key(challenge, team))
+        task_id = disp.extend(disp.key(challenge, team, ADMIN))
         view = disp.wait(task_id, 30)
     _show(_finish(view, task_id, as_json), as_json, "extended")
 
@@ -294,7 +294,7 @@ def status(
     disp = _dispatcher()
     with _errors():
         if team is not None:
-            check_team_id(team)
+            check_team_id(team, reserved=True)  # the organisers may list the global ones
         if challenge is not None:
             disp.catalog.get(challenge)
         found: list[Instance] = disp.store.list(team_id=team, challenge=challenge)

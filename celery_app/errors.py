@@ -6,6 +6,7 @@ CTFError                        base: has an API ``code``, an HTTP ``status`` an
 ├── PermanentError              a retry cannot fix it; fail at once, say what to do
 │   ├── Unauthorized            unauthorized          401  (no token, or not a valid one)
 │   ├── Forbidden               forbidden             403  (a valid token, not its holder's)
+│   │   └── SharedInstance      shared_instance       403  (a team acting on a global instance)
 │   ├── InvalidRequest          invalid_request       422
 │   │   └── InvalidTeamId       invalid_team_id       422
 │   ├── UnknownChallenge        unknown_challenge     404
@@ -85,6 +86,15 @@ class Forbidden(PermanentError):
 
     code = "forbidden"
     status = 403
+
+
+class SharedInstance(Forbidden):
+    """Raised when a team stops, extends or restarts a ``share: global`` challenge's instance.
+
+    That one instance serves every team (SPEC §13): only the organisers act on it.
+    """
+
+    code = "shared_instance"
 
 
 class InvalidRequest(PermanentError):

@@ -26,7 +26,8 @@ from celery import Task
 from celery.exceptions import Ignore
 
 from celery_app.celery_app import app
-from celery_app.core.audit import TASK_KINDS, Auditor, actor_of
+from celery_app.core.audit import ADMIN, TASK_KINDS, Auditor, actor_of
+from celery_app.core.catalog import shared_key
 from celery_app.errors import CTFError, InstanceBusy, TransientError
 from celery_app.hosts.liveness import parse_beats
 from celery_app.hosts.placement import host_of
@@ -231,9 +232,12 @@ def _on_instance(
     args = [challenge, team_id]
 
     def validated_here() -> T:
-        key = ctx.catalog.key(challenge, team_id)  # bad input fails here, before placement
+        # Bad input fails here, before placement; only the organisers name a global
+        # challenge's instance by its own team id, "global" (SPEC §13).
+        key = ctx.catalog.key(challenge, team_id, admin=kwargs.get("actor") == ADMIN)
         # Who asked (the API's or ctfctl's caller; by name: the platform, for the team).
         actor = actor_of(kwargs.get("actor"), key.team)
+        key = shared_key(ctx.catalog, key, actor, name != "start_container")
         if len(ctx.hosts) > 1:
             _route(task, ctx, key, kwargs, placing)
         return _audited(task, ctx, name, key, actor, lambda: act(ctx, key))

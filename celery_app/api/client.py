@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from celery_app import errors
 from celery_app.core.audit import ADMIN, Auditor
-from celery_app.core.catalog import Catalog, load_catalog
+from celery_app.core.catalog import Catalog, load_catalog, shared_key
 from celery_app.errors import CTFError, InstanceNotFound, MaxLifetimeReached, TaskFailed
 from celery_app.hosts.hostsfile import Hosts, load_hosts
 from celery_app.hosts.liveness import parse_beats
@@ -198,18 +198,19 @@ class Dispatcher:
 
     # -- validation and reads ---------------------------------------------------------------
 
-    def key(self, challenge: str, team_id: str) -> InstanceKey:
+    def key(self, challenge: str, team_id: str, actor: str | None = None) -> InstanceKey:
         """Validate a request into the key :meth:`start`, :meth:`stop` and :meth:`extend` take.
 
         The API's and ctfctl's edge: nothing is sent or read before this passes, and nothing
-        after it checks the team or the challenge again.
+        after it checks the team or the challenge again. ``actor`` ``admin``: the organisers
+        may name a global challenge's instance by its team id ``global`` (SPEC §13).
 
         Raises:
             InvalidTeamId: the team id does not match the SPEC's rule (checked first).
             UnknownChallenge: the catalog has no such challenge.
 
         """
-        return self.catalog.key(challenge, team_id)
+        return self.catalog.key(challenge, team_id, admin=actor == ADMIN)
 
     def instance(self, key: InstanceKey) -> Instance:
         """Return the recorded instance.
@@ -283,8 +284,9 @@ class Dispatcher:
             RedisUnavailable: Redis cannot be reached.
 
         """
-        self.key(challenge, team_id)
-        shown = await self._shown_view(team_id, challenge)
+        key = self.key(challenge, team_id)
+        # A global challenge's instance is every team's (SPEC §13).
+        shown = await self._shown_view(self.catalog.get(challenge).holder(key.team), challenge)
         if not shown:
             raise _not_found(challenge, team_id)
         return shown[0]
@@ -386,17 +388,20 @@ class Dispatcher:
         self.store.hit_rate(team_id, self.settings.rate_limit_count,
                             self.settings.rate_limit_window)
 
-    def _noop_start(self, record: Instance) -> str:
+    def _noop_start(self, record: Instance, owner: str) -> str:
         """Answer a start of a running instance without a task; return its (reused) id.
 
         The result is written where Celery keeps task results, under an id derived from
-        the instance and its container, so a loop of such starts rewrites one short-lived
-        entry instead of adding a task and a result per request.
+        the instance and its container (and the asking team, ``owner``, who may read it),
+        so a loop of such starts rewrites one short-lived entry instead of adding a task
+        and a result per request.
         """
-        task_id = str(uuid.uuid5(uuid.NAMESPACE_URL,
-                                 f"ctf-noop-start:{record.key}:{record.container_id}"))
+        name = f"ctf-noop-start:{record.key}:{record.container_id}"
+        if owner != record.team_id:  # a global instance (SPEC §13): one answer per team
+            name += f":{owner}"
+        task_id = str(uuid.uuid5(uuid.NAMESPACE_URL, name))
         backend = self.celery.backend
-        self.store.set_task_owner(task_id, json.dumps({"owner": record.team_id,
+        self.store.set_task_owner(task_id, json.dumps({"owner": owner,
                                                        "task": "start_container"}), NOOP_TTL)
         # The answer a start task gives: the instance with its access_url.
         answer = self._with_access([record.public()])[0]
@@ -429,23 +434,27 @@ class Dispatcher:
 
         """
         return cast(tuple[str, dict[str, Any]], self.auditor.refused(
-            "start", key.challenge, key.team, actor, lambda: self._start(key, actor)))
+            "start", key.challenge, key.team, actor,
+            lambda: self._start(key, shared_key(self.catalog, key, actor, False), actor)))
 
-    def _start(self, key: InstanceKey, actor: str) -> tuple[str, dict[str, Any]]:
-        challenge, team_id = key.challenge, key.team
+    def _start(self, asked: InstanceKey, key: InstanceKey,
+               actor: str) -> tuple[str, dict[str, Any]]:
+        # ``key`` is the instance (a global challenge's: team ``global``, SPEC §13); the task
+        # goes out for the team that ``asked``, which it belongs to and is counted against.
+        challenge, team_id, asker = key.challenge, key.team, asked.team
         record = self.store.get(challenge, team_id)
         if record is not None and record.status == "running" and record.container_id:
             _raw, marker = self._pending("run", challenge, team_id)
             shown = self.present([record])[0]
             if marker is None and "host_up" not in shown:
-                return self._noop_start(record), record.public()
+                return self._noop_start(record, asker), record.public()
 
         def send(task_id: str) -> None:
-            self._rate_limit(team_id)
+            self._rate_limit(asker)
             # The request's place in line is taken now, on arrival: when starts and stops
             # of one instance race, the one that arrived last wins (InstanceService.start).
             intent = self.store.register_intent(challenge, team_id, "start")
-            self.send("start_container", [challenge, team_id], team_id,
+            self.send("start_container", [challenge, asker], asker,
                       self.queue_for(record, str(key), self.catalog.get(challenge).containers),
                       {"intent": intent, "counted": True, "actor": actor}, task_id=task_id)
 
@@ -465,19 +474,22 @@ class Dispatcher:
         Raises:
             InstanceNotFound: Redis has no record of it (nothing is sent).
             RateLimited: the team made too many starts/stops lately (nothing was sent).
+            SharedInstance: a team's stop of a ``share: global`` challenge (SPEC §13).
 
         """
         return cast(tuple[str, dict[str, Any]], self.auditor.refused(
-            "stop", key.challenge, key.team, actor, lambda: self._stop(key, actor)))
+            "stop", key.challenge, key.team, actor,
+            lambda: self._stop(key, shared_key(self.catalog, key, actor, True), actor)))
 
-    def _stop(self, key: InstanceKey, actor: str) -> tuple[str, dict[str, Any]]:
-        challenge, team_id = key.challenge, key.team
+    def _stop(self, asked: InstanceKey, key: InstanceKey,
+              actor: str) -> tuple[str, dict[str, Any]]:
+        challenge, team_id, asker = key.challenge, key.team, asked.team  # as in _start
         record = self.instance(key)
 
         def send(task_id: str) -> None:
-            self._rate_limit(team_id)
+            self._rate_limit(asker)
             intent = self.store.register_intent(challenge, team_id, "stop")
-            self.send("stop_container", [challenge, team_id], team_id, self.queue_for(record),
+            self.send("stop_container", [challenge, asker], asker, self.queue_for(record),
                       {"intent": intent, "counted": True, "actor": actor}, task_id=task_id)
 
         task_id, _sent = self._coalesced("run", "stop", challenge, team_id, send)
@@ -513,19 +525,22 @@ class Dispatcher:
         Raises:
             InstanceNotFound: Redis has no record of it (nothing is sent): start one.
             RateLimited: the team made too many starts/stops lately (nothing was sent).
+            SharedInstance: a team's restart of a ``share: global`` challenge (SPEC §13).
 
         """
         return cast(tuple[str, dict[str, Any]], self.auditor.refused(
-            "restart", key.challenge, key.team, actor, lambda: self._restart(key, actor)))
+            "restart", key.challenge, key.team, actor,
+            lambda: self._restart(key, shared_key(self.catalog, key, actor, True), actor)))
 
-    def _restart(self, key: InstanceKey, actor: str) -> tuple[str, dict[str, Any]]:
-        challenge, team_id = key.challenge, key.team
+    def _restart(self, asked: InstanceKey, key: InstanceKey,
+                 actor: str) -> tuple[str, dict[str, Any]]:
+        challenge, team_id, asker = key.challenge, key.team, asked.team  # as in _start
         record = self.instance(key)
 
         def send(task_id: str) -> None:
-            self._rate_limit(team_id)
+            self._rate_limit(asker)
             intent = self.store.register_intent(challenge, team_id, "start")
-            self.send("restart_container", [challenge, team_id], team_id,
+            self.send("restart_container", [challenge, asker], asker,
                       self.queue_for(record),
                       {"intent": intent, "counted": True, "actor": actor}, task_id=task_id)
 
@@ -542,25 +557,28 @@ class Dispatcher:
         Raises:
             InstanceNotFound: Redis has no record of it (nothing is sent).
             MaxLifetimeReached: it already lives until its maximum lifetime.
+            SharedInstance: a team's extend of a ``share: global`` challenge (SPEC §13).
 
         """
         return str(self.auditor.refused(
-            "extend", key.challenge, key.team, actor, lambda: self._extend(key, actor)))
+            "extend", key.challenge, key.team, actor,
+            lambda: self._extend(key, shared_key(self.catalog, key, actor, True), actor)))
 
-    def _extend(self, key: InstanceKey, actor: str) -> str:
-        challenge, team_id = key.challenge, key.team
+    def _extend(self, asked: InstanceKey, key: InstanceKey, actor: str) -> str:
+        challenge, team_id, asker = key.challenge, key.team, asked.team  # as in _start
         ch = self.catalog.get(challenge)
         record = self.instance(key)
         assert ch.max_lifetime is not None
         ceiling = record.started.timestamp() + ch.max_lifetime
-        if record.expires.timestamp() >= ceiling:
+        # A global instance never expires: the admin's extend answers it as it is.
+        if record.expires.timestamp() >= ceiling and not ch.is_global:
             raise MaxLifetimeReached(
                 f"instance {record.container_name} already lives until {iso(record.expires)}, "
                 f"its maximum lifetime ({ch.max_lifetime} s); stop it and start a new one"
             )
 
         def send(task_id: str) -> None:
-            self.send("extend_container", [challenge, team_id], team_id, self.queue_for(record),
+            self.send("extend_container", [challenge, asker], asker, self.queue_for(record),
                       {"actor": actor}, task_id=task_id)
 
         return self._coalesced("extend", "extend", challenge, team_id, send)[0]

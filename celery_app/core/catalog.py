@@ -19,12 +19,12 @@ from pydantic import (
 
 from celery_app.core.compose import ComposeApp, load_compose
 from celery_app.core.config_files import describe, read_yaml
-from celery_app.errors import CatalogError, UnknownChallenge
+from celery_app.errors import CatalogError, SharedInstance, UnknownChallenge
 from celery_app.settings import Settings
 from celery_app.vocab.limits import ALLOWED_CAPS, CATALOG_SIZE_RE, check_size
 from celery_app.vocab.limits import catalog_size_bytes as _size_bytes
 from celery_app.vocab.models import InstanceKey
-from celery_app.vocab.naming import CHALLENGE_ID_RE, check_team_id, container_name
+from celery_app.vocab.naming import CHALLENGE_ID_RE, GLOBAL_TEAM, check_team_id, container_name
 
 # docker run --user: a uid or name, optionally ":" and a gid or group name.
 _USER_RE = re.compile(r"^(\d{1,10}|[a-z_][a-z0-9_.-]{0,31})(:(\d{1,10}|[a-z_][a-z0-9_.-]{0,31}))?$")
@@ -72,6 +72,9 @@ class Challenge(BaseModel):
     pool: int = Field(0, ge=0, le=250)
     # SPEC §13: a correct flag check stops the team's instance (frees capacity once solved).
     stop_on_solve: bool = False
+    # One instance per team (the default), or one for every team (SPEC §13): team id "global",
+    # started and kept running by the workers, never expired, its flag one for all.
+    share: Literal["team", "global"] = "team"
 
     @field_validator("memory")
     @classmethod
@@ -136,6 +139,16 @@ class Challenge(BaseModel):
             raise ValueError("a Compose challenge's egress is chosen per service: put "
                              "'x-ctf-egress: internet' on the service that needs the internet "
                              "in the Compose file, and remove 'egress'")
+        if self.share == "global" and self.compose is not None:
+            raise ValueError("'share: global' takes a single image for now; a Compose "
+                             "challenge is one instance per team: remove 'share' or use 'image'")
+        if self.share == "global" and self.pool > 0:
+            raise ValueError("'share: global' runs one instance that never expires: a warm "
+                             "pool has nothing to serve; set pool: 0")
+        if self.share == "global" and self.stop_on_solve:
+            # One team's solve must not take the one instance down for every other team.
+            raise ValueError("'stop_on_solve' stops a team's own instance; a 'share: global' "
+                             "challenge's one instance serves every team: remove one of them")
         if self.compose is not None and self.storage is not None:
             raise ValueError("'storage' is not applied to Compose services yet; use 'disk' "
                              "(with read_only: false) or the services' read_only and tmpfs")
@@ -145,6 +158,15 @@ class Challenge(BaseModel):
     def is_group(self) -> bool:
         """Whether an instance is several services (a Compose file, SPEC §12)."""
         return self.app is not None
+
+    @property
+    def is_global(self) -> bool:
+        """Whether one instance serves every team (``share: global``, SPEC §13)."""
+        return self.share == "global"
+
+    def holder(self, team_id: str) -> str:
+        """The team id of ``team_id``'s instance of this challenge: its own, or ``global``."""
+        return GLOBAL_TEAM if self.share == "global" else team_id
 
     @property
     def containers(self) -> int:
@@ -201,13 +223,14 @@ class Challenge(BaseModel):
         return _size_bytes(self.memory)
 
     def public_view(self) -> dict[str, Any]:
-        """Return what players may see of the challenge: id, name, protocol, ttl."""
+        """Return what players may see of the challenge: id, name, protocol, ttl, share."""
         return {
             "id": self.id,
             "name": self.name,
             "protocol": self.protocol,
             "ttl": self.ttl,
             "max_lifetime": self.max_lifetime,
+            "share": self.share,
         }
 
 
@@ -267,12 +290,14 @@ class Catalog:
             f"challenge {str(challenge)[:80]!r} is not in the catalog; known challenges: {known}"
         )
 
-    def key(self, challenge: object, team_id: object) -> InstanceKey:
+    def key(self, challenge: object, team_id: object, *, admin: bool = False) -> InstanceKey:
         """Validate a request's team and challenge into the key every layer below accepts.
 
         Args:
             challenge: the challenge id the caller sent.
             team_id: the team id the caller sent.
+            admin: the organisers ask: they may name a ``share: global`` challenge's
+                instance by its own team id, ``global`` (SPEC §13); nobody else may.
 
         Returns:
             The instance's key.
@@ -281,8 +306,36 @@ class Catalog:
             InvalidTeamId: the team id breaks SPEC §3's rule (checked first).
             UnknownChallenge: the catalog has no such challenge.
         """
+        if admin and team_id == GLOBAL_TEAM and self.get(challenge).is_global:
+            return InstanceKey(self.get(challenge).id, GLOBAL_TEAM)
         team = check_team_id(team_id)
         return InstanceKey(self.get(challenge).id, team)
+
+
+def shared_key(catalog: Catalog, key: InstanceKey, actor: str, acts: bool) -> InstanceKey:
+    """Return the instance a team's request is about: its own, or a global challenge's one.
+
+    Every team's request about a ``share: global`` challenge (SPEC §13) is about its one
+    instance (team id ``global``); a team may start it (it runs already, or comes up) and read
+    it, but only the organisers may act on it otherwise.
+
+    Args:
+        catalog: the challenges.
+        key: the request, validated (:meth:`Catalog.key`).
+        actor: who asks: ``admin`` or ``team:<team_id>`` (``celery_app.core.audit``).
+        acts: the request stops, extends or restarts the instance.
+
+    Raises:
+        SharedInstance: a team acts on a global instance.
+    """
+    ch = catalog.get(key.challenge)
+    if not ch.is_global:
+        return key
+    if acts and actor != "admin":
+        raise SharedInstance(
+            f"challenge {ch.id} has one instance for every team (share: global): only the "
+            "organisers stop, extend or restart it; it never expires")
+    return InstanceKey(ch.id, GLOBAL_TEAM)
 
 
 def build_catalog(raw: object, settings: Settings, source: str = "catalog",
@@ -331,6 +384,13 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog",
             )
         update: dict[str, Any] = {"name": challenge.name or cid, "ttl": ttl,
                                   "max_lifetime": max_lifetime}
+        if challenge.is_global and settings.ingress != "ports":
+            # Behind Traefik each route answers one team's cookie (SPEC §11): a route every
+            # admitted team may open is not built yet (README, "Shared instances").
+            raise CatalogError(
+                f"{source}: challenge {cid!r}, field 'share': 'global' needs published ports "
+                f"(CTF_INGRESS=ports) for now; CTF_INGRESS={settings.ingress} gates each route "
+                "to one team. Use share: team, or CTF_INGRESS=ports")
         if not challenge.read_only and challenge.disk is None:
             update["disk"] = settings.default_disk  # every writable instance is bounded
         if challenge.compose is not None:

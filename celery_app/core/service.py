@@ -30,7 +30,7 @@ from celery_app.ingress import Ingress
 from celery_app.settings import Settings
 from celery_app.state.store import LOCK_HOLD, Beats, Done, StateStore
 from celery_app.vocab.models import Instance, InstanceKey, iso, utcnow
-from celery_app.vocab.naming import check_team_id, container_name
+from celery_app.vocab.naming import GLOBAL_TEAM, check_team_id, container_name
 from celery_app.vocab.signals import ERROR_OR_SIGNAL, OnOtherHost
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,34 @@ class InstanceService:
         """The answer to record with a task's effect (none outside a task)."""
         return (task_id, answer) if task_id else None
 
+    def _team_quota(self, ch: Challenge) -> int:
+        """The per-team limit a start reserves under: none for a global instance (SPEC §13).
+
+        A ``share: global`` challenge's instance is no team's: it counts toward the
+        service's and its host's capacity only.
+        """
+        return 1 << 30 if ch.is_global else self.settings.max_instances_per_team
+
+    def globals_down(self) -> list[InstanceKey]:
+        """The ``share: global`` instances this host should start now (SPEC §13).
+
+        The janitor's pass asks every few seconds on each host: an instance never started
+        (the workers just came up), failed (its container died: the event follower or the
+        janitor marked it) or gone (stopped by the admin, lost with its engine or Redis) is
+        due; one recorded on another host is that host's, one being started or stopped is
+        left to that operation. One record read per global challenge.
+        """
+        due = []
+        for ch in self.catalog:
+            if not ch.is_global:
+                continue
+            record = self.store.get(ch.id, GLOBAL_TEAM)
+            if record is not None and (record.host != self.host
+                                       or record.status in ("running", "starting", "stopping")):
+                continue
+            due.append(InstanceKey(ch.id, GLOBAL_TEAM))
+        return due
+
     def _count_rate(self, team: str) -> None:
         self.store.hit_rate(team, self.settings.rate_limit_count, self.settings.rate_limit_window)
 
@@ -186,7 +214,9 @@ class InstanceService:
             intent = self.store.register_intent(ch.id, team, "start")
         # 0. rate limit before any work: only a start that makes a new instance counts (one
         #    that already runs, or is being started, is returned and costs nothing).
-        if count_rate:
+        # A global instance (SPEC §13) is no team's: its start makes one container for
+        # everyone at most, and the janitor's pass would start it anyway.
+        if count_rate and not ch.is_global:
             seen = self.store.get(ch.id, team)
             if seen is None or seen.status == "failed":
                 self._count_rate(team)
@@ -231,8 +261,8 @@ class InstanceService:
                 self.driver.remove_container(existing.id)
             # 6. reserve a slot: quotas are checked and the record written in one step.
             inst = self.specs.new_instance(ch, team)
-            self.store.reserve(inst, self.settings.max_instances_per_team,
-                               self.settings.max_instances, self.host_max)
+            self.store.reserve(inst, self._team_quota(ch), self.settings.max_instances,
+                               self.host_max)
             try:
                 # 7. network and container, under the team's network lock (a stop of the
                 #    team's last instance must not remove the network we are joining): a
@@ -520,6 +550,8 @@ class InstanceService:
             inst = self._here(key)
             if inst is None or inst.status not in ("running", "starting"):
                 raise InstanceNotFound(f"team {team} has no running instance of {ch.id}")
+            if ch.is_global:  # it never expires (SPEC §13): nothing to push out
+                return inst
             ceiling = inst.started + timedelta(seconds=ch.max_lifetime)
             current = inst.expires
             if current >= ceiling:
@@ -554,6 +586,9 @@ class InstanceService:
         if challenge is not None:
             self.catalog.get(challenge)
         found = self.store.list(team_id=team_id, challenge=challenge)
+        if team_id is not None:  # every team sees the global instances (SPEC §13)
+            found = sorted([*found, *self.store.list(team_id=GLOBAL_TEAM, challenge=challenge)],
+                           key=lambda i: i.key)
         return self.reconciler.verified(found) if verify else found
 
     def view(
@@ -570,8 +605,9 @@ class InstanceService:
 
         """
         check_team_id(team_id)
-        if challenge is not None:
-            self.catalog.get(challenge)
+        if challenge is not None:  # a global challenge's instance is every team's
+            return self.store.view(self.catalog.get(challenge).holder(team_id), challenge,
+                                   hosts)
         return self.store.view(team_id, challenge, hosts)
 
     # -- reconcile and one container's news (celery_app.core.reconcile) ---------------------------

@@ -47,7 +47,7 @@ from celery_app.settings import Settings
 from celery_app.state.redis_errors import map_redis_errors
 from celery_app.state.store import StateStore
 from celery_app.vocab.limits import catalog_size_bytes
-from celery_app.vocab.models import EndpointView, Instance, iso, parse_iso, utcnow
+from celery_app.vocab.models import NEVER_EXPIRES, EndpointView, Instance, iso, parse_iso, utcnow
 from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_DISK,
@@ -260,7 +260,8 @@ class InstanceSpecs:
             team_id=team, challenge=ch.id, status="starting",
             container_name=self.layout(ch.id, team, ch.app).main, host=self.host,
             started_at=iso(now),
-            expires_at=iso(now + timedelta(seconds=ch.ttl)),
+            # A global instance never expires (SPEC §13): the workers keep it running.
+            expires_at=NEVER_EXPIRES if ch.is_global else iso(now + timedelta(seconds=ch.ttl)),
             containers=ch.containers,
         )
 

@@ -34,7 +34,7 @@ from celery_app.state.redis_errors import (  # re-exported: the Dispatcher impor
     map_redis_errors as map_redis_errors,  # noqa: PLC0414
 )
 from celery_app.vocab.models import Instance
-from celery_app.vocab.naming import instance_key
+from celery_app.vocab.naming import GLOBAL_TEAM, instance_key
 from celery_app.vocab.signals import InstanceBusy, OnOtherHost
 
 log = logging.getLogger(__name__)
@@ -92,14 +92,15 @@ return 'ok'
 
 
 # A team's records and the hosts' heartbeats in one round trip: the busiest read (a platform
-# polls every team's instances). KEYS[1] the team's set, KEYS[2..] the heartbeats; ARGV[1]
-# the record prefix. A missing record or heartbeat comes back as nil.
+# polls every team's instances). KEYS[1] the team's set, KEYS[2] the global instances' set
+# (every team sees them, SPEC §13), KEYS[3..] the heartbeats; ARGV[1] the record prefix. A
+# missing record or heartbeat comes back as nil.
 TEAM_VIEW = """
-local members = redis.call('SMEMBERS', KEYS[1])
+local members = redis.call('SUNION', KEYS[1], KEYS[2])
 local docs = {}
 for i, m in ipairs(members) do docs[i] = redis.call('GET', ARGV[1] .. m) end
 local beats = {}
-for i = 2, #KEYS do beats[i - 1] = redis.call('GET', KEYS[i]) end
+for i = 3, #KEYS do beats[i - 2] = redis.call('GET', KEYS[i]) end
 return {docs, beats}
 """
 
@@ -109,7 +110,8 @@ Beats = dict[str, str | None]
 
 def team_view_keys(team_id: str, hosts: Sequence[str]) -> tuple[list[str], list[str]]:
     """Return the KEYS and ARGV of :data:`TEAM_VIEW` for ``team_id`` and ``hosts``."""
-    return [keys.team(team_id), *(keys.hostbeat(h) for h in hosts)], [keys.INSTANCE_PREFIX]
+    return ([keys.team(team_id), keys.team(GLOBAL_TEAM), *(keys.hostbeat(h) for h in hosts)],
+            [keys.INSTANCE_PREFIX])
 
 
 def queue_one_view(pipe: Any, challenge: str, team_id: str, hosts: Sequence[str]) -> None:
@@ -487,6 +489,8 @@ class StateStore:
         self, team_id: str, challenge: str | None, hosts: Sequence[str]
     ) -> tuple[builtins.list[Instance], Beats]:
         """Return the team's instances (of ``challenge`` only, when given) and the heartbeats.
+
+        Without ``challenge`` the global instances (SPEC §13) come too: every team sees them.
 
         One round trip (two when an instance names a host that ``hosts`` does not), where
         :meth:`list` plus :meth:`heartbeats` take three.

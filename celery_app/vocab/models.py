@@ -20,6 +20,11 @@ OPTIONAL_FIELDS = (*FAILURE_FIELDS, "endpoints")
 INTERNAL_FIELDS = ("containers",)
 
 
+# The expiry of a ``share: global`` challenge's instance (SPEC §13): it never expires. Kept in
+# the expiry index all the same (what CTF_MAX_INSTANCES counts), where no pass reaches it.
+NEVER_EXPIRES = "9999-12-31T23:59:59Z"
+
+
 def utcnow() -> datetime:
     """Return the current time, timezone-aware, in UTC, without microseconds."""
     return datetime.now(UTC).replace(microsecond=0)

@@ -9,6 +9,10 @@ from celery_app.errors import InvalidTeamId
 
 TEAM_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 CHALLENGE_ID_RE: Final = TEAM_ID_RE
+# The team id of a ``share: global`` challenge's one instance (SPEC §13): no team may take it.
+GLOBAL_TEAM: Final = "global"
+# Team ids the instancer keeps for itself: the API, the tasks and token issuance refuse them.
+RESERVED_TEAM_IDS: Final = frozenset({GLOBAL_TEAM})
 
 LABEL_MANAGED: Final = "ctf.managed"
 LABEL_TEAM: Final = "ctf.team"
@@ -35,17 +39,20 @@ ROUTE_PORT_SEP: Final = "@"
 POOL_NAME_PREFIX: Final = "ctfpool-"  # never an instance name, which starts "ctf-"
 
 
-def check_team_id(team_id: object) -> str:
+def check_team_id(team_id: object, *, reserved: bool = False) -> str:
     """Return ``team_id`` when it is a valid team id.
 
     Args:
         team_id: what the caller sent.
+        reserved: accept the ids the instancer keeps for itself (a container's label, an
+            organiser's read): never for what a team or a task by name asks.
 
     Returns:
         The same id, as a string.
 
     Raises:
-        InvalidTeamId: when it does not match ``^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$``.
+        InvalidTeamId: when it does not match ``^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$``, or is
+            one the instancer keeps for itself (:data:`RESERVED_TEAM_IDS`).
     """
     # fullmatch, not match: "$" would accept a trailing newline.
     if not isinstance(team_id, str) or not TEAM_ID_RE.fullmatch(team_id):
@@ -53,6 +60,11 @@ def check_team_id(team_id: object) -> str:
         raise InvalidTeamId(
             f"team id {shown} is invalid: use 1 to 63 characters, letters, digits, '_' or '-', "
             "starting with a letter or digit"
+        )
+    if team_id in RESERVED_TEAM_IDS and not reserved:
+        raise InvalidTeamId(
+            f"team id {team_id!r} is reserved: it names the one instance of a 'share: global' "
+            "challenge, which every team sees; give the team another id"
         )
     return team_id
 

@@ -60,11 +60,14 @@ def check_team_flag(
             f"challenge {ch.id!r} gives its containers no per-team key (it has no "
             "'flag_env' in the catalog), so it has no in-app flags to check by name; "
             "leave out 'name' or set flag_env (juice-shop: CTF_KEY)")
+    disp.key(ch.id, team_id)  # a reserved team id ("global") is no team's
+    # A global challenge's flag is one for all: its one instance's (SPEC §13).
+    holder = ch.holder(team_id)
     if body.name is None:
-        correct = check_flag(settings.flag_secret_value(), ch.id, team_id, body.flag,
+        correct = check_flag(settings.flag_secret_value(), ch.id, holder, body.flag,
                              settings.flag_format)
     else:
-        correct = check_in_app_flag(settings.flag_secret_value(), ch.id, team_id,
+        correct = check_in_app_flag(settings.flag_secret_value(), ch.id, holder,
                                     body.name, body.flag, settings.flag_format)
     # Warm pools (issue 14): the flags of the pool containers this team has held.
     correct = flag_held(disp.store.pools, settings.flag_secret_value(), ch.id,

@@ -42,12 +42,14 @@ Sent = tuple[str, dict[str, Any]]
 
 def _start(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], Sent]:
     """Return the call that sends the start (run in the thread pool)."""
-    return lambda: disp.start(disp.key(challenge, team_id), principal_actor(who))
+    actor = principal_actor(who)
+    return lambda: disp.start(disp.key(challenge, team_id, actor), actor)
 
 
 def _stop(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], Sent]:
     """Return the call that sends the stop (run in the thread pool)."""
-    return lambda: disp.stop(disp.key(challenge, team_id), principal_actor(who))
+    actor = principal_actor(who)
+    return lambda: disp.stop(disp.key(challenge, team_id, actor), actor)
 
 
 def _restart(disp: Dispatcher, challenge: str, team_id: str, who: Principal
@@ -58,7 +60,8 @@ def _restart(disp: Dispatcher, challenge: str, team_id: str, who: Principal
 
 def _extend(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], str]:
     """Return the call that sends the extend (run in the thread pool)."""
-    return lambda: disp.extend(disp.key(challenge, team_id), principal_actor(who))
+    actor = principal_actor(who)
+    return lambda: disp.extend(disp.key(challenge, team_id, actor), actor)
 
 
 # -- helpers ----------------------------------------------------------------------------------

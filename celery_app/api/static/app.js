@@ -32,6 +32,7 @@
   const TITLES = {
     unauthorized: "This token is not valid.",
     forbidden: "This token may not do that.",
+    shared_instance: "This instance is shared by every team: only the organisers stop it.",
     invalid_request: "The request was not accepted.",
     invalid_team_id: "That team id is not valid.",
     unknown_challenge: "This challenge is not in the catalog.",
@@ -230,6 +231,12 @@
   function setCountdown(el, expiresAt) {
     if (!expiresAt) {
       el.textContent = "";
+      el.removeAttribute("datetime");
+      delete el.dataset.expires;
+      return;
+    }
+    if (expiresAt.startsWith("9999-")) {  // a shared (global) instance: it never expires
+      el.textContent = "never (shared by every team)";
       el.removeAttribute("datetime");
       delete el.dataset.expires;
       return;
@@ -475,6 +482,12 @@
     btn("stop").disabled = !!busy || !inst || inst.status === "stopping";
     btn("extend").disabled = !!busy || !inst || inst.status !== "running";
     btn("restart").disabled = !!busy || !inst || inst.status === "stopping";
+    // A share: global challenge's one instance (team id "global") is every team's: the
+    // workers keep it up and only the organisers stop it (SPEC §13).
+    const shared = !!inst && inst.team_id === "global";
+    btn("stop").hidden = shared;
+    btn("extend").hidden = shared;
+    btn("restart").hidden = shared;
   }
 
   function progressOf(view, waitedMs) {
