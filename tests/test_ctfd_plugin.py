@@ -43,6 +43,7 @@ from conftest import (
 from ctfd_support import CtfdInstall, CtfdServer, CtfdUnavailable, install_plugin, prepare
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
+from celery_app.core.catalog import DEFAULT_CATALOG
 from celery_app.core.flags import in_app_flag, team_flag
 from celery_app.engine.firewall import table_name
 from ctf_testkit.support import RedisServer, stop_process
@@ -124,6 +125,9 @@ def stack(
         "busybox": BUSYBOX, "www/web/index.html": b"<h1>the web page</h1>\n",
         "www/admin/index.html": b"<h1>the admin page</h1>\n"})
     (work / "duo.yaml").write_text(DUO_COMPOSE.format(image=duo))
+    # The shipped catalog's todo-app entry as it is (its flag_env, port, health path), on the
+    # stand-in image: the real one is pulled from Docker Hub, which a test run cannot rely on.
+    todo = {**DEFAULT_CATALOG["todo-app"], "image": image, "ttl": 600, "start_timeout": 120}
     catalog = work / "challenges.yaml"
     catalog.write_text(f"""
 challenges:
@@ -152,6 +156,24 @@ challenges:
     flag_env: CTF_KEY
     start_timeout: 120
     read_only: false
+  plainweb:
+    name: Stand-in without a team flag
+    image: {image}
+    port: 8080
+    ttl: 600
+    memory: 64m
+    start_timeout: 120
+    read_only: false
+  rawtcp:
+    name: Stand-in TCP service
+    image: {image}
+    port: 8080
+    protocol: tcp
+    ttl: 600
+    memory: 64m
+    start_timeout: 120
+    read_only: false
+  todo-app: {json.dumps(todo)}
 """)
     redis_server = RedisServer(work)
     redis_server.start()
@@ -365,6 +387,11 @@ def test_organiser_and_two_teams_through_ctfd(
     org.get_by_role("button", name="Save").click()
     expect(org.locator(".ctfi-health")).to_contain_text("Instancer answers")
     expect(org.locator(".ctfi-catalog-list")).to_contain_text("flagweb")
+    # The catalog route says which challenges put a team flag in their containers.
+    expect(org.locator(".ctfi-catalog-list li", has_text="plainweb")).to_contain_text(
+        "no per-team flag")
+    expect(org.locator(".ctfi-catalog-list li", has_text="todo-app")).not_to_contain_text(
+        "no per-team flag")
     expect(org.locator(".ctfi-token-source")).to_contain_text("from the admin page")
     screenshot(org, tmp_path, "ctfd-settings.png")
     # The token went in and never comes back out: not on the page, not in CTFd's configs.
@@ -381,22 +408,37 @@ def test_organiser_and_two_teams_through_ctfd(
     catalog = form.locator("select[name=instancer_challenge]")
     # The form is in place once its script has filled the catalog from the instancer.
     expect(catalog.locator("option[value=flagweb]")).to_have_count(1)
+    # A catalog challenge without a team flag, with the per-team flag ticked: warned at once.
+    expect(catalog.locator("option[value=plainweb]")).to_contain_text("no per-team flag")
+    catalog.select_option("plainweb")
+    expect(form.locator(".ctfi-flag-warning")).to_be_visible()
     form.locator("input[name=name]").fill("Web instance")
     form.locator("input[name=category]").fill("web")
     form.locator(".CodeMirror").first.click()  # the description's Markdown editor
     org.keyboard.type("Start your own instance and find the flag on its page.")
     form.locator("input[name=value]").fill("100")
     catalog.select_option("flagweb")
+    expect(form.locator(".ctfi-flag-warning")).to_be_hidden()
     expect(form.locator("input[name=name]")).to_have_value("Web instance")
     expect(form.locator("input[name=category]")).to_have_value("web")
     screenshot(org, tmp_path, "ctfd-create.png", height=1240)
     form.get_by_role("button", name="Create", exact=True).click()
     options = org.locator("#challenge-create-options")
     expect(options).to_be_visible()
+    # CTFd's own static-flag field would make any team's answer right: not offered here.
+    expect(options.locator("input[name=flag]")).to_be_disabled()
     options.locator("select[name=state]").select_option("visible")
     options.get_by_role("button", name="Finish").click()
     expect(org).to_have_url(re.compile(r"/admin/challenges/\d+$"))
     chal_id = int(org.url.rsplit("/", 1)[1])
+    flags = org.request.get(f"/api/v1/challenges/{chal_id}/flags").json()["data"]
+    assert [f["type"] for f in flags] == ["instancer"]
+    # Nor through CTFd's flag API: a static flag beside the instancer flag is refused.
+    headers = {"CSRF-Token": org.evaluate("init.csrfNonce"), "Content-Type": "application/json"}
+    static = org.request.post("/api/v1/flags", headers=headers, data=json.dumps(
+        {"challenge": chal_id, "type": "static", "content": "CTF{everyone}"}))
+    assert static.status == 400
+    assert "would be accepted from any team" in static.json()["errors"]["type"][0]
     flags = org.request.get(f"/api/v1/challenges/{chal_id}/flags").json()["data"]
     assert [f["type"] for f in flags] == ["instancer"]
     # Its edit page shows the catalog challenge it instances, among the catalog's others.
@@ -447,10 +489,27 @@ def test_organiser_and_two_teams_through_ctfd(
     assert team_score(one) == 100
 
     # 3b. A second instance breaks the per-team quota: the modal says so in our words.
+    # Without the per-team flag, a static flag is the organiser's choice: accepted.
     create_challenge(org, {"name": "Juice Shop", "category": "shop", "value": 10,
                            "description": "Your own Juice Shop.", "state": "visible",
                            "type": "instanced", "instancer_challenge": "shop",
+                           "instancer_flag": "0"}, {"type": "static", "content": "CTF{any}"})
+    create_challenge(org, {"name": "Plain web", "category": "web", "value": 10,
+                           "description": "No team flag in it.", "state": "hidden",
+                           "type": "instanced", "instancer_challenge": "plainweb",
+                           "instancer_flag": "1"}, None)
+    create_challenge(org, {"name": "To-Do", "category": "web", "value": 10,
+                           "description": "The seed's To-Do app.", "state": "visible",
+                           "type": "instanced", "instancer_challenge": "todo-app",
+                           "instancer_flag": "1"}, None)
+    create_challenge(org, {"name": "Raw TCP", "category": "pwn", "value": 10,
+                           "description": "A TCP service.", "state": "visible",
+                           "type": "instanced", "instancer_challenge": "rawtcp",
                            "instancer_flag": "0"}, None)
+    # The settings page names the instanced challenge no team can ever solve, and only it.
+    org.goto("/admin/ctf_instancer/settings")
+    expect(org.locator(".ctfi-flag-warning")).to_contain_text("Plain web")
+    expect(org.locator(".ctfi-flag-warning")).not_to_contain_text("To-Do")
     create_challenge(org, {"name": "Score Board", "category": "shop", "value": 50,
                            "description": "Find the score board.", "state": "visible",
                            "type": "standard"},
@@ -507,6 +566,24 @@ def test_organiser_and_two_teams_through_ctfd(
     shop.get_by_role("button", name="Stop").click()
     expect(shop.locator(".ctfi-status")).to_have_text("Not running")
 
+    # 5c. The seed's To-Do app (its shipped catalog entry) holds team one's own flag, and the
+    # per-team flag the plugin ticks by default scores with it.
+    todo = open_challenge(one, "To-Do")
+    todo.get_by_role("button", name="Start").click()
+    expect(todo.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
+    (container,) = instance_of(docker_client, team_one, "todo-app")
+    env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
+    assert env["FLAG"] == team_flag(secret, "todo-app", team_one)
+    with one.expect_popup() as popup:
+        todo.locator("a.ctfi-link").click()
+    expect(popup.value.locator("#flag")).to_have_text(env["FLAG"])
+    popup.value.close()
+    expect(submit_flag(one, env["FLAG"])).to_have_text(re.compile("Correct"))
+    assert team_score(one) == 160
+    todo = open_challenge(one, "To-Do")
+    todo.get_by_role("button", name="Stop").click()
+    expect(todo.locator(".ctfi-status")).to_have_text("Not running")
+
     # 6. The organiser's Instances page lists team two's instance and stops it.
     org.goto("/admin/ctf_instancer")
     row = org.locator(f"tr[data-team='{team_two}'][data-challenge='flagweb']")
@@ -522,6 +599,28 @@ def test_organiser_and_two_teams_through_ctfd(
              "team two's container to be removed")
     panel_two = open_challenge(two, "Web instance")
     expect(panel_two.locator(".ctfi-status")).to_have_text("Not running")
+
+    # 7. The page lists the shared flag of step 4 (team two submitted team one's) and warns
+    # of the instanced challenge whose per-team flag no container holds.
+    org.goto("/admin/ctf_instancer")
+    shared = org.locator(f"tr.ctfi-shared-row[data-team='{team_two}'][data-owner='{team_one}']")
+    expect(shared).to_contain_text("Team Two")
+    expect(shared).to_contain_text("Team One")
+    expect(shared).to_contain_text("Web instance (flagweb)")
+    expect(org.locator(".ctfi-flag-warning")).to_contain_text("Plain web (plainweb)")
+
+    # 8. A TCP instance's modal offers the lines to copy: plain nc for a published port.
+    raw = open_challenge(two, "Raw TCP")
+    raw.get_by_role("button", name="Start").click()
+    expect(raw.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
+    published = re.fullmatch(r"tcp://([^:]+):(\d+)", raw.locator(".ctfi-plain").inner_text())
+    assert published, raw.locator(".ctfi-plain").inner_text()
+    host, port = published.groups()
+    expect(raw.locator(".ctfi-connect-line[data-tool=nc] code")).to_have_text(f"nc {host} {port}")
+    expect(raw.locator(".ctfi-connect-line[data-tool=pwntools] code")).to_have_text(
+        f'remote("{host}", {port})')
+    raw.get_by_role("button", name="Stop").click()
+    expect(raw.locator(".ctfi-status")).to_have_text("Not running")
 
     for context in (org_ctx, one_ctx, two_ctx):
         context.close()

@@ -691,6 +691,13 @@ def test_dashboard_open_flow_in_chromium(stack: Stack) -> None:
             page.reload()
             expect(page.locator('article[data-challenge="nc"] code.addr')).to_contain_text(
                 f"openssl s_client -quiet -connect {host}:{stack.https_port} -servername {host}")
+            # ... and every line to copy: ncat --ssl, openssl s_client, pwntools (issue 25).
+            lines = page.locator('article[data-challenge="nc"] .fact-connect li')
+            expect(lines.locator("code")).to_have_text([
+                f"ncat --ssl {host} {stack.https_port}",
+                f"openssl s_client -quiet -connect {host}:{stack.https_port} -servername {host}",
+                f'remote("{host}", {stack.https_port}, ssl=True, sni="{host}")'])
+            expect(lines.get_by_role("button", name="Copy the pwntools line")).to_be_visible()
             # A browser without the cookie (another person) gets the 401 page, no content.
             stranger = browser.new_context()
             other = stranger.new_page()

@@ -222,8 +222,20 @@ class Challenge(BaseModel):
         """The memory limit in bytes."""
         return _size_bytes(self.memory)
 
+    @property
+    def has_flag(self) -> bool:
+        """Whether each team's instance holds its own flag (SPEC §13, the catalog listing).
+
+        True when ``flag_env`` is set (the team's flag, or the key of an app's in-app flags
+        such as Juice Shop's) or a service of its Compose file uses ``${CTF_FLAG}``. Without
+        it no container ever holds the flag, so a per-team flag check can never be solved.
+        """
+        if self.flag_env:
+            return True
+        return self.app is not None and any(s.uses_flag for s in self.app.services)
+
     def public_view(self) -> dict[str, Any]:
-        """Return what players may see of the challenge: id, name, protocol, ttl, share."""
+        """Return what players may see of the challenge: id, name, protocol, ttl, share, flag."""
         return {
             "id": self.id,
             "name": self.name,
@@ -231,6 +243,7 @@ class Challenge(BaseModel):
             "ttl": self.ttl,
             "max_lifetime": self.max_lifetime,
             "share": self.share,
+            "flag": self.has_flag,
         }
 
 
@@ -243,6 +256,9 @@ DEFAULT_CATALOG: dict[str, dict[str, Any]] = {
         "health_path": "/",
         "memory": "512m",
         "env": {"JAVA_OPTS": "-Xmx256m"},
+        # Each team's own flag, in the app's environment (SPEC §13: the plugin's default
+        # per-team flag must be solvable); the app itself runs as before.
+        "flag_env": "FLAG",
         # Writes in its own folders: a read-only root would break it (README, "Disk").
         "read_only": False,
     },

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from celery_app.core.catalog import build_catalog, load_catalog
+from celery_app.core.catalog import DEFAULT_CATALOG, build_catalog, load_catalog
 from celery_app.errors import CatalogError
 from celery_app.settings import Settings
 
@@ -141,3 +142,27 @@ def test_egress_internet_for_the_whole_group_is_refused(tmp_path: Path) -> None:
     assert "'shop'" in message and "x-ctf-egress: internet" in message
     assert build_catalog({"challenges": {"shop": {"compose": "compose.yaml", "egress": "none"}}},
                          Settings(), "cat.yaml", tmp_path).get("shop").egress == "none"
+
+
+def test_the_catalog_listing_says_which_challenges_carry_a_team_flag(tmp_path: Path) -> None:
+    """``flag`` is true for flag_env, for a Compose file using ${CTF_FLAG}, false otherwise."""
+    (tmp_path / "compose.yaml").write_text(SHOP.read_text())
+    plain = SHOP.read_text().replace("${CTF_FLAG}", "fixed")
+    (tmp_path / "plain.yaml").write_text(plain)
+    catalog = build_catalog({"challenges": {
+        "shop": {"compose": "compose.yaml"},
+        "plain": {"compose": "plain.yaml"},
+        "web": {"image": "web:1", "port": 80},
+        "keyed": {"image": "web:1", "port": 80, "flag_env": "FLAG"},
+    }}, Settings(), "cat.yaml", tmp_path)
+    assert {ch.id: ch.public_view()["flag"] for ch in catalog} == {
+        "shop": True, "plain": False, "web": False, "keyed": True}
+
+
+def test_every_shipped_challenge_carries_a_team_flag() -> None:
+    """The default catalog's todo-app and juice-shop hold each team's flag (FLAG, CTF_KEY)."""
+    catalog = build_catalog({"challenges": DEFAULT_CATALOG}, Settings(), "default catalog")
+    assert {ch.id: (ch.flag_env, ch.public_view()["flag"]) for ch in catalog} == {
+        "todo-app": ("FLAG", True), "juice-shop": ("CTF_KEY", True)}
+    shipped = yaml.safe_load((ROOT / "deploy" / "challenges.yaml").read_text())["challenges"]
+    assert shipped["todo-app"]["flag_env"] == "FLAG"

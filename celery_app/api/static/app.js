@@ -228,6 +228,37 @@
     list.replaceChildren(...(eps || []).map((ep) => endpointItem(ep, short)));
   }
 
+  // A TCP instance's connection lines (connect.js), each with a Copy button; untouched when
+  // the address did not change, so a refresh keeps a selection or a focused button.
+  function fillConnect(fact, url) {
+    const lines = url && window.ctfConnectLines ? window.ctfConnectLines(url) : [];
+    fact.hidden = lines.length === 0;
+    const list = $("ul.connect", fact);
+    if (list.dataset.url === (url || "")) return;
+    list.dataset.url = url || "";
+    list.replaceChildren(...lines.map(({ tool, line }) => {
+      const li = document.createElement("li");
+      li.dataset.tool = tool;
+      const code = document.createElement("code");
+      code.textContent = line;
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = "Copy";
+      button.setAttribute("aria-label", `Copy the ${tool} line`);
+      button.addEventListener("click", async () => {
+        try {
+          await navigator.clipboard.writeText(line);
+          announce(`The ${tool} line was copied to the clipboard.`);
+        } catch (_e) {
+          getSelection().selectAllChildren(code);
+          announce("Press Ctrl+C to copy the selected line.");
+        }
+      });
+      li.append(code, button);
+      return li;
+    }));
+  }
+
   function setCountdown(el, expiresAt) {
     if (!expiresAt) {
       el.textContent = "";
@@ -444,6 +475,7 @@
     $(".fact-url", card).hidden = !href && !tcp;
     addr.hidden = !tcp;
     addr.textContent = tcp || "";
+    fillConnect($(".fact-connect", card), tcp ? shown : null);
     if (href) {
       link.href = openUrl(shownInst);
       link.textContent = href.replace(/\/$/, "");

@@ -8,7 +8,10 @@ Installed by copying or linking this folder into ``CTFd/plugins/`` (see README.m
 - the flag type ``instancer``: a submission is checked by the instancer against the
   submitting team's own flag (or, given a Juice Shop challenge name, that team's in-app
   flag), so a flag copied from another team is wrong;
-- admin pages: every instance with Stop and Extend, and the connection settings.
+- admin pages: every instance with Stop and Extend, flags one team submitted that were
+  another's, and the connection settings (with a warning for a per-team flag that no
+  container holds);
+- a refusal of a static flag beside an ``instanced`` challenge's per-team flag.
 
 Every call to the instancer is made here, server-side; browsers only ever talk to CTFd.
 """
@@ -49,6 +52,7 @@ from .client import (
     Connection,
     InstancerClient,
     InstancerError,
+    connection_lines,
     endpoint_links,
     link_target,
     open_token,
@@ -312,6 +316,72 @@ class InstancerFlag(BaseFlag):
                 from None
 
 
+# -- a static flag beside the per-team flag ----------------------------------------------------
+
+STATIC_REFUSED = (
+    "This instanced challenge is scored with each team's own flag (its instancer flag). A "
+    "{kind} flag beside it would be accepted from any team, so it is refused. To score with "
+    "one flag for everyone, delete the instancer flag first.")
+
+
+def static_flag_refusal(challenge_id: Any, flag_type: str) -> str | None:
+    """Return why a ``flag_type`` flag may not be added to a challenge, or ``None``.
+
+    A flag of any other type on an ``instanced`` challenge that has a per-team ``instancer``
+    flag would be right for every team: one team's shared answer (or a flag that leaked)
+    would score for all, silently defeating the per-team flag.
+    """
+    if flag_type == FLAG_TYPE:
+        return None
+    try:
+        number = int(challenge_id)
+    except (TypeError, ValueError):
+        return None
+    if InstancedChallenge.query.filter_by(id=number).first() is None:
+        return None
+    if Flags.query.filter_by(challenge_id=number, type=FLAG_TYPE).first() is None:
+        return None
+    return STATIC_REFUSED.format(kind=flag_type or "static")
+
+
+def refuse_static_flags() -> Any:
+    """Refuse, at CTFd's flag API, a non-instancer flag beside an instancer flag.
+
+    CTFd 3.8.7 offers plugins no hook on flag creation (``POST /api/v1/flags`` loads the
+    schema and commits), so this runs before every request and answers only that route and
+    ``PATCH /api/v1/flags/<id>`` (a type changed later), in CTFd's own error shape.
+    """
+    path = request.path
+    if request.method == "POST" and path == "/api/v1/flags":
+        body = request.get_json(silent=True) or {}
+        if not isinstance(body, dict):
+            return None
+        challenge_id = body.get("challenge_id", body.get("challenge"))
+        flag_type = str(body.get("type") or "static")
+    elif request.method == "PATCH" and path.startswith("/api/v1/flags/"):
+        body = request.get_json(silent=True) or {}
+        flag = Flags.query.filter_by(id=path.rsplit("/", 1)[1]).first() \
+            if path.rsplit("/", 1)[1].isdigit() else None
+        if flag is None or not isinstance(body, dict) or "type" not in body \
+                or body["type"] == flag.type:
+            return None
+        challenge_id, flag_type = flag.challenge_id, str(body["type"])
+        if flag.type == FLAG_TYPE:
+            # Changing the instancer flag itself: refused only if another one remains.
+            others = Flags.query.filter(Flags.challenge_id == challenge_id,
+                                        Flags.type == FLAG_TYPE, Flags.id != flag.id).first()
+            if others is None:
+                return None
+    else:
+        return None
+    reason = static_flag_refusal(challenge_id, flag_type)
+    if reason is None or not is_admin():
+        return None
+    response = jsonify({"success": False, "errors": {"type": [reason]}})
+    response.status_code = 400
+    return response
+
+
 # -- player routes ----------------------------------------------------------------------------
 
 player = Blueprint(f"{PLUGIN}_player", __name__, url_prefix=f"/plugins/{PLUGIN}")
@@ -370,14 +440,19 @@ def player_view(chal: InstancedChallenge, inst: dict[str, Any] | None) -> dict[s
         "expires_at": inst.get("expires_at"),
         "expires_in": _seconds_left(inst.get("expires_at")),
         "reason": inst.get("reason") or inst.get("error"),
+        # A TCP instance: the lines a player copies (nc, ncat --ssl, openssl, pwntools).
+        "connect": connection_lines(url),
     }
     # A Compose instance (SPEC §12): every endpoint with its own link (web) or address (tcp).
     links = endpoint_links(inst)
     if len(links) > 1:
         # (The query is spelled out: url_for's own first parameter is called ``endpoint``.)
+        # Each TCP endpoint's lines to copy, in endpoint_links' order (it skips non-objects).
+        urls = [ep.get("url") for ep in inst.get("endpoints") or [] if isinstance(ep, dict)]
         view["endpoints"] = [
-            {**link, "open_url": f"{view['open_url']}?endpoint={i}" if link["web"] else None}
-            for i, link in enumerate(links)]
+            {**link, "open_url": f"{view['open_url']}?endpoint={i}" if link["web"] else None,
+             "connect": connection_lines(url)}
+            for i, (link, url) in enumerate(zip(links, urls, strict=True))]
     if inst.get("host_up") is False:
         view["status_note"] = "Its server is unreachable right now; it is not lost."
     return view
@@ -570,6 +645,59 @@ def admin_catalog() -> Any:
         return _error(exc.detail, exc.status if 400 <= exc.status < 600 else 503, exc.code)
 
 
+def flag_warnings(catalog: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the instanced challenges whose per-team flag can never be solved.
+
+    Each has an ``instancer`` flag (the create form ticks it by default) for a catalog
+    challenge the instancer lists with ``flag: false``: none of its containers holds the
+    team's flag (no ``flag_env``, no ``${CTF_FLAG}``). An instancer that does not say
+    (older than the ``flag`` field) is given the benefit of the doubt.
+    """
+    flagless = {str(ch.get("id")) for ch in catalog if ch.get("flag") is False}
+    found = []
+    for chal in InstancedChallenge.query.order_by(InstancedChallenge.id).all():
+        flags = Flags.query.filter_by(challenge_id=chal.id, type=FLAG_TYPE).all()
+        if any(catalog_id_of_flag(f) in flagless for f in flags):
+            found.append({"id": chal.id, "name": chal.name,
+                          "instancer_challenge": chal.instancer_challenge,
+                          "url": url_for("admin.challenges_detail", challenge_id=chal.id)})
+    return found
+
+
+@admin.route("/admin/ctf_instancer/api/warnings", methods=["GET"])
+@admins_only
+def admin_warnings() -> Any:
+    """Instanced challenges scored by a per-team flag that no container of theirs holds."""
+    try:
+        catalog = instancer().catalog()
+    except InstancerError as exc:
+        return _error(exc.detail, exc.status if 400 <= exc.status < 600 else 503, exc.code)
+    return jsonify({"success": True, "data": flag_warnings(catalog)})
+
+
+@admin.route("/admin/ctf_instancer/api/shared_flags", methods=["GET"])
+@admins_only
+def admin_shared_flags() -> Any:
+    """Flags one team submitted that were another's (SPEC §13), with the CTFd accounts."""
+    conn = connection()
+    try:
+        events = InstancerClient(conn).shared_flags()
+    except InstancerError as exc:
+        return _error(exc.detail, exc.status if 400 <= exc.status < 600 else 503, exc.code)
+    titles = {c.instancer_challenge: c.name for c in InstancedChallenge.query.all()}
+    rows = []
+    for event in events:
+        submitter, owner = str(event.get("team_id", "")), str(event.get("owner", ""))
+        by, of = account_name(conn.prefix, submitter), account_name(conn.prefix, owner)
+        rows.append({
+            "time": event.get("time"), "challenge": event.get("challenge"),
+            "challenge_name": titles.get(str(event.get("challenge"))),
+            "team_id": submitter, "account": by["account"], "account_url": by["account_url"],
+            "owner": owner, "owner_account": of["account"], "owner_url": of["account_url"],
+        })
+    return jsonify({"success": True, "data": rows})
+
+
 @admin.route("/admin/ctf_instancer/settings", methods=["GET", "POST"])
 @admins_only
 def admin_settings() -> Any:
@@ -609,7 +737,8 @@ def admin_settings() -> Any:
         health = {"error": exc.detail}
     stored = stored_settings()
     return render_template(
-        "ctf_instancer_settings.html", conn=conn, stored_url=stored.get("url", ""),
+        "ctf_instancer_settings.html", conn=conn, warnings=flag_warnings(catalog),
+        stored_url=stored.get("url", ""),
         stored_prefix=stored.get("prefix", ""), token_stored=bool(stored.get("token")),
         health=health, catalog=catalog, message=message, problem=problem,
     )
@@ -626,4 +755,5 @@ def load(app: Any) -> None:
     register_plugin_assets_directory(app, base_path=ASSETS)
     app.register_blueprint(player)
     app.register_blueprint(admin)
+    app.before_request(refuse_static_flags)
     register_admin_plugin_menu_bar("Instances", "/admin/ctf_instancer")

@@ -224,6 +224,37 @@ def link_target(inst: dict[str, Any] | None, endpoint: int | None = None) -> str
     return None
 
 
+# Host names, IPv4 and bracketed IPv6 only: nothing that could break out of a copied line.
+_TLS_URL = re.compile(r"^tls://([A-Za-z0-9.-]+):(\d{1,5})$")
+_TCP_URL = re.compile(r"^tcp://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
+
+
+def connection_lines(url: Any) -> list[dict[str, str]]:
+    """Return the lines a player copies to reach a TCP instance at ``url`` (issue 25).
+
+    Behind the ingress (``tls://host:port``) the service speaks TLS with the host as SNI:
+    ``ncat --ssl``, ``openssl s_client`` and pwntools' ``remote(…, ssl=True, sni=…)``. A
+    published port (``tcp://host:port``) is plain TCP: ``nc`` and pwntools' ``remote``.
+    Anything else (a web URL, nothing) has none. Each line is ``{"tool", "line"}``.
+    """
+    text = url if isinstance(url, str) else ""
+    tls = _TLS_URL.match(text)
+    if tls:
+        host, port = tls.groups()
+        return [
+            {"tool": "ncat", "line": f"ncat --ssl {host} {port}"},
+            {"tool": "openssl",
+             "line": f"openssl s_client -quiet -connect {host}:{port} -servername {host}"},
+            {"tool": "pwntools", "line": f'remote("{host}", {port}, ssl=True, sni="{host}")'},
+        ]
+    tcp = _TCP_URL.match(text)
+    if tcp:
+        host, port = tcp.group(1).strip("[]"), tcp.group(2)
+        return [{"tool": "nc", "line": f"nc {host} {port}"},
+                {"tool": "pwntools", "line": f'remote("{host}", {port})'}]
+    return []
+
+
 def endpoint_links(inst: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Return a Compose instance's endpoints as the player's modal lists them (SPEC §12).
 
@@ -358,9 +389,14 @@ class InstancerClient:
     # -- organisers ------------------------------------------------------------------------
 
     def catalog(self) -> list[dict[str, Any]]:
-        """Return the instancer's catalog: id, name, protocol, ttl of each challenge."""
+        """Return the instancer's catalog: id, name, protocol, ttl, flag of each challenge."""
         body = self._call("GET", "/challenges", str(self.conn.admin_token))
         return list(body.get("challenges", []))
+
+    def shared_flags(self) -> list[dict[str, Any]]:
+        """Return the flag checks in which a team submitted another's flag, newest first."""
+        return list(self._call("GET", "/flags/shared", str(self.conn.admin_token))
+                    .get("events", []))
 
     def all_instances(self) -> list[dict[str, Any]]:
         """Return every instance the instancer runs (every CTFd's and any other's)."""

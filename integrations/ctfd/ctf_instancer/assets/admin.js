@@ -127,9 +127,82 @@
     await load();
   }
 
-  $(".ctfi-reload").addEventListener("click", load);
+  function account(name, url, teamId) {
+    const td = cell();
+    if (url) {
+      const a = document.createElement("a");
+      a.href = url;
+      a.textContent = name;
+      td.appendChild(a);
+    } else {
+      td.textContent = name || "";
+    }
+    const small = document.createElement("small");
+    small.className = "d-block text-muted";
+    small.textContent = teamId;
+    td.appendChild(small);
+    return td;
+  }
+
+  // Flags one team submitted that were another's (the instancer's GET /api/v1/flags/shared).
+  async function loadShared() {
+    const body = $(".ctfi-shared-rows");
+    try {
+      const r = await fetch(root + "/admin/ctf_instancer/api/shared_flags", { credentials: "same-origin", headers: { Accept: "application/json" } });
+      const answer = await r.json();
+      if (!answer.success) throw new Error(answer.error && answer.error.detail);
+      say(".ctfi-shared-error", "");
+      body.innerHTML = "";
+      if (!answer.data.length) {
+        const tr = document.createElement("tr");
+        tr.appendChild(cell("No team has submitted another team's flag.", "text-center text-muted"));
+        tr.firstChild.colSpan = 4;
+        body.appendChild(tr);
+      }
+      answer.data.forEach((e) => {
+        const tr = document.createElement("tr");
+        tr.className = "ctfi-shared-row";
+        tr.dataset.team = e.team_id;
+        tr.dataset.owner = e.owner;
+        tr.appendChild(cell(e.time ? new Date(e.time).toLocaleString() : ""));
+        tr.appendChild(account(e.account, e.account_url, e.team_id));
+        tr.appendChild(account(e.owner_account, e.owner_url, e.owner));
+        tr.appendChild(cell(e.challenge_name ? `${e.challenge_name} (${e.challenge})` : e.challenge));
+        body.appendChild(tr);
+      });
+    } catch (e) {
+      say(".ctfi-shared-error", `Cannot list the shared flags: ${e.message || e}`);
+    }
+  }
+
+  // Instanced challenges scored by a per-team flag that none of their containers holds.
+  async function loadWarnings() {
+    const box = $(".ctfi-flag-warning");
+    try {
+      const r = await fetch(root + "/admin/ctf_instancer/api/warnings", { credentials: "same-origin", headers: { Accept: "application/json" } });
+      const answer = await r.json();
+      if (!answer.success || !answer.data.length) { box.hidden = true; return; }
+      box.textContent = "No team can ever solve these: they are scored with each team's own flag, " +
+        "but their catalog challenge puts no flag in its containers (no flag_env, no ${CTF_FLAG}): ";
+      answer.data.forEach((w, i) => {
+        const a = document.createElement("a");
+        a.href = w.url;
+        a.textContent = `${w.name} (${w.instancer_challenge})`;
+        if (i) box.appendChild(document.createTextNode(", "));
+        box.appendChild(a);
+      });
+      box.hidden = false;
+    } catch (e) {
+      box.hidden = true;
+    }
+  }
+
+  $(".ctfi-reload").addEventListener("click", () => { load(); loadShared(); });
   $(".ctfi-filter").addEventListener("input", render);
   setInterval(tick, 1000);
   setInterval(load, 10000);
+  setInterval(loadShared, 30000);
   load();
+  loadShared();
+  loadWarnings();
 })();

@@ -19,11 +19,14 @@ window.ctfiFillCatalog = function (select, current) {
         const option = document.createElement("option");
         option.value = ch.id;
         const ttl = ch.ttl ? `, lives ${Math.round(ch.ttl / 60)} min` : "";
-        option.textContent = `${ch.name} (${ch.id}, ${ch.protocol}${ttl})`;
+        const flagless = ch.flag === false ? ", no per-team flag" : "";
+        option.textContent = `${ch.name} (${ch.id}, ${ch.protocol}${ttl}${flagless})`;
+        option.dataset.flag = ch.flag === false ? "no" : "yes";
         select.appendChild(option);
       });
       select.value = current || "";
       if (!select.value) none.selected = true;
+      window.ctfiFlagWarning(select);
     })
     .catch((e) => {
       error.textContent = `Cannot read the instancer's catalog: ${e.message || e}. ` +
@@ -37,4 +40,16 @@ window.ctfiFillCatalog = function (select, current) {
         select.appendChild(option);
       }
     });
+};
+
+// Warns, beside the select, when the per-team flag box is ticked for a catalog challenge whose
+// containers hold no flag (the catalog says flag: false): no team could ever solve it.
+window.ctfiFlagWarning = function (select) {
+  const form = select.closest("form") || document;
+  const box = form.querySelector("#ctfi-flag");
+  const warning = select.parentElement.querySelector(".ctfi-flag-warning");
+  if (!warning) return;
+  const option = select.options[select.selectedIndex];
+  const flagless = option && option.dataset.flag === "no";
+  warning.hidden = !(flagless && (!box || box.checked));
 };

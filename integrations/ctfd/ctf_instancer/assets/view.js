@@ -124,6 +124,43 @@ CTFd._internal.challenge.render = null;
         }
       }
 
+      // A TCP instance: each command a player may paste (nc, ncat --ssl, openssl, pwntools),
+      // with a Copy button; for a Compose instance, those of each TCP endpoint.
+      const lines = status === "none" ? [] : endpoints.length
+        ? endpoints.flatMap((ep) => (ep.connect || []).map((c) => ({ ...c, service: ep.service })))
+        : (view.connect || []);
+      $(".ctfi-connect").hidden = lines.length === 0;
+      const connectSig = JSON.stringify(lines);
+      const connectList = $(".ctfi-connect-list");
+      if (connectList.dataset.sig !== connectSig) {
+        connectList.dataset.sig = connectSig;
+        connectList.replaceChildren(...lines.map((c) => {
+          const li = document.createElement("li");
+          li.className = "ctfi-connect-line d-flex align-items-center gap-2";
+          li.dataset.tool = c.tool;
+          const code = document.createElement("code");
+          code.className = "user-select-all";
+          code.textContent = c.line;
+          const copy = document.createElement("button");
+          copy.type = "button";
+          copy.className = "btn btn-link btn-sm p-0 ctfi-copy";
+          copy.textContent = "Copy";
+          copy.setAttribute("aria-label", `Copy the ${c.tool} line${c.service ? ` of ${c.service}` : ""}`);
+          copy.addEventListener("click", async () => {
+            try {
+              await navigator.clipboard.writeText(c.line);
+              copy.textContent = "Copied";
+            } catch (e) {
+              getSelection().selectAllChildren(code);
+              copy.textContent = "Press Ctrl+C";
+            }
+            setTimeout(() => { copy.textContent = "Copy"; }, 2000);
+          });
+          li.append(code, copy);
+          return li;
+        }));
+      }
+
       state.deadline = typeof view.expires_in === "number" ? Date.now() + view.expires_in * 1000 : null;
       $(".ctfi-expiry").hidden = state.deadline === null || status === "none";
       tick();
