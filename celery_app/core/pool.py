@@ -100,6 +100,11 @@ STALE_CLAIM: Final = 120.0
 _ICC_OFF: Final = {"com.docker.network.bridge.enable_icc": "false"}
 # Seconds one pooled Compose group may take to boot inside a pass (the pass lock lasts 120 s).
 GROUP_BOOT_LIMIT: Final = 90.0
+# Seconds a worker keeps the pool sizes set by ``ctfctl pool warm`` before reading them again
+# (a start of any challenge asks whether it is pooled: one Redis read a second, not a start).
+SIZES_TTL: Final = 1.0
+# The largest pool size ``ctfctl pool warm`` sets (per host; capacity limits hold anyway).
+MAX_WARM: Final = 1000
 
 def slot_flag(secret: str, challenge: str, slot: str, fmt: str = "CTF{{{digest}}}") -> str:
     """Return the flag a pool container of ``slot`` boots with (before any team holds it).
@@ -191,6 +196,25 @@ class Pool:
         self.keys = store.pools
         self.scope_labels = specs.scope_labels
         self.network = holding_network(host, self.scope_labels, settings.team_subnet_pool)
+        self._sizes: tuple[float, dict[str, int]] = (float("-inf"), {})
+
+    def size(self, ch: Challenge) -> int:
+        """The pool size of ``ch`` on each host: ``ctfctl pool warm``'s, else the catalog's.
+
+        Read from Redis at most once a second per worker (``SIZES_TTL``); a Redis error
+        keeps the last sizes read (a start must not fail for the pools' sake).
+        """
+        at, sizes = self._sizes
+        if time.monotonic() - at > SIZES_TTL:
+            with contextlib.suppress(CTFError):
+                sizes = self.keys.sizes()
+                self._sizes = (time.monotonic(), sizes)
+        return sizes.get(ch.id, ch.pool)
+
+    def _sized(self, ch: Challenge) -> Challenge:
+        """``ch`` with its pool size as :meth:`size` says (what the pass keeps)."""
+        size = self.size(ch)
+        return ch if size == ch.pool else ch.model_copy(update={"pool": size})
 
     @property
     def usable(self) -> bool:
@@ -199,7 +223,7 @@ class Pool:
 
     def has_ready(self, ch: Challenge) -> bool:
         """Whether a start of ``ch`` here would likely claim (a ready container, one Redis call)."""
-        return ch.pool > 0 and self.usable and self.keys.ready_count(self.host, ch.id) > 0
+        return self.size(ch) > 0 and self.usable and self.keys.ready_count(self.host, ch.id) > 0
 
     def _pool_labels(self, ch: Challenge, slot: str) -> dict[str, str]:
         return {**self.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: ch.id,
@@ -228,7 +252,7 @@ class Pool:
         network (address, claim time as endpoint options); 5. rename it to the instance
         name. A container that fails any step is removed and the next ready one tried.
         """
-        if ch.pool <= 0 or not self.usable:
+        if self.size(ch) <= 0 or not self.usable:
             return None
         began = time.perf_counter()
         while True:
@@ -289,7 +313,7 @@ class Pool:
         (the primary's name is Docker's record that the claim is whole). A group that fails a
         step is removed whole and the next ready one tried.
         """
-        if ch.pool <= 0 or not self.usable or ch.app is None:
+        if self.size(ch) <= 0 or not self.usable or ch.app is None:
             return None
         began = time.perf_counter()
         layout = self.specs.layout(ch.id, team, ch.app)
@@ -465,7 +489,9 @@ class Pool:
         return summary
 
     def _pass(self, now: float, summary: PoolSummary) -> None:
-        pooled = {ch.id: ch for ch in self.catalog if ch.pool > 0} if self.usable else {}
+        self._sizes = (float("-inf"), {})  # the pass reads the sizes afresh
+        sized = [self._sized(ch) for ch in self.catalog] if self.usable else []
+        pooled = {ch.id: ch for ch in sized if ch.pool > 0}
         if not pooled:
             return  # nothing to keep; leftovers of a pool set to 0 are the janitor's orphans
         # 2. Docker is the truth
@@ -497,6 +523,7 @@ class Pool:
             live.update({c.labels[LABEL_POOL]: challenge for c in keep})
         booting += self._keep_groups(pooled, groups, now, summary, kept, live)
         self.keys.set_members(self.host, live)
+        self._prune_ready(live, [ch.id for ch in sized])
         # 3b. the host is over capacity (instances grew): the pools give way
         for _ in range(max(0, self._overflow())):
             gone = self.make_room()
@@ -516,6 +543,15 @@ class Pool:
                 booting += 1
         self._refill_groups([ch for ch in pooled.values() if ch.is_group], kept, booting,
                             summary)
+
+    def _prune_ready(self, live: dict[str, str], challenges: list[str]) -> None:
+        """Step 3a: drop ready slots whose container is gone (removed while no worker ran).
+
+        They are then neither offered nor counted by ``ctf_pool_ready``.
+        """
+        if gone := self.keys.prune_ready(self.host, live, challenges):
+            log.info("pool host=%s: ready slots without a container dropped: %s",
+                     self.host, sorted(gone))
 
     def _refill_groups(self, pooled: list[Challenge], kept: dict[str, int], booting: int,
                        summary: PoolSummary) -> None:
@@ -732,8 +768,12 @@ class Pool:
 
 
 def pool_status(keys: PoolKeys, catalog: Catalog, hosts: list[str]) -> list[dict[str, Any]]:
-    """Each pool of each host: size wanted, unclaimed containers, ready, claims, misses."""
+    """Each pool of each host: size wanted, unclaimed containers, ready, claims, misses.
+
+    ``size`` is ``ctfctl pool warm``'s when it set one (``warmed``: true), else the catalog's.
+    """
     members = keys.members()
+    sizes = keys.sizes()
     rows = []
     for host in hosts:
         stats = keys.stats(host)
@@ -741,9 +781,11 @@ def pool_status(keys: PoolKeys, catalog: Catalog, hosts: list[str]) -> list[dict
             here = sum(1 for k, v in members.items() if k.startswith(f"{host}/") and v == ch.id)
             claims = int(stats.get(f"claims|{ch.id}", 0))
             misses = int(stats.get(f"misses|{ch.id}", 0))
-            if not (ch.pool or here or claims or misses):
+            size = sizes.get(ch.id, ch.pool)
+            if not (size or here or claims or misses):
                 continue
-            rows.append({"host": host, "challenge": ch.id, "size": ch.pool, "containers": here,
+            rows.append({"host": host, "challenge": ch.id, "size": size, "containers": here,
+                         "warmed": ch.id in sizes,
                          "ready": len(keys.ready(host, ch.id)), "claims": claims,
                          "misses": misses, "drained_at": keys.drained_at(ch.id) or None})
     return rows

@@ -331,7 +331,7 @@ class InstanceService:
         start after a missed claim checks (or pulls) them first. Before a cold start the
         pools give way when the host is full, as for one image.
         """
-        claimed = self.pool.claim_group(ch, team, inst) if ch.pool else None
+        claimed = self.pool.claim_group(ch, team, inst)  # None: not pooled, or none ready
         if claimed is not None:
             return claimed
         if image_skipped:
@@ -352,7 +352,7 @@ class InstanceService:
         """
 
         def make(net: NetworkInfo, spec: ContainerSpec) -> ContainerInfo:
-            claimed = self.pool.claim(ch, team, net, spec, inst) if ch.pool else None
+            claimed = self.pool.claim(ch, team, net, spec, inst)  # None: not pooled/ready
             if claimed is not None:
                 return claimed
             if not image_checked:
