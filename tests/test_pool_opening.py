@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +161,30 @@ def test_a_claimed_instance_is_found_by_team_everywhere(opening: Setup) -> None:
         "the janitor to expire the claimed instance")
     gone = opening.api.get(f"/api/v1/teams/{team}/instances", headers=ADMIN)
     assert gone.json()["instances"] == []
+
+
+def test_a_teams_first_claim_makes_no_network_call(opening: Setup) -> None:
+    """By the engine's own events, a first start by name claims with one rename, no network."""
+    opening.full(SIZE)
+    team, rival = "first1", "rival1"
+    began = time.time()
+    inst = opening.start("pooled", team)
+    until = int(time.time()) + 1
+    c = opening.docker.containers.get(inst["container_id"])
+    slot = c.labels["ctf.pool"]
+    assert c.name == f"ctf-pooled-{team}" and set(c.attrs["NetworkSettings"]["Networks"]) == {
+        f"ctfpool-pooled-{slot}"}
+    seen = [e for e in opening.docker.api.events(since=int(began) - 1, until=until,
+                                                 decode=True)
+            if e["timeNano"] >= began * 1e9]
+    # the claimed container: renamed, nothing else; no network made, connected or cut
+    assert [e["Action"] for e in seen if e.get("Type") == "container"
+            and e["Actor"]["ID"] == c.id] == ["rename"]
+    assert [e for e in seen if e.get("Type") == "network"] == []
+    assert not opening.docker.networks.list(names=[f"ctf-team-{team}"])
+    # its flag is the slot's, bound to the team at the claim: the team's, no other's
+    booted = dict(e.split("=", 1) for e in c.attrs["Config"]["Env"])["FLAG"]
+    assert opening.flag_ok(team, booted) and not opening.flag_ok(rival, booted)
+    opening.client.send_task(STOP, args=["pooled", team]).get(timeout=60)
+    # the stop removes the instance's network with it
+    assert not opening.docker.networks.list(names=[f"ctfpool-pooled-{slot}"])

@@ -101,3 +101,23 @@ def test_a_warmed_size_replaces_the_catalogs_until_reset(warm: InstanceService,
     inst = warm.start(warm.catalog.key("warm", "t3"))
     cold = driver.get_container(inst.container_name)
     assert cold is not None and "ctf.pool" not in cold.labels
+
+
+def test_a_claim_makes_no_network_call_and_a_stop_removes_the_slots_network(
+    warm: InstanceService, driver: FakeDriver,
+) -> None:
+    """A team's first start that claims asks Docker for no network; its stop removes it."""
+    warm.pool.run_once()  # boot: the container on a network of its own
+    warm.pool.run_once()  # answered: offered
+    (slot,) = warm.store.pools.ready("local", "warm")
+    own = pool_module.pool_network_name("warm", slot)
+    assert driver.get_network(own) is not None
+    driver.calls.clear()
+    inst = warm.start(warm.catalog.key("warm", "first"))
+    assert [c for c in driver.calls if "network" in c] == [], driver.calls
+    assert driver.calls.count("rename_container") == 1
+    assert driver.get_network("ctf-team-first") is None  # no team network was made
+    claimed = driver.get_container(inst.container_name)
+    assert claimed is not None and set(claimed.attrs["NetworkSettings"]["Networks"]) == {own}
+    warm.stop(warm.catalog.key("warm", "first"))
+    assert driver.get_network(own) is None
