@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import docker
 import redis
 from _common import (
     LABEL,
@@ -71,6 +72,7 @@ ENTRY = """  {name}:
 EXTRA = (ENTRY.format(name="pooled", command=BOOT, pool=POOL_SIZE)
          + ENTRY.format(name="cold", command=BOOT, pool=0))
 START = "celery_app.tasks.start_container"
+STOP = "celery_app.tasks.stop_container"
 TIMEOUT = 120
 
 
@@ -154,6 +156,27 @@ def first_claims(n: int) -> dict[str, Any]:
             result["first_claim"] = summary_ms(took)
             result["claim_step_in_worker"] = claim_step(state)
             result["samples_ms"] = [round(v * 1000, 1) for v in took]
+            # the trade-off: each pooled instance's stop removes its own network
+            stops = []
+            for i in range(n):
+                began = time.perf_counter()
+                client.send_task(STOP, args=["pooled", f"pf{i}"]).get(timeout=TIMEOUT)
+                stops.append(time.perf_counter() - began)
+            result["stop_with_its_network"] = summary_ms(stops)
+            # what one network costs the engine here (raw SDK, same labels, our subnets)
+            made, removed = [], []
+            for i in range(min(n, 10)):
+                began = time.perf_counter()
+                net = bench.docker.networks.create(
+                    f"ctf-bench-net-{i}-{LABEL['ctf.test']}", driver="bridge", labels=LABEL,
+                    ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(
+                        subnet=f"10.207.{250 - i}.0/28")]))
+                made.append(time.perf_counter() - began)
+                began = time.perf_counter()
+                net.remove()
+                removed.append(time.perf_counter() - began)
+            result["raw_network_create"] = summary_ms(made)
+            result["raw_network_remove"] = summary_ms(removed)
         finally:
             close_celery_client(client)
             worker.stop()
