@@ -63,7 +63,7 @@ POOLED = """
     start_timeout: 20
     pool: {size}
 """
-# Never answers on its port (so it stays booting on the holding network) but serves on 9000.
+# Never answers on its port (so it stays booting, unoffered, on its own network) but serves on 9000.
 SLEEPY = """
   sleepy:
     image: {image}
