@@ -39,6 +39,7 @@ import docker
 import redis
 from _common import (
     LABEL,
+    SRC,
     Bench,
     bench_run,
     bench_worker,
@@ -134,14 +135,17 @@ def burst(client: Any, challenge: str, teams: list[str]) -> dict[str, Any]:
 FIRST_SUBNETS = "10.207.0.0/16"  # --first's own subnets (issue 27)
 
 
-def first_claims(n: int) -> dict[str, Any]:
-    """A team's first pooled claim, ``n`` times: p50/p90 through a task sent by name."""
+def first_claims(n: int, src: Path = SRC) -> dict[str, Any]:
+    """A team's first pooled claim, ``n`` times: p50/p90 through a task sent by name.
+
+    ``src``: the checkout the worker runs (``--compare-src``: the code before issue 27).
+    """
     quick = ENTRY.format(name="pooled", command='["/bin/busybox", "httpd", "-f", "-p", "8080", '
                          '"-h", "/www"]', pool=n)
     result: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                              "machine": machine(), "n": n, "mode": "first"}
+                              "machine": machine(), "n": n, "mode": "first", "src": str(src)}
     with bench_run(ttl=1200, max_lifetime=3600, extra_catalog=quick) as bench:
-        worker = bench_worker(bench, CTF_TEAM_SUBNET_POOL=FIRST_SUBNETS)
+        worker = bench_worker(bench, src=src, CTF_TEAM_SUBNET_POOL=FIRST_SUBNETS)
         worker.start()
         client = celery_client(bench)
         state = redis.Redis.from_url(f"{bench.redis.url}/2", decode_responses=True)
@@ -191,10 +195,15 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=20, help="measured starts of each kind")
     parser.add_argument("--first", action="store_true",
                         help="only a team's first pooled claim (issue 27)")
+    parser.add_argument("--compare-src", type=Path,
+                        help="with --first: the same run with a worker of this checkout after")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     if args.first:
-        emit(first_claims(args.n), args.json)
+        figures = first_claims(args.n)
+        if args.compare_src:
+            figures = {"this": figures, "compare": first_claims(args.n, args.compare_src)}
+        emit(figures, args.json)
         return 0
     result: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                               "machine": machine(), "n": args.n, "pool": POOL_SIZE}
