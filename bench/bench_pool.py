@@ -190,15 +190,49 @@ def first_claims(n: int, src: Path = SRC) -> dict[str, Any]:
     return result
 
 
+def herd(n: int) -> dict[str, Any]:
+    """``n`` new teams start ``pooled`` by name at once from a pool of ``n`` ready (issue 27)."""
+    quick = ENTRY.format(name="pooled", command='["/bin/busybox", "httpd", "-f", "-p", "8080", '
+                         '"-h", "/www"]', pool=n)
+    result: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                              "machine": machine(), "n": n, "mode": "herd"}
+    with bench_run(ttl=1200, max_lifetime=3600, extra_catalog=quick) as bench:
+        worker = bench_worker(bench, CTF_TEAM_SUBNET_POOL=FIRST_SUBNETS)
+        worker.start()
+        client = celery_client(bench)
+        state = redis.Redis.from_url(f"{bench.redis.url}/2", decode_responses=True)
+        try:
+            began = time.perf_counter()
+            wait_for(lambda: ready(state) >= n, 600, "the pool to fill")
+            result["fill_s"] = round(time.perf_counter() - began, 1)
+            teams = [f"ph{i}" for i in range(n)]
+            with ThreadPoolExecutor(n) as pool:
+                took = list(pool.map(lambda t: start(client, "pooled", t), teams))
+            result["herd"] = {**summary_ms(took), "p95_ms": round(pct(took, 0.95) * 1000, 1)}
+            result["claim_step_in_worker"] = claim_step(state)
+        finally:
+            close_celery_client(client)
+            worker.stop()
+            subprocess.run(["nft", "delete", "table", "inet", "ctf_egress_"
+                            + FIRST_SUBNETS.replace(".", "_").replace("/", "_")],
+                           capture_output=True, check=False)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=20, help="measured starts of each kind")
     parser.add_argument("--first", action="store_true",
                         help="only a team's first pooled claim (issue 27)")
+    parser.add_argument("--herd", action="store_true",
+                        help="-n new teams start pooled at once from a pool of -n (issue 27)")
     parser.add_argument("--compare-src", type=Path,
                         help="with --first: the same run with a worker of this checkout after")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
+    if args.herd:
+        emit(herd(args.n), args.json)
+        return 0
     if args.first:
         figures = first_claims(args.n)
         if args.compare_src:
