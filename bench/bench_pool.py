@@ -15,7 +15,12 @@ C  raw: ``docker.containers.run`` of the same image on the team's network with t
 Then a burst: 40 new teams start ``pooled`` at once with 40 ready (team networks made on the
 way, as at an event's opening), and, for comparison, 40 more new teams start ``cold`` at once.
 
-Usage: .venv/bin/python bench/bench_pool.py [-n 20] [--json FILE]
+``--first`` (issue 27) measures only a team's first pooled claim: ``-n`` new teams (no team
+network, nothing of theirs on the engine) each start ``pooled`` by name, one after another,
+from a pool of ``-n`` ready containers of an image that answers at once (so the fill is quick);
+the p50/p90 of the whole task, and the worker's own claim step.
+
+Usage: .venv/bin/python bench/bench_pool.py [-n 20] [--first] [--json FILE]
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import docker
 import redis
 from _common import (
     LABEL,
+    SRC,
     Bench,
     bench_run,
     bench_worker,
@@ -66,6 +73,7 @@ ENTRY = """  {name}:
 EXTRA = (ENTRY.format(name="pooled", command=BOOT, pool=POOL_SIZE)
          + ENTRY.format(name="cold", command=BOOT, pool=0))
 START = "celery_app.tasks.start_container"
+STOP = "celery_app.tasks.stop_container"
 TIMEOUT = 120
 
 
@@ -124,11 +132,113 @@ def burst(client: Any, challenge: str, teams: list[str]) -> dict[str, Any]:
             "p99_ms": round(pct(took, 0.99) * 1000, 1)}
 
 
+FIRST_SUBNETS = "10.207.0.0/16"  # --first's own subnets (issue 27)
+
+
+def first_claims(n: int, src: Path = SRC) -> dict[str, Any]:
+    """A team's first pooled claim, ``n`` times: p50/p90 through a task sent by name.
+
+    ``src``: the checkout the worker runs (``--compare-src``: the code before issue 27).
+    """
+    quick = ENTRY.format(name="pooled", command='["/bin/busybox", "httpd", "-f", "-p", "8080", '
+                         '"-h", "/www"]', pool=n)
+    result: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                              "machine": machine(), "n": n, "mode": "first", "src": str(src)}
+    with bench_run(ttl=1200, max_lifetime=3600, extra_catalog=quick) as bench:
+        worker = bench_worker(bench, src=src, CTF_TEAM_SUBNET_POOL=FIRST_SUBNETS)
+        worker.start()
+        client = celery_client(bench)
+        state = redis.Redis.from_url(f"{bench.redis.url}/2", decode_responses=True)
+        try:
+            began = time.perf_counter()
+            wait_for(lambda: ready(state) >= n, 300, "the pool to fill")
+            result["fill_s"] = round(time.perf_counter() - began, 1)
+            took = []
+            for i in range(n):
+                took.append(start(client, "pooled", f"pf{i}"))
+                print(f"first claim {i + 1}/{n}: {took[-1] * 1000:.0f} ms", file=sys.stderr)
+            result["first_claim"] = summary_ms(took)
+            result["claim_step_in_worker"] = claim_step(state)
+            result["samples_ms"] = [round(v * 1000, 1) for v in took]
+            # the trade-off: each pooled instance's stop removes its own network
+            stops = []
+            for i in range(n):
+                began = time.perf_counter()
+                client.send_task(STOP, args=["pooled", f"pf{i}"]).get(timeout=TIMEOUT)
+                stops.append(time.perf_counter() - began)
+            result["stop_with_its_network"] = summary_ms(stops)
+            # what one network costs the engine here (raw SDK, same labels, our subnets)
+            made, removed = [], []
+            for i in range(min(n, 10)):
+                began = time.perf_counter()
+                net = bench.docker.networks.create(
+                    f"ctf-bench-net-{i}-{LABEL['ctf.test']}", driver="bridge", labels=LABEL,
+                    ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(
+                        subnet=f"10.207.{250 - i}.0/28")]))
+                made.append(time.perf_counter() - began)
+                began = time.perf_counter()
+                net.remove()
+                removed.append(time.perf_counter() - began)
+            result["raw_network_create"] = summary_ms(made)
+            result["raw_network_remove"] = summary_ms(removed)
+        finally:
+            close_celery_client(client)
+            worker.stop()
+            subprocess.run(["nft", "delete", "table", "inet", "ctf_egress_"
+                            + FIRST_SUBNETS.replace(".", "_").replace("/", "_")],
+                           capture_output=True, check=False)
+    return result
+
+
+def herd(n: int) -> dict[str, Any]:
+    """``n`` new teams start ``pooled`` by name at once from a pool of ``n`` ready (issue 27)."""
+    quick = ENTRY.format(name="pooled", command='["/bin/busybox", "httpd", "-f", "-p", "8080", '
+                         '"-h", "/www"]', pool=n)
+    result: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                              "machine": machine(), "n": n, "mode": "herd"}
+    with bench_run(ttl=1200, max_lifetime=3600, extra_catalog=quick) as bench:
+        worker = bench_worker(bench, CTF_TEAM_SUBNET_POOL=FIRST_SUBNETS)
+        worker.start()
+        client = celery_client(bench)
+        state = redis.Redis.from_url(f"{bench.redis.url}/2", decode_responses=True)
+        try:
+            began = time.perf_counter()
+            wait_for(lambda: ready(state) >= n, 600, "the pool to fill")
+            result["fill_s"] = round(time.perf_counter() - began, 1)
+            teams = [f"ph{i}" for i in range(n)]
+            with ThreadPoolExecutor(n) as pool:
+                took = list(pool.map(lambda t: start(client, "pooled", t), teams))
+            result["herd"] = {**summary_ms(took), "p95_ms": round(pct(took, 0.95) * 1000, 1)}
+            result["claim_step_in_worker"] = claim_step(state)
+        finally:
+            close_celery_client(client)
+            worker.stop()
+            subprocess.run(["nft", "delete", "table", "inet", "ctf_egress_"
+                            + FIRST_SUBNETS.replace(".", "_").replace("/", "_")],
+                           capture_output=True, check=False)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=20, help="measured starts of each kind")
+    parser.add_argument("--first", action="store_true",
+                        help="only a team's first pooled claim (issue 27)")
+    parser.add_argument("--herd", action="store_true",
+                        help="-n new teams start pooled at once from a pool of -n (issue 27)")
+    parser.add_argument("--compare-src", type=Path,
+                        help="with --first: the same run with a worker of this checkout after")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
+    if args.herd:
+        emit(herd(args.n), args.json)
+        return 0
+    if args.first:
+        figures = first_claims(args.n)
+        if args.compare_src:
+            figures = {"this": figures, "compare": first_claims(args.n, args.compare_src)}
+        emit(figures, args.json)
+        return 0
     result: dict[str, Any] = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                               "machine": machine(), "n": args.n, "pool": POOL_SIZE}
     with bench_run(ttl=1200, max_lifetime=3600, extra_catalog=EXTRA) as bench:

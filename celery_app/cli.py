@@ -743,6 +743,70 @@ def pool_drain(
         out.print(f"[green]drained[/] {ch.id}: its pools refill from the current image")
 
 
+@pool_app.command("warm")
+def pool_warm(
+    challenge: str,
+    size: Annotated[int | None, typer.Argument(
+        min=0, help="Containers kept ready on each host; omitted with --reset.")] = None,
+    reset: Annotated[bool, typer.Option(
+        "--reset", help="Go back to the catalog's pool: size.")] = False,
+    wait: WaitOpt = True, timeout: TimeoutOpt = 600, as_json: JsonOpt = False,
+) -> None:
+    """Bring CHALLENGE's pool on each host to SIZE ahead of the opening (replaces pool:).
+
+    The size holds until --reset (the catalog's pool: again); each host's pool pass starts
+    at once and refills as starts claim. With --wait, waits until every host holds SIZE
+    ready containers (capacity limits may keep it below: the pools never refuse a start).
+    """
+    from celery_app.core.pool import MAX_WARM  # noqa: PLC0415  # light --help
+
+    disp = _dispatcher()
+    if (size is None) == (not reset):
+        err.print("give a SIZE (containers kept ready on each host) or --reset, not both")
+        raise typer.Exit(EXIT_USAGE)
+    if size is not None and size > MAX_WARM:
+        err.print(f"SIZE {size} is above {MAX_WARM} per host; the host limits "
+                  "(max_instances) bound a pool anyway")
+        raise typer.Exit(EXIT_USAGE)
+    with _errors():
+        ch = disp.catalog.get(challenge)
+        keys = disp.store.pools
+        keys.set_size(ch.id, size)
+        disp.auditor.try_record("admin", None, ch.id, ADMIN, "ok",
+                                action=f"pool warm {size if size is not None else 'reset'}")
+        hosts = list(disp.hosts)
+        for host in hosts:  # each host's pass now, not at its next beat
+            disp.send("refill_pools", [], None, host_queue(host))
+        target = ch.pool if size is None else size
+        deadline = time.monotonic() + timeout
+
+        def ready() -> dict[str, int]:
+            return {host: len(keys.ready(host, ch.id)) for host in hosts}
+
+        kicked = time.monotonic()
+        while wait and min(ready().values(), default=target) < target \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if time.monotonic() - kicked >= 2.0:  # one pass boots a few: keep them coming
+                kicked = time.monotonic()
+                for host in hosts:
+                    disp.send("refill_pools", [], None, host_queue(host))
+        now = ready()
+    short = {host: n for host, n in now.items() if n < target}
+    if as_json:
+        _print_json({"challenge": ch.id, "size": target, "warmed": size is not None,
+                     "ready": now})
+    elif wait and short:
+        err.print(f"{ch.id}: {', '.join(f'{h} has {n}' for h, n in short.items())} of "
+                  f"{target} ready after {timeout:.0f} s: is a worker running, or is the "
+                  "host at its max_instances?")
+    else:
+        out.print(f"[green]pool[/] {ch.id}: {target} per host"
+                  + (f", ready: {now}" if wait else " (filling)"), highlight=False)
+    if wait and short:
+        raise typer.Exit(EXIT_PENDING)
+
+
 def main() -> None:
     """Run ``ctfctl``."""
     app()

@@ -198,15 +198,22 @@ class FakeDriver:
         self._call("get_container")
         with self._lock:
             found = self._find(name_or_id)
-            return None if found is None else _as_read(found)
+            return None if found is None else self._read(found)
 
     def list_containers(self, labels: dict[str, str] | None = None) -> list[ContainerInfo]:
         """Every container carrying all of ``labels`` (``ctf.managed=true`` by default)."""
         self._call("list_containers")
         wanted = labels or {LABEL_MANAGED: "true"}
         with self._lock:  # filtered on the labels as made (the engine's), read as ours
-            return [_as_read(c) for c in self.containers.values()
+            return [self._read(c) for c in self.containers.values()
                     if all(c.labels.get(k) == v for k, v in wanted.items())]
+
+    def _read(self, info: ContainerInfo) -> ContainerInfo:
+        """``info`` as read (:func:`_as_read`), with the networks it is on in its attrs."""
+        names = {self.networks[n].name: {"IPAddress": info.ip or ""}
+                 for n in self.attached.get(info.id, set()) if n in self.networks}
+        read = _as_read(info)
+        return replace(read, attrs={**read.attrs, "NetworkSettings": {"Networks": names}})
 
     def run_container(self, spec: ContainerSpec) -> ContainerInfo:
         """Create and start a container on the team's network."""

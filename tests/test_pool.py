@@ -63,7 +63,7 @@ POOLED = """
     start_timeout: 20
     pool: {size}
 """
-# Never answers on its port (so it stays booting on the holding network) but serves on 9000.
+# Never answers on its port (so it stays booting, unoffered, on its own network) but serves on 9000.
 SLEEPY = """
   sleepy:
     image: {image}
@@ -225,7 +225,7 @@ def _ip(c: Any) -> str:
 
 
 def test_start_claims_a_ready_pool_container_that_looks_like_a_cold_start(setup: Setup) -> None:
-    """A start takes a ready pool container: its own name, team network, url and fresh expiry."""
+    """A start takes a ready pool container: its own name, its own network, url, fresh expiry."""
     ready = setup.full()
     team = _team()
     before = datetime.now().astimezone()
@@ -238,7 +238,8 @@ def test_start_claims_a_ready_pool_container_that_looks_like_a_cold_start(setup:
     assert expires - started == timedelta(seconds=600)
     c = setup.docker.containers.get(inst["container_id"])
     assert c.name == f"ctf-pooled-{team}"
-    assert _networks(c) == {f"ctf-team-{team}"}
+    # the network it booted on, its own (issue 27: a claim makes no network call)
+    assert _networks(c) == {f"ctfpool-pooled-{c.labels['ctf.pool']}"}
     port = inst["ports"]["8080/tcp"]
     assert inst["url"] == f"http://localhost:{port}"
     with urllib.request.urlopen(inst["url"], timeout=5) as answer:
@@ -344,7 +345,9 @@ def test_teams_starting_at_once_never_claim_the_same_container(setup: Setup) -> 
     for t, inst in zip(teams, insts, strict=True):
         c = setup.docker.containers.get(inst["container_id"])
         assert c.name == f"ctf-pooled-{t}"
-        assert _networks(c) == {f"ctf-team-{t}"}
+        # pooled: the network it booted on, its own (issue 27); cold: the team's
+        assert _networks(c) == ({f"ctfpool-pooled-{c.labels['ctf.pool']}"}
+                                if "ctf.pool" in c.labels else {f"ctf-team-{t}"})
         if "ctf.pool" in c.labels:
             slots.append(c.labels["ctf.pool"])
     assert len(slots) == len(set(slots)) >= 1
@@ -367,8 +370,12 @@ def test_redis_loss_keeps_claimed_and_unclaimed_pool_containers(setup: Setup) ->
     back = r.json()
     assert back["container_id"] == inst["container_id"]
     assert back["status"] == "running"
-    assert back["started_at"] == inst["started_at"]
-    assert back["expires_at"] == inst["expires_at"]
+    # No Docker object holds the claim's times (a claim makes no network call, issue 27):
+    # it counts from its boot, never later than the claim, as a pooled group does.
+    assert back["started_at"] <= inst["started_at"]
+    started = datetime.fromisoformat(back["started_at"].replace("Z", "+00:00"))
+    expires = datetime.fromisoformat(back["expires_at"].replace("Z", "+00:00"))
+    assert expires <= started + timedelta(seconds=1800)  # the lifetime ceiling holds
     wait_for(lambda: setup.flag_ok(team, booted), 30, 0.5, "the flag binding to come back")
     wait_for(lambda: setup.ready() == SIZE, 30, 0.2, "the pool to be ready again")
     assert set(setup.full()) == waiting  # the same containers, none replaced
@@ -471,44 +478,48 @@ def guarded(
 # moment (seconds, under iptables contention) containers of two bridges reach each other.
 @NEEDS_FIREWALL
 def test_isolation_before_and_after_the_claim(guarded: Setup) -> None:
-    """Unclaimed: on no network, no host port. Claimed: on its team's network only."""
+    """Unclaimed and claimed: on its own network only; no other team's reach, nor it theirs."""
     setup = guarded
     setup.full()
     waiting = setup.unclaimed()
     for c in waiting:
-        assert _networks(c) == set()
-        assert not any(c.attrs["NetworkSettings"]["Ports"].values())
+        assert _networks(c) == {f"ctfpool-pooled-{c.labels['ctf.pool']}"}
         assert "ctf.team" not in c.labels
     team_a, team_b = _team(), _team()
     a = setup.docker.containers.get(setup.start("pooled", team_a)["container_id"])
     b = setup.docker.containers.get(setup.start("web", team_b)["container_id"])  # a cold one
     other = setup.docker.containers.get(setup.start("pooled", team_b)["container_id"])
-    assert _networks(a) == {f"ctf-team-{team_a}"}
-    assert _networks(other) == {f"ctf-team-{team_b}"}
-    # team B's containers reach each other, never team A's (and A never reaches B's)
-    assert _reach(b, _ip(other))
+    # the network each booted on, which it keeps (issue 27: no network call at the claim)
+    assert _networks(a) == {f"ctfpool-pooled-{a.labels['ctf.pool']}"}
+    assert _networks(other) == {f"ctfpool-pooled-{other.labels['ctf.pool']}"}
+    assert not setup.docker.networks.list(names=[f"ctf-team-{team_a}"])
+    # one network per pooled instance (SPEC §4, §12): team B's cold and pooled instances
+    # do not share one; team A never reaches B's (nor B A's)
+    assert not _reach(b, _ip(other))
     assert not _reach(b, _ip(a))
+    assert not _reach(a, _ip(other))
     assert not _reach(a, _ip(b)), (_ip(a), _ip(b), a.attrs["NetworkSettings"]["Networks"],
                                    b.attrs["NetworkSettings"]["Networks"])
-    # a container still waiting in the pool is reached by no team: on the holding network
-    # while it boots, on none once parked (one look each: the pass parks them meanwhile)
-    wait_for(lambda: len(setup.unclaimed()) == SIZE, 60, 0.2, "the pool to refill")
+    # a container still waiting in the pool is on its own network, reached by no team
+    setup.full()
     for waiting_one in setup.unclaimed():
-        assert all(n.startswith("ctf-pool-") for n in _networks(waiting_one))
+        assert _networks(waiting_one) == {f"ctfpool-pooled-{waiting_one.labels['ctf.pool']}"}
+        assert not _reach(a, _ip(waiting_one)) and not _reach(b, _ip(waiting_one))
+        assert not _reach(waiting_one, _ip(a)) and not _reach(waiting_one, _ip(b))
     for t, ch in ((team_a, "pooled"), (team_b, "pooled"), (team_b, "web")):
         setup.client.send_task(STOP, args=[ch, t]).get(timeout=60)
 
 
 @NEEDS_FIREWALL
 def test_booting_pool_containers_reach_no_one_and_no_one_reaches_them(guarded: Setup) -> None:
-    """On the holding network: not one another, no team, and no team reaches them."""
+    """Each on its own network: not one another, no team, and no team reaches them."""
     setup = guarded
     sleepers = wait_for(lambda: (found := setup.unclaimed("sleepy")) and len(found) == 2
                         and all(_networks(c) for c in found) and found, 60, 0.2,
                         "two booting pool containers")
     first, second = sleepers
-    assert _networks(first) == _networks(second) == {n for n in _networks(first)
-                                                     if n.startswith("ctf-pool-")}
+    for one in (first, second):
+        assert _networks(one) == {f"ctfpool-sleepy-{one.labels['ctf.pool']}"}
     team = _team()
     cold = setup.docker.containers.get(setup.start("web", team)["container_id"])
 

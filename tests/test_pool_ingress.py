@@ -130,13 +130,15 @@ def test_a_claim_is_routed_like_a_cold_start_and_the_pool_is_routed_nowhere(
     assert stack.web(host_of(other["url"]), headers={"Cookie": rival_cookie}).status == 200
     assert stack.web(host, headers={"Cookie": rival_cookie}).status == 403
     assert stack.web(host_of(other["url"]), headers={"Cookie": cookie}).status == 403
-    # The pool refilled: its containers have no address and no route; Traefik routes to
-    # the three instances and nothing else
+    # The pool refilled: its containers sit on their own networks (issue 27) with no host
+    # port and no route; Traefik routes to the three instances and nothing else
     waiting = _full(stack)
     assert not waiting & {inst["container_id"], other["container_id"]}
     names = {c.name for c in _unclaimed(stack)}
     for c in _unclaimed(stack):
-        assert c.attrs["NetworkSettings"]["Networks"] == {}
+        assert set(c.attrs["NetworkSettings"]["Networks"]) == {
+            f"ctfpool-warm-{c.labels['ctf.pool']}"}
+        assert not any((c.attrs["NetworkSettings"]["Ports"] or {}).values())
     dynamic = stack.settings.data_dir / "ingress" / "dynamic"
     routes = {p.stem for p in dynamic.glob("*.yml")} - {"_common"}  # shared middlewares
     instances = [stack.docker.containers.get(i["container_id"]) for i in (inst, cold, other)]

@@ -161,7 +161,9 @@ def test_each_host_keeps_its_pool_and_a_start_claims_on_the_host_with_a_ready_on
     assert inst["container_id"] == waiting.id  # claimed, not booted
     claimed = c.engines["beta"].containers.get(waiting.id)
     assert claimed.name == "ctf-beta-only-plmh1"
-    assert set(claimed.attrs["NetworkSettings"]["Networks"]) == {"ctf-team-plmh1"}
+    # the network it booted on, its own (issue 27: a claim makes no network call)
+    assert set(claimed.attrs["NetworkSettings"]["Networks"]) == {
+        f"ctfpool-beta-only-{claimed.labels['ctf.pool']}"}
     port = inst["ports"]["8080/tcp"]
     assert inst["url"] == f"http://{c.public['beta']}:{port}"
     with urllib.request.urlopen(inst["url"], timeout=5) as answer:  # beta's address only

@@ -6,24 +6,22 @@ claimed by nobody. The life of one pool container:
 1. **Boot** (:meth:`Pool.run_once`, the ``refill_pools`` task): created like a cold start's
    container (same hardening, same image, ports published as a cold one's), but named
    ``ctfpool-<challenge>-<slot>`` and labelled ``ctf.pool=<slot>`` with *no* ``ctf.team``,
-   on the host's holding network ``ctf-pool-<host>-<digest>``: an internal bridge (no route out of
-   its subnet) with inter-container traffic off, its subnet from ``CTF_TEAM_SUBNET_POOL``
-   (so the egress firewall's drop of that range towards the host holds for it too). A
-   published port has no host binding while the container sits on an internal network.
+   on a network of its own, ``ctfpool-<challenge>-<slot>`` (a bridge whose subnet comes from
+   ``CTF_TEAM_SUBNET_POOL``, labelled with the slot), admitted by the egress firewall with
+   the challenge's egress as a cold start's container is (issue 27).
    Its ``flag_env`` (Juice Shop's ``CTF_KEY``) is the *slot's* flag (:func:`slot_flag`).
-2. **Ready, parked**: once it answers the cold start's readiness probe (an HTTP GET of the
-   health path, or a TCP connect, on its address) it is disconnected from the holding
-   network: it waits on no network at all, reaching nothing and reached by nothing, and its
-   slot joins the ready set.
+2. **Ready**: once it answers the cold start's readiness probe (an HTTP GET of the health
+   path, or a TCP connect, on its address) its slot joins the ready set. It stays where it
+   is: on its own network, reaching nothing of anyone (the firewall) and reached by no team.
 3. **Claim** (:meth:`Pool.claim`, from ``InstanceService.start`` step 7, under the instance
-   lock and the team's network lock): the slot leaves the ready set in one Redis step (two
-   starts never get one container), is bound to the team (:meth:`PoolKeys.bind`, for the flag
-   check), and the container is connected to the team network at the address a cold start
-   would get, with the claim's ``ctf.started_at`` / ``ctf.expires_at`` as the endpoint's
-   driver options, then renamed ``ctf-<challenge>-<team>``. From then on it is an instance
-   like any other (the start records, admits and probes it as a cold one). Labels cannot
-   change, so the name and the endpoint options are what tell Docker's truth after a Redis
-   loss (:func:`celery_app.vocab.naming.read_claim`).
+   lock): the slot leaves the ready set in one Redis step (two starts never get one
+   container), is bound to the team (:meth:`PoolKeys.bind`, for the flag check), and the
+   container is renamed ``ctf-<challenge>-<team>``: no network call, its network becomes
+   the instance's (one network per pooled instance, as a Compose instance has; SPEC §4,
+   §12). From then on it is an instance like any other (the start records, routes and
+   probes it as a cold one); its stop removes its network with it. Labels cannot change,
+   so the name is what tells Docker's truth after a Redis loss
+   (:func:`celery_app.vocab.naming.read_claim`), and its times count from its boot then.
 
 A Compose challenge's slot (SPEC §12, issue 24) is a whole group: every service booted by
 :func:`~celery_app.core.group.start_group` in ``depends_on`` order on the slot's own network
@@ -69,9 +67,9 @@ from celery_app.core.flags import in_app_flag, team_flag
 from celery_app.core.group import start_group
 from celery_app.core.readiness import probe_once
 from celery_app.core.specs import InstanceSpecs
-from celery_app.engine.driver import ContainerInfo, ContainerSpec, Driver, NetworkInfo, carries
+from celery_app.engine.driver import ContainerInfo, Driver, carries
 from celery_app.engine.firewall import EgressGuard
-from celery_app.errors import CTFError, DockerUnavailable
+from celery_app.errors import CTFError
 from celery_app.settings import Settings
 from celery_app.state.audit import FlagOwner
 from celery_app.state.pool_keys import LATENCY_BUCKETS, PoolKeys
@@ -80,12 +78,11 @@ from celery_app.vocab.models import Instance
 from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_EGRESS,
-    LABEL_EXPIRES_AT,
     LABEL_HOST,
     LABEL_POOL,
     LABEL_SERVICE,
-    LABEL_STARTED_AT,
     POOL_NAME_PREFIX,
+    container_name,
     holding_network_name,
     pool_container_name,
     pool_network_name,
@@ -98,9 +95,13 @@ log = logging.getLogger(__name__)
 BOOT_AT_ONCE: Final = 4
 # Seconds after which a claim (or removal) that owns a slot but never finished is undone.
 STALE_CLAIM: Final = 120.0
-_ICC_OFF: Final = {"com.docker.network.bridge.enable_icc": "false"}
 # Seconds one pooled Compose group may take to boot inside a pass (the pass lock lasts 120 s).
 GROUP_BOOT_LIMIT: Final = 90.0
+# Seconds a worker keeps the pool sizes set by ``ctfctl pool warm`` before reading them again
+# (a start of any challenge asks whether it is pooled: one Redis read a second, not a start).
+SIZES_TTL: Final = 1.0
+# The largest pool size ``ctfctl pool warm`` sets (per host; capacity limits hold anyway).
+MAX_WARM: Final = 1000
 
 def slot_flag(secret: str, challenge: str, slot: str, fmt: str = "CTF{{{digest}}}") -> str:
     """Return the flag a pool container of ``slot`` boots with (before any team holds it).
@@ -192,6 +193,25 @@ class Pool:
         self.keys = store.pools
         self.scope_labels = specs.scope_labels
         self.network = holding_network(host, self.scope_labels, settings.team_subnet_pool)
+        self._sizes: tuple[float, dict[str, int]] = (float("-inf"), {})
+
+    def size(self, ch: Challenge) -> int:
+        """The pool size of ``ch`` on each host: ``ctfctl pool warm``'s, else the catalog's.
+
+        Read from Redis at most once a second per worker (``SIZES_TTL``); a Redis error
+        keeps the last sizes read (a start must not fail for the pools' sake).
+        """
+        at, sizes = self._sizes
+        if time.monotonic() - at > SIZES_TTL:
+            with contextlib.suppress(CTFError):
+                sizes = self.keys.sizes()
+                self._sizes = (time.monotonic(), sizes)
+        return sizes.get(ch.id, ch.pool)
+
+    def _sized(self, ch: Challenge) -> Challenge:
+        """``ch`` with its pool size as :meth:`size` says (what the pass keeps)."""
+        size = self.size(ch)
+        return ch if size == ch.pool else ch.model_copy(update={"pool": size})
 
     @property
     def usable(self) -> bool:
@@ -200,7 +220,7 @@ class Pool:
 
     def has_ready(self, ch: Challenge) -> bool:
         """Whether a start of ``ch`` here would likely claim (a ready container, one Redis call)."""
-        return ch.pool > 0 and self.usable and self.keys.ready_count(self.host, ch.id) > 0
+        return self.size(ch) > 0 and self.usable and self.keys.ready_count(self.host, ch.id) > 0
 
     def _pool_labels(self, ch: Challenge, slot: str) -> dict[str, str]:
         return {**self.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: ch.id,
@@ -214,66 +234,80 @@ class Pool:
                          self.settings.flag_format)
         return FlagOwner(challenge, flag_digest(flag), team, f"pool:{slot}")
 
-    def claim(
-        self, ch: Challenge, team: str, net: NetworkInfo, spec: ContainerSpec, inst: Instance
-    ) -> ContainerInfo | None:
+    def claim(self, ch: Challenge, team: str, inst: Instance) -> ContainerInfo | None:
         """Hand a ready pool container to ``team``; ``None`` (a miss) when none is ready.
 
-        The caller holds the (challenge, team) lock and the team's network lock, has
-        reserved the instance and written its route (``spec`` is the cold start's, with the
-        address it would get); it records, admits and probes what this returns exactly as it
-        does a cold start's container.
+        The caller holds the (challenge, team) lock and has reserved the instance; it
+        records, routes and probes what this returns exactly as it does a cold start's
+        container. No network call (issue 27): the container booted on a network of its
+        own (``ctfpool-<challenge>-<slot>``), which stays the instance's network, admitted by
+        the egress firewall at its boot with the challenge's egress.
 
-        Steps: 1. take a ready slot (one Redis step); 2. check the container is ours, alive
-        and unclaimed; 3. bind the slot to the team (flags); 4. connect it to the team
-        network (address, claim time as endpoint options); 5. rename it to the instance
-        name. A container that fails any step is removed and the next ready one tried.
+        Steps: 1. take a ready slot (one Redis step); 2. check the container is ours, alive,
+        unclaimed and on its own network only (one inspect); 3. bind the slot to the team
+        (flags); 4. rename it to the instance name (Docker's record of which team holds it).
+        A container that fails any step is removed and the next ready one tried.
         """
-        if ch.pool <= 0 or not self.usable:
+        if self.size(ch) <= 0 or not self.usable:
             return None
         began = time.perf_counter()
+        name = container_name(ch.id, team)
         while True:
             # 1. take
             slot = self.keys.take(self.host, ch.id)
             if slot is None:
                 self.keys.count(self.host, ch.id, "misses")
                 return None
-            # 2. ours, alive, unclaimed
+            # 2. ours, alive, unclaimed, on its own network only
             info = self.driver.get_container(pool_container_name(ch.id, slot))
             if info is None or info.state != "running" \
-                    or not carries(info.labels, self._pool_labels(ch, slot)):
+                    or not carries(info.labels, self._pool_labels(ch, slot)) \
+                    or self._networks(info) != {pool_network_name(ch.id, slot)}:
                 self._remove(info)
                 continue
             try:
                 # 3. bind: from here the slot's flags are this team's (and no other's)
                 self.keys.bind(ch.id, team, slot, self._owner(ch.id, team, slot))
-                # 4. the team network, where a cold start would be; never the holding one
-                if self.network in self._networks(info):
-                    self.driver.disconnect_network(info.id, self.network)
-                self.driver.connect_network(
-                    info.id, net.name, ip=spec.ip,
-                    options={LABEL_STARTED_AT: inst.started_at,
-                             LABEL_EXPIRES_AT: inst.expires_at})
-                # 5. the instance's name: Docker's record of which team holds it
-                self.driver.rename_container(info.id, spec.name)
-                claimed = self.driver.get_container(info.id)
-                if claimed is None:
-                    raise DockerUnavailable(f"pool container {info.name} vanished at its claim")
+                # 4. the instance's name: Docker's record of which team holds it
+                self.driver.rename_container(info.id, name)
             except CTFError as exc:
                 log.warning("pool: claim of %s for team %s failed (%s); trying the next",
                             info.name, team, exc)
                 self._remove(info)
                 continue
             self.keys.count(self.host, ch.id, "claims", time.perf_counter() - began)
-            log.info("pool: team=%s claimed %s as %s", team, info.name, spec.name)
-            return claimed
+            log.info("pool: team=%s claimed %s as %s", team, info.name, name)
+            return replace(info, name=name, labels=read_claim(info.labels, name))
 
-    def _remove(self, info: ContainerInfo | None) -> None:
+    def _remove(self, info: ContainerInfo | None, network: bool = True) -> None:
+        """Remove a pool container (its address released first), then its own network.
+
+        ``network=False``: a pooled group's member (the group's network goes once all do).
+        """
         if info is None:
             return
         with contextlib.suppress(CTFError):
             self.egress.release(info)
             self.driver.remove_container(info.id)
+        if network:
+            self.remove_slot_network(info)
+
+    def remove_slot_network(self, info: ContainerInfo) -> bool:
+        """Remove the network of the pool slot ``info`` booted in (gone is fine).
+
+        A single pooled container's network is its own (``ctfpool-<challenge>-<slot>``) and
+        stays the instance's after the claim: a stop, the pass or a claim that failed
+        removes it with the container. Returns whether a network was removed.
+        """
+        slot = info.labels.get(LABEL_POOL)
+        if not slot:
+            return False
+        with contextlib.suppress(CTFError):
+            net = self.driver.get_network(pool_network_name(info.challenge, slot))
+            if net is not None and carries(net.labels, {**self.scope_labels,
+                                                        LABEL_POOL: slot}):
+                return self.driver.remove_network(net.id)
+        return False
 
     # -- pooled Compose groups (SPEC §12): a slot is a whole group on a network of its own -----
 
@@ -290,7 +324,7 @@ class Pool:
         (the primary's name is Docker's record that the claim is whole). A group that fails a
         step is removed whole and the next ready one tried.
         """
-        if ch.pool <= 0 or not self.usable or ch.app is None:
+        if self.size(ch) <= 0 or not self.usable or ch.app is None:
             return None
         began = time.perf_counter()
         layout = self.specs.layout(ch.id, team, ch.app)
@@ -346,7 +380,7 @@ class Pool:
         """Remove a pooled group whole: its containers, then its network (gone is fine)."""
         with contextlib.suppress(CTFError):
             for c in self._group_of_slot(challenge, slot).values():
-                self._remove(c)
+                self._remove(c, network=False)
             net = self.driver.get_network(pool_network_name(challenge, slot))
             if net is not None and carries(net.labels, self.scope_labels):
                 self.driver.remove_network(net.id)
@@ -489,7 +523,9 @@ class Pool:
         return summary
 
     def _pass(self, now: float, summary: PoolSummary) -> None:
-        pooled = {ch.id: ch for ch in self.catalog if ch.pool > 0} if self.usable else {}
+        self._sizes = (float("-inf"), {})  # the pass reads the sizes afresh
+        sized = [self._sized(ch) for ch in self.catalog] if self.usable else []
+        pooled = {ch.id: ch for ch in sized if ch.pool > 0}
         if not pooled:
             return  # nothing to keep; leftovers of a pool set to 0 are the janitor's orphans
         # 2. Docker is the truth
@@ -497,6 +533,7 @@ class Pool:
             ch.id: [] for ch in pooled.values() if not ch.is_group}
         groups: dict[str, dict[str, list[ContainerInfo]]] = {
             ch.id: {} for ch in pooled.values() if ch.is_group}
+        seen: set[str] = set()  # every single pooled container's slot, claimed or not
         for c in self.driver.list_containers({**self.scope_labels, LABEL_HOST: self.host}):
             slot = c.labels.get(LABEL_POOL)
             if not slot:
@@ -504,6 +541,7 @@ class Pool:
             if LABEL_SERVICE in c.labels:  # a member of a pooled Compose group: judged whole
                 groups.setdefault(c.challenge, {}).setdefault(slot, []).append(c)
                 continue
+            seen.add(slot)
             if not c.name.startswith(POOL_NAME_PREFIX):
                 if c.team_id:  # claimed: its flags stay its team's (Redis may have lost it)
                     self.keys.bind(c.challenge, c.team_id, slot,
@@ -520,7 +558,9 @@ class Pool:
             booting += sum(1 for c in keep if c.labels[LABEL_POOL] not in ready)
             live.update({c.labels[LABEL_POOL]: challenge for c in keep})
         booting += self._keep_groups(pooled, groups, now, summary, kept, live)
+        self._sweep_slot_networks(seen | set(self.keys.members(self.host)))
         self.keys.set_members(self.host, live)
+        self._prune_ready(live, [ch.id for ch in sized])
         # 3b. the host is over capacity (instances grew): the pools give way
         for _ in range(max(0, self._overflow())):
             gone = self.make_room()
@@ -540,6 +580,15 @@ class Pool:
                 booting += 1
         self._refill_groups([ch for ch in pooled.values() if ch.is_group], kept, booting,
                             summary)
+
+    def _prune_ready(self, live: dict[str, str], challenges: list[str]) -> None:
+        """Step 3a: drop ready slots whose container is gone (removed while no worker ran).
+
+        They are then neither offered nor counted by ``ctf_pool_ready``.
+        """
+        if gone := self.keys.prune_ready(self.host, live, challenges):
+            log.info("pool host=%s: ready slots without a container dropped: %s",
+                     self.host, sorted(gone))
 
     def _refill_groups(self, pooled: list[Challenge], kept: dict[str, int], booting: int,
                        summary: PoolSummary) -> None:
@@ -655,6 +704,22 @@ class Pool:
                 with contextlib.suppress(CTFError):
                     self.driver.remove_network(net.id)  # refused while a container is on it
 
+    def _sweep_slot_networks(self, seen: set[str]) -> None:
+        """Remove single pooled containers' networks left without their container.
+
+        A claimed instance's network goes at its stop; this catches the rest (a failed
+        start's, a boot that died half-way, a container removed by hand or as an orphan).
+        ``seen``: the slots of every pooled container found (or counted) now.
+        """
+        for net in self.driver.list_networks({**self.scope_labels, LABEL_HOST: self.host}):
+            slot = net.labels.get(LABEL_POOL, "")
+            challenge = net.labels.get(LABEL_CHALLENGE, "")
+            if not slot or slot == "holding" or slot in seen or self._is_group(challenge) \
+                    or net.name != pool_network_name(challenge, slot):
+                continue
+            with contextlib.suppress(CTFError):
+                self.driver.remove_network(net.id)  # refused while a container is on it
+
     def _user_starting(self) -> bool:
         """Whether a user's start is in flight on this host (it comes first)."""
         return any(r.status == "starting" for r in self.store.list(host=self.host))
@@ -677,33 +742,21 @@ class Pool:
                     summary.removed.append(c.name)
                 continue
             made = float(c.created) if c.created.isdigit() else now
-            # on a team network yet unclaimed: a claim that died half-way (and Redis lost
-            # its mark); never offered to another team
-            half_claimed = bool(self._networks(c) - {self.network})
+            # anywhere but on its own network alone: a claim that died half-way (and Redis
+            # lost its mark), or a container of the layout before issue 27 (parked on no
+            # network, or on the holding one); never offered to a team
+            misplaced = self._networks(c) != {pool_network_name(c.challenge, slot)}
             if ch is None or c.state != "running" or made < drained or len(keep) >= target \
-                    or half_claimed or (slot not in ready and now - made > ch.start_timeout):
+                    or misplaced or (slot not in ready and now - made > ch.start_timeout):
                 if self.keys.withdraw(self.host, c.challenge, slot):
                     self._remove(c)
                     summary.removed.append(c.name)
                 continue
-            if slot not in ready and not self._networks(c):
-                # parked already (only a container that answered is parked): Redis lost
-                # the ready set, Docker still says it
-                if self.keys.offer(self.host, c.challenge, slot):
-                    summary.ready.append(c.name)
-                    ready.add(slot)
-            elif slot not in ready and self._answers(ch, c):
-                # parked: off the holding network, on none at all, until a claim
-                try:
-                    self.egress.release(c)  # its holding address is given up
-                    self.driver.disconnect_network(c.id, self.network)
-                except CTFError as exc:
-                    summary.errors.append(f"{c.name}: {exc}")
-                    keep.append(c)
-                    continue
-                if self.keys.offer(self.host, c.challenge, slot):
-                    summary.ready.append(c.name)
-                    ready.add(slot)
+            # ready: it answers the cold start's probe on its own network, where it stays
+            if slot not in ready and self._answers(ch, c) \
+                    and self.keys.offer(self.host, c.challenge, slot):
+                summary.ready.append(c.name)
+                ready.add(slot)
             keep.append(c)
         return keep
 
@@ -719,31 +772,41 @@ class Pool:
         return probe_once(c.ip, port, ch.protocol, ch.health_path, timeout=1.0)
 
     def _boot(self, ch: Challenge) -> str:
-        """Boot one pool container of ``ch`` on the holding network; return its name."""
+        """Boot one pool container of ``ch`` on a network of its own; return its name.
+
+        The network (``ctfpool-<challenge>-<slot>``, a /``CTF_TEAM_SUBNET_PREFIX`` of
+        ``CTF_TEAM_SUBNET_POOL``, labelled with the slot) becomes the instance's at the claim,
+        so the claim makes no network call (issue 27). The container is admitted by the
+        egress firewall as a cold start's is; all or nothing: a failure leaves neither.
+        """
         self.specs.ensure_image(ch)
         self.egress.require()  # fail closed, as a cold start
         port = self.specs.container_port(ch)
-        net = self.driver.ensure_named_network(
-            self.network, {**self.scope_labels, LABEL_HOST: self.host, LABEL_POOL: "holding"},
-            self.settings.team_subnet_pool, self.settings.team_subnet_prefix,
-            internal=True, options=_ICC_OFF,
-        )
         slot = secrets.token_hex(6)
         name = pool_container_name(ch.id, slot)
+        network = pool_network_name(ch.id, slot)
         env = dict(ch.env)
         if ch.flag_env:
             env[ch.flag_env] = slot_flag(self.settings.flag_secret_value(), ch.id, slot,
                                          self.settings.flag_format)
+        labels = self._pool_labels(ch, slot)
         spec = self.specs.container_spec(  # the cold start's hardening
-            ch, name, "", self._pool_labels(ch, slot), env, port, ip=None, network=self.network)
+            ch, name, "", labels, env, port, ip=None, network=network)
         self.keys.add_member(self.host, slot, ch.id)  # counted before it exists
         try:
+            net = self.driver.ensure_named_network(
+                network, {**self.scope_labels, LABEL_HOST: self.host, LABEL_CHALLENGE: ch.id,
+                          LABEL_POOL: slot},
+                self.settings.team_subnet_pool, self.settings.team_subnet_prefix)
             info = self.driver.run_container(spec)
             self.egress.admit(info, net)
         except BaseException:
             self.keys.withdraw(self.host, ch.id, slot)
             with contextlib.suppress(CTFError):
                 self.driver.remove_container(name)
+            # its network, known by name (the container may never have existed)
+            self.remove_slot_network(ContainerInfo(id=name, name=name, state="",
+                                                   labels=labels, ports={}))
             raise
         return name
 
@@ -757,8 +820,12 @@ class Pool:
 
 
 def pool_status(keys: PoolKeys, catalog: Catalog, hosts: list[str]) -> list[dict[str, Any]]:
-    """Each pool of each host: size wanted, unclaimed containers, ready, claims, misses."""
+    """Each pool of each host: size wanted, unclaimed containers, ready, claims, misses.
+
+    ``size`` is ``ctfctl pool warm``'s when it set one (``warmed``: true), else the catalog's.
+    """
     members = keys.members()
+    sizes = keys.sizes()
     rows = []
     for host in hosts:
         stats = keys.stats(host)
@@ -766,9 +833,11 @@ def pool_status(keys: PoolKeys, catalog: Catalog, hosts: list[str]) -> list[dict
             here = sum(1 for k, v in members.items() if k.startswith(f"{host}/") and v == ch.id)
             claims = int(stats.get(f"claims|{ch.id}", 0))
             misses = int(stats.get(f"misses|{ch.id}", 0))
-            if not (ch.pool or here or claims or misses):
+            size = sizes.get(ch.id, ch.pool)
+            if not (size or here or claims or misses):
                 continue
-            rows.append({"host": host, "challenge": ch.id, "size": ch.pool, "containers": here,
+            rows.append({"host": host, "challenge": ch.id, "size": size, "containers": here,
+                         "warmed": ch.id in sizes,
                          "ready": len(keys.ready(host, ch.id)), "claims": claims,
                          "misses": misses, "drained_at": keys.drained_at(ch.id) or None})
     return rows

@@ -264,12 +264,15 @@ class InstanceService:
             self.store.reserve(inst, self._team_quota(ch), self.settings.max_instances,
                                self.host_max)
             try:
-                # 7. network and container, under the team's network lock (a stop of the
-                #    team's last instance must not remove the network we are joining): a
-                #    warm-pool claim, or a cold start (_claim_or_cold).
+                # 7. a ready warm-pool container, claimed with no network call (it sits on a
+                #    network of its own: issue 27); else the team network and a cold start,
+                #    under the team's network lock (a stop of the team's last instance must
+                #    not remove the network we are joining).
                 report({"phase": "creating"})
-                info = self.specs.create(ch, team, port, inst, self.egress,
-                                         self._claim_or_cold(ch, team, inst, image_checked))
+                info = self.pool.claim(ch, team, inst)  # None: not pooled, or none ready
+                if info is None:
+                    info = self.specs.create(ch, team, port, inst, self.egress,
+                                             self._cold(ch, image_checked))
             except BaseException:
                 # Nothing half-made: the reservation, and a network made only for this
                 # instance, go with the failed creation.
@@ -370,7 +373,7 @@ class InstanceService:
         start after a missed claim checks (or pulls) them first. Before a cold start the
         pools give way when the host is full, as for one image.
         """
-        claimed = self.pool.claim_group(ch, team, inst) if ch.pool else None
+        claimed = self.pool.claim_group(ch, team, inst)  # None: not pooled, or none ready
         if claimed is not None:
             return claimed
         if image_skipped:
@@ -378,24 +381,22 @@ class InstanceService:
         self.pool.make_room()
         return self.specs.create_group(ch, team, inst, self.egress)
 
-    def _claim_or_cold(
-        self, ch: Challenge, team: str, inst: Instance, image_checked: bool,
+    def _cold(
+        self, ch: Challenge, image_checked: bool,
     ) -> Callable[[NetworkInfo, ContainerSpec], ContainerInfo]:
-        """Step 7's one choice: claim a ready warm-pool container, else start one cold.
+        """Step 7's cold start, after a warm-pool claim missed (or the challenge has no pool).
 
         Returned as what :meth:`InstanceSpecs.create` calls under the team's network lock,
         with the team network and the cold start's spec. ``image_checked=False``: step 1
-        skipped the image because a pool container was ready; a cold start after a missed
-        claim checks (or pulls) it first. Before a cold start the pools give way when the
-        host is full, so no start is refused for their sake.
+        skipped the image because a pool container was ready; the claim then missed (the
+        ready one was taken meanwhile, rare), so the image is checked (or pulled) first.
+        Before a cold start the pools give way when the host is full, so no start is
+        refused for their sake.
         """
 
-        def make(net: NetworkInfo, spec: ContainerSpec) -> ContainerInfo:
-            claimed = self.pool.claim(ch, team, net, spec, inst) if ch.pool else None
-            if claimed is not None:
-                return claimed
+        def make(_net: NetworkInfo, spec: ContainerSpec) -> ContainerInfo:
             if not image_checked:
-                self.specs.ensure_image(ch)  # the ready one was taken meanwhile (rare)
+                self.specs.ensure_image(ch)
             self.pool.make_room()
             return self.driver.run_container(spec)
 
@@ -464,6 +465,8 @@ class InstanceService:
             elif existing is not None:
                 self.egress.release(existing)  # before its address is free for another
                 self.driver.remove_container(existing.id)
+                # a claimed warm-pool container's network is its own (issue 27): it goes too
+                self.pool.remove_slot_network(existing)
             # The record goes with this task's answer, in one step: done once.
             self.store.delete(ch.id, team, self.host,
                               done=self._done(task_id, json.dumps(answer)))

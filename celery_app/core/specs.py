@@ -381,10 +381,10 @@ class InstanceSpecs:
             expires = parse_iso(info.labels[LABEL_EXPIRES_AT])
         except (KeyError, ValueError):
             started, expires = now, now + timedelta(seconds=ch.ttl or 0)
-            if LABEL_POOL in info.labels and ch.app is not None:
-                # A claimed pooled group: no endpoint options hold its claim's times (a
-                # claim makes no network call), so it counts from its boot, before the claim:
-                # never later than the truth for the lifetime ceiling.
+            if LABEL_POOL in info.labels:
+                # A claimed pool container or group: no endpoint options hold its claim's
+                # times (a claim makes no network call, issue 27), so it counts from its
+                # boot, before the claim: never later than the truth for the lifetime ceiling.
                 assert ch.max_lifetime is not None
                 started = min(now, _created(info.created) or now)
                 expires = min(now + timedelta(seconds=ch.ttl or 0),

@@ -311,7 +311,8 @@ class Janitor:
     def _pooled(self, challenge: str) -> bool:
         """Whether ``challenge`` has a warm pool (its unclaimed containers are the pool's)."""
         with contextlib.suppress(CTFError):
-            return self.service.catalog.get(challenge).pool > 0 and self.service.pool.usable
+            pool = self.service.pool
+            return pool.size(self.service.catalog.get(challenge)) > 0 and pool.usable
         return False
 
     def _mark_dead(

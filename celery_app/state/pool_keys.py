@@ -16,6 +16,9 @@ reconcile rebuilds from living claimed containers and AOF keeps)::
     ctf:pool:held:<challenge>/<team>   set   slots the team has held (the flag check)
     ctf:pool:stats:<host>              hash  claims / misses / claim-latency buckets
     ctf:pool:drain:<challenge>         epoch unclaimed containers made before it are removed
+    ctf:pool:sizes                     hash  challenge -> pool size set by ``ctfctl pool warm``
+                                             (it replaces the catalog's ``pool:``; kept until
+                                             reset: an organiser's choice, not rebuildable)
     ctf:pool:pass:<host>               lock  one pool pass at a time per host
 """
 
@@ -129,6 +132,28 @@ class PoolKeys:
         with map_redis_errors("read a pool"):
             return cast(set[str], self.redis.smembers(self.ready_key(host, challenge)))
 
+    def prune_ready(self, host: str, live: dict[str, str], challenges: list[str]) -> list[str]:
+        """Drop from the ready sets of ``challenges`` every slot not in ``live``; return them.
+
+        ``live`` (``slot -> challenge``) is what the pool pass found in Docker: a slot whose
+        container was removed while no worker ran (``docker rm``, an engine reset) is no
+        longer offered nor counted by ``ctf_pool_ready``. Only the pass offers slots, under
+        its lock, so no slot is offered between its read of Docker and this step.
+        """
+        with map_redis_errors("prune a pool"):
+            pipe = self.redis.pipeline(transaction=False)
+            for challenge in challenges:
+                pipe.smembers(self.ready_key(host, challenge))
+            found = cast(list[set[str]], pipe.execute())
+            gone = {challenge: [s for s in slots if live.get(s) != challenge]
+                    for challenge, slots in zip(challenges, found, strict=True)}
+            pipe = self.redis.pipeline(transaction=False)
+            for challenge, slots in gone.items():
+                if slots:
+                    pipe.srem(self.ready_key(host, challenge), *slots)
+            pipe.execute()
+        return [slot for slots in gone.values() for slot in slots]
+
     def ready_count(self, host: str, challenge: str) -> int:
         """How many slots of a challenge are ready on a host."""
         with map_redis_errors("read a pool"):
@@ -207,6 +232,22 @@ class PoolKeys:
         with map_redis_errors("read a pool drain"):
             raw = self.redis.get(self.drain_key(challenge))
         return float(raw) if raw else 0.0
+
+    sizes_key: Final = f"{P}sizes"
+
+    def set_size(self, challenge: str, size: int | None) -> None:
+        """Set the pool size of ``challenge`` on every host (``None``: the catalog's again)."""
+        with map_redis_errors("size a pool"):
+            if size is None:
+                self.redis.hdel(self.sizes_key, challenge)
+            else:
+                self.redis.hset(self.sizes_key, challenge, str(size))
+
+    def sizes(self) -> dict[str, int]:
+        """The pool sizes set by ``ctfctl pool warm`` (``challenge -> size``)."""
+        with map_redis_errors("read pool sizes"):
+            raw = cast(dict[str, str], self.redis.hgetall(self.sizes_key))
+        return {k: int(v) for k, v in raw.items() if v.isdigit()}
 
     def pass_lock(self, host: str) -> Lock:
         """The lock of one host's pool pass (one at a time per host, 120 s at most)."""
