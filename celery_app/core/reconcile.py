@@ -125,7 +125,7 @@ class Reconciler:
         for c in containers:
             try:
                 ch = self.catalog.get(c.challenge)
-                check_team_id(c.team_id)
+                check_team_id(c.team_id, reserved_ok=True)
             except CTFError:
                 log.info("reconcile: %s is not an instance; left to the janitor", c.name)
                 continue
@@ -545,5 +545,5 @@ class Reconciler:
         """
         summary = ReconcileSummary()
         ch = self.catalog.get(challenge)
-        self._reconcile_one(ch, check_team_id(team_id), utcnow(), summary)
+        self._reconcile_one(ch, check_team_id(team_id, reserved_ok=True), utcnow(), summary)
         return summary

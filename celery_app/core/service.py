@@ -30,7 +30,7 @@ from celery_app.ingress import Ingress
 from celery_app.settings import Settings
 from celery_app.state.store import LOCK_HOLD, Beats, Done, StateStore
 from celery_app.vocab.models import Instance, InstanceKey, iso, utcnow
-from celery_app.vocab.naming import check_team_id, container_name
+from celery_app.vocab.naming import CANARY_TEAM, check_team_id, container_name
 from celery_app.vocab.signals import ERROR_OR_SIGNAL, OnOtherHost
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,12 @@ class InstanceService:
     def _done(task_id: str | None, answer: str) -> Done | None:
         """The answer to record with a task's effect (none outside a task)."""
         return (task_id, answer) if task_id else None
+
+    def _per_team(self, team: str) -> int:
+        """The team's instance quota; the canary team (SPEC §14) has one per challenge."""
+        if team == CANARY_TEAM:
+            return max(len(self.catalog), 1)
+        return self.settings.max_instances_per_team
 
     def _count_rate(self, team: str) -> None:
         self.store.hit_rate(team, self.settings.rate_limit_count, self.settings.rate_limit_window)
@@ -222,7 +228,7 @@ class InstanceService:
                 self.driver.remove_container(existing.id)
             # 6. reserve a slot: quotas are checked and the record written in one step.
             inst = self.specs.new_instance(ch, team)
-            self.store.reserve(inst, self.settings.max_instances_per_team,
+            self.store.reserve(inst, self._per_team(team),
                                self.settings.max_instances, self.host_max)
             try:
                 # 7. network and container, under the team's network lock (a stop of the
@@ -298,7 +304,7 @@ class InstanceService:
             self.specs.remove_group(ch.id, team, self.egress, network=not pooled)
             # 6. reserve a slot: quotas are checked and the record written in one step.
             inst = self.specs.new_instance(ch, team)
-            self.store.reserve(inst, self.settings.max_instances_per_team,
+            self.store.reserve(inst, self._per_team(team),
                                self.settings.max_instances, self.host_max)
             try:
                 # 7. a ready pooled group, claimed whole; else the instance's network and its

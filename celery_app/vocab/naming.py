@@ -33,19 +33,30 @@ CONTAINER_NAME_PREFIX: Final = "ctf-"
 # Between a container's name and an endpoint's port in a route file's name (Compose, SPEC §12).
 ROUTE_PORT_SEP: Final = "@"
 POOL_NAME_PREFIX: Final = "ctfpool-"  # never an instance name, which starts "ctf-"
+# -- solver health checks (SPEC §14, celery_app.loops.canary) -----------------------------------
+# The team id of the canary instances the solvers prove: no caller may take it.
+CANARY_TEAM: Final = "canary"
+RESERVED_TEAM_IDS: Final = frozenset({CANARY_TEAM})
+# What a container is beyond an instance: "solver" on a solver's run (always removed after).
+LABEL_ROLE: Final = "ctf.role"
+ROLE_SOLVER: Final = "solver"
+SOLVER_NAME_PREFIX: Final = "ctfsolve-"  # never an instance name, which starts "ctf-"
 
 
-def check_team_id(team_id: object) -> str:
+def check_team_id(team_id: object, *, reserved_ok: bool = False) -> str:
     """Return ``team_id`` when it is a valid team id.
 
     Args:
         team_id: what the caller sent.
+        reserved_ok: accept the ids the product keeps for itself (``canary``): only the
+            internal readers of Docker's labels (reconcile, the event follower) pass it.
 
     Returns:
         The same id, as a string.
 
     Raises:
-        InvalidTeamId: when it does not match ``^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$``.
+        InvalidTeamId: when it does not match ``^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$``, or is
+            reserved (``canary``, in any case).
     """
     # fullmatch, not match: "$" would accept a trailing newline.
     if not isinstance(team_id, str) or not TEAM_ID_RE.fullmatch(team_id):
@@ -53,6 +64,11 @@ def check_team_id(team_id: object) -> str:
         raise InvalidTeamId(
             f"team id {shown} is invalid: use 1 to 63 characters, letters, digits, '_' or '-', "
             "starting with a letter or digit"
+        )
+    if not reserved_ok and team_id.lower() in RESERVED_TEAM_IDS:
+        raise InvalidTeamId(
+            f"team id {team_id!r} is reserved for the instancer's own use (the solvers' "
+            "canary instances); choose another team id"
         )
     return team_id
 

@@ -251,7 +251,7 @@ class EventFollower:
         team = event.labels.get(LABEL_TEAM, "")
         with contextlib.suppress(CTFError):
             ch = self.service.catalog.get(challenge)
-            check_team_id(team)
+            check_team_id(team, reserved_ok=True)
             if event.name == container_name(ch.id, team):
                 return ch.id, team
             # Another service of a Compose instance (SPEC §12): its death fails the group.
