@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from api_helpers import ADMIN
 from ci import unavailable
 from conftest import (
     BUSYBOX,
+    ROOT,
     RUN_ID,
     base_env,
     build_image,
@@ -71,6 +74,7 @@ class Setup:
     api: Any
     platform: Any
     host_port: int
+    env: dict[str, str]
 
 
 def catalog(image: str, solver: str, host_port: int, internet_port: int) -> dict[str, Any]:
@@ -117,7 +121,7 @@ def setup(images: dict[str, str], docker_client: docker.DockerClient,
             for name in ("CTF_EGRESS_FIREWALL", "CTF_JANITOR_INTERVAL", "CTF_ORPHAN_GRACE"):
                 env.pop(name, None)  # what users get: the firewall on, default intervals
             with worker_and_api(env, path, workdir) as (_worker, platform, api):
-                yield Setup(api, platform, host_port)
+                yield Setup(api, platform, host_port, env)
     finally:
         cleanup_docker(docker_client, LABEL)
         subprocess.run(["nft", "delete", "table", "inet", table], check=False,
@@ -162,6 +166,12 @@ def test_a_solver_without_the_flag_turns_broken_with_its_output(setup: Setup) ->
     assert row["output"] == ["no flag here"]
     metrics = setup.api.get("/metrics", headers=ADMIN).text
     assert 'ctf_challenge_healthy{challenge="blind"} 0.0' in metrics
+    done = subprocess.run([sys.executable, "-m", "celery_app.cli", "challenges", "--json"],
+                          env={**os.environ, **setup.env}, cwd=ROOT, capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    shown = {c["id"]: c.get("health") for c in json.loads(done.stdout)["challenges"]}
+    assert shown["blind"] == "broken"
 
 
 def test_a_hanging_solver_is_cut_at_its_timeout(setup: Setup,
@@ -189,6 +199,24 @@ def test_a_killed_canary_is_made_again_and_proven_again(
                                                                    "ctf.challenge": "good"})
                 if c.status == "running"]
     assert again.id != canary.id
+
+
+def test_a_pool_drain_makes_the_canary_again_and_proves_it_at_once(
+        setup: Setup, docker_client: docker.DockerClient) -> None:
+    """After a drain (an image update) the canary is made again and proven within a pass."""
+    before = settled(setup, "good")
+    (canary,) = [c for c in containers_of(docker_client, LABEL, **{"ctf.team": "canary",
+                                                                    "ctf.challenge": "good"})
+                 if c.status == "running"]
+    time.sleep(1.1)  # last_run has whole seconds: the next run's must be a later one
+    r = setup.api.post("/api/v1/pools/good/drain", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    row = settled(setup, "good", after=before["last_run"], timeout=240)
+    assert row["state"] == "ok", row
+    running = [c.id for c in containers_of(docker_client, LABEL, **{"ctf.team": "canary",
+                                                                     "ctf.challenge": "good"})
+               if c.status == "running"]
+    assert running and canary.id not in running
 
 
 def test_the_solver_reaches_the_canary_and_nothing_else(setup: Setup) -> None:

@@ -24,7 +24,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
-from redis.exceptions import RedisError
 
 from celery_app.core.catalog import Catalog
 from celery_app.core.pool import PoolCollector
@@ -127,7 +126,7 @@ class StateCollector(Collector):
                     healthy.add_metric([row["challenge"]], 1 if row["state"] == "ok" else 0)
                 buckets, total = results.histogram(row["challenge"])
                 runs.add_metric([row["challenge"]], buckets, total)
-        except (CTFError, RedisError) as exc:
+        except CTFError as exc:
             log.warning("metrics: cannot read the solvers' results: %s", exc)
             return
         yield healthy

@@ -5,7 +5,9 @@ instance for the reserved team ``canary`` (made by :meth:`InstanceService.start
 <celery_app.core.service.InstanceService.start>`, the path every team's start takes: the same
 hardening, network rules and egress firewall) and runs the solver's container against it:
 
-- at once when the canary is (re)made, then every ``interval`` seconds;
+- at once when the canary is (re)made, then every ``interval`` seconds; a pool drain
+  (``ctfctl pool drain``, ``POST /api/v1/pools/{challenge}/drain``: an image update) makes
+  the canary again and proves it at once;
 - on the canary's own team network, hardened like an instance (every capability dropped,
   ``no-new-privileges``, memory, CPU and pid limits, a read-only root), without the
   ``ctf.egress=internet`` label: the egress firewall lets it reach its network and nothing
@@ -123,6 +125,13 @@ class CanaryLoop(Loop):
         if record is not None and record.host != svc.host:
             return  # another host's canary: its worker proves it
         info = self._running(record)
+        if info is not None and before \
+                and svc.store.pools.drained_at(ch.id) > float(before.get("at", 0)):
+            # A drain since the last run (an image update): the canary is made again, from
+            # the image as it is now, and proven at once.
+            log.info("canary of %s: made again after a pool drain", ch.id)
+            svc.driver.remove_container(info.id)
+            info = None
         if info is None:
             if before.get("made_failed") == "1" and now < float(before["at"]) + solver.interval:
                 return  # it could not be made: try again at the next interval, not each pass

@@ -13,6 +13,7 @@ from typing import Any
 import redis
 
 from celery_app.state import keys
+from celery_app.state.redis_errors import map_redis_errors
 from celery_app.vocab.models import iso
 
 # Buckets of the run-duration histogram (``ctf_challenge_solver_seconds``).
@@ -33,7 +34,8 @@ class SolverResults:
 
     def get(self, challenge: str) -> dict[str, str]:
         """Return the challenge's last outcome (empty: never run)."""
-        return dict(self.redis.hgetall(keys.solver(challenge)))
+        with map_redis_errors("read a solver's result"):
+            return dict(self.redis.hgetall(keys.solver(challenge)))
 
     def save(self, challenge: str, state: str, output: list[str], *, at: float,
              seconds: float | None, canary: str, made_failed: bool = False) -> None:
@@ -51,7 +53,8 @@ class SolverResults:
                     pipe.hincrby(runs, str(le), 1)
             pipe.hincrby(runs, "count", 1)
             pipe.hincrbyfloat(runs, "sum", seconds)
-        pipe.execute()
+        with map_redis_errors("save a solver's result"):
+            pipe.execute()
 
     def report(self, challenges: list[str]) -> list[dict[str, Any]]:
         """Return SPEC §14's rows for ``challenges`` (those with a solver), in that order."""
@@ -68,7 +71,8 @@ class SolverResults:
 
     def histogram(self, challenge: str) -> tuple[list[tuple[str, float]], float]:
         """Return the run-duration histogram's cumulative buckets (``+Inf`` last) and sum."""
-        raw = self.redis.hgetall(keys.solver_runs(challenge))
+        with map_redis_errors("read a solver's runs"):
+            raw = self.redis.hgetall(keys.solver_runs(challenge))
         counts: dict[str, str] = dict(raw)
         buckets = [(str(le), float(counts.get(str(le), 0))) for le in BUCKETS]
         buckets.append(("+Inf", float(counts.get("count", 0))))
