@@ -100,7 +100,7 @@ def catalog(image: str, solver: str, host_port: int, internet_port: int) -> dict
 def setup(images: dict[str, str], docker_client: docker.DockerClient,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     """A worker with default settings and the firewall on, its API, a host and an internet."""
-    if not shutil.which("nft") or not shutil.which("nsenter"):
+    if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("nsenter"):
         unavailable("the solvers' egress test needs root, nft and nsenter")
     workdir = tmp_path_factory.mktemp("solver")
     solver = build_image(docker_client, f"ctf-test/solver:{RUN_ID}", SOLVER_DOCKERFILE,
