@@ -88,6 +88,7 @@ class CanaryLoop(Loop):
         super().__init__(interval, name="canary")
         self.service = service
         self.results = service.store.solvers
+        self._trouble: dict[str, str] = {}  # challenge -> the last trouble logged
 
     def solvers(self) -> list[Challenge]:
         """The challenges with a solver."""
@@ -112,8 +113,13 @@ class CanaryLoop(Loop):
                     lock.reacquire()
                     self.check(ch, time.time())
                 except ERROR_OR_SIGNAL as exc:
-                    log.warning("canary of %s: %s; tried again in %g s", ch.id, exc,
-                                self.interval)
+                    # Once per kind of trouble, not every pass (a full host stays full).
+                    if self._trouble.get(ch.id) != str(exc):
+                        log.warning("canary of %s: %s; tried again every %g s", ch.id, exc,
+                                    self.interval)
+                    self._trouble[ch.id] = str(exc)
+                else:
+                    self._trouble.pop(ch.id, None)
 
     def check(self, ch: Challenge, now: float) -> None:
         """One challenge's turn: keep its canary running; run its solver when due."""
