@@ -207,16 +207,40 @@ def challenges(as_json: JsonOpt = False) -> None:
     with _errors():
         catalog = load_catalog(_settings())
     rows = [ch.public_view() | {"image": ch.image, "port": ch.port} for ch in catalog]
+    health = _solver_health([ch.id for ch in catalog if ch.solver is not None])
+    for row in rows:
+        if row["id"] in health:
+            row["health"] = health[row["id"]]
     if as_json:
         _print_json({"challenges": rows})
         return
     table = Table(title="challenges")
-    for column in ("id", "name", "protocol", "port", "ttl", "max lifetime", "image"):
+    columns = ["id", "name", "protocol", "port", "ttl", "max lifetime", "image"]
+    for column in columns + (["health"] if health else []):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["id"], row["name"], row["protocol"], str(row["port"] or "-"),
-                      f"{row['ttl']} s", f"{row['max_lifetime']} s", row["image"])
+        cells = [row["id"], row["name"], row["protocol"], str(row["port"] or "-"),
+                 f"{row['ttl']} s", f"{row['max_lifetime']} s", row["image"]]
+        if health:
+            state = row.get("health", "-")
+            cells.append("[bold red]BROKEN[/]" if state == "broken" else state)
+        table.add_row(*cells)
     out.print(table)
+
+
+def _solver_health(checked: list[str]) -> dict[str, str]:
+    """Each solver's last verdict (SPEC §14): ok, broken or unknown (Redis unreachable too)."""
+    if not checked:
+        return {}
+    try:
+        disp = Dispatcher(_settings())
+        try:
+            rows = disp.store.solvers.report(checked)
+        finally:
+            disp.close()
+    except (CTFError, ValidationError):
+        return dict.fromkeys(checked, "unknown")
+    return {row["challenge"]: row["state"] for row in rows}
 
 
 @app.command()

@@ -16,7 +16,12 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -100,6 +105,32 @@ class StateCollector(Collector):
         for kind, total in sorted(removed.items()):
             janitor.add_metric([str(kind)], float(total))
         yield janitor
+        yield from self._solvers()
+
+    def _solvers(self) -> Iterator[Metric]:
+        """Yield ``ctf_challenge_healthy`` and ``ctf_challenge_solver_seconds`` (SPEC §14)."""
+        checked = [ch.id for ch in self.catalog if ch.solver is not None]
+        if not checked:
+            return
+        results = self.store.solvers
+        healthy = GaugeMetricFamily(
+            "ctf_challenge_healthy",
+            "Whether the challenge's solver passed its last run (1) or not (0); absent until "
+            "its first run", labels=["challenge"])
+        runs = HistogramMetricFamily(
+            "ctf_challenge_solver_seconds", "How long the challenge's solver runs took",
+            labels=["challenge"])
+        try:
+            for row in results.report(checked):
+                if row["state"] != "unknown":
+                    healthy.add_metric([row["challenge"]], 1 if row["state"] == "ok" else 0)
+                buckets, total = results.histogram(row["challenge"])
+                runs.add_metric([row["challenge"]], buckets, total)
+        except CTFError as exc:
+            log.warning("metrics: cannot read the solvers' results: %s", exc)
+            return
+        yield healthy
+        yield runs
 
 
 class ApiMetrics:

@@ -30,6 +30,20 @@ from celery_app.vocab.naming import CHALLENGE_ID_RE, GLOBAL_TEAM, check_team_id,
 _USER_RE = re.compile(r"^(\d{1,10}|[a-z_][a-z0-9_.-]{0,31})(:(\d{1,10}|[a-z_][a-z0-9_.-]{0,31}))?$")
 
 
+class Solver(BaseModel):
+    """A challenge's solver (SPEC §14): a container run against its canary at each interval.
+
+    It passes when it exits 0 within ``timeout`` seconds and prints the canary's flag.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str = Field(min_length=1, max_length=512)
+    command: list[str] | None = Field(None, min_length=1)
+    interval: float = Field(300, ge=10, le=86400)
+    timeout: float = Field(60, gt=0, le=3600)
+
+
 class Challenge(BaseModel):
     """One challenge of the catalog; ``None`` fields take the settings' defaults."""
 
@@ -75,6 +89,8 @@ class Challenge(BaseModel):
     # One instance per team (the default), or one for every team (SPEC §13): team id "global",
     # started and kept running by the workers, never expired, its flag one for all.
     share: Literal["team", "global"] = "team"
+    # A solver proving the challenge still works, run against a canary instance (SPEC §14).
+    solver: Solver | None = None
 
     @field_validator("memory")
     @classmethod
@@ -130,6 +146,10 @@ class Challenge(BaseModel):
         if self.compose is not None and self.port is not None:
             raise ValueError("a Compose challenge's ports are its services' 'ports:' in the "
                              "Compose file; remove 'port'")
+        if self.compose is not None and self.solver is not None:
+            # The canary is one container for now (issue 26 leaves Compose for later).
+            raise ValueError("a 'solver' is not supported yet on a Compose challenge; remove "
+                             "'solver' or use a one-image challenge")
         if self.compose is not None and self.command is not None:
             raise ValueError("a Compose challenge's commands are its services' 'command:' in "
                              "the Compose file; remove 'command'")

@@ -30,7 +30,7 @@ from celery_app.ingress import Ingress
 from celery_app.settings import Settings
 from celery_app.state.store import LOCK_HOLD, Beats, Done, StateStore
 from celery_app.vocab.models import Instance, InstanceKey, iso, utcnow
-from celery_app.vocab.naming import GLOBAL_TEAM, check_team_id, container_name
+from celery_app.vocab.naming import CANARY_TEAM, GLOBAL_TEAM, check_team_id, container_name
 from celery_app.vocab.signals import ERROR_OR_SIGNAL, OnOtherHost
 
 log = logging.getLogger(__name__)
@@ -120,13 +120,18 @@ class InstanceService:
         """The answer to record with a task's effect (none outside a task)."""
         return (task_id, answer) if task_id else None
 
-    def _team_quota(self, ch: Challenge) -> int:
-        """The per-team limit a start reserves under: none for a global instance (SPEC §13).
+    def _team_quota(self, ch: Challenge, team: str) -> int:
+        """The per-team limit a start reserves under.
 
-        A ``share: global`` challenge's instance is no team's: it counts toward the
-        service's and its host's capacity only.
+        A ``share: global`` challenge's instance is no team's (SPEC §13): it counts toward
+        the service's and its host's capacity only. The canary team (SPEC §14) has one
+        instance per challenge.
         """
-        return 1 << 30 if ch.is_global else self.settings.max_instances_per_team
+        if ch.is_global:
+            return 1 << 30
+        if team == CANARY_TEAM:
+            return max(len(self.catalog), 1)
+        return self.settings.max_instances_per_team
 
     def globals_down(self) -> list[InstanceKey]:
         """The ``share: global`` instances this host should start now (SPEC §13).
@@ -261,7 +266,7 @@ class InstanceService:
                 self.driver.remove_container(existing.id)
             # 6. reserve a slot: quotas are checked and the record written in one step.
             inst = self.specs.new_instance(ch, team)
-            self.store.reserve(inst, self._team_quota(ch), self.settings.max_instances,
+            self.store.reserve(inst, self._team_quota(ch, team), self.settings.max_instances,
                                self.host_max)
             try:
                 # 7. a ready warm-pool container, claimed with no network call (it sits on a
@@ -340,7 +345,7 @@ class InstanceService:
             self.specs.remove_group(ch.id, team, self.egress, network=not pooled)
             # 6. reserve a slot: quotas are checked and the record written in one step.
             inst = self.specs.new_instance(ch, team)
-            self.store.reserve(inst, self.settings.max_instances_per_team,
+            self.store.reserve(inst, self._team_quota(ch, team),
                                self.settings.max_instances, self.host_max)
             try:
                 # 7. a ready pooled group, claimed whole; else the instance's network and its

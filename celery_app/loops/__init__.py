@@ -1,1 +1,1 @@
-"""The passes the worker's beat runs as tasks: the janitor (its threads are in ``worker/``)."""
+"""The worker's passes: the janitor (a beat task) and the solvers' canary loop (SPEC §14)."""

@@ -23,13 +23,16 @@ from celery_app.errors import CTFError, InstanceNotFound
 from celery_app.state.store import one_at_a_time
 from celery_app.vocab.models import Instance, InstanceKey, utcnow
 from celery_app.vocab.naming import (
+    CANARY_TEAM,
     GLOBAL_TEAM,
     LABEL_CHALLENGE,
     LABEL_DISK,
     LABEL_POOL,
+    LABEL_ROLE,
     LABEL_SERVICE,
     LABEL_TEAM,
     POOL_NAME_PREFIX,
+    ROLE_SOLVER,
     instance_key,
     read_claim,
     split_instance_key,
@@ -240,6 +243,8 @@ class Janitor:
             challenge, team = split_instance_key(key)
             if team == GLOBAL_TEAM:
                 continue  # a global instance never expires (SPEC §13): step 7 keeps it up
+            if team == CANARY_TEAM and self._solved(challenge):
+                continue  # a solver's canary never expires while the solver is configured
             record = svc.store.get(challenge, team)
             if record is None or record.host == svc.host:  # other hosts reap their own
                 mine.append((key, challenge, team))
@@ -297,7 +302,10 @@ class Janitor:
             if LABEL_POOL in c.labels and c.name.startswith(POOL_NAME_PREFIX) \
                     and self._pooled(c.challenge):
                 continue  # unclaimed, in a warm pool: the pool pass keeps those (pool.py)
-            if now.timestamp() - _created_at(c.created) < svc.settings.orphan_grace:
+            age = now.timestamp() - _created_at(c.created)
+            if c.labels.get(LABEL_ROLE) == ROLE_SOLVER and age < self._solver_hold(c.challenge):
+                continue  # a solver's run (SPEC §14): its loop removes it when the run ends
+            if age < svc.settings.orphan_grace:
                 live_teams.add(c.team_id)
                 continue
             try:
@@ -307,6 +315,21 @@ class Janitor:
             except CTFError as exc:
                 summary.errors.append(f"{c.name}: {exc}")
         return live_teams
+
+    def _solved(self, challenge: str) -> bool:
+        """Whether ``challenge`` has a solver (its canary is kept, SPEC §14)."""
+        with contextlib.suppress(CTFError):
+            return self.service.catalog.get(challenge).solver is not None
+        return False
+
+    def _solver_hold(self, challenge: str) -> float:
+        """Seconds a solver's container may live before it counts as an orphan."""
+        grace = self.service.settings.orphan_grace
+        with contextlib.suppress(CTFError):
+            solver = self.service.catalog.get(challenge).solver
+            if solver is not None:
+                return solver.timeout + grace
+        return grace
 
     def _pooled(self, challenge: str) -> bool:
         """Whether ``challenge`` has a warm pool (its unclaimed containers are the pool's)."""

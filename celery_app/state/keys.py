@@ -56,6 +56,9 @@ TABLE: Final[dict[str, str]] = {
     "ctf:audit:shared": "stream: the `flag_shared` events alone (same bound)",
     "ctf:flagowner:<challenge>": "hash: sha256(flag) -> `<team> <subject>`: who holds each "
                                  "flag handed out (never expires)",
+    "ctf:solver:<challenge>": "hash: the solver's last run: state, when, its last output lines",
+    "ctf:solverruns:<challenge>": "hash: the solver runs' duration histogram (cumulative buckets)",
+    "ctf:canary:<host>": "lock: one canary pass (canaries and solver runs) at a time per host",
 }
 
 
@@ -151,3 +154,18 @@ def access(team: str) -> str:
 def flag_owner(challenge: str) -> str:
     """Who holds each flag of ``challenge`` handed out: SHA-256 of the flag -> team, subject."""
     return f"{PREFIX}flagowner:{challenge}"
+
+
+def solver(challenge: str) -> str:
+    """The last outcome of a challenge's solver (SPEC §14)."""
+    return f"{PREFIX}solver:{challenge}"
+
+
+def solver_runs(challenge: str) -> str:
+    """The duration histogram of a challenge's solver runs."""
+    return f"{PREFIX}solverruns:{challenge}"
+
+
+def canary(host: str) -> str:
+    """The lock of the canary passes of one host."""
+    return f"{PREFIX}canary:{host}"

@@ -33,6 +33,7 @@ from celery_app.state.pool_keys import PoolKeys
 from celery_app.state.redis_errors import (  # re-exported: the Dispatcher imports it from here
     map_redis_errors as map_redis_errors,  # noqa: PLC0414
 )
+from celery_app.state.solver import SolverResults
 from celery_app.vocab.models import Instance
 from celery_app.vocab.naming import GLOBAL_TEAM, instance_key
 from celery_app.vocab.signals import InstanceBusy, OnOtherHost
@@ -272,6 +273,15 @@ class StateStore:
         self._team_view = client.register_script(TEAM_VIEW)
         self._pools: PoolKeys | None = None
         self.audit = AuditLog(client)  # the audit trail and the flags' owners (SPEC §13)
+
+    @property
+    def solvers(self) -> SolverResults:
+        """The solvers' outcomes (SPEC §14), on this store's client."""
+        return SolverResults(self.redis)
+
+    def canary_lock(self, host: str, timeout: float) -> Lock:
+        """The lock one canary pass of ``host`` holds (one worker per host runs them)."""
+        return cast(Lock, self.redis.lock(keys.canary(host), timeout=timeout))
 
     @property
     def pools(self) -> PoolKeys:

@@ -11,8 +11,6 @@ TEAM_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 CHALLENGE_ID_RE: Final = TEAM_ID_RE
 # The team id of a ``share: global`` challenge's one instance (SPEC §13): no team may take it.
 GLOBAL_TEAM: Final = "global"
-# Team ids the instancer keeps for itself: the API, the tasks and token issuance refuse them.
-RESERVED_TEAM_IDS: Final = frozenset({GLOBAL_TEAM})
 
 LABEL_MANAGED: Final = "ctf.managed"
 LABEL_TEAM: Final = "ctf.team"
@@ -37,6 +35,15 @@ CONTAINER_NAME_PREFIX: Final = "ctf-"
 # Between a container's name and an endpoint's port in a route file's name (Compose, SPEC §12).
 ROUTE_PORT_SEP: Final = "@"
 POOL_NAME_PREFIX: Final = "ctfpool-"  # never an instance name, which starts "ctf-"
+# -- solver health checks (SPEC §14, celery_app.loops.canary) -----------------------------------
+# The team id of the canary instances the solvers prove: no caller may take it.
+CANARY_TEAM: Final = "canary"
+# Ids no team may take: the global instance's and the canaries' (SPEC §13, §14).
+RESERVED_TEAM_IDS: Final = frozenset({GLOBAL_TEAM, CANARY_TEAM})
+# What a container is beyond an instance: "solver" on a solver's run (always removed after).
+LABEL_ROLE: Final = "ctf.role"
+ROLE_SOLVER: Final = "solver"
+SOLVER_NAME_PREFIX: Final = "ctfsolve-"  # never an instance name, which starts "ctf-"
 
 
 def check_team_id(team_id: object, *, reserved: bool = False) -> str:
@@ -52,7 +59,7 @@ def check_team_id(team_id: object, *, reserved: bool = False) -> str:
 
     Raises:
         InvalidTeamId: when it does not match ``^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$``, or is
-            one the instancer keeps for itself (:data:`RESERVED_TEAM_IDS`).
+            one the instancer keeps for itself (:data:`RESERVED_TEAM_IDS`, in any case).
     """
     # fullmatch, not match: "$" would accept a trailing newline.
     if not isinstance(team_id, str) or not TEAM_ID_RE.fullmatch(team_id):
@@ -61,10 +68,11 @@ def check_team_id(team_id: object, *, reserved: bool = False) -> str:
             f"team id {shown} is invalid: use 1 to 63 characters, letters, digits, '_' or '-', "
             "starting with a letter or digit"
         )
-    if team_id in RESERVED_TEAM_IDS and not reserved:
+    if not reserved and team_id.lower() in RESERVED_TEAM_IDS:
         raise InvalidTeamId(
-            f"team id {team_id!r} is reserved: it names the one instance of a 'share: global' "
-            "challenge, which every team sees; give the team another id"
+            f"team id {team_id!r} is reserved: it names the instancer's own instances (a "
+            "'share: global' challenge's one instance, the solvers' canaries); give the team "
+            "another id"
         )
     return team_id
 

@@ -11,7 +11,8 @@
    pokes the heartbeat whenever its stream opens or breaks, so the host's ``host_up`` follows
    within a second whatever the heartbeat's TTL;
 4. a reconcile of the index from Docker's labels;
-5. the egress firewall keeper (:mod:`celery_app.worker.egress`).
+5. the egress firewall keeper (:mod:`celery_app.worker.egress`);
+6. the canary loop (:mod:`celery_app.loops.canary`), when a challenge has a solver.
 
 A step that fails is logged and the others still run. When the worker shuts down it stops
 them: the heartbeat is withdrawn at once (starts go elsewhere while this worker is away), the
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # the app's import stays light: the rest is imported inside t
     from celery_app.state.store import StateStore
     from celery_app.worker.egress import EgressKeeper
     from celery_app.worker.heartbeat import Heartbeat
+    from celery_app.worker.loop import Loop
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class WorkerMachinery:
         self.inflight: InflightKeeper | None = None
         self.heartbeat: Heartbeat | None = None
         self.egress: EgressKeeper | None = None
+        self.canary: Loop | None = None
 
     def start(self) -> None:
         """Start every loop (and reconcile the index), in the order of the module docstring."""
@@ -76,6 +79,7 @@ class WorkerMachinery:
         self._follow_events()
         self._reconcile()
         self._keep_egress()
+        self._prove_challenges()
 
     def stop(self) -> None:
         """Stop every loop; the heartbeat is withdrawn, the firewall's rules stay."""
@@ -88,6 +92,8 @@ class WorkerMachinery:
         stop_following()
         if self.egress is not None:
             self.egress.stop()
+        if self.canary is not None:
+            self.canary.stop()
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -155,6 +161,18 @@ class WorkerMachinery:
                 self.egress.start()
         except Exception:
             log.exception("cannot start the egress firewall keeper; starts check it themselves")
+
+    def _prove_challenges(self) -> None:
+        """Keep the solvers' canaries and run the solvers (SPEC §14), if any is configured."""
+        from celery_app.loops.canary import CanaryLoop  # noqa: PLC0415  # only inside the worker
+
+        try:
+            loop = CanaryLoop(self.context().service)
+            if loop.solvers():
+                self.canary = loop
+                loop.start()
+        except Exception:
+            log.exception("cannot start the canary loop; the solvers do not run")
 
 
 _machinery: WorkerMachinery | None = None  # this process's, once its worker is ready

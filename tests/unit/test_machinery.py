@@ -70,6 +70,7 @@ def test_a_step_that_fails_is_logged_and_the_others_still_start(
             "cannot follow the engine's events; status reads will ask Docker",
             "reconcile at worker start failed; the janitor will retry",
             "cannot start the egress firewall keeper; starts check it themselves",
+            "cannot start the canary loop; the solvers do not run",
         ]
         assert _threads() == ["inflight-keeper"]
     finally:

@@ -1,0 +1,255 @@
+"""Solver health checks (SPEC §14): a canary instance per challenge, proven by its solver.
+
+For every challenge whose catalog entry has a ``solver:`` block, :class:`CanaryLoop` keeps an
+instance for the reserved team ``canary`` (made by :meth:`InstanceService.start
+<celery_app.core.service.InstanceService.start>`, the path every team's start takes: the same
+hardening, network rules and egress firewall) and runs the solver's container against it:
+
+- at once when the canary is (re)made, then every ``interval`` seconds; a pool drain
+  (``ctfctl pool drain``, ``POST /api/v1/pools/{challenge}/drain``: an image update) makes
+  the canary again and proves it at once;
+- on the canary's own team network, hardened like an instance (every capability dropped,
+  ``no-new-privileges``, memory, CPU and pid limits, a read-only root), without the
+  ``ctf.egress=internet`` label: the egress firewall lets it reach its network and nothing
+  else (no host address, no internet);
+- with ``CTF_TARGET_URL``, ``CTF_TARGET_HOST`` (the canary's address on that network) and
+  ``CTF_TARGET_PORT`` (the challenge's container port).
+
+A run passes when the solver exits 0 within its timeout and its output contains the canary's
+flag; a solver still running at its timeout is killed. The solver's container carries our
+labels and ``ctf.role=solver`` and is always removed. The outcome (``ok``/``broken``, the last
+output lines with the flag masked, when, how long) is kept in Redis (:class:`SolverResults`),
+read by ``GET /api/v1/health/challenges``, ``ctfctl challenges`` and the API's metrics.
+
+One worker per host runs the loop's passes (a Redis lock per host); a canary lives on the host
+whose worker made it, and that host's worker proves it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_app.core.catalog import Challenge, Solver
+from celery_app.core.service import InstanceService
+from celery_app.engine.driver import ContainerInfo, ContainerSpec, Filesystem
+from celery_app.errors import CTFError, StartFailed
+from celery_app.state.store import one_at_a_time
+from celery_app.vocab.models import Instance, InstanceKey
+from celery_app.vocab.naming import (
+    CANARY_TEAM,
+    LABEL_CHALLENGE,
+    LABEL_EGRESS,
+    LABEL_ROLE,
+    LABEL_TEAM,
+    ROLE_SOLVER,
+    SOLVER_NAME_PREFIX,
+)
+from celery_app.vocab.signals import ERROR_OR_SIGNAL, OnOtherHost
+from celery_app.worker.loop import Loop
+
+log = logging.getLogger(__name__)
+
+# Seconds between passes: a killed canary is re-made (and proven) within about this long.
+PASS_INTERVAL = 5.0
+# The output lines kept of a run.
+OUTPUT_LINES = 20
+# Output lines read to look for the flag (a solver may print it before a long epilogue).
+SEARCHED_LINES = 2000
+# What a solver's container may use: enough for a script or a small client.
+SOLVER_MEMORY = 256 * 1024**2
+SOLVER_NANO_CPUS = 1_000_000_000
+SOLVER_PIDS = 128
+SOLVER_TMPFS = {"/tmp": 64 * 1024**2}  # noqa: S108  # a tmpfs inside the container
+# Seconds between looks at a running solver.
+POLL = 0.25
+@dataclass
+class Outcome:
+    """One solver run's verdict."""
+
+    passed: bool
+    output: list[str]
+    seconds: float
+    why: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CanaryLoop(Loop):
+    """Keeps each solver's canary on this host and runs the solver against it.
+
+    Args:
+        service: this host's instance service (its start path makes the canaries).
+        interval: seconds between passes.
+    """
+
+    def __init__(self, service: InstanceService, interval: float = PASS_INTERVAL) -> None:
+        super().__init__(interval, name="canary")
+        self.service = service
+        self.results = service.store.solvers
+        self._trouble: dict[str, str] = {}  # challenge -> the last trouble logged
+
+    def solvers(self) -> list[Challenge]:
+        """The challenges with a solver."""
+        return [ch for ch in self.service.catalog if ch.solver is not None]
+
+    def run_once(self, now: float) -> None:
+        """Make or re-make each canary of this host, and run the solvers that are due."""
+        checked = self.solvers()
+        if not checked:
+            return
+        # Held for the longest thing one challenge's turn may take, renewed at each turn.
+        hold = max(ch.start_timeout + ch.solver.timeout for ch in checked  # type: ignore[union-attr]
+                   ) + 60
+        lock = self.service.store.canary_lock(self.service.host, hold)
+        with one_at_a_time(lock, "canary") as mine:
+            if not mine:
+                return  # another worker of this host runs the passes
+            for ch in checked:
+                if self.stopping:
+                    return
+                try:
+                    lock.reacquire()
+                    self.check(ch, time.time())
+                except ERROR_OR_SIGNAL as exc:
+                    # Once per kind of trouble, not every pass (a full host stays full).
+                    if self._trouble.get(ch.id) != str(exc):
+                        log.warning("canary of %s: %s; tried again every %g s", ch.id, exc,
+                                    self.interval)
+                    self._trouble[ch.id] = str(exc)
+                else:
+                    self._trouble.pop(ch.id, None)
+
+    def check(self, ch: Challenge, now: float) -> None:
+        """One challenge's turn: keep its canary running; run its solver when due."""
+        solver = ch.solver
+        assert solver is not None
+        svc = self.service
+        before = self.results.get(ch.id)
+        record = svc.store.get(ch.id, CANARY_TEAM)
+        if record is not None and record.host != svc.host:
+            return  # another host's canary: its worker proves it
+        info = self._running(record)
+        if info is not None and before \
+                and svc.store.pools.drained_at(ch.id) > float(before.get("at", 0)):
+            # A drain since the last run (an image update): the canary is made again, from
+            # the image as it is now, and proven at once.
+            log.info("canary of %s: made again after a pool drain", ch.id)
+            svc.driver.remove_container(info.id)
+            info = None
+        if info is None:
+            if before.get("made_failed") == "1" and now < float(before["at"]) + solver.interval:
+                return  # it could not be made: try again at the next interval, not each pass
+            try:
+                record = svc.start(InstanceKey(ch.id, CANARY_TEAM), count_rate=False)
+            except OnOtherHost:
+                return
+            except StartFailed as exc:
+                self._verdict(ch, before, Outcome(False, [exc.detail], 0.0), now, "",
+                              made_failed=True)
+                return
+            info = self._running(record)
+            if info is None:
+                return  # died at once: the next pass makes it again
+        due = (not before or before.get("canary") != info.id
+               or now >= float(before.get("at", 0)) + solver.interval)
+        if not due:
+            return
+        outcome = self.run_solver(ch, solver, record, info)  # type: ignore[arg-type]
+        self._verdict(ch, before, outcome, now, info.id)
+
+    def _running(self, record: Instance | None) -> ContainerInfo | None:
+        """The canary's container when its record says running and it runs; else ``None``."""
+        if record is None or record.status != "running" or not record.container_id:
+            return None
+        info = self.service.driver.get_container(record.container_id)
+        return info if info is not None and info.state == "running" else None
+
+    def _verdict(self, ch: Challenge, before: dict[str, str], outcome: Outcome, now: float,
+                 canary: str, *, made_failed: bool = False) -> None:
+        """Record the outcome; log a turn to broken (WARNING) or back to ok (INFO)."""
+        state = "ok" if outcome.passed else "broken"
+        self.results.save(ch.id, state, outcome.output, at=now,
+                          seconds=None if made_failed else outcome.seconds, canary=canary,
+                          made_failed=made_failed)
+        was = before.get("state", "unknown")
+        if state == "broken" and was != "broken":
+            log.warning("challenge %s is broken: its solver %s (last output: %s)", ch.id,
+                        outcome.why or "failed", " | ".join(outcome.output[-3:]))
+        elif state == "ok" and was != "ok":
+            log.info("challenge %s is %s: its solver passed in %.1f s", ch.id,
+                     "healthy again" if was == "broken" else "healthy", outcome.seconds)
+
+    def run_solver(self, ch: Challenge, solver: Solver, record: Instance,
+                   canary: ContainerInfo) -> Outcome:
+        """Run the solver's container against the canary once; always remove it.
+
+        Returns:
+            Whether it exited 0 within its timeout with the canary's flag in its output.
+        """
+        svc, driver = self.service, self.service.driver
+        networks: dict[str, Any] = canary.attrs.get("NetworkSettings", {}).get("Networks") or {}
+        network, address = next(((name, (net or {}).get("IPAddress") or "")
+                                 for name, net in networks.items()), ("", ""))
+        if not network or not address:
+            return Outcome(False, ["the canary has no network address"], 0.0,
+                           "could not be run")
+        port = svc.specs.container_port(ch)
+        flag = svc.flag_for(InstanceKey(ch.id, CANARY_TEAM))
+        svc.egress.require()  # fail closed, as a start does: no solver without the firewall
+        if not driver.image_present(solver.image):
+            driver.pull(solver.image)
+        scheme = "http" if ch.protocol == "http" else "tcp"
+        spec = ContainerSpec(
+            name=f"{SOLVER_NAME_PREFIX}{ch.id}-{time.time_ns() // 1_000_000}",
+            image=solver.image, port=None, team_id=CANARY_TEAM,
+            labels={**svc.scope_labels, LABEL_CHALLENGE: ch.id, LABEL_TEAM: CANARY_TEAM,
+                    LABEL_ROLE: ROLE_SOLVER, LABEL_EGRESS: "none"},
+            env={"CTF_TARGET_URL": f"{scheme}://{address}:{port}/",
+                 "CTF_TARGET_HOST": address, "CTF_TARGET_PORT": str(port)},
+            memory_bytes=SOLVER_MEMORY, nano_cpus=SOLVER_NANO_CPUS, pids=SOLVER_PIDS,
+            cap_add=[], publish_ip=svc.settings.publish_ip or "", command=solver.command,
+            filesystem=Filesystem(read_only=True, tmpfs=dict(SOLVER_TMPFS)), publish=False,
+            network=network,
+        )
+        began = time.monotonic()
+        info = driver.run_container(spec)
+        try:
+            timed_out, exit_code = self._wait(info.id, began + solver.timeout)
+            seconds = time.monotonic() - began
+            text = ""
+            try:
+                text = driver.container_logs(info.id, tail=SEARCHED_LINES)
+            except CTFError as exc:
+                text = f"(its output could not be read: {exc})"
+        finally:
+            try:
+                driver.remove_container(info.id)
+            except CTFError as exc:  # the janitor removes it later (it carries our labels)
+                log.warning("solver container %s not removed: %s", spec.name, exc)
+        found = flag in text
+        lines = [line.replace(flag, "[flag]") for line in text.splitlines()][-OUTPUT_LINES:]
+        if timed_out:
+            why = f"was still running at its timeout ({solver.timeout:g} s) and was killed"
+        elif exit_code != 0:
+            why = f"exited with code {exit_code}"
+        elif not found:
+            why = "exited 0 but did not print the canary's flag"
+        else:
+            return Outcome(True, lines, seconds)
+        return Outcome(False, lines, seconds, why)
+
+    def _wait(self, container: str, deadline: float) -> tuple[bool, int | None]:
+        """Wait for the container to end; kill it at ``deadline``: ``(timed out, exit code)``."""
+        driver = self.service.driver
+        while True:
+            info = driver.get_container(container)
+            if info is None:
+                return False, None
+            if info.state in ("exited", "dead"):
+                return False, info.exit_code
+            if time.monotonic() >= deadline or self.stopping:
+                driver.kill_container(container)
+                return True, None
+            time.sleep(POLL)
