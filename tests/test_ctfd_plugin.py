@@ -569,7 +569,7 @@ def test_organiser_and_two_teams_through_ctfd(
     # 5c. The seed's To-Do app (its shipped catalog entry) holds team one's own flag, and the
     # per-team flag the plugin ticks by default scores with it.
     todo = open_challenge(one, "To-Do")
-    todo.get_by_role("button", name="Start").click()
+    todo.get_by_role("button", name="Start", exact=True).click()
     expect(todo.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
     (container,) = instance_of(docker_client, team_one, "todo-app")
     env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
@@ -611,7 +611,7 @@ def test_organiser_and_two_teams_through_ctfd(
 
     # 8. A TCP instance's modal offers the lines to copy: plain nc for a published port.
     raw = open_challenge(two, "Raw TCP")
-    raw.get_by_role("button", name="Start").click()
+    raw.get_by_role("button", name="Start", exact=True).click()
     expect(raw.locator(".ctfi-status")).to_have_text("Running", timeout=60_000)
     published = re.fullmatch(r"tcp://([^:]+):(\d+)", raw.locator(".ctfi-plain").inner_text())
     assert published, raw.locator(".ctfi-plain").inner_text()
