@@ -14,7 +14,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from functools import partial
+from typing import Any, ClassVar, TypeVar, cast
 
 import redis
 import redis.asyncio
@@ -154,6 +155,9 @@ def make_store(settings: Settings) -> StateStore:
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
     )
     return StateStore(client)
+
+
+T = TypeVar("T")
 
 
 def _not_found(challenge: str, team_id: str) -> InstanceNotFound:
@@ -410,6 +414,29 @@ class Dispatcher:
             backend.client.expire(backend.get_key_for_task(task_id), NOOP_TTL)
         return task_id
 
+    def _audited(self, kind: str, key: InstanceKey, actor: str, acts: bool,
+                 send: Callable[[InstanceKey, InstanceKey, str], T]) -> T:
+        """Run ``send(key, instance, actor)``; a refusal it raises is recorded in the audit.
+
+        ``instance`` is what the request is about (:func:`~celery_app.core.catalog.shared_key`:
+        a global challenge's one instance); the task goes out for the team that asked.
+
+        Args:
+            kind: the audit event's kind (``start``, ``stop``, ``restart``, ``extend``).
+            key: the request, validated (:meth:`key`).
+            actor: who asks (``admin`` or ``team:<team_id>``).
+            acts: the request stops, extends or restarts the instance (a team may not, on a
+                global challenge).
+            send: sends the task.
+
+        Raises:
+            SharedInstance: a team acts on a ``share: global`` challenge (SPEC §13).
+
+        """
+        return cast(T, self.auditor.refused(
+            kind, key.challenge, key.team, actor,
+            lambda: send(key, shared_key(self.catalog, key, actor, acts), actor)))
+
     def start(self, key: InstanceKey, actor: str = ADMIN) -> tuple[str, dict[str, Any]]:
         """Start the instance; return the task id and the instance so far.
 
@@ -433,9 +460,7 @@ class Dispatcher:
             RateLimited: the team made too many starts/stops lately (nothing was sent).
 
         """
-        return cast(tuple[str, dict[str, Any]], self.auditor.refused(
-            "start", key.challenge, key.team, actor,
-            lambda: self._start(key, shared_key(self.catalog, key, actor, False), actor)))
+        return self._audited("start", key, actor, False, self._start)
 
     def _start(self, asked: InstanceKey, key: InstanceKey,
                actor: str) -> tuple[str, dict[str, Any]]:
@@ -477,23 +502,34 @@ class Dispatcher:
             SharedInstance: a team's stop of a ``share: global`` challenge (SPEC §13).
 
         """
-        return cast(tuple[str, dict[str, Any]], self.auditor.refused(
-            "stop", key.challenge, key.team, actor,
-            lambda: self._stop(key, shared_key(self.catalog, key, actor, True), actor)))
+        return self._audited("stop", key, actor, True, partial(self._send_run, "stop"))
 
-    def _stop(self, asked: InstanceKey, key: InstanceKey,
-              actor: str) -> tuple[str, dict[str, Any]]:
+    # A stop and a restart of an existing instance: its place in line (the intent) is a stop's
+    # or a start's (a restart comes up as a start), and what the instance shows meanwhile.
+    _RUN_OPS: ClassVar[dict[str, tuple[str, str]]] = {
+        "stop": ("stop", "stopping"), "restart": ("start", "starting")}
+
+    def _send_run(self, op: str, asked: InstanceKey, key: InstanceKey,
+                  actor: str) -> tuple[str, dict[str, Any]]:
+        """Send the stop or restart (``op``) of the recorded instance ``key``, counted.
+
+        Raises:
+            InstanceNotFound: Redis has no record of it (nothing is sent).
+            RateLimited: the team made too many starts/stops lately (nothing was sent).
+
+        """
         challenge, team_id, asker = key.challenge, key.team, asked.team  # as in _start
+        intent_op, status = self._RUN_OPS[op]
         record = self.instance(key)
 
         def send(task_id: str) -> None:
             self._rate_limit(asker)
-            intent = self.store.register_intent(challenge, team_id, "stop")
-            self.send("stop_container", [challenge, asker], asker, self.queue_for(record),
+            intent = self.store.register_intent(challenge, team_id, intent_op)
+            self.send(f"{op}_container", [challenge, asker], asker, self.queue_for(record),
                       {"intent": intent, "counted": True, "actor": actor}, task_id=task_id)
 
-        task_id, _sent = self._coalesced("run", "stop", challenge, team_id, send)
-        return task_id, {**record.public(), "status": "stopping"}
+        task_id, _sent = self._coalesced("run", op, challenge, team_id, send)
+        return task_id, {**record.public(), "status": status}
 
     def stop_solved(self, key: InstanceKey, actor: str = ADMIN) -> str | None:
         """Send the stop of a solved instance (``stop_on_solve``, SPEC §13); return its task.
@@ -528,24 +564,7 @@ class Dispatcher:
             SharedInstance: a team's restart of a ``share: global`` challenge (SPEC §13).
 
         """
-        return cast(tuple[str, dict[str, Any]], self.auditor.refused(
-            "restart", key.challenge, key.team, actor,
-            lambda: self._restart(key, shared_key(self.catalog, key, actor, True), actor)))
-
-    def _restart(self, asked: InstanceKey, key: InstanceKey,
-                 actor: str) -> tuple[str, dict[str, Any]]:
-        challenge, team_id, asker = key.challenge, key.team, asked.team  # as in _start
-        record = self.instance(key)
-
-        def send(task_id: str) -> None:
-            self._rate_limit(asker)
-            intent = self.store.register_intent(challenge, team_id, "start")
-            self.send("restart_container", [challenge, asker], asker,
-                      self.queue_for(record),
-                      {"intent": intent, "counted": True, "actor": actor}, task_id=task_id)
-
-        task_id, _sent = self._coalesced("run", "restart", challenge, team_id, send)
-        return task_id, {**record.public(), "status": "starting"}
+        return self._audited("restart", key, actor, True, partial(self._send_run, "restart"))
 
     def extend(self, key: InstanceKey, actor: str = ADMIN) -> str:
         """Send an extend of an existing instance; return the task id.
@@ -560,9 +579,7 @@ class Dispatcher:
             SharedInstance: a team's extend of a ``share: global`` challenge (SPEC §13).
 
         """
-        return str(self.auditor.refused(
-            "extend", key.challenge, key.team, actor,
-            lambda: self._extend(key, shared_key(self.catalog, key, actor, True), actor)))
+        return self._audited("extend", key, actor, True, self._extend)
 
     def _extend(self, asked: InstanceKey, key: InstanceKey, actor: str) -> str:
         challenge, team_id, asker = key.challenge, key.team, asked.team  # as in _start

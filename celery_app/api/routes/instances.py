@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -23,6 +23,7 @@ from celery_app.api.metrics import ApiMetrics
 from celery_app.api.waits import WaitSlots
 from celery_app.core.audit import principal_actor
 from celery_app.errors import CTFError
+from celery_app.vocab.models import InstanceKey
 from celery_app.vocab.team_tokens import Principal
 
 EXTEND_WAIT = 10.0
@@ -30,6 +31,7 @@ EXTEND_WAIT = 10.0
 router = APIRouter()
 
 Sent = tuple[str, dict[str, Any]]
+T = TypeVar("T")
 
 # -- the Dispatcher's instance requests -------------------------------------------------------
 # The Dispatcher validates the request once into an ``InstanceKey`` (in the thread pool, with
@@ -37,31 +39,25 @@ Sent = tuple[str, dict[str, Any]]
 # carries ``access_url`` (the task adds it), so the routes answer it as it is.
 
 
-# ``who`` is the request's actor in the audit trail (SPEC §13): the admin or the token's team.
+def _sender(act: Callable[[InstanceKey, str], T], disp: Dispatcher, challenge: str,
+            team_id: str, who: Principal, *, admin_key: bool = True) -> Callable[[], T]:
+    """Return the call that sends one of the Dispatcher's requests (run in the thread pool).
 
+    Args:
+        act: the Dispatcher's method (``start``, ``stop``, ``restart``, ``extend``).
+        disp: the Dispatcher, which validates the request into its key.
+        challenge: the challenge id, as asked.
+        team_id: the team id, as asked.
+        who: the caller; ``act`` gets its actor in the audit trail (SPEC §13): the admin or
+            the token's team.
+        admin_key: the key is validated as the actor's, so that the admin may name a global
+            instance by its team id ``global``; ``False`` validates it as a team's (what the
+            restart route has always done).
 
-def _start(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], Sent]:
-    """Return the call that sends the start (run in the thread pool)."""
+    """
     actor = principal_actor(who)
-    return lambda: disp.start(disp.key(challenge, team_id, actor), actor)
-
-
-def _stop(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], Sent]:
-    """Return the call that sends the stop (run in the thread pool)."""
-    actor = principal_actor(who)
-    return lambda: disp.stop(disp.key(challenge, team_id, actor), actor)
-
-
-def _restart(disp: Dispatcher, challenge: str, team_id: str, who: Principal
-             ) -> Callable[[], Sent]:
-    """Return the call that sends the restart (run in the thread pool)."""
-    return lambda: disp.restart(disp.key(challenge, team_id), principal_actor(who))
-
-
-def _extend(disp: Dispatcher, challenge: str, team_id: str, who: Principal) -> Callable[[], str]:
-    """Return the call that sends the extend (run in the thread pool)."""
-    actor = principal_actor(who)
-    return lambda: disp.extend(disp.key(challenge, team_id, actor), actor)
+    key_actor = actor if admin_key else None
+    return lambda: act(disp.key(challenge, team_id, key_actor), actor)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -95,6 +91,59 @@ async def _send_then_wait(
         return task_id, so_far, await waiter.wait(task_id, wait)
 
 
+async def _act(
+    task: str, act: Callable[[InstanceKey, str], Sent], challenge: str, team_id: str,
+    who: Principal, disp: Dispatcher, metrics: ApiMetrics, waiter: AsyncWaiter,
+    slots: WaitSlots, wait: float | None, *, reread: bool, timed: bool = False,
+    admin_key: bool = True,
+) -> JSONResponse:
+    """Answer a start, stop or restart: check the caller, send ``act``'s task, maybe wait.
+
+    Without ``wait``: 202 with the task id and the instance so far. With it: 200 with the
+    task's result once it is done, the task's error (counted) when it failed, or 202 when it
+    is not done in time.
+
+    Args:
+        task: the task's name, for the metrics (``start_container``, ...).
+        act: the Dispatcher's method that sends it (see :func:`_sender`).
+        challenge: the challenge id, as asked.
+        team_id: the team id, as asked.
+        who: the caller: the admin or that team's token.
+        disp: the Dispatcher.
+        metrics: the API's metrics.
+        waiter: the waits on the event loop.
+        slots: the team's wait slots.
+        wait: ``?wait=N``, or ``None``.
+        reread: a 202 after a wait shows the instance as Redis has it now (start, restart),
+            not as it was when sent.
+        timed: a 200 is observed as the start's duration.
+        admin_key: see :func:`_sender`.
+
+    Raises:
+        CTFError: the caller may not act for the team, the request is refused, or the task
+            failed.
+
+    """
+    who.require_team(team_id)
+    began = time.monotonic()
+    task_id, so_far, view = await _send_then_wait(
+        slots, waiter, team_id, wait,
+        _sender(act, disp, challenge, team_id, who, admin_key=admin_key))
+    metrics.tasks_sent.labels(task, challenge).inc()
+    if view is None:
+        return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
+    if view.error is not None:
+        raise _failed(metrics, task, view)
+    if not view.ready:
+        if reread:
+            record = await run_in_threadpool(disp.store.get, challenge, team_id)
+            so_far = record.public() if record else so_far
+        return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
+    if timed:
+        metrics.start_duration.labels(challenge).observe(time.monotonic() - began)
+    return JSONResponse(view.result, status_code=200)
+
+
 # -- the routes -------------------------------------------------------------------------------
 
 
@@ -111,21 +160,8 @@ async def start_instance(
     it failed, or 202 when it is not done within N seconds. A start while another start
     of the instance is pending answers that same task.
     """
-    who.require_team(team_id)
-    began = time.monotonic()
-    task_id, so_far, view = await _send_then_wait(
-        slots, waiter, team_id, wait, _start(disp, challenge, team_id, who))
-    metrics.tasks_sent.labels("start_container", challenge).inc()
-    if view is None:
-        return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
-    if view.error is not None:
-        raise _failed(metrics, "start_container", view)
-    if not view.ready:
-        record = await run_in_threadpool(disp.store.get, challenge, team_id)
-        current = record.public() if record else so_far
-        return JSONResponse({"task_id": task_id, **current}, status_code=202)
-    metrics.start_duration.labels(challenge).observe(time.monotonic() - began)
-    return JSONResponse(view.result, status_code=200)
+    return await _act("start_container", disp.start, challenge, team_id, who, disp, metrics,
+                      waiter, slots, wait, reread=True, timed=True)
 
 
 # The polling routes take the Dispatcher from ``request.app.state`` themselves: a dependency
@@ -164,17 +200,8 @@ async def stop_instance(
     waiter: Waiter, slots: Slots, wait: Wait = None,
 ) -> JSONResponse:
     """Stop and remove the instance: 202, or 200 with ``?wait=N``; 404 when there is none."""
-    who.require_team(team_id)
-    task_id, so_far, view = await _send_then_wait(
-        slots, waiter, team_id, wait, _stop(disp, challenge, team_id, who))
-    metrics.tasks_sent.labels("stop_container", challenge).inc()
-    if view is None:
-        return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
-    if view.error is not None:
-        raise _failed(metrics, "stop_container", view)
-    if not view.ready:
-        return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
-    return JSONResponse(view.result, status_code=200)
+    return await _act("stop_container", disp.stop, challenge, team_id, who, disp, metrics,
+                      waiter, slots, wait, reread=False)
 
 
 @router.post("/api/v1/teams/{team_id}/instances/{challenge}/restart", status_code=202,
@@ -192,19 +219,8 @@ async def restart_instance(
     task's error when it failed, or 202 when it is not done within N seconds. 404
     ``instance_not_found`` when there is no instance (start one).
     """
-    who.require_team(team_id)
-    task_id, so_far, view = await _send_then_wait(
-        slots, waiter, team_id, wait, _restart(disp, challenge, team_id, who))
-    metrics.tasks_sent.labels("restart_container", challenge).inc()
-    if view is None:
-        return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
-    if view.error is not None:
-        raise _failed(metrics, "restart_container", view)
-    if not view.ready:
-        record = await run_in_threadpool(disp.store.get, challenge, team_id)
-        current = record.public() if record else so_far
-        return JSONResponse({"task_id": task_id, **current}, status_code=202)
-    return JSONResponse(view.result, status_code=200)
+    return await _act("restart_container", disp.restart, challenge, team_id, who, disp,
+                      metrics, waiter, slots, wait, reread=True, admin_key=False)
 
 
 @router.post("/api/v1/teams/{team_id}/instances/{challenge}/extend", responses=ERRORS,
@@ -218,7 +234,7 @@ async def extend_instance(
     200 with the instance once extended (it waits a few seconds), else 202 with the task.
     """
     who.require_team(team_id)
-    send = _extend(disp, challenge, team_id, who)
+    send = _sender(disp.extend, disp, challenge, team_id, who)
     try:
         slots.take(team_id)
     except CTFError:
