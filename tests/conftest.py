@@ -17,9 +17,9 @@ import docker
 import pytest
 import redis
 
-from celery_app.settings import Settings, load_settings
+from celery_app.settings import Settings
 from celery_app.worker.context import Context, build_context, set_context
-from ctf_testkit import support
+from ctf_testkit import own_run, support
 from ctf_testkit.docker_sweep import sweep as cleanup_docker
 from ctf_testkit.env import RunConfig
 from ctf_testkit.support import (  # noqa: F401  # tests import these from here
@@ -212,38 +212,17 @@ def base_env(redis_server: RedisServer, catalog_file: Path, data_dir: Path) -> d
     return run.env(janitor_interval=1, admin_token=ADMIN_TOKEN)
 
 
-@contextlib.contextmanager
 def worker_and_api(
     env: dict[str, str], catalog: Path, workdir: Path,
     ready: Callable[[Worker], None] | None = None,
-) -> Iterator[tuple[Worker, Any, Any]]:
+) -> contextlib.AbstractContextManager[tuple[Worker, Any, Any]]:
     """A worker of ``env``, a platform's Celery client and the API on the same Redis.
 
     ``ready`` waits for what the test needs of the started worker. Yields
-    ``(worker, client, api)`` (the API as a FastAPI ``TestClient``); all stopped afterwards.
+    ``(worker, client, api)`` (the API as a FastAPI ``TestClient``); all stopped afterwards
+    (:func:`ctf_testkit.own_run.worker_and_api`, with the test run's admin token).
     """
-    from fastapi.testclient import TestClient  # noqa: PLC0415  # only tests with an API
-
-    from celery_app.api.app import create_app  # noqa: PLC0415
-
-    worker = Worker(env, workdir / f"worker-{uuid.uuid4().hex[:4]}.log")
-    client = support.platform_client(env["CELERY_BROKER_URL"], env["CELERY_RESULT_BACKEND"])
-    settings = load_settings(
-        broker_url=env["CELERY_BROKER_URL"], result_backend=env["CELERY_RESULT_BACKEND"],
-        redis_url=env["CTF_REDIS_URL"], challenges_file=catalog,
-        # The worker's: the API checks flags with the secret the worker's flags come from.
-        data_dir=Path(env["CTF_DATA_DIR"]),
-        admin_token=ADMIN_TOKEN,
-    )
-    try:
-        worker.start()
-        if ready is not None:
-            ready(worker)
-        with TestClient(create_app(settings)) as api:
-            yield worker, client, api
-    finally:
-        worker.stop()
-        support.close_platform_client(client)
+    return own_run.worker_and_api(env, catalog, workdir, admin_token=ADMIN_TOKEN, ready=ready)
 
 
 @pytest.fixture

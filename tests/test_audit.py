@@ -16,8 +16,7 @@ from typing import Any
 
 import docker
 import pytest
-import redis
-from api_helpers import ADMIN, team_headers
+from api_helpers import ADMIN, ADMIN_TOKEN, team_headers
 from conftest import (
     RedisServer,
     base_env,
@@ -33,6 +32,7 @@ from celery_app.api.app import create_app
 from celery_app.cli import app as ctfctl_app
 from celery_app.core.flags import in_app_flag, team_flag
 from celery_app.settings import load_settings
+from ctf_testkit.own_run import own_redis, own_run
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -70,10 +70,8 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def audit_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-audit"))
-    server.start()
-    yield server
-    server.stop()
+    with own_redis(tmp_path_factory.mktemp("redis-audit")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +79,10 @@ def setup(audit_redis: RedisServer, catalog_file: Path, docker_client: docker.Do
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     """A worker (default settings but the test run's), a platform client and the API."""
     workdir = tmp_path_factory.mktemp("audit-run")
-    env = {
-        **base_env(audit_redis, catalog_file, workdir / "data"),
-        "CTF_EXTRA_LABELS": json.dumps(LABEL),
-        "CTF_TEAM_SUBNET_POOL": POOL,
-    }
-    redis.Redis.from_url(env["CTF_REDIS_URL"]).flushdb()
-    try:
-        with worker_and_api(env, catalog_file, workdir) as (_worker, platform, api):
-            settings = load_settings(data_dir=Path(env["CTF_DATA_DIR"]))
-            yield Setup(platform, api, settings.flag_secret_value(), env)
-    finally:
-        cleanup_docker(docker_client, LABEL)
+    env = base_env(audit_redis, catalog_file, workdir / "data")
+    with own_run(docker_client, env, catalog_file, workdir, LABEL, POOL,
+                 admin_token=ADMIN_TOKEN) as run:
+        yield Setup(run.platform, run.api, run.settings.flag_secret_value(), run.env)
 
 
 def _rows(events: list[dict[str, Any]]) -> list[tuple[str, str, str]]:

@@ -9,12 +9,13 @@ instance only). A platform starts and stops it by sending the tasks by name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import docker
@@ -95,23 +96,51 @@ class Platform:
         return list(answer["instances"])
 
 
+@contextlib.contextmanager
+def compose_stack(
+    docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory, purpose: str,
+    compose: Callable[[dict[str, str]], str], catalog: str, pool: str,
+) -> Iterator[Stack]:
+    """The ingress stack of test_ingress.py serving a ``compose: shop.yaml`` catalog.
+
+    Args:
+        docker_client: the engine.
+        tmp_path_factory: pytest's, for the run's folder (named ``purpose``).
+        purpose: the run's folder and private label (each file its own).
+        compose: the Compose file, from the ingress stand-in images.
+        catalog: the challenges file.
+        pool: the file's team subnet pool.
+
+    """
+    base = tmp_path_factory.mktemp(purpose)
+    label = private_label(purpose)
+    (base / "shop.yaml").write_text(compose(ingress_images(docker_client, label)))
+    with running_stack(docker_client, base, label, catalog, pool) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def platform_of(stack: Stack) -> Iterator[Platform]:
+    """A platform's Celery client on the stack's broker; closed afterwards."""
+    client = Platform(stack)
+    yield client
+    close_platform_client(client.app)
+
+
 @pytest.fixture(scope="module")
 def stack(docker_client: docker.DockerClient,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Private Redis, stand-in images, Traefik, the API and a worker with the ingress on."""
-    base = tmp_path_factory.mktemp("compose-ingress")
-    label = private_label("compose-ingress")
-    (base / "shop.yaml").write_text(compose_file(ingress_images(docker_client, label)))
-    with running_stack(docker_client, base, label, CATALOG, POOL) as made:
+    with compose_stack(docker_client, tmp_path_factory, "compose-ingress", compose_file,
+                       CATALOG, POOL) as made:
         yield made
 
 
 @pytest.fixture(scope="module")
 def platform(stack: Stack) -> Iterator[Platform]:
     """A platform's Celery client on the stack's broker."""
-    client = Platform(stack)
-    yield client
-    close_platform_client(client.app)
+    with platform_of(stack) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,18 @@ from collections.abc import Iterator
 
 import docker
 import pytest
-from conftest import private_label
-from test_compose_ingress import Platform, endpoint, mine, open_link, route_files
-from test_ingress import ADMIN, Stack, host_of, ingress_images, path_of, running_stack
+from test_compose_ingress import (
+    Platform,
+    compose_stack,
+    endpoint,
+    mine,
+    open_link,
+    platform_of,
+    route_files,
+)
+from test_ingress import ADMIN, Stack, host_of, path_of
 
-from ctf_testkit.support import close_platform_client, wait_for
+from ctf_testkit.support import wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 
@@ -57,19 +64,16 @@ services:
 def stack(docker_client: docker.DockerClient,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Private Redis, stand-in images, Traefik, the API and a worker that keeps shop's pool."""
-    base = tmp_path_factory.mktemp("compose-pool-ingress")
-    label = private_label("compose-pool-ingress")
-    (base / "shop.yaml").write_text(compose_file(ingress_images(docker_client, label)))
-    with running_stack(docker_client, base, label, CATALOG, POOL) as made:
+    with compose_stack(docker_client, tmp_path_factory, "compose-pool-ingress", compose_file,
+                       CATALOG, POOL) as made:
         yield made
 
 
 @pytest.fixture(scope="module")
 def platform(stack: Stack) -> Iterator[Platform]:
     """A platform's Celery client on the stack's broker."""
-    client = Platform(stack)
-    yield client
-    close_platform_client(client.app)
+    with platform_of(stack) as client:
+        yield client
 
 
 def ready_group(stack: Stack) -> str:

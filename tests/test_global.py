@@ -7,30 +7,31 @@ HTTP API, on a Redis and a team subnet pool of this file's own.
 
 from __future__ import annotations
 
-import json
+import json  # noqa: F401  # importable from here, as before
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path  # noqa: F401  # importable from here, as before
 from typing import Any
 
 import docker
 import pytest
 import redis
-from api_helpers import ADMIN, team_headers
+from api_helpers import ADMIN, ADMIN_TOKEN, team_headers
 from conftest import (
     RedisServer,
     base_env,
-    cleanup_docker,
+    cleanup_docker,  # noqa: F401  # importable from here, as before
     private_label,
     wait_for,
-    worker_and_api,
+    worker_and_api,  # noqa: F401  # importable from here, as before
 )
 from fastapi.testclient import TestClient
 
 from celery_app.core.flags import team_flag
-from celery_app.settings import load_settings
+from celery_app.settings import load_settings  # noqa: F401  # importable from here, as before
 from celery_app.vocab.models import NEVER_EXPIRES
+from ctf_testkit.own_run import own_redis, own_run
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -99,10 +100,8 @@ challenges:
 
 @pytest.fixture(scope="module")
 def global_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-global"))
-    server.start()
-    yield server
-    server.stop()
+    with own_redis(tmp_path_factory.mktemp("redis-global")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +112,11 @@ def setup(global_redis: RedisServer, images: dict[str, str],
     workdir = tmp_path_factory.mktemp("global-run")
     catalog = workdir / "challenges.yaml"
     catalog.write_text(_catalog(images))
-    env = {
-        **base_env(global_redis, catalog, workdir / "data"),
-        "CTF_EXTRA_LABELS": json.dumps(LABEL),
-        "CTF_TEAM_SUBNET_POOL": POOL,
-    }
+    env = base_env(global_redis, catalog, workdir / "data")
     env.pop("CTF_JANITOR_INTERVAL")  # the default: no lowered interval
-    redis.Redis.from_url(env["CTF_REDIS_URL"]).flushdb()
-    try:
-        with worker_and_api(env, catalog, workdir) as (_worker, platform, api):
-            settings = load_settings(data_dir=Path(env["CTF_DATA_DIR"]))
-            yield Setup(platform, api, settings.flag_secret_value())
-    finally:
-        cleanup_docker(docker_client, LABEL)
+    with own_run(docker_client, env, catalog, workdir, LABEL, POOL,
+                 admin_token=ADMIN_TOKEN) as run:
+        yield Setup(run.platform, run.api, run.settings.flag_secret_value())
 
 
 def _container(docker_client: docker.DockerClient, challenge: str) -> Any:

@@ -19,7 +19,6 @@ from typing import Any
 
 import docker
 import pytest
-import redis
 import uvicorn
 from api_helpers import ADMIN, ADMIN_TOKEN, team_headers
 from ci import unavailable
@@ -27,12 +26,10 @@ from conftest import (
     ROOT,
     RedisServer,
     base_env,
-    cleanup_docker,
     default_setting,
     free_port,
     private_label,
     wait_for,
-    worker_and_api,
 )
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -43,6 +40,7 @@ from celery_app.cli import app as ctfctl_app
 from celery_app.core.flags import team_flag
 from celery_app.settings import load_settings
 from celery_app.vocab.team_tokens import team_token
+from ctf_testkit.own_run import own_redis, own_run
 
 pytestmark = [pytest.mark.docker, pytest.mark.redis]
 
@@ -111,10 +109,8 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def restart_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-restart"))
-    server.start()
-    yield server
-    server.stop()
+    with own_redis(tmp_path_factory.mktemp("redis-restart")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +121,11 @@ def setup(restart_redis: RedisServer, images: dict[str, str],
     workdir = tmp_path_factory.mktemp("restart-run")
     catalog_file = workdir / "challenges.yaml"
     catalog_file.write_text(catalog(images))
-    env = {
-        **base_env(restart_redis, catalog_file, workdir / "data"),
-        "CTF_EXTRA_LABELS": json.dumps(LABEL),
-        "CTF_TEAM_SUBNET_POOL": POOL,
-    }
-    redis.Redis.from_url(env["CTF_REDIS_URL"]).flushdb()
-    try:
-        with worker_and_api(env, catalog_file, workdir) as (_worker, platform, api):
-            settings = load_settings(data_dir=Path(env["CTF_DATA_DIR"]))
-            yield Setup(platform, api, docker_client, settings.flag_secret_value(), env)
-    finally:
-        cleanup_docker(docker_client, LABEL)
+    env = base_env(restart_redis, catalog_file, workdir / "data")
+    with own_run(docker_client, env, catalog_file, workdir, LABEL, POOL,
+                 admin_token=ADMIN_TOKEN) as run:
+        yield Setup(run.platform, run.api, docker_client, run.settings.flag_secret_value(),
+                    run.env)
 
 
 def _wrote_file(setup: Setup, container_id: str) -> bool:
