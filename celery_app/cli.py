@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn
 
@@ -243,6 +243,34 @@ def _solver_health(checked: list[str]) -> dict[str, str]:
     return {row["challenge"]: row["state"] for row in rows}
 
 
+def _send_then_show(
+    disp: Dispatcher, send: Callable[[], tuple[str, dict[str, Any]]], wait: bool,
+    timeout: float, label: str, as_json: bool, done: Callable[[Any], None],
+) -> None:
+    """Send a start, stop or restart; show what was sent, or wait and hand ``done`` the result.
+
+    Args:
+        disp: the Dispatcher that sent it (and waits for it).
+        send: sends the request; returns the task id and the instance so far.
+        wait: wait for the task (else the task id and the instance so far are shown).
+        timeout: how long to wait, in seconds.
+        label: what the progress line says meanwhile.
+        as_json: print JSON, and no progress line.
+        done: shows the task's result.
+
+    Raises:
+        typer.Exit: the request was refused, the task failed, or it is still running.
+
+    """
+    with _errors():
+        task_id, so_far = send()
+        if not wait:
+            _show({"task_id": task_id, **so_far}, as_json)
+            return
+        view = _wait_with_progress(disp, task_id, timeout, label, as_json)
+    done(_finish(view, task_id, as_json))
+
+
 @app.command()
 def start(
     challenge: str, team: str, wait: WaitOpt = True, timeout: TimeoutOpt = 300,
@@ -250,14 +278,9 @@ def start(
 ) -> None:
     """Start TEAM's instance of CHALLENGE (idempotent) and show it once it runs."""
     disp = _dispatcher()
-    with _errors():
-        task_id, so_far = disp.start(disp.key(challenge, team, ADMIN))
-        if not wait:
-            _show({"task_id": task_id, **so_far}, as_json)
-            return
-        view = _wait_with_progress(disp, task_id, timeout, f"starting {challenge} for {team}",
-                                   as_json)
-    _show(_finish(view, task_id, as_json), as_json, "started")
+    _send_then_show(disp, lambda: disp.start(disp.key(challenge, team, ADMIN)), wait, timeout,
+                    f"starting {challenge} for {team}", as_json,
+                    lambda result: _show(result, as_json, "started"))
 
 
 @app.command()
@@ -266,19 +289,15 @@ def stop(
     as_json: JsonOpt = False,
 ) -> None:
     """Stop and remove TEAM's instance of CHALLENGE."""
+    def stopped(result: Any) -> None:
+        if as_json:
+            _print_json(result)
+        else:
+            out.print(f"[green]stopped[/] {challenge} for team {team}")
+
     disp = _dispatcher()
-    with _errors():
-        task_id, so_far = disp.stop(disp.key(challenge, team, ADMIN))
-        if not wait:
-            _show({"task_id": task_id, **so_far}, as_json)
-            return
-        view = _wait_with_progress(disp, task_id, timeout, f"stopping {challenge} for {team}",
-                                   as_json)
-    result = _finish(view, task_id, as_json)
-    if as_json:
-        _print_json(result)
-    else:
-        out.print(f"[green]stopped[/] {challenge} for team {team}")
+    _send_then_show(disp, lambda: disp.stop(disp.key(challenge, team, ADMIN)), wait, timeout,
+                    f"stopping {challenge} for {team}", as_json, stopped)
 
 
 @app.command()
@@ -288,14 +307,10 @@ def restart(
 ) -> None:
     """Replace TEAM's instance of CHALLENGE with a fresh one (same flag, new expiry)."""
     disp = _dispatcher()
-    with _errors():
-        task_id, so_far = disp.restart(disp.key(challenge, team))
-        if not wait:
-            _show({"task_id": task_id, **so_far}, as_json)
-            return
-        view = _wait_with_progress(disp, task_id, timeout,
-                                   f"restarting {challenge} for {team}", as_json)
-    _show(_finish(view, task_id, as_json), as_json, "restarted")
+    # Validated as a team's key (no admin naming of the ``global`` team id), as before.
+    _send_then_show(disp, lambda: disp.restart(disp.key(challenge, team)), wait, timeout,
+                    f"restarting {challenge} for {team}", as_json,
+                    lambda result: _show(result, as_json, "restarted"))
 
 
 @app.command()
