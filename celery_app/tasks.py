@@ -274,10 +274,11 @@ def start_container(
     return _on_instance(
         self, "start_container", challenge, team_id,
         {"intent": intent, "hops": hops, COUNTED: counted, "actor": actor},
+        # The link names the team asking (a global instance's too: every team opens it).
         lambda ctx, key: ctx.service.ingress.with_access(ctx.service.start(
             key, progress=self.report, intent=intent,
             count_rate=not counted, lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id,
-        ).public()),
+        ).public(), team_id),
         placing=True,
     )
 
@@ -320,7 +321,7 @@ def restart_container(
         lambda ctx, key: ctx.service.ingress.with_access(ctx.service.restart(
             key, progress=self.report, intent=intent,
             count_rate=not counted, lock_wait=BUSY_LOCK_WAIT, task_id=self.request.id,
-        ).public()),
+        ).public(), team_id),
         placing=True,
     )
 
@@ -381,7 +382,8 @@ def get_container_status(
             # Every team's instances, or this host's follower is not live (then Docker is asked).
             shown = present(ctx.service.status(team_id, challenge, verify=not live),
                             ctx.store, ctx.hosts)
-        return {"instances": [ctx.service.ingress.with_access(d) for d in shown]}
+        # A team's read: its links name it (a global instance's too, SPEC §13).
+        return {"instances": [ctx.service.ingress.with_access(d, team_id) for d in shown]}
 
     # A platform asks this every few seconds for every team: logged at DEBUG, refusals at
     # WARNING (Celery's own received/succeeded lines for it are dropped: celery_app.py).

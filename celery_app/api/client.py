@@ -290,7 +290,8 @@ class Dispatcher:
         """
         key = self.key(challenge, team_id)
         # A global challenge's instance is every team's (SPEC §13).
-        shown = await self._shown_view(self.catalog.get(challenge).holder(key.team), challenge)
+        shown = await self._shown_view(self.catalog.get(challenge).holder(key.team), challenge,
+                                       viewer=team_id)
         if not shown:
             raise _not_found(challenge, team_id)
         return shown[0]
@@ -304,15 +305,21 @@ class Dispatcher:
 
         """
         check_team_id(team_id)
-        return await self._shown_view(team_id, None)
+        return await self._shown_view(team_id, None, viewer=team_id)
 
-    async def _shown_view(self, team_id: str, challenge: str | None) -> list[dict[str, Any]]:
+    async def _shown_view(self, team_id: str, challenge: str | None, *,
+                          viewer: str | None = None) -> list[dict[str, Any]]:
+        """Return ``team_id``'s instances (of ``challenge``), with the links ``viewer`` opens.
+
+        ``viewer``: the team whose request this answers. A ``share: global`` instance's
+        ``access_url`` names that team, not ``global`` (SPEC §13): every admitted team opens it.
+        """
         hosts = list(self.hosts)
         if self.index.is_open:
             found, beats = await self.index.view(team_id, challenge, hosts)
         else:
             found, beats = await run_in_threadpool(self.store.view, team_id, challenge, hosts)
-        return self._with_access(present_with(found, parse_beats(beats)))
+        return self._with_access(present_with(found, parse_beats(beats)), viewer)
 
     def present(self, instances: list[Instance]) -> list[dict[str, Any]]:
         """Return instances as listings show them, with ``host_up``.
@@ -322,14 +329,16 @@ class Dispatcher:
         """
         return self._with_access(present(instances, self.store, self.hosts))
 
-    def _with_access(self, shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _with_access(self, shown: list[dict[str, Any]],
+                     viewer: str | None = None) -> list[dict[str, Any]]:
         """Add ``access_url``, a fresh short-lived link (SPEC §11), with ``Ingress.with_access``.
 
         With the tasks' results (the workers add it there), the one place it is added: what
-        the dispatcher returns carries it already, and callers add nothing.
+        the dispatcher returns carries it already, and callers add nothing. ``viewer``: the
+        team asking (its links name it; a global instance's would name ``global`` otherwise).
         """
         ingress = Ingress(self.settings)
-        return [ingress.with_access(d) for d in shown]
+        return [ingress.with_access(d, viewer) for d in shown]
 
     # -- coalescing: one pending task per instance and kind ---------------------------------
 
@@ -408,7 +417,7 @@ class Dispatcher:
         self.store.set_task_owner(task_id, json.dumps({"owner": owner,
                                                        "task": "start_container"}), NOOP_TTL)
         # The answer a start task gives: the instance with its access_url.
-        answer = self._with_access([record.public()])[0]
+        answer = self._with_access([record.public()], owner)[0]
         with map_redis_errors("answer start"):
             backend.store_result(task_id, answer, "SUCCESS")
             backend.client.expire(backend.get_key_for_task(task_id), NOOP_TTL)

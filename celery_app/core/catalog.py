@@ -420,13 +420,6 @@ def build_catalog(raw: object, settings: Settings, source: str = "catalog",
             )
         update: dict[str, Any] = {"name": challenge.name or cid, "ttl": ttl,
                                   "max_lifetime": max_lifetime}
-        if challenge.is_global and settings.ingress != "ports":
-            # Behind Traefik each route answers one team's cookie (SPEC §11): a route every
-            # admitted team may open is not built yet (README, "Shared instances").
-            raise CatalogError(
-                f"{source}: challenge {cid!r}, field 'share': 'global' needs published ports "
-                f"(CTF_INGRESS=ports) for now; CTF_INGRESS={settings.ingress} gates each route "
-                "to one team. Use share: team, or CTF_INGRESS=ports")
         if not challenge.read_only and challenge.disk is None:
             update["disk"] = settings.default_disk  # every writable instance is bounded
         if challenge.compose is not None:

@@ -232,6 +232,11 @@ class Ingress:
 
         A Compose instance's ``endpoints`` get theirs too: each HTTP endpoint has a host of
         its own, and a link opens one host only.
+
+        ``principal``: who the links are for (default: the instance's team). A ``share:
+        global`` instance (SPEC §13) is shown to every team, each with a link naming itself:
+        a link and its cookie are bound to the host, not to a team, so every team that
+        is shown the instance (every admitted team) opens it.
         """
         if not self.enabled or data.get("status") not in ("running", "starting"):
             return data

@@ -11,6 +11,8 @@ import pytest
 from celery_app.core.catalog import build_catalog, shared_key
 from celery_app.core.service import InstanceService
 from celery_app.errors import CatalogError, InvalidTeamId, SharedInstance
+from celery_app.ingress import Ingress
+from celery_app.ingress.gate import Gate
 from celery_app.loops.janitor import Janitor
 from celery_app.settings import Settings
 from celery_app.state.store import StateStore
@@ -56,13 +58,30 @@ def test_the_catalog_refuses_what_a_global_challenge_cannot_be(
         build_catalog({"challenges": {"shared": entry}}, make_settings(), base=Path("/"))
 
 
-def test_the_catalog_refuses_global_behind_the_ingress(
-    make_settings: Callable[..., Settings], tmp_path: Path,
+def test_behind_the_ingress_every_teams_link_opens_the_global_host(
+    make_settings: Callable[..., Settings],
 ) -> None:
-    """Behind Traefik (each route one team's) a global challenge is refused at start-up."""
-    settings = make_settings(ingress="traefik", ingress_domain="ctf.example.org")
-    with pytest.raises(CatalogError, match="CTF_INGRESS=ports"):
-        build_catalog({"challenges": {"shared": ENTRIES["shared"]}}, settings)
+    """Behind Traefik a global challenge is accepted; each team's link and cookie pass its gate."""
+    settings = make_settings(ingress="traefik")
+    catalog = build_catalog({"challenges": {"shared": ENTRIES["shared"]}}, settings)
+    assert catalog.get("shared").is_global
+    ingress = Ingress(settings)
+    url = ingress.url("shared", "global", "http", started_at="2026-12-01T00:00:00Z")
+    shown = {"team_id": "global", "challenge": "shared", "status": "running", "url": url}
+    gate = Gate(settings, settings.admin_token_value())
+    host = url.split("://", 1)[1].split("/", 1)[0]
+    for team in ("team1", "team2"):
+        link = ingress.with_access(shown, team)["access_url"]
+        token = link.rsplit("/", 1)[1]
+        assert token.startswith(f"{team}.")  # the link names the team it was shown to
+        status, headers, _ = gate.decide([(b"x-forwarded-host", host.encode()),
+                                          (b"x-forwarded-uri", f"/_ctf/access/{token}".encode())])
+        assert status == 302
+        cookie = dict(headers)[b"set-cookie"].split(b";", 1)[0]
+        status, _, _ = gate.decide([(b"x-forwarded-host", host.encode()), (b"cookie", cookie)])
+        assert status == 200
+    status, _, _ = gate.decide([(b"x-forwarded-host", host.encode())])
+    assert status == 401  # no admission: no cookie
 
 
 def test_a_teams_request_is_about_the_one_instance(gsvc: InstanceService) -> None:
