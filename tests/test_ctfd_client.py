@@ -67,7 +67,11 @@ def test_environment_wins_over_the_admin_page(
     assert (conn.url, conn.admin_token, conn.prefix) == ("http://saved:8000", "saved-token",
                                                           "event1")
     assert conn.token_source == "the admin page"
+    assert (conn.url_env, conn.token_env, conn.prefix_env) == (None, None, None)
     token_file = tmp_path / "admin_token"
+    token_file.write_text("")  # an empty file gives no token: the page's field stays usable
+    monkeypatch.setenv("CTF_INSTANCER_ADMIN_TOKEN_FILE", str(token_file))
+    assert client.resolve(stored).token_env is None
     token_file.write_text("file-token\n")
     monkeypatch.setenv("CTF_INSTANCER_URL", "http://env:9000")
     monkeypatch.setenv("CTF_INSTANCER_ADMIN_TOKEN_FILE", str(token_file))
@@ -75,8 +79,29 @@ def test_environment_wins_over_the_admin_page(
     conn = client.resolve(stored)
     assert (conn.url, conn.admin_token, conn.prefix) == ("http://env:9000", "file-token", "ctfd")
     assert "CTF_INSTANCER_ADMIN_TOKEN_FILE" in conn.token_source
+    # Each field the environment sets names its variable (the settings page locks it), an
+    # invalid prefix too: the page cannot override it either.
+    assert (conn.url_env, conn.token_env, conn.prefix_env) == (
+        "CTF_INSTANCER_URL", "CTF_INSTANCER_ADMIN_TOKEN_FILE", "CTF_INSTANCER_TEAM_PREFIX")
     monkeypatch.setenv("CTF_INSTANCER_ADMIN_TOKEN", "env-token")
     assert client.resolve(stored).admin_token == "env-token"
+    assert client.resolve(stored).token_env == "CTF_INSTANCER_ADMIN_TOKEN"
+
+
+def test_the_settings_page_goes_by_one_name() -> None:
+    """The plugin's messages, pages and docs name its settings page Admin > Instancer > Settings."""
+    plugin = ROOT / "integrations" / "ctfd" / "ctf_instancer"
+    for path in sorted(plugin.rglob("*")):
+        if path.is_file() and path.suffix in {".py", ".js", ".html", ".md"}:
+            text = path.read_text(encoding="utf-8")
+            for other in ("Plugins > Instancer", "Admin > Instances", "Connection settings",
+                          "Instancer settings", "Instances > Settings"):
+                assert other not in text, f"{path.name} still says {other!r}"
+    assert client.SETTINGS_PAGE == "Admin > Instancer > Settings"
+    with pytest.raises(client.NotConfigured, match=re.escape(client.SETTINGS_PAGE)):
+        client.InstancerClient(client.Connection(None, "t", "ctfd", "", "", ""))
+    with pytest.raises(client.NotConfigured, match=re.escape(client.SETTINGS_PAGE)):
+        client.InstancerClient(client.Connection("http://x", None, "ctfd", "", "", ""))
 
 
 def test_a_saved_token_is_sealed_and_used_only_with_its_url(

@@ -10,6 +10,7 @@ Set ``CTF_DASHBOARD_SCREENSHOTS=1`` to write the screenshots into ``docs/``.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import json
@@ -233,14 +234,11 @@ def _nonce(html: str) -> str:
     return match.group(1)
 
 
-@pytest.fixture(scope="module")
-def ctfd(
-    ctfd_install: CtfdInstall, stack: Stack, tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    """CTFd with the plugin linked in, set up in teams mode by its organiser; yield its URL."""
-    install_plugin(ctfd_install)
-    server = CtfdServer(ctfd_install, tmp_path_factory.mktemp("ctfd"), free_port(),
-                        {"REDIS_URL": f"{stack.redis.url}/7", "CTF_INSTANCER_TEAM_PREFIX": PREFIX})
+@contextlib.contextmanager
+def serve_ctfd(install: CtfdInstall, workdir: Path, env: dict[str, str]) -> Iterator[str]:
+    """Run a CTFd with the plugin linked in, set up in teams mode by its organiser; its URL."""
+    install_plugin(install)
+    server = CtfdServer(install, workdir, free_port(), env)
     server.start()
     try:
         def answers() -> bool:
@@ -266,6 +264,17 @@ def ctfd(
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def ctfd(
+    ctfd_install: CtfdInstall, stack: Stack, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """CTFd with the plugin linked in, set up in teams mode by its organiser; yield its URL."""
+    with serve_ctfd(ctfd_install, tmp_path_factory.mktemp("ctfd"),
+                    {"REDIS_URL": f"{stack.redis.url}/7",
+                     "CTF_INSTANCER_TEAM_PREFIX": PREFIX}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -760,3 +769,186 @@ def test_the_modal_links_every_endpoint_of_a_compose_instance(
     wait_for(lambda: not instance_of(docker_client, team_id, "duo"), 30, 0.2,
              "the group's containers to be removed")
     ctx.close()
+
+
+# -- the organiser's view of the plugin: one name, flags labelled, the environment's fields -----
+
+
+def connect(org: Page, stack: Stack) -> None:
+    """Save the instancer's URL and admin token on Instancer > Settings."""
+    org.goto("/admin/ctf_instancer/settings")
+    org.fill("#ctfi-url", stack.api)
+    org.fill("#ctfi-token", stack.token)
+    org.get_by_role("button", name="Save").click()
+    expect(org.locator(".ctfi-catalog-list")).to_contain_text("flagweb")
+
+
+def saved_settings(org: Page) -> dict[str, str]:
+    """The plugin's settings table, as CTFd's backup export holds it (key: stored value)."""
+    backup = org.request.get("/admin/export")
+    assert backup.status == 200
+    with zipfile.ZipFile(io.BytesIO(backup.body())) as archive:
+        raw = archive.read("db/ctf_instancer_settings.json")
+    # CTFd writes an empty table as an empty file.
+    table = json.loads(raw) if raw.strip() else {}
+    return {row["key"]: row["value"] for row in table.get("results", [])}
+
+
+def post_by_hand(org: Page, values: dict[str, str]) -> None:
+    """Post the settings form with ``values`` in fields the page disabled (as devtools would)."""
+    org.evaluate("""(values) => {
+        for (const [name, value] of Object.entries(values)) {
+            const field = document.getElementById(`ctfi-${name}`);
+            field.disabled = false;
+            field.name = name;
+            field.value = value;
+        }
+        document.querySelector("form button[type=submit]").disabled = false;
+    }""", values)
+    org.get_by_role("button", name="Save").click()
+
+
+@pytest.mark.timeout(600)
+def test_one_name_for_the_settings_page_and_the_instancer_flag_labelled(
+    ctfd: str, stack: Stack, browser: Browser, tmp_path: Path,
+) -> None:
+    """Menu, tabs and pages say Instancer > Settings; an instancer flag's row says what it is."""
+    org_ctx, org = new_page(browser, ctfd)
+    try:
+        log_in(org, ADMIN_NAME, ADMIN_PASSWORD)
+        # One admin menu entry, "Instancer", opening its Instances tab; its Settings tab is the
+        # settings page, by that name only.
+        org.goto("/admin/statistics")
+        menu = org.locator("#base-navbars")
+        expect(menu.get_by_role("link", name="Instances", exact=True)).to_have_count(0)
+        menu.get_by_role("link", name="Instancer", exact=True).click()
+        expect(org).to_have_url(re.compile(r"/admin/ctf_instancer$"))
+        expect(org.locator("h1")).to_have_text("Instancer")
+        tabs = org.locator(".ctfi-tabs")
+        expect(tabs.locator("[aria-current=page]")).to_have_text("Instances")
+        expect(org.locator("#ctfi-admin")).to_contain_text("Instancer > Settings")
+        tabs.get_by_role("link", name="Settings", exact=True).click()
+        expect(org).to_have_url(re.compile(r"/admin/ctf_instancer/settings$"))
+        expect(org.locator("h1")).to_have_text("Instancer")
+        expect(tabs.locator("[aria-current=page]")).to_have_text("Settings")
+        for other in ("Connection settings", "Instancer settings", "Plugins &gt; Instancer"):
+            assert other not in org.content()
+
+        # This CTFd is given CTF_INSTANCER_TEAM_PREFIX: its field is read-only and says so;
+        # the URL and the token are the page's to set.
+        prefix = org.locator("#ctfi-prefix")
+        expect(prefix).to_be_disabled()
+        expect(prefix).to_have_value(PREFIX)
+        expect(org.locator("#ctfi-prefix-note")).to_contain_text(
+            "Set by the environment: CTF_INSTANCER_TEAM_PREFIX.")
+        expect(org.locator("#ctfi-url")).to_be_editable()
+        expect(org.locator("#ctfi-token")).to_be_editable()
+        connect(org, stack)
+        # A post that sends a prefix anyway (the field enabled by hand) does not save it.
+        post_by_hand(org, {"prefix": "hijack"})
+        expect(org.locator(".ctfi-env-ignored")).to_contain_text(
+            "Team id prefix (CTF_INSTANCER_TEAM_PREFIX)")
+        expect(org.locator("#ctfi-prefix")).to_have_value(PREFIX)
+        expect(org.locator("#ctfi-prefix-note")).to_contain_text(f"{PREFIX}-t<team id>")
+        expect(org.locator(".ctfi-catalog-list")).to_contain_text("flagweb")
+        assert "prefix" not in saved_settings(org)
+
+        # CTFd's admin flag list: the instancer flag's Flag cell says what it is, an in-app
+        # one names its challenge and says whose flag it is, a static flag is left as it is.
+        team_flag_id = create_challenge(org, {
+            "name": "Labelled flag", "category": "web", "value": 10, "description": "-",
+            "state": "hidden", "type": "instanced", "instancer_challenge": "flagweb",
+            "instancer_flag": "1"}, None)
+        in_app_id = create_challenge(org, {
+            "name": "Labelled in-app flag", "category": "shop", "value": 10, "description": "-",
+            "state": "hidden", "type": "standard"},
+            {"type": "instancer", "content": "Score Board", "data": "shop"})
+        static_id = create_challenge(org, {
+            "name": "Labelled static flag", "category": "misc", "value": 10,
+            "description": "-", "state": "hidden", "type": "standard"},
+            {"type": "static", "content": "CTF{static}"})
+        cells = {}
+        for chal_id in (team_flag_id, in_app_id, static_id):
+            org.goto(f"/admin/challenges/{chal_id}")
+            org.get_by_role("tab", name="Flags").click()
+            row = org.locator("#flagsboard tbody tr")
+            expect(row).to_have_count(1)
+            cells[chal_id] = row.locator("td").nth(1)
+            if chal_id == team_flag_id:
+                expect(row.locator("td").first).to_have_text("instancer")
+                expect(cells[chal_id]).to_have_text("each team's own flag")
+                flags_tab = org.locator("#flags")
+                expect(flags_tab).to_have_class(re.compile(r"\bshow\b"))
+                flags_tab.screenshot(path=str(tmp_path / "ctfd-flag-list.png"),
+                                     animations="disabled")  # its fade-in, finished
+                if os.environ.get("CTF_DASHBOARD_SCREENSHOTS") == "1":
+                    shutil.copyfile(tmp_path / "ctfd-flag-list.png", DOCS / "ctfd-flag-list.png")
+            elif chal_id == in_app_id:
+                expect(cells[chal_id].locator("pre")).to_have_text("Score Board")
+                expect(cells[chal_id]).to_contain_text("each team's own in-app flag")
+            else:
+                expect(cells[chal_id]).to_have_text("CTF{static}")
+                expect(cells[chal_id].locator(".ctfi-flag-note")).to_have_count(0)
+    finally:
+        org_ctx.close()
+
+
+@pytest.mark.timeout(600)
+def test_settings_set_by_the_environment_are_read_only_and_never_overwritten(
+    ctfd_install: CtfdInstall, stack: Stack, browser: Browser, tmp_path: Path,
+) -> None:
+    """A CTFd given CTF_INSTANCER_*: those fields are read-only, named, and a post keeps them."""
+    token_file = tmp_path / "instancer_admin_token"
+    token_file.write_text("")  # the operator has not filled it yet
+    env = {"REDIS_URL": f"{stack.redis.url}/8", "CTF_INSTANCER_URL": stack.api,
+           "CTF_INSTANCER_ADMIN_TOKEN_FILE": str(token_file),
+           "CTF_INSTANCER_TEAM_PREFIX": f"{PREFIX}e"}
+    with serve_ctfd(ctfd_install, tmp_path / "ctfd", env) as url:
+        org_ctx, org = new_page(browser, url)
+        try:
+            log_in(org, ADMIN_NAME, ADMIN_PASSWORD)
+            org.goto("/admin/ctf_instancer/settings")
+            # No token yet (the file is empty): the page says where to set one, by its name,
+            # and the token field is the page's while the environment gives none.
+            expect(org.locator(".ctfi-health")).to_contain_text(
+                "The instancer's admin token is not set: an organiser sets it in CTFd on "
+                "Admin > Instancer > Settings, or with CTF_INSTANCER_ADMIN_TOKEN.")
+            expect(org.locator("#ctfi-token")).to_be_editable()
+            url_field = org.locator("#ctfi-url")
+            expect(url_field).to_be_disabled()
+            expect(url_field).to_have_value(stack.api)
+            expect(org.locator("#ctfi-url-note")).to_contain_text(
+                "Set by the environment: CTF_INSTANCER_URL.")
+
+            # The operator fills the file: every field now comes from the environment.
+            token_file.write_text(stack.token + "\n")
+            org.goto("/admin/ctf_instancer/settings")
+            expect(org.locator(".ctfi-catalog-list")).to_contain_text("flagweb")
+            for field in ("#ctfi-url", "#ctfi-token", "#ctfi-prefix"):
+                expect(org.locator(field)).to_be_disabled()
+            expect(org.locator("#ctfi-prefix")).to_have_value(f"{PREFIX}e")
+            expect(org.locator("#ctfi-token-note")).to_contain_text(
+                "Set by the environment: CTF_INSTANCER_ADMIN_TOKEN_FILE")
+            expect(org.locator("#ctfi-token-note")).to_contain_text(f", the file {token_file}.")
+            expect(org.locator("#ctfi-prefix-note")).to_contain_text(
+                "Set by the environment: CTF_INSTANCER_TEAM_PREFIX.")
+            expect(org.locator(".ctfi-all-env")).to_have_text(
+                "Every field is set by the environment: nothing to save here.")
+            expect(org.get_by_role("button", name="Save")).to_be_disabled()
+            assert stack.token not in org.content()
+            screenshot(org, tmp_path, "ctfd-settings-env.png")
+
+            # A post made by hand with other values changes none of them, and says so.
+            post_by_hand(org, {"url": "http://127.0.0.1:9", "token": "not-the-token",
+                               "prefix": "hijack"})
+            ignored = org.locator(".ctfi-env-ignored")
+            expect(ignored).to_contain_text("Instancer URL (CTF_INSTANCER_URL)")
+            expect(ignored).to_contain_text("Admin token (CTF_INSTANCER_ADMIN_TOKEN_FILE)")
+            expect(ignored).to_contain_text("Team id prefix (CTF_INSTANCER_TEAM_PREFIX)")
+            expect(org.locator("#ctfi-url")).to_have_value(stack.api)
+            expect(org.locator("#ctfi-prefix")).to_have_value(f"{PREFIX}e")
+            expect(org.locator(".ctfi-catalog-list")).to_contain_text("flagweb")
+            # Nothing was written to the plugin's table, to come back if the variables go.
+            assert saved_settings(org) == {}
+        finally:
+            org_ctx.close()

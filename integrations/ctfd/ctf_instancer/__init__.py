@@ -8,9 +8,11 @@ Installed by copying or linking this folder into ``CTFd/plugins/`` (see README.m
 - the flag type ``instancer``: a submission is checked by the instancer against the
   submitting team's own flag (or, given a Juice Shop challenge name, that team's in-app
   flag), so a flag copied from another team is wrong;
-- admin pages: every instance with Stop and Extend, flags one team submitted that were
-  another's, and the connection settings (with a warning for a per-team flag that no
-  container holds);
+- the admin menu entry "Instancer", with two tabs: Instances (every instance with Stop and
+  Extend, flags one team submitted that were another's) and Settings (where the instancer is,
+  fields set by the environment read-only; a warning for a per-team flag that no container
+  holds);
+- "each team's own flag" in the Flag column of CTFd's admin flag list, for an instancer flag;
 - a refusal of a static flag beside an ``instanced`` challenge's per-team flag.
 
 Every call to the instancer is made here, server-side; browsers only ever talk to CTFd.
@@ -19,6 +21,7 @@ Every call to the instancer is made here, server-side; browsers only ever talk t
 from __future__ import annotations
 
 import math
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +29,7 @@ from CTFd.exceptions.challenges import ChallengeCreateException, ChallengeUpdate
 from CTFd.models import Challenges, Flags, Solves, Teams, Users, db
 from CTFd.plugins import (
     register_admin_plugin_menu_bar,
+    register_admin_plugin_script,
     register_plugin_assets_directory,
 )
 from CTFd.plugins.challenges import CHALLENGE_CLASSES, BaseChallenge
@@ -66,6 +70,7 @@ PLUGIN = "ctf_instancer"
 ASSETS = f"/plugins/{PLUGIN}/assets/"
 TYPE_ID = "instanced"
 FLAG_TYPE = "instancer"
+MENU = "Instancer"  # the admin menu entry; its tabs are Instances and Settings (SETTINGS_PAGE)
 
 
 # -- storage ----------------------------------------------------------------------------------
@@ -584,8 +589,8 @@ def open_instance(challenge_id: int) -> Any:
 @admin.route("/admin/ctf_instancer", methods=["GET"])
 @admins_only
 def admin_instances_page() -> Any:
-    """Every instance the instancer runs, with Stop and Extend."""
-    return render_template("ctf_instancer_admin.html")
+    """Instancer > Instances: every instance the instancer runs, with Stop and Extend."""
+    return render_template("ctf_instancer_admin.html", tab="instances")
 
 
 @admin.route("/admin/ctf_instancer/api/instances", methods=["GET"])
@@ -698,33 +703,58 @@ def admin_shared_flags() -> Any:
     return jsonify({"success": True, "data": rows})
 
 
+# The settings page's fields: (form field, label, the Connection attribute naming the
+# environment variable that sets it, when one does).
+SETTINGS_FIELDS = (("url", "Instancer URL", "url_env"), ("token", "Admin token", "token_env"),
+                   ("prefix", "Team id prefix", "prefix_env"))
+
+
+def save_settings_form(form: Any) -> tuple[str | None, str | None, list[tuple[str, str]]]:
+    """Save what the settings form sent; return ``(message, problem, ignored)``.
+
+    A field set by an environment variable is shown read-only and is never saved from a
+    post (a crafted one included): what the page holds then would silently come back into
+    use the day the variable is removed. ``ignored`` lists each such field that was sent
+    anyway, as ``(label, variable)``.
+    """
+    conn = connection()
+    locked = {field: getattr(conn, attr) for field, _, attr in SETTINGS_FIELDS}
+    ignored = [(label, locked[field]) for field, label, _ in SETTINGS_FIELDS
+               if locked[field] and form.get(field, "").strip()]
+    url = "" if locked["url"] else form.get("url", "").strip()
+    prefix = "" if locked["prefix"] else form.get("prefix", "").strip()
+    token = "" if locked["token"] else form.get("token", "").strip()
+    if url and not url.startswith(("http://", "https://")):
+        return None, "The URL must start with http:// or https://.", ignored
+    if prefix and not PREFIX_RE.fullmatch(prefix):
+        return None, ("The prefix must be 1 to 41 letters, digits, '_' or '-', starting "
+                      "with a letter or digit."), ignored
+    if not locked["url"]:
+        save_setting("url", url)
+    if not locked["prefix"]:
+        save_setting("prefix", prefix)
+    if form.get("clear_token"):
+        save_setting("token", "")
+    elif token:
+        # Bound to the URL in use now (the environment's wins over the page's).
+        save_token(resolve({"url": url}).url or "", token)
+    message = "Saved."
+    if not token and stored_settings().get("token") and connection().admin_token is None:
+        message = ("Saved. The admin token was saved for another URL and is not sent "
+                   "to this one: enter it again.")
+    return message, None, ignored
+
+
 @admin.route("/admin/ctf_instancer/settings", methods=["GET", "POST"])
 @admins_only
 def admin_settings() -> Any:
-    """Where the instancer is: URL, admin token (write-only) and team-id prefix."""
-    message, problem = None, None
+    """Instancer > Settings: URL, admin token (write-only) and team-id prefix.
+
+    A field an environment variable sets is shown read-only, naming the variable.
+    """
+    message, problem, ignored = None, None, []
     if request.method == "POST":
-        url = request.form.get("url", "").strip()
-        prefix = request.form.get("prefix", "").strip()
-        if url and not url.startswith(("http://", "https://")):
-            problem = "The URL must start with http:// or https://."
-        elif prefix and not PREFIX_RE.fullmatch(prefix):
-            problem = ("The prefix must be 1 to 41 letters, digits, '_' or '-', starting "
-                       "with a letter or digit.")
-        else:
-            save_setting("url", url)
-            save_setting("prefix", prefix)
-            token = request.form.get("token", "")
-            if request.form.get("clear_token"):
-                save_setting("token", "")
-            elif token.strip():
-                # Bound to the URL in use now (the environment's wins over the page's).
-                save_token(resolve({"url": url}).url or "", token.strip())
-            message = "Saved."
-            if not token.strip() and stored_settings().get("token") \
-                    and connection().admin_token is None:
-                message = ("Saved. The admin token was saved for another URL and is not sent "
-                           "to this one: enter it again.")
+        message, problem, ignored = save_settings_form(request.form)
     conn = connection()
     health: dict[str, Any] | None = None
     catalog: list[dict[str, Any]] = []
@@ -737,10 +767,12 @@ def admin_settings() -> Any:
         health = {"error": exc.detail}
     stored = stored_settings()
     return render_template(
-        "ctf_instancer_settings.html", conn=conn, warnings=flag_warnings(catalog),
-        stored_url=stored.get("url", ""),
+        "ctf_instancer_settings.html", tab="settings", conn=conn,
+        warnings=flag_warnings(catalog), stored_url=stored.get("url", ""),
         stored_prefix=stored.get("prefix", ""), token_stored=bool(stored.get("token")),
-        health=health, catalog=catalog, message=message, problem=problem,
+        health=health, catalog=catalog, message=message, problem=problem, ignored=ignored,
+        token_file=os.environ.get(conn.token_env, "").strip()
+        if conn.token_env and conn.token_env.endswith("_FILE") else None,
     )
 
 
@@ -756,4 +788,7 @@ def load(app: Any) -> None:
     app.register_blueprint(player)
     app.register_blueprint(admin)
     app.before_request(refuse_static_flags)
-    register_admin_plugin_menu_bar("Instances", "/admin/ctf_instancer")
+    # One menu entry, "Instancer", whose page has two tabs: Instances and Settings.
+    register_admin_plugin_menu_bar(MENU, "/admin/ctf_instancer")
+    # CTFd's admin flag list shows a flag's content, which an instancer flag leaves empty.
+    register_admin_plugin_script(f"{ASSETS}flag-list.js")

@@ -32,6 +32,9 @@ READ_TIMEOUT = 40.0
 STOP_WAIT = 30
 MAX_FLAG = 256  # the API's limit on a submitted flag
 
+# The plugin's settings page, by the one name the admin menu, the page and the docs use.
+SETTINGS_PAGE = "Admin > Instancer > Settings"
+
 UNREACHABLE = ("The instancer cannot be reached right now; try again in a minute, and tell "
                "the organisers if it persists.")
 
@@ -58,7 +61,12 @@ class NotConfigured(InstancerError):
 
 @dataclass(frozen=True)
 class Connection:
-    """Where the instancer is and how to authenticate, with where each value came from."""
+    """Where the instancer is and how to authenticate, with where each value came from.
+
+    ``url_env``, ``token_env`` and ``prefix_env`` name the environment variable that sets
+    the value in use, or are ``None`` when the settings page sets it: a field set by the
+    environment is shown read-only there, and a form post never overwrites it.
+    """
 
     url: str | None
     admin_token: str | None
@@ -66,6 +74,9 @@ class Connection:
     url_source: str
     token_source: str
     prefix_source: str
+    url_env: str | None = None
+    token_env: str | None = None
+    prefix_env: str | None = None
 
 
 # -- the saved admin token: sealed, and bound to the URL it was saved for --------------------
@@ -125,18 +136,21 @@ def open_token(secret: bytes, sealed: str) -> tuple[str, str] | None:
         return None
 
 
-def _env_token() -> tuple[str | None, str]:
+def _env_token() -> tuple[str | None, str, str | None]:
+    """The environment's token, where it came from, and the variable (when one is in use)."""
     token = os.environ.get("CTF_INSTANCER_ADMIN_TOKEN", "").strip()
     if token:
-        return token, "the CTF_INSTANCER_ADMIN_TOKEN environment variable"
+        return (token, "the CTF_INSTANCER_ADMIN_TOKEN environment variable",
+                "CTF_INSTANCER_ADMIN_TOKEN")
     path = os.environ.get("CTF_INSTANCER_ADMIN_TOKEN_FILE", "").strip()
     if path:
         try:
             value = Path(path).read_text(encoding="utf-8").strip()
         except OSError:
-            return None, f"CTF_INSTANCER_ADMIN_TOKEN_FILE ({path}: cannot be read)"
-        return value or None, f"the file {path} (CTF_INSTANCER_ADMIN_TOKEN_FILE)"
-    return None, ""
+            return None, f"CTF_INSTANCER_ADMIN_TOKEN_FILE ({path}: cannot be read)", None
+        return (value or None, f"the file {path} (CTF_INSTANCER_ADMIN_TOKEN_FILE)",
+                "CTF_INSTANCER_ADMIN_TOKEN_FILE" if value else None)
+    return None, "", None
 
 
 def resolve(stored: dict[str, str]) -> Connection:
@@ -157,7 +171,7 @@ def resolve(stored: dict[str, str]) -> Connection:
     env_url = os.environ.get("CTF_INSTANCER_URL", "").strip()
     url, url_source = (env_url, "the CTF_INSTANCER_URL environment variable") if env_url \
         else (stored.get("url") or None, "the admin page" if stored.get("url") else "")
-    token, token_source = _env_token()
+    token, token_source, token_env = _env_token()
     if token is None and stored.get("token"):
         if (stored.get("token_url") or "").rstrip("/") == (url or "").rstrip("/"):
             token, token_source = stored["token"], "the admin page"
@@ -174,7 +188,10 @@ def resolve(stored: dict[str, str]) -> Connection:
     if not PREFIX_RE.fullmatch(prefix):
         prefix, prefix_source = DEFAULT_PREFIX, "the default (the configured prefix is invalid)"
     return Connection(url.rstrip("/") if url else None, token, prefix,
-                      url_source, token_source, prefix_source)
+                      url_source, token_source, prefix_source,
+                      url_env="CTF_INSTANCER_URL" if env_url else None,
+                      token_env=token_env,
+                      prefix_env="CTF_INSTANCER_TEAM_PREFIX" if env_prefix else None)
 
 
 def team_id_for(prefix: str, kind: str, number: int) -> str:
@@ -281,11 +298,11 @@ class InstancerClient:
 
     def __init__(self, conn: Connection, session: requests.Session | None = None):
         if not conn.url:
-            raise NotConfigured("The instancer's URL is not set: an organiser sets it on the "
-                                "CTFd admin page Plugins > Instancer, or CTF_INSTANCER_URL.")
+            raise NotConfigured("The instancer's URL is not set: an organiser sets it in "
+                                f"CTFd on {SETTINGS_PAGE}, or with CTF_INSTANCER_URL.")
         if not conn.admin_token:
             raise NotConfigured("The instancer's admin token is not set: an organiser sets it "
-                                "on the CTFd admin page Plugins > Instancer, or "
+                                f"in CTFd on {SETTINGS_PAGE}, or with "
                                 "CTF_INSTANCER_ADMIN_TOKEN.")
         self.conn = conn
         self.session = session or _SESSION
@@ -313,7 +330,7 @@ class InstancerClient:
                                  str(body.get("error") or "error"))
         if response.status_code in (401, 403):
             raise InstancerError("The instancer refused CTFd's admin token; an organiser must "
-                                 "check it on the admin page Plugins > Instancer.",
+                                 f"check it in CTFd on {SETTINGS_PAGE}.",
                                  response.status_code, "unauthorized")
         raise InstancerError(UNREACHABLE, 503)
 

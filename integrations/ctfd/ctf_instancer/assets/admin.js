@@ -1,4 +1,4 @@
-// Admin > Instances: every instance, with Stop and Extend (calls go to CTFd, never to the instancer).
+// Admin > Instancer > Instances: every instance, with Stop and Extend (calls go to CTFd, never to the instancer).
 (function () {
   const page = document.querySelector("#ctfi-admin");
   const root = (window.init && window.init.urlRoot) || "";

@@ -30,7 +30,7 @@ window.ctfiFillCatalog = function (select, current) {
     })
     .catch((e) => {
       error.textContent = `Cannot read the instancer's catalog: ${e.message || e}. ` +
-        "Check Admin > Instances > Settings.";
+        "Check Admin > Instancer > Settings.";
       error.hidden = false;
       if (current) {
         select.innerHTML = "";
