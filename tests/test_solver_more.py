@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -252,6 +253,42 @@ def test_a_compose_solver_reaches_a_service_by_name_and_turns_ok(
     services = {c.labels["ctf.service"] for c in containers_of(
         docker_client, LABEL, **{"ctf.team": "canary", "ctf.challenge": "shop"})}
     assert services == {"web", "db", "bot"}
+
+
+def _group(docker_client: docker.DockerClient, challenge: str) -> dict[str, str]:
+    """The running containers of the challenge's canary: service -> container id."""
+    return {c.labels["ctf.service"]: c.id for c in containers_of(
+        docker_client, LABEL, **{"ctf.team": "canary", "ctf.challenge": challenge})
+        if c.status == "running"}
+
+
+def test_a_compose_canary_whose_db_dies_is_made_again_and_proven_again(
+        setup: Setup, docker_client: docker.DockerClient) -> None:
+    """Killing one service of a Compose canary makes the whole group again, proven ok."""
+    before = settled(setup, "shop")
+    old = _group(docker_client, "shop")
+    assert set(old) == {"web", "db", "bot"}
+    time.sleep(1.1)  # last_run has whole seconds: the next run's must be a later one
+    docker_client.containers.get(old["db"]).kill()
+    row = settled(setup, "shop", after=before["last_run"])
+    assert row["state"] == "ok", row
+    assert "flag [flag]" in row["output"], row
+    new = _group(docker_client, "shop")
+    assert set(new) == {"web", "db", "bot"} and not set(new.values()) & set(old.values())
+
+
+def test_a_pool_drain_makes_the_compose_canary_again_and_proves_it_at_once(
+        setup: Setup, docker_client: docker.DockerClient) -> None:
+    """After a drain (an image update) every service of the canary is new, proven at once."""
+    before = settled(setup, "shop")
+    old = _group(docker_client, "shop")
+    time.sleep(1.1)  # last_run has whole seconds: the next run's must be a later one
+    r = setup.api.post("/api/v1/pools/shop/drain", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    row = settled(setup, "shop", after=before["last_run"])
+    assert row["state"] == "ok", row  # well before the 300 s interval
+    new = _group(docker_client, "shop")
+    assert set(new) == {"web", "db", "bot"} and not set(new.values()) & set(old.values())
 
 
 def test_a_compose_solver_that_finds_no_flag_turns_broken_with_its_output(
