@@ -146,10 +146,6 @@ class Challenge(BaseModel):
         if self.compose is not None and self.port is not None:
             raise ValueError("a Compose challenge's ports are its services' 'ports:' in the "
                              "Compose file; remove 'port'")
-        if self.compose is not None and self.solver is not None:
-            # The canary is one container for now (issue 26 leaves Compose for later).
-            raise ValueError("a 'solver' is not supported yet on a Compose challenge; remove "
-                             "'solver' or use a one-image challenge")
         if self.compose is not None and self.command is not None:
             raise ValueError("a Compose challenge's commands are its services' 'command:' in "
                              "the Compose file; remove 'command'")

@@ -15,6 +15,12 @@ hardening, network rules and egress firewall) and runs the solver's container ag
 - with ``CTF_TARGET_URL``, ``CTF_TARGET_HOST`` (the canary's address on that network) and
   ``CTF_TARGET_PORT`` (the challenge's container port).
 
+A Compose challenge (SPEC §12) works the same way: its canary is a whole group, the targets
+are its primary endpoint's (the primary service's address, the endpoint's port and protocol),
+and the solver joins the instance's own network (``ctf-inst-<challenge>.canary``, or a
+claimed warm-pool slot's), where every service answers to its name (``db``) as it does to
+its siblings. A pool drain removes the whole group; the start that follows makes it anew.
+
 A run passes when the solver exits 0 within its timeout and its output contains the canary's
 flag; a solver still running at its timeout is killed. The solver's container carries our
 labels and ``ctf.role=solver`` and is always removed. The outcome (``ok``/``broken``, the last
@@ -22,7 +28,8 @@ output lines with the flag masked, when, how long) is kept in Redis (:class:`Sol
 read by ``GET /api/v1/health/challenges``, ``ctfctl challenges`` and the API's metrics.
 
 One worker per host runs the loop's passes (a Redis lock per host); a canary lives on the host
-whose worker made it, and that host's worker proves it.
+whose worker made it, and that host's worker proves it: each verdict records that host
+(``host`` in ``GET /api/v1/health/challenges``), the host whose instances it vouches for.
 """
 
 from __future__ import annotations
@@ -136,7 +143,10 @@ class CanaryLoop(Loop):
             # A drain since the last run (an image update): the canary is made again, from
             # the image as it is now, and proven at once.
             log.info("canary of %s: made again after a pool drain", ch.id)
-            svc.driver.remove_container(info.id)
+            if ch.is_group:  # every service of it: the new group is made whole
+                svc.specs.remove_group(ch.id, CANARY_TEAM, svc.egress)
+            else:
+                svc.driver.remove_container(info.id)
             info = None
         if info is None:
             if before.get("made_failed") == "1" and now < float(before["at"]) + solver.interval:
@@ -172,7 +182,7 @@ class CanaryLoop(Loop):
         state = "ok" if outcome.passed else "broken"
         self.results.save(ch.id, state, outcome.output, at=now,
                           seconds=None if made_failed else outcome.seconds, canary=canary,
-                          made_failed=made_failed)
+                          made_failed=made_failed, host=self.service.host)
         was = before.get("state", "unknown")
         if state == "broken" and was != "broken":
             log.warning("challenge %s is broken: its solver %s (last output: %s)", ch.id,
@@ -195,12 +205,15 @@ class CanaryLoop(Loop):
         if not network or not address:
             return Outcome(False, ["the canary has no network address"], 0.0,
                            "could not be run")
+        # A Compose challenge's target is its primary endpoint (SPEC §14): the record's
+        # container is the primary service's, its port and protocol the endpoint's.
         port = svc.specs.container_port(ch)
+        protocol = ch.app.primary.protocol if ch.app is not None else ch.protocol
         flag = svc.flag_for(InstanceKey(ch.id, CANARY_TEAM))
         svc.egress.require()  # fail closed, as a start does: no solver without the firewall
         if not driver.image_present(solver.image):
             driver.pull(solver.image)
-        scheme = "http" if ch.protocol == "http" else "tcp"
+        scheme = "http" if protocol == "http" else "tcp"
         spec = ContainerSpec(
             name=f"{SOLVER_NAME_PREFIX}{ch.id}-{time.time_ns() // 1_000_000}",
             image=solver.image, port=None, team_id=CANARY_TEAM,

@@ -38,12 +38,17 @@ class SolverResults:
             return dict(self.redis.hgetall(keys.solver(challenge)))
 
     def save(self, challenge: str, state: str, output: list[str], *, at: float,
-             seconds: float | None, canary: str, made_failed: bool = False) -> None:
-        """Record an outcome (and, for a run, its duration in the histogram)."""
+             seconds: float | None, canary: str, made_failed: bool = False,
+             host: str = "") -> None:
+        """Record an outcome (and, for a run, its duration in the histogram).
+
+        ``host``: the Docker host of the canary the run proved (the host whose instances
+        the verdict vouches for).
+        """
         pipe = self.redis.pipeline()
         pipe.hset(keys.solver(challenge), mapping={
             "state": state, "at": str(at), "output": json.dumps(output), "canary": canary,
-            "made_failed": "1" if made_failed else "0",
+            "made_failed": "1" if made_failed else "0", "host": host,
             "seconds": "" if seconds is None else f"{seconds:.3f}",
         })
         if seconds is not None:
@@ -66,7 +71,9 @@ class SolverResults:
                 last_run = iso(datetime.fromtimestamp(float(found["at"]), UTC))
             rows.append({"challenge": challenge, "state": found.get("state", "unknown"),
                          "last_run": last_run,
-                         "output": json.loads(found.get("output") or "[]")})
+                         "output": json.loads(found.get("output") or "[]"),
+                         # the canary's host: the one whose instances the verdict proves
+                         "host": found.get("host") or None})
         return rows
 
     def histogram(self, challenge: str) -> tuple[list[tuple[str, float]], float]:

@@ -55,11 +55,12 @@ def test_canary_is_a_reserved_team_id(team: str) -> None:
 def test_results_are_unknown_until_a_run_then_kept(store: StateStore) -> None:
     """A challenge is unknown until its first run; a run's state, time and output are kept."""
     assert store.solvers.report(["a"]) == [
-        {"challenge": "a", "state": "unknown", "last_run": None, "output": []}]
-    store.solvers.save("a", "broken", ["no flag"], at=1_800_000_000.0, seconds=3.0, canary="x")
+        {"challenge": "a", "state": "unknown", "last_run": None, "output": [], "host": None}]
+    store.solvers.save("a", "broken", ["no flag"], at=1_800_000_000.0, seconds=3.0, canary="x",
+                       host="edge-1")
     assert store.solvers.report(["a"]) == [
         {"challenge": "a", "state": "broken", "last_run": "2027-01-15T08:00:00Z",
-         "output": ["no flag"]}]
+         "output": ["no flag"], "host": "edge-1"}]
     buckets, total = store.solvers.histogram("a")
     assert dict(buckets)["2.5"] == 0 and dict(buckets)["5.0"] == 1
     assert dict(buckets)["+Inf"] == 1 and total == 3.0

@@ -21,7 +21,9 @@ def challenge_health(who: Who, disp: Disp) -> dict[str, Any]:
 
     One row per challenge with a ``solver:`` block, in catalog order: ``challenge``,
     ``state`` (``ok``, ``broken``, or ``unknown`` until its first run), ``last_run``
-    (ISO 8601 UTC, or null) and ``output`` (the run's last lines, the flag masked).
+    (ISO 8601 UTC, or null), ``output`` (the run's last lines, the flag masked) and ``host``
+    (the Docker host of the canary the run proved, or null before the first run: with
+    several hosts, the verdict vouches for that host's instances).
     """
     who.require_admin()
     checked = [ch.id for ch in disp.catalog if ch.solver is not None]

@@ -666,6 +666,7 @@
       api("GET", "/healthz", { allow: [503] }).then(({ body }) => renderHealth(body)),
       api("GET", "/api/v1/pools").then(({ body }) => renderPools(body.pools || [])),
       api("GET", `/api/v1/audit?limit=${AUDIT_ROWS}`).then(({ body }) => renderAudit(body.events || [])),
+      api("GET", "/api/v1/health/challenges").then(({ body }) => renderChecks(body.challenges || [])),
     ];
     const results = await Promise.allSettled(jobs);
     const failed = results.find((r) => r.status === "rejected");
@@ -711,6 +712,62 @@
       li.dataset.alive = String(p.ready > 0 || p.size === 0);
       li.append(name, n);
       return li;
+    }));
+  }
+
+  // The solvers' verdicts (SPEC §14): one row per challenge with a solver, hidden while none
+  // has one. A broken challenge is marked and its last output lines shown (opened at once);
+  // what the organiser opens or closes stays so across refreshes.
+  const CHECK_TEXT = { ok: "OK", broken: "BROKEN", unknown: "not run yet" };
+  const CHECK_STATUS = { ok: "running", broken: "failed", unknown: "starting" };
+
+  function renderChecks(rows) {
+    $("#checks-panel").hidden = rows.length === 0;
+    const broken = rows.filter((r) => r.state === "broken").length;
+    $("#checks-count").textContent = rows.length === 0 ? ""
+      : broken ? `(${broken} of ${rows.length} broken)` : `(${rows.length})`;
+    const tbody = $("#checks tbody");
+    const opened = new Map($$("tr", tbody).map((tr) => [tr.dataset.challenge,
+      [tr.dataset.state, $("details", tr) ? $("details", tr).open : false]]));
+    $("#checks tbody").replaceChildren(...rows.map((r) => {
+      const tr = document.createElement("tr");
+      tr.dataset.challenge = r.challenge;
+      tr.dataset.state = r.state;
+      const name = document.createElement("td");
+      name.className = "c-challenge";
+      name.textContent = nameOf(r.challenge) !== r.challenge
+        ? `${nameOf(r.challenge)} (${r.challenge})` : r.challenge;
+      const health = document.createElement("td");
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.dataset.status = CHECK_STATUS[r.state] || "starting";
+      badge.textContent = CHECK_TEXT[r.state] || r.state;
+      health.append(badge);
+      const when = document.createElement("td");
+      when.textContent = r.last_run ? String(r.last_run).replace("T", " ").replace(/Z$/, "") : "–";
+      const host = document.createElement("td");
+      host.className = "c-host";
+      host.textContent = r.host || "–";
+      const out = document.createElement("td");
+      out.className = "c-output";
+      const lines = r.output || [];
+      if (lines.length) {
+        const details = document.createElement("details");
+        const before = opened.get(r.challenge);
+        // Open at once when it turns broken; after that, as the organiser left it.
+        details.open = before && before[0] === r.state ? before[1] : r.state === "broken";
+        const summary = document.createElement("summary");
+        summary.textContent = lines.length === 1 ? "1 line" : `${lines.length} lines`;
+        const pre = document.createElement("pre");
+        pre.className = "output";
+        pre.textContent = lines.join("\n");
+        details.append(summary, pre);
+        out.append(details);
+      } else {
+        out.textContent = "–";
+      }
+      tr.append(name, health, when, host, out);
+      return tr;
     }));
   }
 
