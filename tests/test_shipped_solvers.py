@@ -53,6 +53,7 @@ POOL = "10.211.0.0/16"  # this file's team-subnet pool (and its own firewall tab
 SOLVERS = ROOT / "examples" / "solvers"
 # The key Juice Shop falls back to without CTF_KEY (its ctf.key file): not the canary's.
 FILE_KEY = "TRwzkRJnHOTckssAeyJbysWgP8We"
+ABSENT = "127.0.0.1:9/ctf-example/todo-app-solver:1"  # port 9 ("discard"): no registry there
 
 # hmac_sha1 KEY MESSAGE in busybox sh: Node's crypto.createHmac('sha1', KEY), as hex.
 HMAC_SH = """# hmac_sha1 KEY MESSAGE: the hex HMAC-SHA1 (RFC 2104).
@@ -206,6 +207,9 @@ def catalog(shipped: dict[str, Any], juice: str, todo: str,
     # The To-Do app up (its port answers, so the canary is ready) without its page.
     entries["todo_down"] = {**entries["todo-app"],
                             "command": ["httpd", "-f", "-p", "8080", "-h", "/www/none"]}
+    # A host where the solver image was never built (and no registry has it).
+    entries["todo_unbuilt"] = {**entries["todo-app"],
+                               "solver": {**entries["todo-app"]["solver"], "image": ABSENT}}
     return {"challenges": entries}
 
 
@@ -293,6 +297,15 @@ def test_the_todo_solver_reports_an_app_without_its_page_broken(setup: Setup) ->
     assert row["state"] == "broken", row
     assert any("GET / answered '404'" in line for line in row["output"]), row
     assert not any("[flag]" in line for line in row["output"]), row
+
+
+def test_a_solver_image_not_built_on_the_host_turns_broken_saying_so(setup: Setup) -> None:
+    """A solver image neither present nor pullable is a broken verdict naming build.sh."""
+    row = settled(setup, "todo_unbuilt")
+    assert row["state"] == "broken", row
+    (line,) = row["output"]
+    assert f"the solver image {ABSENT} is not on this host" in line
+    assert "examples/solvers/build.sh" in line
 
 
 def test_teams_get_the_seed_challenges_as_before(
