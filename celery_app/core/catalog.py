@@ -42,6 +42,14 @@ class Solver(BaseModel):
     command: list[str] | None = Field(None, min_length=1)
     interval: float = Field(300, ge=10, le=86400)
     timeout: float = Field(60, gt=0, le=3600)
+    # The flag the run must print is the app's own in-app flag of this name (OWASP Juice
+    # Shop's: the hex HMAC-SHA1 of the name under the key the canary got in ``flag_env``),
+    # not the key itself, which the app never shows.
+    flag_name: str | None = Field(None, min_length=1, max_length=200)
+    # The solver receives the flag it must print in ``CTF_FLAG``: for an app that never shows
+    # its flag to a script (the To-Do app keeps it in its environment, for a player with code
+    # execution); the run then proves only what the solver checks before printing it.
+    given_flag: bool = False
 
 
 class Challenge(BaseModel):
@@ -146,6 +154,17 @@ class Challenge(BaseModel):
         if self.compose is not None and self.port is not None:
             raise ValueError("a Compose challenge's ports are its services' 'ports:' in the "
                              "Compose file; remove 'port'")
+
+
+        if self.compose is not None and self.solver is not None:
+            # The canary is one container for now (issue 26 leaves Compose for later).
+            raise ValueError("a 'solver' is not supported yet on a Compose challenge; remove "
+                             "'solver' or use a one-image challenge")
+        if self.solver is not None and self.solver.flag_name and not self.flag_env:
+            # The app computes its in-app flags from the key it gets in flag_env.
+            raise ValueError("the solver's 'flag_name' needs 'flag_env' (the variable the app "
+                             "reads its key from, juice-shop: CTF_KEY); set it or remove "
+                             "'flag_name'")
         if self.compose is not None and self.command is not None:
             raise ValueError("a Compose challenge's commands are its services' 'command:' in "
                              "the Compose file; remove 'command'")
@@ -277,6 +296,10 @@ DEFAULT_CATALOG: dict[str, dict[str, Any]] = {
         "flag_env": "FLAG",
         # Writes in its own folders: a read-only root would break it (README, "Disk").
         "read_only": False,
+        # SPEC §14: the app answers and shows its page (examples/solvers/todo-app). The app
+        # shows no flag to a script, so the solver is given the one it prints.
+        "solver": {"image": "ctf-example/todo-app-solver:1", "interval": 300, "timeout": 60,
+                   "given_flag": True},
     },
     "juice-shop": {
         "name": "OWASP Juice Shop",
@@ -289,6 +312,10 @@ DEFAULT_CATALOG: dict[str, dict[str, Any]] = {
         "flag_env": "CTF_KEY",
         # Writes its database and logs inside /juice-shop (README, "Disk").
         "read_only": False,
+        # SPEC §14: solves "Score Board" and prints the flag the shop shows for it
+        # (examples/solvers/juice-shop).
+        "solver": {"image": "ctf-example/juice-shop-solver:1", "interval": 300, "timeout": 60,
+                   "flag_name": "Score Board"},
     },
 }
 

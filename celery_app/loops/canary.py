@@ -22,7 +22,9 @@ claimed warm-pool slot's), where every service answers to its name (``db``) as i
 its siblings. A pool drain removes the whole group; the start that follows makes it anew.
 
 A run passes when the solver exits 0 within its timeout and its output contains the canary's
-flag; a solver still running at its timeout is killed. The solver's container carries our
+flag (with the solver's ``flag_name``, the app's in-app flag of that name computed from the
+canary's key, as Juice Shop computes it; with ``given_flag``, the solver gets the flag in
+``CTF_FLAG``); a solver still running at its timeout is killed. The solver's container carries our
 labels and ``ctf.role=solver`` and is always removed. The outcome (``ok``/``broken``, the last
 output lines with the flag masked, when, how long) is kept in Redis (:class:`SolverResults`),
 read by ``GET /api/v1/health/challenges``, ``ctfctl challenges`` and the API's metrics.
@@ -35,11 +37,13 @@ whose worker made it, and that host's worker proves it: each verdict records tha
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery_app.core.catalog import Challenge, Solver
+from celery_app.core.flags import in_app_flag
 from celery_app.core.service import InstanceService
 from celery_app.engine.driver import ContainerInfo, ContainerSpec, Filesystem
 from celery_app.errors import CTFError, StartFailed
@@ -214,13 +218,32 @@ class CanaryLoop(Loop):
         if not driver.image_present(solver.image):
             driver.pull(solver.image)
         scheme = "http" if protocol == "http" else "tcp"
+
+        key = svc.flag_for(InstanceKey(ch.id, CANARY_TEAM))
+        # Juice Shop's kind of app shows flags it computes from its key, never the key.
+        flag = in_app_flag(key, solver.flag_name) if solver.flag_name else key
+        svc.egress.require()  # fail closed, as a start does: no solver without the firewall
+        if not driver.image_present(solver.image):
+            try:
+                driver.pull(solver.image)
+            except CTFError as exc:
+                # A verdict, judged again at the next interval (not a pull every pass): the
+                # shipped solvers are built on each host, never pulled (examples/solvers).
+                return Outcome(False, [f"the solver image {solver.image} is not on this host "
+                                       f"and could not be pulled: {exc.detail}; build or "
+                                       "load it on every Docker host (the shipped ones: "
+                                       "examples/solvers/build.sh)"], 0.0, "could not be run")
+        scheme = "http" if ch.protocol == "http" else "tcp"
+        env = {"CTF_TARGET_URL": f"{scheme}://{address}:{port}/",
+               "CTF_TARGET_HOST": address, "CTF_TARGET_PORT": str(port)}
+        if solver.given_flag:
+            env["CTF_FLAG"] = flag
         spec = ContainerSpec(
             name=f"{SOLVER_NAME_PREFIX}{ch.id}-{time.time_ns() // 1_000_000}",
             image=solver.image, port=None, team_id=CANARY_TEAM,
             labels={**svc.scope_labels, LABEL_CHALLENGE: ch.id, LABEL_TEAM: CANARY_TEAM,
                     LABEL_ROLE: ROLE_SOLVER, LABEL_EGRESS: "none"},
-            env={"CTF_TARGET_URL": f"{scheme}://{address}:{port}/",
-                 "CTF_TARGET_HOST": address, "CTF_TARGET_PORT": str(port)},
+            env=env,
             memory_bytes=SOLVER_MEMORY, nano_cpus=SOLVER_NANO_CPUS, pids=SOLVER_PIDS,
             cap_add=[], publish_ip=svc.settings.publish_ip or "", command=solver.command,
             filesystem=Filesystem(read_only=True, tmpfs=dict(SOLVER_TMPFS)), publish=False,
@@ -241,8 +264,10 @@ class CanaryLoop(Loop):
                 driver.remove_container(info.id)
             except CTFError as exc:  # the janitor removes it later (it carries our labels)
                 log.warning("solver container %s not removed: %s", spec.name, exc)
-        found = flag in text
-        lines = [line.replace(flag, "[flag]") for line in text.splitlines()][-OUTPUT_LINES:]
+        # An app's in-app flag is hex, which a solver may print in either case.
+        found = flag in text or (solver.flag_name is not None and flag in text.lower())
+        hidden = re.compile("|".join(re.escape(f) for f in {flag, key}), re.IGNORECASE)
+        lines = [hidden.sub("[flag]", line) for line in text.splitlines()][-OUTPUT_LINES:]
         if timed_out:
             why = f"was still running at its timeout ({solver.timeout:g} s) and was killed"
         elif exit_code != 0:
