@@ -20,12 +20,20 @@ network, nothing of theirs on the engine) each start ``pooled`` by name, one aft
 from a pool of ``-n`` ready containers of an image that answers at once (so the fill is quick);
 the p50/p90 of the whole task, and the worker's own claim step.
 
-Usage: .venv/bin/python bench/bench_pool.py [-n 20] [--first] [--json FILE]
+``--herd`` (issue 27): ``-n`` new teams start ``pooled`` by name at once from a pool of ``-n``
+ready; p50/p90/p95 of the whole task, and where each task's time went (``breakdown``: sent ->
+received by the worker -> result stored -> seen by the client, from the client's clock and the
+worker's log lines; how long the worker held 0..8 of the tasks at once).
+
+Usage: .venv/bin/python bench/bench_pool.py [-n 20] [--first | --herd] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
+import re
 import statistics
 import subprocess
 import sys
@@ -190,6 +198,78 @@ def first_claims(n: int, src: Path = SRC) -> dict[str, Any]:
     return result
 
 
+def start_timed(client: Any, challenge: str, team: str) -> tuple[str, float, float]:
+    """:func:`start`, returning (task id, sent, seen) as epoch seconds (--herd's breakdown)."""
+    sent = time.time()
+    res = client.send_task(START, args=[challenge, team])
+    inst = res.get(timeout=TIMEOUT)
+    seen = time.time()
+    if inst.get("status") != "running":
+        raise RuntimeError(f"{challenge}/{team}: {inst}")
+    return res.id, sent, seen
+
+
+_CELERY_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[^]]*\] "
+                          r"Task celery_app\.tasks\.start_container\[([0-9a-f-]+)\] "
+                          r"(received|succeeded)")
+_TRACE = re.compile(r"TRACE\d? id=([0-9a-f-]+) (?:team=\S+ )?(.*)$")
+
+
+def breakdown(timed: list[tuple[str, float, float]], log: str) -> dict[str, Any]:
+    """Where each herd task's time went, from the client's clock and the worker's log.
+
+    Per task: sent (client) -> received (Celery's "received" line: the worker fetched the
+    message) -> succeeded (Celery's "succeeded" line, written once the result is stored) ->
+    seen (the client's ``get`` returned). With a worker that logs ``TRACE`` lines (a
+    temporary instrumentation of the start's steps, see PERFORMANCE.md §12) each step too.
+    Celery's lines have millisecond timestamps; this machine's clock is UTC for both.
+    """
+    marks: dict[str, dict[str, float]] = {tid: {"sent": sent, "seen": seen}
+                                          for tid, sent, seen in timed}
+    for line in log.splitlines():
+        if m := _CELERY_LINE.match(line):
+            at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").replace(
+                tzinfo=UTC).timestamp()
+            if m.group(2) in marks:
+                marks[m.group(2)][m.group(3)] = at
+        elif (m := _TRACE.search(line)) and m.group(1) in marks:
+            for part in m.group(2).split():
+                k, _, v = part.partition("=")
+                with contextlib.suppress(ValueError):
+                    marks[m.group(1)][k] = float(v)
+    order = ["sent", "received", "body", "begin", "pre", "lock", "own", "reserve", "rep1",
+             "claim", "record", "rep2", "probe", "ready", "audited", "succeeded", "seen"]
+    steps: dict[str, Any] = {}
+    for a, b in itertools.pairwise(order):
+        gaps = [m[b] - m[a] for m in marks.values() if a in m and b in m]
+        if gaps:
+            steps[f"{a}->{b}"] = {"p50_ms": round(statistics.median(gaps) * 1000, 1),
+                                  "p95_ms": round(pct(gaps, 0.95) * 1000, 1),
+                                  "sum_s": round(sum(gaps), 2), "n": len(gaps)}
+    spans = [m["succeeded"] - m["received"] for m in marks.values()
+             if "received" in m and "succeeded" in m]
+    if spans:
+        steps["received->succeeded"] = {"p50_ms": round(statistics.median(spans) * 1000, 1),
+                                        "p95_ms": round(pct(spans, 0.95) * 1000, 1),
+                                        "sum_s": round(sum(spans), 2), "n": len(spans)}
+    # seconds during which the worker held k of these tasks (0: none, while some were queued)
+    held: dict[int, float] = {}
+    edges = sorted([(m["received"], 1) for m in marks.values() if "succeeded" in m]
+                   + [(m["succeeded"], -1) for m in marks.values() if "received" in m])
+    count, prev = 0, edges[0][0] if edges else 0.0
+    for at, step in edges:
+        held[count] = held.get(count, 0.0) + at - prev
+        prev, count = at, count + step
+    t0 = min(m["sent"] for m in marks.values())
+    ends = {k: round(max(m[k] for m in marks.values() if k in m) - t0, 2)
+            for k in ("sent", "received", "succeeded", "seen")
+            if any(k in m for m in marks.values())}
+    return {"steps": steps, "last_at_s": ends,
+            "worker_holding_s": {k: round(v, 3) for k, v in sorted(held.items())},
+            "tasks": [{k: round(v - t0, 4) for k, v in sorted(m.items(), key=lambda i: i[1])}
+                      for m in marks.values()]}
+
+
 def herd(n: int) -> dict[str, Any]:
     """``n`` new teams start ``pooled`` by name at once from a pool of ``n`` ready (issue 27)."""
     quick = ENTRY.format(name="pooled", command='["/bin/busybox", "httpd", "-f", "-p", "8080", '
@@ -206,10 +286,14 @@ def herd(n: int) -> dict[str, Any]:
             wait_for(lambda: ready(state) >= n, 600, "the pool to fill")
             result["fill_s"] = round(time.perf_counter() - began, 1)
             teams = [f"ph{i}" for i in range(n)]
+            mark = (bench.workdir / "worker.log").stat().st_size
             with ThreadPoolExecutor(n) as pool:
-                took = list(pool.map(lambda t: start(client, "pooled", t), teams))
+                timed = list(pool.map(lambda t: start_timed(client, "pooled", t), teams))
+            took = [seen - sent for _, sent, seen in timed]
             result["herd"] = {**summary_ms(took), "p95_ms": round(pct(took, 0.95) * 1000, 1)}
             result["claim_step_in_worker"] = claim_step(state)
+            log = (bench.workdir / "worker.log").read_bytes()[mark:].decode(errors="replace")
+            result["breakdown"] = breakdown(timed, log)
         finally:
             close_celery_client(client)
             worker.stop()

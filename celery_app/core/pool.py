@@ -93,6 +93,10 @@ log = logging.getLogger(__name__)
 
 # Pool containers one host boots at a time: a boot costs CPU that user starts need too.
 BOOT_AT_ONCE: Final = 4
+# ...and while a user's start is in flight on the host (issue 27): fewer, but not none, so a
+# pool drained by a sustained opening refills while the starts go on (with none, a stream
+# of cold starts, each seconds long, kept it empty for as long as the stream lasted).
+BOOT_BESIDE_STARTS: Final = 2
 # Seconds after which a claim (or removal) that owns a slot but never finished is undone.
 STALE_CLAIM: Final = 120.0
 # Seconds one pooled Compose group may take to boot inside a pass (the pass lock lasts 120 s).
@@ -508,8 +512,8 @@ class Pool:
         claimed ones re-bind their slot to their team (after a Redis loss); 3. per challenge:
         dead, drained, stale half-claims and (past the pool's size or the host's capacity)
         extras go; booting ones that answer the readiness probe are parked and offered;
-        4. refill, at most ``BOOT_AT_ONCE`` booting at a time, never while a user's start is
-        in flight here and never beyond capacity.
+        4. refill, at most ``BOOT_AT_ONCE`` booting at a time (``BOOT_BESIDE_STARTS`` while a
+        user's start is in flight here) and never beyond capacity.
         """
         now = time.time() if now is None else now
         summary = PoolSummary()
@@ -567,10 +571,11 @@ class Pool:
             summary.removed += gone
             if not gone:
                 break
-        # 4. refill, gently: one boot at a time, none while a user's start is in flight here
+        # 4. refill, gently: one boot at a time, fewer booting while a user's start is in
+        #    flight here (they come first, but the pool keeps pace with the claims)
         for ch in [c for c in pooled.values() if not c.is_group]:
-            while kept.get(ch.id, 0) < ch.pool and booting < BOOT_AT_ONCE \
-                    and self._overflow() < 0 and not self._user_starting():
+            while kept.get(ch.id, 0) < ch.pool and booting < self._boot_limit() \
+                    and self._overflow() < 0:
                 try:
                     summary.booted.append(self._boot(ch))
                 except CTFError as exc:
@@ -592,7 +597,7 @@ class Pool:
 
     def _refill_groups(self, pooled: list[Challenge], kept: dict[str, int], booting: int,
                        summary: PoolSummary) -> None:
-        """Boot the missing pooled groups, side by side (at most ``BOOT_AT_ONCE`` booting).
+        """Boot the missing pooled groups, side by side (at most :meth:`_boot_limit` booting).
 
         A group's services start in ``depends_on`` order, waiting for health checks, so a
         group boots within the pass (each counted first, as a member, so capacity holds).
@@ -600,8 +605,8 @@ class Pool:
         boots: list[tuple[Challenge, str]] = []
         for ch in pooled:
             # room for the whole group: its k containers, each counted against the limits
-            while kept.get(ch.id, 0) < ch.pool and booting + len(boots) < BOOT_AT_ONCE \
-                    and self._overflow() + ch.containers <= 0 and not self._user_starting():
+            while kept.get(ch.id, 0) < ch.pool and booting + len(boots) < self._boot_limit() \
+                    and self._overflow() + ch.containers <= 0:
                 slot = secrets.token_hex(6)
                 self.keys.add_member(self.host, slot, ch.id)  # counted before it exists
                 boots.append((ch, slot))
@@ -723,6 +728,15 @@ class Pool:
     def _user_starting(self) -> bool:
         """Whether a user's start is in flight on this host (it comes first)."""
         return any(r.status == "starting" for r in self.store.list(host=self.host))
+
+    def _boot_limit(self) -> int:
+        """How many pool containers (or groups) may be booting here now.
+
+        ``BOOT_AT_ONCE``; ``BOOT_BESIDE_STARTS`` while a user's start is in flight on the
+        host: user starts come first, yet a pool drained during an opening refills while
+        the starts go on (issue 27; before, it booted nothing until no start was in flight).
+        """
+        return BOOT_BESIDE_STARTS if self._user_starting() else BOOT_AT_ONCE
 
     def _judge(
         self, ch: Challenge | None, found: list[ContainerInfo], now: float,

@@ -273,11 +273,8 @@ class InstanceService:
                 #    network of its own: issue 27); else the team network and a cold start,
                 #    under the team's network lock (a stop of the team's last instance must
                 #    not remove the network we are joining).
-                report({"phase": "creating"})
-                info = self.pool.claim(ch, team, inst)  # None: not pooled, or none ready
-                if info is None:
-                    info = self.specs.create(ch, team, port, inst, self.egress,
-                                             self._cold(ch, image_checked))
+                info, claimed = self._claim_or_cold(ch, team, port, inst, image_checked,
+                                                    report)
             except BaseException:
                 # Nothing half-made: the reservation, and a network made only for this
                 # instance, go with the failed creation.
@@ -288,9 +285,12 @@ class InstanceService:
             # 8. record the container and its port.
             inst = self.specs.with_container(ch, inst, info, port)
             self.store.put(inst)
-            # 9. running only once the port answers.
-            report({"phase": "starting", "container": name})
-            return self.specs.await_ready(ch, info, inst, port, report, lock, task_id)
+            # 9. running only once the port answers. A claimed container answered the
+            #    pool pass's probe on the address it keeps (the claim renamed it, nothing
+            #    else): probed again only through the ingress, whose route is new.
+            answered = claimed and not self.ingress.enabled
+            return self.specs.await_ready(ch, info, inst, port, report, lock, task_id,
+                                          answered=answered)
 
     def _start_group(
         self, key: InstanceKey, ch: Challenge, report: ProgressFn,
@@ -385,6 +385,25 @@ class InstanceService:
             self.specs.ensure_image(ch)  # the ready one was taken meanwhile (rare)
         self.pool.make_room()
         return self.specs.create_group(ch, team, inst, self.egress)
+
+    def _claim_or_cold(
+        self, ch: Challenge, team: str, port: int, inst: Instance, image_checked: bool,
+        report: ProgressFn,
+    ) -> tuple[ContainerInfo, bool]:
+        """Step 7: claim a ready warm-pool container, else start one cold; (it, claimed).
+
+        A claim takes milliseconds: no progress is published for it (each report is a
+        result-backend write and a message to the caller, on the path of every start of an
+        opening's herd). A cold start reports ``creating``, then ``starting`` once made.
+        """
+        info = self.pool.claim(ch, team, inst)  # None: not pooled, or none ready
+        if info is not None:
+            return info, True
+        report({"phase": "creating"})
+        info = self.specs.create(ch, team, port, inst, self.egress,
+                                 self._cold(ch, image_checked))
+        report({"phase": "starting", "container": info.name})
+        return info, False
 
     def _cold(
         self, ch: Challenge, image_checked: bool,

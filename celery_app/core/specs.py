@@ -438,12 +438,14 @@ class InstanceSpecs:
 
     def await_ready(self, ch: Challenge, info: ContainerInfo, inst: Instance, port: int,
                     report: Callable[[dict[str, Any]], None], lock: Lock,
-                    task_id: str | None = None) -> Instance:
+                    task_id: str | None = None, answered: bool = False) -> Instance:
         """Wait until the container answers (start step 9); record it ``running``.
 
         The start timeout counts from ``started_at``; ``lock`` (the instance's) is renewed
         every few polls while the container is alive. The ``running`` record is written
         together with the answer of the start task ``task_id`` (``StateStore.applied``).
+        ``answered``: the caller knows it answers on the address probed (a warm-pool
+        container the pass probed ready, claimed just now): recorded at once.
 
         Raises:
             StartFailed: it exited or never answered: it is removed (with its route) and a
@@ -460,7 +462,8 @@ class InstanceSpecs:
 
         started = parse_iso(inst.started_at)
         remaining = max(1.0, ch.start_timeout - (utcnow() - started).total_seconds())
-        if target is not None and wait_until(target, remaining, still_alive=alive):
+        if target is not None and (answered or wait_until(target, remaining,
+                                                          still_alive=alive)):
             inst = inst.model_copy(update={"status": "running", "error": None, "exit_code": None,
                                            "oom": None, "logs": None})
             self.store.put(inst, done=(task_id, inst.model_dump_json()) if task_id else None)
