@@ -408,7 +408,8 @@ def expiry(args: argparse.Namespace) -> dict[str, Any]:
         dpid = dockerd_pid()
         try:
             for rnd in range(args.rounds):
-                order = ["janitor", "raw"] if rnd % 2 == 0 else ["raw", "janitor"]
+                order = ["janitor", "raw"] if (rnd + args.raw_first) % 2 == 0 \
+                    else ["raw", "janitor"]
                 figures: dict[str, Any] = {"order": order}
                 for kind in order:
                     figures[f"setup_{kind}"] = setup(bench, ctx, args.instances, args.pooled,
@@ -459,6 +460,7 @@ def main() -> int:
     e.add_argument("--raw-lanes", type=int, default=NETWORK_LANES,
                    help="the raw side's threads for networks (0: its container pool's)")
     e.add_argument("--rounds", type=int, default=1)
+    e.add_argument("--raw-first", action="store_true", help="round 1 starts with the raw side")
     for p in (h, e):
         p.add_argument("--json", type=Path)
     args = parser.parse_args()
