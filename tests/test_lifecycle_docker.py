@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -141,37 +142,49 @@ def _team_networks(docker_client: Any, teams: list[str]) -> list[str]:
     return sorted(n.name for n in docker_client.networks.list() if n.name in names)
 
 
-def test_janitor_removes_expired_containers_before_their_networks(
+def test_janitor_removes_emptied_networks_while_expired_containers_are_still_going(
     own_janitor_ctx: Context, docker_client: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Expired containers go before any network; networks a pass had no time for go next pass."""
+    """A team's network goes once its last expired container is gone, beside the other expiries."""
     ctx = own_janitor_ctx
     teams = ["nb1", "nb2", "nb3"]
-    for team in teams:
-        ctx.service.start(ctx.service.catalog.key("web", team))
-    removed = _record_removals(ctx, monkeypatch)
-    later = utcnow() + timedelta(seconds=601)
+    started = {team: ctx.service.start(ctx.service.catalog.key("web", team)) for team in teams}
+    remove_container, remove_network = ctx.driver.remove_container, ctx.driver.remove_network
+    a_network_went = threading.Event()
+    seen: dict[str, bool] = {}
 
+    def container(ref: str) -> bool:
+        if ref == started["nb3"].container_id:
+            # issue 27: a network removal runs while this expired container is still there
+            seen["network before nb3's container"] = a_network_went.wait(30)
+        return remove_container(ref)
+
+    def network(ref: str) -> bool:
+        done = remove_network(ref)
+        a_network_went.set()
+        return done
+
+    monkeypatch.setattr(ctx.driver, "remove_container", container)
+    monkeypatch.setattr(ctx.driver, "remove_network", network)
+    # No time for the pass's later network step: the expiries' own networks go regardless.
     monkeypatch.setattr(janitor_module, "NETWORK_BUDGET", 0.0)
-    first = janitor_pass(ctx, later)
+    first = janitor_pass(ctx, utcnow() + timedelta(seconds=601))
     assert sorted(first.expired) == [f"web/{t}" for t in teams]
-    assert removed == ["container"] * 3
-    assert _team_networks(docker_client, teams) == [f"ctf-team-{t}" for t in teams]
-
-    monkeypatch.setattr(janitor_module, "NETWORK_BUDGET", 60.0)
-    second = janitor_pass(ctx, later)
-    assert sorted(second.orphan_networks) == [f"ctf-team-{t}" for t in teams]
-    assert removed == ["container"] * 3 + ["network"] * 3
+    assert seen == {"network before nb3's container": True}
+    assert sorted(first.orphan_networks) == [f"ctf-team-{t}" for t in teams]
     assert _team_networks(docker_client, teams) == []
 
 
 def _three_expiring_and_one_later(ctx: Context, prefix: str) -> tuple[Instance, datetime]:
-    """Start web for teams <prefix>1-3 and exposed for <prefix>4; return <prefix>4 and a moment.
+    """Three empty team networks left behind (<prefix>1-3), and <prefix>4 running; a moment.
 
-    The moment is ten minutes on, when the three have expired; <prefix>4 expires a day later.
+    <prefix>1-3 are stopped with their networks kept, as a pass with no time left for
+    networks leaves them; the moment is ten minutes on; <prefix>4 expires a day after it.
     """
     for i in (1, 2, 3):
-        ctx.service.start(ctx.service.catalog.key("web", f"{prefix}{i}"))
+        key = ctx.service.catalog.key("web", f"{prefix}{i}")
+        ctx.service.start(key)
+        ctx.service.stop(key, count_rate=False, keep_network=True)
     late = ctx.service.start(ctx.service.catalog.key("exposed", f"{prefix}4"))
     later = utcnow() + timedelta(seconds=601)
     late = late.model_copy(update={"expires_at": iso(later + timedelta(days=1))})
@@ -195,31 +208,31 @@ def test_janitor_network_removal_yields_to_a_newly_expired_instance(
     removed = _record_removals(ctx, monkeypatch, on_network=expire_ny4_once)
     monkeypatch.setattr(janitor_module, "NETWORK_MINIMUM", 1)
     first = janitor_pass(ctx, later)
-    assert sorted(first.expired) == ["web/ny1", "web/ny2", "web/ny3"]
+    assert first.expired == []
     assert len(first.orphan_networks) == 1  # then it gave way
     second = janitor_pass(ctx, later + timedelta(seconds=1))
     assert second.expired == ["exposed/ny4"]
-    assert len(second.orphan_networks) == 3
-    assert removed == ["container"] * 3 + ["network"] + ["container"] + ["network"] * 3
+    assert len(second.orphan_networks) == 3  # ny4's, emptied by its expiry, and the two left
+    assert removed == ["network"] + ["container"] + ["network"] * 3
     assert _team_networks(docker_client, ["ny1", "ny2", "ny3", "ny4"]) == []
 
 
 def test_a_stream_of_expiries_does_not_starve_network_removal(
     own_janitor_ctx: Context, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Even with a new expiry waiting from the start, a pass removes its minimum of networks."""
+    """Even with a new expiry waiting from the first network on, a pass removes its minimum."""
     ctx = own_janitor_ctx
     late, later = _three_expiring_and_one_later(ctx, "nm")
 
-    def expire_nm4_during_the_reap() -> None:
+    def expire_nm4_at_the_first_network() -> None:
         ctx.store.put(late.model_copy(update={"expires_at": iso(later)}))
 
-    removed = _record_removals(ctx, monkeypatch, on_container=expire_nm4_during_the_reap)
+    removed = _record_removals(ctx, monkeypatch, on_network=expire_nm4_at_the_first_network)
     monkeypatch.setattr(janitor_module, "NETWORK_MINIMUM", 2)
     first = janitor_pass(ctx, later)
-    assert sorted(first.expired) == ["web/nm1", "web/nm2", "web/nm3"]  # nm4 not yet expired
+    assert first.expired == []  # nm4 expired after the pass judged expiries
     assert len(first.orphan_networks) == 2  # then it gave way to nm4
-    assert removed == ["container"] * 3 + ["network"] * 2
+    assert removed == ["network"] * 2
 
 
 def test_an_instance_the_janitor_cannot_remove_does_not_stall_network_removal(

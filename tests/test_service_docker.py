@@ -13,6 +13,7 @@ import pytest
 from conftest import TEST_LABEL, TEST_POOL, cleanup_docker, containers_of, private_label
 from test_egress import firewall_tools, nft
 
+from celery_app.engine.docker_driver import DockerDriver
 from celery_app.engine.firewall import table_name
 from celery_app.errors import (
     InvalidRequest,
@@ -210,3 +211,38 @@ def test_many_team_networks_get_subnets_from_our_pool(ctx: Context, docker_clien
     assert len(subnets) == 60
     pool = ipaddress.ip_network(TEST_POOL)
     assert all(ipaddress.ip_network(s).subnet_of(pool) for s in subnets)
+
+
+# Issue 27's own subnets: a herd of new team networks made by one driver's threads at once.
+HERD_POOL = "10.216.0.0/16"
+
+
+def test_a_herd_of_new_team_networks_makes_each_with_one_create(docker_client: Any) -> None:
+    """16 threads making 32 new team networks at once: distinct subnets, no create refused."""
+    label = private_label("herdnets")
+    labels = {**label, "ctf.managed": "true"}
+    driver = DockerDriver()  # its own subnet bookkeeping, as a fresh worker's
+    creates: list[str] = []
+    create = driver.client.api.create_network
+
+    def counted(name: str, *args: Any, **kwargs: Any) -> Any:
+        creates.append(name)
+        return create(name, *args, **kwargs)
+
+    driver.client.api.create_network = counted  # type: ignore[method-assign]
+    teams = [f"herd{i}" for i in range(32)]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            made = list(pool.map(lambda t: driver.ensure_network(
+                t, {**labels, "ctf.team": t}, HERD_POOL, 28), teams))
+        # What the driver answered without an inspect is what the engine says.
+        for net in made:
+            seen = driver.get_network(net.name)
+            assert seen == net
+    finally:
+        cleanup_docker(docker_client, label)
+        driver.close()
+    assert sorted(creates) == sorted(f"ctf-team-{t}" for t in teams)  # none refused, retried
+    assert len({net.subnets[0] for net in made}) == 32
+    pool_net = ipaddress.ip_network(HERD_POOL)
+    assert all(ipaddress.ip_network(net.subnets[0]).subnet_of(pool_net) for net in made)

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,16 @@ _PORTS_EXHAUSTED = (
     "all ports are allocated", "port is already allocated", "address already in use",
 )
 _POOL_OVERLAP = ("pool overlaps", "overlaps with")
+# Seconds a subnet this process is making a network with (or just made one with) is skipped by
+# its other threads: a herd of new teams' starts would otherwise all try the pool's first free
+# subnet, and all but one be refused, round after round (issue 27: 125 refused creates for 20
+# new teams). By then the engine's network list shows it.
+SUBNET_HOLD = 30.0
+# Seconds one listing of the engine's networks (the subnets in use) serves every thread's
+# subnet search: a herd of new teams lists once a second, not once per team. A network made
+# meanwhile by another process costs one refused create (its subnet is then skipped); one
+# removed meanwhile leaves its subnet unused for that second.
+SUBNETS_LISTED_FOR = 1.0
 
 
 # A registry that throttles or is briefly overloaded: the same pull may work a moment later.
@@ -262,6 +273,9 @@ class DockerDriver:
         self._timeout = timeout
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
+        self._subnets_lock = threading.Lock()
+        self._subnets_taken: dict[str, float] = {}  # subnet -> when a thread here took it
+        self._subnets_listed: tuple[float, list[ipaddress.IPv4Network]] = (float("-inf"), [])
 
     @property
     def is_local(self) -> bool:
@@ -632,25 +646,21 @@ class DockerDriver:
         if existing is not None:
             check_ours("network", name, existing.labels, labels)
             return existing
-        used = [
-            ipaddress.ip_network(s, strict=False)
-            for net in self.list_networks()
-            for s in net.subnets
-            if ":" not in s
-        ]
+        used = self._used_subnets()
         for subnet in ipaddress.IPv4Network(pool).subnets(new_prefix=prefix):
-            if any(subnet.overlaps(u) for u in used):
+            if any(subnet.overlaps(u) for u in used) or not self._take_subnet(str(subnet)):
                 continue
             ipam = docker.types.IPAMConfig(
                 pool_configs=[docker.types.IPAMPool(subnet=str(subnet))]
             )
             try:
                 with map_docker_errors(f"create network {name}"):
-                    self.client.api.create_network(
+                    created = self.client.api.create_network(
                         name, driver="bridge", ipam=ipam, labels=labels, check_duplicate=True,
                         internal=internal, options=options,
                     )
             except (InvalidRequest, DockerUnavailable) as exc:
+                self._drop_subnet(str(subnet))
                 text = str(exc).lower()
                 if "already exists" in text:
                     found = self.get_network(name)
@@ -660,15 +670,52 @@ class DockerDriver:
                     used.append(subnet)
                     continue
                 raise
-            found = self.get_network(name)
-            if found is None:
-                raise DockerUnavailable(f"network {name} vanished right after it was made")
+            except BaseException:
+                self._drop_subnet(str(subnet))
+                raise
             log.info("created network %s subnet=%s", name, subnet)
-            return found
+            # What an inspect would say of the network just made (one call fewer per new
+            # network; its bridge is Docker's br-<id12> unless the options name one).
+            net_id = str(created.get("Id", ""))
+            return NetworkInfo(
+                id=net_id, name=name, labels=dict(labels), subnets=[str(subnet)], containers=0,
+                bridge=str((options or {}).get("com.docker.network.bridge.name")
+                           or f"br-{net_id[:12]}"),
+            )
         raise CapacityExhausted(
             f"no free /{prefix} subnet left in CTF_TEAM_SUBNET_POOL {pool}; use a larger pool "
             "or a longer CTF_TEAM_SUBNET_PREFIX"
         )
+
+    def _used_subnets(self) -> list[ipaddress.IPv4Network]:
+        """The IPv4 subnets of the engine's networks, listed at most once a second (a copy)."""
+        at, listed = self._subnets_listed
+        if time.monotonic() - at > SUBNETS_LISTED_FOR:
+            listed = [
+                ipaddress.IPv4Network(s, strict=False)
+                for net in self.list_networks()
+                for s in net.subnets
+                if ":" not in s
+            ]
+            self._subnets_listed = (time.monotonic(), listed)
+        return list(listed)
+
+    def _take_subnet(self, subnet: str) -> bool:
+        """Take ``subnet`` for a network this thread makes; ``False``: another thread has it."""
+        now = time.monotonic()
+        with self._subnets_lock:
+            for held, at in list(self._subnets_taken.items()):
+                if now - at > SUBNET_HOLD:
+                    del self._subnets_taken[held]
+            if subnet in self._subnets_taken:
+                return False
+            self._subnets_taken[subnet] = now
+            return True
+
+    def _drop_subnet(self, subnet: str) -> None:
+        """Give back a subnet whose network was not made."""
+        with self._subnets_lock:
+            self._subnets_taken.pop(subnet, None)
 
     def remove_network(self, name_or_id: str) -> bool:
         """Remove a network; ``False`` when it was already gone or still has containers."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from celery_app.vocab.naming import (
     POOL_NAME_PREFIX,
     ROLE_SOLVER,
     instance_key,
+    network_name,
     read_claim,
     split_instance_key,
 )
@@ -48,6 +50,10 @@ NETWORK_BUDGET = 60.0
 # Networks one pass removes before it gives way to a new expiry, so that a steady stream of
 # expiries (one every few seconds in a busy event) cannot starve network removal for good.
 NETWORK_MINIMUM = 5
+# Threads that remove the networks a pass's expiries empty while the other expired containers
+# are still being removed (issue 27): the engine removes networks one at a time, so more
+# lanes would only queue in it, and the container removals keep CTF_JANITOR_CONCURRENCY.
+NETWORK_LANES = 2
 
 
 @dataclass
@@ -65,6 +71,8 @@ class Summary:
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
     reap_seconds: float = 0.0  # of ``seconds``: until the expired instances were removed
+    # ``orphan_networks`` also lists the team networks this pass's expiries emptied (removed
+    # beside the expiries, step 3) as well as those found empty afterwards (step 5).
 
     @property
     def removed(self) -> int:
@@ -111,13 +119,15 @@ class Janitor:
         1. When Redis lost the index (flushed, restarted empty): reconcile from Docker first,
            so nothing running is mistaken for an orphan.
         2. Remove every instance of this host whose ``expires_at`` has passed.
+           A team network the expiries empty (every instance of the team here expired) is
+           removed as soon as the team's last container is gone, by ``NETWORK_LANES``
+           threads of its own, while the other expired containers are still being removed
+           (issue 27: mass expiry and network removal run side by side, as the engine can).
         3. Remove containers with our labels that no instance accounts for (older than
            ``CTF_ORPHAN_GRACE``, so a start in flight is never touched).
-        4. Remove team networks with no container and no instance, for at most
+        4. Remove the other team networks with no container and no instance, for at most
            ``NETWORK_BUDGET`` seconds and, past ``NETWORK_MINIMUM`` of them, only until
-           another instance expires (the rest next pass). Instances reaped in step 2 leave
-           their networks to this step: the engine removes networks one at a time, about as
-           slowly as containers, so expired containers are all gone first.
+           another instance expires (the rest next pass).
 
         Args:
             now: the moment to judge expiry against (tests pass their own).
@@ -163,10 +173,8 @@ class Janitor:
             summary.reconciled = True
         # 2. writable instances over their disk bound: stopped before anything slower
         self._enforce_disk(summary)
-        # 3. expired instances
-        began = time.monotonic()
+        # 3. expired instances, and the team networks they empty beside them
         judged = self._reap_expired(now, summary)
-        summary.reap_seconds = time.monotonic() - began
         # 4. orphan containers
         live_teams = self._remove_orphan_containers(now, summary)
         # 5. orphan networks
@@ -251,22 +259,71 @@ class Janitor:
         return mine
 
     def _reap_expired(self, now: datetime, summary: Summary) -> set[str]:
-        """Reap this host's expired instances; return the keys it judged."""
+        """Reap this host's expired instances and the team networks they empty; return the keys.
+
+        The keys returned are those it judged (reaped, busy or failing).
+        The containers go ``CTF_JANITOR_CONCURRENCY`` at a time; a team network goes as soon
+        as the last expired container of its team is gone (``NETWORK_LANES`` threads), so
+        network removals overlap the remaining container removals instead of following them.
+        ``summary.reap_seconds``: until the expired containers were gone.
+        """
         svc = self.service
+        began = time.monotonic()
         mine = self._expired_here(now.timestamp())
         if not mine:
             return set()
-        # Each stop takes its own locks; removals run side by side because Docker's forced
-        # removal, not our code, is what takes the time.
-        workers = min(svc.settings.janitor_concurrency, len(mine))
-        with ThreadPoolExecutor(workers, thread_name_prefix="janitor") as pool:
-            outcomes = list(pool.map(lambda item: self._reap_one(*item), mine))
+        left = self._emptied_teams(mine)
+        guard = threading.Lock()
+
+        with ThreadPoolExecutor(NETWORK_LANES, thread_name_prefix="janitor-net") as lanes:
+
+            def reap(item: tuple[str, str, str]) -> tuple[str, str]:
+                key, outcome = self._reap_one(*item)
+                team = item[2]
+                if outcome == "removed" and team in left:
+                    with guard:
+                        left[team] -= 1
+                        last = left[team] == 0
+                    if last:
+                        lanes.submit(self._remove_team_network, team, summary)
+                return key, outcome
+
+            # Each stop takes its own locks; removals run side by side because Docker's
+            # forced removal, not our code, is what takes the time.
+            workers = min(svc.settings.janitor_concurrency, len(mine))
+            with ThreadPoolExecutor(workers, thread_name_prefix="janitor") as pool:
+                outcomes = list(pool.map(reap, mine))
+            summary.reap_seconds = time.monotonic() - began
         for key, outcome in outcomes:
             if outcome == "removed":
                 summary.expired.append(key)
             elif outcome:
                 summary.errors.append(f"{key}: {outcome}")
         return {key for key, _, _ in mine}
+
+    def _emptied_teams(self, mine: list[tuple[str, str, str]]) -> dict[str, int]:
+        """Teams whose every instance here expires now, with how many (their network's count).
+
+        Once that many are reaped the team's network has no instance left.
+        One read of the host's records. A start of the team after it is harmless: the
+        removal checks, under the team's network lock, that no container is on the network.
+        """
+        svc = self.service
+        expiring = {key for key, _, _ in mine}
+        keeping = {i.team_id for i in svc.store.list(host=svc.host) if i.key not in expiring}
+        left: dict[str, int] = {}
+        for _, _, team in mine:
+            if team not in keeping:
+                left[team] = left.get(team, 0) + 1
+        return left
+
+    def _remove_team_network(self, team: str, summary: Summary) -> None:
+        """Remove ``team``'s network if nothing is on it (a lane of :meth:`_reap_expired`)."""
+        try:
+            if self.service.remove_network_if_unused(team):
+                summary.orphan_networks.append(network_name(team))
+        except ERROR_OR_SIGNAL as exc:  # a busy network lock: step 5 or the next pass
+            summary.errors.append(f"{network_name(team)}: {exc}")
 
     def _reap_one(self, key: str, challenge: str, team: str) -> tuple[str, str]:
         svc = self.service
