@@ -155,11 +155,6 @@ class Challenge(BaseModel):
             raise ValueError("a Compose challenge's ports are its services' 'ports:' in the "
                              "Compose file; remove 'port'")
 
-
-        if self.compose is not None and self.solver is not None:
-            # The canary is one container for now (issue 26 leaves Compose for later).
-            raise ValueError("a 'solver' is not supported yet on a Compose challenge; remove "
-                             "'solver' or use a one-image challenge")
         if self.solver is not None and self.solver.flag_name and not self.flag_env:
             # The app computes its in-app flags from the key it gets in flag_env.
             raise ValueError("the solver's 'flag_name' needs 'flag_env' (the variable the app "

@@ -213,12 +213,6 @@ class CanaryLoop(Loop):
         # container is the primary service's, its port and protocol the endpoint's.
         port = svc.specs.container_port(ch)
         protocol = ch.app.primary.protocol if ch.app is not None else ch.protocol
-        flag = svc.flag_for(InstanceKey(ch.id, CANARY_TEAM))
-        svc.egress.require()  # fail closed, as a start does: no solver without the firewall
-        if not driver.image_present(solver.image):
-            driver.pull(solver.image)
-        scheme = "http" if protocol == "http" else "tcp"
-
         key = svc.flag_for(InstanceKey(ch.id, CANARY_TEAM))
         # Juice Shop's kind of app shows flags it computes from its key, never the key.
         flag = in_app_flag(key, solver.flag_name) if solver.flag_name else key
@@ -233,7 +227,7 @@ class CanaryLoop(Loop):
                                        f"and could not be pulled: {exc.detail}; build or "
                                        "load it on every Docker host (the shipped ones: "
                                        "examples/solvers/build.sh)"], 0.0, "could not be run")
-        scheme = "http" if ch.protocol == "http" else "tcp"
+        scheme = "http" if protocol == "http" else "tcp"
         env = {"CTF_TARGET_URL": f"{scheme}://{address}:{port}/",
                "CTF_TARGET_HOST": address, "CTF_TARGET_PORT": str(port)}
         if solver.given_flag:
