@@ -50,6 +50,7 @@ from conftest import (
 from playwright.sync_api import Browser, expect, sync_playwright
 from test_compose_docker import SHOP, shop_images  # noqa: F401  # a module fixture
 from test_egress import listener, netns_host
+from test_solver import FETCH, SOLVER_DOCKERFILE
 
 from celery_app.api.app import create_app
 from celery_app.engine.firewall import table_name
@@ -68,15 +69,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-SOLVER_DOCKERFILE = """FROM scratch
-COPY busybox /bin/busybox
-ENTRYPOINT ["/bin/busybox", "sh", "-c"]
-"""
 # The one-image challenges: a page holding the instance's flag (and, for victim, the marker).
 SERVE = ("/bin/busybox mkdir -p /tmp/www && echo \"{prefix}the flag is $CTF_FLAG\" > "
          "/tmp/www/index.html && exec /bin/busybox httpd -f -p 8080 -h /tmp/www")
-FETCH = ("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 5 "
-         "\"$CTF_TARGET_HOST\" \"$CTF_TARGET_PORT\"")
 GATEWAY = "$(/bin/busybox ip route | /bin/busybox awk '/default/ {print $3}')"
 # The Compose solver: the primary endpoint is named to it, the flag is in the db service.
 FROM_DB = ("echo \"solving $CTF_TARGET_URL\" && /bin/busybox nc -w 5 db 5432 </dev/null")
