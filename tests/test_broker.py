@@ -25,6 +25,7 @@ import redis
 from celery import Celery
 from conftest import RedisServer, wait_for
 from kombu import Connection, Consumer, Producer, Queue
+from kombu.asynchronous import Hub
 
 from celery_app.worker.broker import Channel, Transport, transport_for
 
@@ -303,3 +304,28 @@ def test_a_message_is_put_back_only_while_stale_by_redis_clock(broker_url: str) 
     finally:
         conn.release()
         plain.close()
+
+
+def test_an_ack_queued_from_a_task_thread_wakes_the_worker_loop_at_once(broker_url: str) -> None:
+    """A callback queued on the worker's loop from another thread makes the loop's poll return."""
+    # Celery's thread pool queues each ack with hub.call_soon from the task's thread; unless the
+    # poll wakes, the ack and the next message wait for the loop's next timer, up to 1 s
+    # (celery#6941): a burst larger than the worker's threads then ran one window a second.
+    hub = Hub()
+    conn = Connection(broker_url, transport=transport_for(broker_url))
+    try:
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        assert not hub.poller.poll(0), "nothing is readable before anything is queued"
+        ran: list[str] = []
+        thread = threading.Thread(target=hub.call_soon, args=(ran.append, "acked"))
+        thread.start()
+        thread.join()
+        assert hub.poller.poll(0), "the queued callback left the loop's poll asleep"
+        loop = hub.create_loop()
+        next(loop)  # one turn: the queued callback runs, the wake-up is read
+        assert ran == ["acked"]
+        next(loop)
+        assert not hub.poller.poll(0), "the wake-up was read, so the next poll sleeps again"
+    finally:
+        hub.close()
+        conn.release()
