@@ -67,8 +67,8 @@ def instrument() -> None:
                 return lk
             return lock
         setattr(StateStore, lock_name, make(original, lock_name))
-    specs_mod.probe_once = timed("probe_once", readiness.probe_once)
-    specs_mod.wait_until = timed("wait_until", readiness.wait_until)
+    specs_mod.probe_once = timed("probe_once", readiness.probe_once)  # type: ignore[attr-defined]
+    specs_mod.wait_until = timed("wait_until", readiness.wait_until)  # type: ignore[attr-defined]
 
 
 def main() -> int:

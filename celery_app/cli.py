@@ -307,8 +307,7 @@ def restart(
 ) -> None:
     """Replace TEAM's instance of CHALLENGE with a fresh one (same flag, new expiry)."""
     disp = _dispatcher()
-    # Validated as a team's key (no admin naming of the ``global`` team id), as before.
-    _send_then_show(disp, lambda: disp.restart(disp.key(challenge, team)), wait, timeout,
+    _send_then_show(disp, lambda: disp.restart(disp.key(challenge, team, ADMIN)), wait, timeout,
                     f"restarting {challenge} for {team}", as_json,
                     lambda result: _show(result, as_json, "restarted"))
 

@@ -200,6 +200,22 @@ def test_a_killed_container_comes_back(setup: Setup, docker_client: docker.Docke
     assert again["team_id"] == "global"
 
 
+def test_the_admin_restarts_it_for_everyone_with_the_same_flag(
+    setup: Setup, docker_client: docker.DockerClient,
+) -> None:
+    """The admin's restart of team ``global`` gives every team a fresh container, same flag."""
+    inst = setup.running("gweb")
+    r = setup.api.post("/api/v1/teams/global/instances/gweb/restart?wait=60", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    fresh = r.json()
+    assert fresh["team_id"] == "global" and fresh["status"] == "running"
+    assert fresh["container_id"] != inst["container_id"]
+    assert _container(docker_client, "gweb").id == fresh["container_id"]
+    assert setup.listing("gt2")["gweb"]["container_id"] == fresh["container_id"]
+    env = docker_client.containers.get(fresh["container_id"]).attrs["Config"]["Env"]
+    assert f"FLAG={team_flag(setup.secret, 'gweb', 'global')}" in env
+
+
 def test_it_never_expires(setup: Setup, global_redis: RedisServer) -> None:
     """Its record carries no expiry the janitor acts on."""
     inst = setup.running("gweb")

@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 
 def _sender(act: Callable[[InstanceKey, str], T], disp: Dispatcher, challenge: str,
-            team_id: str, who: Principal, *, admin_key: bool = True) -> Callable[[], T]:
+            team_id: str, who: Principal) -> Callable[[], T]:
     """Return the call that sends one of the Dispatcher's requests (run in the thread pool).
 
     Args:
@@ -49,15 +49,13 @@ def _sender(act: Callable[[InstanceKey, str], T], disp: Dispatcher, challenge: s
         challenge: the challenge id, as asked.
         team_id: the team id, as asked.
         who: the caller; ``act`` gets its actor in the audit trail (SPEC §13): the admin or
-            the token's team.
-        admin_key: the key is validated as the actor's, so that the admin may name a global
-            instance by its team id ``global``; ``False`` validates it as a team's (what the
-            restart route has always done).
+            the token's team. The key is validated as the actor's, so that the admin may
+            name a global instance by its team id ``global`` (SPEC §13: the admin may stop,
+            extend or restart it).
 
     """
     actor = principal_actor(who)
-    key_actor = actor if admin_key else None
-    return lambda: act(disp.key(challenge, team_id, key_actor), actor)
+    return lambda: act(disp.key(challenge, team_id, actor), actor)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -95,7 +93,6 @@ async def _act(
     task: str, act: Callable[[InstanceKey, str], Sent], challenge: str, team_id: str,
     who: Principal, disp: Dispatcher, metrics: ApiMetrics, waiter: AsyncWaiter,
     slots: WaitSlots, wait: float | None, *, reread: bool, timed: bool = False,
-    admin_key: bool = True,
 ) -> JSONResponse:
     """Answer a start, stop or restart: check the caller, send ``act``'s task, maybe wait.
 
@@ -117,7 +114,6 @@ async def _act(
         reread: a 202 after a wait shows the instance as Redis has it now (start, restart),
             not as it was when sent.
         timed: a 200 is observed as the start's duration.
-        admin_key: see :func:`_sender`.
 
     Raises:
         CTFError: the caller may not act for the team, the request is refused, or the task
@@ -128,7 +124,7 @@ async def _act(
     began = time.monotonic()
     task_id, so_far, view = await _send_then_wait(
         slots, waiter, team_id, wait,
-        _sender(act, disp, challenge, team_id, who, admin_key=admin_key))
+        _sender(act, disp, challenge, team_id, who))
     metrics.tasks_sent.labels(task, challenge).inc()
     if view is None:
         return JSONResponse({"task_id": task_id, **so_far}, status_code=202)
@@ -220,7 +216,7 @@ async def restart_instance(
     ``instance_not_found`` when there is no instance (start one).
     """
     return await _act("restart_container", disp.restart, challenge, team_id, who, disp,
-                      metrics, waiter, slots, wait, reread=True, admin_key=False)
+                      metrics, waiter, slots, wait, reread=True)
 
 
 @router.post("/api/v1/teams/{team_id}/instances/{challenge}/extend", responses=ERRORS,
