@@ -872,6 +872,10 @@ def test_tcp_instance_gets_a_new_host_each_time_and_on_revocation(stack: Stack) 
     first = stack.start(team, "nc")
     assert tls_echo(stack, host_of(first["url"]), b"one\n") == b"one\n"
     stack.call("DELETE", f"/api/v1/teams/{team}/instances/nc?wait=30")
+    # The name's nonce is the instance's started_at, in whole seconds (SPEC's label format): a
+    # start in the same second as the last one, by the same team, may get the same name.
+    wait_for(lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) != first["started_at"],
+             5, 0.05, "the next second")
     second = stack.start(team, "nc")
     assert host_of(second["url"]) != host_of(first["url"])
     assert tls_echo(stack, host_of(second["url"]), b"two\n") == b"two\n"
