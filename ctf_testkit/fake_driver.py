@@ -175,6 +175,12 @@ class FakeDriver:
         self._call("image_present")
         return image in self.images
 
+    def image_id(self, image: str) -> str | None:
+        """The image's ID: a new one each time the name gets another image (pull, add)."""
+        self._call("image_id")
+        found = self.images.get(image)
+        return None if found is None else f"sha256:{id(found):x}"
+
     def image_volumes(self, image: str) -> list[str]:
         """The image's VOLUMEs."""
         return list(self._image(image).volumes)
@@ -242,6 +248,7 @@ class FakeDriver:
                 id=uuid.uuid4().hex + uuid.uuid4().hex, name=spec.name, state="running",
                 labels=dict(spec.labels), ports=ports, ip=ip,
                 created=str(int(time.time())), health="starting" if checked else None,
+                image_id=f"sha256:{id(self.images[spec.image]):x}",
             )
             self.containers[info.id] = info
             self.specs[info.id] = spec

@@ -77,8 +77,21 @@ class Setup:
     env: dict[str, str]
 
 
-def catalog(image: str, solver: str, host_port: int, internet_port: int) -> dict[str, Any]:
-    """Four challenges of one image, whose solvers succeed, miss, hang and probe egress."""
+def own_image(docker_client: docker.DockerClient, images: dict[str, str], version: int) -> str:
+    """The ``updated`` challenge's image: the stand-in under a tag of its own, ``version`` in it.
+
+    Built again with another version, the tag names another image, as after a pull.
+    """
+    return build_image(docker_client, f"ctf-test/solver-app:{RUN_ID}",
+                       f"FROM {images['http']}\nLABEL ctf-test.version={version}\n", {})
+
+
+def catalog(image: str, solver: str, host_port: int, internet_port: int,
+            updated: str) -> dict[str, Any]:
+    """Five challenges: solvers that succeed, miss, hang and probe egress, and ``updated``.
+
+    ``updated`` is the good one on an image of its own.
+    """
     gateway = "$(/bin/busybox ip route | /bin/busybox awk '/default/ {print $3}')"
     probing = " ; ".join([probe(gateway, host_port, "host"),
                           probe(INTERNET[2], internet_port, "internet"), FETCH])
@@ -90,6 +103,7 @@ def catalog(image: str, solver: str, host_port: int, internet_port: int) -> dict
 
     return {"challenges": {
         "good": entry(GOOD),
+        "updated": {**entry(GOOD), "image": updated},
         "blind": entry(BLIND),
         "hang": entry(HANG, timeout=5),
         "probe": entry(probing),
@@ -114,7 +128,8 @@ def setup(images: dict[str, str], docker_client: docker.DockerClient,
                 listener(MARK, netns=INTERNET[0]) as internet_port:
             path = workdir / "challenges.yaml"
             path.write_text(yaml.safe_dump(catalog(images["http"], solver, host_port,
-                                                   internet_port)))
+                                                   internet_port,
+                                                   own_image(docker_client, images, 1))))
             env = {**base_env(server, path, workdir / "data"),
                    "CTF_EXTRA_LABELS": json.dumps(LABEL),
                    "CTF_TEAM_SUBNET_POOL": POOL}
@@ -217,6 +232,25 @@ def test_a_pool_drain_makes_the_canary_again_and_proves_it_at_once(
                                                                      "ctf.challenge": "good"})
                if c.status == "running"]
     assert running and canary.id not in running
+
+
+def test_a_new_image_under_the_tag_makes_the_canary_again_and_proves_it_at_once(
+        setup: Setup, docker_client: docker.DockerClient, images: dict[str, str]) -> None:
+    """A pull or rebuild of the challenge's image makes a canary of the new image, proven."""
+    before = settled(setup, "updated")
+    (canary,) = [c for c in containers_of(docker_client, LABEL, **{"ctf.team": "canary",
+                                                                    "ctf.challenge": "updated"})
+                 if c.status == "running"]
+    time.sleep(1.1)  # last_run has whole seconds: the next run's must be a later one
+    image = docker_client.images.get(own_image(docker_client, images, 2)).id
+    assert canary.image.id != image
+    # Long before the solver's interval (300 s by default): at the next canary pass.
+    row = settled(setup, "updated", after=before["last_run"], timeout=60)
+    assert row["state"] == "ok", row
+    running = [c for c in containers_of(docker_client, LABEL, **{"ctf.team": "canary",
+                                                                  "ctf.challenge": "updated"})
+               if c.status == "running"]
+    assert [c.image.id for c in running] == [image]
 
 
 def test_the_solver_reaches_the_canary_and_nothing_else(setup: Setup) -> None:

@@ -188,6 +188,9 @@ def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
         attrs=attrs,
         oom_killed=oom_killed,
         health=health,
+        # inspect names it Image (the ID; Config.Image is the name asked), the list ImageID
+        image_id=str(attrs.get("ImageID") or (attrs.get("Image") if isinstance(state, dict)
+                                               else "") or ""),
     )
 
 
@@ -369,6 +372,14 @@ class DockerDriver:
             except docker.errors.ImageNotFound:
                 return False
             return True
+
+    def image_id(self, image: str) -> str | None:
+        """Return the local image's ID (``sha256:…``), or ``None`` when it is absent."""
+        with map_docker_errors(f"inspect image {image}"):
+            try:
+                return str(self.client.api.inspect_image(image)["Id"])
+            except docker.errors.ImageNotFound:
+                return None
 
     def _image_config(self, image: str) -> dict[str, Any]:
         with map_docker_errors(f"inspect image {image}"):

@@ -119,6 +119,7 @@ class ContainerInfo:
     attrs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     oom_killed: bool = False
     health: str | None = None  # starting, healthy, unhealthy; None without a health check
+    image_id: str = ""  # the image it was made from (``sha256:…``): a later pull of its tag differs
 
     @property
     def team_id(self) -> str:
@@ -203,6 +204,9 @@ class Driver(Protocol):
 
     def image_present(self, image: str) -> bool:
         """Return whether ``image`` is present locally."""
+
+    def image_id(self, image: str) -> str | None:
+        """Return the local image's ID (``sha256:…``), or ``None`` when it is absent."""
 
     def image_volumes(self, image: str) -> list[str]:
         """Return the paths the image declares as VOLUMEs (``ImageNotFound`` if absent)."""

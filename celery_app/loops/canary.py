@@ -6,8 +6,9 @@ instance for the reserved team ``canary`` (made by :meth:`InstanceService.start
 hardening, network rules and egress firewall) and runs the solver's container against it:
 
 - at once when the canary is (re)made, then every ``interval`` seconds; a pool drain
-  (``ctfctl pool drain``, ``POST /api/v1/pools/{challenge}/drain``: an image update) makes
-  the canary again and proves it at once;
+  (``ctfctl pool drain``, ``POST /api/v1/pools/{challenge}/drain``: an image update), or a
+  pull or rebuild that gives one of its images' names another image on its host, makes the
+  canary again and proves it at once;
 - on the canary's own team network, hardened like an instance (every capability dropped,
   ``no-new-privileges``, memory, CPU and pid limits, a read-only root), without the
   ``ctf.egress=internet`` label: the egress firewall lets it reach its network and nothing
@@ -54,6 +55,7 @@ from celery_app.vocab.naming import (
     LABEL_CHALLENGE,
     LABEL_EGRESS,
     LABEL_ROLE,
+    LABEL_SERVICE,
     LABEL_TEAM,
     ROLE_SOLVER,
     SOLVER_NAME_PREFIX,
@@ -142,11 +144,10 @@ class CanaryLoop(Loop):
         if record is not None and record.host != svc.host:
             return  # another host's canary: its worker proves it
         info = self._running(record)
-        if info is not None and before \
-                and svc.store.pools.drained_at(ch.id) > float(before.get("at", 0)):
-            # A drain since the last run (an image update): the canary is made again, from
-            # the image as it is now, and proven at once.
-            log.info("canary of %s: made again after a pool drain", ch.id)
+        why = None if info is None or not before else self._outdated(ch, info, before)
+        if info is not None and why is not None:
+            # The canary is made again, from the images as they are now, and proven at once.
+            log.info("canary of %s: made again after %s", ch.id, why)
             if ch.is_group:  # every service of it: the new group is made whole
                 svc.specs.remove_group(ch.id, CANARY_TEAM, svc.egress)
             else:
@@ -172,6 +173,29 @@ class CanaryLoop(Loop):
             return
         outcome = self.run_solver(ch, solver, record, info)  # type: ignore[arg-type]
         self._verdict(ch, before, outcome, now, info.id)
+
+    def _outdated(self, ch: Challenge, info: ContainerInfo, before: dict[str, str]
+                  ) -> str | None:
+        """Why the running canary is to be made again, or ``None`` while it is current.
+
+        A pool drain since its last run (an organiser's image update), or an image of it
+        whose name now gives another image here (a ``ctfctl pull``, a ``docker pull`` or a
+        rebuild on this host): the canary must prove what a team's next start would get.
+        """
+        svc = self.service
+        if svc.store.pools.drained_at(ch.id) > float(before.get("at", 0)):
+            return "a pool drain"
+        members = svc.specs.group_of(ch.id, CANARY_TEAM) if ch.app is not None else [info]
+        for member in members:
+            try:
+                image = ch.image if ch.app is None else \
+                    ch.app.service(member.labels.get(LABEL_SERVICE, "")).image
+            except KeyError:  # not a service of the file as it is now: the group is remade
+                return "a service no longer in the file"
+            now = svc.driver.image_id(image)
+            if member.image_id and now is not None and now != member.image_id:
+                return f"a new image {image}"
+        return None
 
     def _running(self, record: Instance | None) -> ContainerInfo | None:
         """The canary's container when its record says running and it runs; else ``None``."""
