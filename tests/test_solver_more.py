@@ -38,6 +38,7 @@ from ci import unavailable
 from conftest import (
     ADMIN_TOKEN,
     BUSYBOX,
+    ROOT,
     RUN_ID,
     base_env,
     build_image,
@@ -342,7 +343,8 @@ def test_the_health_answer_names_the_canarys_host(setup: Setup) -> None:
 
 
 @pytest.mark.browser
-def test_the_dashboard_marks_a_broken_challenge_with_its_output(setup: Setup) -> None:
+def test_the_dashboard_marks_a_broken_challenge_with_its_output(setup: Setup,
+                                                               tmp_path: Path) -> None:
     """The organiser dashboard lists the solvers' verdicts; a broken one shows its output."""
     settled(setup, "shopless")
     settled(setup, "shop")
@@ -362,5 +364,10 @@ def test_the_dashboard_marks_a_broken_challenge_with_its_output(setup: Setup) ->
             expect(good.locator(".c-challenge")).to_have_text("Shop with a database (shop)")
             expect(good.locator("pre.output")).to_be_hidden()  # an ok one stays folded
             expect(page.locator("#checks-count")).to_contain_text("1 of 4 broken")
+            # The panel as the README shows it (CTF_DASHBOARD_SCREENSHOTS=1 writes it there).
+            shot = tmp_path / "dashboard-health.png"
+            page.locator("#checks-panel").screenshot(path=str(shot))
+            if os.environ.get("CTF_DASHBOARD_SCREENSHOTS") == "1":
+                shutil.copyfile(shot, ROOT / "docs" / shot.name)
         finally:
             browser.close()
