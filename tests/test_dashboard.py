@@ -96,6 +96,8 @@ def call(base: str, method: str, path: str, headers: dict[str, str]) -> tuple[in
 def screenshot(page: Page, tmp_path: Path, name: str) -> None:
     """Screenshot the page into tmp_path, and into docs/ when CTF_DASHBOARD_SCREENSHOTS=1."""
     shot = tmp_path / name
+    # From the top: a full-page shot of a scrolled page draws the sticky header mid-page.
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(shot), full_page=True)
     if os.environ.get("CTF_DASHBOARD_SCREENSHOTS") == "1":
         DOCS.mkdir(exist_ok=True)
