@@ -76,7 +76,7 @@ class Setup:
     def containers(self, challenge: str, team: str) -> list[Any]:
         """The run's containers of the team's instance of ``challenge``."""
         labels = {**LABEL, "ctf.team": team, "ctf.challenge": challenge}
-        return self.docker.containers.list(
+        return self.docker.containers.list(ignore_removed=True,
             all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
 
     def network(self, challenge: str, team: str) -> Any:

@@ -108,7 +108,8 @@ def test_x_ctf_egress_opens_the_internet_to_one_service_of_the_group_alone(
         assert inst.status == "running", inst
 
         found = {c.labels["ctf.service"]: c
-                 for c in docker_client.containers.list(filters={"label": SCOPE})}
+                 for c in docker_client.containers.list(
+                         ignore_removed=True, filters={"label": SCOPE})}
         web, fetcher = found["web"], found["fetcher"]
         assert fetcher.labels["ctf.egress"] == "internet" and web.labels["ctf.egress"] == "none"
         assert reaches(fetcher, internet.peer_ip, net_port, "internet-"), \
@@ -129,4 +130,5 @@ def test_x_ctf_egress_opens_the_internet_to_one_service_of_the_group_alone(
         # Stop takes the fetcher's address out of the internet set with its group.
         ctx.service.stop(ctx.service.catalog.key("mixed", "ce1"))
         assert ctx.egress.firewall.state().internet == set()
-        assert docker_client.containers.list(all=True, filters={"label": SCOPE}) == []
+        assert docker_client.containers.list(
+                ignore_removed=True, all=True, filters={"label": SCOPE}) == []

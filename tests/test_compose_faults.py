@@ -104,7 +104,7 @@ def killable(slow_catalog: Path, docker_client: docker.DockerClient,
 def _group(docker_client: docker.DockerClient, team: str) -> dict[str, Any]:
     """The team's slowshop containers, by service."""
     labels = {**LABEL, "ctf.team": team, "ctf.challenge": "slowshop"}
-    found = docker_client.containers.list(
+    found = docker_client.containers.list(ignore_removed=True,
         all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
     return {c.labels["ctf.service"]: c for c in found}
 

@@ -257,7 +257,7 @@ def test_a_service_without_ports_has_no_route_and_nothing_is_published(
         f"ctf-shop-{team}.admin@8080.yml", f"ctf-shop-{team}.shell@9000.yml",
         f"ctf-shop-{team}.yml"]
     containers = {c.labels["ctf.service"]: c for c in stack.docker.containers.list(
-        filters={"label": mine(stack, team)})}
+        ignore_removed=True, filters={"label": mine(stack, team)})}
     assert set(containers) == {"web", "admin", "shell", "db"}
     for c in containers.values():
         assert not any(c.attrs["HostConfig"].get("PortBindings") or {}), c.name
@@ -302,4 +302,5 @@ def test_after_stop_every_host_answers_404_and_no_route_file_remains(
             host_of(ep["url"]), headers={"Cookie": cookies[service]}).status == 404,
                  10, 0.05, f"the stopped {service} host to answer 404")
     assert route_files(stack, CHARLIE) == []
-    assert not stack.docker.containers.list(all=True, filters={"label": mine(stack, CHARLIE)})
+    assert not stack.docker.containers.list(
+            ignore_removed=True, all=True, filters={"label": mine(stack, CHARLIE)})

@@ -86,7 +86,8 @@ def ready_group(stack: Stack) -> str:
             return None
         filters = [f"{k}={v}" for k, v in {**stack.label, "ctf.challenge": "shop",
                                             "ctf.service": "web"}.items()]
-        waiting = [c for c in stack.docker.containers.list(filters={"label": filters})
+        waiting = [c for c in stack.docker.containers.list(
+                ignore_removed=True, filters={"label": filters})
                    if c.name.startswith("ctfpool-shop-")]
         return waiting[0].id if len(waiting) == 1 else None
 
@@ -103,7 +104,8 @@ def test_a_pooled_group_is_claimed_routed_gated_and_stopped_behind_the_ingress(
     assert claimed.name == f"ctf-shop-{ALPHA}" and "ctf.pool" in claimed.labels
     assert [e["service"] for e in alpha["endpoints"]] == ["web", "admin"]
     slot = {**stack.label, "ctf.pool": claimed.labels["ctf.pool"]}
-    group = stack.docker.containers.list(filters={"label": [f"{k}={v}" for k, v in slot.items()]})
+    group = stack.docker.containers.list(
+            ignore_removed=True, filters={"label": [f"{k}={v}" for k, v in slot.items()]})
     assert len(group) == 3
     for c in group:  # behind the ingress nothing is published, from its boot on
         assert not any(c.attrs["HostConfig"].get("PortBindings") or {}), c.name
@@ -133,8 +135,9 @@ def test_a_pooled_group_is_claimed_routed_gated_and_stopped_behind_the_ingress(
             host_of(ep["url"]), headers={"Cookie": cookies[service]}).status == 404,
                  10, 0.05, f"the stopped {service} host to answer 404")
     assert route_files(stack, ALPHA) == []
-    left = stack.docker.containers.list(all=True, filters={"label": [
+    left = stack.docker.containers.list(ignore_removed=True, all=True, filters={"label": [
         f"{k}={v}" for k, v in {**stack.label, "ctf.challenge": "shop"}.items()]})
     assert not [c.name for c in left if c.name.startswith(f"ctf-shop-{ALPHA}")]
-    assert not stack.docker.containers.list(all=True, filters={"label": mine(stack, ALPHA)})
+    assert not stack.docker.containers.list(
+            ignore_removed=True, all=True, filters={"label": mine(stack, ALPHA)})
     assert platform.stop(BRAVO)["status"] == "stopped"

@@ -255,7 +255,7 @@ def test_verify_reports_a_group_without_its_db_as_failed(setup: Setup) -> None:
         (seen,) = ctx.service.status("uc", "duo", verify=True)
         assert seen.status == "running"
         labels = {**VERIFY_LABEL, "ctf.team": "uc", "ctf.service": "db"}
-        (db,) = setup.docker.containers.list(
+        (db,) = setup.docker.containers.list(ignore_removed=True,
             all=True, filters={"label": [f"{k}={v}" for k, v in labels.items()]})
         assert db.name == "ctf-duo-uc.db"
         db.remove(force=True)
@@ -266,7 +266,7 @@ def test_verify_reports_a_group_without_its_db_as_failed(setup: Setup) -> None:
         assert ctx.service.status("uc", "duo")[0].status == "running"
         assert setup.docker.containers.get("ctf-duo-uc").status == "running"
         ctx.service.stop(key)
-        assert not setup.docker.containers.list(all=True, filters={"label": [
+        assert not setup.docker.containers.list(ignore_removed=True, all=True, filters={"label": [
             f"{k}={v}" for k, v in {**VERIFY_LABEL, "ctf.team": "uc"}.items()]})
     finally:
         ctx.driver.close()

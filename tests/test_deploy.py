@@ -265,7 +265,7 @@ def test_no_secret_in_docker_inspect_of_any_container(
 ) -> None:
     """No container of the stack shows a secret in ``docker inspect``; the secrets are in use."""
     project = {"label": [f"com.docker.compose.project={stack.project}"]}
-    containers = docker_client.containers.list(all=True, filters=project)
+    containers = docker_client.containers.list(ignore_removed=True, all=True, filters=project)
     assert {c.labels["com.docker.compose.service"] for c in containers} == {
         "redis", "api", "worker", "traefik"}
     for container in containers:
@@ -400,6 +400,6 @@ def test_down_then_up_adopts_then_stop_and_down_remove_everything(
 
     stack.compose("down", "-v", "--remove-orphans")
     project = {"label": [f"com.docker.compose.project={stack.project}"]}
-    assert docker_client.containers.list(all=True, filters=project) == []
+    assert docker_client.containers.list(ignore_removed=True, all=True, filters=project) == []
     assert docker_client.volumes.list(filters=project) == []
     assert docker_client.networks.list(filters=project) == []

@@ -583,7 +583,7 @@ def test_a_loopback_tcp_engine_is_refused_without_the_firewall_and_guarded_with_
         # Nothing of the refused start is left (the label is shared with earlier tests'
         # contexts, whose containers the run's sweep removes: look at this instance's only).
         label = {**bare.settings.extra_labels, "ctf.team": "lb1", "ctf.challenge": "closed"}
-        assert docker_client.containers.list(all=True, filters={
+        assert docker_client.containers.list(ignore_removed=True, all=True, filters={
             "label": [f"{k}={v}" for k, v in label.items()]}) == []
         assert bare.store.get("closed", "lb1") is None
 
@@ -637,7 +637,7 @@ def test_a_worker_on_an_engine_elsewhere_refuses_starts_by_name_until_a_keeper_r
         with pytest.raises(Exception, match="ctfctl firewall keep") as info:
             result.get(timeout=60)
         assert type(info.value).__name__ == "EgressUnprotected"
-        assert docker_client.containers.list(all=True, filters={
+        assert docker_client.containers.list(ignore_removed=True, all=True, filters={
             "label": [f"{k}={v}" for k, v in label.items()]}) == []
 
         # The keeper on the engine's machine (this one: the same engine, so the same ID).
@@ -747,7 +747,7 @@ def test_a_remote_engine_starts_only_while_its_machines_keeper_reports(
         with pytest.raises(EgressUnprotected,
                            match=r"ctfctl firewall keep.*CTF_EGRESS_FIREWALL=off"):
             ctx.service.start(ctx.service.catalog.key("closed", "eg2"))
-        assert engine.client.containers.list(all=True) == []
+        assert engine.client.containers.list(ignore_removed=True, all=True) == []
         assert ctx.store.get("closed", "eg2") is None
 
         env = {**os.environ, "DOCKER_HOST": engine.unix_url, "CTF_REDIS_URL": state_url,
@@ -951,7 +951,7 @@ def test_starts_fail_closed_when_the_rules_cannot_be_installed(
     ctx.egress.firewall.nft.binary = None  # as on a host without nftables
     with pytest.raises(EgressUnprotected, match=r"nftables.*CTF_EGRESS_FIREWALL=off"):
         ctx.service.start(ctx.service.catalog.key("closed", "eg3"))
-    assert docker_client.containers.list(all=True, filters={
+    assert docker_client.containers.list(ignore_removed=True, all=True, filters={
         "label": [f"ctf.test={label['ctf.test']}"]}) == []
     assert ctx.store.get("closed", "eg3") is None
 

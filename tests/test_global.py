@@ -120,7 +120,7 @@ def setup(global_redis: RedisServer, images: dict[str, str],
 
 
 def _container(docker_client: docker.DockerClient, challenge: str) -> Any:
-    found = docker_client.containers.list(all=True, filters={"label": [
+    found = docker_client.containers.list(ignore_removed=True, all=True, filters={"label": [
         f"{k}={v}" for k, v in {**LABEL, "ctf.team": "global",
                                 "ctf.challenge": challenge}.items()]})
     assert len(found) == 1, [c.name for c in found]

@@ -803,7 +803,8 @@ def test_readiness_goes_through_the_proxy(stack: Stack) -> None:
         with pytest.raises(StartFailed, match="through the ingress"):
             ctx.service.start(ctx.service.catalog.key("quick", team))
         assert not (settings.data_dir / "ingress" / "dynamic" / f"ctf-quick-{team}.yml").exists()
-        assert stack.docker.containers.list(all=True, filters={"name": f"ctf-quick-{team}"}) == []
+        assert stack.docker.containers.list(
+                ignore_removed=True, all=True, filters={"name": f"ctf-quick-{team}"}) == []
     finally:
         ctx.driver.close()
 

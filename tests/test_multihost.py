@@ -144,7 +144,9 @@ def _run_task(c: Cluster, task: str, challenge: str, team: str) -> Any:
 
 def _names(engine: docker.DockerClient) -> set[str]:
     filters = {"label": [f"{k}={v}" for k, v in LABEL.items()]}
-    return {ct.name for ct in engine.containers.list(all=True, filters=filters)}
+    # ignore_removed: a container the janitor removes between the list and its inspect
+    return {ct.name for ct in engine.containers.list(all=True, filters=filters,
+                                                     ignore_removed=True)}
 
 
 def _get(url: str) -> str:

@@ -273,7 +273,8 @@ def test_a_claim_that_died_half_way_is_removed_not_offered(setup: Setup) -> None
     setup.docker.networks.get(f"ctf-team-{team}").connect(victim)
     wait_for(lambda: victim.id not in {c.id for c in setup.unclaimed()}, 30, 0.2,
              "the half-claimed container to be removed")
-    assert setup.docker.containers.list(all=True, filters={"id": victim.id}) == []
+    assert setup.docker.containers.list(
+            ignore_removed=True, all=True, filters={"id": victim.id}) == []
     setup.full()
     setup.client.send_task(STOP, args=["web", team]).get(timeout=60)
 
@@ -324,7 +325,8 @@ def test_twenty_concurrent_starts_of_one_instance_claim_one_container(setup: Set
     results = [setup.client.send_task(START, args=["pooled", team]) for _ in range(20)]
     ids = {r.get(timeout=120)["container_id"] for r in results}
     assert len(ids) == 1
-    mine = setup.docker.containers.list(all=True, filters={"name": f"ctf-pooled-{team}"})
+    mine = setup.docker.containers.list(
+            ignore_removed=True, all=True, filters={"name": f"ctf-pooled-{team}"})
     assert [c.id for c in mine] == list(ids)
     assert "ctf.pool" in mine[0].labels
     held = redis.Redis.from_url(setup.env["CTF_REDIS_URL"], decode_responses=True).smembers(

@@ -156,7 +156,7 @@ def test_a_claimed_instance_is_found_by_team_everywhere(opening: Setup) -> None:
     again = opening.api.get(f"/api/v1/teams/{team}/instances", headers=ADMIN)
     assert [i["container_id"] for i in again.json()["instances"]] == [inst["container_id"]]
     # The janitor expires it as its team's instance (ttl 15 s): the container goes.
-    wait_for(lambda: not [x for x in opening.docker.containers.list(
+    wait_for(lambda: not [x for x in opening.docker.containers.list(ignore_removed=True,
         all=True, filters={"name": f"ctf-pooled-{team}"}) if x.id == c.id], 60, 0.5,
         "the janitor to expire the claimed instance")
     # The record goes last (after the slot network), so it may still read "stopping" here.

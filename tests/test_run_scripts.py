@@ -177,7 +177,8 @@ def test_default_mode_serves_http_starts_and_sigint_stops_everything(
     page.close()
     status, body = script.request("DELETE", f"/api/v1/teams/{team}/instances/web?wait=60", 90)
     assert status == 200, body
-    assert docker_client.containers.list(all=True, filters={"name": f"ctf-web-{team}"}) == []
+    assert docker_client.containers.list(
+            ignore_removed=True, all=True, filters={"name": f"ctf-web-{team}"}) == []
     # The platform's smoke test, against this running worker.
     smoke = subprocess.run([str(ROOT / "run-celery-test.sh"), "web", f"{team}-smoke"],
                            env=script.env, capture_output=True, text=True, timeout=180,

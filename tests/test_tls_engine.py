@@ -79,7 +79,8 @@ def test_a_host_without_docker_url_reaches_its_engine_through_the_tls_environmen
         assert on_engine.labels["ctf.host"] == "beta"
 
         ctx.service.stop(ctx.service.catalog.key("web", "tls1"))
-        assert engine.containers.list(all=True, filters={"name": "ctf-web-tls1"}) == []
+        assert engine.containers.list(
+                ignore_removed=True, all=True, filters={"name": "ctf-web-tls1"}) == []
         assert engine.networks.list(names=["ctf-team-tls1"]) == []
     finally:
         ctx.driver.close()
