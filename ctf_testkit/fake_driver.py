@@ -50,6 +50,11 @@ class FakeImage:
     volumes: list[str] = field(default_factory=list)
 
 
+def _image_id(image: FakeImage) -> str:
+    """A fake image's ID: one per image object, so a pull or add under a name changes it."""
+    return f"sha256:{id(image):x}"
+
+
 class FakeEvents:
     """A stream of container events; iteration ends when it is closed."""
 
@@ -179,7 +184,7 @@ class FakeDriver:
         """The image's ID: a new one each time the name gets another image (pull, add)."""
         self._call("image_id")
         found = self.images.get(image)
-        return None if found is None else f"sha256:{id(found):x}"
+        return None if found is None else _image_id(found)
 
     def image_volumes(self, image: str) -> list[str]:
         """The image's VOLUMEs."""
@@ -248,7 +253,7 @@ class FakeDriver:
                 id=uuid.uuid4().hex + uuid.uuid4().hex, name=spec.name, state="running",
                 labels=dict(spec.labels), ports=ports, ip=ip,
                 created=str(int(time.time())), health="starting" if checked else None,
-                image_id=f"sha256:{id(self.images[spec.image]):x}",
+                image_id=_image_id(self.images[spec.image]),
             )
             self.containers[info.id] = info
             self.specs[info.id] = spec

@@ -152,6 +152,7 @@ def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
         exit_code = state.get("ExitCode")
         oom_killed = bool(state.get("OOMKilled"))
         health = (state.get("Health") or {}).get("Status")
+        image_id = str(attrs.get("Image") or "")  # the ID (Config.Image is the name asked)
         labels = attrs.get("Config", {}).get("Labels") or {}
         name = attrs.get("Name", "").lstrip("/")
         raw_ports = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
@@ -164,6 +165,7 @@ def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
     else:  # list summary
         status = str(state or "")
         exit_code = None
+        image_id = str(attrs.get("ImageID") or "")  # here Image is the name asked
         labels = attrs.get("Labels") or {}
         name = (attrs.get("Names") or ["/"])[0].lstrip("/")
         ports = {
@@ -188,9 +190,7 @@ def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
         attrs=attrs,
         oom_killed=oom_killed,
         health=health,
-        # inspect names it Image (the ID; Config.Image is the name asked), the list ImageID
-        image_id=str(attrs.get("ImageID") or (attrs.get("Image") if isinstance(state, dict)
-                                               else "") or ""),
+        image_id=image_id,
     )
 
 
@@ -366,12 +366,7 @@ class DockerDriver:
 
     def image_present(self, image: str) -> bool:
         """Return whether ``image`` is present locally."""
-        with map_docker_errors(f"inspect image {image}"):
-            try:
-                self.client.api.inspect_image(image)
-            except docker.errors.ImageNotFound:
-                return False
-            return True
+        return self.image_id(image) is not None
 
     def image_id(self, image: str) -> str | None:
         """Return the local image's ID (``sha256:…``), or ``None`` when it is absent."""

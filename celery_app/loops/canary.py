@@ -144,8 +144,7 @@ class CanaryLoop(Loop):
         if record is not None and record.host != svc.host:
             return  # another host's canary: its worker proves it
         info = self._running(record)
-        why = None if info is None or not before else self._outdated(ch, info, before)
-        if info is not None and why is not None:
+        if info is not None and before and (why := self._outdated(ch, info, before)):
             # The canary is made again, from the images as they are now, and proven at once.
             log.info("canary of %s: made again after %s", ch.id, why)
             if ch.is_group:  # every service of it: the new group is made whole
